@@ -1,0 +1,60 @@
+"""``cloud-ingest``: the cloud side of the telemetry path."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from cloud_ingest.config import IngestConfig
+from shared.cli import load_or_exit, sample_path, setup_logging
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Cloud ingest: MQTT batches from devices into InfluxDB and an archive.
+
+    Subscribes to every device's batch topic (telemetry/v1/+/batch), decodes and
+    validates each batch, writes one InfluxDB point per (device, sensor, window)
+    and stores the batch in the archive (S3 or a local directory) under a key
+    made of device_id and seq. Invalid input goes to the archive's quarantine/
+    folder with its reason.
+
+    Exit codes: 0 ok, 1 failure, 2 bad config or usage.
+    """
+
+
+@main.command()
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="TOML config file (see `cloud-ingest config sample`). Defaults apply without one.",
+)
+def run(config_path: str | None) -> None:
+    """Run until SIGTERM or Ctrl-C; finish the batch in hand, then exit."""
+    cfg = load_or_exit(IngestConfig, config_path)
+    setup_logging(cfg.log_level)
+    from cloud_ingest.service import run_service
+
+    sys.exit(run_service(cfg))
+
+
+@main.group()
+def config() -> None:
+    """Check a config file or print the commented sample."""
+
+
+@config.command("check")
+@click.argument("path", type=click.Path(dir_okay=False))
+def config_check(path: str) -> None:
+    """Load PATH and report the first problem, naming the key (exit 2), or 'ok'."""
+    load_or_exit(IngestConfig, path)
+    click.echo(f"{path}: ok")
+
+
+@config.command("sample")
+def config_sample() -> None:
+    """Print the sample config, with a comment on every key."""
+    click.echo(sample_path("cloud_ingest").read_text(), nl=False)

@@ -1,0 +1,100 @@
+"""cloud-ingest's typed config; the field defaults below are the defaults.
+
+``cloud_ingest/sample.toml`` documents every key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from shared.config import Invalid, port, positive
+from shared.topics import DEFAULT_BATCH_PREFIX
+from shared.wire import MAX_BODY_BYTES, MAX_PAYLOAD_BYTES
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = "cloud-ingest-1"
+    topic_prefix: str = DEFAULT_BATCH_PREFIX
+    subscription: str = ""
+    keepalive_s: int = 30
+    session_expiry_s: int = 7 * 24 * 3600
+
+    def __post_init__(self) -> None:
+        port("port", self.port)
+        if not self.client_id:
+            raise Invalid("client_id", "must not be empty (the persistent session is keyed by it)")
+        positive("keepalive_s", self.keepalive_s)
+
+
+@dataclass(frozen=True)
+class InfluxConfig:
+    api: Literal["v1", "v2"] = "v1"
+    url: str = "http://127.0.0.1:8086"
+    database: str = "telemetry"
+    retention_policy: str = ""
+    username: str = ""
+    password: str = ""
+    org: str = ""
+    bucket: str = "telemetry"
+    token: str = ""
+    measurement: str = "window"
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise Invalid("url", f"must start with http:// or https://, got {self.url!r}")
+        positive("timeout_s", self.timeout_s)
+        if not self.measurement:
+            raise Invalid("measurement", "must not be empty")
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    url: str = "file://./archive"
+    s3_endpoint_url: str = ""
+    s3_region: str = "us-east-1"
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("file://", "s3://")):
+            raise Invalid(
+                "url", f"must be file://<dir> or s3://<bucket>/<prefix>, got {self.url!r}"
+            )
+        if self.url.startswith("s3://") and not self.url[len("s3://") :].split("/")[0]:
+            raise Invalid("url", "s3:// URL has no bucket")
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    shutdown_grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        positive("initial_s", self.initial_s)
+        positive("max_s", self.max_s)
+        if self.shutdown_grace_s < 0:
+            raise Invalid("shutdown_grace_s", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES
+    max_body_bytes: int = MAX_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        positive("max_payload_bytes", self.max_payload_bytes)
+        positive("max_body_bytes", self.max_body_bytes)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    influx: InfluxConfig = field(default_factory=InfluxConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)

@@ -1,0 +1,56 @@
+"""Batches to InfluxDB line protocol: one point per (device, sensor, window).
+
+Schema (see ``docs/wire-format.md`` and ``docs/architecture.md``)::
+
+    <measurement>,device_id=<id>,node=<node>,sensor=<name>,unit=<unit>,window=<width>
+        count=<i>,invalid=<i>,min=<f>,max=<f>,mean=<f>,stddev=<f>,first=<f>,last=<f> <start_ns>
+
+Tags are bounded by the fleet (devices × sensors × window widths); nothing per
+reading is a tag. The timestamp is the window start, so a resent or replayed
+batch writes the same series and time and overwrites itself. Float statistics
+that are not finite (NaN when every reading was invalid) are left out, since line
+protocol has no NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+from shared.wire import STAT_FIELDS, Batch
+
+_TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\\": "\\\\"})
+_MEAS_ESCAPES = str.maketrans({",": r"\,", " ": r"\ ", "\\": "\\\\"})
+
+
+def window_label(width_ns: int) -> str:
+    """``10000000000`` → ``"10s"``; ``500000000`` → ``"500ms"``."""
+    if width_ns % 1_000_000_000 == 0:
+        return f"{width_ns // 1_000_000_000}s"
+    if width_ns % 1_000_000 == 0:
+        return f"{width_ns // 1_000_000}ms"
+    return f"{width_ns}ns"
+
+
+def batch_to_lines(batch: Batch, measurement: str = "window") -> list[str]:
+    meas = measurement.translate(_MEAS_ESCAPES)
+    win = window_label(batch.window.width_ns)
+    prefixes = [
+        f"{meas},device_id={batch.device_id.translate(_TAG_ESCAPES)}"
+        f",node={s.node.translate(_TAG_ESCAPES)},sensor={s.name.translate(_TAG_ESCAPES)}"
+        + (f",unit={s.unit.translate(_TAG_ESCAPES)}" if s.unit else "")
+        + f",window={win}"
+        for s in batch.sensors
+    ]
+    stats = {name: getattr(batch, name).tolist() for name in STAT_FIELDS}
+    counts = batch.count.tolist()
+    invalid = batch.invalid.tolist()
+    starts = batch.start_ns.tolist()
+    lines = []
+    for i, sidx in enumerate(batch.sensor.tolist()):
+        fields = [f"count={counts[i]}i", f"invalid={invalid[i]}i"]
+        for name in STAT_FIELDS:
+            v = stats[name][i]
+            if math.isfinite(v):
+                fields.append(f"{name}={v!r}")
+        lines.append(f"{prefixes[sidx]} {','.join(fields)} {starts[i]}")
+    return lines

@@ -1,0 +1,139 @@
+"""One message in: decode, validate, write to InfluxDB and the archive, or quarantine.
+
+Independent of MQTT so that it can be tested, and later replayed, on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cloud_ingest.config import IngestConfig
+from cloud_ingest.lineproto import batch_to_lines
+from cloud_ingest.sinks.archive import batch_key
+from cloud_ingest.sinks.base import ObjectStore, PointSink
+from shared.errors import PermanentSinkError, RetryableSinkError, WireError
+from shared.topics import device_from_batch_topic
+from shared.wire import decode_batch
+
+log = logging.getLogger("cloud_ingest.process")
+
+
+@dataclass
+class Stats:
+    counters: Counter[str] = field(default_factory=Counter)
+
+    def inc(self, name: str, n: int = 1) -> None:
+        self.counters[name] += n
+
+
+class ShuttingDown(Exception):
+    """Raised inside a retry loop when the service is asked to stop."""
+
+
+class Processor:
+    def __init__(
+        self,
+        cfg: IngestConfig,
+        points: PointSink,
+        archive: ObjectStore,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.points = points
+        self.archive = archive
+        self.stop = stop or asyncio.Event()
+        self.stats = Stats()
+        self._give_up_at: float | None = None
+
+    async def handle(self, topic: str, payload: bytes) -> str:
+        """Process one message; returns ``"written"`` or ``"quarantined:<reason>"``."""
+        self.stats.inc("received")
+        try:
+            device = device_from_batch_topic(topic, self.cfg.mqtt.topic_prefix)
+            if device is None:
+                raise WireError("bad-topic", f"{topic!r} is not <prefix>/<device_id>/batch")
+            batch = decode_batch(
+                payload,
+                max_payload_bytes=self.cfg.limits.max_payload_bytes,
+                max_body_bytes=self.cfg.limits.max_body_bytes,
+            )
+            if batch.device_id != device:
+                raise WireError(
+                    "device-mismatch",
+                    f"payload device_id {batch.device_id!r} on the topic of {device!r}",
+                )
+        except WireError as exc:
+            await self.quarantine(topic, payload, exc.reason, str(exc))
+            return f"quarantined:{exc.reason}"
+        lines = batch_to_lines(batch, self.cfg.influx.measurement)
+        key = batch_key(batch.device_id, batch.seq)
+        try:
+            await asyncio.gather(
+                self._with_retry("influx", lambda: self.points.write(lines)),
+                self._with_retry("archive", lambda: self.archive.put(key, payload)),
+            )
+        except PermanentSinkError as exc:
+            await self.quarantine(topic, payload, "sink-rejected", str(exc))
+            return "quarantined:sink-rejected"
+        self.stats.inc("batches_written")
+        self.stats.inc("points_written", len(lines))
+        log.debug("wrote %s seq %d: %d points", batch.device_id, batch.seq, len(lines))
+        return "written"
+
+    async def quarantine(self, topic: str, payload: bytes, reason: str, message: str) -> None:
+        self.stats.inc(f"quarantined_{reason}")
+        log.warning("quarantine: %s on %s: %s", reason, topic, message)
+        digest = hashlib.sha256(payload).hexdigest()
+        meta = json.dumps(
+            {
+                "topic": topic,
+                "reason": reason,
+                "message": message,
+                "received_ns": time.time_ns(),
+                "bytes": len(payload),
+            }
+        ).encode()
+        base = f"quarantine/reason={reason}/{digest}"
+        await self._with_retry("archive", lambda: self.archive.put(base + ".bin", payload))
+        await self._with_retry("archive", lambda: self.archive.put(base + ".json", meta))
+
+    async def _with_retry(self, stage: str, op: Callable[[], None]) -> None:
+        """Run blocking ``op`` in a thread until it succeeds or fails permanently.
+
+        Retryable failures back off exponentially with ±20 % jitter (honouring
+        Retry-After). Once ``stop`` is set, retries go on for at most
+        ``retry.shutdown_grace_s``, then :class:`ShuttingDown` is raised.
+        """
+        delay = self.cfg.retry.initial_s
+        while True:
+            try:
+                await asyncio.to_thread(op)
+                return
+            except RetryableSinkError as exc:
+                self.stats.inc(f"{stage}_retries")
+                wait = exc.retry_after if exc.retry_after is not None else delay
+                wait = min(wait, self.cfg.retry.max_s) * random.uniform(0.8, 1.2)
+                delay = min(delay * 2, self.cfg.retry.max_s)
+                log.warning("%s: %s; retrying in %.1f s", stage, exc, wait)
+                if not self.stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stop.wait(), timeout=wait)
+                    continue
+                if self._give_up_at is None:
+                    self._give_up_at = time.monotonic() + self.cfg.retry.shutdown_grace_s
+                left = self._give_up_at - time.monotonic()
+                if left <= 0:
+                    raise ShuttingDown(f"{stage}: gave up retrying at shutdown") from exc
+                await asyncio.sleep(min(wait, left))  # backoff between retries
+            except PermanentSinkError:
+                self.stats.inc(f"{stage}_rejected")
+                raise

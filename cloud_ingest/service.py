@@ -1,0 +1,106 @@
+"""The ingest service: an aiomqtt subscriber feeding :class:`Processor`.
+
+It subscribes with a persistent MQTT v5 session (clean_start=False) so that
+batches published while it is down wait in the broker. Messages are handled
+one at a time in arrival order; a sink outage blocks the loop in its retry,
+which is the backpressure (the broker holds what has not been read).
+
+On SIGTERM/SIGINT it stops taking messages, lets the batch in hand finish for
+up to ``retry.shutdown_grace_s`` and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+
+import aiomqtt
+
+from cloud_ingest.config import IngestConfig
+from cloud_ingest.process import Processor, ShuttingDown
+from cloud_ingest.sinks.archive import open_archive
+from cloud_ingest.sinks.influx import make_point_sink
+from shared.mqttprops import connect_properties
+from shared.topics import batch_filter
+
+log = logging.getLogger("cloud_ingest.service")
+
+
+def _client(cfg: IngestConfig) -> aiomqtt.Client:
+    return aiomqtt.Client(
+        cfg.mqtt.host,
+        cfg.mqtt.port,
+        identifier=cfg.mqtt.client_id,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        clean_start=False,
+        properties=connect_properties(cfg.mqtt.session_expiry_s),
+        keepalive=cfg.mqtt.keepalive_s,
+    )
+
+
+async def serve(cfg: IngestConfig, stop: asyncio.Event) -> Processor:
+    points = make_point_sink(cfg.influx)
+    archive = open_archive(cfg.archive)
+    proc = Processor(cfg, points, archive, stop)
+    topic = cfg.mqtt.subscription or batch_filter(cfg.mqtt.topic_prefix)
+    backoff = 1.0
+    try:
+        while not stop.is_set():
+            try:
+                async with _client(cfg) as client:
+                    await client.subscribe(topic, qos=1)
+                    log.info("subscribed to %s on %s:%s", topic, cfg.mqtt.host, cfg.mqtt.port)
+                    backoff = 1.0
+                    await _consume(client, proc, stop)
+            except aiomqtt.MqttError as exc:
+                if stop.is_set():
+                    break
+                proc.stats.inc("mqtt_reconnects")
+                log.warning("mqtt: %s; reconnecting in %.0f s", exc, backoff)
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=backoff)
+                except TimeoutError:
+                    backoff = min(backoff * 2, 30.0)
+    finally:
+        points.close()
+        archive.close()
+        log.info("stats %s", json.dumps(dict(sorted(proc.stats.counters.items()))))
+    return proc
+
+
+async def _consume(client: aiomqtt.Client, proc: Processor, stop: asyncio.Event) -> None:
+    messages = aiter(client.messages)
+    stop_wait = asyncio.ensure_future(stop.wait())
+    try:
+        while True:
+            nxt = asyncio.ensure_future(anext(messages))
+            done, _ = await asyncio.wait({nxt, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if nxt not in done:
+                nxt.cancel()
+                return
+            msg = nxt.result()
+            payload = msg.payload if isinstance(msg.payload, bytes | bytearray) else b""
+            try:
+                await proc.handle(str(msg.topic), bytes(payload))
+            except ShuttingDown as exc:
+                proc.stats.inc("abandoned_at_shutdown")
+                log.error("%s (batch on %s not written)", exc, msg.topic)
+                return
+            if stop.is_set():
+                return
+    finally:
+        stop_wait.cancel()
+
+
+def run_service(cfg: IngestConfig) -> int:
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(cfg, stop)
+
+    asyncio.run(main())
+    return 0

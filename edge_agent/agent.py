@@ -1,0 +1,99 @@
+"""The agent's main loop: intake in paho's thread; windowing and forwarding here.
+
+Every ``tick_s`` the loop closes the windows that the watermark allows, prunes
+raw chunks past their retention, and lets the forwarder publish. On SIGTERM or
+SIGINT it stops intake, closes every open window (a flush: the last windows may
+be shorter than ``width_s`` of data, never of time), drains the outbox for up
+to ``forward.drain_timeout_s`` and exits. What is not drained stays in the
+outbox for the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+
+from edge_agent import buffer, window
+from edge_agent.config import AgentConfig
+from edge_agent.forward import Forwarder
+from edge_agent.intake import Intake
+from edge_agent.store import Store
+
+log = logging.getLogger("edge_agent.agent")
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.store = Store(cfg.storage.path, synchronous=cfg.storage.synchronous)
+        self.intake = Intake(cfg)
+        self.forwarder = Forwarder(cfg, self.store)
+        self.stopping = threading.Event()
+
+    def close_ready_windows(self, *, flush: bool = False) -> list[int]:
+        max_ts = self.store.get_state(buffer.MAX_TS)
+        if max_ts == 0:
+            return []
+        w = self.cfg.window
+        upto = (
+            window.flush_boundary(max_ts, w.width_ns)
+            if flush
+            else window.close_boundary(max_ts, w.lateness_ns, w.width_ns)
+        )
+        seqs = window.close_until(
+            self.store,
+            device_id=self.cfg.device_id,
+            width_ns=w.width_ns,
+            upto_ns=upto,
+            max_rows=self.cfg.forward.max_windows_per_batch,
+        )
+        if seqs:
+            log.info("window: closed windows up to %d into batches %s", upto, seqs)
+        return seqs
+
+    def tick(self) -> None:
+        self.close_ready_windows()
+        retention_ns = int(self.cfg.storage.raw_retention_s * 1e9)
+        max_ts = self.store.get_state(buffer.MAX_TS)
+        if max_ts:
+            buffer.prune(self.store, max_ts - retention_ns)
+        self.forwarder.pump()
+
+    def run(self) -> int:
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("agent: signal %d, stopping", signum)
+            self.stopping.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        log.info("agent: device %s, buffer %s", self.cfg.device_id, self.cfg.storage.path)
+        self.intake.start()
+        self.forwarder.start()
+        while not self.stopping.wait(self.cfg.tick_s):
+            self.tick()
+        return self.shutdown()
+
+    def shutdown(self) -> int:
+        self.intake.stop()
+        self.close_ready_windows(flush=True)
+        drained = self.forwarder.drain(self.cfg.forward.drain_timeout_s)
+        self.forwarder.stop()
+        left = self.store.conn.execute(
+            "SELECT count(*) FROM outbox WHERE state = 'pending'"
+        ).fetchone()[0]
+        if drained:
+            log.info("agent: stopped; outbox drained")
+        else:
+            log.warning("agent: stopped with %d batches still pending (kept for next start)", left)
+        self.store.close()
+        return 0
+
+
+def run_agent(cfg: AgentConfig) -> int:
+    started = time.monotonic()
+    rc = Agent(cfg).run()
+    log.info("agent: ran %.1f s", time.monotonic() - started)
+    return rc

@@ -1,0 +1,132 @@
+"""Durable raw readings: one row per received chunk, columns stored as BLOBs.
+
+A chunk is what one sensor node message carried: a run of readings of one
+sensor. Its timestamps and values are stored as little-endian int64/float64
+BLOBs, so writing and reading back costs one row per chunk, not one per reading
+(see ``docs/architecture.md`` for why, and ``design.md`` for the numbers).
+
+Readings older than the ``closed_until`` watermark belong to windows that are
+already closed and sent. This issue's policy for them is a counted drop
+(counter ``dropped_late``); revised windows come with the late-data work.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.store import Store
+from shared.readings import ReadingChunk
+from shared.wire import SensorRef
+
+CLOSED_UNTIL = "closed_until"  # state key: windows ending at or before this are closed
+MAX_TS = "max_ts"  # state key: newest event time stored
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    stored: int
+    late: int
+
+
+class SensorRegistry:
+    """Maps (node, name) to the sensors table's id, creating rows on first sight."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._ids: dict[tuple[str, str], int] = {}
+
+    def id_for(self, node: str, name: str, unit: str) -> int:
+        key = (node, name)
+        if key not in self._ids:
+            row = self.store.conn.execute(
+                "SELECT id FROM sensors WHERE node = ? AND name = ?", key
+            ).fetchone()
+            if row is None:
+                cur = self.store.conn.execute(
+                    "INSERT INTO sensors(node, name, unit) VALUES (?, ?, ?)", (node, name, unit)
+                )
+                row = (cur.lastrowid,)
+            self._ids[key] = int(row[0])
+        return self._ids[key]
+
+
+def load_sensors(store: Store) -> dict[int, SensorRef]:
+    return {
+        int(i): SensorRef(node, name, unit or "")
+        for i, node, name, unit in store.conn.execute("SELECT id, node, name, unit FROM sensors")
+    }
+
+
+def store_chunk(store: Store, registry: SensorRegistry, chunk: ReadingChunk) -> StoreResult:
+    """Store the readings of ``chunk`` that are not late, in one transaction.
+
+    Returns how many were stored and how many were dropped as late. On return
+    the stored readings are durable (committed), so the caller may acknowledge
+    the message to the sensor node's broker.
+    """
+    with store.tx():
+        closed = store.get_state(CLOSED_UNTIL)
+        keep = chunk.ts >= closed
+        late = int(len(chunk) - keep.sum())
+        ts, vals = chunk.ts[keep], chunk.values[keep]
+        if len(ts):
+            order = np.argsort(ts, kind="stable")
+            ts, vals = ts[order], vals[order]
+            sid = registry.id_for(chunk.node, chunk.sensor, chunk.unit)
+            store.conn.execute(
+                "INSERT INTO chunks(sensor_id, t_min, t_max, n, ts, vals, received_ns) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    sid,
+                    int(ts[0]),
+                    int(ts[-1]),
+                    len(ts),
+                    ts.astype("<i8").tobytes(),
+                    vals.astype("<f8").tobytes(),
+                    time.time_ns(),
+                ),
+            )
+            if int(ts[-1]) > store.get_state(MAX_TS):
+                store.set_state(MAX_TS, int(ts[-1]))
+        store.add_counter("readings_stored", len(ts))
+        store.add_counter("dropped_late", late)
+    return StoreResult(stored=len(ts), late=late)
+
+
+def read_range(
+    store: Store, start_ns: int, end_ns: int
+) -> dict[int, tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]]:
+    """All stored readings with ``start_ns <= ts < end_ns``, per sensor id, sorted by ts."""
+    parts: dict[int, tuple[list[npt.NDArray[np.int64]], list[npt.NDArray[np.float64]]]] = {}
+    rows = store.conn.execute(
+        "SELECT sensor_id, ts, vals FROM chunks WHERE t_max >= ? AND t_min < ?",
+        (start_ns, end_ns),
+    )
+    for sid, tsb, vb in rows:
+        ts = np.frombuffer(tsb, dtype="<i8")
+        vals = np.frombuffer(vb, dtype="<f8")
+        sel = (ts >= start_ns) & (ts < end_ns)
+        if sel.any():
+            t_list, v_list = parts.setdefault(int(sid), ([], []))
+            t_list.append(ts[sel].astype(np.int64))
+            v_list.append(vals[sel].astype(np.float64))
+    out: dict[int, tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]] = {}
+    for sid, (t_list, v_list) in parts.items():
+        ts = np.concatenate(t_list)
+        vals = np.concatenate(v_list)
+        order = np.argsort(ts, kind="stable")
+        out[sid] = (ts[order], vals[order])
+    return out
+
+
+def prune(store: Store, older_than_ns: int) -> int:
+    """Delete chunks whose newest reading is older than ``older_than_ns``
+    *and* lies in closed windows. Returns the number of chunks deleted."""
+    with store.tx():
+        limit = min(older_than_ns, store.get_state(CLOSED_UNTIL))
+        cur = store.conn.execute("DELETE FROM chunks WHERE t_max < ?", (limit,))
+        return int(cur.rowcount)

@@ -1,0 +1,99 @@
+"""Intake: readings from the sensor nodes' local broker into the durable buffer.
+
+Subscribes to ``<prefix>/+/+`` at QoS 1 with a persistent session, so the broker
+keeps readings while the agent is down. Acknowledgement is manual: the PUBACK
+goes to the broker only after the chunk is committed to SQLite, so a reading the
+broker saw acknowledged is on disk. A message that cannot be parsed is stored in
+the ``quarantine`` table with its reason, counted, and acknowledged (resending
+it cannot fix it).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from edge_agent import buffer
+from edge_agent.config import AgentConfig
+from edge_agent.mqtt import connect_async, make_client
+from edge_agent.store import Store
+from shared.errors import WireError
+from shared.readings import decode_chunk
+from shared.topics import sensor_filter
+
+log = logging.getLogger("edge_agent.intake")
+
+
+class Intake:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.store = Store(cfg.storage.path, synchronous=cfg.storage.synchronous)
+        self.registry = buffer.SensorRegistry(self.store)
+        self.connected = threading.Event()
+        self.store_errors = 0
+        client_id = cfg.intake.broker.client_id or f"edge-agent-{cfg.device_id}-intake"
+        self.client = make_client(cfg.intake.broker, client_id, manual_ack=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    def start(self) -> None:
+        connect_async(self.client, self.cfg.intake.broker)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.store.close()
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            log.warning("intake: connect refused: %s", rc)
+            return
+        client.subscribe(sensor_filter(self.cfg.intake.topic_prefix), qos=1)
+        self.connected.set()
+        log.info(
+            "intake: connected to %s:%s", self.cfg.intake.broker.host, self.cfg.intake.broker.port
+        )
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        self.connected.clear()
+        log.warning("intake: disconnected (%s); paho reconnects", rc)
+
+    def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            chunk = decode_chunk(msg.topic, bytes(msg.payload), self.cfg.intake.topic_prefix)
+        except WireError as exc:
+            self._quarantine(msg, exc)
+        else:
+            try:
+                res = buffer.store_chunk(self.store, self.registry, chunk)
+            except sqlite3.Error as exc:
+                # Not acknowledged: the broker keeps the message and redelivers it
+                # on the next session resume.
+                self.store_errors += 1
+                log.error("intake: could not store %s (not acknowledged): %s", msg.topic, exc)
+                return
+            if res.late:
+                log.warning(
+                    "intake: dropped %d late readings of %s/%s (windows already closed)",
+                    res.late,
+                    chunk.node,
+                    chunk.sensor,
+                )
+        # Only reached after the commit above: now the broker may forget the message.
+        client.ack(msg.mid, msg.qos)
+
+    def _quarantine(self, msg: mqtt.MQTTMessage, exc: WireError) -> None:
+        log.warning("intake: quarantined message on %s: %s", msg.topic, exc)
+        with self.store.tx():
+            self.store.conn.execute(
+                "INSERT INTO quarantine(received_ns, topic, reason, message, payload) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (time.time_ns(), msg.topic, exc.reason, str(exc), bytes(msg.payload[:65536])),
+            )
+            self.store.add_counter(f"quarantined_{exc.reason}", 1)

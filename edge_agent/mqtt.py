@@ -1,0 +1,33 @@
+"""paho-mqtt client construction for the agent: the one place paho is configured."""
+
+from __future__ import annotations
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.config import BrokerConfig
+from shared.mqttprops import connect_properties
+
+
+def make_client(cfg: BrokerConfig, client_id: str, *, manual_ack: bool = False) -> mqtt.Client:
+    """An MQTT v5 client with a persistent session (clean_start=False)."""
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5,
+        manual_ack=manual_ack,
+    )
+    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    return client
+
+
+def connect_async(client: mqtt.Client, cfg: BrokerConfig) -> None:
+    """Start connecting in the background; paho's loop thread reconnects on loss."""
+    client.connect_async(
+        cfg.host,
+        cfg.port,
+        keepalive=cfg.keepalive_s,
+        clean_start=False,
+        properties=connect_properties(cfg.session_expiry_s),
+    )
+    client.loop_start()

@@ -1,0 +1,47 @@
+"""Helpers the three console commands share: logging setup and config loading
+that turns a :class:`ConfigError` into a one-line message and exit code 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import TypeVar
+
+import click
+
+from shared.config import load_config
+from shared.errors import ConfigError
+
+T = TypeVar("T")
+
+#: Exit codes shared by every command (documented in the README).
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def load_or_exit(cls: type[T], path: str | Path | None) -> T:
+    try:
+        return load_config(cls, path)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+def sample_path(package: str) -> Path:
+    """The commented sample config shipped inside ``package``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"package {package} not found")
+    return Path(spec.origin).parent / "sample.toml"

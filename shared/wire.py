@@ -1,0 +1,297 @@
+"""Wire format v1: one batch of closed windows per MQTT message.
+
+The normative description is ``docs/wire-format.md``; this module is the
+reference encoder and decoder. A :class:`Batch` is checked when it is built, so
+an invalid batch can neither be sent nor come out of :func:`decode_batch`.
+
+Layout::
+
+    preamble  10 bytes  magic "TLMB", u8 format version (1), u8 codec (0 none, 1 zstd),
+                        u32 LE length of the uncompressed body
+    body      (compressed with the codec)
+              u32 LE header length, header (UTF-8 JSON), column bytes in header order
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import zstandard
+
+from shared.errors import WireError
+from shared.topics import is_valid_id
+
+MAGIC: Final = b"TLMB"
+FORMAT_VERSION: Final = 1
+CODEC_NONE: Final = 0
+CODEC_ZSTD: Final = 1
+CONTENT_TYPE: Final = "application/vnd.telemetry.batch.v1"
+_PREAMBLE = struct.Struct("<4sBBI")
+_U32 = struct.Struct("<I")
+
+#: Default limits for decoding untrusted input.
+MAX_PAYLOAD_BYTES: Final = 1 << 20
+MAX_BODY_BYTES: Final = 16 << 20
+
+STAT_FIELDS: Final = ("min", "max", "mean", "stddev", "first", "last")
+
+# name -> (numpy dtype, encoding); the order is the order an encoder writes.
+COLUMNS: Final[Mapping[str, tuple[str, str]]] = {
+    "sensor": ("uint16", "plain"),
+    "start_ns": ("int64", "delta"),
+    "count": ("uint32", "plain"),
+    "invalid": ("uint32", "plain"),
+    **{name: ("float64", "plain") for name in STAT_FIELDS},
+}
+WINDOW_KINDS: Final = ("tumbling",)
+
+
+@dataclass(frozen=True)
+class SensorRef:
+    """A sensor as the device knows it: the node it is wired to, its name, its unit."""
+
+    node: str
+    name: str
+    unit: str = ""
+
+    def __post_init__(self) -> None:
+        for key in ("node", "name"):
+            if not is_valid_id(getattr(self, key)):
+                raise WireError(
+                    "bad-sensor", f"sensor {key} {getattr(self, key)!r} is not a valid id"
+                )
+        if len(self.unit) > 32:
+            raise WireError("bad-sensor", f"unit {self.unit[:40]!r} is longer than 32 characters")
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    kind: str
+    width_ns: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in WINDOW_KINDS:
+            raise WireError("bad-window", f"window kind {self.kind!r} is not one of {WINDOW_KINDS}")
+        if not isinstance(self.width_ns, int) or self.width_ns <= 0:
+            raise WireError(
+                "bad-window", f"window width_ns must be a positive integer, got {self.width_ns!r}"
+            )
+
+
+@dataclass(frozen=True, eq=False)
+class Batch:
+    """Closed windows of one device, identified by (device_id, seq).
+
+    Row i is the window ``[start_ns[i], start_ns[i] + width_ns)`` of sensor
+    ``sensors[sensor[i]]``. ``count`` counts finite readings, ``invalid`` the NaN
+    and infinite ones (excluded from every statistic). When ``count`` is 0 the six
+    statistics are NaN. ``stddev`` is the population standard deviation (ddof=0).
+    """
+
+    device_id: str
+    seq: int
+    created_ns: int
+    window: WindowSpec
+    sensors: tuple[SensorRef, ...]
+    sensor: npt.NDArray[np.uint16]
+    start_ns: npt.NDArray[np.int64]
+    count: npt.NDArray[np.uint32]
+    invalid: npt.NDArray[np.uint32]
+    min: npt.NDArray[np.float64]
+    max: npt.NDArray[np.float64]
+    mean: npt.NDArray[np.float64]
+    stddev: npt.NDArray[np.float64]
+    first: npt.NDArray[np.float64]
+    last: npt.NDArray[np.float64]
+
+    def __post_init__(self) -> None:
+        if not is_valid_id(self.device_id):
+            raise WireError("bad-device-id", f"device_id {self.device_id!r} is not a valid id")
+        if isinstance(self.seq, bool) or not isinstance(self.seq, int) or not 0 <= self.seq < 2**63:
+            raise WireError("bad-seq", f"seq must be an integer in [0, 2^63), got {self.seq!r}")
+        if not isinstance(self.created_ns, int):
+            raise WireError("bad-header", "created_ns must be an integer")
+        n = len(self.sensor)
+        for name, (dtype, _) in COLUMNS.items():
+            col = getattr(self, name)
+            if not isinstance(col, np.ndarray) or col.ndim != 1 or col.dtype != np.dtype(dtype):
+                raise WireError("bad-column", f"column {name} must be a 1-d {dtype} array")
+            if len(col) != n:
+                raise WireError("bad-column", f"column {name} has {len(col)} rows, expected {n}")
+        if n and int(self.sensor.max()) >= len(self.sensors):
+            raise WireError("bad-column", "sensor index out of range of the sensors list")
+        if n and np.any(self.start_ns % self.window.width_ns):
+            raise WireError("bad-column", "start_ns not aligned to the window width")
+        if np.any((self.count == 0) & (self.invalid == 0)):
+            raise WireError("bad-column", "a window with no readings at all")
+
+    @property
+    def rows(self) -> int:
+        return len(self.sensor)
+
+    @property
+    def readings(self) -> int:
+        """Readings summarised in this batch (finite + invalid)."""
+        return int(self.count.sum(dtype=np.int64) + self.invalid.sum(dtype=np.int64))
+
+
+def make_batch(
+    *,
+    device_id: str,
+    seq: int,
+    created_ns: int,
+    window: WindowSpec,
+    sensors: tuple[SensorRef, ...],
+    columns: Mapping[str, npt.ArrayLike],
+) -> Batch:
+    """Build a batch from loosely typed columns (converted to the wire dtypes)."""
+    cols = {
+        name: np.ascontiguousarray(columns[name], dtype=dt) for name, (dt, _) in COLUMNS.items()
+    }
+    return Batch(
+        device_id=device_id, seq=seq, created_ns=created_ns, window=window, sensors=sensors, **cols
+    )
+
+
+def encode_batch(batch: Batch, *, compress: bool = True, level: int = 3) -> bytes:
+    """Serialise ``batch`` to wire format v1."""
+    blobs: list[bytes] = []
+    col_meta: list[dict[str, Any]] = []
+    for name, (dtype, encoding) in COLUMNS.items():
+        col = getattr(batch, name)
+        if encoding == "delta":
+            col = np.diff(col, prepend=np.int64(0)) if len(col) else col
+        data = np.ascontiguousarray(col, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+        blobs.append(data)
+        col_meta.append({"name": name, "type": dtype, "encoding": encoding, "bytes": len(data)})
+    header = {
+        "device_id": batch.device_id,
+        "seq": batch.seq,
+        "created_ns": batch.created_ns,
+        "window": {"kind": batch.window.kind, "width_ns": batch.window.width_ns},
+        "sensors": [dataclasses.asdict(s) for s in batch.sensors],
+        "rows": batch.rows,
+        "columns": col_meta,
+    }
+    hbytes = json.dumps(header, separators=(",", ":")).encode()
+    body = _U32.pack(len(hbytes)) + hbytes + b"".join(blobs)
+    if compress:
+        return _PREAMBLE.pack(MAGIC, FORMAT_VERSION, CODEC_ZSTD, len(body)) + (
+            zstandard.ZstdCompressor(level=level).compress(body)
+        )
+    return _PREAMBLE.pack(MAGIC, FORMAT_VERSION, CODEC_NONE, len(body)) + body
+
+
+def decode_batch(
+    payload: bytes,
+    *,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> Batch:
+    """Parse and validate untrusted bytes; raise :class:`WireError` with a reason."""
+    if len(payload) > max_payload_bytes:
+        raise WireError("too-large", f"payload is {len(payload)} bytes, limit {max_payload_bytes}")
+    if len(payload) < _PREAMBLE.size:
+        raise WireError("truncated", "payload shorter than the 10-byte preamble")
+    magic, version, codec, body_len = _PREAMBLE.unpack_from(payload)
+    if magic != MAGIC:
+        raise WireError("bad-magic", f"expected magic {MAGIC!r}, got {magic!r}")
+    if version != FORMAT_VERSION:
+        raise WireError(
+            "unsupported-version", f"format version {version}, this decoder reads {FORMAT_VERSION}"
+        )
+    if body_len > max_body_bytes:
+        raise WireError("too-large", f"declared body of {body_len} bytes, limit {max_body_bytes}")
+    raw = payload[_PREAMBLE.size :]
+    if codec == CODEC_ZSTD:
+        try:
+            # max_output_size bounds memory even if the frame lies about its size.
+            body = zstandard.ZstdDecompressor().decompress(raw, max_output_size=body_len)
+        except zstandard.ZstdError as exc:
+            raise WireError("bad-compression", f"zstd: {exc}") from None
+    elif codec == CODEC_NONE:
+        body = raw
+    else:
+        raise WireError("unsupported-codec", f"codec {codec} is not 0 (none) or 1 (zstd)")
+    if len(body) != body_len:
+        raise WireError("truncated", f"body is {len(body)} bytes, preamble says {body_len}")
+    return _decode_body(body)
+
+
+def _decode_body(body: bytes) -> Batch:
+    if len(body) < _U32.size:
+        raise WireError("truncated", "body shorter than its header length field")
+    (hlen,) = _U32.unpack_from(body)
+    if _U32.size + hlen > len(body):
+        raise WireError("truncated", "header runs past the end of the body")
+    try:
+        header = json.loads(body[_U32.size : _U32.size + hlen].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireError("bad-header", f"header is not UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise WireError("bad-header", "header is not a JSON object")
+    rows = _field(header, "rows", int)
+    if rows < 0:
+        raise WireError("bad-header", "rows is negative")
+    window = _field(header, "window", dict)
+    sensors_raw = _field(header, "sensors", list)
+    if not all(isinstance(s, dict) for s in sensors_raw):
+        raise WireError("bad-header", "sensors must be a list of objects")
+    if len(sensors_raw) > 65536:
+        raise WireError("bad-header", "more than 65536 sensors")
+    sensors = tuple(
+        SensorRef(
+            node=_field(s, "node", str), name=_field(s, "name", str), unit=str(s.get("unit", ""))
+        )
+        for s in sensors_raw
+    )
+    spec = WindowSpec(kind=_field(window, "kind", str), width_ns=_field(window, "width_ns", int))
+    offset = _U32.size + hlen
+    found: dict[str, npt.NDArray[Any]] = {}
+    for meta in _field(header, "columns", list):
+        if not isinstance(meta, dict):
+            raise WireError("bad-header", "columns must be a list of objects")
+        name = _field(meta, "name", str)
+        nbytes = _field(meta, "bytes", int)
+        if nbytes < 0 or offset + nbytes > len(body):
+            raise WireError("truncated", f"column {name} runs past the end of the body")
+        chunk = body[offset : offset + nbytes]
+        offset += nbytes
+        if name not in COLUMNS:
+            continue  # unknown columns are skipped: minor additions stay compatible
+        dtype, encoding = COLUMNS[name]
+        if meta.get("type") != dtype or meta.get("encoding") != encoding:
+            raise WireError("bad-column", f"column {name} must be {dtype}/{encoding}")
+        if nbytes != rows * np.dtype(dtype).itemsize:
+            raise WireError("bad-column", f"column {name} has {nbytes} bytes for {rows} rows")
+        col = np.frombuffer(chunk, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)
+        if encoding == "delta":
+            col = np.cumsum(col, dtype=np.int64)
+        found[name] = col
+    if offset != len(body):
+        raise WireError("bad-header", f"{len(body) - offset} bytes after the last column")
+    missing = [name for name in COLUMNS if name not in found]
+    if missing:
+        raise WireError("bad-column", f"missing required columns {missing}")
+    return Batch(
+        device_id=_field(header, "device_id", str),
+        seq=_field(header, "seq", int),
+        created_ns=_field(header, "created_ns", int),
+        window=spec,
+        sensors=sensors,
+        **found,
+    )
+
+
+def _field(obj: dict[str, Any], key: str, tp: type) -> Any:
+    value = obj.get(key)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise WireError("bad-header", f"header field {key!r} must be {tp.__name__}")
+    return value

@@ -32,13 +32,18 @@ def main() -> None:
     type=click.Path(dir_okay=False),
     help="TOML config file (see `cloud-ingest config sample`). Defaults apply without one.",
 )
-def run(config_path: str | None) -> None:
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False),
+    help="Create this file once subscribed (for supervisors and scripts to wait on).",
+)
+def run(config_path: str | None, ready_file: str | None) -> None:
     """Run until SIGTERM or Ctrl-C; finish the batch in hand, then exit."""
     cfg = load_or_exit(IngestConfig, config_path)
     setup_logging(cfg.log_level)
     from cloud_ingest.service import run_service
 
-    sys.exit(run_service(cfg))
+    sys.exit(run_service(cfg, ready_file))
 
 
 @main.group()

@@ -22,6 +22,7 @@ from cloud_ingest.config import IngestConfig
 from cloud_ingest.process import Processor, ShuttingDown
 from cloud_ingest.sinks.archive import open_archive
 from cloud_ingest.sinks.influx import make_point_sink
+from shared.cli import write_ready_file
 from shared.mqttprops import connect_properties
 from shared.topics import batch_filter
 
@@ -40,7 +41,7 @@ def _client(cfg: IngestConfig) -> aiomqtt.Client:
     )
 
 
-async def serve(cfg: IngestConfig, stop: asyncio.Event) -> Processor:
+async def serve(cfg: IngestConfig, stop: asyncio.Event, ready_file: str | None = None) -> Processor:
     points = make_point_sink(cfg.influx)
     archive = open_archive(cfg.archive)
     proc = Processor(cfg, points, archive, stop)
@@ -53,6 +54,7 @@ async def serve(cfg: IngestConfig, stop: asyncio.Event) -> Processor:
                     await client.subscribe(topic, qos=1)
                     log.info("subscribed to %s on %s:%s", topic, cfg.mqtt.host, cfg.mqtt.port)
                     backoff = 1.0
+                    write_ready_file(ready_file)
                     await _consume(client, proc, stop)
             except aiomqtt.MqttError as exc:
                 if stop.is_set():
@@ -94,13 +96,13 @@ async def _consume(client: aiomqtt.Client, proc: Processor, stop: asyncio.Event)
         stop_wait.cancel()
 
 
-def run_service(cfg: IngestConfig) -> int:
+def run_service(cfg: IngestConfig, ready_file: str | None = None) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(cfg, stop)
+        await serve(cfg, stop, ready_file)
 
     asyncio.run(main())
     return 0

@@ -21,6 +21,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.forward import Forwarder
 from edge_agent.intake import Intake
 from edge_agent.store import Store
+from shared.cli import write_ready_file
 
 log = logging.getLogger("edge_agent.agent")
 
@@ -62,7 +63,7 @@ class Agent:
             buffer.prune(self.store, max_ts - retention_ns)
         self.forwarder.pump()
 
-    def run(self) -> int:
+    def run(self, ready_file: str | None = None) -> int:
         def on_signal(signum: int, _frame: FrameType | None) -> None:
             log.info("agent: signal %d, stopping", signum)
             self.stopping.set()
@@ -72,7 +73,11 @@ class Agent:
         log.info("agent: device %s, buffer %s", self.cfg.device_id, self.cfg.storage.path)
         self.intake.start()
         self.forwarder.start()
+        ready_pending = ready_file is not None
         while not self.stopping.wait(self.cfg.tick_s):
+            if ready_pending and self.intake.subscribed.is_set():
+                write_ready_file(ready_file)
+                ready_pending = False
             self.tick()
         return self.shutdown()
 
@@ -92,8 +97,8 @@ class Agent:
         return 0
 
 
-def run_agent(cfg: AgentConfig) -> int:
+def run_agent(cfg: AgentConfig, ready_file: str | None = None) -> int:
     started = time.monotonic()
-    rc = Agent(cfg).run()
+    rc = Agent(cfg).run(ready_file)
     log.info("agent: ran %.1f s", time.monotonic() - started)
     return rc

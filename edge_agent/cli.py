@@ -28,13 +28,18 @@ def main() -> None:
 
 @main.command()
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-def run(config_path: str | None) -> None:
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False),
+    help="Create this file once subscribed (for supervisors and scripts to wait on).",
+)
+def run(config_path: str | None, ready_file: str | None) -> None:
     """Run the agent until SIGTERM or Ctrl-C, then flush and drain the outbox."""
     cfg = load_or_exit(AgentConfig, config_path)
     setup_logging(cfg.log_level)
     from edge_agent.agent import run_agent  # imports numba: keep other commands fast
 
-    sys.exit(run_agent(cfg))
+    sys.exit(run_agent(cfg, ready_file))
 
 
 @main.command()

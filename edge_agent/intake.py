@@ -36,11 +36,13 @@ class Intake:
         self.registry = buffer.SensorRegistry(self.store)
         self.connected = threading.Event()
         self.store_errors = 0
+        self.subscribed = threading.Event()
         client_id = cfg.intake.broker.client_id or f"edge-agent-{cfg.device_id}-intake"
         self.client = make_client(cfg.intake.broker, client_id, manual_ack=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
 
     def start(self) -> None:
         connect_async(self.client, self.cfg.intake.broker)
@@ -60,8 +62,15 @@ class Intake:
             "intake: connected to %s:%s", self.cfg.intake.broker.host, self.cfg.intake.broker.port
         )
 
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, rcs: Any, _p: Any) -> None:
+        if any(rc.is_failure for rc in rcs):
+            log.error("intake: subscription refused: %s", rcs)
+            return
+        self.subscribed.set()
+
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         self.connected.clear()
+        self.subscribed.clear()
         log.warning("intake: disconnected (%s); paho reconnects", rc)
 
     def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:

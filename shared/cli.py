@@ -37,6 +37,15 @@ def load_or_exit(cls: type[T], path: str | Path | None) -> T:
         sys.exit(EXIT_CONFIG)
 
 
+def write_ready_file(path: str | Path | None) -> None:
+    """Create ``path`` (atomically) to tell a supervisor that start-up is complete."""
+    if path is None:
+        return
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text("ready\n")
+    tmp.replace(path)
+
+
 def sample_path(package: str) -> Path:
     """The commented sample config shipped inside ``package``."""
     import importlib.util

@@ -1,0 +1,248 @@
+"""Run simulator → edge agent → cloud ingest as real processes, and account for every reading.
+
+Used by the demo (``python -m devstack.demo``) and the end-to-end tests. The
+components run through their console commands with TOML config files written
+here, exactly as an operator would run them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from devstack.services import wait_until
+from edge_agent.status import read_status
+from firmware_sim.truth import truth_by_sensor
+
+BIN = Path(sys.executable).parent
+
+
+def toml_dumps(data: dict[str, Any], prefix: str = "") -> str:
+    """Tiny TOML writer for nested tables of scalars (all our configs need)."""
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, int | float):
+            lines.append(f"{key} = {value!r}")
+        elif isinstance(value, str):
+            lines.append(f"{key} = {json.dumps(value)}")
+        else:
+            raise TypeError(f"cannot write {type(value).__name__} for {key}")
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for key, table in tables:
+        name = f"{prefix}.{key}" if prefix else key
+        out += f"\n[{name}]\n" + toml_dumps(table, name)
+    return out
+
+
+@dataclass
+class IngestTarget:
+    """One cloud-ingest process: its client id and its [influx]/[archive] tables."""
+
+    name: str
+    influx: dict[str, Any]
+    archive: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineSpec:
+    workdir: Path
+    local_port: int
+    cloud_port: int
+    targets: list[IngestTarget]
+    device_id: str = "demo-device"
+    duration_s: float = 60.0
+    speed: float = 1.0
+    seed: int = 42
+    width_s: float = 10.0
+    start_ns: int = 0
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def terminate(self, timeout_s: float = 60.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+            raise RuntimeError(f"{self.name} did not stop within {timeout_s} s; killed") from None
+
+
+class Pipeline:
+    def __init__(self, spec: PipelineSpec) -> None:
+        self.spec = spec
+        self.dir = spec.workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.agent_db = self.dir / "edge-agent.sqlite"
+        self.truth = self.dir / "truth.jsonl"
+        self.procs: list[Proc] = []
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        log = self.dir / f"{name}.log"
+        fh = open(log, "ab")  # noqa: SIM115 (inherited by the child, closed below)
+        try:
+            popen = subprocess.Popen(
+                argv,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **(env or {})},
+                cwd=self.dir,
+            )
+        finally:
+            fh.close()
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def agent_config(self) -> Path:
+        s = self.spec
+        cfg = {
+            "device_id": s.device_id,
+            "tick_s": 0.1,
+            "storage": {"path": str(self.agent_db), "synchronous": "normal"},
+            "window": {"width_s": s.width_s, "lateness_s": 2.0},
+            "intake": {"broker": {"port": s.local_port}},
+            "forward": {"broker": {"port": s.cloud_port}, "drain_timeout_s": 30.0},
+        }
+        path = self.dir / "edge-agent.toml"
+        path.write_text(toml_dumps(cfg))
+        return path
+
+    def start_agent(self, timeout_s: float = 60.0) -> Proc:
+        """Start the agent and wait until its intake subscription is in place."""
+        ready = self.dir / "edge-agent.ready"
+        ready.unlink(missing_ok=True)
+        proc = self._spawn(
+            "edge-agent",
+            [
+                str(BIN / "edge-agent"),
+                "run",
+                "-c",
+                str(self.agent_config()),
+                "--ready-file",
+                str(ready),
+            ],
+        )
+        self._wait_ready(proc, ready, timeout_s)
+        return proc
+
+    def _wait_ready(self, proc: Proc, ready: Path, timeout_s: float) -> None:
+        def check() -> bool:
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"{proc.name} exited: {proc.log.read_text()[-2000:]}")
+            return ready.exists()
+
+        wait_until(check, timeout_s, f"{proc.name} to subscribe", interval_s=0.05)
+
+    def start_ingestors(self, timeout_s: float = 60.0) -> list[Proc]:
+        procs = []
+        for t in self.spec.targets:
+            cfg = {
+                "mqtt": {"port": self.spec.cloud_port, "client_id": f"cloud-ingest-{t.name}"},
+                "influx": t.influx,
+                "archive": t.archive,
+                "retry": {"initial_s": 0.2, "max_s": 2.0},
+            }
+            path = self.dir / f"cloud-ingest-{t.name}.toml"
+            path.write_text(toml_dumps(cfg))
+            ready = self.dir / f"cloud-ingest-{t.name}.ready"
+            ready.unlink(missing_ok=True)
+            procs.append(
+                self._spawn(
+                    f"cloud-ingest-{t.name}",
+                    [str(BIN / "cloud-ingest"), "run", "-c", str(path), "--ready-file", str(ready)],
+                    t.env,
+                )
+            )
+        for t, p in zip(self.spec.targets, procs, strict=True):
+            self._wait_ready(p, self.dir / f"cloud-ingest-{t.name}.ready", timeout_s)
+        return procs
+
+    def run_sim(self, timeout_s: float) -> dict[str, Any]:
+        s = self.spec
+        argv = [
+            str(BIN / "firmware-sim"),
+            "run",
+            "--port",
+            str(s.local_port),
+            "--duration",
+            str(s.duration_s),
+            "--speed",
+            str(s.speed),
+            "--seed",
+            str(s.seed),
+            "--start-ns",
+            str(s.start_ns),
+            "--truth",
+            str(self.truth),
+        ]
+        res = subprocess.run(argv, capture_output=True, timeout=timeout_s, check=False)
+        (self.dir / "firmware-sim.log").write_bytes(res.stderr)
+        if res.returncode != 0:
+            raise RuntimeError(f"firmware-sim failed ({res.returncode}): {res.stderr[-2000:]!r}")
+        out: dict[str, Any] = json.loads(res.stdout.decode().strip().splitlines()[-1])
+        return out
+
+    def agent_status(self) -> dict[str, Any]:
+        return read_status(self.agent_db) if self.agent_db.exists() else {"counters": {}}
+
+    def wait_agent_has(self, produced: int, timeout_s: float) -> None:
+        """Poll until the agent has stored (or counted as dropped) every produced reading."""
+
+        def done() -> bool:
+            c = self.agent_status()["counters"]
+            return int(c.get("readings_stored", 0)) + int(c.get("dropped_late", 0)) >= produced
+
+        wait_until(
+            done, timeout_s, f"the edge agent to take all {produced} readings", interval_s=0.1
+        )
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            if p.popen.poll() is None:
+                p.popen.kill()
+                p.popen.wait()
+
+
+def truth_window_counts(truth: Path, width_ns: int) -> dict[tuple[str, str, int], int]:
+    """Readings per (node, sensor, window start), straight from the ground truth."""
+    out: dict[tuple[str, str, int], int] = {}
+    for (node, sensor), (ts, _vals) in truth_by_sensor(truth).items():
+        starts, counts = np.unique((ts // width_ns) * width_ns, return_counts=True)
+        for st, n in zip(starts.tolist(), counts.tolist(), strict=True):
+            out[(node, sensor, int(st))] = int(n)
+    return out
+
+
+def lost_readings(
+    truth_counts: dict[tuple[str, str, int], int],
+    device_id: str,
+    windows: dict[tuple[str, str, str, int], dict[str, Any]],
+) -> int:
+    """Produced readings whose window is missing from InfluxDB or holds fewer readings."""
+    lost = 0
+    for (node, sensor, start), n in truth_counts.items():
+        w = windows.get((device_id, node, sensor, start))
+        have = 0 if w is None else int(w.get("count") or 0) + int(w.get("invalid") or 0)
+        lost += max(0, n - have)
+    return lost

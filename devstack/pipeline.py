@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,13 @@ class Proc:
             self.popen.kill()
             self.popen.wait()
             raise RuntimeError(f"{self.name} did not stop within {timeout_s} s; killed") from None
+
+
+@dataclass(frozen=True)
+class RunResult:
+    produced: int
+    counters: dict[str, int]
+    arrived: bool
 
 
 class Pipeline:
@@ -216,6 +224,34 @@ class Pipeline:
         wait_until(
             done, timeout_s, f"the edge agent to take all {produced} readings", interval_s=0.1
         )
+
+    def run(self, arrived: Callable[[int], bool], *, deliver_timeout_s: float = 60.0) -> RunResult:
+        """The whole path, once: ingestors, agent, simulator; then a clean shutdown.
+
+        ``arrived(produced)`` is polled after the agent has flushed and drained, until
+        it returns true (the sinks hold everything) or ``deliver_timeout_s`` passes;
+        a timeout is not raised here but reported in ``RunResult.arrived`` so the
+        caller can still count what did arrive.
+        """
+        self.start_ingestors()
+        agent = self.start_agent()
+        sim = self.run_sim(timeout_s=self.spec.duration_s / self.spec.speed + 120)
+        produced = int(sim["produced"])
+        self.wait_agent_has(produced, timeout_s=60)
+        agent.terminate()  # SIGTERM: flush open windows, drain the outbox
+        try:
+            wait_until(
+                lambda: arrived(produced),
+                deliver_timeout_s,
+                "the sinks to hold every batch",
+                interval_s=0.2,
+            )
+            ok = True
+        except TimeoutError:
+            ok = False
+        for p in self.procs:
+            p.terminate()
+        return RunResult(produced=produced, counters=self.agent_status()["counters"], arrived=ok)
 
     def stop_all(self) -> None:
         for p in reversed(self.procs):

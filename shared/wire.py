@@ -211,11 +211,7 @@ def decode_batch(
         raise WireError("too-large", f"declared body of {body_len} bytes, limit {max_body_bytes}")
     raw = payload[_PREAMBLE.size :]
     if codec == CODEC_ZSTD:
-        try:
-            # max_output_size bounds memory even if the frame lies about its size.
-            body = zstandard.ZstdDecompressor().decompress(raw, max_output_size=body_len)
-        except zstandard.ZstdError as exc:
-            raise WireError("bad-compression", f"zstd: {exc}") from None
+        body = _inflate(raw, body_len)
     elif codec == CODEC_NONE:
         body = raw
     else:
@@ -223,6 +219,28 @@ def decode_batch(
     if len(body) != body_len:
         raise WireError("truncated", f"body is {len(body)} bytes, preamble says {body_len}")
     return _decode_body(body)
+
+
+def _inflate(raw: bytes, body_len: int) -> bytes:
+    """Decompress at most ``body_len + 1`` bytes, whatever the frame claims.
+
+    ``ZstdDecompressor.decompress`` trusts the frame's own content size and would
+    allocate it, so a small frame claiming gigabytes could exhaust memory; a
+    bounded streaming read cannot.
+    """
+    out = bytearray()
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(raw) as reader:
+            while len(out) <= body_len:
+                chunk = reader.read(body_len + 1 - len(out))
+                if not chunk:
+                    break
+                out += chunk
+    except zstandard.ZstdError as exc:
+        raise WireError("bad-compression", f"zstd: {exc}") from None
+    if len(out) > body_len:
+        raise WireError("too-large", f"body inflates beyond the declared {body_len} bytes")
+    return bytes(out)
 
 
 def _decode_body(body: bytes) -> Batch:

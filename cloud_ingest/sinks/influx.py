@@ -1,7 +1,8 @@
 """InfluxDB sinks: the v2 write API via influxdb-client, and the v1 ``/write`` API.
 
 ``classify_status`` is the one switch that decides between retry and reject:
-429 and 5xx are retryable (honouring Retry-After), other 4xx are permanent.
+429, 5xx and the operator errors 401/403/404 are retryable (honouring
+Retry-After); other 4xx (400 bad line protocol, 413 too large) are permanent.
 Connection errors and timeouts are retryable.
 """
 
@@ -22,9 +23,15 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
+#: 4xx answers that mean "this server is not ready for any data" (credentials,
+#: a missing database or bucket): fixed by an operator, not by changing the batch,
+#: so they are retried rather than quarantining every batch that arrives meanwhile.
+OPERATOR_STATUSES = frozenset({401, 403, 404})
+
+
 def classify_status(status: int, body: str, retry_after: str | None) -> SinkError:
     msg = f"InfluxDB answered HTTP {status}: {body[:300]}"
-    if status == 429 or status >= 500:
+    if status == 429 or status >= 500 or status in OPERATOR_STATUSES:
         return RetryableSinkError(msg, _retry_after(retry_after))
     return PermanentSinkError(msg)
 

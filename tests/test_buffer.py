@@ -1,0 +1,133 @@
+"""The agent's SQLite buffer, windowing and outbox, on a real SQLite file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent import buffer, outbox, window
+from edge_agent.status import read_status
+from edge_agent.store import SCHEMA_VERSION, Store
+from shared.errors import WireError
+from shared.readings import ReadingChunk, decode_chunk, encode_chunk
+from shared.wire import decode_batch
+
+W = 10_000_000_000
+T0 = 1_800_000_000 * 10**9
+
+
+def chunk(sensor: str, ts: list[int], vals: list[float], node: str = "n1") -> ReadingChunk:
+    return ReadingChunk(node, sensor, "u", np.array(ts, dtype=np.int64), np.array(vals))
+
+
+def close(store: Store, upto: int, max_rows: int = 1000) -> list[int]:
+    return window.close_until(store, device_id="dev", width_ns=W, upto_ns=upto, max_rows=max_rows)
+
+
+def test_windows_close_once_and_seq_is_monotonic_across_restarts(tmp_path: Path) -> None:
+    db = tmp_path / "agent.sqlite"
+    s = Store(db)
+    reg = buffer.SensorRegistry(s)
+    buffer.store_chunk(s, reg, chunk("a", [T0, T0 + 1, T0 + W + 5], [1.0, 3.0, 7.0]))
+    buffer.store_chunk(s, reg, chunk("b", [T0 + 2], [4.0]))
+    assert close(s, T0 + W) == [1]
+    assert close(s, T0 + W) == []  # already closed: nothing twice
+    s.close()
+
+    s = Store(db)  # restart: state comes back from the file
+    assert close(s, T0 + 2 * W) == [2]
+    rows = s.conn.execute("SELECT seq, payload FROM outbox ORDER BY seq").fetchall()
+    b1, b2 = (decode_batch(bytes(p)) for _, p in rows)
+    assert (b1.seq, b2.seq) == (1, 2)
+    assert sorted(b1.count.tolist()) == [1, 2] and b1.mean.tolist() == [2.0, 4.0]
+    assert b2.count.tolist() == [1] and b2.first.tolist() == [7.0]
+    assert s.counters()["windows_closed"] == 3
+    s.close()
+
+
+def test_late_readings_are_dropped_and_counted(tmp_path: Path) -> None:
+    s = Store(tmp_path / "a.sqlite")
+    reg = buffer.SensorRegistry(s)
+    buffer.store_chunk(s, reg, chunk("a", [T0 + W + 1], [1.0]))
+    close(s, T0 + W)
+    res = buffer.store_chunk(s, reg, chunk("a", [T0 + 5, T0 + W + 2], [9.0, 2.0]))
+    assert (res.stored, res.late) == (1, 1)
+    c = s.counters()
+    assert c["dropped_late"] == 1 and c["readings_stored"] == 2
+
+
+def test_batches_split_at_max_rows(tmp_path: Path) -> None:
+    s = Store(tmp_path / "a.sqlite")
+    reg = buffer.SensorRegistry(s)
+    for i in range(5):
+        buffer.store_chunk(s, reg, chunk(f"s{i}", [T0 + i], [float(i)]))
+    seqs = close(s, T0 + W, max_rows=2)
+    assert seqs == [1, 2, 3]
+    sizes = [
+        decode_batch(bytes(p)).rows
+        for (p,) in s.conn.execute("SELECT payload FROM outbox ORDER BY seq")
+    ]
+    assert sizes == [2, 2, 1]
+
+
+def test_outbox_pending_and_sent(tmp_path: Path) -> None:
+    s = Store(tmp_path / "a.sqlite")
+    reg = buffer.SensorRegistry(s)
+    for k in range(3):
+        buffer.store_chunk(s, reg, chunk("a", [T0 + k * W], [1.0]))
+    close(s, T0 + 3 * W, max_rows=1)
+    assert [o.seq for o in outbox.pending(s, 10)] == [1, 2, 3]
+    assert [o.seq for o in outbox.pending(s, 10, exclude=[1])] == [2, 3]
+    assert outbox.mark_sent(s, [2]) == 1 and outbox.mark_sent(s, [2]) == 0
+    assert [o.seq for o in outbox.pending(s, 10)] == [1, 3]
+    st = read_status(s.path)
+    assert st["outbox"] == {"pending": 2, "sent": 1}
+
+
+def test_prune_keeps_open_windows(tmp_path: Path) -> None:
+    s = Store(tmp_path / "a.sqlite")
+    reg = buffer.SensorRegistry(s)
+    buffer.store_chunk(s, reg, chunk("a", [T0], [1.0]))
+    buffer.store_chunk(s, reg, chunk("a", [T0 + W], [1.0]))
+    assert buffer.prune(s, T0 + 10 * W) == 0  # nothing closed yet: nothing may go
+    close(s, T0 + W)
+    assert buffer.prune(s, T0 + 10 * W) == 1
+
+
+def test_schema_version_recorded_and_newer_file_refused(tmp_path: Path) -> None:
+    s = Store(tmp_path / "a.sqlite")
+    assert s.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    s.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    s.close()
+    with pytest.raises(RuntimeError, match="newer agent"):
+        Store(tmp_path / "a.sqlite")
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload", "reason"),
+    [
+        ("sensors/n1", b"{}", "bad-topic"),
+        ("sensors/n 1/t", b"{}", "bad-topic"),
+        ("sensors/n1/t", b"not json", "bad-json"),
+        ("sensors/n1/t", b"[1]", "bad-json"),
+        ("sensors/n1/t", b'{"ts": [1, 2], "values": [1.0]}', "bad-chunk"),
+        ("sensors/n1/t", b'{"ts": [], "values": []}', "bad-chunk"),
+        ("sensors/n1/t", b'{"ts": [1.5], "values": [1.0]}', "bad-chunk"),
+        ("sensors/n1/t", b'{"ts": [-1], "values": [1.0]}', "bad-chunk"),
+        ("sensors/n1/t", b'{"ts": [1], "values": ["x"]}', "bad-chunk"),
+    ],
+)
+def test_bad_reading_messages(topic: str, payload: bytes, reason: str) -> None:
+    with pytest.raises(WireError) as e:
+        decode_chunk(topic, payload, "sensors")
+    assert e.value.reason == reason
+
+
+def test_reading_chunk_round_trip_is_exact() -> None:
+    vals = [0.1, 1 / 3, -2.5e-308, 1e300]
+    c = decode_chunk("sensors/n1/t", encode_chunk("u", [1, 2, 3, 4], vals), "sensors")
+    assert c.values.tolist() == vals and c.ts.tolist() == [1, 2, 3, 4]
+    nan = decode_chunk("sensors/n1/t", b'{"ts": [1, 2], "values": [NaN, null]}', "sensors")
+    assert np.isnan(nan.values).all()

@@ -1,0 +1,70 @@
+"""Every command has help text; config errors give one line and exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from cloud_ingest.cli import main as ingest_main
+from edge_agent.cli import main as agent_main
+from firmware_sim.cli import main as sim_main
+
+MAINS = [agent_main, ingest_main, sim_main]
+
+
+def walk(
+    cmd: click.Command, path: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], click.Command]]:
+    out = [(path, cmd)]
+    if isinstance(cmd, click.Group):
+        for name, sub in cmd.commands.items():
+            out += walk(sub, (*path, name))
+    return out
+
+
+@pytest.mark.parametrize("main", MAINS, ids=lambda m: m.name)
+def test_every_command_has_help(main: click.Group) -> None:
+    for path, cmd in walk(main):
+        assert cmd.help and len(cmd.help.strip()) > 20, f"{main.name} {' '.join(path)}"
+        res = CliRunner().invoke(main, [*path, "--help"])
+        assert res.exit_code == 0, res.output
+        for p in cmd.params:
+            if isinstance(p, click.Option) and p.name != "help":
+                assert p.help, f"{main.name} {' '.join(path)} {p.opts}"
+
+
+@pytest.mark.parametrize("main", MAINS, ids=lambda m: m.name)
+def test_config_check_names_key_and_file(main: click.Group, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("no_such_key = 1\n")
+    res = CliRunner().invoke(main, ["config", "check", str(bad)])
+    assert res.exit_code == 2
+    assert f"config error in {bad}: no_such_key: unknown key" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("main", MAINS, ids=lambda m: m.name)
+def test_sample_passes_check(main: click.Group, tmp_path: Path) -> None:
+    sample = CliRunner().invoke(main, ["config", "sample"])
+    assert sample.exit_code == 0
+    p = tmp_path / "s.toml"
+    p.write_text(sample.output)
+    res = CliRunner().invoke(main, ["config", "check", str(p)])
+    assert res.exit_code == 0 and "ok" in res.output
+
+
+def test_run_with_bad_config_stops_before_starting(tmp_path: Path) -> None:
+    bad = tmp_path / "agent.toml"
+    bad.write_text("[window]\nwidth_s = 0\n")
+    res = CliRunner().invoke(agent_main, ["run", "-c", str(bad)])
+    assert res.exit_code == 2 and "window.width_s: must be > 0" in res.output
+
+
+def test_status_without_buffer_fails_cleanly(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[storage]\npath = "{tmp_path / "none.sqlite"}"\n')
+    res = CliRunner().invoke(agent_main, ["status", "-c", str(cfg)])
+    assert res.exit_code == 1 and "no agent buffer" in res.output

@@ -1,0 +1,130 @@
+"""Config loading: defaults, samples, and errors that name the key and the file."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cloud_ingest.config import IngestConfig
+from edge_agent.config import AgentConfig
+from firmware_sim.config import SimConfig
+from shared.cli import sample_path
+from shared.config import load_config
+from shared.errors import ConfigError
+
+COMPONENTS = [
+    ("edge_agent", AgentConfig),
+    ("cloud_ingest", IngestConfig),
+    ("firmware_sim", SimConfig),
+]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(("package", "cls"), COMPONENTS)
+def test_sample_loads_and_equals_defaults(package: str, cls: type) -> None:
+    """The shipped sample states the defaults: loading it changes nothing."""
+    assert load_config(cls, sample_path(package)) == load_config(cls, None)
+
+
+def _keys(cls: type, prefix: str = "") -> set[str]:
+    out = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            out |= _keys(tp, f"{prefix}{f.name}.")
+        else:
+            out.add(f"{prefix}{f.name}")
+    return out
+
+
+def _sample_keys(data: dict[str, Any], prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out |= _sample_keys(v, f"{prefix}{k}.")
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            out.add(f"{prefix}{k}")
+        else:
+            out.add(f"{prefix}{k}")
+    return out
+
+
+@pytest.mark.parametrize(("package", "cls"), COMPONENTS[:2])
+def test_sample_documents_every_key(package: str, cls: type) -> None:
+    path = sample_path(package)
+    assert _sample_keys(tomllib.loads(path.read_text())) == _keys(cls)
+    # every key line is preceded by a comment line or another key of the same block
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"^\s*\w+ = ", line):
+            j = i - 1
+            while j >= 0 and re.match(r"^\s*\w+ = ", lines[j]):
+                j -= 1
+            assert j >= 0 and lines[j].lstrip().startswith(("#", "[")), line
+            if lines[j].lstrip().startswith("["):
+                # a key straight after a table header must itself be commented above it
+                pytest.fail(f"{package}: key without a comment: {line!r}")
+
+
+def test_unknown_key_names_file_key_and_suggests(tmp_path: Path) -> None:
+    p = write(tmp_path, "[window]\nwidht_s = 5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(AgentConfig, p)
+    msg = str(e.value)
+    assert str(p) in msg and "window.widht_s" in msg and "did you mean 'width_s'" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fragment"),
+    [
+        ("[window]\nwidth_s = -1\n", "window.width_s", "must be > 0"),
+        ('[window]\nwidth_s = "ten"\n', "window.width_s", "must be a number"),
+        ('device_id = "has space"\n', "device_id", "must be 1-64"),
+        ("[forward.broker]\nport = 70000\n", "forward.broker.port", "TCP port"),
+        ('[storage]\nsynchronous = "sometimes"\n', "storage.synchronous", "must be one of"),
+        ("[intake]\nbroker = 3\n", "intake.broker", "must be a table"),
+        ("tick_s = true\n", "tick_s", "must be a number"),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, text: str, key: str, fragment: str) -> None:
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(AgentConfig, p)
+    assert e.value.key == key
+    assert fragment in str(e.value) and str(p) in str(e.value)
+
+
+def test_nested_array_of_tables_errors_are_indexed(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        '[[nodes]]\nid = "n1"\n[[nodes.sensors]]\nname = "t"\nkind = "sonar"\nrate_hz = 1.0\n',
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(SimConfig, p)
+    assert e.value.key == "nodes[0].sensors[0].kind"
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(AgentConfig, write(tmp_path, "device_id = \n"))
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(AgentConfig, tmp_path / "nope.toml")
+
+
+def test_ingest_archive_url_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(IngestConfig, write(tmp_path, '[archive]\nurl = "ftp://x"\n'))
+    assert e.value.key == "archive.url"

@@ -1,0 +1,189 @@
+"""The ingest service against a real broker, InfluxDB 1.x and a local archive.
+
+Valid batches land once (resends overwrite); every kind of bad input is
+quarantined with its reason and does not stop the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from cloud_ingest.config import IngestConfig
+from cloud_ingest.service import serve
+from devstack import influxq
+from devstack.services import Service, wait_until
+from shared.config import from_dict
+from shared.wire import STAT_FIELDS, SensorRef, WindowSpec, encode_batch, make_batch
+
+pytestmark = pytest.mark.integration
+W = 10_000_000_000
+T0 = 1_790_000_000 * 10**9
+
+
+def batch_bytes(device: str, seq: int, rows: int = 3) -> bytes:
+    b = make_batch(
+        device_id=device,
+        seq=seq,
+        created_ns=0,
+        window=WindowSpec("tumbling", W),
+        sensors=(SensorRef("n1", "temp", "degC"),),
+        columns={
+            "sensor": np.zeros(rows),
+            "start_ns": T0 + (seq * rows + np.arange(rows)) * W,
+            "count": np.full(rows, 10),
+            "invalid": np.zeros(rows),
+            **{f: np.random.default_rng(seq).normal(20, 1, rows) for f in STAT_FIELDS},
+        },
+    )
+    return encode_batch(b)
+
+
+class Running:
+    """cloud_ingest.service.serve() in a background thread with its own event loop."""
+
+    def __init__(self, cfg: IngestConfig, ready: Path) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.stop = asyncio.Event()
+        self.result: object = None
+        self.thread = threading.Thread(target=self._run, args=(cfg, ready), daemon=True)
+        self.thread.start()
+        wait_until(ready.exists, 30, "the ingestor to subscribe")
+
+    def _run(self, cfg: IngestConfig, ready: Path) -> None:
+        async def main() -> None:
+            self.stop = asyncio.Event()
+            self.result = await serve(cfg, self.stop, str(ready))
+
+        try:
+            self.loop.run_until_complete(main())
+        finally:
+            self.loop.close()
+
+    def shutdown(self) -> object:
+        self.loop.call_soon_threadsafe(self.stop.set)
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+        return self.result
+
+
+def publisher(port: int) -> mqtt.Client:
+    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    return c
+
+
+def test_valid_once_bad_quarantined(
+    mosquitto: Service, influxdb: Service, influx_db: str, tmp_path: Path, unique: str
+) -> None:
+    prefix = f"t{unique}/v1"
+    archive = tmp_path / "archive"
+    cfg = from_dict(
+        IngestConfig,
+        {
+            "mqtt": {
+                "port": mosquitto.port,
+                "client_id": f"ingest-{unique}",
+                "topic_prefix": prefix,
+            },
+            "influx": {"url": influxdb.url, "database": influx_db},
+            "archive": {"url": f"file://{archive}"},
+            "limits": {"max_payload_bytes": 2048},
+        },
+    )
+    svc = Running(cfg, tmp_path / "ready")
+    pub = publisher(mosquitto.port)
+    sends = [
+        (f"{prefix}/dev-1/batch", batch_bytes("dev-1", 1)),
+        (f"{prefix}/dev-1/batch", batch_bytes("dev-1", 1)),  # resend of seq 1
+        (f"{prefix}/dev-1/batch", b"garbage, not a batch"),  # bad-magic
+        (f"{prefix}/dev-2/batch", batch_bytes("dev-1", 2)),  # device-mismatch
+        (f"{prefix}/dev-1/batch", batch_bytes("dev-1", 3, rows=400)),  # too-large
+        (f"{prefix}/bad id/batch", batch_bytes("dev-1", 4)),  # bad-topic
+        (f"{prefix}/dev-1/batch", batch_bytes("dev-1", 2)),  # valid after all that
+    ]
+    for topic, payload in sends:
+        pub.publish(topic, payload, qos=1).wait_for_publish(10)
+    pub.disconnect()
+    pub.loop_stop()
+
+    def quarantined() -> set[str]:
+        q = archive / "quarantine"
+        return {p.parent.name for p in q.rglob("*.json")} if q.exists() else set()
+
+    expected = {
+        "reason=bad-magic",
+        "reason=device-mismatch",
+        "reason=too-large",
+        "reason=bad-topic",
+    }
+    wait_until(
+        lambda: quarantined() == expected and len(influxq.v1_windows(influxdb.url, influx_db)) == 6,
+        30,
+        "all messages handled",
+    )
+    proc = svc.shutdown()
+    windows = influxq.v1_windows(influxdb.url, influx_db)
+    assert len(windows) == 6 and influxq.total_count(windows) == 60
+    # the resend of seq 1 overwrote its points with identical values
+    assert {w["mean"] for w in windows.values()} <= set(
+        np.random.default_rng(1).normal(20, 1, 3).tolist()
+        + np.random.default_rng(2).normal(20, 1, 3).tolist()
+    )
+    assert sorted(p.name for p in (archive / "batches").rglob("*.tlmb")) == [
+        f"seq={1:020d}.tlmb",
+        f"seq={2:020d}.tlmb",
+    ]
+    meta = [json.loads(p.read_text()) for p in (archive / "quarantine").rglob("*.json")]
+    assert {m["reason"] for m in meta} == {r.split("=")[1] for r in expected}
+    assert all(m["topic"] and m["message"] for m in meta)
+    counters = proc.stats.counters  # type: ignore[attr-defined]
+    assert counters["received"] == 7 and counters["batches_written"] == 3
+    assert sum(v for k, v in counters.items() if k.startswith("quarantined_")) == 4
+
+
+def test_influx_outage_blocks_and_recovers(
+    mosquitto: Service,
+    fresh,
+    tmp_path: Path,
+    unique: str,  # type: ignore[no-untyped-def]
+) -> None:
+    """While InfluxDB is down the batch is retried, not dropped; it lands after restart."""
+    influx: Service = fresh("influxdb")
+    influxq.create_database(influx.url, "t")
+    prefix = f"t{unique}/v1"
+    cfg = from_dict(
+        IngestConfig,
+        {
+            "mqtt": {
+                "port": mosquitto.port,
+                "client_id": f"ingest-{unique}",
+                "topic_prefix": prefix,
+            },
+            "influx": {"url": influx.url, "database": "t", "timeout_s": 2.0},
+            "archive": {"url": f"file://{tmp_path / 'archive'}"},
+            "retry": {"initial_s": 0.1, "max_s": 0.5},
+        },
+    )
+    svc = Running(cfg, tmp_path / "ready")
+    influx.stop()
+    pub = publisher(mosquitto.port)
+    for seq in (1, 2):
+        pub.publish(f"{prefix}/dev-1/batch", batch_bytes("dev-1", seq), qos=1).wait_for_publish(10)
+    pub.disconnect()
+    pub.loop_stop()
+    log_has_retry = lambda: (tmp_path / "archive" / "batches").exists()  # noqa: E731
+    wait_until(log_has_retry, 30, "the archive write (independent of InfluxDB)")
+    influx.start()
+    wait_until(lambda: len(influxq.v1_windows(influx.url, "t")) == 6, 60, "InfluxDB to catch up")
+    proc = svc.shutdown()
+    assert proc.stats.counters["influx_retries"] >= 1  # type: ignore[attr-defined]
+    assert proc.stats.counters["batches_written"] == 2  # type: ignore[attr-defined]

@@ -1,0 +1,152 @@
+"""Window kernels: edge cases, and hypothesis properties against a plain-numpy reference.
+
+The reference below computes each window on its own with numpy's own
+functions (np.min, np.mean, np.std ...), so it shares no code with the kernels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_agent import kernels
+from edge_agent.kernels import segment_windows, window_stats_numba, window_stats_numpy
+
+IMPLS = [pytest.param(window_stats_numpy, id="numpy")]
+if kernels.BACKEND == "numba":
+    IMPLS.append(pytest.param(window_stats_numba, id="numba"))
+
+FIELDS = ("min", "max", "mean", "stddev", "first", "last")
+
+
+def reference(values: np.ndarray, seg_starts: np.ndarray) -> dict[str, np.ndarray]:
+    ends = np.append(seg_starts[1:], len(values))
+    out: dict[str, list[float]] = {k: [] for k in ("count", "invalid", *FIELDS)}
+    for a, b in zip(seg_starts, ends, strict=True):
+        seg = values[a:b]
+        fin = seg[np.isfinite(seg)]
+        out["count"].append(len(fin))
+        out["invalid"].append(len(seg) - len(fin))
+        if len(fin):
+            for k, v in (
+                ("min", fin.min()),
+                ("max", fin.max()),
+                ("mean", fin.mean()),
+                ("stddev", fin.std()),
+                ("first", fin[0]),
+                ("last", fin[-1]),
+            ):
+                out[k].append(float(v))
+        else:
+            for k in FIELDS:
+                out[k].append(np.nan)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def check(impl, values: np.ndarray, seg_starts: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+    got = impl(values, seg_starts)
+    ref = reference(values, seg_starts)
+    np.testing.assert_array_equal(got.count, ref["count"])
+    np.testing.assert_array_equal(got.invalid, ref["invalid"])
+    for k in ("min", "max", "first", "last"):
+        np.testing.assert_array_equal(getattr(got, k), ref[k], err_msg=k)  # exact: no arithmetic
+    ends = np.append(seg_starts[1:], len(values))
+    for i, (a, b) in enumerate(zip(seg_starts, ends, strict=True)):
+        fin = values[a:b][np.isfinite(values[a:b])]
+        scale = float(np.abs(fin).max()) if len(fin) else 0.0
+        for k in ("mean", "stddev"):
+            g, r = getattr(got, k)[i], ref[k][i]
+            if np.isnan(r):
+                assert np.isnan(g), (k, i)
+            else:
+                assert abs(g - r) <= 1e-9 * max(abs(r), scale * 1e-3) + 1e-300, (k, i, g, r)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_windows(impl) -> None:  # type: ignore[no-untyped-def]
+    out = impl(np.empty(0), np.empty(0, dtype=np.int64))
+    assert len(out.count) == 0 and len(out.mean) == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_single_reading(impl) -> None:  # type: ignore[no-untyped-def]
+    out = impl(np.array([3.25]), np.array([0]))
+    assert out.count.tolist() == [1] and out.stddev.tolist() == [0.0]
+    assert out.min[0] == out.max[0] == out.mean[0] == out.first[0] == out.last[0] == 3.25
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_and_inf_are_counted_invalid_and_excluded(impl) -> None:  # type: ignore[no-untyped-def]
+    v = np.array([np.nan, 1.0, np.inf, 3.0, -np.inf, np.nan, np.nan])
+    out = impl(v, np.array([0, 5]))
+    assert out.count.tolist() == [2, 0] and out.invalid.tolist() == [3, 2]
+    assert out.first[0] == 1.0 and out.last[0] == 3.0 and out.mean[0] == 2.0
+    assert out.stddev[0] == 1.0
+    assert all(np.isnan(getattr(out, k)[1]) for k in FIELDS)  # all-invalid window
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_numerically_stable_variance(impl) -> None:  # type: ignore[no-untyped-def]
+    """A large offset must not destroy a small spread (naive sum of squares would)."""
+    v = 1e9 + np.array([0.0, 1.0, 2.0, 3.0, 4.0])
+    out = impl(v, np.array([0]))
+    assert out.stddev[0] == pytest.approx(np.sqrt(2.0), rel=1e-9)
+
+
+def test_windows_spanning_gaps() -> None:
+    w = 10
+    ts = np.array([-15, -11, 0, 9, 10, 45, 49, 1000], dtype=np.int64)
+    starts, segs = segment_windows(ts, w)
+    assert starts.tolist() == [-20, 0, 10, 40, 1000]
+    assert segs.tolist() == [0, 2, 4, 5, 7]
+    assert segment_windows(np.empty(0, dtype=np.int64), w)[0].size == 0
+
+
+values_st = st.lists(
+    st.one_of(st.floats(-1e6, 1e6), st.sampled_from([np.nan, np.inf, -np.inf])),
+    min_size=1,
+    max_size=400,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=values_st, data=st.data())
+def test_property_matches_reference(values: list[float], data: st.DataObject) -> None:
+    v = np.array(values, dtype=np.float64)
+    cuts = data.draw(st.sets(st.integers(1, max(1, len(v) - 1)), max_size=20))
+    seg_starts = np.array(sorted({0, *(c for c in cuts if c < len(v))}), dtype=np.int64)
+    for impl in (p.values[0] for p in IMPLS):
+        check(impl, v, seg_starts)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    ts=st.lists(st.integers(-(10**12), 10**12), min_size=1, max_size=300),
+    width=st.integers(1, 10**10),
+)
+def test_property_segments_partition_sorted_times(ts: list[int], width: int) -> None:
+    t = np.sort(np.array(ts, dtype=np.int64))
+    starts, segs = segment_windows(t, width)
+    ends = np.append(segs[1:], len(t))
+    assert np.all(np.diff(starts) > 0)
+    for s, a, b in zip(starts, segs, ends, strict=True):
+        assert np.all((t[a:b] >= s) & (t[a:b] < s + width))
+        assert s % width == 0
+
+
+def test_numba_is_used_when_available_and_fallback_otherwise() -> None:
+    code = "from edge_agent import kernels; print(kernels.BACKEND)"
+    env = {**os.environ, "TELEMETRY_NO_NUMBA": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "numpy"
+    has_numba = importlib.util.find_spec("numba") is not None
+    assert ("numba" if has_numba else "numpy") == kernels.BACKEND

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import numpy as np
+
+from cloud_ingest.lineproto import batch_to_lines, window_label
+from shared.wire import STAT_FIELDS, SensorRef, WindowSpec, make_batch
+
+
+def test_window_label() -> None:
+    assert window_label(10_000_000_000) == "10s"
+    assert window_label(500_000_000) == "500ms"
+    assert window_label(1500) == "1500ns"
+
+
+def test_lines_escape_tags_and_omit_nan() -> None:
+    b = make_batch(
+        device_id="d1",
+        seq=1,
+        created_ns=0,
+        window=WindowSpec("tumbling", 10**10),
+        sensors=(SensorRef("n1", "t", "deg C,x=y"),),
+        columns={
+            "sensor": [0, 0],
+            "start_ns": [0, 10**10],
+            "count": [2, 0],
+            "invalid": [0, 3],
+            **{f: [0.1, np.nan] for f in STAT_FIELDS},
+        },
+    )
+    lines = batch_to_lines(b, "win dow")
+    assert lines[0] == (
+        r"win\ dow,device_id=d1,node=n1,sensor=t,unit=deg\ C\,x\=y,window=10s "
+        "count=2i,invalid=0i,min=0.1,max=0.1,mean=0.1,stddev=0.1,first=0.1,"
+        "last=0.1 0"
+    )
+    assert lines[1].endswith(" count=0i,invalid=3i 10000000000")

@@ -1,0 +1,129 @@
+"""Sinks against real servers: InfluxDB 1.x, VictoriaMetrics (v2 write API), moto S3."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cloud_ingest.config import ArchiveConfig, InfluxConfig
+from cloud_ingest.sinks.archive import LocalArchive, S3Archive, open_archive
+from cloud_ingest.sinks.influx import InfluxV1Sink, InfluxV2Sink, classify_status
+from devstack import influxq
+from devstack.services import Service, free_port, wait_until
+from shared.errors import PermanentSinkError, RetryableSinkError
+
+pytestmark = pytest.mark.integration
+
+LINE = "window,device_id=d1,node=n,sensor=s,window=10s count=3i,invalid=0i,mean={v} {t}"
+
+
+def test_v1_write_read_back_and_overwrite(influxdb: Service, influx_db: str) -> None:
+    sink = InfluxV1Sink(InfluxConfig(api="v1", url=influxdb.url, database=influx_db))
+    sink.write([LINE.format(v=0.1, t=10**19 // 10**1)])
+    sink.write([LINE.format(v=0.30000000000000004, t=10**19 // 10**1)])  # a resend: same point
+    w = influxq.v1_windows(influxdb.url, influx_db)
+    assert len(w) == 1
+    (point,) = w.values()
+    assert point["mean"] == 0.30000000000000004 and point["count"] == 3
+    sink.close()
+
+
+def test_v1_bad_line_protocol_is_permanent(influxdb: Service, influx_db: str) -> None:
+    sink = InfluxV1Sink(InfluxConfig(api="v1", url=influxdb.url, database=influx_db))
+    with pytest.raises(PermanentSinkError, match="HTTP 400"):
+        sink.write(["window,device_id=d1 count=notanumber 1"])
+
+
+def test_v1_missing_database_is_retryable(influxdb: Service) -> None:
+    """An operator fixes a missing database; the batches must wait, not be quarantined."""
+    sink = InfluxV1Sink(InfluxConfig(api="v1", url=influxdb.url, database="no_such_db"))
+    with pytest.raises(RetryableSinkError, match="HTTP 404"):
+        sink.write([LINE.format(v=1.0, t=1)])
+
+
+def test_unreachable_influx_is_retryable() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    for sink in (
+        InfluxV1Sink(InfluxConfig(api="v1", url=url, timeout_s=2)),
+        InfluxV2Sink(InfluxConfig(api="v2", url=url, timeout_s=2)),
+    ):
+        with pytest.raises(RetryableSinkError, match=r"unreachable|failed"):
+            sink.write([LINE.format(v=1.0, t=1)])
+        sink.close()
+
+
+def test_status_classification() -> None:
+    assert isinstance(classify_status(503, "", None), RetryableSinkError)
+    e = classify_status(429, "", "7")
+    assert isinstance(e, RetryableSinkError) and e.retry_after == 7.0
+    assert isinstance(classify_status(400, "bad", None), PermanentSinkError)
+    assert isinstance(classify_status(413, "big", None), PermanentSinkError)
+    assert isinstance(classify_status(401, "auth", None), RetryableSinkError)
+
+
+def test_v2_write_through_influxdb_client(victoria: Service, unique: str) -> None:
+    sink = InfluxV2Sink(
+        InfluxConfig(api="v2", url=victoria.url, bucket="b", org="o", token="t", measurement="w")
+    )
+    t = 1_790_000_000 * 10**9
+    sink.write([f"w{unique},device_id=d1,node=n,sensor=s,window=10s count=5i,mean=2.5 {t}"])
+    sink.close()
+
+    def visible() -> bool:
+        influxq.vm_flush(victoria.url)
+        return bool(influxq.vm_windows(victoria.url, f"w{unique}"))
+
+    wait_until(visible, 30, "VictoriaMetrics to show the point")
+    (point,) = influxq.vm_windows(victoria.url, f"w{unique}").values()
+    assert point == {"count": 5, "mean": 2.5}
+
+
+def test_s3_archive_put_get_list_overwrite(s3: Service, bucket: str) -> None:
+    arc = open_archive(ArchiveConfig(url=f"s3://{bucket}/lake/v", s3_endpoint_url=s3.url))
+    assert isinstance(arc, S3Archive)
+    arc.put("batches/v1/device_id=d/seq=1.tlmb", b"one")
+    arc.put("batches/v1/device_id=d/seq=1.tlmb", b"one")  # resend overwrites
+    arc.put("batches/v1/device_id=d/seq=2.tlmb", b"two")
+    assert arc.list("batches/") == [
+        "batches/v1/device_id=d/seq=1.tlmb",
+        "batches/v1/device_id=d/seq=2.tlmb",
+    ]
+    assert arc.get("batches/v1/device_id=d/seq=2.tlmb") == b"two"
+    arc.close()
+
+
+def test_s3_missing_bucket_is_retryable_not_a_crash(s3: Service, s3_env: dict[str, str]) -> None:
+    arc = S3Archive("no-such-bucket", "", endpoint_url=s3.url, region="us-east-1")
+    with pytest.raises(RetryableSinkError, match="NoSuchBucket"):
+        arc.put("k", b"x")
+
+
+def test_s3_unreachable_is_retryable(s3_env: dict[str, str]) -> None:
+    arc = S3Archive("b", "", endpoint_url=f"http://127.0.0.1:{free_port()}", region="us-east-1")
+    with pytest.raises(RetryableSinkError):
+        arc.put("k", b"x")
+
+
+def test_local_archive_is_atomic_and_contained(tmp_path: Path) -> None:
+    arc = LocalArchive(tmp_path / "arc")
+    arc.put("a/b.bin", b"1")
+    arc.put("a/b.bin", b"22")
+    assert arc.get("a/b.bin") == b"22" and arc.list("a") == ["a/b.bin"]
+    assert not [p for p in (tmp_path / "arc").rglob("*") if p.name.startswith(".tmp-")]
+    with pytest.raises(PermanentSinkError, match="escapes"):
+        arc.put("../outside", b"x")
+
+
+def test_influx_outage_then_recovery(fresh: Callable[[str], Service]) -> None:
+    """A stopped InfluxDB gives retryable errors; the same write succeeds after restart."""
+    svc = fresh("influxdb")
+    influxq.create_database(svc.url, "t")
+    sink = InfluxV1Sink(InfluxConfig(api="v1", url=svc.url, database="t", timeout_s=2))
+    svc.stop()
+    with pytest.raises(RetryableSinkError):
+        sink.write([LINE.format(v=1.0, t=5)])
+    svc.start()
+    sink.write([LINE.format(v=1.0, t=5)])
+    assert len(influxq.v1_windows(svc.url, "t")) == 1

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import time
 import sys
+import time
 from pathlib import Path
 
 from devstack import influxq, services

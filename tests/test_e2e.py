@@ -35,14 +35,24 @@ def expected_windows(truth: Path) -> dict[tuple[str, str, int], dict[str, float]
         for st in np.unique(starts):
             v = vals[starts == st]
             out[(node, sensor, int(st))] = {
-                "count": len(v), "min": v.min(), "max": v.max(), "mean": v.mean(),
-                "stddev": v.std(), "first": v[0], "last": v[-1],
+                "count": len(v),
+                "min": v.min(),
+                "max": v.max(),
+                "mean": v.mean(),
+                "stddev": v.std(),
+                "first": v[0],
+                "last": v[-1],
             }
     return out
 
 
-def compare(name: str, device: str, exp: dict[tuple[str, str, int], dict[str, float]],
-            got: dict[tuple[str, str, str, int], dict[str, Any]], rel: float) -> None:
+def compare(
+    name: str,
+    device: str,
+    exp: dict[tuple[str, str, int], dict[str, float]],
+    got: dict[tuple[str, str, str, int], dict[str, Any]],
+    rel: float,
+) -> None:
     assert set(got) == {(device, *k) for k in exp}, f"{name}: windows differ"
     for (node, sensor, start), e in exp.items():
         g = got[(device, node, sensor, start)]
@@ -53,32 +63,60 @@ def compare(name: str, device: str, exp: dict[tuple[str, str, int], dict[str, fl
 
 
 def test_end_to_end_exact_accounting(
-    fresh: Callable[[str], Service], influxdb: Service, influx_db: str, victoria: Service,
-    s3: Service, bucket: str, tmp_path: Path, unique: str,
+    fresh: Callable[[str], Service],
+    influxdb: Service,
+    influx_db: str,
+    victoria: Service,
+    s3: Service,
+    bucket: str,
+    tmp_path: Path,
+    unique: str,
 ) -> None:
     local = fresh("mosquitto")
     cloud = fresh("mosquitto")
     local_archive = tmp_path / "archive"
     device = f"dev-{unique}"
     spec = PipelineSpec(
-        workdir=tmp_path / "run", local_port=local.port, cloud_port=cloud.port,
-        device_id=device, duration_s=60.0, speed=15.0, seed=7, width_s=WIDTH_S,
+        workdir=tmp_path / "run",
+        local_port=local.port,
+        cloud_port=cloud.port,
+        device_id=device,
+        duration_s=60.0,
+        speed=15.0,
+        seed=7,
+        width_s=WIDTH_S,
         # event time runs 15x faster than the clock: start in the past so that no
         # reading is in the future (VictoriaMetrics hides future samples)
         start_ns=(time.time_ns() // WIDTH - 8) * WIDTH + 123_456_789,
         targets=[
-            IngestTarget("v1-s3", {"api": "v1", "url": influxdb.url, "database": influx_db},
-                         {"url": f"s3://{bucket}/lake", "s3_endpoint_url": s3.url},
-                         env=S3_ENV),
-            IngestTarget("v2-local", {"api": "v2", "url": victoria.url, "org": "o",
-                                      "bucket": "b", "token": "t",
-                                      "measurement": f"w{unique}"},
-                         {"url": f"file://{local_archive}"}),
+            IngestTarget(
+                "v1-s3",
+                {"api": "v1", "url": influxdb.url, "database": influx_db},
+                {"url": f"s3://{bucket}/lake", "s3_endpoint_url": s3.url},
+                env=S3_ENV,
+            ),
+            IngestTarget(
+                "v2-local",
+                {
+                    "api": "v2",
+                    "url": victoria.url,
+                    "org": "o",
+                    "bucket": "b",
+                    "token": "t",
+                    "measurement": f"w{unique}",
+                },
+                {"url": f"file://{local_archive}"},
+            ),
         ],
     )
     pipe = Pipeline(spec)
-    s3c = boto3.client("s3", endpoint_url=s3.url, region_name="us-east-1",
-                       aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3c = boto3.client(
+        "s3",
+        endpoint_url=s3.url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
 
     def s3_keys() -> list[str]:
         resp = s3c.list_objects_v2(Bucket=bucket, Prefix="lake/batches/")
@@ -91,10 +129,12 @@ def test_end_to_end_exact_accounting(
     def arrived(produced: int) -> bool:
         influxq.vm_flush(victoria.url)
         batches = int(pipe.agent_status()["counters"].get("batches_created", -1))
-        return (influxq.total_count(influxq.v1_windows(influxdb.url, influx_db)) == produced
-                and influxq.total_count(influxq.vm_windows(victoria.url, f"w{unique}"))
-                == produced
-                and len(s3_keys()) == batches and len(local_keys()) == batches)
+        return (
+            influxq.total_count(influxq.v1_windows(influxdb.url, influx_db)) == produced
+            and influxq.total_count(influxq.vm_windows(victoria.url, f"w{unique}")) == produced
+            and len(s3_keys()) == batches
+            and len(local_keys()) == batches
+        )
 
     try:
         res = pipe.run(arrived, deliver_timeout_s=90)
@@ -112,11 +152,12 @@ def test_end_to_end_exact_accounting(
     assert sum(e["count"] for e in exp.values()) == res.produced
     compare("influxdb-1.x", device, exp, influxq.v1_windows(influxdb.url, influx_db), 1e-9)
     # VictoriaMetrics keeps 12 significant digits, still well inside 1e-9 relative
-    compare("victoria-metrics", device, exp, influxq.vm_windows(victoria.url, f"w{unique}"),
-            1e-9)
+    compare("victoria-metrics", device, exp, influxq.vm_windows(victoria.url, f"w{unique}"), 1e-9)
 
     # exactly one archive object per delivered batch, keyed by (device, seq)
-    want = [f"batches/v1/device_id={device}/seq={s:020d}.tlmb"
-            for s in range(1, c["batches_created"] + 1)]
+    want = [
+        f"batches/v1/device_id={device}/seq={s:020d}.tlmb"
+        for s in range(1, c["batches_created"] + 1)
+    ]
     assert s3_keys() == [f"lake/{k}" for k in want]
     assert local_keys() == [k.rsplit("/", 1)[1] for k in want]

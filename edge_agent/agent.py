@@ -25,6 +25,8 @@ from shared.cli import write_ready_file
 
 log = logging.getLogger("edge_agent.agent")
 
+PRUNE_EVERY_S = 60.0  # raw chunks and digests are pruned at most this often
+
 
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
@@ -33,6 +35,7 @@ class Agent:
         self.intake = Intake(cfg)
         self.forwarder = Forwarder(cfg, self.store)
         self.stopping = threading.Event()
+        self._next_prune = 0.0
 
     def close_ready_windows(self, *, flush: bool = False) -> list[int]:
         max_ts = self.store.get_state(buffer.MAX_TS)
@@ -57,10 +60,13 @@ class Agent:
 
     def tick(self) -> None:
         self.close_ready_windows()
-        retention_ns = int(self.cfg.storage.raw_retention_s * 1e9)
-        max_ts = self.store.get_state(buffer.MAX_TS)
-        if max_ts:
-            buffer.prune(self.store, max_ts - retention_ns)
+        now = time.monotonic()
+        if now >= self._next_prune:
+            self._next_prune = now + PRUNE_EVERY_S
+            retention_ns = int(self.cfg.storage.raw_retention_s * 1e9)
+            max_ts = self.store.get_state(buffer.MAX_TS)
+            if max_ts:
+                buffer.prune(self.store, max_ts - retention_ns)
         self.forwarder.pump()
 
     def run(self, ready_file: str | None = None) -> int:

@@ -12,6 +12,7 @@ already closed and sent. This issue's policy for them is a counted drop
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ MAX_TS = "max_ts"  # state key: newest event time stored
 class StoreResult:
     stored: int
     late: int
+    duplicate: int = 0
 
 
 class SensorRegistry:
@@ -61,14 +63,30 @@ def load_sensors(store: Store) -> dict[int, SensorRef]:
     }
 
 
-def store_chunk(store: Store, registry: SensorRegistry, chunk: ReadingChunk) -> StoreResult:
+def message_digest(topic: str, payload: bytes) -> bytes:
+    """Identity of a sensor message, for recognising redeliveries."""
+    return hashlib.blake2b(topic.encode() + b"\0" + payload, digest_size=16).digest()
+
+
+def store_chunk(
+    store: Store, registry: SensorRegistry, chunk: ReadingChunk, digest: bytes | None = None
+) -> StoreResult:
     """Store the readings of ``chunk`` that are not late, in one transaction.
 
-    Returns how many were stored and how many were dropped as late. On return
-    the stored readings are durable (committed), so the caller may acknowledge
-    the message to the sensor node's broker.
+    Returns how many were stored, dropped as late, or ignored as a redelivery of
+    a message already stored (same ``digest``, see :func:`message_digest`). On
+    return the outcome is durable (committed), so the caller may acknowledge the
+    message to the sensor node's broker.
     """
     with store.tx():
+        if digest is not None:
+            cur = store.conn.execute(
+                "INSERT OR IGNORE INTO received(digest, received_ns) VALUES (?, ?)",
+                (digest, time.time_ns()),
+            )
+            if cur.rowcount == 0:
+                store.add_counter("duplicates_ignored", len(chunk))
+                return StoreResult(stored=0, late=0, duplicate=len(chunk))
         closed = store.get_state(CLOSED_UNTIL)
         keep = chunk.ts >= closed
         late = int(len(chunk) - keep.sum())
@@ -123,10 +141,22 @@ def read_range(
     return out
 
 
-def prune(store: Store, older_than_ns: int) -> int:
-    """Delete chunks whose newest reading is older than ``older_than_ns``
-    *and* lies in closed windows. Returns the number of chunks deleted."""
+#: Message digests kept for recognising redeliveries. A broker only redelivers
+#: messages that were in flight (sent, not yet acknowledged), at most its
+#: max_inflight_messages per session (Mosquitto's default: 20), so the newest
+#: few thousand are plenty.
+KEEP_DIGESTS = 10_000
+
+
+def prune(store: Store, older_than_ns: int, *, keep_digests: int = KEEP_DIGESTS) -> int:
+    """Delete chunks whose newest reading is older than ``older_than_ns`` *and* lies
+    in closed windows, and all but the newest ``keep_digests`` message digests.
+    Returns the number of chunks deleted."""
     with store.tx():
         limit = min(older_than_ns, store.get_state(CLOSED_UNTIL))
         cur = store.conn.execute("DELETE FROM chunks WHERE t_max < ?", (limit,))
+        store.conn.execute(
+            "DELETE FROM received WHERE rowid <= (SELECT max(rowid) FROM received) - ?",
+            (keep_digests,),
+        )
         return int(cur.rowcount)

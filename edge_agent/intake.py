@@ -80,7 +80,12 @@ class Intake:
             self._quarantine(msg, exc)
         else:
             try:
-                res = buffer.store_chunk(self.store, self.registry, chunk)
+                res = buffer.store_chunk(
+                    self.store,
+                    self.registry,
+                    chunk,
+                    buffer.message_digest(msg.topic, bytes(msg.payload)),
+                )
             except sqlite3.Error as exc:
                 # Not acknowledged: the broker keeps the message and redelivers it
                 # on the next session resume.

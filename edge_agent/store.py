@@ -56,6 +56,10 @@ def _v1(db: sqlite_utils.Database) -> None:
         pk="seq",
     )
     db.table("outbox").create_index(["state", "seq"])
+    # Digests of the messages already stored: a message the broker redelivers (the
+    # agent died after its commit, before its PUBACK) is recognised and not stored twice.
+    db.table("received").create({"digest": bytes, "received_ns": int}, pk="digest")
+    db.table("received").create_index(["received_ns"])
     db.table("state").create({"key": str, "value": int}, pk="key")
     db.table("counters").create({"name": str, "value": int}, pk="name")
     db.table("quarantine").create(

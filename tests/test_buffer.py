@@ -131,3 +131,37 @@ def test_reading_chunk_round_trip_is_exact() -> None:
     assert c.values.tolist() == vals and c.ts.tolist() == [1, 2, 3, 4]
     nan = decode_chunk("sensors/n1/t", b'{"ts": [1, 2], "values": [NaN, null]}', "sensors")
     assert np.isnan(nan.values).all()
+
+
+def test_redelivered_message_is_not_stored_twice(tmp_path: Path) -> None:
+    """The agent died after committing, before its PUBACK: the broker sends it again."""
+    s = Store(tmp_path / "a.sqlite")
+    reg = buffer.SensorRegistry(s)
+    payload = encode_chunk("u", [T0, T0 + 1], [1.0, 2.0])
+    c = decode_chunk("sensors/n1/t", payload, "sensors")
+    digest = buffer.message_digest("sensors/n1/t", payload)
+    assert buffer.store_chunk(s, reg, c, digest).stored == 2
+    close(s, T0 + W)  # even after its window closed, a redelivery is a duplicate, not late
+    again = buffer.store_chunk(s, reg, c, digest)
+    assert (again.stored, again.late, again.duplicate) == (0, 0, 2)
+    assert s.counters() == {
+        "readings_stored": 2,
+        "duplicates_ignored": 2,
+        "batches_created": 1,
+        "windows_closed": 1,
+    }
+
+
+def test_digests_are_bounded(tmp_path: Path) -> None:
+    s = Store(tmp_path / "a.sqlite")
+    reg = buffer.SensorRegistry(s)
+    for i in range(30):
+        p = encode_chunk("u", [T0 + i], [1.0])
+        buffer.store_chunk(
+            s,
+            reg,
+            decode_chunk("sensors/n1/t", p, "sensors"),
+            buffer.message_digest("sensors/n1/t", p),
+        )
+    buffer.prune(s, 0, keep_digests=10)
+    assert s.conn.execute("SELECT count(*) FROM received").fetchone()[0] == 10

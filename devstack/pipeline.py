@@ -186,30 +186,36 @@ class Pipeline:
             self._wait_ready(p, self.dir / f"cloud-ingest-{t.name}.ready", timeout_s)
         return procs
 
-    def run_sim(self, timeout_s: float) -> dict[str, Any]:
+    def start_sim(self) -> subprocess.Popen[bytes]:
+        """Start firmware-sim in the background; finish with :meth:`finish_sim`."""
         s = self.spec
         argv = [
-            str(BIN / "firmware-sim"),
-            "run",
-            "--port",
-            str(s.local_port),
-            "--duration",
-            str(s.duration_s),
-            "--speed",
-            str(s.speed),
-            "--seed",
-            str(s.seed),
-            "--start-ns",
-            str(s.start_ns),
-            "--truth",
-            str(self.truth),
-        ]
-        res = subprocess.run(argv, capture_output=True, timeout=timeout_s, check=False)
-        (self.dir / "firmware-sim.log").write_bytes(res.stderr)
-        if res.returncode != 0:
-            raise RuntimeError(f"firmware-sim failed ({res.returncode}): {res.stderr[-2000:]!r}")
-        out: dict[str, Any] = json.loads(res.stdout.decode().strip().splitlines()[-1])
+            str(BIN / "firmware-sim"), "run",
+            "--port", str(s.local_port),
+            "--duration", str(s.duration_s),
+            "--speed", str(s.speed),
+            "--seed", str(s.seed),
+            "--start-ns", str(s.start_ns),
+            "--truth", str(self.truth),
+        ]  # fmt: skip
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def finish_sim(self, popen: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
+        """Wait for the simulator; return its summary (``produced``, ``messages`` ...)."""
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.communicate()
+            raise
+        (self.dir / "firmware-sim.log").write_bytes(stderr)
+        if popen.returncode != 0:
+            raise RuntimeError(f"firmware-sim failed ({popen.returncode}): {stderr[-2000:]!r}")
+        out: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
         return out
+
+    def run_sim(self, timeout_s: float) -> dict[str, Any]:
+        return self.finish_sim(self.start_sim(), timeout_s)
 
     def agent_status(self) -> dict[str, Any]:
         return read_status(self.agent_db) if self.agent_db.exists() else {"counters": {}}

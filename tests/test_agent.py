@@ -1,0 +1,118 @@
+"""The edge agent as a process against a real broker: bad input, SIGKILL and restart."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from devstack.pipeline import Pipeline, PipelineSpec, truth_window_counts
+from devstack.services import Service, wait_until
+from edge_agent.store import Store
+from shared.readings import encode_chunk
+from shared.wire import decode_batch
+
+pytestmark = pytest.mark.integration
+WIDTH = 10_000_000_000
+
+
+def outbox_window_counts(db: Path) -> Counter[tuple[str, str, int]]:
+    """Readings per (node, sensor, window) over every batch in the agent's outbox."""
+    s = Store(db, readonly=True)
+    out: Counter[tuple[str, str, int]] = Counter()
+    try:
+        for (payload,) in s.conn.execute("SELECT payload FROM outbox ORDER BY seq"):
+            b = decode_batch(bytes(payload))
+            for i, sidx in enumerate(b.sensor.tolist()):
+                ref = b.sensors[sidx]
+                out[(ref.node, ref.name, int(b.start_ns[i]))] += int(b.count[i] + b.invalid[i])
+    finally:
+        s.close()
+    return out
+
+
+def test_bad_messages_are_quarantined_and_intake_goes_on(
+    fresh: Callable[[str], Service], tmp_path: Path
+) -> None:
+    broker = fresh("mosquitto")
+    pipe = Pipeline(
+        PipelineSpec(workdir=tmp_path, local_port=broker.port, cloud_port=broker.port, targets=[])
+    )
+    agent = pipe.start_agent()
+    try:
+        pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+        t0 = (time.time_ns() // WIDTH - 5) * WIDTH
+        msgs = [
+            ("sensors/n1/temp", b"{not json"),
+            ("sensors/n1/temp", b'{"ts": [1, 2], "values": [1.0]}'),
+            ("sensors/n1/temp", encode_chunk("C", [t0, t0 + 1], [20.0, 21.0])),
+            ("sensors/n1/temp", encode_chunk("C", [t0 + WIDTH], [22.0])),
+        ]
+        for topic, payload in msgs:
+            pub.publish(topic, payload, qos=1).wait_for_publish(10)
+        pub.disconnect()
+        pub.loop_stop()
+        wait_until(
+            lambda: (
+                pipe.agent_status()["counters"].get("readings_stored") == 3
+                and pipe.agent_status()["quarantined"] == 2
+            ),
+            30,
+            "intake of all 4 messages",
+        )
+    finally:
+        assert agent.terminate() == 0
+    st = pipe.agent_status()
+    assert st["counters"]["quarantined_bad-json"] == 1
+    assert st["counters"]["quarantined_bad-chunk"] == 1
+    assert outbox_window_counts(pipe.agent_db) == {
+        ("n1", "temp", t0): 2,
+        ("n1", "temp", t0 + WIDTH): 1,
+    }
+
+
+def test_sigkill_and_restart_lose_and_double_nothing(
+    fresh: Callable[[str], Service], tmp_path: Path
+) -> None:
+    """SIGKILL the agent three times while the simulator publishes; after restarts every
+    reading is in exactly one closed window of the outbox."""
+    broker = fresh("mosquitto")
+    spec = PipelineSpec(
+        workdir=tmp_path,
+        local_port=broker.port,
+        cloud_port=broker.port,
+        targets=[],
+        duration_s=90.0,
+        speed=10.0,
+        seed=3,
+        start_ns=(time.time_ns() // WIDTH - 12) * WIDTH + 5_000_000,
+    )
+    pipe = Pipeline(spec)
+    agent = pipe.start_agent()
+    sim = pipe.start_sim()
+    try:
+        for kill in range(1, 4):
+            target = kill * 3000
+
+            def stored(target: int = target) -> bool:
+                return int(pipe.agent_status()["counters"].get("readings_stored", 0)) >= target
+
+            wait_until(stored, 60, f"{target} readings stored")
+            agent.popen.kill()  # SIGKILL: no flush, no clean disconnect
+            agent.popen.wait()
+            agent = pipe.start_agent()
+        produced = int(pipe.finish_sim(sim, timeout_s=120)["produced"])
+        pipe.wait_agent_has(produced, timeout_s=60)
+    finally:
+        assert agent.terminate() == 0
+        pipe.stop_all()
+    c = pipe.agent_status()["counters"]
+    assert c["readings_stored"] == produced and c.get("dropped_late", 0) == 0
+    assert outbox_window_counts(pipe.agent_db) == truth_window_counts(pipe.truth, WIDTH)

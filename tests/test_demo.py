@@ -1,0 +1,47 @@
+"""The README's demo, shortened: it must end with the accounting line and lost=0."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+LINE = re.compile(
+    r"^demo: produced=(\d+) stored=(\d+) windows=(\d+) batches=(\d+) delivered=(\d+) "
+    r"influx_points=(\d+) archived=(\d+) lost=(\d+)$",
+    re.MULTILINE,
+)
+
+
+def test_demo_accounts_for_every_reading(tmp_path: Path) -> None:
+    work = tmp_path / "demo"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "devstack.demo",
+            "--duration",
+            "20",
+            "--speed",
+            "5",
+            "--workdir",
+            str(work),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = LINE.search(res.stdout)
+    assert m, res.stdout
+    produced, stored, windows, batches, delivered, points, archived, lost = map(int, m.groups())
+    assert produced == 20 + 20 + 20 * 200 and stored == produced
+    assert lost == 0 and batches == delivered == archived >= 1 and points == windows
+    assert (work / "influxdb" / "influxdb.conf").exists()
+    assert len(list((work / "archive" / "batches").rglob("*.tlmb"))) == archived

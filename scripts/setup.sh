@@ -68,7 +68,9 @@ case "$EXTRAS" in
 esac
 stamp="$VENV/.setup-stamp-$EXTRAS"
 want="$(sha256sum < "$ROOT/pyproject.toml" | cut -d" " -f1) $("$VENV/bin/python" -V 2>&1)"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+current() { [ -f "$1" ] && [ "$(cat "$1")" = "$want" ]; }
+# A dev install includes everything a run install has.
+if ! current "$stamp" && ! { [ "$EXTRAS" = run ] && current "$VENV/.setup-stamp-dev"; }; then
   say "installing the project into $VENV ($EXTRAS)"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   (cd "$ROOT" && "$VENV/bin/python" -m pip install -q -e "$spec")

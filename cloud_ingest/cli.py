@@ -7,7 +7,7 @@ import sys
 import click
 
 from cloud_ingest.config import IngestConfig
-from shared.cli import load_or_exit, sample_path, setup_logging
+from shared.cli import config_group, load_or_exit, setup_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,20 +46,4 @@ def run(config_path: str | None, ready_file: str | None) -> None:
     sys.exit(run_service(cfg, ready_file))
 
 
-@main.group()
-def config() -> None:
-    """Check a config file or print the commented sample."""
-
-
-@config.command("check")
-@click.argument("path", type=click.Path(dir_okay=False))
-def config_check(path: str) -> None:
-    """Load PATH and report the first problem, naming the key (exit 2), or 'ok'."""
-    load_or_exit(IngestConfig, path)
-    click.echo(f"{path}: ok")
-
-
-@config.command("sample")
-def config_sample() -> None:
-    """Print the sample config, with a comment on every key."""
-    click.echo(sample_path("cloud_ingest").read_text(), nl=False)
+main.add_command(config_group(IngestConfig, "cloud_ingest"))

@@ -8,7 +8,7 @@ import sys
 import click
 
 from edge_agent.config import AgentConfig
-from shared.cli import EXIT_FAILURE, load_or_exit, sample_path, setup_logging
+from shared.cli import EXIT_FAILURE, config_group, load_or_exit, setup_logging
 
 CONFIG_HELP = "TOML config file (see `edge-agent config sample`). Defaults apply without one."
 
@@ -73,20 +73,4 @@ def status(config_path: str | None, as_json: bool) -> None:
         click.echo(f"  {name:<24} {value}")
 
 
-@main.group()
-def config() -> None:
-    """Check a config file or print the commented sample."""
-
-
-@config.command("check")
-@click.argument("path", type=click.Path(dir_okay=False))
-def config_check(path: str) -> None:
-    """Load PATH and report the first problem, naming the key (exit 2), or 'ok'."""
-    load_or_exit(AgentConfig, path)
-    click.echo(f"{path}: ok")
-
-
-@config.command("sample")
-def config_sample() -> None:
-    """Print the sample config, with a comment on every key."""
-    click.echo(sample_path("edge_agent").read_text(), nl=False)
+main.add_command(config_group(AgentConfig, "edge_agent"))

@@ -9,7 +9,7 @@ import sys
 import click
 
 from firmware_sim.config import SimConfig
-from shared.cli import EXIT_FAILURE, load_or_exit, sample_path, setup_logging
+from shared.cli import EXIT_FAILURE, config_group, load_or_exit, setup_logging
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -94,20 +94,4 @@ def run(
     )
 
 
-@main.group()
-def config() -> None:
-    """Check a config file or print the commented sample."""
-
-
-@config.command("check")
-@click.argument("path", type=click.Path(dir_okay=False))
-def config_check(path: str) -> None:
-    """Load PATH and report the first problem, naming the key (exit 2), or 'ok'."""
-    load_or_exit(SimConfig, path)
-    click.echo(f"{path}: ok")
-
-
-@config.command("sample")
-def config_sample() -> None:
-    """Print the sample config, with a comment on every key."""
-    click.echo(sample_path("firmware_sim").read_text(), nl=False)
+main.add_command(config_group(SimConfig, "firmware_sim"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -44,6 +44,28 @@ def write_ready_file(path: str | Path | None) -> None:
     tmp = Path(f"{path}.tmp")
     tmp.write_text("ready\n")
     tmp.replace(path)
+
+
+def config_group(cls: type[Any], package: str) -> click.Group:
+    """The ``config check`` / ``config sample`` commands, the same for every component."""
+
+    @click.group("config")
+    def config() -> None:
+        """Check a config file or print the commented sample."""
+
+    @config.command("check")
+    @click.argument("path", type=click.Path(dir_okay=False))
+    def check(path: str) -> None:
+        """Load PATH and report the first problem, naming the key (exit 2), or 'ok'."""
+        load_or_exit(cls, path)
+        click.echo(f"{path}: ok")
+
+    @config.command("sample")
+    def sample() -> None:
+        """Print the sample config, with a comment on every key."""
+        click.echo(sample_path(package).read_text(), nl=False)
+
+    return config
 
 
 def sample_path(package: str) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_ingest.config import IngestConfig
+from cloud_ingest.process import Processor
 from cloud_ingest.service import serve
 from devstack import influxq
 from devstack.services import Service, wait_until
@@ -52,7 +54,7 @@ class Running:
     def __init__(self, cfg: IngestConfig, ready: Path) -> None:
         self.loop = asyncio.new_event_loop()
         self.stop = asyncio.Event()
-        self.result: object = None
+        self.result: Processor | None = None
         self.thread = threading.Thread(target=self._run, args=(cfg, ready), daemon=True)
         self.thread.start()
         wait_until(ready.exists, 30, "the ingestor to subscribe")
@@ -67,18 +69,34 @@ class Running:
         finally:
             self.loop.close()
 
-    def shutdown(self) -> object:
+    def shutdown(self) -> Processor:
         self.loop.call_soon_threadsafe(self.stop.set)
         self.thread.join(30)
-        assert not self.thread.is_alive()
+        assert not self.thread.is_alive() and self.result is not None
         return self.result
 
 
-def publisher(port: int) -> mqtt.Client:
+def publish_all(port: int, messages: list[tuple[str, bytes]]) -> None:
+    """Publish at QoS 1 and wait for every PUBACK."""
     c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     c.connect("127.0.0.1", port)
     c.loop_start()
-    return c
+    try:
+        for topic, payload in messages:
+            c.publish(topic, payload, qos=1).wait_for_publish(10)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def ingest_config(
+    port: int, unique: str, influx: dict[str, object], archive: Path, **extra: dict[str, object]
+) -> IngestConfig:
+    mqtt_table = {"port": port, "client_id": f"ingest-{unique}", "topic_prefix": f"t{unique}/v1"}
+    return from_dict(
+        IngestConfig,
+        {"mqtt": mqtt_table, "influx": influx, "archive": {"url": f"file://{archive}"}, **extra},
+    )
 
 
 def test_valid_once_bad_quarantined(
@@ -86,21 +104,14 @@ def test_valid_once_bad_quarantined(
 ) -> None:
     prefix = f"t{unique}/v1"
     archive = tmp_path / "archive"
-    cfg = from_dict(
-        IngestConfig,
-        {
-            "mqtt": {
-                "port": mosquitto.port,
-                "client_id": f"ingest-{unique}",
-                "topic_prefix": prefix,
-            },
-            "influx": {"url": influxdb.url, "database": influx_db},
-            "archive": {"url": f"file://{archive}"},
-            "limits": {"max_payload_bytes": 2048},
-        },
+    cfg = ingest_config(
+        mosquitto.port,
+        unique,
+        {"url": influxdb.url, "database": influx_db},
+        archive,
+        limits={"max_payload_bytes": 2048},
     )
     svc = Running(cfg, tmp_path / "ready")
-    pub = publisher(mosquitto.port)
     sends = [
         (f"{prefix}/dev-1/batch", batch_bytes("dev-1", 1)),
         (f"{prefix}/dev-1/batch", batch_bytes("dev-1", 1)),  # resend of seq 1
@@ -110,10 +121,7 @@ def test_valid_once_bad_quarantined(
         (f"{prefix}/bad id/batch", batch_bytes("dev-1", 4)),  # bad-topic
         (f"{prefix}/dev-1/batch", batch_bytes("dev-1", 2)),  # valid after all that
     ]
-    for topic, payload in sends:
-        pub.publish(topic, payload, qos=1).wait_for_publish(10)
-    pub.disconnect()
-    pub.loop_stop()
+    publish_all(mosquitto.port, sends)
 
     def quarantined() -> set[str]:
         q = archive / "quarantine"
@@ -145,45 +153,36 @@ def test_valid_once_bad_quarantined(
     meta = [json.loads(p.read_text()) for p in (archive / "quarantine").rglob("*.json")]
     assert {m["reason"] for m in meta} == {r.split("=")[1] for r in expected}
     assert all(m["topic"] and m["message"] for m in meta)
-    counters = proc.stats.counters  # type: ignore[attr-defined]
+    counters = proc.stats.counters
     assert counters["received"] == 7 and counters["batches_written"] == 3
     assert sum(v for k, v in counters.items() if k.startswith("quarantined_")) == 4
 
 
 def test_influx_outage_blocks_and_recovers(
     mosquitto: Service,
-    fresh,
+    fresh: Callable[[str], Service],
     tmp_path: Path,
-    unique: str,  # type: ignore[no-untyped-def]
+    unique: str,
 ) -> None:
     """While InfluxDB is down the batch is retried, not dropped; it lands after restart."""
     influx: Service = fresh("influxdb")
     influxq.create_database(influx.url, "t")
     prefix = f"t{unique}/v1"
-    cfg = from_dict(
-        IngestConfig,
-        {
-            "mqtt": {
-                "port": mosquitto.port,
-                "client_id": f"ingest-{unique}",
-                "topic_prefix": prefix,
-            },
-            "influx": {"url": influx.url, "database": "t", "timeout_s": 2.0},
-            "archive": {"url": f"file://{tmp_path / 'archive'}"},
-            "retry": {"initial_s": 0.1, "max_s": 0.5},
-        },
+    cfg = ingest_config(
+        mosquitto.port,
+        unique,
+        {"url": influx.url, "database": "t", "timeout_s": 2.0},
+        tmp_path / "archive",
+        retry={"initial_s": 0.1, "max_s": 0.5},
     )
     svc = Running(cfg, tmp_path / "ready")
     influx.stop()
-    pub = publisher(mosquitto.port)
-    for seq in (1, 2):
-        pub.publish(f"{prefix}/dev-1/batch", batch_bytes("dev-1", seq), qos=1).wait_for_publish(10)
-    pub.disconnect()
-    pub.loop_stop()
-    log_has_retry = lambda: (tmp_path / "archive" / "batches").exists()  # noqa: E731
-    wait_until(log_has_retry, 30, "the archive write (independent of InfluxDB)")
+    batches = [(f"{prefix}/dev-1/batch", batch_bytes("dev-1", s)) for s in (1, 2)]
+    publish_all(mosquitto.port, batches)
+    archived = tmp_path / "archive" / "batches"
+    wait_until(archived.exists, 30, "the archive write (independent of InfluxDB)")
     influx.start()
     wait_until(lambda: len(influxq.v1_windows(influx.url, "t")) == 6, 60, "InfluxDB to catch up")
     proc = svc.shutdown()
-    assert proc.stats.counters["influx_retries"] >= 1  # type: ignore[attr-defined]
-    assert proc.stats.counters["batches_written"] == 2  # type: ignore[attr-defined]
+    assert proc.stats.counters["influx_retries"] >= 1
+    assert proc.stats.counters["batches_written"] == 2

@@ -199,36 +199,19 @@ def test_zip_bomb_is_bounded() -> None:
     assert e.value.reason == "too-large"
 
 
-def test_batch_checks_itself_when_built() -> None:
-    with pytest.raises(WireError, match="not aligned"):
+@pytest.mark.parametrize(
+    ("sensor", "start", "match"), [(0, 5, "not aligned"), (1, 0, "out of range")]
+)
+def test_batch_checks_itself_when_built(sensor: int, start: int, match: str) -> None:
+    cols = {"sensor": [sensor], "start_ns": [start], "count": [1], "invalid": [0]}
+    with pytest.raises(WireError, match=match):
         make_batch(
             device_id="d",
             seq=1,
             created_ns=0,
             window=WindowSpec("tumbling", W),
             sensors=(SensorRef("n", "s"),),
-            columns={
-                "sensor": [0],
-                "start_ns": [5],
-                "count": [1],
-                "invalid": [0],
-                **{f: [1.0] for f in STAT_FIELDS},
-            },
-        )
-    with pytest.raises(WireError, match="out of range"):
-        make_batch(
-            device_id="d",
-            seq=1,
-            created_ns=0,
-            window=WindowSpec("tumbling", W),
-            sensors=(SensorRef("n", "s"),),
-            columns={
-                "sensor": [1],
-                "start_ns": [0],
-                "count": [1],
-                "invalid": [0],
-                **{f: [1.0] for f in STAT_FIELDS},
-            },
+            columns={**cols, **{f: [1.0] for f in STAT_FIELDS}},
         )
 
 

@@ -76,14 +76,22 @@ class Processor:
             return f"quarantined:{exc.reason}"
         lines = batch_to_lines(batch, self.cfg.influx.measurement)
         key = batch_key(batch.device_id, batch.seq)
-        try:
-            await asyncio.gather(
-                self._with_retry("influx", lambda: self.points.write(lines)),
-                self._with_retry("archive", lambda: self.archive.put(key, payload)),
-            )
-        except PermanentSinkError as exc:
-            await self.quarantine(topic, payload, "sink-rejected", str(exc))
-            return "quarantined:sink-rejected"
+        # Both sinks run to their end (success or final failure) before we decide.
+        outcomes = await asyncio.gather(
+            self._with_retry("influx", lambda: self.points.write(lines)),
+            self._with_retry("archive", lambda: self.archive.put(key, payload)),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, ShuttingDown):
+                raise outcome
+        for outcome in outcomes:
+            if isinstance(outcome, PermanentSinkError):
+                await self.quarantine(topic, payload, "sink-rejected", str(outcome))
+                return "quarantined:sink-rejected"
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         self.stats.inc("batches_written")
         self.stats.inc("points_written", len(lines))
         log.debug("wrote %s seq %d: %d points", batch.device_id, batch.seq, len(lines))

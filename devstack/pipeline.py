@@ -122,13 +122,18 @@ class Pipeline:
         self.procs.append(proc)
         return proc
 
-    def agent_config(self) -> Path:
+    def agent_config(self, flush_on_shutdown: bool = True) -> Path:
         s = self.spec
         cfg = {
             "device_id": s.device_id,
             "tick_s": 0.1,
             "storage": {"path": str(self.agent_db), "synchronous": "normal"},
-            "window": {"width_s": s.width_s, "lateness_s": 2.0},
+            # flush: by default the simulator has stopped when the agent is stopped
+            "window": {
+                "width_s": s.width_s,
+                "lateness_s": 2.0,
+                "flush_on_shutdown": flush_on_shutdown,
+            },
             "intake": {"broker": {"port": s.local_port}},
             "forward": {"broker": {"port": s.cloud_port}, "drain_timeout_s": 30.0},
         }
@@ -136,7 +141,7 @@ class Pipeline:
         path.write_text(toml_dumps(cfg))
         return path
 
-    def start_agent(self, timeout_s: float = 60.0) -> Proc:
+    def start_agent(self, timeout_s: float = 60.0, *, flush_on_shutdown: bool = True) -> Proc:
         """Start the agent and wait until its intake subscription is in place."""
         ready = self.dir / "edge-agent.ready"
         ready.unlink(missing_ok=True)
@@ -146,7 +151,7 @@ class Pipeline:
                 str(BIN / "edge-agent"),
                 "run",
                 "-c",
-                str(self.agent_config()),
+                str(self.agent_config(flush_on_shutdown)),
                 "--ready-file",
                 str(ready),
             ],

@@ -2,10 +2,10 @@
 
 Every ``tick_s`` the loop closes the windows that the watermark allows, prunes
 raw chunks past their retention, and lets the forwarder publish. On SIGTERM or
-SIGINT it stops intake, closes every open window (a flush: the last windows may
-be shorter than ``width_s`` of data, never of time), drains the outbox for up
-to ``forward.drain_timeout_s`` and exits. What is not drained stays in the
-outbox for the next start.
+SIGINT it stops intake, closes every open window if ``window.flush_on_shutdown``
+(otherwise they stay open and are rebuilt from the buffer at the next start),
+drains the outbox for up to ``forward.drain_timeout_s`` and exits. What is not
+drained stays in the outbox for the next start.
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ class Agent:
 
     def shutdown(self) -> int:
         self.intake.stop()
-        self.close_ready_windows(flush=True)
+        if self.cfg.window.flush_on_shutdown:
+            self.close_ready_windows(flush=True)
         drained = self.forwarder.drain(self.cfg.forward.drain_timeout_s)
         self.forwarder.stop()
         left = self.store.conn.execute(

@@ -9,6 +9,7 @@ import click
 
 from edge_agent.config import AgentConfig
 from shared.cli import EXIT_FAILURE, config_group, load_or_exit, setup_logging
+from shared.errors import StorageError
 
 CONFIG_HELP = "TOML config file (see `edge-agent config sample`). Defaults apply without one."
 
@@ -39,7 +40,11 @@ def run(config_path: str | None, ready_file: str | None) -> None:
     setup_logging(cfg.log_level)
     from edge_agent.agent import run_agent  # imports numba: keep other commands fast
 
-    sys.exit(run_agent(cfg, ready_file))
+    try:
+        sys.exit(run_agent(cfg, ready_file))
+    except StorageError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILURE)
 
 
 @main.command()
@@ -56,7 +61,7 @@ def status(config_path: str | None, as_json: bool) -> None:
     cfg = load_or_exit(AgentConfig, config_path)
     try:
         st = read_status(cfg.storage.path)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, StorageError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_FAILURE)
     if as_json:

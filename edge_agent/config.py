@@ -45,6 +45,7 @@ class StorageConfig:
 class WindowConfig:
     width_s: float = 10.0
     lateness_s: float = 2.0
+    flush_on_shutdown: bool = False
 
     def __post_init__(self) -> None:
         positive("width_s", self.width_s)

@@ -11,7 +11,6 @@ it cannot fix it).
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from typing import Any
@@ -86,11 +85,11 @@ class Intake:
                     chunk,
                     buffer.message_digest(msg.topic, bytes(msg.payload)),
                 )
-            except sqlite3.Error as exc:
+            except Exception:  # logged and counted; paho's thread must survive any error
                 # Not acknowledged: the broker keeps the message and redelivers it
-                # on the next session resume.
+                # when the session resumes.
                 self.store_errors += 1
-                log.error("intake: could not store %s (not acknowledged): %s", msg.topic, exc)
+                log.exception("intake: could not store %s (not acknowledged)", msg.topic)
                 return
             if res.late:
                 log.warning(

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import sqlite_utils
 
+from shared.errors import StorageError
+
 
 def _v1(db: sqlite_utils.Database) -> None:
     db.table("sensors").create(
@@ -85,27 +87,30 @@ class Store:
 
     def __init__(self, path: str | Path, *, synchronous: str = "full", readonly: bool = False):
         self.path = str(path)
-        if readonly:
-            uri = f"file:{Path(path).resolve()}?mode=ro"
-            self.conn = sqlite3.connect(
-                uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30
-            )
-        else:
-            self.conn = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=30
-            )
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        self.conn.execute("PRAGMA foreign_keys=ON")
-        self.db = sqlite_utils.Database(self.conn)
-        if not readonly:
-            self._migrate()
+        try:
+            if readonly:
+                uri = f"file:{Path(path).resolve()}?mode=ro"
+                self.conn = sqlite3.connect(
+                    uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30
+                )
+            else:
+                self.conn = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False, timeout=30
+                )
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self.db = sqlite_utils.Database(self.conn)
+            if not readonly:
+                self._migrate()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot use the buffer {self.path}: {exc}") from None
 
     def _migrate(self) -> None:
         with self.tx():
             version = self.conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
-                raise RuntimeError(
+                raise StorageError(
                     f"{self.path} has schema version {version}; this agent knows up to "
                     f"{SCHEMA_VERSION}. Refusing to touch a file from a newer agent."
                 )

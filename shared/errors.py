@@ -4,6 +4,7 @@
 
     TelemetryError
     ├── ConfigError            bad config file: names the file and the key; stops start-up
+    ├── StorageError           the edge agent's SQLite file cannot be opened or used
     ├── WireError              a message that cannot be decoded or fails validation
     │                          (permanent: resending the same bytes will fail again);
     │                          carries a short machine-readable ``reason`` for counters
@@ -31,6 +32,10 @@ class ConfigError(TelemetryError):
         self.message = message
         where = f"{path}: {key}: " if key else f"{path}: "
         super().__init__(f"config error in {where}{message}")
+
+
+class StorageError(TelemetryError):
+    """The agent's buffer file cannot be opened, or was written by a newer agent."""
 
 
 class WireError(TelemetryError):

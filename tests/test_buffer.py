@@ -10,7 +10,7 @@ import pytest
 from edge_agent import buffer, outbox, window
 from edge_agent.status import read_status
 from edge_agent.store import SCHEMA_VERSION, Store
-from shared.errors import WireError
+from shared.errors import StorageError, WireError
 from shared.readings import ReadingChunk, decode_chunk, encode_chunk
 from shared.wire import decode_batch
 
@@ -101,7 +101,7 @@ def test_schema_version_recorded_and_newer_file_refused(tmp_path: Path) -> None:
     assert s.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     s.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     s.close()
-    with pytest.raises(RuntimeError, match="newer agent"):
+    with pytest.raises(StorageError, match="newer agent"):
         Store(tmp_path / "a.sqlite")
 
 

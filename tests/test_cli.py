@@ -63,6 +63,14 @@ def test_run_with_bad_config_stops_before_starting(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "window.width_s: must be > 0" in res.output
 
 
+def test_run_with_unusable_buffer_path_fails_in_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[storage]\npath = "{tmp_path / "no" / "such" / "dir.sqlite"}"\n')
+    res = CliRunner().invoke(agent_main, ["run", "-c", str(cfg)])
+    assert res.exit_code == 1
+    assert res.output.startswith("error: cannot use the buffer") and res.output.count("\n") == 1
+
+
 def test_status_without_buffer_fails_cleanly(tmp_path: Path) -> None:
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f'[storage]\npath = "{tmp_path / "none.sqlite"}"\n')

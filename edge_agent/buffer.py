@@ -31,6 +31,7 @@ MAX_TS = "max_ts"  # state key: newest event time stored
 class StoreResult:
     stored: int
     late: int
+    future: int = 0
     duplicate: int = 0
 
 
@@ -69,14 +70,21 @@ def message_digest(topic: str, payload: bytes) -> bytes:
 
 
 def store_chunk(
-    store: Store, registry: SensorRegistry, chunk: ReadingChunk, digest: bytes | None = None
+    store: Store,
+    registry: SensorRegistry,
+    chunk: ReadingChunk,
+    digest: bytes | None = None,
+    *,
+    future_limit_ns: int | None = None,
 ) -> StoreResult:
-    """Store the readings of ``chunk`` that are not late, in one transaction.
+    """Store the readings of ``chunk`` that are neither late nor from the future.
 
-    Returns how many were stored, dropped as late, or ignored as a redelivery of
-    a message already stored (same ``digest``, see :func:`message_digest`). On
-    return the outcome is durable (committed), so the caller may acknowledge the
-    message to the sensor node's broker.
+    Returns how many were stored, dropped as late (their window is closed),
+    dropped as future (timestamp beyond ``future_limit_ns``: a node with a broken
+    clock must not drag the watermark ahead and make everyone else late), or
+    ignored as a redelivery of a message already stored (same ``digest``, see
+    :func:`message_digest`). All in one transaction: on return the outcome is
+    durable, so the caller may acknowledge the message to the node's broker.
     """
     with store.tx():
         if digest is not None:
@@ -90,6 +98,11 @@ def store_chunk(
         closed = store.get_state(CLOSED_UNTIL)
         keep = chunk.ts >= closed
         late = int(len(chunk) - keep.sum())
+        future = 0
+        if future_limit_ns is not None:
+            ahead = chunk.ts > future_limit_ns
+            future = int(ahead.sum())
+            keep &= ~ahead
         ts, vals = chunk.ts[keep], chunk.values[keep]
         if len(ts):
             order = np.argsort(ts, kind="stable")
@@ -112,7 +125,8 @@ def store_chunk(
                 store.set_state(MAX_TS, int(ts[-1]))
         store.add_counter("readings_stored", len(ts))
         store.add_counter("dropped_late", late)
-    return StoreResult(stored=len(ts), late=late)
+        store.add_counter("dropped_future", future)
+    return StoreResult(stored=len(ts), late=late, future=future)
 
 
 def read_range(
@@ -148,11 +162,22 @@ def read_range(
 KEEP_DIGESTS = 10_000
 
 
-def prune(store: Store, older_than_ns: int, *, keep_digests: int = KEEP_DIGESTS) -> int:
+def prune(
+    store: Store,
+    older_than_ns: int,
+    *,
+    keep_digests: int = KEEP_DIGESTS,
+    sent_before_ns: int | None = None,
+) -> int:
     """Delete chunks whose newest reading is older than ``older_than_ns`` *and* lies
-    in closed windows, and all but the newest ``keep_digests`` message digests.
+    in closed windows, all but the newest ``keep_digests`` message digests, and
+    outbox batches the broker acknowledged before ``sent_before_ns``.
     Returns the number of chunks deleted."""
     with store.tx():
+        if sent_before_ns is not None:
+            store.conn.execute(
+                "DELETE FROM outbox WHERE state = 'sent' AND sent_ns < ?", (sent_before_ns,)
+            )
         limit = min(older_than_ns, store.get_state(CLOSED_UNTIL))
         cur = store.conn.execute("DELETE FROM chunks WHERE t_max < ?", (limit,))
         store.conn.execute(

@@ -33,18 +33,22 @@ class StorageConfig:
     path: str = "edge-agent.sqlite"
     synchronous: Literal["full", "normal"] = "full"
     raw_retention_s: float = 24 * 3600.0
+    sent_retention_s: float = 7 * 24 * 3600.0
 
     def __post_init__(self) -> None:
         if not self.path:
             raise Invalid("path", "must not be empty")
         if self.raw_retention_s < 0:
             raise Invalid("raw_retention_s", "must be >= 0")
+        if self.sent_retention_s < 0:
+            raise Invalid("sent_retention_s", "must be >= 0")
 
 
 @dataclass(frozen=True)
 class WindowConfig:
     width_s: float = 10.0
     lateness_s: float = 2.0
+    max_future_s: float = 300.0
     flush_on_shutdown: bool = False
 
     def __post_init__(self) -> None:
@@ -53,10 +57,16 @@ class WindowConfig:
             raise Invalid("width_s", "must be a whole number of nanoseconds")
         if self.lateness_s < 0:
             raise Invalid("lateness_s", "must be >= 0")
+        if self.max_future_s < 0:
+            raise Invalid("max_future_s", "must be >= 0")
 
     @property
     def width_ns(self) -> int:
         return round(self.width_s * 1e9)
+
+    @property
+    def max_future_ns(self) -> int:
+        return round(self.max_future_s * 1e9)
 
     @property
     def lateness_ns(self) -> int:

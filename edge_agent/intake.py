@@ -84,6 +84,7 @@ class Intake:
                     self.registry,
                     chunk,
                     buffer.message_digest(msg.topic, bytes(msg.payload)),
+                    future_limit_ns=time.time_ns() + self.cfg.window.max_future_ns,
                 )
             except Exception:  # logged and counted; paho's thread must survive any error
                 # Not acknowledged: the broker keeps the message and redelivers it
@@ -91,6 +92,14 @@ class Intake:
                 self.store_errors += 1
                 log.exception("intake: could not store %s (not acknowledged)", msg.topic)
                 return
+            if res.future:
+                log.warning(
+                    "intake: dropped %d readings of %s/%s stamped more than %.0f s ahead",
+                    res.future,
+                    chunk.node,
+                    chunk.sensor,
+                    self.cfg.window.max_future_s,
+                )
             if res.late:
                 log.warning(
                     "intake: dropped %d late readings of %s/%s (windows already closed)",

@@ -65,8 +65,7 @@ class Agent:
             self._next_prune = now + PRUNE_EVERY_S
             retention_ns = int(self.cfg.storage.raw_retention_s * 1e9)
             max_ts = self.store.get_state(buffer.MAX_TS)
-            sent_before = time.time_ns() - int(self.cfg.storage.sent_retention_s * 1e9)
-            buffer.prune(self.store, max_ts - retention_ns, sent_before_ns=sent_before)
+            buffer.prune(self.store, max_ts - retention_ns)
         self.forwarder.pump()
 
     def run(self, ready_file: str | None = None) -> int:

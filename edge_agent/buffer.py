@@ -162,22 +162,11 @@ def read_range(
 KEEP_DIGESTS = 10_000
 
 
-def prune(
-    store: Store,
-    older_than_ns: int,
-    *,
-    keep_digests: int = KEEP_DIGESTS,
-    sent_before_ns: int | None = None,
-) -> int:
+def prune(store: Store, older_than_ns: int, *, keep_digests: int = KEEP_DIGESTS) -> int:
     """Delete chunks whose newest reading is older than ``older_than_ns`` *and* lies
-    in closed windows, all but the newest ``keep_digests`` message digests, and
-    outbox batches the broker acknowledged before ``sent_before_ns``.
+    in closed windows, and all but the newest ``keep_digests`` message digests.
     Returns the number of chunks deleted."""
     with store.tx():
-        if sent_before_ns is not None:
-            store.conn.execute(
-                "DELETE FROM outbox WHERE state = 'sent' AND sent_ns < ?", (sent_before_ns,)
-            )
         limit = min(older_than_ns, store.get_state(CLOSED_UNTIL))
         cur = store.conn.execute("DELETE FROM chunks WHERE t_max < ?", (limit,))
         store.conn.execute(

@@ -33,15 +33,12 @@ class StorageConfig:
     path: str = "edge-agent.sqlite"
     synchronous: Literal["full", "normal"] = "full"
     raw_retention_s: float = 24 * 3600.0
-    sent_retention_s: float = 7 * 24 * 3600.0
 
     def __post_init__(self) -> None:
         if not self.path:
             raise Invalid("path", "must not be empty")
         if self.raw_retention_s < 0:
             raise Invalid("raw_retention_s", "must be >= 0")
-        if self.sent_retention_s < 0:
-            raise Invalid("sent_retention_s", "must be >= 0")
 
 
 @dataclass(frozen=True)

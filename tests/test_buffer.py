@@ -176,17 +176,3 @@ def test_readings_from_the_future_are_dropped_and_counted(tmp_path: Path) -> Non
     assert (res.stored, res.future) == (1, 1)
     assert s.get_state(buffer.MAX_TS) == T0  # the watermark did not jump ahead
     assert s.counters()["dropped_future"] == 1
-
-
-def test_sent_batches_are_pruned_after_their_retention(tmp_path: Path) -> None:
-    s = Store(tmp_path / "a.sqlite")
-    reg = buffer.SensorRegistry(s)
-    for k in range(2):
-        buffer.store_chunk(s, reg, chunk("a", [T0 + k * W], [1.0]))
-    close(s, T0 + 2 * W, max_rows=1)
-    outbox.mark_sent(s, [1])
-    buffer.prune(s, 0, sent_before_ns=0)  # retention not yet over
-    assert s.conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == 2
-    buffer.prune(s, 0, sent_before_ns=2**62)
-    assert [o.seq for o in outbox.pending(s, 10)] == [2]  # pending batches are never pruned
-    assert s.conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == 1

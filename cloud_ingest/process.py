@@ -12,17 +12,19 @@ import json
 import logging
 import random
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.lineproto import batch_to_lines
 from cloud_ingest.sinks.archive import batch_key
 from cloud_ingest.sinks.base import ObjectStore, PointSink
+from shared.acks import Ack
 from shared.errors import PermanentSinkError, RetryableSinkError, WireError
 from shared.topics import device_from_batch_topic
-from shared.wire import decode_batch
+from shared.wire import decode_batch, peek_seq
 
 log = logging.getLogger("cloud_ingest.process")
 
@@ -33,6 +35,18 @@ class Stats:
 
     def inc(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
+
+
+#: (device_id, seq) of the batches written most recently, to answer a resend with
+#: an ack at once. The sinks are idempotent anyway; this saves the rewrite.
+RECENT_BATCHES = 100_000
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: Literal["written", "duplicate", "quarantined"]
+    device: str | None
+    ack: Ack | None
 
 
 class ShuttingDown(Exception):
@@ -53,12 +67,18 @@ class Processor:
         self.stop = stop or asyncio.Event()
         self.stats = Stats()
         self._give_up_at: float | None = None
+        self._recent: OrderedDict[tuple[str, int], None] = OrderedDict()
 
-    async def handle(self, topic: str, payload: bytes) -> str:
-        """Process one message; returns ``"written"`` or ``"quarantined:<reason>"``."""
+    async def handle(self, topic: str, payload: bytes) -> Outcome:
+        """Process one message: write it, recognise it as a duplicate, or quarantine it.
+
+        The outcome says which ack (if any) to send to which device: ``stored`` once
+        both sinks hold the batch, ``rejected`` when it is quarantined and its seq can
+        be read, nothing when not even that is possible.
+        """
         self.stats.inc("received")
+        device = device_from_batch_topic(topic, self.cfg.mqtt.topic_prefix)
         try:
-            device = device_from_batch_topic(topic, self.cfg.mqtt.topic_prefix)
             if device is None:
                 raise WireError("bad-topic", f"{topic!r} is not <prefix>/<device_id>/batch")
             batch = decode_batch(
@@ -73,13 +93,19 @@ class Processor:
                 )
         except WireError as exc:
             await self.quarantine(topic, payload, exc.reason, str(exc))
-            return f"quarantined:{exc.reason}"
+            seq = peek_seq(payload, max_body_bytes=self.cfg.limits.max_body_bytes)
+            ack = None if device is None or seq is None else Ack(seq, "rejected", exc.reason)
+            return Outcome("quarantined", device, ack)
+        key = (batch.device_id, batch.seq)
+        if key in self._recent:
+            self._recent.move_to_end(key)
+            self.stats.inc("duplicates")
+            return Outcome("duplicate", device, Ack(batch.seq, "stored"))
         lines = batch_to_lines(batch, self.cfg.influx.measurement)
-        key = batch_key(batch.device_id, batch.seq)
         # Both sinks run to their end (success or final failure) before we decide.
         outcomes = await asyncio.gather(
             self._with_retry("influx", lambda: self.points.write(lines)),
-            self._with_retry("archive", lambda: self.archive.put(key, payload)),
+            self._with_retry("archive", lambda: self.archive.put(batch_key(*key), payload)),
             return_exceptions=True,
         )
         for outcome in outcomes:
@@ -88,14 +114,17 @@ class Processor:
         for outcome in outcomes:
             if isinstance(outcome, PermanentSinkError):
                 await self.quarantine(topic, payload, "sink-rejected", str(outcome))
-                return "quarantined:sink-rejected"
+                return Outcome("quarantined", device, Ack(batch.seq, "rejected", "sink-rejected"))
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+        self._recent[key] = None
+        if len(self._recent) > RECENT_BATCHES:
+            self._recent.popitem(last=False)
         self.stats.inc("batches_written")
         self.stats.inc("points_written", len(lines))
         log.debug("wrote %s seq %d: %d points", batch.device_id, batch.seq, len(lines))
-        return "written"
+        return Outcome("written", device, Ack(batch.seq, "stored"))
 
     async def quarantine(self, topic: str, payload: bytes, reason: str, message: str) -> None:
         self.stats.inc(f"quarantined_{reason}")

@@ -1,7 +1,9 @@
-"""The ingest service: an aiomqtt subscriber feeding :class:`Processor`.
+"""The ingest service: an aiomqtt subscriber feeding :class:`Processor`, then acking.
 
 It subscribes with a persistent MQTT v5 session (clean_start=False) so that
-batches published while it is down wait in the broker. Messages are handled
+batches published while it is down wait in the broker. After a batch is written
+to both sinks (or quarantined) it publishes the verdict on the device's ack
+topic; the device keeps and resends every batch until then. Messages are handled
 one at a time in arrival order; a sink outage blocks the loop in its retry,
 which is the backpressure (the broker holds what has not been read).
 
@@ -22,9 +24,10 @@ from cloud_ingest.config import IngestConfig
 from cloud_ingest.process import Processor, ShuttingDown
 from cloud_ingest.sinks.archive import open_archive
 from cloud_ingest.sinks.influx import make_point_sink
+from shared.acks import CONTENT_TYPE as ACK_CONTENT_TYPE
 from shared.cli import write_ready_file
-from shared.mqttprops import connect_properties
-from shared.topics import batch_filter
+from shared.mqttprops import connect_properties, publish_properties
+from shared.topics import ack_topic, batch_filter
 
 log = logging.getLogger("cloud_ingest.service")
 
@@ -85,11 +88,21 @@ async def _consume(client: aiomqtt.Client, proc: Processor, stop: asyncio.Event)
             msg = nxt.result()
             payload = msg.payload if isinstance(msg.payload, bytes | bytearray) else b""
             try:
-                await proc.handle(str(msg.topic), bytes(payload))
+                outcome = await proc.handle(str(msg.topic), bytes(payload))
             except ShuttingDown as exc:
                 proc.stats.inc("abandoned_at_shutdown")
-                log.error("%s (batch on %s not written)", exc, msg.topic)
+                log.error("%s (batch on %s not written; the device will resend it)", exc, msg.topic)
                 return
+            if outcome.ack is not None and outcome.device is not None:
+                # After the sinks: an ingestor that dies before this line leaves the
+                # batch unacked, and the device sends it again.
+                await client.publish(
+                    ack_topic(outcome.device, proc.cfg.mqtt.topic_prefix),
+                    outcome.ack.encode(),
+                    qos=1,
+                    properties=publish_properties(ACK_CONTENT_TYPE, []),
+                )
+                proc.stats.inc(f"acks_{outcome.ack.status}")
             if stop.is_set():
                 return
     finally:

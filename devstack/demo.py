@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"demo: produced={produced} stored={c.get('readings_stored', 0)} "
             f"windows={c.get('windows_closed', 0)} batches={c.get('batches_created', 0)} "
-            f"delivered={c.get('batches_sent', 0)} influx_points={len(windows)} "
+            f"delivered={c.get('batches_acked', 0)} influx_points={len(windows)} "
             f"archived={archived} lost={lost}"
         )
         print(f"""

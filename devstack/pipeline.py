@@ -70,6 +70,8 @@ class PipelineSpec:
     seed: int = 42
     width_s: float = 10.0
     start_ns: int = 0
+    drain_timeout_s: float = 30.0
+    ack_timeout_s: float = 5.0
 
 
 @dataclass
@@ -135,7 +137,12 @@ class Pipeline:
                 "flush_on_shutdown": flush_on_shutdown,
             },
             "intake": {"broker": {"port": s.local_port}},
-            "forward": {"broker": {"port": s.cloud_port}, "drain_timeout_s": 30.0},
+            "forward": {
+                "broker": {"port": s.cloud_port},
+                "drain_timeout_s": s.drain_timeout_s,
+                "ack_timeout_s": s.ack_timeout_s,
+                "max_backoff_s": max(s.ack_timeout_s, 30.0),
+            },
         }
         path = self.dir / "edge-agent.toml"
         path.write_text(toml_dumps(cfg))

@@ -16,7 +16,7 @@ import threading
 import time
 from types import FrameType
 
-from edge_agent import buffer, window
+from edge_agent import buffer, outbox, window
 from edge_agent.config import AgentConfig
 from edge_agent.forward import Forwarder
 from edge_agent.intake import Intake
@@ -92,13 +92,13 @@ class Agent:
             self.close_ready_windows(flush=True)
         drained = self.forwarder.drain(self.cfg.forward.drain_timeout_s)
         self.forwarder.stop()
-        left = self.store.conn.execute(
-            "SELECT count(*) FROM outbox WHERE state = 'pending'"
-        ).fetchone()[0]
         if drained:
             log.info("agent: stopped; outbox drained")
         else:
-            log.warning("agent: stopped with %d batches still pending (kept for next start)", left)
+            log.warning(
+                "agent: stopped with %d batches not yet acknowledged (kept for the next start)",
+                outbox.count_unacked(self.store),
+            )
         self.store.close()
         return 0
 

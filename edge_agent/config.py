@@ -84,6 +84,9 @@ class ForwardConfig:
     max_windows_per_batch: int = 5000
     message_expiry_s: int = 0
     drain_timeout_s: float = 10.0
+    end_to_end_ack: bool = True
+    ack_timeout_s: float = 30.0
+    max_backoff_s: float = 600.0
 
     def __post_init__(self) -> None:
         positive("max_in_flight", self.max_in_flight)
@@ -94,6 +97,9 @@ class ForwardConfig:
             raise Invalid("message_expiry_s", "must be >= 0 (0 = never expires)")
         if self.drain_timeout_s < 0:
             raise Invalid("drain_timeout_s", "must be >= 0")
+        positive("ack_timeout_s", self.ack_timeout_s)
+        if self.max_backoff_s < self.ack_timeout_s:
+            raise Invalid("max_backoff_s", "must be >= ack_timeout_s")
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""Forwarder: outbox batches to the cloud broker over MQTT v5, QoS 1.
+"""Forwarder: outbox batches to the cloud broker over MQTT v5, QoS 1, until the cloud acks.
 
-At most ``max_in_flight`` batches await a PUBACK at once; the oldest pending
-seq goes first. A PUBACK moves the batch to ``sent``. After a reconnect, every
-batch still unacknowledged is published again (a duplicate is harmless: the
-cloud's sinks are idempotent on (device_id, seq)).
+At most ``max_in_flight`` batches await a PUBACK at once; the oldest due seq
+goes first (see :mod:`edge_agent.outbox` for the states and the resend
+backoff). The same connection subscribes to ``<prefix>/<device_id>/ack``, where
+cloud ingest says that a batch is stored (InfluxDB and the archive) or rejected.
+After a reconnect, every batch still in flight is published again; duplicates
+are harmless because the cloud is idempotent on (device_id, seq).
 
 Each message carries MQTT v5 properties instead of envelope fields: content
 type, payload format indicator 0 (binary), an optional message expiry, and the
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from typing import Any
@@ -24,8 +27,10 @@ from edge_agent import outbox
 from edge_agent.config import AgentConfig
 from edge_agent.mqtt import connect_async, make_client
 from edge_agent.store import Store
+from shared.acks import decode_ack
+from shared.errors import WireError
 from shared.mqttprops import publish_properties
-from shared.topics import batch_topic
+from shared.topics import ack_topic, batch_topic
 from shared.wire import CONTENT_TYPE, FORMAT_VERSION
 
 log = logging.getLogger("edge_agent.forward")
@@ -40,6 +45,8 @@ class Forwarder:
         # paho's network thread only puts events here; all bookkeeping happens in
         # pump() on the agent's thread, so no lock is shared with paho's callbacks.
         self._events: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
+        self._rng = random.Random()
+        self.ack_topic = ack_topic(cfg.device_id, cfg.forward.topic_prefix)
         self._in_flight: dict[int, int] = {}  # mid -> seq
         client_id = cfg.forward.broker.client_id or f"edge-agent-{cfg.device_id}-forward"
         self.client = make_client(cfg.forward.broker, client_id)
@@ -47,6 +54,7 @@ class Forwarder:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_message
 
     def start(self) -> None:
         connect_async(self.client, self.cfg.forward.broker)
@@ -59,6 +67,7 @@ class Forwarder:
         if rc.is_failure:
             log.warning("forward: connect refused: %s", rc)
             return
+        self.client.subscribe(self.ack_topic, qos=1)
         self._events.put(("connected", 0))  # pump() republishes what is still pending
         self.connected.set()
         log.info(
@@ -78,28 +87,62 @@ class Forwarder:
             return
         self._events.put(("puback", mid))
 
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            ack = decode_ack(bytes(msg.payload))
+        except WireError as exc:
+            log.warning("forward: ignoring a bad ack on %s: %s", msg.topic, exc)
+            self._events.put(("bad-ack", 0))
+            return
+        if ack.status == "rejected":
+            log.error("forward: the cloud rejected batch %d: %s", ack.seq, ack.reason)
+        self._events.put(("stored" if ack.status == "stored" else "rejected", ack.seq))
+
     def pump(self) -> int:
-        """Record PUBACKs and publish more pending batches; returns batches newly sent."""
-        acked: list[int] = []
+        """Apply PUBACKs and acks, then publish due batches; returns batches newly acked."""
+        f = self.cfg.forward
+        broker_acked: list[int] = []
+        verdicts: list[tuple[int, bool]] = []
+        bad_acks = 0
         while True:
             try:
-                kind, mid = self._events.get_nowait()
+                kind, num = self._events.get_nowait()
             except queue.Empty:
                 break
             if kind == "connected":
                 self._in_flight.clear()
-                continue
-            seq = self._in_flight.pop(mid, None)
-            if seq is not None and kind == "puback":
-                acked.append(seq)
-        sent = outbox.mark_sent(self.store, acked) if acked else 0
-        if not self.connected.is_set():
-            return sent
+            elif kind in ("puback", "refused"):
+                seq = self._in_flight.pop(num, None)
+                if seq is not None and kind == "puback":
+                    broker_acked.append(seq)
+            elif kind in ("stored", "rejected"):
+                verdicts.append((num, kind == "stored"))
+            else:
+                bad_acks += 1
+        if f.end_to_end_ack:
+            outbox.mark_sent(
+                self.store,
+                broker_acked,
+                timeout_s=f.ack_timeout_s,
+                max_backoff_s=f.max_backoff_s,
+                rng=self._rng,
+            )
+        else:
+            verdicts += [(seq, True) for seq in broker_acked]
+        done = sum(outbox.acknowledge(self.store, seq, stored=ok) for seq, ok in verdicts)
+        if bad_acks:
+            with self.store.tx():
+                self.store.add_counter("acks_invalid", bad_acks)
+        if self.connected.is_set():
+            self._publish_due()
+        return done
+
+    def _publish_due(self) -> None:
         room = self.cfg.forward.max_in_flight - len(self._in_flight)
         if room <= 0:
-            return sent
+            return
         busy = set(self._in_flight.values())
-        for item in outbox.pending(self.store, room, exclude=busy):
+        for item in outbox.due(self.store, room, exclude=busy):
             info = self.client.publish(
                 self.topic,
                 item.payload,
@@ -114,15 +157,17 @@ class Forwarder:
                 log.warning(
                     "forward: publish of seq %d failed: %s", item.seq, mqtt.error_string(info.rc)
                 )
-                break
+                return
             self._in_flight[info.mid] = item.seq
-        return sent
 
     def idle(self) -> bool:
-        """True when nothing is in flight and nothing is pending."""
-        return (
-            not self._in_flight and self._events.empty() and outbox.count_pending(self.store) == 0
-        )
+        """True when nothing is in flight and nothing waits for the broker (or, with
+        end-to-end acks, for the cloud)."""
+        if self._in_flight or not self._events.empty():
+            return False
+        if self.cfg.forward.end_to_end_ack:
+            return outbox.count_unacked(self.store) == 0
+        return outbox.count_pending(self.store) == 0
 
     def drain(self, timeout_s: float) -> bool:
         """Publish until the outbox has nothing pending, or ``timeout_s`` passes."""

@@ -2,16 +2,24 @@
 
 ``seq`` comes from the ``next_seq`` state value, incremented in the same
 transaction that inserts the batch, so it is per-device, strictly increasing and
-never reused, even across restarts and pruning.
+never reused, even across restarts.
 
-Row states: ``pending`` (not yet accepted by the broker) → ``sent`` (the broker
-sent PUBACK). End-to-end acknowledgements from the cloud (a later state,
-``acked``) and the deletion that follows them come with the delivery work; see
-``docs/architecture.md``.
+A batch's life::
+
+    pending ──publish──▶ (in flight) ──PUBACK──▶ sent ──cloud ack "stored"───▶ deleted
+       ▲                                          │   └─cloud ack "rejected"─▶ deleted, counted
+       └────────── next_try_ns passes, no ack ────┘
+
+``sent`` only means the broker has the batch; the row stays until the cloud
+ingestor says InfluxDB and the archive hold it (``forward.end_to_end_ack``). A
+sent batch without an ack is due again after ``ack_timeout_s`` × 2^(attempts−1),
+capped at ``max_backoff_s``, with ±20 % jitter so a fleet coming back online
+does not resend in lockstep.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,12 +28,14 @@ from edge_agent.store import Store
 from shared.wire import Batch, encode_batch
 
 NEXT_SEQ = "next_seq"
+LAST_ACK = "last_ack_ns"
 
 
 @dataclass(frozen=True)
 class Outgoing:
     seq: int
     payload: bytes
+    attempts: int
 
 
 def next_seq(store: Store) -> int:
@@ -46,35 +56,85 @@ def add(store: Store, batch: Batch) -> None:
     store.add_counter("windows_closed", batch.rows)
 
 
-def pending(store: Store, limit: int, exclude: Iterable[int] = ()) -> list[Outgoing]:
-    """Oldest pending batches first, skipping the seqs in ``exclude``."""
+def due(
+    store: Store, limit: int, exclude: Iterable[int] = (), now_ns: int | None = None
+) -> list[Outgoing]:
+    """Batches to publish now, oldest first: pending ones, and sent ones whose ack is overdue."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
     skip = set(exclude)
     out: list[Outgoing] = []
     rows = store.conn.execute(
-        "SELECT seq, payload FROM outbox WHERE state = 'pending' ORDER BY seq LIMIT ?",
-        (limit + len(skip),),
+        "SELECT seq, payload, attempts FROM outbox "
+        "WHERE state = 'pending' OR (state = 'sent' AND next_try_ns <= ?) ORDER BY seq LIMIT ?",
+        (now_ns, limit + len(skip)),
     )
-    for seq, payload in rows:
+    for seq, payload, attempts in rows:
         if seq not in skip:
-            out.append(Outgoing(int(seq), bytes(payload)))
+            out.append(Outgoing(int(seq), bytes(payload), int(attempts)))
         if len(out) >= limit:
             break
     return out
 
 
-def mark_sent(store: Store, seqs: Iterable[int]) -> int:
-    """Record PUBACKs; returns how many rows changed state."""
-    now = time.time_ns()
+def backoff_ns(attempts: int, timeout_s: float, max_s: float, rng: random.Random) -> int:
+    """Delay before a sent batch without an ack is due again."""
+    base = min(timeout_s * 2 ** max(0, attempts - 1), max_s)
+    return int(base * rng.uniform(0.8, 1.2) * 1e9)
+
+
+def mark_sent(
+    store: Store,
+    seqs: Iterable[int],
+    *,
+    timeout_s: float,
+    max_backoff_s: float,
+    rng: random.Random | None = None,
+    now_ns: int | None = None,
+) -> int:
+    """Record PUBACKs and schedule the resend in case no ack follows; returns rows changed."""
+    rng = rng or random.Random()
+    now_ns = time.time_ns() if now_ns is None else now_ns
     changed = 0
     with store.tx():
         for seq in seqs:
-            cur = store.conn.execute(
-                "UPDATE outbox SET state = 'sent', sent_ns = ? WHERE seq = ? AND state = 'pending'",
-                (now, seq),
+            row = store.conn.execute(
+                "SELECT attempts, state FROM outbox WHERE seq = ?", (seq,)
+            ).fetchone()
+            if row is None:
+                continue  # acked (and deleted) before its PUBACK was processed
+            attempts = int(row[0]) + 1
+            store.conn.execute(
+                "UPDATE outbox SET state = 'sent', sent_ns = ?, attempts = ?, next_try_ns = ? "
+                "WHERE seq = ?",
+                (
+                    now_ns,
+                    attempts,
+                    now_ns + backoff_ns(attempts, timeout_s, max_backoff_s, rng),
+                    seq,
+                ),
             )
-            changed += cur.rowcount
-        store.add_counter("batches_sent", changed)
+            changed += 1
+            store.add_counter("batches_sent", 1)
+            if attempts > 1:
+                store.add_counter("batches_resent", 1)
     return changed
+
+
+def acknowledge(store: Store, seq: int, *, stored: bool, now_ns: int | None = None) -> bool:
+    """The cloud's verdict on a batch: delete it; returns False if it was already gone."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    with store.tx():
+        cur = store.conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+        store.set_state(LAST_ACK, now_ns)
+        if cur.rowcount:
+            store.add_counter("batches_acked" if stored else "batches_rejected", 1)
+        else:
+            store.add_counter("acks_duplicate", 1)
+    return bool(cur.rowcount)
+
+
+def count_unacked(store: Store) -> int:
+    return int(store.conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
 
 def count_pending(store: Store) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edge_agent import buffer
+from edge_agent import buffer, outbox
 from edge_agent.store import Store
 
 
@@ -19,7 +19,7 @@ def read_status(path: str | Path) -> dict[str, Any]:
     store = Store(path, readonly=True)
     try:
         c = store.conn
-        outbox = {
+        states = {
             str(s): int(n)
             for s, n in c.execute("SELECT state, count(*) FROM outbox GROUP BY state")
         }
@@ -27,10 +27,11 @@ def read_status(path: str | Path) -> dict[str, Any]:
             "buffer": str(path),
             "counters": store.counters(),
             "closed_until_ns": store.get_state(buffer.CLOSED_UNTIL),
+            "last_ack_ns": store.get_state(outbox.LAST_ACK),
             "max_event_ns": store.get_state(buffer.MAX_TS),
             "sensors": int(c.execute("SELECT count(*) FROM sensors").fetchone()[0]),
             "raw_chunks": int(c.execute("SELECT count(*) FROM chunks").fetchone()[0]),
-            "outbox": outbox,
+            "outbox": states,
             "quarantined": int(c.execute("SELECT count(*) FROM quarantine").fetchone()[0]),
         }
     finally:

@@ -77,8 +77,15 @@ def _v1(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v2(db: sqlite_utils.Database) -> None:
+    """End-to-end acks: a sent batch is resent when ``next_try_ns`` passes without an ack."""
+    outbox = db.table("outbox")
+    outbox.add_column("attempts", int, not_null_default=0)
+    outbox.add_column("next_try_ns", int, not_null_default=0)
+
+
 #: MIGRATIONS[i] upgrades schema version i to i + 1.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

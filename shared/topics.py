@@ -3,6 +3,7 @@
 Cloud link (device → broker → cloud ingest)::
 
     telemetry/v1/<device_id>/batch     one wire-format batch per message (QoS 1)
+    telemetry/v1/<device_id>/ack       cloud → device: a batch is stored, or rejected (QoS 1)
 
 Device-local broker (sensor nodes → edge agent)::
 
@@ -28,6 +29,10 @@ def is_valid_id(value: str) -> bool:
 
 def batch_topic(device_id: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str:
     return f"{prefix}/{device_id}/batch"
+
+
+def ack_topic(device_id: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str:
+    return f"{prefix}/{device_id}/ack"
 
 
 def batch_filter(prefix: str = DEFAULT_BATCH_PREFIX) -> str:

@@ -243,6 +243,22 @@ def _inflate(raw: bytes, body_len: int) -> bytes:
     return bytes(out)
 
 
+def peek_seq(payload: bytes, *, max_body_bytes: int = MAX_BODY_BYTES) -> int | None:
+    """Best effort: the ``seq`` in the header of a payload that failed to decode,
+    so that the sender can be told it was rejected. None if it cannot be read."""
+    try:
+        magic, version, codec, body_len = _PREAMBLE.unpack_from(payload)
+        if magic != MAGIC or version != FORMAT_VERSION or body_len > max_body_bytes:
+            return None
+        raw = payload[_PREAMBLE.size :]
+        body = _inflate(raw, body_len) if codec == CODEC_ZSTD else raw
+        (hlen,) = _U32.unpack_from(body)
+        seq = json.loads(body[_U32.size : _U32.size + hlen]).get("seq")
+    except (struct.error, WireError, ValueError, AttributeError):
+        return None
+    return seq if type(seq) is int and seq >= 0 else None
+
+
 def _decode_body(body: bytes) -> Batch:
     if len(body) < _U32.size:
         raise WireError("truncated", "body shorter than its header length field")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -72,18 +73,39 @@ def test_batches_split_at_max_rows(tmp_path: Path) -> None:
     assert sizes == [2, 2, 1]
 
 
-def test_outbox_pending_and_sent(tmp_path: Path) -> None:
+def test_outbox_lifecycle_resend_and_ack(tmp_path: Path) -> None:
     s = Store(tmp_path / "a.sqlite")
     reg = buffer.SensorRegistry(s)
     for k in range(3):
         buffer.store_chunk(s, reg, chunk("a", [T0 + k * W], [1.0]))
     close(s, T0 + 3 * W, max_rows=1)
-    assert [o.seq for o in outbox.pending(s, 10)] == [1, 2, 3]
-    assert [o.seq for o in outbox.pending(s, 10, exclude=[1])] == [2, 3]
-    assert outbox.mark_sent(s, [2]) == 1 and outbox.mark_sent(s, [2]) == 0
-    assert [o.seq for o in outbox.pending(s, 10)] == [1, 3]
-    st = read_status(s.path)
-    assert st["outbox"] == {"pending": 2, "sent": 1}
+    now = 10**18
+    assert [o.seq for o in outbox.due(s, 10, now_ns=now)] == [1, 2, 3]
+    assert [o.seq for o in outbox.due(s, 10, exclude=[1], now_ns=now)] == [2, 3]
+    rng = random.Random(0)
+    kw = {"timeout_s": 10.0, "max_backoff_s": 25.0, "rng": rng}
+    assert outbox.mark_sent(s, [2], now_ns=now, **kw) == 1  # PUBACK: now awaits the cloud
+    assert [o.seq for o in outbox.due(s, 10, now_ns=now)] == [1, 3]
+    assert read_status(s.path)["outbox"] == {"pending": 2, "sent": 1}
+    # no ack within the timeout (10 s +-20 %): due again, and the next wait doubles
+    assert [o.seq for o in outbox.due(s, 10, now_ns=now + 12 * 10**9)] == [1, 2, 3]
+    outbox.mark_sent(s, [2], now_ns=now + 12 * 10**9, **kw)
+    nxt = s.conn.execute("SELECT next_try_ns FROM outbox WHERE seq = 2").fetchone()[0]
+    assert 16 * 10**9 <= nxt - (now + 12 * 10**9) <= 24 * 10**9
+    assert outbox.acknowledge(s, 2, stored=True) is True
+    assert outbox.acknowledge(s, 2, stored=True) is False  # a duplicate ack
+    assert outbox.acknowledge(s, 3, stored=False) is True  # rejected by the cloud
+    c = s.counters()
+    assert (c["batches_acked"], c["batches_rejected"], c["acks_duplicate"]) == (1, 1, 1)
+    assert c["batches_resent"] == 1 and outbox.count_unacked(s) == 1
+
+
+def test_backoff_is_capped_and_jittered() -> None:
+    rng = random.Random(1)
+    waits = [outbox.backoff_ns(a, 30.0, 600.0, rng) / 1e9 for a in range(1, 12)]
+    assert 24 <= waits[0] <= 36 and 48 <= waits[1] <= 72
+    assert all(480 <= w <= 720 for w in waits[6:])  # capped at 600 s +-20 %
+    assert len(set(waits)) == len(waits)
 
 
 def test_prune_keeps_open_windows(tmp_path: Path) -> None:

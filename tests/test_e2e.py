@@ -18,7 +18,7 @@ import pytest
 
 from devstack import influxq
 from devstack.pipeline import IngestTarget, Pipeline, PipelineSpec
-from devstack.services import S3_ENV, Service
+from devstack.services import S3_ENV, Service, wait_until
 from firmware_sim.truth import truth_by_sensor
 
 pytestmark = pytest.mark.integration
@@ -146,7 +146,9 @@ def test_end_to_end_exact_accounting(
     c = res.counters
     assert res.produced == 60 + 60 + 60 * 200
     assert c["readings_stored"] == res.produced and c.get("dropped_late", 0) == 0
-    assert c["batches_sent"] == c["batches_created"] >= 1
+    # ... and the cloud acknowledged every batch: the outbox is empty
+    assert c["batches_acked"] == c["batches_created"] >= 1
+    assert pipe.agent_status()["outbox"] == {}
 
     exp = expected_windows(pipe.truth)
     assert sum(e["count"] for e in exp.values()) == res.produced
@@ -161,3 +163,74 @@ def test_end_to_end_exact_accounting(
     ]
     assert s3_keys() == [f"lake/{k}" for k in want]
     assert local_keys() == [k.rsplit("/", 1)[1] for k in want]
+
+
+def test_ingestor_killed_mid_batch_loses_nothing(
+    fresh: Callable[[str], Service], tmp_path: Path, unique: str
+) -> None:
+    """The ingestor takes a batch from the broker, cannot write it (InfluxDB is down) and
+    is SIGKILLed holding it: the broker has forgotten that batch, so only the agent's
+    resend after the missing ack can bring it back. Twice. InfluxDB ends with every
+    reading exactly once, the archive with every batch once."""
+    broker = fresh("mosquitto")
+    influx = fresh("influxdb")
+    influxq.create_database(influx.url, "t")
+    archive = tmp_path / "archive"
+    device = f"dev-{unique}"
+    spec = PipelineSpec(
+        workdir=tmp_path / "run",
+        local_port=broker.port,
+        cloud_port=broker.port,
+        device_id=device,
+        duration_s=120.0,
+        speed=8.0,
+        seed=11,
+        width_s=WIDTH_S,
+        start_ns=(time.time_ns() // WIDTH - 14) * WIDTH + 1_000_000,
+        ack_timeout_s=1.0,
+        targets=[
+            IngestTarget(
+                "v1",
+                {"api": "v1", "url": influx.url, "database": "t", "timeout_s": 1.0},
+                {"url": f"file://{archive}"},
+            )
+        ],
+    )
+    pipe = Pipeline(spec)
+
+    def counter(name: str) -> int:
+        return int(pipe.agent_status()["counters"].get(name, 0))
+
+    def archived() -> int:
+        base = archive / "batches"
+        return len(list(base.rglob("*.tlmb"))) if base.exists() else 0
+
+    try:
+        ingestors = pipe.start_ingestors()
+        agent = pipe.start_agent()
+        sim = pipe.start_sim()
+        for target in (2, 6):
+            wait_until(lambda t=target: counter("batches_acked") >= t, 60, f"{target} acks")
+            influx.stop()
+            # the archive write succeeds, the InfluxDB write retries: a batch in hand
+            wait_until(lambda: archived() > counter("batches_acked"), 60, "a batch in hand")
+            ingestors[0].popen.kill()
+            ingestors[0].popen.wait()
+            influx.start()
+            ingestors = pipe.start_ingestors()
+        produced = int(pipe.finish_sim(sim, timeout_s=120)["produced"])
+        pipe.wait_agent_has(produced, timeout_s=60)
+        assert agent.terminate(timeout_s=90) == 0  # drains until every batch is acked
+        c = pipe.agent_status()["counters"]
+        assert c["batches_acked"] == c["batches_created"] and pipe.agent_status()["outbox"] == {}
+        assert c["batches_resent"] >= 2  # the two batches lost in the cloud came back
+        windows = influxq.v1_windows(influx.url, "t")
+        assert influxq.total_count(windows) == produced
+        exp = expected_windows(pipe.truth)
+        assert {k: int(v["count"]) for k, v in windows.items()} == {
+            (device, *k): v["count"] for k, v in exp.items()
+        }
+        keys = sorted(p.name for p in (archive / "batches").rglob("*.tlmb"))
+        assert keys == [f"seq={s:020d}.tlmb" for s in range(1, c["batches_created"] + 1)]
+    finally:
+        pipe.stop_all()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from cloud_ingest.process import Processor
 from cloud_ingest.service import serve
 from devstack import influxq
 from devstack.services import Service, wait_until
+from shared.acks import Ack, decode_ack
 from shared.config import from_dict
 from shared.wire import STAT_FIELDS, SensorRef, WindowSpec, encode_batch, make_batch
 
@@ -76,6 +78,25 @@ class Running:
         return self.result
 
 
+class AckCollector:
+    """Subscribes to ack topics and keeps what arrives, as (topic, Ack)."""
+
+    def __init__(self, port: int, topic_filter: str) -> None:
+        self.got: list[tuple[str, Ack]] = []
+        self.client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5
+        )
+        self.client.on_message = lambda _c, _u, m: self.got.append((m.topic, decode_ack(m.payload)))
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(topic_filter, qos=1)
+        self.client.loop_start()
+        wait_until(self.client.is_connected, 10, "the ack collector to connect")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
 def publish_all(port: int, messages: list[tuple[str, bytes]]) -> None:
     """Publish at QoS 1 and wait for every PUBACK."""
     c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
@@ -111,6 +132,7 @@ def test_valid_once_bad_quarantined(
         archive,
         limits={"max_payload_bytes": 2048},
     )
+    acks = AckCollector(mosquitto.port, f"{prefix}/+/ack")
     svc = Running(cfg, tmp_path / "ready")
     sends = [
         (f"{prefix}/dev-1/batch", batch_bytes("dev-1", 1)),
@@ -134,11 +156,28 @@ def test_valid_once_bad_quarantined(
         "reason=bad-topic",
     }
     wait_until(
-        lambda: quarantined() == expected and len(influxq.v1_windows(influxdb.url, influx_db)) == 6,
+        lambda: (
+            quarantined() == expected
+            and len(influxq.v1_windows(influxdb.url, influx_db)) == 6
+            and len(acks.got) == 5
+        ),
         30,
         "all messages handled",
     )
     proc = svc.shutdown()
+    acks.close()
+    # stored for seq 1 (twice: the resend is answered at once) and 2; rejected where the
+    # seq could be read; no ack where not even the topic's device is valid or the bytes
+    # are not a batch
+    assert Counter(acks.got) == Counter(
+        [
+            (f"{prefix}/dev-1/ack", Ack(1, "stored")),
+            (f"{prefix}/dev-1/ack", Ack(1, "stored")),
+            (f"{prefix}/dev-1/ack", Ack(2, "stored")),
+            (f"{prefix}/dev-1/ack", Ack(3, "rejected", "too-large")),
+            (f"{prefix}/dev-2/ack", Ack(2, "rejected", "device-mismatch")),
+        ]
+    )
     windows = influxq.v1_windows(influxdb.url, influx_db)
     assert len(windows) == 6 and influxq.total_count(windows) == 60
     # the resend of seq 1 overwrote its points with identical values
@@ -154,7 +193,8 @@ def test_valid_once_bad_quarantined(
     assert {m["reason"] for m in meta} == {r.split("=")[1] for r in expected}
     assert all(m["topic"] and m["message"] for m in meta)
     counters = proc.stats.counters
-    assert counters["received"] == 7 and counters["batches_written"] == 3
+    assert counters["received"] == 7 and counters["batches_written"] == 2
+    assert counters["duplicates"] == 1
     assert sum(v for k, v in counters.items() if k.startswith("quarantined_")) == 4
 
 

@@ -16,7 +16,7 @@ import threading
 import time
 from types import FrameType
 
-from edge_agent import buffer, outbox, window
+from edge_agent import budget, buffer, outbox, window
 from edge_agent.config import AgentConfig
 from edge_agent.forward import Forwarder
 from edge_agent.intake import Intake
@@ -60,6 +60,7 @@ class Agent:
 
     def tick(self) -> None:
         self.close_ready_windows()
+        budget.enforce(self.store, self.cfg.storage.max_bytes)
         now = time.monotonic()
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_EVERY_S

@@ -64,6 +64,7 @@ def status(config_path: str | None, as_json: bool) -> None:
     except (FileNotFoundError, StorageError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_FAILURE)
+    st["max_bytes"] = cfg.storage.max_bytes
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return
@@ -74,6 +75,8 @@ def status(config_path: str | None, as_json: bool) -> None:
         "outbox      " + (", ".join(f"{k}={v}" for k, v in sorted(st["outbox"].items())) or "empty")
     )
     click.echo(f"quarantined {st['quarantined']}")
+    budget = f" of {cfg.storage.max_bytes:,} budget" if cfg.storage.max_bytes else ", no budget"
+    click.echo(f"disk        {st['used_bytes']:,} bytes in use{budget}")
     for name, value in sorted(st["counters"].items()):
         click.echo(f"  {name:<24} {value}")
 

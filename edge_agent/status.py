@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edge_agent import buffer, outbox
+from edge_agent import budget, buffer, outbox
 from edge_agent.store import Store
 
 
@@ -33,6 +33,10 @@ def read_status(path: str | Path) -> dict[str, Any]:
             "raw_chunks": int(c.execute("SELECT count(*) FROM chunks").fetchone()[0]),
             "outbox": states,
             "quarantined": int(c.execute("SELECT count(*) FROM quarantine").fetchone()[0]),
+            "used_bytes": budget.used_bytes(store),
+            "file_bytes": sum(
+                p.stat().st_size for p in (Path(path), Path(f"{path}-wal")) if p.exists()
+            ),
         }
     finally:
         store.close()

@@ -16,7 +16,7 @@ import threading
 import time
 from types import FrameType
 
-from edge_agent import budget, buffer, outbox, window
+from edge_agent import budget, buffer, control, outbox, window
 from edge_agent.config import AgentConfig
 from edge_agent.forward import Forwarder
 from edge_agent.intake import Intake
@@ -36,6 +36,7 @@ class Agent:
         self.forwarder = Forwarder(cfg, self.store)
         self.stopping = threading.Event()
         self._next_prune = 0.0
+        self._next_beat = 0.0
 
     def close_ready_windows(self, *, flush: bool = False) -> list[int]:
         max_ts = self.store.get_state(buffer.MAX_TS)
@@ -59,9 +60,20 @@ class Agent:
         return seqs
 
     def tick(self) -> None:
-        self.close_ready_windows()
+        req = control.pending_flush(self.store)
+        self.close_ready_windows(flush=req is not None)
+        if req is not None:
+            log.info("agent: flush requested: closed every open window")
+            control.flush_done(self.store, req)
         budget.enforce(self.store, self.cfg.storage.max_bytes)
         now = time.monotonic()
+        if now >= self._next_beat:
+            self._next_beat = now + control.HEARTBEAT_EVERY_S
+            control.beat(
+                self.store,
+                intake_up=self.intake.subscribed.is_set(),
+                forward_up=self.forwarder.connected.is_set(),
+            )
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_EVERY_S
             retention_ns = int(self.cfg.storage.raw_retention_s * 1e9)
@@ -93,6 +105,7 @@ class Agent:
             self.close_ready_windows(flush=True)
         drained = self.forwarder.drain(self.cfg.forward.drain_timeout_s)
         self.forwarder.stop()
+        control.stopped(self.store)
         if drained:
             log.info("agent: stopped; outbox drained")
         else:

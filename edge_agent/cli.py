@@ -1,17 +1,69 @@
-"""``edge-agent``: run the agent, and the technician's local commands."""
+"""``edge-agent``: run the agent, and the field technician's local commands.
+
+Every command is a thin layer over one library function: it loads the config,
+calls the function, turns its errors into a one-line message and an exit code,
+and prints a table for people or JSON (``--json``) for scripts.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import click
 
 from edge_agent.config import AgentConfig
-from shared.cli import EXIT_FAILURE, config_group, load_or_exit, setup_logging
+from shared.cli import EXIT_FAILURE, EXIT_OK, config_group, load_or_exit, setup_logging
 from shared.errors import StorageError
 
 CONFIG_HELP = "TOML config file (see `edge-agent config sample`). Defaults apply without one."
+#: flush: the windows are closed and queued, but not yet acknowledged by the cloud.
+EXIT_PARTIAL = 3
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def config_option(f: F) -> F:
+    return click.option(
+        "-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP
+    )(f)
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
+
+
+def fail(message: str, code: int = EXIT_FAILURE) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def table(rows: Sequence[Sequence[object]], headers: Sequence[str] | None = None) -> None:
+    """Print rows as aligned columns."""
+    cells = [[str(c) for c in r] for r in ([headers] if headers else []) + list(rows)]
+    if not cells:
+        return
+    widths = [max(len(r[i]) for r in cells if i < len(r)) for i in range(len(cells[0]))]
+    for n, r in enumerate(cells):
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
+        if headers and n == 0:
+            click.echo("  ".join("-" * w for w in widths))
+
+
+def age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit} ago"
+    return f"{seconds:.1f} s ago"
+
+
+def when(ns: int | None) -> str:
+    return "-" if not ns else time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ns / 1e9))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,21 +73,26 @@ def main() -> None:
     Sensor nodes publish readings to the device's local MQTT broker; the agent
     stores them in SQLite, closes event-time windows (count, min, max, mean,
     stddev, first, last per sensor) and forwards compact batches to the cloud
-    broker over MQTT v5, QoS 1.
+    broker over MQTT v5, QoS 1, keeping each until the cloud acknowledges it.
 
-    Exit codes: 0 ok, 1 failure, 2 bad config or usage.
+    The technician commands (status, sensors, tail, flush, export, buffer,
+    doctor, config) work with no network and whether or not the agent runs.
+
+    Exit codes: 0 ok; 1 failure (or problems found by `buffer check` and
+    `doctor`); 2 bad config or usage; 3 `flush` closed the windows but the cloud
+    has not acknowledged them yet.
     """
 
 
 @main.command()
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@config_option
 @click.option(
     "--ready-file",
     type=click.Path(dir_okay=False),
     help="Create this file once subscribed (for supervisors and scripts to wait on).",
 )
 def run(config_path: str | None, ready_file: str | None) -> None:
-    """Run the agent until SIGTERM or Ctrl-C, then flush and drain the outbox."""
+    """Run the agent until SIGTERM or Ctrl-C, then drain the outbox and exit."""
     cfg = load_or_exit(AgentConfig, config_path)
     setup_logging(cfg.log_level)
     from edge_agent.agent import run_agent  # imports numba: keep other commands fast
@@ -43,15 +100,14 @@ def run(config_path: str | None, ready_file: str | None) -> None:
     try:
         sys.exit(run_agent(cfg, ready_file))
     except StorageError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_FAILURE)
+        fail(str(exc))
 
 
 @main.command()
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@config_option
+@json_option
 def status(config_path: str | None, as_json: bool) -> None:
-    """Show what the buffer holds: readings, windows, outbox, drops.
+    """Running or not, broker links, last ack, backlog, disk use, drops.
 
     Reads the SQLite buffer directly, so it works with no network and whether
     or not the agent is running.
@@ -62,23 +118,298 @@ def status(config_path: str | None, as_json: bool) -> None:
     try:
         st = read_status(cfg.storage.path)
     except (FileNotFoundError, StorageError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(EXIT_FAILURE)
+        fail(str(exc))
     st["max_bytes"] = cfg.storage.max_bytes
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return
-    click.echo(f"buffer      {st['buffer']}")
-    click.echo(f"sensors     {st['sensors']}")
-    click.echo(f"raw chunks  {st['raw_chunks']}")
-    click.echo(
-        "outbox      " + (", ".join(f"{k}={v}" for k, v in sorted(st["outbox"].items())) or "empty")
+    link = {True: "connected", False: "not connected"}
+    budget = f" of {cfg.storage.max_bytes:,}" if cfg.storage.max_bytes else " (no budget)"
+    oldest = st["oldest_unsent_age_s"]
+    rows: list[tuple[str, object]] = [
+        ("agent", f"running (pid {st['agent_pid']})" if st["running"] else "not running"),
+        ("device broker", link[st["intake_connected"]] if st["running"] else "-"),
+        ("cloud broker", link[st["forward_connected"]] if st["running"] else "-"),
+        ("last ack", f"{when(st['last_ack_ns'])} ({age(st['last_ack_age_s'])})"),
+        (
+            "backlog",
+            f"{st['backlog_batches']} batches, {st['backlog_readings']:,} readings, "
+            f"{st['backlog_bytes']:,} bytes",
+        ),
+        ("oldest unsent", "-" if oldest is None else age(oldest).replace(" ago", " old")),
+        ("disk", f"{st['used_bytes']:,} bytes in use{budget}"),
+        ("buffer", st["buffer"]),
+        ("sensors", st["sensors"]),
+        ("quarantined", st["quarantined"]),
+        ("open alerts", "- (alert rules come in a later release)"),
+    ]
+    table(rows)
+    drops = st["drops"] or {"(none)": 0}
+    click.echo("\ndrops")
+    table([(f"  {k}", f"{v:,}") for k, v in drops.items()])
+
+
+@main.command()
+@config_option
+@json_option
+@click.option("--windows", default=20, show_default=True, help="Windows in the trend.")
+def sensors(config_path: str | None, as_json: bool, windows: int) -> None:
+    """Every sensor: last value, rate, last seen, and a trend of recent windows."""
+    from edge_agent.sensors import read_sensors
+
+    cfg = load_or_exit(AgentConfig, config_path)
+    try:
+        views = read_sensors(cfg.storage.path, width_ns=cfg.window.width_ns, windows=windows)
+    except (FileNotFoundError, StorageError) as exc:
+        fail(str(exc))
+    if as_json:
+        click.echo(json.dumps([{**v.__dict__, "sparkline": v.sparkline} for v in views], indent=2))
+        return
+    table(
+        [
+            (
+                f"{v.node}/{v.sensor}",
+                "-" if v.last_value is None else f"{v.last_value:.6g} {v.unit}".strip(),
+                f"{v.rate_hz:.3g} Hz",
+                when(v.last_seen_ns),
+                v.sparkline,
+            )
+            for v in views
+        ],
+        headers=("sensor", "last value", "rate", "last seen", f"trend ({windows} windows)"),
     )
-    click.echo(f"quarantined {st['quarantined']}")
-    budget = f" of {cfg.storage.max_bytes:,} budget" if cfg.storage.max_bytes else ", no budget"
-    click.echo(f"disk        {st['used_bytes']:,} bytes in use{budget}")
-    for name, value in sorted(st["counters"].items()):
-        click.echo(f"  {name:<24} {value}")
+
+
+@main.command()
+@config_option
+@click.option("--count", type=int, help="Stop after this many readings.")
+@click.option("--timeout", "timeout_s", type=float, help="Stop after this many seconds.")
+def tail(config_path: str | None, count: int | None, timeout_s: float | None) -> None:
+    """Print readings live as the sensor nodes publish them (Ctrl-C stops).
+
+    Listens on the device broker beside the agent; the agent still gets every reading.
+    """
+    from edge_agent.tail import tail as tail_readings
+
+    cfg = load_or_exit(AgentConfig, config_path)
+    seen = 0
+    try:
+        where = f"{cfg.intake.broker.host}:{cfg.intake.broker.port}"
+
+        def listening() -> None:
+            click.echo(f"listening on {where} (Ctrl-C stops)", err=True)
+
+        for item in tail_readings(cfg, timeout_s=timeout_s, on_subscribed=listening):
+            if isinstance(item, Exception):
+                click.echo(f"bad message: {item}", err=True)
+                continue
+            ts = time.strftime("%H:%M:%S", time.gmtime(item.ts_ns / 1e9))
+            frac = f"{item.ts_ns % 10**9 / 1e9:.3f}"[1:]
+            click.echo(f"{ts}{frac}  {item.node}/{item.sensor}  {item.value!r} {item.unit}")
+            seen += 1
+            if count is not None and seen >= count:
+                break
+    except (ConnectionError, OSError) as exc:
+        fail(f"cannot reach the device broker: {exc}")
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@config_option
+@click.option(
+    "--timeout",
+    "timeout_s",
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the cloud to acknowledge the flushed windows.",
+)
+def flush(config_path: str | None, timeout_s: float) -> None:
+    """Close every open window now and send it.
+
+    With the agent running, it does the work and this waits for the cloud's
+    acks. With the agent stopped, the windows are closed into the outbox here and
+    are sent at the next start (exit 3).
+    """
+    from edge_agent import control, outbox
+    from edge_agent.store import Store
+
+    cfg = load_or_exit(AgentConfig, config_path)
+    try:
+        store = Store(cfg.storage.path, synchronous=cfg.storage.synchronous)
+    except StorageError as exc:
+        fail(str(exc))
+    try:
+        if not control.agent_running(store):
+            from edge_agent import buffer, window
+
+            max_ts = store.get_state(buffer.MAX_TS)
+            seqs = (
+                []
+                if not max_ts
+                else window.close_until(
+                    store,
+                    device_id=cfg.device_id,
+                    width_ns=cfg.window.width_ns,
+                    upto_ns=window.flush_boundary(max_ts, cfg.window.width_ns),
+                    max_rows=cfg.forward.max_windows_per_batch,
+                )
+            )
+            click.echo(
+                f"agent not running: closed {len(seqs)} batches into the outbox; "
+                "they are sent when the agent starts"
+            )
+            sys.exit(EXIT_PARTIAL)
+        req = control.request_flush(store)
+        deadline = time.monotonic() + timeout_s
+        with click.progressbar(length=100, label="flushing", file=sys.stderr) as bar:
+            while control.pending_flush(store) == req and time.monotonic() < deadline:
+                time.sleep(0.1)  # the agent picks the request up on its next tick
+            bar.update(30)
+            last_seq = store.get_state(outbox.NEXT_SEQ, 1) - 1
+            while time.monotonic() < deadline:
+                left = store.conn.execute(
+                    "SELECT count(*) FROM outbox WHERE seq <= ?", (last_seq,)
+                ).fetchone()[0]
+                if left == 0:
+                    break
+                time.sleep(0.2)
+            bar.update(70)
+        if control.pending_flush(store) == req:
+            fail(f"the agent did not pick up the flush within {timeout_s:g} s", EXIT_PARTIAL)
+        if left:
+            click.echo(f"flushed; {left} batches still wait for the cloud's ack")
+            sys.exit(EXIT_PARTIAL)
+        click.echo("flushed; every batch is acknowledged by the cloud")
+    finally:
+        store.close()
+
+
+@main.command()
+@config_option
+@click.option("--since", required=True, help="Start, ISO 8601 (UTC) or ns since the epoch.")
+@click.option("--until", required=True, help="End (exclusive), same forms.")
+@click.option(
+    "--kind",
+    type=click.Choice(["raw", "windows"]),
+    default="windows",
+    show_default=True,
+    help="Raw readings, or windows computed from them.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "parquet"]),
+    default="csv",
+    show_default=True,
+    help="Output format (parquet needs pyarrow).",
+)
+@click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False), help="File to write."
+)
+def export(
+    config_path: str | None, since: str, until: str, kind: str, fmt: str, output: str
+) -> None:
+    """Export a time range of raw readings or windows to CSV or Parquet."""
+    from edge_agent.export import ExportError, parse_time
+    from edge_agent.export import export as do_export
+
+    cfg = load_or_exit(AgentConfig, config_path)
+    try:
+        a, b = parse_time(since), parse_time(until)
+        with click.progressbar(
+            length=max(1, b - a), label=f"exporting {kind}", file=sys.stderr
+        ) as bar:
+            rows = do_export(
+                cfg.storage.path,
+                output,
+                "raw" if kind == "raw" else "windows",
+                a,
+                b,
+                width_ns=cfg.window.width_ns,
+                fmt="parquet" if fmt == "parquet" else "csv",
+                progress=bar.update,
+            )
+    except (ExportError, FileNotFoundError, StorageError, OSError) as exc:
+        fail(str(exc))
+    click.echo(f"wrote {rows:,} rows to {output}")
+
+
+@main.group()
+def buffer() -> None:
+    """Check the SQLite buffer's integrity, or repair it."""
+
+
+@buffer.command("check")
+@config_option
+@json_option
+def buffer_check(config_path: str | None, as_json: bool) -> None:
+    """Check the buffer: SQLite integrity and the agent's own invariants (exit 1 on problems)."""
+    from edge_agent.repair import check
+
+    cfg = load_or_exit(AgentConfig, config_path)
+    try:
+        rep = check(cfg.storage.path)
+    except (FileNotFoundError, StorageError) as exc:
+        fail(str(exc))
+    if as_json:
+        click.echo(json.dumps({"ok": rep.ok, "problems": rep.problems, "rows": rep.rows}, indent=2))
+    else:
+        table(sorted(rep.rows.items()), headers=("table", "readable rows"))
+        for p in rep.problems[:50]:
+            click.echo(f"problem: {p}")
+        click.echo(
+            "ok"
+            if rep.ok
+            else f"{len(rep.problems)} problems: run `edge-agent buffer "
+            "repair` with the agent stopped"
+        )
+    sys.exit(EXIT_OK if rep.ok else EXIT_FAILURE)
+
+
+@buffer.command("repair")
+@config_option
+@json_option
+def buffer_repair(config_path: str | None, as_json: bool) -> None:
+    """Rebuild the buffer from every readable row; the damaged file is kept beside it.
+
+    The agent must be stopped.
+    """
+    from edge_agent.repair import repair
+
+    cfg = load_or_exit(AgentConfig, config_path)
+    try:
+        with click.progressbar(length=0, label="repairing", file=sys.stderr) as bar:
+            rep = repair(cfg.storage.path, progress=bar.update)
+    except (FileNotFoundError, StorageError) as exc:
+        fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(rep.__dict__, indent=2))
+        return
+    table(
+        [(t, rep.kept[t], rep.dropped[t]) for t in rep.kept],
+        headers=("table", "rows kept", "rows dropped"),
+    )
+    click.echo(f"damaged file kept as {rep.damaged_copy}")
+
+
+@main.command()
+@config_option
+@json_option
+def doctor(config_path: str | None, as_json: bool) -> None:
+    """Check brokers, TLS, clock, disk, buffer and config, each with a fix hint."""
+    from edge_agent.doctor import run_checks
+
+    cfg = load_or_exit(AgentConfig, config_path)
+    checks = run_checks(cfg, config_path)
+    if as_json:
+        click.echo(json.dumps([c.__dict__ for c in checks], indent=2))
+    else:
+        table([(c.level.upper(), c.name, c.detail) for c in checks], headers=("", "check", "found"))
+        for c in checks:
+            if c.hint and c.level != "ok":
+                click.echo(f"{c.name}: {c.hint}")
+    sys.exit(EXIT_FAILURE if any(c.level == "fail" for c in checks) else EXIT_OK)
 
 
 main.add_command(config_group(AgentConfig, "edge_agent"))

@@ -1,37 +1,60 @@
 """What the agent's SQLite file says about its state: for the CLI, tests and the demo.
 
 Reads through a read-only connection, so it works while the agent runs and
-while it is stopped.
+while it is stopped, with no network.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
-from edge_agent import budget, buffer, outbox
+from edge_agent import budget, buffer, control, outbox
 from edge_agent.store import Store
 
 
-def read_status(path: str | Path) -> dict[str, Any]:
+def open_readonly(path: str | Path) -> Store:
     if not Path(path).exists():
         raise FileNotFoundError(f"no agent buffer at {path}")
-    store = Store(path, readonly=True)
+    return Store(path, readonly=True)
+
+
+def read_status(path: str | Path, now_ns: int | None = None) -> dict[str, Any]:
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    store = open_readonly(path)
     try:
         c = store.conn
         states = {
             str(s): int(n)
             for s, n in c.execute("SELECT state, count(*) FROM outbox GROUP BY state")
         }
+        backlog = c.execute(
+            "SELECT count(*), coalesce(sum(readings), 0), coalesce(sum(length(payload)), 0), "
+            "min(created_ns) FROM outbox"
+        ).fetchone()
+        running = control.agent_running(store, now_ns)
+        last_ack = store.get_state(outbox.LAST_ACK)
+        counters = store.counters()
         return {
             "buffer": str(path),
-            "counters": store.counters(),
+            "running": running,
+            "agent_pid": store.get_state(control.PID) if running else None,
+            "intake_connected": running and bool(store.get_state(control.INTAKE_UP)),
+            "forward_connected": running and bool(store.get_state(control.FORWARD_UP)),
+            "last_ack_ns": last_ack or None,
+            "last_ack_age_s": (now_ns - last_ack) / 1e9 if last_ack else None,
+            "backlog_batches": int(backlog[0]),
+            "backlog_readings": int(backlog[1]),
+            "backlog_bytes": int(backlog[2]),
+            "oldest_unsent_age_s": (now_ns - int(backlog[3])) / 1e9 if backlog[3] else None,
+            "outbox": states,
+            "counters": counters,
+            "drops": {k: v for k, v in sorted(counters.items()) if k.startswith("dropped_")},
             "closed_until_ns": store.get_state(buffer.CLOSED_UNTIL),
-            "last_ack_ns": store.get_state(outbox.LAST_ACK),
             "max_event_ns": store.get_state(buffer.MAX_TS),
             "sensors": int(c.execute("SELECT count(*) FROM sensors").fetchone()[0]),
             "raw_chunks": int(c.execute("SELECT count(*) FROM chunks").fetchone()[0]),
-            "outbox": states,
             "quarantined": int(c.execute("SELECT count(*) FROM quarantine").fetchone()[0]),
             "used_bytes": budget.used_bytes(store),
             "file_bytes": sum(

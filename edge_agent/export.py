@@ -1,0 +1,157 @@
+"""Export a time range of raw readings, or of windows computed from them, to CSV or Parquet.
+
+Windows are recomputed from the raw chunks with the same kernels the agent uses,
+so an export works for any range still in the buffer (``storage.raw_retention_s``),
+whether or not its batches have already left the device.
+
+Parquet needs pyarrow (``pip install pyarrow``); CSV needs nothing. Floats are
+written with full precision (Python's repr).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from edge_agent import buffer
+from edge_agent.kernels import segment_windows, window_stats
+from edge_agent.status import open_readonly
+
+Kind = Literal["raw", "windows"]
+RAW_COLUMNS = ("node", "sensor", "unit", "ts_ns", "value")
+WINDOW_COLUMNS = (
+    "node",
+    "sensor",
+    "unit",
+    "start_ns",
+    "width_ns",
+    "count",
+    "invalid",
+    "min",
+    "max",
+    "mean",
+    "stddev",
+    "first",
+    "last",
+)
+
+
+class ExportError(Exception):
+    pass
+
+
+def iter_rows(
+    path: str | Path, kind: Kind, since_ns: int, until_ns: int, *, width_ns: int, slice_ns: int
+) -> Iterator[tuple[int, dict[str, list[Any]]]]:
+    """Yield ``(slice end, columns)`` per time slice of ``[since_ns, until_ns)``.
+
+    For windows, the range is widened to whole windows and slices are whole windows.
+    """
+    if until_ns <= since_ns:
+        raise ExportError("--until must be after --since")
+    if kind == "windows":
+        since_ns = (since_ns // width_ns) * width_ns
+        until_ns = -(-until_ns // width_ns) * width_ns
+        slice_ns = max(width_ns, (slice_ns // width_ns) * width_ns)
+    store = open_readonly(path)
+    try:
+        sensors = buffer.load_sensors(store)
+        a = since_ns
+        while a < until_ns:
+            b = min(a + slice_ns, until_ns)
+            cols: dict[str, list[Any]] = {
+                c: [] for c in (RAW_COLUMNS if kind == "raw" else WINDOW_COLUMNS)
+            }
+            for sid, (ts, vals) in sorted(buffer.read_range(store, a, b).items()):
+                ref = sensors[sid]
+                if kind == "raw":
+                    n = len(ts)
+                    cols["ts_ns"] += ts.tolist()
+                    cols["value"] += vals.tolist()
+                else:
+                    starts, segs = segment_windows(ts, width_ns)
+                    st = window_stats(vals, segs)
+                    n = len(starts)
+                    cols["start_ns"] += starts.tolist()
+                    cols["width_ns"] += [width_ns] * n
+                    for name, arr in st.columns().items():
+                        cols[name] += arr.tolist()
+                cols["node"] += [ref.node] * n
+                cols["sensor"] += [ref.name] * n
+                cols["unit"] += [ref.unit] * n
+            yield b, cols
+            a = b
+    finally:
+        store.close()
+
+
+def export(
+    path: str | Path,
+    out: str | Path,
+    kind: Kind,
+    since_ns: int,
+    until_ns: int,
+    *,
+    width_ns: int,
+    fmt: Literal["csv", "parquet"],
+    slice_ns: int = 3600 * 10**9,
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Write the export to ``out``; returns the number of rows. ``progress`` gets the
+    nanoseconds of the range done after each slice."""
+    rows = 0
+    columns = RAW_COLUMNS if kind == "raw" else WINDOW_COLUMNS
+    writer: Any
+    if fmt == "parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ExportError("Parquet export needs pyarrow: pip install pyarrow") from None
+        writer = None
+    else:
+        fh = open(out, "w", newline="", encoding="utf-8")  # noqa: SIM115 (closed below)
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+    last = since_ns
+    try:
+        for end, cols in iter_rows(
+            path, kind, since_ns, until_ns, width_ns=width_ns, slice_ns=slice_ns
+        ):
+            n = len(cols["node"])
+            rows += n
+            if fmt == "parquet":
+                table = pa.table({c: cols[c] for c in columns})
+                if writer is None:
+                    writer = pq.ParquetWriter(str(out), table.schema)
+                if n:
+                    writer.write_table(table)
+            else:
+                writer.writerows(zip(*(cols[c] for c in columns), strict=True))
+            if progress is not None:
+                progress(max(0, min(end, until_ns) - last))
+                last = min(end, until_ns)
+    finally:
+        if fmt == "parquet":
+            if writer is not None:
+                writer.close()
+        else:
+            fh.close()
+    return rows
+
+
+def parse_time(value: str) -> int:
+    """``2026-11-26T10:00:00Z`` (ISO 8601, UTC when no zone) or integer ns since the epoch."""
+    from datetime import UTC, datetime
+
+    if value.lstrip("-").isdigit():
+        return int(value)
+    try:
+        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ExportError(f"{value!r} is neither ISO 8601 time nor integer nanoseconds") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp()) * 10**9 + dt.microsecond * 1000

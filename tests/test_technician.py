@@ -1,0 +1,189 @@
+"""The technician's commands against a real agent, broker and InfluxDB: with the agent
+running, and with it stopped (no network needed)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from click.testing import CliRunner, Result
+from paho.mqtt.enums import CallbackAPIVersion
+
+from devstack import influxq
+from devstack.pipeline import BIN, IngestTarget, Pipeline, PipelineSpec
+from devstack.services import Service, wait_until
+from edge_agent.cli import EXIT_PARTIAL
+from edge_agent.cli import main as agent_main
+from shared.readings import encode_chunk
+
+pytestmark = pytest.mark.integration
+W = 10_000_000_000
+
+
+def cli(*args: str) -> Result:
+    return CliRunner().invoke(agent_main, list(args), catch_exceptions=False)
+
+
+def publish(port: int, msgs: list[tuple[str, bytes]]) -> None:
+    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    for topic, payload in msgs:
+        c.publish(topic, payload, qos=1).wait_for_publish(10)
+    c.disconnect()
+    c.loop_stop()
+
+
+def test_commands_with_the_agent_running_then_stopped(
+    fresh: Callable[[str], Service], influxdb: Service, influx_db: str, tmp_path: Path
+) -> None:
+    broker = fresh("mosquitto")
+    pipe = Pipeline(
+        PipelineSpec(
+            workdir=tmp_path,
+            local_port=broker.port,
+            cloud_port=broker.port,
+            width_s=10.0,
+            targets=[
+                IngestTarget(
+                    "t",
+                    {"api": "v1", "url": influxdb.url, "database": influx_db},
+                    {"url": f"file://{tmp_path / 'archive'}"},
+                )
+            ],
+        )
+    )
+    cfg = str(tmp_path / "edge-agent.toml")
+    t0 = (time.time_ns() // W - 3) * W
+    temps = [20.0 + i / 8 for i in range(8)]
+    msgs = [
+        ("sensors/env-1/temp", encode_chunk("degC", [t0 + i * 10**9], [v]))
+        for i, v in enumerate(temps)
+    ]
+    msgs.append(("sensors/env-1/hum", encode_chunk("%", [t0 + 5, t0 + W + 5], [40.5, 41.5])))
+    try:
+        pipe.start_ingestors()
+        agent = pipe.start_agent(flush_on_shutdown=False)
+
+        # status: running, both brokers connected (after the first heartbeat)
+        def running() -> bool:
+            st = json.loads(cli("status", "-c", cfg, "--json").stdout)
+            return bool(st["running"] and st["intake_connected"] and st["forward_connected"])
+
+        wait_until(running, 30, "status to show the agent running and connected")
+
+        # tail sees what the nodes publish, beside the agent
+        tailer = subprocess.Popen(
+            [str(BIN / "edge-agent"), "tail", "-c", cfg, "--count", "9", "--timeout", "30"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert tailer.stderr is not None
+        assert "listening on" in tailer.stderr.readline()  # blocks until subscribed
+        publish(broker.port, msgs)
+        out, _ = tailer.communicate(timeout=40)
+        lines = out.splitlines()
+        assert tailer.returncode == 0 and len(lines) == 9
+        assert "env-1/temp  20.0 degC" in lines[0]
+
+        # flush: the open windows are closed, sent and acknowledged by the cloud
+        wait_until(
+            lambda: (
+                json.loads(cli("status", "-c", cfg, "--json").stdout)["counters"].get(
+                    "readings_stored", 0
+                )
+                == 10
+            ),
+            30,
+            "intake",
+        )
+        res = cli("flush", "-c", cfg, "--timeout", "30")
+        assert res.exit_code == 0, res.output
+        st = json.loads(cli("status", "-c", cfg, "--json").stdout)
+        assert st["backlog_batches"] == 0 and st["last_ack_age_s"] < 30
+        assert influxq.total_count(influxq.v1_windows(influxdb.url, influx_db)) == 10
+
+        # sensors: last values and a trend
+        views = {v["sensor"]: v for v in json.loads(cli("sensors", "-c", cfg, "--json").stdout)}
+        assert views["temp"]["last_value"] == temps[-1] and views["hum"]["last_value"] == 41.5
+        assert views["temp"]["sparkline"]
+
+        # doctor: both brokers answer
+        checks = {c["name"]: c for c in json.loads(cli("doctor", "-c", cfg, "--json").stdout)}
+        assert checks["intake.broker"]["level"] == checks["forward.broker"]["level"] == "ok"
+        assert agent.terminate() == 0
+    finally:
+        pipe.stop_all()
+
+    # --- the agent is stopped: the same commands work from the file alone
+    st = json.loads(cli("status", "-c", cfg, "--json").stdout)
+    assert st["running"] is False
+    out = tmp_path / "raw.csv"
+    res = cli(
+        "export",
+        "-c",
+        cfg,
+        "--since",
+        str(t0),
+        "--until",
+        str(t0 + 3 * W),
+        "--kind",
+        "raw",
+        "-o",
+        str(out),
+    )
+    assert res.exit_code == 0, res.output
+    with out.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [float(r["value"]) for r in rows if r["sensor"] == "temp"] == temps
+    assert len(rows) == 10
+    assert cli("buffer", "check", "-c", cfg).exit_code == 0
+    publish_later = cli("flush", "-c", cfg)
+    assert publish_later.exit_code == EXIT_PARTIAL
+
+
+def test_buffer_check_and_repair_a_damaged_file(tmp_path: Path) -> None:
+    import numpy as np
+
+    from edge_agent import buffer, window
+    from edge_agent.store import Store
+    from shared.readings import ReadingChunk
+
+    db = tmp_path / "a.sqlite"
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'[storage]\npath = "{db}"\n')
+    s = Store(db)
+    reg = buffer.SensorRegistry(s)
+    for k in range(300):
+        ts = np.arange(k * 1000, (k + 1) * 1000, dtype=np.int64) * 10**7 + 10**18
+        buffer.store_chunk(s, reg, ReadingChunk("n", f"s{k % 5}", "u", ts, np.ones(1000)))
+    window.close_until(s, device_id="d", width_ns=W, upto_ns=10**18 + 2000 * W, max_rows=50)
+    s.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    s.close()
+    assert cli("buffer", "check", "-c", str(cfg)).exit_code == 0
+
+    # damage pages in the middle of the file (the raw chunks' BLOBs live there)
+    raw = bytearray(db.read_bytes())
+    page = 4096
+    for p in range(len(raw) // page // 2, len(raw) // page // 2 + 6):
+        raw[p * page : p * page + page] = b"\xa5" * page
+    db.write_bytes(bytes(raw))
+
+    res = cli("buffer", "check", "-c", str(cfg), "--json")
+    assert res.exit_code == 1 and json.loads(res.stdout)["problems"]
+    res = cli("buffer", "repair", "-c", str(cfg), "--json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert Path(rep["damaged_copy"]).exists()  # nothing is thrown away
+    assert rep["kept"]["chunks"] > 250 and rep["kept"]["chunks"] + rep["dropped"]["chunks"] <= 300
+    assert rep["kept"]["outbox"] >= 1
+    assert cli("buffer", "check", "-c", str(cfg)).exit_code == 0
+    st = json.loads(cli("status", "-c", str(cfg), "--json").stdout)
+    assert st["raw_chunks"] == rep["kept"]["chunks"]

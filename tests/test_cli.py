@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import click
@@ -76,3 +77,15 @@ def test_status_without_buffer_fails_cleanly(tmp_path: Path) -> None:
     cfg.write_text(f'[storage]\npath = "{tmp_path / "none.sqlite"}"\n')
     res = CliRunner().invoke(agent_main, ["status", "-c", str(cfg)])
     assert res.exit_code == 1 and "no agent buffer" in res.output
+
+
+def test_edge_agent_docs_list_every_command() -> None:
+    """docs/edge-agent.md's command table and the CLI must not drift apart."""
+    doc = (Path(__file__).parent.parent / "docs" / "edge-agent.md").read_text()
+    documented = set(re.findall(r"^\| `edge-agent ([a-z ]+?)(?: FILE)?` \|", doc, re.M))
+    commands = {
+        " ".join(path)
+        for path, cmd in walk(agent_main)
+        if path and not isinstance(cmd, click.Group)
+    }
+    assert documented == commands

@@ -88,6 +88,8 @@ class ForwardConfig:
     message_expiry_s: int = 0
     drain_timeout_s: float = 10.0
     end_to_end_ack: bool = True
+    live_window_s: float = 60.0
+    backfill_bytes_per_s: int = 0
     ack_timeout_s: float = 30.0
     max_backoff_s: float = 600.0
 
@@ -101,6 +103,10 @@ class ForwardConfig:
         if self.drain_timeout_s < 0:
             raise Invalid("drain_timeout_s", "must be >= 0")
         positive("ack_timeout_s", self.ack_timeout_s)
+        if self.live_window_s < 0:
+            raise Invalid("live_window_s", "must be >= 0")
+        if self.backfill_bytes_per_s < 0:
+            raise Invalid("backfill_bytes_per_s", "must be >= 0 (0 = no cap)")
         if self.max_backoff_s < self.ack_timeout_s:
             raise Invalid("max_backoff_s", "must be >= ack_timeout_s")
 

@@ -37,7 +37,8 @@ log = logging.getLogger("edge_agent.forward")
 
 
 class Forwarder:
-    def __init__(self, cfg: AgentConfig, store: Store) -> None:
+    def __init__(self, cfg: AgentConfig, store: Store, client: mqtt.Client | None = None) -> None:
+        """``client``: a paho client to use instead of a new one (tests inject a fake)."""
         self.cfg = cfg
         self.store = store
         self.topic = batch_topic(cfg.device_id, cfg.forward.topic_prefix)
@@ -46,10 +47,12 @@ class Forwarder:
         # pump() on the agent's thread, so no lock is shared with paho's callbacks.
         self._events: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
         self._rng = random.Random()
+        self._tokens = 0.0  # backfill byte budget
+        self._refilled_ns = 0
         self.ack_topic = ack_topic(cfg.device_id, cfg.forward.topic_prefix)
         self._in_flight: dict[int, int] = {}  # mid -> seq
         client_id = cfg.forward.broker.client_id or f"edge-agent-{cfg.device_id}-forward"
-        self.client = make_client(cfg.forward.broker, client_id)
+        self.client = client or make_client(cfg.forward.broker, client_id)
         self.client.max_inflight_messages_set(cfg.forward.max_in_flight)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -138,11 +141,21 @@ class Forwarder:
         return done
 
     def _publish_due(self) -> None:
-        room = self.cfg.forward.max_in_flight - len(self._in_flight)
+        f = self.cfg.forward
+        room = f.max_in_flight - len(self._in_flight)
         if room <= 0:
             return
         busy = set(self._in_flight.values())
-        for item in outbox.due(self.store, room, exclude=busy):
+        now = time.time_ns()
+        live_since = now - int(f.live_window_s * 1e9)
+        self._refill(now)
+        for item in outbox.due(
+            self.store, room, exclude=busy, now_ns=now, live_since_ns=live_since
+        ):
+            if not item.live and f.backfill_bytes_per_s:
+                if self._tokens < min(len(item.payload), f.backfill_bytes_per_s):
+                    return  # the backfill waits for its byte budget; live batches went first
+                self._tokens -= len(item.payload)  # may go negative: paid back over time
             info = self.client.publish(
                 self.topic,
                 item.payload,
@@ -159,6 +172,14 @@ class Forwarder:
                 )
                 return
             self._in_flight[info.mid] = item.seq
+
+    def _refill(self, now_ns: int) -> None:
+        """Token bucket for the backfill: ``backfill_bytes_per_s``, bursts up to one second."""
+        rate = self.cfg.forward.backfill_bytes_per_s
+        if rate:
+            elapsed = (now_ns - self._refilled_ns) / 1e9 if self._refilled_ns else 1.0
+            self._tokens = min(float(rate), self._tokens + elapsed * rate)
+        self._refilled_ns = now_ns
 
     def idle(self) -> bool:
         """True when nothing is in flight and nothing waits for the broker (or, with

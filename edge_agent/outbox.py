@@ -36,6 +36,7 @@ class Outgoing:
     seq: int
     payload: bytes
     attempts: int
+    live: bool = False
 
 
 def next_seq(store: Store) -> int:
@@ -57,22 +58,42 @@ def add(store: Store, batch: Batch) -> None:
 
 
 def due(
-    store: Store, limit: int, exclude: Iterable[int] = (), now_ns: int | None = None
+    store: Store,
+    limit: int,
+    exclude: Iterable[int] = (),
+    now_ns: int | None = None,
+    live_since_ns: int | None = None,
 ) -> list[Outgoing]:
-    """Batches to publish now, oldest first: pending ones, and sent ones whose ack is overdue."""
+    """Batches to publish now: pending ones, and sent ones whose ack is overdue.
+
+    Drain order: first the *live* batches (created at or after ``live_since_ns``,
+    oldest first), so that dashboards come back to life at once after an outage;
+    then the *backfill* (older batches, oldest first). Without ``live_since_ns``
+    everything is backfill, oldest first.
+    """
     now_ns = time.time_ns() if now_ns is None else now_ns
     skip = set(exclude)
     out: list[Outgoing] = []
-    rows = store.conn.execute(
+    base = (
         "SELECT seq, payload, attempts FROM outbox "
-        "WHERE state = 'pending' OR (state = 'sent' AND next_try_ns <= ?) ORDER BY seq LIMIT ?",
-        (now_ns, limit + len(skip)),
+        "WHERE (state = 'pending' OR (state = 'sent' AND next_try_ns <= ?)) "
     )
-    for seq, payload, attempts in rows:
-        if seq not in skip:
-            out.append(Outgoing(int(seq), bytes(payload), int(attempts)))
-        if len(out) >= limit:
-            break
+    queries: list[tuple[str, tuple[int, ...], bool]] = []
+    if live_since_ns is not None:
+        queries.append(
+            (base + "AND created_ns >= ? ORDER BY seq LIMIT ?", (now_ns, live_since_ns), True)
+        )
+        queries.append(
+            (base + "AND created_ns < ? ORDER BY seq LIMIT ?", (now_ns, live_since_ns), False)
+        )
+    else:
+        queries.append((base + "ORDER BY seq LIMIT ?", (now_ns,), False))
+    for sql, args, live in queries:
+        for seq, payload, attempts in store.conn.execute(sql, (*args, limit + len(skip))):
+            if len(out) >= limit:
+                return out
+            if seq not in skip:
+                out.append(Outgoing(int(seq), bytes(payload), int(attempts), live))
     return out
 
 

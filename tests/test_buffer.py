@@ -198,3 +198,27 @@ def test_readings_from_the_future_are_dropped_and_counted(tmp_path: Path) -> Non
     assert (res.stored, res.future) == (1, 1)
     assert s.get_state(buffer.MAX_TS) == T0  # the watermark did not jump ahead
     assert s.counters()["dropped_future"] == 1
+
+
+def test_drain_order_live_first_then_backfill_oldest_first(tmp_path: Path) -> None:
+    s = Store(tmp_path / "a.sqlite")
+    reg = buffer.SensorRegistry(s)
+    for k in range(6):
+        buffer.store_chunk(s, reg, chunk("a", [T0 + k * W], [1.0]))
+    close(s, T0 + 6 * W, max_rows=1)
+    # pretend seqs 1-4 were made during an outage an hour ago, 5-6 just now
+    now = 10**18
+    s.conn.execute("UPDATE outbox SET created_ns = ? WHERE seq <= 4", (now - 3600 * 10**9,))
+    s.conn.execute("UPDATE outbox SET created_ns = ? WHERE seq > 4", (now - 10**9,))
+    got = outbox.due(s, 10, now_ns=now, live_since_ns=now - 60 * 10**9)
+    assert [(o.seq, o.live) for o in got] == [
+        (5, True),
+        (6, True),
+        (1, False),
+        (2, False),
+        (3, False),
+        (4, False),
+    ]
+    assert [
+        o.seq for o in outbox.due(s, 3, exclude=[5], now_ns=now, live_since_ns=now - 60 * 10**9)
+    ] == [6, 1, 2]

@@ -3,7 +3,8 @@
 Schema (see ``docs/wire-format.md`` and ``docs/architecture.md``)::
 
     <measurement>,device_id=<id>,node=<node>,sensor=<name>,unit=<unit>,window=<width>
-        count=<i>,invalid=<i>,min=<f>,max=<f>,mean=<f>,stddev=<f>,first=<f>,last=<f> <start_ns>
+        count=<i>i,invalid=<i>i,min=<f>,max=<f>,mean=<f>,stddev=<f>,first=<f>,last=<f>,
+        sum=<f>,p50=<f>,p90=<f>,p99=<f> <start_ns>
 
 Tags are bounded by the fleet (devices × sensors × window widths); nothing per
 reading is a tag. The timestamp is the window start, so a resent or replayed
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import math
 
-from shared.wire import STAT_FIELDS, Batch
+from shared.wire import EXTRA_FIELDS, STAT_FIELDS, Batch
+
+FLOAT_FIELDS = STAT_FIELDS + EXTRA_FIELDS
 
 _TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\\": "\\\\"})
 _MEAS_ESCAPES = str.maketrans({",": r"\,", " ": r"\ ", "\\": "\\\\"})
@@ -41,14 +44,14 @@ def batch_to_lines(batch: Batch, measurement: str = "window") -> list[str]:
         + f",window={win}"
         for s in batch.sensors
     ]
-    stats = {name: getattr(batch, name).tolist() for name in STAT_FIELDS}
+    stats = {name: getattr(batch, name).tolist() for name in FLOAT_FIELDS}
     counts = batch.count.tolist()
     invalid = batch.invalid.tolist()
     starts = batch.start_ns.tolist()
     lines = []
     for i, sidx in enumerate(batch.sensor.tolist()):
         fields = [f"count={counts[i]}i", f"invalid={invalid[i]}i"]
-        for name in STAT_FIELDS:
+        for name in FLOAT_FIELDS:
             v = stats[name][i]
             if math.isfinite(v):
                 fields.append(f"{name}={v!r}")

@@ -8,7 +8,20 @@ import urllib.request
 from typing import Any
 
 WindowKey = tuple[str, str, str, int]  # device_id, node, sensor, start_ns
-FIELDS = ("count", "invalid", "min", "max", "mean", "stddev", "first", "last")
+FIELDS = (
+    "count",
+    "invalid",
+    "min",
+    "max",
+    "mean",
+    "stddev",
+    "first",
+    "last",
+    "sum",
+    "p50",
+    "p90",
+    "p99",
+)
 
 
 def influxql(url: str, q: str, db: str | None = None, method: str = "GET") -> Any:

@@ -35,6 +35,10 @@ WINDOW_COLUMNS = (
     "stddev",
     "first",
     "last",
+    "sum",
+    "p50",
+    "p90",
+    "p99",
 )
 
 

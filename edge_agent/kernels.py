@@ -13,8 +13,11 @@ Statistics per segment, over *finite* values only:
   single reading
 * ``first``, ``last``  the first and last finite value in segment order (callers
   sort by event time first)
+* ``sum``
+* ``p50``, ``p90``, ``p99``  exact quantiles of the finite values, by linear
+  interpolation between closest ranks (numpy's default ``method="linear"``)
 
-A segment with no finite value has count 0 and NaN for the six statistics.
+A segment with no finite value has count 0 and NaN for every float statistic.
 
 numba is used when it can be imported (``cache=True``, so a restart loads the
 compiled kernel from ``__pycache__`` instead of recompiling). Where numba has no
@@ -46,9 +49,21 @@ class WindowStats:
     stddev: F64
     first: F64
     last: F64
+    sum: F64
+    p50: F64
+    p90: F64
+    p99: F64
 
     def columns(self) -> dict[str, npt.NDArray[Any]]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+def _lerp(a: Any, b: Any, t: Any) -> Any:
+    """numpy's own interpolation formula for quantiles (stable at both ends)."""
+    return np.where(t < 0.5, a + (b - a) * t, b - (b - a) * (1 - t))
 
 
 def window_stats_numpy(values: F64, seg_starts: I64) -> WindowStats:
@@ -59,7 +74,7 @@ def window_stats_numpy(values: F64, seg_starts: I64) -> WindowStats:
     if nseg == 0:
         e = np.empty(0)
         z = np.empty(0, dtype=np.int64)
-        return WindowStats(z, z.copy(), e, e.copy(), e.copy(), e.copy(), e.copy(), e.copy())
+        return WindowStats(z, z.copy(), *(e.copy() for _ in range(10)))
     lengths = np.diff(np.append(seg_starts, len(values)))
     finite = np.isfinite(values)
     count = np.add.reduceat(finite.astype(np.int64), seg_starts)
@@ -76,6 +91,8 @@ def window_stats_numpy(values: F64, seg_starts: I64) -> WindowStats:
     vmin[empty] = np.nan
     vmax[empty] = np.nan
     mean[empty] = np.nan
+    total = total.astype(np.float64)
+    total[empty] = np.nan
     std = np.sqrt(var)
     std[empty] = np.nan
     pos = np.flatnonzero(finite)
@@ -88,7 +105,22 @@ def window_stats_numpy(values: F64, seg_starts: I64) -> WindowStats:
         ok = ~empty
         first[ok] = values[pos[fi[ok]]]
         last[ok] = values[pos[li[ok]]]
-    return WindowStats(count, invalid, vmin, vmax, mean, std, first, last)
+    # exact quantiles: sort each segment's finite values (invalid ones sort last)
+    seg_id = np.repeat(np.arange(nseg), lengths)
+    key = np.where(finite, values, np.inf)
+    ordered = key[np.lexsort((key, seg_id))]
+    quantiles = []
+    for q in QUANTILES:
+        idx = q * (count - 1)
+        lo = np.floor(idx).astype(np.int64)
+        hi = np.minimum(lo + 1, count - 1)
+        at_lo = ordered[np.clip(seg_starts + lo, 0, len(values) - 1)]
+        at_hi = ordered[np.clip(seg_starts + hi, 0, len(values) - 1)]
+        with np.errstate(invalid="ignore"):
+            qv = _lerp(at_lo, at_hi, idx - lo)
+        qv[empty] = np.nan
+        quantiles.append(qv)
+    return WindowStats(count, invalid, vmin, vmax, mean, std, first, last, total, *quantiles)
 
 
 def _stats_loop(values: Any, seg_starts: Any) -> Any:
@@ -104,6 +136,10 @@ def _stats_loop(values: Any, seg_starts: Any) -> Any:
     std = np.full(nseg, np.nan)
     first = np.full(nseg, np.nan)
     last = np.full(nseg, np.nan)
+    total = np.full(nseg, np.nan)
+    p50 = np.full(nseg, np.nan)
+    p90 = np.full(nseg, np.nan)
+    p99 = np.full(nseg, np.nan)
     for k in range(nseg):
         a = seg_starts[k]
         b = seg_starts[k + 1] if k + 1 < nseg else n
@@ -139,7 +175,30 @@ def _stats_loop(values: Any, seg_starts: Any) -> Any:
             std[k] = np.sqrt(ss / c)
             first[k] = f
             last[k] = la
-    return count, invalid, vmin, vmax, mean, std, first, last
+            total[k] = s
+            fin = np.empty(c)
+            j = 0
+            for i in range(a, b):
+                if np.isfinite(values[i]):
+                    fin[j] = values[i]
+                    j += 1
+            fin.sort()
+            for qi in range(3):
+                q = 0.5 if qi == 0 else (0.9 if qi == 1 else 0.99)
+                idx = q * (c - 1)
+                lo = int(np.floor(idx))
+                hi = min(lo + 1, c - 1)
+                t = idx - lo
+                x0 = fin[lo]
+                x1 = fin[hi]
+                v = x0 + (x1 - x0) * t if t < 0.5 else x1 - (x1 - x0) * (1 - t)
+                if qi == 0:
+                    p50[k] = v
+                elif qi == 1:
+                    p90[k] = v
+                else:
+                    p99[k] = v
+    return count, invalid, vmin, vmax, mean, std, first, last, total, p50, p90, p99
 
 
 def _load_numba() -> Any:

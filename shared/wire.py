@@ -41,6 +41,8 @@ MAX_PAYLOAD_BYTES: Final = 1 << 20
 MAX_BODY_BYTES: Final = 16 << 20
 
 STAT_FIELDS: Final = ("min", "max", "mean", "stddev", "first", "last")
+#: Added within v1 (a decoder fills them with NaN when a batch lacks them).
+EXTRA_FIELDS: Final = ("sum", "p50", "p90", "p99")
 
 # name -> (numpy dtype, encoding); the order is the order an encoder writes.
 COLUMNS: Final[Mapping[str, tuple[str, str]]] = {
@@ -49,7 +51,9 @@ COLUMNS: Final[Mapping[str, tuple[str, str]]] = {
     "count": ("uint32", "plain"),
     "invalid": ("uint32", "plain"),
     **{name: ("float64", "plain") for name in STAT_FIELDS},
+    **{name: ("float64", "plain") for name in EXTRA_FIELDS},
 }
+OPTIONAL_COLUMNS: Final = frozenset(EXTRA_FIELDS)
 WINDOW_KINDS: Final = ("tumbling",)
 
 
@@ -110,6 +114,10 @@ class Batch:
     stddev: npt.NDArray[np.float64]
     first: npt.NDArray[np.float64]
     last: npt.NDArray[np.float64]
+    sum: npt.NDArray[np.float64]
+    p50: npt.NDArray[np.float64]
+    p90: npt.NDArray[np.float64]
+    p99: npt.NDArray[np.float64]
 
     def __post_init__(self) -> None:
         if not is_valid_id(self.device_id):
@@ -151,7 +159,10 @@ def make_batch(
     sensors: tuple[SensorRef, ...],
     columns: Mapping[str, npt.ArrayLike],
 ) -> Batch:
-    """Build a batch from loosely typed columns (converted to the wire dtypes)."""
+    """Build a batch from loosely typed columns (converted to the wire dtypes);
+    optional columns that are absent are filled with NaN."""
+    n = len(columns["sensor"])  # type: ignore[arg-type]
+    columns = {**{k: np.full(n, np.nan) for k in OPTIONAL_COLUMNS}, **columns}
     cols = {
         name: np.ascontiguousarray(columns[name], dtype=dt) for name, (dt, _) in COLUMNS.items()
     }
@@ -311,9 +322,11 @@ def _decode_body(body: bytes) -> Batch:
         found[name] = col
     if offset != len(body):
         raise WireError("bad-header", f"{len(body) - offset} bytes after the last column")
-    missing = [name for name in COLUMNS if name not in found]
+    missing = [name for name in COLUMNS if name not in found and name not in OPTIONAL_COLUMNS]
     if missing:
         raise WireError("bad-column", f"missing required columns {missing}")
+    for name in OPTIONAL_COLUMNS - found.keys():
+        found[name] = np.full(rows, np.nan)
     return Batch(
         device_id=_field(header, "device_id", str),
         seq=_field(header, "seq", int),

@@ -34,7 +34,12 @@ def expected_windows(truth: Path) -> dict[tuple[str, str, int], dict[str, float]
         starts = (ts // WIDTH) * WIDTH
         for st in np.unique(starts):
             v = vals[starts == st]
+            q50, q90, q99 = np.quantile(v, [0.5, 0.9, 0.99])
             out[(node, sensor, int(st))] = {
+                "sum": v.sum(),
+                "p50": q50,
+                "p90": q90,
+                "p99": q99,
                 "count": len(v),
                 "min": v.min(),
                 "max": v.max(),
@@ -58,7 +63,7 @@ def compare(
         g = got[(device, node, sensor, start)]
         assert int(g["count"]) == e["count"], (name, node, sensor, start)
         assert int(g.get("invalid", 0)) == 0
-        for f in ("min", "max", "mean", "stddev", "first", "last"):
+        for f in ("min", "max", "mean", "stddev", "first", "last", "sum", "p50", "p90", "p99"):
             assert g[f] == pytest.approx(e[f], rel=rel, abs=1e-12), (name, f, node, sensor, start)
 
 

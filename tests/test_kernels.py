@@ -23,7 +23,8 @@ IMPLS = [pytest.param(window_stats_numpy, id="numpy")]
 if kernels.BACKEND == "numba":
     IMPLS.append(pytest.param(window_stats_numba, id="numba"))
 
-FIELDS = ("min", "max", "mean", "stddev", "first", "last")
+FIELDS = ("min", "max", "mean", "stddev", "first", "last", "sum", "p50", "p90", "p99")
+ARITH = ("mean", "stddev", "sum", "p50", "p90", "p99")  # computed, so compared with a tolerance
 
 
 def reference(values: np.ndarray, seg_starts: np.ndarray) -> dict[str, np.ndarray]:
@@ -35,7 +36,12 @@ def reference(values: np.ndarray, seg_starts: np.ndarray) -> dict[str, np.ndarra
         out["count"].append(len(fin))
         out["invalid"].append(len(seg) - len(fin))
         if len(fin):
+            q50, q90, q99 = np.quantile(fin, [0.5, 0.9, 0.99])
             for k, v in (
+                ("sum", fin.sum()),
+                ("p50", q50),
+                ("p90", q90),
+                ("p99", q99),
                 ("min", fin.min()),
                 ("max", fin.max()),
                 ("mean", fin.mean()),
@@ -61,7 +67,7 @@ def check(impl, values: np.ndarray, seg_starts: np.ndarray) -> None:  # type: ig
     for i, (a, b) in enumerate(zip(seg_starts, ends, strict=True)):
         fin = values[a:b][np.isfinite(values[a:b])]
         scale = float(np.abs(fin).max()) if len(fin) else 0.0
-        for k in ("mean", "stddev"):
+        for k in ARITH:
             g, r = getattr(got, k)[i], ref[k][i]
             if np.isnan(r):
                 assert np.isnan(g), (k, i)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from click.testing import CliRunner, Result
@@ -144,6 +145,13 @@ def test_commands_with_the_agent_running_then_stopped(
         rows = list(csv.DictReader(fh))
     assert [float(r["value"]) for r in rows if r["sensor"] == "temp"] == temps
     assert len(rows) == 10
+    wout = tmp_path / "windows.csv"
+    res = cli("export", "-c", cfg, "--since", str(t0), "--until", str(t0 + 3 * W), "-o", str(wout))
+    assert res.exit_code == 0, res.output
+    with wout.open() as fh:
+        wins = {(r["sensor"], int(r["start_ns"])): r for r in csv.DictReader(fh)}
+    assert int(wins[("temp", t0)]["count"]) == 8
+    assert float(wins[("temp", t0)]["p50"]) == float(np.median(temps))
     assert cli("buffer", "check", "-c", cfg).exit_code == 0
     publish_later = cli("flush", "-c", cfg)
     assert publish_later.exit_code == EXIT_PARTIAL

@@ -220,3 +220,24 @@ def test_compact_on_the_wire() -> None:
     b = sample_batch(rows=300)
     size = len(encode_batch(b))
     assert size / b.rows < 92  # design.md: 92 bytes per point as line protocol
+
+
+def test_batch_from_an_older_v1_encoder_without_the_added_columns() -> None:
+    """sum and the quantiles were added within v1: a batch without them still decodes."""
+    b = sample_batch(rows=3)
+    body = zstandard.ZstdDecompressor().decompress(encode_batch(b)[10:], max_output_size=1 << 20)
+    (hlen,) = struct.unpack_from("<I", body)
+    header = json.loads(body[4 : 4 + hlen])
+    off = 4 + hlen
+    kept_cols, kept_bytes = [], b""
+    for c in header["columns"]:
+        if c["name"] not in ("sum", "p50", "p90", "p99"):
+            kept_cols.append(c)
+            kept_bytes += body[off : off + c["bytes"]]
+        off += c["bytes"]
+    header["columns"] = kept_cols
+    hb = json.dumps(header).encode()
+    nb = struct.pack("<I", len(hb)) + hb + kept_bytes
+    out = decode_batch(struct.pack("<4sBBI", b"TLMB", 1, 0, len(nb)) + nb)
+    np.testing.assert_array_equal(out.mean, b.mean)
+    assert np.isnan(out.p99).all() and np.isnan(out.sum).all()

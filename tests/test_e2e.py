@@ -7,6 +7,7 @@ processes, one writing InfluxDB 1.x + S3 (moto), the other the v2 write API
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -237,5 +238,75 @@ def test_ingestor_killed_mid_batch_loses_nothing(
         }
         keys = sorted(p.name for p in (archive / "batches").rglob("*.tlmb"))
         assert keys == [f"seq={s:020d}.tlmb" for s in range(1, c["batches_created"] + 1)]
+    finally:
+        pipe.stop_all()
+
+
+def test_twenty_sigkills_of_the_agent_count_every_reading_once_in_influxdb(
+    fresh: Callable[[str], Service],
+    influxdb: Service,
+    influx_db: str,
+    tmp_path: Path,
+    unique: str,
+) -> None:
+    """SIGKILL the agent 20 times at random moments (chosen by how far intake has got,
+    so they fall during intake, window closing and forwarding alike), restart it each
+    time; InfluxDB must end with every reading of the ground truth exactly once."""
+    broker = fresh("mosquitto")
+    device = f"dev-{unique}"
+    spec = PipelineSpec(
+        workdir=tmp_path / "run",
+        local_port=broker.port,
+        cloud_port=broker.port,
+        device_id=device,
+        duration_s=900.0,
+        speed=20.0,
+        seed=5,
+        width_s=WIDTH_S,
+        start_ns=(time.time_ns() // WIDTH - 92) * WIDTH + 3_000_000,
+        ack_timeout_s=1.0,
+        targets=[
+            IngestTarget(
+                "v1",
+                {"api": "v1", "url": influxdb.url, "database": influx_db},
+                {"url": f"file://{tmp_path / 'archive'}"},
+            )
+        ],
+    )
+    pipe = Pipeline(spec)
+    rng = random.Random(20)
+
+    def stored() -> int:
+        return int(pipe.agent_status()["counters"].get("readings_stored", 0))
+
+    try:
+        pipe.start_ingestors()
+        agent = pipe.start_agent(flush_on_shutdown=False)
+        sim = pipe.start_sim()
+        for _ in range(20):
+            target = stored() + rng.randint(300, 3000)
+            wait_until(
+                lambda t=target: stored() >= t or sim.poll() is not None,
+                60,
+                f"intake to reach {target}",
+            )
+            agent.popen.kill()
+            agent.popen.wait()
+            agent = pipe.start_agent(flush_on_shutdown=False)
+        produced = int(pipe.finish_sim(sim, timeout_s=120)["produced"])
+        pipe.wait_agent_has(produced, timeout_s=60)
+        assert agent.terminate() == 0
+        agent = pipe.start_agent(flush_on_shutdown=True)
+        assert agent.terminate(timeout_s=90) == 0  # closes the last windows, drains all acks
+        c = pipe.agent_status()["counters"]
+        assert c["readings_stored"] == produced
+        assert not {k: v for k, v in c.items() if k.startswith("dropped_") and v}
+        assert c["batches_acked"] == c["batches_created"]
+        windows = influxq.v1_windows(influxdb.url, influx_db)
+        exp = expected_windows(pipe.truth)
+        assert {k: int(v["count"]) for k, v in windows.items()} == {
+            (device, *k): v["count"] for k, v in exp.items()
+        }
+        assert influxq.total_count(windows) == produced
     finally:
         pipe.stop_all()

@@ -46,11 +46,12 @@ def batch_to_lines(batch: Batch, measurement: str = "window") -> list[str]:
     ]
     stats = {name: getattr(batch, name).tolist() for name in FLOAT_FIELDS}
     counts = batch.count.tolist()
+    revs = batch.revision.tolist()
     invalid = batch.invalid.tolist()
     starts = batch.start_ns.tolist()
     lines = []
     for i, sidx in enumerate(batch.sensor.tolist()):
-        fields = [f"count={counts[i]}i", f"invalid={invalid[i]}i"]
+        fields = [f"count={counts[i]}i", f"invalid={invalid[i]}i", f"revision={revs[i]}i"]
         for name in FLOAT_FIELDS:
             v = stats[name][i]
             if math.isfinite(v):

@@ -11,6 +11,7 @@ WindowKey = tuple[str, str, str, int]  # device_id, node, sensor, start_ns
 FIELDS = (
     "count",
     "invalid",
+    "revision",
     "min",
     "max",
     "mean",

@@ -72,6 +72,7 @@ class PipelineSpec:
     start_ns: int = 0
     drain_timeout_s: float = 30.0
     ack_timeout_s: float = 5.0
+    sim_config: str | None = None  # firmware-sim TOML (nodes, sensors); None: its defaults
 
 
 @dataclass
@@ -210,6 +211,10 @@ class Pipeline:
             "--start-ns", str(s.start_ns),
             "--truth", str(self.truth),
         ]  # fmt: skip
+        if s.sim_config is not None:
+            path = self.dir / "firmware-sim.toml"
+            path.write_text(s.sim_config)
+            argv += ["-c", str(path)]
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def finish_sim(self, popen: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:

@@ -62,10 +62,22 @@ class Agent:
     def tick(self) -> None:
         req = control.pending_flush(self.store)
         self.close_ready_windows(flush=req is not None)
+        seqs = window.revise(
+            self.store,
+            device_id=self.cfg.device_id,
+            width_ns=self.cfg.window.width_ns,
+            max_rows=self.cfg.forward.max_windows_per_batch,
+        )
+        if seqs:
+            log.info("window: late readings revised closed windows into batches %s", seqs)
         if req is not None:
             log.info("agent: flush requested: closed every open window")
             control.flush_done(self.store, req)
-        budget.enforce(self.store, self.cfg.storage.max_bytes)
+        budget.enforce(
+            self.store,
+            self.cfg.storage.max_bytes,
+            keep_raw_after_ns=self.store.get_state(buffer.MAX_TS) - self.cfg.window.max_age_ns,
+        )
         now = time.monotonic()
         if now >= self._next_beat:
             self._next_beat = now + control.HEARTBEAT_EVERY_S

@@ -4,8 +4,9 @@ When the pages in use exceed the budget, the documented policy frees space in
 this order, each step only as far as needed:
 
 1. raw reading chunks whose windows are closed (already summarised and in the
-   outbox), oldest first: counted as ``budget_pruned_chunks``; no reading is lost
-   to delivery, only the raw detail kept for inspection and export;
+   outbox) and too old to be revised by late readings, oldest first: counted as
+   ``budget_pruned_chunks``; no reading is lost to delivery, only the raw detail
+   kept for inspection and export;
 2. the oldest unacknowledged batches in the outbox: counted as
    ``dropped_budget_batches``, ``dropped_budget_windows`` and
    ``dropped_budget_readings``: these readings will never reach the cloud.
@@ -45,14 +46,21 @@ def used_bytes(store: Store) -> int:
     return (pages - free) * page_size
 
 
-def enforce(store: Store, max_bytes: int) -> BudgetResult:
-    """Apply the drop policy until the data fits in ``max_bytes`` (0 = no budget)."""
+def enforce(store: Store, max_bytes: int, *, keep_raw_after_ns: int | None = None) -> BudgetResult:
+    """Apply the drop policy until the data fits in ``max_bytes`` (0 = no budget).
+
+    Raw chunks newer than ``keep_raw_after_ns`` are kept even in closed windows: a
+    late reading may still revise those windows, and a revision computed from
+    partly deleted raw data would replace a right window with a wrong one.
+    """
     used = used_bytes(store)
     if max_bytes <= 0 or used <= max_bytes:
         return BudgetResult(used)
     pruned = batches = readings = windows = 0
     with store.tx():
         closed = store.get_state(buffer.CLOSED_UNTIL)
+        if keep_raw_after_ns is not None:
+            closed = min(closed, keep_raw_after_ns)
         while used_bytes(store) > max_bytes:
             cur = store.conn.execute(
                 "DELETE FROM chunks WHERE id IN (SELECT id FROM chunks WHERE t_max < ? "

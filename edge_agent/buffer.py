@@ -6,8 +6,10 @@ BLOBs, so writing and reading back costs one row per chunk, not one per reading
 (see ``docs/architecture.md`` for why, and ``design.md`` for the numbers).
 
 Readings older than the ``closed_until`` watermark belong to windows that are
-already closed and sent. This issue's policy for them is a counted drop
-(counter ``dropped_late``); revised windows come with the late-data work.
+already closed and sent. They are stored all the same and their windows marked
+*dirty* (:class:`LatePolicy`); :func:`edge_agent.window.revise` sends a revised
+version of each dirty window. Readings too old for that (``window.max_age_s``)
+are dropped and counted.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ MAX_TS = "max_ts"  # state key: newest event time stored
 @dataclass(frozen=True)
 class StoreResult:
     stored: int
-    late: int
+    late: int  # dropped: late with no revisions, or too old for one
     future: int = 0
     duplicate: int = 0
+    revised: int = 0  # stored, for windows already closed: they will be revised
 
 
 class SensorRegistry:
@@ -69,6 +72,19 @@ def message_digest(topic: str, payload: bytes) -> bytes:
     return hashlib.blake2b(topic.encode() + b"\0" + payload, digest_size=16).digest()
 
 
+@dataclass(frozen=True)
+class LatePolicy:
+    """What to do with a reading whose window is already closed.
+
+    ``max_age_ns`` 0: drop it (counted as ``dropped_late``). Otherwise keep it and
+    mark its window for a revision, unless it is older than the newest event time
+    minus ``max_age_ns`` (counted as ``dropped_too_old``).
+    """
+
+    width_ns: int
+    max_age_ns: int = 0
+
+
 def store_chunk(
     store: Store,
     registry: SensorRegistry,
@@ -76,15 +92,18 @@ def store_chunk(
     digest: bytes | None = None,
     *,
     future_limit_ns: int | None = None,
+    late: LatePolicy | None = None,
 ) -> StoreResult:
-    """Store the readings of ``chunk`` that are neither late nor from the future.
+    """Store the readings of ``chunk``, applying the late-data and future policies.
 
-    Returns how many were stored, dropped as late (their window is closed),
-    dropped as future (timestamp beyond ``future_limit_ns``: a node with a broken
-    clock must not drag the watermark ahead and make everyone else late), or
-    ignored as a redelivery of a message already stored (same ``digest``, see
-    :func:`message_digest`). All in one transaction: on return the outcome is
-    durable, so the caller may acknowledge the message to the node's broker.
+    Returns how many readings were stored, how many of those were late (for a
+    closed window, which is then marked for revision), and how many were dropped:
+    late with no revisions, too old for a revision, or from the future (timestamp
+    beyond ``future_limit_ns``: a node with a broken clock must not drag the
+    watermark ahead and make everyone else late). A redelivery of a message
+    already stored (same ``digest``, see :func:`message_digest`) is ignored. All
+    in one transaction: on return the outcome is durable, so the caller may
+    acknowledge the message to the node's broker.
     """
     with store.tx():
         if digest is not None:
@@ -96,8 +115,15 @@ def store_chunk(
                 store.add_counter("duplicates_ignored", len(chunk))
                 return StoreResult(stored=0, late=0, duplicate=len(chunk))
         closed = store.get_state(CLOSED_UNTIL)
-        keep = chunk.ts >= closed
-        late = int(len(chunk) - keep.sum())
+        is_late = chunk.ts < closed
+        keep = ~is_late
+        dropped_late = too_old = accepted_late = 0
+        if late is None or late.max_age_ns <= 0:
+            dropped_late = int(is_late.sum())
+        else:
+            old = is_late & (chunk.ts < store.get_state(MAX_TS) - late.max_age_ns)
+            too_old = int(old.sum())
+            keep |= is_late & ~old
         future = 0
         if future_limit_ns is not None:
             ahead = chunk.ts > future_limit_ns
@@ -123,10 +149,22 @@ def store_chunk(
             )
             if int(ts[-1]) > store.get_state(MAX_TS):
                 store.set_state(MAX_TS, int(ts[-1]))
+            late_ts = ts[ts < closed]
+            accepted_late = len(late_ts)
+            if accepted_late and late is not None:
+                starts = np.unique((late_ts // late.width_ns) * late.width_ns)
+                store.conn.executemany(
+                    "INSERT OR IGNORE INTO dirty(sensor_id, start_ns) VALUES (?, ?)",
+                    [(sid, int(st)) for st in starts.tolist()],
+                )
         store.add_counter("readings_stored", len(ts))
-        store.add_counter("dropped_late", late)
+        store.add_counter("readings_late_accepted", accepted_late)
+        store.add_counter("dropped_late", dropped_late)
+        store.add_counter("dropped_too_old", too_old)
         store.add_counter("dropped_future", future)
-    return StoreResult(stored=len(ts), late=late, future=future)
+    return StoreResult(
+        stored=len(ts), late=dropped_late + too_old, future=future, revised=accepted_late
+    )
 
 
 def read_range(
@@ -169,6 +207,7 @@ def prune(store: Store, older_than_ns: int, *, keep_digests: int = KEEP_DIGESTS)
     with store.tx():
         limit = min(older_than_ns, store.get_state(CLOSED_UNTIL))
         cur = store.conn.execute("DELETE FROM chunks WHERE t_max < ?", (limit,))
+        store.conn.execute("DELETE FROM revisions WHERE start_ns < ?", (limit,))
         store.conn.execute(
             "DELETE FROM received WHERE rowid <= (SELECT max(rowid) FROM received) - ?",
             (keep_digests,),

@@ -49,6 +49,7 @@ class WindowConfig:
     width_s: float = 10.0
     lateness_s: float = 2.0
     max_future_s: float = 300.0
+    max_age_s: float = 3600.0
     flush_on_shutdown: bool = False
 
     def __post_init__(self) -> None:
@@ -59,10 +60,16 @@ class WindowConfig:
             raise Invalid("lateness_s", "must be >= 0")
         if self.max_future_s < 0:
             raise Invalid("max_future_s", "must be >= 0")
+        if self.max_age_s < 0:
+            raise Invalid("max_age_s", "must be >= 0 (0 = drop late readings, no revisions)")
 
     @property
     def width_ns(self) -> int:
         return round(self.width_s * 1e9)
+
+    @property
+    def max_age_ns(self) -> int:
+        return round(self.max_age_s * 1e9)
 
     @property
     def max_future_ns(self) -> int:
@@ -125,3 +132,9 @@ class AgentConfig:
         if not is_valid_id(self.device_id):
             raise Invalid("device_id", "must be 1-64 characters of A-Z a-z 0-9 _ . -")
         positive("tick_s", self.tick_s)
+        if self.window.max_age_s > self.storage.raw_retention_s:
+            raise Invalid(
+                "window.max_age_s",
+                "must be <= storage.raw_retention_s: a revision "
+                "is computed from the raw readings, which must still be there",
+            )

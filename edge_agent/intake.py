@@ -36,6 +36,7 @@ class Intake:
         self.connected = threading.Event()
         self.store_errors = 0
         self.subscribed = threading.Event()
+        self.late_policy = buffer.LatePolicy(cfg.window.width_ns, cfg.window.max_age_ns)
         client_id = cfg.intake.broker.client_id or f"edge-agent-{cfg.device_id}-intake"
         self.client = make_client(cfg.intake.broker, client_id, manual_ack=True)
         self.client.on_connect = self._on_connect
@@ -85,6 +86,7 @@ class Intake:
                     chunk,
                     buffer.message_digest(msg.topic, bytes(msg.payload)),
                     future_limit_ns=time.time_ns() + self.cfg.window.max_future_ns,
+                    late=self.late_policy,
                 )
             except Exception:  # logged and counted; paho's thread must survive any error
                 # Not acknowledged: the broker keeps the message and redelivers it
@@ -102,7 +104,8 @@ class Intake:
                 )
             if res.late:
                 log.warning(
-                    "intake: dropped %d late readings of %s/%s (windows already closed)",
+                    "intake: dropped %d late readings of %s/%s (windows closed, and too old "
+                    "for a revision or revisions are off)",
                     res.late,
                     chunk.node,
                     chunk.sensor,

@@ -54,7 +54,9 @@ def add(store: Store, batch: Batch) -> None:
         (batch.seq, batch.created_ns, batch.rows, batch.readings, encode_batch(batch)),
     )
     store.add_counter("batches_created", 1)
-    store.add_counter("windows_closed", batch.rows)
+    first = int((batch.revision == 0).sum())
+    store.add_counter("windows_closed", first)
+    store.add_counter("windows_resent_revised", batch.rows - first)
 
 
 def due(

@@ -84,8 +84,16 @@ def _v2(db: sqlite_utils.Database) -> None:
     outbox.add_column("next_try_ns", int, not_null_default=0)
 
 
+def _v3(db: sqlite_utils.Database) -> None:
+    """Late data: windows to revise, and how often each window was revised."""
+    db.table("dirty").create({"sensor_id": int, "start_ns": int}, pk=("sensor_id", "start_ns"))
+    db.table("revisions").create(
+        {"sensor_id": int, "start_ns": int, "revision": int}, pk=("sensor_id", "start_ns")
+    )
+
+
 #: MIGRATIONS[i] upgrades schema version i to i + 1.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -29,6 +29,61 @@ def flush_boundary(max_ts: int, width_ns: int) -> int:
     return (max_ts // width_ns + 1) * width_ns
 
 
+def _summarise(
+    data: dict[int, tuple[np.ndarray, np.ndarray]], width_ns: int
+) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+    """Window statistics of every sensor in ``data``, as (sensor ids, columns), ordered
+    by window start then sensor."""
+    cols: dict[str, list[np.ndarray]] = {}
+    sids: list[np.ndarray] = []
+    for sid, (ts, vals) in sorted(data.items()):
+        starts, segs = segment_windows(ts, width_ns)
+        stats = window_stats(vals, segs)
+        sids.append(np.full(len(starts), sid, dtype=np.int64))
+        cols.setdefault("start_ns", []).append(starts)
+        for name, arr in stats.columns().items():
+            cols.setdefault(name, []).append(arr)
+    if not sids:
+        return None
+    sid_all = np.concatenate(sids)
+    merged = {k: np.concatenate(v) for k, v in cols.items()}
+    order = np.lexsort((sid_all, merged["start_ns"]))
+    return sid_all[order], {k: v[order] for k, v in merged.items()}
+
+
+def _emit(
+    store: Store,
+    device_id: str,
+    width_ns: int,
+    max_rows: int,
+    sid_all: np.ndarray,
+    merged: dict[str, np.ndarray],
+) -> list[int]:
+    """Write the rows as batches of at most ``max_rows`` to the outbox; call in a transaction."""
+    sensors = buffer.load_sensors(store)
+    spec = WindowSpec("tumbling", width_ns)
+    seqs = []
+    for a in range(0, len(sid_all), max_rows):
+        part = slice(a, a + max_rows)
+        used = sorted(set(sid_all[part].tolist()))
+        index = {s: i for i, s in enumerate(used)}
+        refs: tuple[SensorRef, ...] = tuple(sensors[s] for s in used)
+        columns = {k: v[part] for k, v in merged.items()}
+        columns["sensor"] = np.array([index[s] for s in sid_all[part].tolist()])
+        seq = outbox.next_seq(store)
+        batch = make_batch(
+            device_id=device_id,
+            seq=seq,
+            created_ns=time.time_ns(),
+            window=spec,
+            sensors=refs,
+            columns=columns,
+        )
+        outbox.add(store, batch)
+        seqs.append(seq)
+    return seqs
+
+
 def close_until(
     store: Store, *, device_id: str, width_ns: int, upto_ns: int, max_rows: int
 ) -> list[int]:
@@ -39,41 +94,61 @@ def close_until(
         closed = store.get_state(buffer.CLOSED_UNTIL)
         if upto_ns <= closed:
             return seqs
-        data = buffer.read_range(store, closed, upto_ns)
-        sensors = buffer.load_sensors(store)
-        cols: dict[str, list[np.ndarray]] = {}
-        sids: list[np.ndarray] = []
-        for sid, (ts, vals) in sorted(data.items()):
-            starts, segs = segment_windows(ts, width_ns)
-            stats = window_stats(vals, segs)
-            sids.append(np.full(len(starts), sid, dtype=np.int64))
-            cols.setdefault("start_ns", []).append(starts)
-            for name, arr in stats.columns().items():
-                cols.setdefault(name, []).append(arr)
-        if sids:
-            sid_all = np.concatenate(sids)
-            merged = {k: np.concatenate(v) for k, v in cols.items()}
-            order = np.lexsort((sid_all, merged["start_ns"]))
-            sid_all = sid_all[order]
-            merged = {k: v[order] for k, v in merged.items()}
-            spec = WindowSpec("tumbling", width_ns)
-            for a in range(0, len(sid_all), max_rows):
-                part = slice(a, a + max_rows)
-                used = sorted(set(sid_all[part].tolist()))
-                index = {s: i for i, s in enumerate(used)}
-                refs: tuple[SensorRef, ...] = tuple(sensors[s] for s in used)
-                columns = {k: v[part] for k, v in merged.items()}
-                columns["sensor"] = np.array([index[s] for s in sid_all[part].tolist()])
-                seq = outbox.next_seq(store)
-                batch = make_batch(
-                    device_id=device_id,
-                    seq=seq,
-                    created_ns=time.time_ns(),
-                    window=spec,
-                    sensors=refs,
-                    columns=columns,
-                )
-                outbox.add(store, batch)
-                seqs.append(seq)
+        rows = _summarise(buffer.read_range(store, closed, upto_ns), width_ns)
+        if rows is not None:
+            seqs = _emit(store, device_id, width_ns, max_rows, *rows)
         store.set_state(buffer.CLOSED_UNTIL, upto_ns)
+    return seqs
+
+
+def revise(
+    store: Store, *, device_id: str, width_ns: int, max_rows: int, limit: int = 1000
+) -> list[int]:
+    """Send a new version of every closed window that late readings changed.
+
+    The revised row is computed from all raw readings of the window (the first
+    version's and the late ones), carries the next ``revision`` number, and goes
+    out under a new seq. In InfluxDB it overwrites the earlier point (same series
+    and timestamp). Returns the new batch seqs.
+    """
+    seqs: list[int] = []
+    with store.tx():
+        dirty = store.conn.execute(
+            "SELECT sensor_id, start_ns FROM dirty ORDER BY start_ns LIMIT ?", (limit,)
+        ).fetchall()
+        if not dirty:
+            return seqs
+        by_start: dict[int, set[int]] = {}
+        for sid, start in dirty:
+            by_start.setdefault(int(start), set()).add(int(sid))
+        parts: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+        for start, sids in sorted(by_start.items()):
+            data = {
+                k: v
+                for k, v in buffer.read_range(store, start, start + width_ns).items()
+                if k in sids
+            }
+            rows = _summarise(data, width_ns)
+            if rows is not None:
+                parts.append(rows)
+        if parts:
+            sid_all = np.concatenate([p[0] for p in parts])
+            merged = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
+            revs = []
+            for sid, start in zip(sid_all.tolist(), merged["start_ns"].tolist(), strict=True):
+                row = store.conn.execute(
+                    "SELECT revision FROM revisions WHERE sensor_id = ? AND start_ns = ?",
+                    (sid, start),
+                ).fetchone()
+                rev = (int(row[0]) if row else 0) + 1
+                store.conn.execute(
+                    "INSERT INTO revisions(sensor_id, start_ns, revision) VALUES (?, ?, ?) "
+                    "ON CONFLICT(sensor_id, start_ns) DO UPDATE SET revision = excluded.revision",
+                    (sid, start, rev),
+                )
+                revs.append(rev)
+            merged["revision"] = np.array(revs)
+            seqs = _emit(store, device_id, width_ns, max_rows, sid_all, merged)
+            store.add_counter("windows_revised", len(sid_all))
+        store.conn.executemany("DELETE FROM dirty WHERE sensor_id = ? AND start_ns = ?", dirty)
     return seqs

@@ -18,12 +18,15 @@ class SensorSpec:
     rate_hz: float
     chunk: int = 1
     unit: str = ""
+    delay_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not is_valid_id(self.name):
             raise Invalid("name", "must be 1-64 characters of A-Z a-z 0-9 _ . -")
         positive("rate_hz", self.rate_hz)
         positive("chunk", self.chunk)
+        if self.delay_s < 0:
+            raise Invalid("delay_s", "must be >= 0")
         if 1e9 / self.rate_hz != int(1e9 / self.rate_hz):
             raise Invalid("rate_hz", "1e9 / rate_hz must be a whole number of nanoseconds")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from firmware_sim.config import SimConfig
+from firmware_sim.config import SensorSpec, SimConfig
 from firmware_sim.sensors import chunk_times, chunk_values, period_ns
 from firmware_sim.truth import TruthWriter
 from shared.readings import encode_chunk
@@ -54,16 +54,21 @@ def _connect(cfg: SimConfig, timeout_s: float = 30.0) -> mqtt.Client:
     return client
 
 
+def delay_ns(spec: SensorSpec) -> int:
+    return round(spec.delay_s * 1e9)
+
+
 def run_sim(cfg: SimConfig) -> SimResult:
     start_ns = cfg.start_ns or (time.time_ns() // 1_000_000) * 1_000_000
     end_ns = start_ns + int(cfg.duration_s * 1e9)
-    # heap of (due event time, node index, sensor index, chunk index)
+    # heap of (publish time, node index, sensor index, chunk index), in event time: a
+    # chunk is due when its last reading is taken, and published delay_s after that
     heap: list[tuple[int, int, int, int]] = []
     for ni, node in enumerate(cfg.nodes):
         for si, spec in enumerate(node.sensors):
             due = start_ns + (spec.chunk - 1) * period_ns(spec)
             if due < end_ns:
-                heap.append((due, ni, si, 0))
+                heap.append((due + delay_ns(spec), ni, si, 0))
     heapq.heapify(heap)
     client = _connect(cfg)
     truth = TruthWriter(cfg.truth_path)
@@ -89,8 +94,8 @@ def run_sim(cfg: SimConfig) -> SimResult:
             infos.append(info)
             truth.write(node.id, spec.name, spec.unit, ts_l, v_l)
             readings += len(ts_l)
-            nxt = due + spec.chunk * period_ns(spec)
-            if nxt < end_ns:
+            nxt = due + spec.chunk * period_ns(spec)  # (due includes the delay)
+            if nxt - delay_ns(spec) < end_ns:
                 heapq.heappush(heap, (nxt, ni, si, k + 1))
         deadline = time.monotonic() + 60
         for info in infos:

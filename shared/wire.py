@@ -52,8 +52,13 @@ COLUMNS: Final[Mapping[str, tuple[str, str]]] = {
     "invalid": ("uint32", "plain"),
     **{name: ("float64", "plain") for name in STAT_FIELDS},
     **{name: ("float64", "plain") for name in EXTRA_FIELDS},
+    "revision": ("uint32", "plain"),
 }
-OPTIONAL_COLUMNS: Final = frozenset(EXTRA_FIELDS)
+#: Columns added within v1, with the value a decoder assumes when a batch lacks them.
+OPTIONAL_COLUMNS: Final[Mapping[str, float]] = {
+    **{name: float("nan") for name in EXTRA_FIELDS},
+    "revision": 0,
+}
 WINDOW_KINDS: Final = ("tumbling",)
 
 
@@ -94,9 +99,11 @@ class Batch:
     """Closed windows of one device, identified by (device_id, seq).
 
     Row i is the window ``[start_ns[i], start_ns[i] + width_ns)`` of sensor
-    ``sensors[sensor[i]]``. ``count`` counts finite readings, ``invalid`` the NaN
-    and infinite ones (excluded from every statistic). When ``count`` is 0 the six
-    statistics are NaN. ``stddev`` is the population standard deviation (ddof=0).
+    ``sensors[sensor[i]]``; ``revision`` is 0 for its first version and grows each
+    time late readings make the device send the window again. ``count`` counts
+    finite readings, ``invalid`` the NaN and infinite ones (excluded from every
+    statistic). When ``count`` is 0 the float statistics are NaN. ``stddev`` is the
+    population standard deviation (ddof=0).
     """
 
     device_id: str
@@ -118,6 +125,7 @@ class Batch:
     p50: npt.NDArray[np.float64]
     p90: npt.NDArray[np.float64]
     p99: npt.NDArray[np.float64]
+    revision: npt.NDArray[np.uint32]
 
     def __post_init__(self) -> None:
         if not is_valid_id(self.device_id):
@@ -162,7 +170,7 @@ def make_batch(
     """Build a batch from loosely typed columns (converted to the wire dtypes);
     optional columns that are absent are filled with NaN."""
     n = len(columns["sensor"])  # type: ignore[arg-type]
-    columns = {**{k: np.full(n, np.nan) for k in OPTIONAL_COLUMNS}, **columns}
+    columns = {**{k: np.full(n, v) for k, v in OPTIONAL_COLUMNS.items()}, **columns}
     cols = {
         name: np.ascontiguousarray(columns[name], dtype=dt) for name, (dt, _) in COLUMNS.items()
     }
@@ -325,8 +333,9 @@ def _decode_body(body: bytes) -> Batch:
     missing = [name for name in COLUMNS if name not in found and name not in OPTIONAL_COLUMNS]
     if missing:
         raise WireError("bad-column", f"missing required columns {missing}")
-    for name in OPTIONAL_COLUMNS - found.keys():
-        found[name] = np.full(rows, np.nan)
+    for name, default in OPTIONAL_COLUMNS.items():
+        if name not in found:
+            found[name] = np.full(rows, default).astype(COLUMNS[name][0])
     return Batch(
         device_id=_field(header, "device_id", str),
         seq=_field(header, "seq", int),

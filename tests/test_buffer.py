@@ -222,3 +222,44 @@ def test_drain_order_live_first_then_backfill_oldest_first(tmp_path: Path) -> No
     assert [
         o.seq for o in outbox.due(s, 3, exclude=[5], now_ns=now, live_since_ns=now - 60 * 10**9)
     ] == [6, 1, 2]
+
+
+def test_late_readings_revise_their_closed_window(tmp_path: Path) -> None:
+    s = Store(tmp_path / "a.sqlite")
+    reg = buffer.SensorRegistry(s)
+    policy = buffer.LatePolicy(width_ns=W, max_age_ns=100 * W)
+    buffer.store_chunk(s, reg, chunk("a", [T0 + 1, T0 + 2], [1.0, 3.0]), late=policy)
+    buffer.store_chunk(s, reg, chunk("b", [T0 + 3], [5.0]), late=policy)
+    buffer.store_chunk(s, reg, chunk("a", [T0 + 3 * W], [0.0]), late=policy)
+    assert close(s, T0 + W) == [1]
+    # two late readings for sensor a's closed window, one for the still open window
+    res = buffer.store_chunk(
+        s, reg, chunk("a", [T0 + 5, T0 + W + 1, T0 + 6], [8.0, 1.0, 0.0]), late=policy
+    )
+    assert (res.stored, res.revised, res.late) == (3, 2, 0)
+    seqs = window.revise(s, device_id="dev", width_ns=W, max_rows=100)
+    assert seqs == [2] and window.revise(s, device_id="dev", width_ns=W, max_rows=100) == []
+    (payload,) = s.conn.execute("SELECT payload FROM outbox WHERE seq = 2").fetchone()
+    b = decode_batch(bytes(payload))
+    # only sensor a's window is sent again, computed from all four of its readings
+    assert b.rows == 1 and b.sensors[b.sensor[0]].name == "a"
+    assert (b.count[0], b.revision[0], b.sum[0], b.first[0], b.last[0]) == (4, 1, 12.0, 1.0, 0.0)
+    # another late reading: revision 2
+    buffer.store_chunk(s, reg, chunk("a", [T0 + 7], [2.0]), late=policy)
+    (seq,) = window.revise(s, device_id="dev", width_ns=W, max_rows=100)
+    (payload,) = s.conn.execute("SELECT payload FROM outbox WHERE seq = ?", (seq,)).fetchone()
+    assert decode_batch(bytes(payload)).revision.tolist() == [2]
+    c = s.counters()
+    assert c["windows_revised"] == 2 and c["readings_late_accepted"] == 3
+    assert c["windows_closed"] == 2  # first versions only; revisions are counted apart
+
+
+def test_readings_too_old_for_a_revision_are_dropped_and_counted(tmp_path: Path) -> None:
+    s = Store(tmp_path / "a.sqlite")
+    reg = buffer.SensorRegistry(s)
+    policy = buffer.LatePolicy(width_ns=W, max_age_ns=5 * W)
+    buffer.store_chunk(s, reg, chunk("a", [T0, T0 + 20 * W], [1.0, 2.0]), late=policy)
+    close(s, T0 + 20 * W)
+    res = buffer.store_chunk(s, reg, chunk("a", [T0 + 1, T0 + 18 * W], [9.0, 9.0]), late=policy)
+    assert (res.stored, res.revised, res.late) == (1, 1, 1)
+    assert s.counters()["dropped_too_old"] == 1

@@ -310,3 +310,73 @@ def test_twenty_sigkills_of_the_agent_count_every_reading_once_in_influxdb(
         assert influxq.total_count(windows) == produced
     finally:
         pipe.stop_all()
+
+
+LATE_NODES = """
+[[nodes]]
+id = "env-1"
+  [[nodes.sensors]]
+  name = "temperature"
+  kind = "temperature"
+  rate_hz = 1.0
+  unit = "degC"
+[[nodes]]
+id = "slow-1"
+  [[nodes.sensors]]
+  name = "humidity"
+  kind = "humidity"
+  rate_hz = 2.0
+  chunk = 2
+  unit = "%RH"
+  delay_s = 6.0
+"""
+
+
+def test_late_readings_revise_windows_in_influxdb(
+    fresh: Callable[[str], Service],
+    influxdb: Service,
+    influx_db: str,
+    tmp_path: Path,
+    unique: str,
+) -> None:
+    """A node whose messages arrive 6 s late (lateness is 2 s): its windows are first sent
+    without its readings, then revised; InfluxDB ends with the exact counts of the truth."""
+    broker = fresh("mosquitto")
+    device = f"dev-{unique}"
+    spec = PipelineSpec(
+        workdir=tmp_path / "run",
+        local_port=broker.port,
+        cloud_port=broker.port,
+        device_id=device,
+        duration_s=60.0,
+        speed=6.0,
+        seed=9,
+        width_s=WIDTH_S,
+        start_ns=(time.time_ns() // WIDTH - 8) * WIDTH + 400_000_000,
+        sim_config=LATE_NODES,
+        targets=[
+            IngestTarget(
+                "v1",
+                {"api": "v1", "url": influxdb.url, "database": influx_db},
+                {"url": f"file://{tmp_path / 'archive'}"},
+            )
+        ],
+    )
+    pipe = Pipeline(spec)
+
+    def arrived(produced: int) -> bool:
+        return influxq.total_count(influxq.v1_windows(influxdb.url, influx_db)) == produced
+
+    try:
+        res = pipe.run(arrived, deliver_timeout_s=60)
+    finally:
+        pipe.stop_all()
+    assert res.arrived
+    c = res.counters
+    assert c["windows_revised"] > 0 and c["readings_late_accepted"] > 0
+    assert not {k: v for k, v in c.items() if k.startswith("dropped_") and v}
+    windows = influxq.v1_windows(influxdb.url, influx_db)
+    exp = expected_windows(pipe.truth)
+    compare("influxdb-1.x", device, exp, windows, 1e-9)
+    revised = [k for k, w in windows.items() if int(w["revision"]) > 0]
+    assert revised and all(k[2] == "humidity" for k in revised)

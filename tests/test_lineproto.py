@@ -30,7 +30,7 @@ def test_lines_escape_tags_and_omit_nan() -> None:
     lines = batch_to_lines(b, "win dow")
     assert lines[0] == (
         r"win\ dow,device_id=d1,node=n1,sensor=t,unit=deg\ C\,x\=y,window=10s "
-        "count=2i,invalid=0i,min=0.1,max=0.1,mean=0.1,stddev=0.1,first=0.1,"
+        "count=2i,invalid=0i,revision=0i,min=0.1,max=0.1,mean=0.1,stddev=0.1,first=0.1,"
         "last=0.1 0"
     )
-    assert lines[1].endswith(" count=0i,invalid=3i 10000000000")
+    assert lines[1].endswith(" count=0i,invalid=3i,revision=0i 10000000000")

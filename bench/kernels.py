@@ -7,8 +7,10 @@ machines are shared and noisy.
     .venv/bin/python bench/kernels.py [--readings 10000000] [--window 1000] [--repeat 7]
 
 The baseline computes only count/sum/min/max/sum of squares with five
-``np.*.reduceat`` calls (design.md measured ~230 M readings/s); the kernels also
-handle NaN, compute first/last and a two-pass stddev.
+``np.*.reduceat`` calls (design.md measured ~230 M readings/s); the kernels
+compute 12 statistics: they also handle NaN, compute first/last, a two-pass
+stddev and the exact p50/p90/p99 (a sort per window, which dominates their cost).
+The quantiles are then compared with pandas ``groupby().quantile()``.
 """
 
 from __future__ import annotations
@@ -45,10 +47,10 @@ def main() -> None:
     seg = np.arange(0, args.readings, args.window, dtype=np.int64)
     cases: dict[str, Callable[[np.ndarray, np.ndarray], object]] = {
         "numpy reduceat baseline (5 stats)": baseline,
-        "numpy fallback kernel (8 stats)": kernels.window_stats_numpy,
+        "numpy fallback kernel (12 stats)": kernels.window_stats_numpy,
     }
     if kernels.BACKEND == "numba":
-        cases["numba kernel (8 stats)"] = kernels.window_stats_numba
+        cases["numba kernel (12 stats)"] = kernels.window_stats_numba
         kernels.window_stats_numba(values[:10], seg[:1])  # compile / load from cache
     best = dict.fromkeys(cases, float("inf"))
     for _ in range(args.repeat):
@@ -67,6 +69,36 @@ def main() -> None:
         print(
             f"  {name:<36} {args.readings / secs / 1e6:8.1f} M readings/s"
             f"   x{base / secs:5.2f} vs baseline"
+        )
+    quantile_report(values, seg, args.repeat)
+
+
+def quantile_report(values: np.ndarray, seg: np.ndarray, repeat: int) -> None:
+    """Exact p50/p90/p99 per window: the kernel (which computes all its statistics in
+    the same pass) against pandas ``groupby().quantile()``, interleaved."""
+    try:
+        import pandas as pd
+    except ImportError:
+        print("pandas not installed: pip install -e '.[bench]' for the quantile comparison")
+        return
+    lengths = np.diff(np.append(seg, len(values)))
+    frame = pd.DataFrame({"w": np.repeat(np.arange(len(seg)), lengths), "v": values})
+    best = {"pandas groupby().quantile(3 q)": float("inf"), "kernel, all 12 stats": float("inf")}
+    for _ in range(repeat):
+        t = time.perf_counter()
+        frame.groupby("w")["v"].quantile([0.5, 0.9, 0.99])
+        best["pandas groupby().quantile(3 q)"] = min(
+            best["pandas groupby().quantile(3 q)"], time.perf_counter() - t
+        )
+        t = time.perf_counter()
+        kernels.window_stats(values, seg)
+        best["kernel, all 12 stats"] = min(best["kernel, all 12 stats"], time.perf_counter() - t)
+    base = best["pandas groupby().quantile(3 q)"]
+    print(f"quantiles ({kernels.BACKEND} kernel vs pandas {pd.__version__}):")
+    for name, secs in best.items():
+        print(
+            f"  {name:<36} {len(values) / secs / 1e6:8.1f} M readings/s"
+            f"   x{base / secs:5.2f} vs pandas"
         )
 
 

@@ -20,6 +20,7 @@ class MqttConfig:
     client_id: str = "cloud-ingest-1"
     topic_prefix: str = DEFAULT_BATCH_PREFIX
     subscription: str = ""
+    alert_subscription: str = ""
     keepalive_s: int = 30
     session_expiry_s: int = 7 * 24 * 3600
 
@@ -42,6 +43,7 @@ class InfluxConfig:
     bucket: str = "telemetry"
     token: str = ""
     measurement: str = "window"
+    alert_measurement: str = "alert"
     timeout_s: float = 10.0
 
     def __post_init__(self) -> None:

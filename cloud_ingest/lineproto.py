@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+from shared.alerts import Alert
 from shared.wire import EXTRA_FIELDS, STAT_FIELDS, Batch
 
 FLOAT_FIELDS = STAT_FIELDS + EXTRA_FIELDS
@@ -32,6 +33,28 @@ def window_label(width_ns: int) -> str:
     if width_ns % 1_000_000 == 0:
         return f"{width_ns // 1_000_000}ms"
     return f"{width_ns}ns"
+
+
+def _string_field(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def alert_to_line(device_id: str, alert: Alert, measurement: str = "alert") -> str:
+    """One point per alert event, at the event time of the reading that caused it."""
+    tags = (
+        f"{measurement.translate(_MEAS_ESCAPES)},device_id={device_id.translate(_TAG_ESCAPES)}"
+        f",rule={alert.rule.translate(_TAG_ESCAPES)},node={alert.node},sensor={alert.sensor}"
+        f",kind={alert.kind}"
+    )
+    fields = [
+        f"state={_string_field(alert.state)}",
+        f"raised={int(alert.state == 'raised')}i",
+        f"seq={alert.seq}i",
+        f"message={_string_field(alert.message)}",
+    ]
+    if alert.value is not None and math.isfinite(alert.value):
+        fields.append(f"value={alert.value!r}")
+    return f"{tags} {','.join(fields)} {alert.ts_ns}"
 
 
 def batch_to_lines(batch: Batch, measurement: str = "window") -> list[str]:

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cloud_ingest.config import IngestConfig
-from cloud_ingest.lineproto import batch_to_lines
-from cloud_ingest.sinks.archive import batch_key
+from cloud_ingest.lineproto import alert_to_line, batch_to_lines
+from cloud_ingest.sinks.archive import alert_key, batch_key
 from cloud_ingest.sinks.base import ObjectStore, PointSink
 from shared.acks import Ack
+from shared.alerts import decode_alert
 from shared.errors import PermanentSinkError, RetryableSinkError, WireError
-from shared.topics import device_from_batch_topic
+from shared.topics import device_from_alert_topic, device_from_batch_topic
 from shared.wire import decode_batch, peek_seq
 
 log = logging.getLogger("cloud_ingest.process")
@@ -49,6 +50,15 @@ class Outcome:
     ack: Ack | None
 
 
+def _json_seq(payload: bytes) -> int | None:
+    """Best effort: the seq of a JSON message that failed validation."""
+    try:
+        seq = json.loads(payload).get("seq")
+    except (ValueError, AttributeError):
+        return None
+    return seq if type(seq) is int and seq >= 0 else None
+
+
 class ShuttingDown(Exception):
     """Raised inside a retry loop when the service is asked to stop."""
 
@@ -72,10 +82,13 @@ class Processor:
     async def handle(self, topic: str, payload: bytes) -> Outcome:
         """Process one message: write it, recognise it as a duplicate, or quarantine it.
 
-        The outcome says which ack (if any) to send to which device: ``stored`` once
-        both sinks hold the batch, ``rejected`` when it is quarantined and its seq can
-        be read, nothing when not even that is possible.
+        Batches come on ``…/<device>/batch``, alerts on ``…/<device>/alert``. The
+        outcome says which ack (if any) to send to which device: ``stored`` once both
+        sinks hold the message, ``rejected`` when it is quarantined and its seq can be
+        read, nothing when not even that is possible.
         """
+        if topic.endswith("/alert"):
+            return await self._handle_alert(topic, payload)
         self.stats.inc("received")
         device = device_from_batch_topic(topic, self.cfg.mqtt.topic_prefix)
         try:
@@ -92,20 +105,53 @@ class Processor:
                     f"payload device_id {batch.device_id!r} on the topic of {device!r}",
                 )
         except WireError as exc:
-            await self.quarantine(topic, payload, exc.reason, str(exc))
             seq = peek_seq(payload, max_body_bytes=self.cfg.limits.max_body_bytes)
-            ack = None if device is None or seq is None else Ack(seq, "rejected", exc.reason)
-            return Outcome("quarantined", device, ack)
-        key = (batch.device_id, batch.seq)
-        if key in self._recent:
-            self._recent.move_to_end(key)
-            self.stats.inc("duplicates")
-            return Outcome("duplicate", device, Ack(batch.seq, "stored"))
+            return await self._reject(topic, payload, device, seq, exc)
         lines = batch_to_lines(batch, self.cfg.influx.measurement)
+        out = await self._store(
+            topic, payload, device, batch.seq, lines, batch_key(device, batch.seq)
+        )
+        if out.result == "written":
+            self.stats.inc("batches_written")
+            self.stats.inc("points_written", len(lines))
+        return out
+
+    async def _handle_alert(self, topic: str, payload: bytes) -> Outcome:
+        self.stats.inc("alerts_received")
+        device = device_from_alert_topic(topic, self.cfg.mqtt.topic_prefix)
+        try:
+            if device is None:
+                raise WireError("bad-topic", f"{topic!r} is not <prefix>/<device_id>/alert")
+            alert = decode_alert(payload)
+        except WireError as exc:
+            return await self._reject(topic, payload, device, _json_seq(payload), exc)
+        line = alert_to_line(device, alert, self.cfg.influx.alert_measurement)
+        out = await self._store(
+            topic, payload, device, alert.seq, [line], alert_key(device, alert.seq)
+        )
+        if out.result == "written":
+            self.stats.inc("alerts_written")
+        return out
+
+    async def _reject(
+        self, topic: str, payload: bytes, device: str | None, seq: int | None, exc: WireError
+    ) -> Outcome:
+        await self.quarantine(topic, payload, exc.reason, str(exc))
+        ack = None if device is None or seq is None else Ack(seq, "rejected", exc.reason)
+        return Outcome("quarantined", device, ack)
+
+    async def _store(
+        self, topic: str, payload: bytes, device: str, seq: int, lines: list[str], key: str
+    ) -> Outcome:
+        """Write to InfluxDB and the archive; ``written`` only when both hold it."""
+        if (device, seq) in self._recent:
+            self._recent.move_to_end((device, seq))
+            self.stats.inc("duplicates")
+            return Outcome("duplicate", device, Ack(seq, "stored"))
         # Both sinks run to their end (success or final failure) before we decide.
         outcomes = await asyncio.gather(
             self._with_retry("influx", lambda: self.points.write(lines)),
-            self._with_retry("archive", lambda: self.archive.put(batch_key(*key), payload)),
+            self._with_retry("archive", lambda: self.archive.put(key, payload)),
             return_exceptions=True,
         )
         for outcome in outcomes:
@@ -114,17 +160,15 @@ class Processor:
         for outcome in outcomes:
             if isinstance(outcome, PermanentSinkError):
                 await self.quarantine(topic, payload, "sink-rejected", str(outcome))
-                return Outcome("quarantined", device, Ack(batch.seq, "rejected", "sink-rejected"))
+                return Outcome("quarantined", device, Ack(seq, "rejected", "sink-rejected"))
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-        self._recent[key] = None
+        self._recent[(device, seq)] = None
         if len(self._recent) > RECENT_BATCHES:
             self._recent.popitem(last=False)
-        self.stats.inc("batches_written")
-        self.stats.inc("points_written", len(lines))
-        log.debug("wrote %s seq %d: %d points", batch.device_id, batch.seq, len(lines))
-        return Outcome("written", device, Ack(batch.seq, "stored"))
+        log.debug("wrote %s seq %d: %d points", device, seq, len(lines))
+        return Outcome("written", device, Ack(seq, "stored"))
 
     async def quarantine(self, topic: str, payload: bytes, reason: str, message: str) -> None:
         self.stats.inc(f"quarantined_{reason}")

@@ -27,7 +27,7 @@ from cloud_ingest.sinks.influx import make_point_sink
 from shared.acks import CONTENT_TYPE as ACK_CONTENT_TYPE
 from shared.cli import write_ready_file
 from shared.mqttprops import connect_properties, publish_properties
-from shared.topics import ack_topic, batch_filter
+from shared.topics import ack_topic, alert_filter, batch_filter
 
 log = logging.getLogger("cloud_ingest.service")
 
@@ -49,12 +49,14 @@ async def serve(cfg: IngestConfig, stop: asyncio.Event, ready_file: str | None =
     archive = open_archive(cfg.archive)
     proc = Processor(cfg, points, archive, stop)
     topic = cfg.mqtt.subscription or batch_filter(cfg.mqtt.topic_prefix)
+    alerts = cfg.mqtt.alert_subscription or alert_filter(cfg.mqtt.topic_prefix)
     backoff = 1.0
     try:
         while not stop.is_set():
             try:
                 async with _client(cfg) as client:
                     await client.subscribe(topic, qos=1)
+                    await client.subscribe(alerts, qos=1)
                     log.info("subscribed to %s on %s:%s", topic, cfg.mqtt.host, cfg.mqtt.port)
                     backoff = 1.0
                     write_ready_file(ready_file)

@@ -73,6 +73,7 @@ class PipelineSpec:
     drain_timeout_s: float = 30.0
     ack_timeout_s: float = 5.0
     sim_config: str | None = None  # firmware-sim TOML (nodes, sensors); None: its defaults
+    agent_extra: str = ""  # TOML appended to the agent's config (e.g. [[alerts]] tables)
 
 
 @dataclass
@@ -146,7 +147,7 @@ class Pipeline:
             },
         }
         path = self.dir / "edge-agent.toml"
-        path.write_text(toml_dumps(cfg))
+        path.write_text(toml_dumps(cfg) + s.agent_extra)
         return path
 
     def start_agent(self, timeout_s: float = 60.0, *, flush_on_shutdown: bool = True) -> Proc:

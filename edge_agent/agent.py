@@ -16,7 +16,7 @@ import threading
 import time
 from types import FrameType
 
-from edge_agent import budget, buffer, control, outbox, window
+from edge_agent import alerts, budget, buffer, control, outbox, window
 from edge_agent.config import AgentConfig
 from edge_agent.forward import Forwarder
 from edge_agent.intake import Intake
@@ -73,6 +73,12 @@ class Agent:
         if req is not None:
             log.info("agent: flush requested: closed every open window")
             control.flush_done(self.store, req)
+        silent = self.intake.alerts.check_silent(time.time_ns())
+        if silent:
+            with self.store.tx():
+                alerts.record(self.store, silent)
+            for ev in silent:
+                log.warning("alert %s %s: %s", ev.rule, ev.state, ev.message)
         budget.enforce(
             self.store,
             self.cfg.storage.max_bytes,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +94,7 @@ def store_chunk(
     *,
     future_limit_ns: int | None = None,
     late: LatePolicy | None = None,
+    after_store: Callable[[npt.NDArray[np.int64], npt.NDArray[np.float64]], None] | None = None,
 ) -> StoreResult:
     """Store the readings of ``chunk``, applying the late-data and future policies.
 
@@ -151,6 +153,8 @@ def store_chunk(
                 store.set_state(MAX_TS, int(ts[-1]))
             late_ts = ts[ts < closed]
             accepted_late = len(late_ts)
+            if after_store is not None:  # same transaction: alerts and readings together
+                after_store(ts, vals)
             if accepted_late and late is not None:
                 starts = np.unique((late_ts // late.width_ns) * late.width_ns)
                 store.conn.executemany(

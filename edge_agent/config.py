@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from edge_agent.alerts import AlertRule
 from shared.config import Invalid, port, positive
 from shared.topics import DEFAULT_BATCH_PREFIX, DEFAULT_SENSOR_PREFIX, is_valid_id
 
@@ -127,11 +128,15 @@ class AgentConfig:
     window: WindowConfig = field(default_factory=WindowConfig)
     intake: IntakeConfig = field(default_factory=IntakeConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
+    alerts: tuple[AlertRule, ...] = ()
 
     def __post_init__(self) -> None:
         if not is_valid_id(self.device_id):
             raise Invalid("device_id", "must be 1-64 characters of A-Z a-z 0-9 _ . -")
         positive("tick_s", self.tick_s)
+        names = [r.name for r in self.alerts]
+        if len(set(names)) != len(names):
+            raise Invalid("alerts", "rule names must be unique")
         if self.window.max_age_s > self.storage.raw_retention_s:
             raise Invalid(
                 "window.max_age_s",

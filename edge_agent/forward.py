@@ -27,10 +27,11 @@ from edge_agent import outbox
 from edge_agent.config import AgentConfig
 from edge_agent.mqtt import connect_async, make_client
 from edge_agent.store import Store
+from shared.acks import CONTENT_TYPE as ALERT_CONTENT_TYPE
 from shared.acks import decode_ack
 from shared.errors import WireError
 from shared.mqttprops import publish_properties
-from shared.topics import ack_topic, batch_topic
+from shared.topics import ack_topic, alert_topic, batch_topic
 from shared.wire import CONTENT_TYPE, FORMAT_VERSION
 
 log = logging.getLogger("edge_agent.forward")
@@ -50,6 +51,7 @@ class Forwarder:
         self._tokens = 0.0  # backfill byte budget
         self._refilled_ns = 0
         self.ack_topic = ack_topic(cfg.device_id, cfg.forward.topic_prefix)
+        self.alert_topic = alert_topic(cfg.device_id, cfg.forward.topic_prefix)
         self._in_flight: dict[int, int] = {}  # mid -> seq
         client_id = cfg.forward.broker.client_id or f"edge-agent-{cfg.device_id}-forward"
         self.client = client or make_client(cfg.forward.broker, client_id)
@@ -157,11 +159,11 @@ class Forwarder:
                     return  # the backfill waits for its byte budget; live batches went first
                 self._tokens -= len(item.payload)  # may go negative: paid back over time
             info = self.client.publish(
-                self.topic,
+                self.alert_topic if item.alert else self.topic,
                 item.payload,
                 qos=1,
                 properties=publish_properties(
-                    CONTENT_TYPE,
+                    ALERT_CONTENT_TYPE if item.alert else CONTENT_TYPE,
                     [("seq", str(item.seq)), ("schema", str(FORMAT_VERSION))],
                     self.cfg.forward.message_expiry_s,
                 ),

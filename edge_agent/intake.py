@@ -13,11 +13,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edge_agent import buffer
+from edge_agent import alerts, buffer
+from edge_agent.alerts import AlertEngine
 from edge_agent.config import AgentConfig
 from edge_agent.mqtt import connect_async, make_client
 from edge_agent.store import Store
@@ -37,6 +39,7 @@ class Intake:
         self.store_errors = 0
         self.subscribed = threading.Event()
         self.late_policy = buffer.LatePolicy(cfg.window.width_ns, cfg.window.max_age_ns)
+        self.alerts = AlertEngine(cfg.alerts, self.store)
         client_id = cfg.intake.broker.client_id or f"edge-agent-{cfg.device_id}-intake"
         self.client = make_client(cfg.intake.broker, client_id, manual_ack=True)
         self.client.on_connect = self._on_connect
@@ -87,6 +90,7 @@ class Intake:
                     buffer.message_digest(msg.topic, bytes(msg.payload)),
                     future_limit_ns=time.time_ns() + self.cfg.window.max_future_ns,
                     late=self.late_policy,
+                    after_store=self._alert_hook(chunk.node, chunk.sensor),
                 )
             except Exception:  # logged and counted; paho's thread must survive any error
                 # Not acknowledged: the broker keeps the message and redelivers it
@@ -112,6 +116,20 @@ class Intake:
                 )
         # Only reached after the commit above: now the broker may forget the message.
         client.ack(msg.mid, msg.qos)
+
+    def _alert_hook(self, node: str, sensor: str) -> Callable[[Any, Any], None] | None:
+        """Rules for this sensor, evaluated inside the transaction that stores its readings."""
+        if f"{node}/{sensor}" not in self.alerts.by_sensor:
+            return None
+
+        def hook(ts: Any, vals: Any) -> None:
+            events = self.alerts.evaluate(node, sensor, ts.tolist(), vals.tolist())
+            if events:
+                alerts.record(self.store, events)
+                for ev in events:
+                    log.warning("alert %s %s: %s", ev.rule, ev.state, ev.message)
+
+        return hook
 
     def _quarantine(self, msg: mqtt.MQTTMessage, exc: WireError) -> None:
         log.warning("intake: quarantined message on %s: %s", msg.topic, exc)

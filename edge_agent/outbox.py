@@ -37,6 +37,7 @@ class Outgoing:
     payload: bytes
     attempts: int
     live: bool = False
+    alert: bool = False
 
 
 def next_seq(store: Store) -> int:
@@ -68,14 +69,25 @@ def due(
 ) -> list[Outgoing]:
     """Batches to publish now: pending ones, and sent ones whose ack is overdue.
 
-    Drain order: first the *live* batches (created at or after ``live_since_ns``,
-    oldest first), so that dashboards come back to life at once after an outage;
+    Drain order: alerts first (:mod:`edge_agent.alerts`); then the *live* batches
+    (created at or after ``live_since_ns``, oldest first), so that dashboards come
+    back to life at once after an outage;
     then the *backfill* (older batches, oldest first). Without ``live_since_ns``
     everything is backfill, oldest first.
     """
     now_ns = time.time_ns() if now_ns is None else now_ns
     skip = set(exclude)
     out: list[Outgoing] = []
+    # alerts before everything else
+    for seq, payload, attempts in store.conn.execute(
+        "SELECT seq, payload, attempts FROM alerts "
+        "WHERE state = 'pending' OR (state = 'sent' AND next_try_ns <= ?) ORDER BY seq LIMIT ?",
+        (now_ns, limit + len(skip)),
+    ):
+        if len(out) >= limit:
+            return out
+        if seq not in skip:
+            out.append(Outgoing(int(seq), bytes(payload), int(attempts), True, alert=True))
     base = (
         "SELECT seq, payload, attempts FROM outbox "
         "WHERE (state = 'pending' OR (state = 'sent' AND next_try_ns <= ?)) "
@@ -120,14 +132,12 @@ def mark_sent(
     changed = 0
     with store.tx():
         for seq in seqs:
-            row = store.conn.execute(
-                "SELECT attempts, state FROM outbox WHERE seq = ?", (seq,)
-            ).fetchone()
+            table, row = _find(store, seq, "attempts")
             if row is None:
                 continue  # acked (and deleted) before its PUBACK was processed
             attempts = int(row[0]) + 1
             store.conn.execute(
-                "UPDATE outbox SET state = 'sent', sent_ns = ?, attempts = ?, next_try_ns = ? "
+                f"UPDATE {table} SET state = 'sent', sent_ns = ?, attempts = ?, next_try_ns = ? "
                 "WHERE seq = ?",
                 (
                     now_ns,
@@ -137,9 +147,10 @@ def mark_sent(
                 ),
             )
             changed += 1
-            store.add_counter("batches_sent", 1)
+            what = "batches" if table == "outbox" else "alerts"
+            store.add_counter(f"{what}_sent", 1)
             if attempts > 1:
-                store.add_counter("batches_resent", 1)
+                store.add_counter(f"{what}_resent", 1)
     return changed
 
 
@@ -147,17 +158,32 @@ def acknowledge(store: Store, seq: int, *, stored: bool, now_ns: int | None = No
     """The cloud's verdict on a batch: delete it; returns False if it was already gone."""
     now_ns = time.time_ns() if now_ns is None else now_ns
     with store.tx():
-        cur = store.conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+        table, row = _find(store, seq, "seq")
         store.set_state(LAST_ACK, now_ns)
-        if cur.rowcount:
-            store.add_counter("batches_acked" if stored else "batches_rejected", 1)
-        else:
+        if row is None:
             store.add_counter("acks_duplicate", 1)
-    return bool(cur.rowcount)
+            return False
+        store.conn.execute(f"DELETE FROM {table} WHERE seq = ?", (seq,))
+        what = "batches" if table == "outbox" else "alerts"
+        store.add_counter(f"{what}_acked" if stored else f"{what}_rejected", 1)
+    return True
+
+
+def _find(store: Store, seq: int, column: str) -> tuple[str, tuple[int, ...] | None]:
+    """The table (outbox or alerts) holding ``seq`` and its ``column``; seqs are shared."""
+    for table in ("outbox", "alerts"):
+        row = store.conn.execute(f"SELECT {column} FROM {table} WHERE seq = ?", (seq,)).fetchone()
+        if row is not None:
+            return table, tuple(row)
+    return "outbox", None
 
 
 def count_unacked(store: Store) -> int:
-    return int(store.conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+    """Batches and alerts not yet acknowledged by the cloud."""
+    return sum(
+        int(store.conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0])
+        for t in ("outbox", "alerts")
+    )
 
 
 def count_pending(store: Store) -> int:

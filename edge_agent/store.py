@@ -92,8 +92,27 @@ def _v3(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v4(db: sqlite_utils.Database) -> None:
+    """Alerts: events waiting for the cloud's ack (same life as outbox batches), and
+    which rules are raised."""
+    db.table("alerts").create(
+        {
+            "seq": int,
+            "created_ns": int,
+            "payload": bytes,
+            "state": str,
+            "sent_ns": int,
+            "attempts": int,
+            "next_try_ns": int,
+        },
+        pk="seq",
+        defaults={"attempts": 0, "next_try_ns": 0},
+    )
+    db.table("alert_state").create({"rule": str, "raised": int, "since_ns": int}, pk="rule")
+
+
 #: MIGRATIONS[i] upgrades schema version i to i + 1.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

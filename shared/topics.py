@@ -4,6 +4,7 @@ Cloud link (device → broker → cloud ingest)::
 
     telemetry/v1/<device_id>/batch     one wire-format batch per message (QoS 1)
     telemetry/v1/<device_id>/ack       cloud → device: a batch is stored, or rejected (QoS 1)
+    telemetry/v1/<device_id>/alert     device → cloud: an alert raised or cleared (QoS 1)
 
 Device-local broker (sensor nodes → edge agent)::
 
@@ -33,6 +34,22 @@ def batch_topic(device_id: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str:
 
 def ack_topic(device_id: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str:
     return f"{prefix}/{device_id}/ack"
+
+
+def alert_topic(device_id: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str:
+    return f"{prefix}/{device_id}/alert"
+
+
+def alert_filter(prefix: str = DEFAULT_BATCH_PREFIX) -> str:
+    return f"{prefix}/+/alert"
+
+
+def device_from_alert_topic(topic: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str | None:
+    head = prefix + "/"
+    if not topic.startswith(head) or not topic.endswith("/alert"):
+        return None
+    device = topic[len(head) : -len("/alert")]
+    return device if is_valid_id(device) else None
 
 
 def batch_filter(prefix: str = DEFAULT_BATCH_PREFIX) -> str:

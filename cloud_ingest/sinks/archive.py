@@ -11,6 +11,7 @@ Two backends with the same layout:
 Keys (see ``docs/wire-format.md``)::
 
     batches/v1/device_id=<device_id>/seq=<seq, 20 digits>.tlmb   the batch as received
+    alerts/v1/device_id=<device_id>/seq=<seq, 20 digits>.json    the alert as received
     quarantine/reason=<reason>/<sha256 of payload>.bin           rejected input
     quarantine/reason=<reason>/<sha256 of payload>.json          why, where from, when
 
@@ -32,6 +33,10 @@ from shared.errors import PermanentSinkError, RetryableSinkError
 
 def batch_key(device_id: str, seq: int) -> str:
     return f"batches/v1/device_id={device_id}/seq={seq:020d}.tlmb"
+
+
+def alert_key(device_id: str, seq: int) -> str:
+    return f"alerts/v1/device_id={device_id}/seq={seq:020d}.json"
 
 
 class LocalArchive:

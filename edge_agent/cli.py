@@ -141,7 +141,12 @@ def status(config_path: str | None, as_json: bool) -> None:
         ("buffer", st["buffer"]),
         ("sensors", st["sensors"]),
         ("quarantined", st["quarantined"]),
-        ("open alerts", "- (alert rules come in a later release)"),
+        (
+            "open alerts",
+            ", ".join(f"{a['rule']} (since {when(a['since_ns'])})" for a in st["open_alerts"])
+            or "none",
+        ),
+        ("unsent alerts", st["unsent_alerts"]),
     ]
     table(rows)
     drops = st["drops"] or {"(none)": 0}

@@ -56,6 +56,13 @@ def read_status(path: str | Path, now_ns: int | None = None) -> dict[str, Any]:
             "sensors": int(c.execute("SELECT count(*) FROM sensors").fetchone()[0]),
             "raw_chunks": int(c.execute("SELECT count(*) FROM chunks").fetchone()[0]),
             "quarantined": int(c.execute("SELECT count(*) FROM quarantine").fetchone()[0]),
+            "open_alerts": [
+                {"rule": str(r), "since_ns": int(t)}
+                for r, t in c.execute(
+                    "SELECT rule, since_ns FROM alert_state WHERE raised = 1 ORDER BY rule"
+                )
+            ],
+            "unsent_alerts": int(c.execute("SELECT count(*) FROM alerts").fetchone()[0]),
             "used_bytes": budget.used_bytes(store),
             "file_bytes": sum(
                 p.stat().st_size for p in (Path(path), Path(f"{path}-wal")) if p.exists()

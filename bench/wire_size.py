@@ -15,6 +15,7 @@ from cloud_ingest.lineproto import batch_to_lines
 from edge_agent.kernels import segment_windows, window_stats
 from firmware_sim.config import DEFAULT_NODES
 from firmware_sim.sensors import chunk_times, chunk_values
+from shared.sketch import DDSketch
 from shared.wire import Batch, SensorRef, WindowSpec, encode_batch, make_batch
 
 WIDTH = 10_000_000_000
@@ -23,6 +24,7 @@ T0 = 1_790_000_000 * 10**9
 
 def batch_for(seconds: int, copies: int) -> Batch:
     sensors: list[SensorRef] = []
+    sketches: list[bytes] = []
     cols: dict[str, list[np.ndarray]] = {}
     for c in range(copies):
         for ni, node in enumerate(DEFAULT_NODES):
@@ -37,12 +39,18 @@ def batch_for(seconds: int, copies: int) -> Batch:
                 )
                 starts, segs = segment_windows(ts, WIDTH)
                 st = window_stats(vals, segs)
+                ends = np.append(segs[1:], len(vals))
+                sketches += [
+                    DDSketch.from_values(vals[a:b]).encode()
+                    for a, b in zip(segs.tolist(), ends.tolist(), strict=True)
+                ]
                 cols.setdefault("sensor", []).append(np.full(len(starts), len(sensors)))
                 cols.setdefault("start_ns", []).append(starts)
                 for k, v in st.columns().items():
                     cols.setdefault(k, []).append(v)
                 sensors.append(SensorRef(f"{node.id}-{c}", spec.name, spec.unit))
     return make_batch(
+        sketch=tuple(sketches),
         device_id="pi-0042",
         seq=1,
         created_ns=T0,

@@ -54,6 +54,7 @@ class Agent:
             width_ns=w.width_ns,
             upto_ns=upto,
             max_rows=self.cfg.forward.max_windows_per_batch,
+            sketches=w.sketches,
         )
         if seqs:
             log.info("window: closed windows up to %d into batches %s", upto, seqs)
@@ -67,6 +68,7 @@ class Agent:
             device_id=self.cfg.device_id,
             width_ns=self.cfg.window.width_ns,
             max_rows=self.cfg.forward.max_windows_per_batch,
+            sketches=self.cfg.window.sketches,
         )
         if seqs:
             log.info("window: late readings revised closed windows into batches %s", seqs)

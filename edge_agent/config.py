@@ -52,6 +52,7 @@ class WindowConfig:
     max_future_s: float = 300.0
     max_age_s: float = 3600.0
     flush_on_shutdown: bool = False
+    sketches: bool = True
 
     def __post_init__(self) -> None:
         positive("width_s", self.width_s)

@@ -16,6 +16,7 @@ import numpy as np
 from edge_agent import buffer, outbox
 from edge_agent.kernels import segment_windows, window_stats
 from edge_agent.store import Store
+from shared.sketch import DDSketch
 from shared.wire import SensorRef, WindowSpec, make_batch
 
 
@@ -29,16 +30,26 @@ def flush_boundary(max_ts: int, width_ns: int) -> int:
     return (max_ts // width_ns + 1) * width_ns
 
 
+Rows = tuple[np.ndarray, dict[str, np.ndarray], list[bytes]]
+
+
 def _summarise(
-    data: dict[int, tuple[np.ndarray, np.ndarray]], width_ns: int
-) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
-    """Window statistics of every sensor in ``data``, as (sensor ids, columns), ordered
-    by window start then sensor."""
+    data: dict[int, tuple[np.ndarray, np.ndarray]], width_ns: int, sketches_on: bool = True
+) -> Rows | None:
+    """Window statistics and sketches of every sensor in ``data``, as (sensor ids,
+    columns, sketches), ordered by window start then sensor."""
     cols: dict[str, list[np.ndarray]] = {}
     sids: list[np.ndarray] = []
+    sketches: list[bytes] = []
     for sid, (ts, vals) in sorted(data.items()):
         starts, segs = segment_windows(ts, width_ns)
         stats = window_stats(vals, segs)
+        if sketches_on:
+            ends = np.append(segs[1:], len(vals))
+            sketches += [
+                DDSketch.from_values(vals[a:b]).encode()
+                for a, b in zip(segs.tolist(), ends.tolist(), strict=True)
+            ]
         sids.append(np.full(len(starts), sid, dtype=np.int64))
         cols.setdefault("start_ns", []).append(starts)
         for name, arr in stats.columns().items():
@@ -48,7 +59,11 @@ def _summarise(
     sid_all = np.concatenate(sids)
     merged = {k: np.concatenate(v) for k, v in cols.items()}
     order = np.lexsort((sid_all, merged["start_ns"]))
-    return sid_all[order], {k: v[order] for k, v in merged.items()}
+    return (
+        sid_all[order],
+        {k: v[order] for k, v in merged.items()},
+        [sketches[i] for i in order.tolist()] if sketches_on else [],
+    )
 
 
 def _emit(
@@ -58,6 +73,7 @@ def _emit(
     max_rows: int,
     sid_all: np.ndarray,
     merged: dict[str, np.ndarray],
+    sketches: list[bytes],
 ) -> list[int]:
     """Write the rows as batches of at most ``max_rows`` to the outbox; call in a transaction."""
     sensors = buffer.load_sensors(store)
@@ -78,6 +94,7 @@ def _emit(
             window=spec,
             sensors=refs,
             columns=columns,
+            sketch=tuple(sketches[part]) if sketches else (),
         )
         outbox.add(store, batch)
         seqs.append(seq)
@@ -85,7 +102,13 @@ def _emit(
 
 
 def close_until(
-    store: Store, *, device_id: str, width_ns: int, upto_ns: int, max_rows: int
+    store: Store,
+    *,
+    device_id: str,
+    width_ns: int,
+    upto_ns: int,
+    max_rows: int,
+    sketches: bool = True,
 ) -> list[int]:
     """Close every window ending at or before ``upto_ns``; return the new batch seqs."""
     upto_ns = (upto_ns // width_ns) * width_ns
@@ -94,7 +117,7 @@ def close_until(
         closed = store.get_state(buffer.CLOSED_UNTIL)
         if upto_ns <= closed:
             return seqs
-        rows = _summarise(buffer.read_range(store, closed, upto_ns), width_ns)
+        rows = _summarise(buffer.read_range(store, closed, upto_ns), width_ns, sketches)
         if rows is not None:
             seqs = _emit(store, device_id, width_ns, max_rows, *rows)
         store.set_state(buffer.CLOSED_UNTIL, upto_ns)
@@ -102,7 +125,13 @@ def close_until(
 
 
 def revise(
-    store: Store, *, device_id: str, width_ns: int, max_rows: int, limit: int = 1000
+    store: Store,
+    *,
+    device_id: str,
+    width_ns: int,
+    max_rows: int,
+    limit: int = 1000,
+    sketches: bool = True,
 ) -> list[int]:
     """Send a new version of every closed window that late readings changed.
 
@@ -121,19 +150,20 @@ def revise(
         by_start: dict[int, set[int]] = {}
         for sid, start in dirty:
             by_start.setdefault(int(start), set()).add(int(sid))
-        parts: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+        parts: list[Rows] = []
         for start, sids in sorted(by_start.items()):
             data = {
                 k: v
                 for k, v in buffer.read_range(store, start, start + width_ns).items()
                 if k in sids
             }
-            rows = _summarise(data, width_ns)
+            rows = _summarise(data, width_ns, sketches)
             if rows is not None:
                 parts.append(rows)
         if parts:
             sid_all = np.concatenate([p[0] for p in parts])
             merged = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
+            sketch_rows = [sk for p in parts for sk in p[2]]
             revs = []
             for sid, start in zip(sid_all.tolist(), merged["start_ns"].tolist(), strict=True):
                 row = store.conn.execute(
@@ -148,7 +178,7 @@ def revise(
                 )
                 revs.append(rev)
             merged["revision"] = np.array(revs)
-            seqs = _emit(store, device_id, width_ns, max_rows, sid_all, merged)
+            seqs = _emit(store, device_id, width_ns, max_rows, sid_all, merged, sketch_rows)
             store.add_counter("windows_revised", len(sid_all))
         store.conn.executemany("DELETE FROM dirty WHERE sensor_id = ? AND start_ns = ?", dirty)
     return seqs

@@ -126,6 +126,8 @@ class Batch:
     p90: npt.NDArray[np.float64]
     p99: npt.NDArray[np.float64]
     revision: npt.NDArray[np.uint32]
+    #: One encoded DDSketch (shared/sketch.py) per row, or () when the encoder sent none.
+    sketch: tuple[bytes, ...] = ()
 
     def __post_init__(self) -> None:
         if not is_valid_id(self.device_id):
@@ -141,6 +143,8 @@ class Batch:
                 raise WireError("bad-column", f"column {name} must be a 1-d {dtype} array")
             if len(col) != n:
                 raise WireError("bad-column", f"column {name} has {len(col)} rows, expected {n}")
+        if self.sketch and len(self.sketch) != n:
+            raise WireError("bad-column", f"{len(self.sketch)} sketches for {n} rows")
         if n and int(self.sensor.max()) >= len(self.sensors):
             raise WireError("bad-column", "sensor index out of range of the sensors list")
         if n and np.any(self.start_ns % self.window.width_ns):
@@ -166,6 +170,7 @@ def make_batch(
     window: WindowSpec,
     sensors: tuple[SensorRef, ...],
     columns: Mapping[str, npt.ArrayLike],
+    sketch: tuple[bytes, ...] = (),
 ) -> Batch:
     """Build a batch from loosely typed columns (converted to the wire dtypes);
     optional columns that are absent are filled with NaN."""
@@ -175,7 +180,13 @@ def make_batch(
         name: np.ascontiguousarray(columns[name], dtype=dt) for name, (dt, _) in COLUMNS.items()
     }
     return Batch(
-        device_id=device_id, seq=seq, created_ns=created_ns, window=window, sensors=sensors, **cols
+        device_id=device_id,
+        seq=seq,
+        created_ns=created_ns,
+        window=window,
+        sensors=sensors,
+        sketch=sketch,
+        **cols,
     )
 
 
@@ -190,6 +201,12 @@ def encode_batch(batch: Batch, *, compress: bool = True, level: int = 3) -> byte
         data = np.ascontiguousarray(col, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
         blobs.append(data)
         col_meta.append({"name": name, "type": dtype, "encoding": encoding, "bytes": len(data)})
+    if batch.sketch:
+        data = _encode_blobs(batch.sketch)
+        blobs.append(data)
+        col_meta.append(
+            {"name": "sketch", "type": "bytes", "encoding": "offsets", "bytes": len(data)}
+        )
     header = {
         "device_id": batch.device_id,
         "seq": batch.seq,
@@ -278,6 +295,24 @@ def peek_seq(payload: bytes, *, max_body_bytes: int = MAX_BODY_BYTES) -> int | N
     return seq if type(seq) is int and seq >= 0 else None
 
 
+def _encode_blobs(blobs: tuple[bytes, ...]) -> bytes:
+    """``bytes``/``offsets``: rows + 1 u32 offsets into the data that follows them."""
+    offsets = np.zeros(len(blobs) + 1, dtype="<u4")
+    offsets[1:] = np.cumsum([len(b) for b in blobs])
+    return offsets.tobytes() + b"".join(blobs)
+
+
+def _decode_blobs(chunk: bytes, rows: int) -> tuple[bytes, ...]:
+    head = 4 * (rows + 1)
+    if len(chunk) < head:
+        raise WireError("bad-column", "sketch offsets run past the column")
+    offsets = np.frombuffer(chunk, dtype="<u4", count=rows + 1).astype(np.int64)
+    data = chunk[head:]
+    if offsets[0] != 0 or np.any(np.diff(offsets) < 0) or offsets[-1] != len(data):
+        raise WireError("bad-column", "sketch offsets do not match the column")
+    return tuple(data[offsets[i] : offsets[i + 1]] for i in range(rows))
+
+
 def _decode_body(body: bytes) -> Batch:
     if len(body) < _U32.size:
         raise WireError("truncated", "body shorter than its header length field")
@@ -308,6 +343,7 @@ def _decode_body(body: bytes) -> Batch:
     spec = WindowSpec(kind=_field(window, "kind", str), width_ns=_field(window, "width_ns", int))
     offset = _U32.size + hlen
     found: dict[str, npt.NDArray[Any]] = {}
+    sketches: tuple[bytes, ...] = ()
     for meta in _field(header, "columns", list):
         if not isinstance(meta, dict):
             raise WireError("bad-header", "columns must be a list of objects")
@@ -317,6 +353,11 @@ def _decode_body(body: bytes) -> Batch:
             raise WireError("truncated", f"column {name} runs past the end of the body")
         chunk = body[offset : offset + nbytes]
         offset += nbytes
+        if name == "sketch":
+            if meta.get("type") != "bytes" or meta.get("encoding") != "offsets":
+                raise WireError("bad-column", "column sketch must be bytes/offsets")
+            sketches = _decode_blobs(chunk, rows)
+            continue
         if name not in COLUMNS:
             continue  # unknown columns are skipped: minor additions stay compatible
         dtype, encoding = COLUMNS[name]
@@ -343,6 +384,7 @@ def _decode_body(body: bytes) -> Batch:
         window=spec,
         sensors=sensors,
         **found,
+        sketch=sketches,
     )
 
 

@@ -1,0 +1,95 @@
+"""DDSketch: the relative-error guarantee, merging, encoding, and the sketches a batch carries."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_agent import buffer, window
+from edge_agent.store import Store
+from shared.errors import WireError
+from shared.readings import ReadingChunk
+from shared.sketch import ALPHA, MAX_BINS, MIN_MAGNITUDE, DDSketch
+from shared.wire import decode_batch
+
+QS = (0.0, 0.1, 0.5, 0.9, 0.99, 1.0)
+
+
+def assert_within_alpha(sk: DDSketch, values: np.ndarray) -> None:
+    ordered = np.sort(values)
+    for q in QS:
+        true = ordered[math.floor(q * (len(ordered) - 1))]
+        got = sk.quantile(q)
+        if abs(true) < MIN_MAGNITUDE:
+            assert got == 0.0
+        else:
+            assert abs(got - true) <= ALPHA * abs(true) * (1 + 1e-12), (q, got, true)
+
+
+magnitudes = st.floats(1e-6, 1e9)
+signed = st.tuples(st.sampled_from([-1.0, 1.0]), magnitudes).map(lambda t: t[0] * t[1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(signed, st.just(0.0)), min_size=1, max_size=300))
+def test_quantiles_within_the_relative_accuracy(values: list[float]) -> None:
+    v = np.array(values)
+    assert_within_alpha(DDSketch.from_values(v), v)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(signed, min_size=1, max_size=200), st.lists(signed, min_size=1, max_size=200))
+def test_merge_is_the_sketch_of_the_union(a: list[float], b: list[float]) -> None:
+    merged = DDSketch.from_values(np.array(a)).merge(DDSketch.from_values(np.array(b)))
+    assert merged == DDSketch.from_values(np.array(a + b))
+    assert_within_alpha(merged, np.array(a + b))
+
+
+def test_encode_round_trip_and_bad_bytes() -> None:
+    sk = DDSketch.from_values(np.random.default_rng(3).normal(0, 1, 5000))
+    assert DDSketch.decode(sk.encode()) == sk
+    assert DDSketch.decode(DDSketch().encode()) == DDSketch()
+    with pytest.raises(WireError):
+        DDSketch.decode(sk.encode()[:-3])
+    with pytest.raises(WireError):
+        DDSketch.decode(sk.encode() + b"x")
+
+
+def test_nan_is_ignored_and_empty_is_nan() -> None:
+    sk = DDSketch.from_values(np.array([np.nan, np.inf, 2.0]))
+    assert sk.count == 1 and math.isnan(DDSketch().quantile(0.5))
+
+
+def test_collapsing_bounds_the_size_and_keeps_upper_quantiles() -> None:
+    v = np.geomspace(1e-9, 1e12, 20000)  # ~2400 bins at 1 %: more than MAX_BINS
+    sk = DDSketch.from_values(v)
+    assert max(sk.pos) - min(sk.pos) + 1 <= MAX_BINS and sk.count == len(v)
+    ordered = np.sort(v)
+    for q in (0.9, 0.99, 1.0):
+        true = ordered[math.floor(q * (len(v) - 1))]
+        assert abs(sk.quantile(q) - true) <= ALPHA * true
+
+
+def test_every_window_carries_a_sketch_that_merges_into_longer_periods(tmp_path: Path) -> None:
+    s = Store(tmp_path / "a.sqlite")
+    reg = buffer.SensorRegistry(s)
+    w = 10**10
+    t0 = 1_800_000_000 * 10**9
+    rng = np.random.default_rng(5)
+    values = rng.lognormal(0, 1, 6000)
+    ts = t0 + np.arange(6000, dtype=np.int64) * 10**7  # 100 Hz for a minute: 6 windows
+    buffer.store_chunk(s, reg, ReadingChunk("n", "vib", "g", ts, values))
+    window.close_until(s, device_id="d", width_ns=w, upto_ns=t0 + 6 * w, max_rows=100)
+    (payload,) = s.conn.execute("SELECT payload FROM outbox").fetchone()
+    b = decode_batch(bytes(payload))
+    sketches = [DDSketch.decode(x) for x in b.sketch]
+    assert [sk.count for sk in sketches] == b.count.tolist()
+    hour = sketches[0]
+    for sk in sketches[1:]:
+        hour = hour.merge(sk)
+    assert_within_alpha(hour, values)  # the minute's p99 from six 10 s sketches

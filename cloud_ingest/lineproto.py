@@ -60,6 +60,8 @@ def alert_to_line(device_id: str, alert: Alert, measurement: str = "alert") -> s
 def batch_to_lines(batch: Batch, measurement: str = "window") -> list[str]:
     meas = measurement.translate(_MEAS_ESCAPES)
     win = window_label(batch.window.width_ns)
+    if batch.window.kind == "hopping":
+        win += "/" + window_label(batch.window.hop_ns)  # e.g. 60s/10s: a distinct series
     prefixes = [
         f"{meas},device_id={batch.device_id.translate(_TAG_ESCAPES)}"
         f",node={s.node.translate(_TAG_ESCAPES)},sensor={s.name.translate(_TAG_ESCAPES)}"

@@ -44,9 +44,9 @@ class Agent:
             return []
         w = self.cfg.window
         upto = (
-            window.flush_boundary(max_ts, w.width_ns)
+            window.flush_boundary(max_ts, w.width_ns, w.hop_ns)
             if flush
-            else window.close_boundary(max_ts, w.lateness_ns, w.width_ns)
+            else window.close_boundary(max_ts, w.lateness_ns, w.hop_ns)
         )
         seqs = window.close_until(
             self.store,
@@ -55,10 +55,20 @@ class Agent:
             upto_ns=upto,
             max_rows=self.cfg.forward.max_windows_per_batch,
             sketches=w.sketches,
+            hop_ns=w.hop_ns,
         )
         if seqs:
             log.info("window: closed windows up to %d into batches %s", upto, seqs)
         return seqs
+
+    def raw_needed_from(self) -> int:
+        """Raw readings from here on may still be needed: by a revision (max_age_s),
+        or by a hopping window that is still open."""
+        w = self.cfg.window
+        closed = self.store.get_state(buffer.CLOSED_UNTIL)
+        return min(
+            self.store.get_state(buffer.MAX_TS) - w.max_age_ns, closed - w.width_ns + w.hop_ns
+        )
 
     def tick(self) -> None:
         req = control.pending_flush(self.store)
@@ -69,6 +79,7 @@ class Agent:
             width_ns=self.cfg.window.width_ns,
             max_rows=self.cfg.forward.max_windows_per_batch,
             sketches=self.cfg.window.sketches,
+            hop_ns=self.cfg.window.hop_ns,
         )
         if seqs:
             log.info("window: late readings revised closed windows into batches %s", seqs)
@@ -84,7 +95,7 @@ class Agent:
         budget.enforce(
             self.store,
             self.cfg.storage.max_bytes,
-            keep_raw_after_ns=self.store.get_state(buffer.MAX_TS) - self.cfg.window.max_age_ns,
+            keep_raw_after_ns=self.raw_needed_from(),
         )
         now = time.monotonic()
         if now >= self._next_beat:
@@ -98,7 +109,7 @@ class Agent:
             self._next_prune = now + PRUNE_EVERY_S
             retention_ns = int(self.cfg.storage.raw_retention_s * 1e9)
             max_ts = self.store.get_state(buffer.MAX_TS)
-            buffer.prune(self.store, max_ts - retention_ns)
+            buffer.prune(self.store, min(max_ts - retention_ns, self.raw_needed_from()))
         self.forwarder.pump()
 
     def run(self, ready_file: str | None = None) -> int:

@@ -84,6 +84,15 @@ class LatePolicy:
 
     width_ns: int
     max_age_ns: int = 0
+    hop_ns: int = 0  # hopping windows; 0 = tumbling
+
+    def closed_windows_of(self, ts: npt.NDArray[np.int64], closed: int) -> npt.NDArray[np.int64]:
+        """Starts of the already closed windows (ending at or before ``closed``) that
+        contain any of the readings at ``ts``."""
+        hop = self.hop_ns or self.width_ns
+        base = (ts // hop) * hop
+        starts = np.concatenate([base - j * hop for j in range(self.width_ns // hop)])
+        return np.unique(starts[starts + self.width_ns <= closed])
 
 
 def store_chunk(
@@ -156,7 +165,7 @@ def store_chunk(
             if after_store is not None:  # same transaction: alerts and readings together
                 after_store(ts, vals)
             if accepted_late and late is not None:
-                starts = np.unique((late_ts // late.width_ns) * late.width_ns)
+                starts = late.closed_windows_of(late_ts, closed)
                 store.conn.executemany(
                     "INSERT OR IGNORE INTO dirty(sensor_id, start_ns) VALUES (?, ?)",
                     [(sid, int(st)) for st in starts.tolist()],

@@ -256,8 +256,10 @@ def flush(config_path: str | None, timeout_s: float) -> None:
                     store,
                     device_id=cfg.device_id,
                     width_ns=cfg.window.width_ns,
-                    upto_ns=window.flush_boundary(max_ts, cfg.window.width_ns),
+                    upto_ns=window.flush_boundary(max_ts, cfg.window.width_ns, cfg.window.hop_ns),
                     max_rows=cfg.forward.max_windows_per_batch,
+                    sketches=cfg.window.sketches,
+                    hop_ns=cfg.window.hop_ns,
                 )
             )
             click.echo(

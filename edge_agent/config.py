@@ -12,6 +12,7 @@ from typing import Literal
 from edge_agent.alerts import AlertRule
 from shared.config import Invalid, port, positive
 from shared.topics import DEFAULT_BATCH_PREFIX, DEFAULT_SENSOR_PREFIX, is_valid_id
+from shared.wire import WindowSpec
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class WindowConfig:
     lateness_s: float = 2.0
     max_future_s: float = 300.0
     max_age_s: float = 3600.0
+    hop_s: float = 0.0
     flush_on_shutdown: bool = False
     sketches: bool = True
 
@@ -64,10 +66,32 @@ class WindowConfig:
             raise Invalid("max_future_s", "must be >= 0")
         if self.max_age_s < 0:
             raise Invalid("max_age_s", "must be >= 0 (0 = drop late readings, no revisions)")
+        if self.hop_s < 0:
+            raise Invalid("hop_s", "must be >= 0 (0 = tumbling windows)")
+        if self.hop_s:
+            if self.width_ns % round(self.hop_s * 1e9) or self.hop_s > self.width_s:
+                raise Invalid("hop_s", "must divide width_s (e.g. width 60, hop 10)")
+            if self.max_age_s < self.width_s:
+                raise Invalid(
+                    "max_age_s",
+                    "hopping windows need max_age_s >= width_s: a late "
+                    "reading can belong to closed and open windows at once",
+                )
 
     @property
     def width_ns(self) -> int:
         return round(self.width_s * 1e9)
+
+    @property
+    def hop_ns(self) -> int:
+        """Distance between window starts (= width for tumbling windows)."""
+        return round(self.hop_s * 1e9) if self.hop_s else self.width_ns
+
+    @property
+    def spec(self) -> WindowSpec:
+        if self.hop_s and self.hop_ns != self.width_ns:
+            return WindowSpec("hopping", self.width_ns, self.hop_ns)
+        return WindowSpec("tumbling", self.width_ns)
 
     @property
     def max_age_ns(self) -> int:

@@ -38,7 +38,9 @@ class Intake:
         self.connected = threading.Event()
         self.store_errors = 0
         self.subscribed = threading.Event()
-        self.late_policy = buffer.LatePolicy(cfg.window.width_ns, cfg.window.max_age_ns)
+        self.late_policy = buffer.LatePolicy(
+            cfg.window.width_ns, cfg.window.max_age_ns, cfg.window.hop_ns
+        )
         self.alerts = AlertEngine(cfg.alerts, self.store)
         client_id = cfg.intake.broker.client_id or f"edge-agent-{cfg.device_id}-intake"
         self.client = make_client(cfg.intake.broker, client_id, manual_ack=True)

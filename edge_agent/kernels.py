@@ -247,3 +247,35 @@ def segment_windows(ts: I64, width_ns: int) -> tuple[I64, I64]:
     change = np.flatnonzero(np.diff(idx)) + 1
     seg_starts = np.concatenate(([0], change)).astype(np.int64)
     return (idx[seg_starts] * width_ns).astype(np.int64), seg_starts
+
+
+def hopping_windows(
+    ts: I64, values: F64, width_ns: int, hop_ns: int, lo_start: int, hi_start: int
+) -> tuple[I64, I64, F64]:
+    """Windows ``[s, s + width)`` with ``s`` a multiple of ``hop`` in ``[lo_start, hi_start]``.
+
+    ``ts`` must be sorted. A reading belongs to ``width / hop`` windows, so it is
+    repeated once per window. Returns ``(window_start_ns, seg_starts, values)``
+    ready for :func:`window_stats`; within a window, values keep their time order.
+    With ``hop == width`` this is :func:`segment_windows` restricted to the range.
+    """
+    ts = np.asarray(ts, dtype=np.int64)
+    values = np.asarray(values, dtype=np.float64)
+    m = width_ns // hop_ns
+    if m == 1:  # tumbling: each reading in one window, already in order
+        keep = (ts >= lo_start) & (ts < hi_start + width_ns)
+        starts, segs = segment_windows(ts[keep], width_ns)
+        return starts, segs, values[keep]
+    base = (ts // hop_ns) * hop_ns
+    starts = np.concatenate([base - j * hop_ns for j in range(m)])
+    idx = np.tile(np.arange(len(ts)), m)
+    keep = (starts >= lo_start) & (starts <= hi_start)
+    starts, idx = starts[keep], idx[keep]
+    order = np.lexsort((idx, starts))  # by window, then by time (idx follows ts order)
+    starts, idx = starts[order], idx[order]
+    if len(starts) == 0:
+        z = np.empty(0, dtype=np.int64)
+        return z, z.copy(), np.empty(0)
+    change = np.flatnonzero(np.diff(starts)) + 1
+    seg_starts = np.concatenate(([0], change)).astype(np.int64)
+    return starts[seg_starts].astype(np.int64), seg_starts, values[idx]

@@ -1,6 +1,9 @@
-"""Closing event-time tumbling windows into outbox batches.
+"""Closing event-time windows into outbox batches.
 
-Windows are ``[k*width, (k+1)*width)`` in event time, aligned to the Unix epoch.
+Tumbling windows are ``[k*width, (k+1)*width)`` in event time, aligned to the
+Unix epoch; hopping windows are ``[k*hop, k*hop + width)``, overlapping, with
+``width`` a multiple of ``hop``. ``closed_until`` is the end of the newest closed
+window: every window ending at or before it is closed.
 The watermark is the newest event time stored minus the allowed lateness; every
 window that ends at or before the watermark is closed. Closing reads the raw
 chunks, runs the kernels, writes the batches and advances ``closed_until`` in
@@ -14,35 +17,51 @@ import time
 import numpy as np
 
 from edge_agent import buffer, outbox
-from edge_agent.kernels import segment_windows, window_stats
+from edge_agent.kernels import hopping_windows, window_stats
 from edge_agent.store import Store
 from shared.sketch import DDSketch
 from shared.wire import SensorRef, WindowSpec, make_batch
 
 
-def close_boundary(max_ts: int, lateness_ns: int, width_ns: int) -> int:
-    """The end of the newest window that the watermark allows to close."""
-    return ((max_ts - lateness_ns) // width_ns) * width_ns
+def close_boundary(max_ts: int, lateness_ns: int, step_ns: int) -> int:
+    """The end of the newest window that the watermark allows to close (window ends
+    are multiples of the step: the width, or the hop)."""
+    return ((max_ts - lateness_ns) // step_ns) * step_ns
 
 
-def flush_boundary(max_ts: int, width_ns: int) -> int:
-    """The end of the window holding ``max_ts``: closing up to it closes everything."""
-    return (max_ts // width_ns + 1) * width_ns
+def flush_boundary(max_ts: int, width_ns: int, hop_ns: int | None = None) -> int:
+    """The end of the last window holding ``max_ts``: closing up to it closes everything."""
+    step = hop_ns or width_ns
+    return (max_ts // step) * step + width_ns
+
+
+def _spec(width_ns: int, hop_ns: int | None) -> WindowSpec:
+    if hop_ns and hop_ns != width_ns:
+        return WindowSpec("hopping", width_ns, hop_ns)
+    return WindowSpec("tumbling", width_ns)
 
 
 Rows = tuple[np.ndarray, dict[str, np.ndarray], list[bytes]]
 
 
 def _summarise(
-    data: dict[int, tuple[np.ndarray, np.ndarray]], width_ns: int, sketches_on: bool = True
+    data: dict[int, tuple[np.ndarray, np.ndarray]],
+    spec: WindowSpec,
+    lo_start: int,
+    hi_start: int,
+    sketches_on: bool = True,
 ) -> Rows | None:
-    """Window statistics and sketches of every sensor in ``data``, as (sensor ids,
-    columns, sketches), ordered by window start then sensor."""
+    """Statistics and sketches of the windows starting in ``[lo_start, hi_start]`` of every
+    sensor in ``data``, as (sensor ids, columns, sketches), by window start then sensor."""
     cols: dict[str, list[np.ndarray]] = {}
     sids: list[np.ndarray] = []
     sketches: list[bytes] = []
     for sid, (ts, vals) in sorted(data.items()):
-        starts, segs = segment_windows(ts, width_ns)
+        starts, segs, vals = hopping_windows(
+            ts, vals, spec.width_ns, spec.step_ns, lo_start, hi_start
+        )
+        if len(starts) == 0:
+            continue
         stats = window_stats(vals, segs)
         if sketches_on:
             ends = np.append(segs[1:], len(vals))
@@ -69,7 +88,7 @@ def _summarise(
 def _emit(
     store: Store,
     device_id: str,
-    width_ns: int,
+    spec: WindowSpec,
     max_rows: int,
     sid_all: np.ndarray,
     merged: dict[str, np.ndarray],
@@ -77,7 +96,6 @@ def _emit(
 ) -> list[int]:
     """Write the rows as batches of at most ``max_rows`` to the outbox; call in a transaction."""
     sensors = buffer.load_sensors(store)
-    spec = WindowSpec("tumbling", width_ns)
     seqs = []
     for a in range(0, len(sid_all), max_rows):
         part = slice(a, a + max_rows)
@@ -109,17 +127,22 @@ def close_until(
     upto_ns: int,
     max_rows: int,
     sketches: bool = True,
+    hop_ns: int | None = None,
 ) -> list[int]:
     """Close every window ending at or before ``upto_ns``; return the new batch seqs."""
-    upto_ns = (upto_ns // width_ns) * width_ns
+    spec = _spec(width_ns, hop_ns)
+    step = spec.step_ns
+    upto_ns = (upto_ns // step) * step
     seqs: list[int] = []
     with store.tx():
         closed = store.get_state(buffer.CLOSED_UNTIL)
         if upto_ns <= closed:
             return seqs
-        rows = _summarise(buffer.read_range(store, closed, upto_ns), width_ns, sketches)
+        # windows ending in (closed, upto]: starting in (closed - width, upto - width]
+        lo, hi = closed - width_ns + step, upto_ns - width_ns
+        rows = _summarise(buffer.read_range(store, lo, upto_ns), spec, lo, hi, sketches)
         if rows is not None:
-            seqs = _emit(store, device_id, width_ns, max_rows, *rows)
+            seqs = _emit(store, device_id, spec, max_rows, *rows)
         store.set_state(buffer.CLOSED_UNTIL, upto_ns)
     return seqs
 
@@ -132,6 +155,7 @@ def revise(
     max_rows: int,
     limit: int = 1000,
     sketches: bool = True,
+    hop_ns: int | None = None,
 ) -> list[int]:
     """Send a new version of every closed window that late readings changed.
 
@@ -141,6 +165,7 @@ def revise(
     and timestamp). Returns the new batch seqs.
     """
     seqs: list[int] = []
+    spec = _spec(width_ns, hop_ns)
     with store.tx():
         dirty = store.conn.execute(
             "SELECT sensor_id, start_ns FROM dirty ORDER BY start_ns LIMIT ?", (limit,)
@@ -157,7 +182,7 @@ def revise(
                 for k, v in buffer.read_range(store, start, start + width_ns).items()
                 if k in sids
             }
-            rows = _summarise(data, width_ns, sketches)
+            rows = _summarise(data, spec, start, start, sketches)
             if rows is not None:
                 parts.append(rows)
         if parts:
@@ -178,7 +203,7 @@ def revise(
                 )
                 revs.append(rev)
             merged["revision"] = np.array(revs)
-            seqs = _emit(store, device_id, width_ns, max_rows, sid_all, merged, sketch_rows)
+            seqs = _emit(store, device_id, spec, max_rows, sid_all, merged, sketch_rows)
             store.add_counter("windows_revised", len(sid_all))
         store.conn.executemany("DELETE FROM dirty WHERE sensor_id = ? AND start_ns = ?", dirty)
     return seqs

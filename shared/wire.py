@@ -59,7 +59,7 @@ OPTIONAL_COLUMNS: Final[Mapping[str, float]] = {
     **{name: float("nan") for name in EXTRA_FIELDS},
     "revision": 0,
 }
-WINDOW_KINDS: Final = ("tumbling",)
+WINDOW_KINDS: Final = ("tumbling", "hopping")
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,12 @@ class SensorRef:
 
 @dataclass(frozen=True)
 class WindowSpec:
+    """``tumbling``: windows ``[k·width, (k+1)·width)``. ``hopping``: windows
+    ``[k·hop, k·hop + width)``, overlapping, with ``width`` a multiple of ``hop``."""
+
     kind: str
     width_ns: int
+    hop_ns: int = 0  # hopping only
 
     def __post_init__(self) -> None:
         if self.kind not in WINDOW_KINDS:
@@ -92,6 +96,17 @@ class WindowSpec:
             raise WireError(
                 "bad-window", f"window width_ns must be a positive integer, got {self.width_ns!r}"
             )
+        if self.kind == "hopping" and (
+            not isinstance(self.hop_ns, int) or self.hop_ns <= 0 or self.width_ns % self.hop_ns
+        ):
+            raise WireError("bad-window", "hop_ns must be a positive divisor of width_ns")
+        if self.kind == "tumbling" and self.hop_ns not in (0, self.width_ns):
+            raise WireError("bad-window", "a tumbling window has no hop_ns")
+
+    @property
+    def step_ns(self) -> int:
+        """Distance between window starts."""
+        return self.hop_ns if self.kind == "hopping" else self.width_ns
 
 
 @dataclass(frozen=True, eq=False)
@@ -147,8 +162,8 @@ class Batch:
             raise WireError("bad-column", f"{len(self.sketch)} sketches for {n} rows")
         if n and int(self.sensor.max()) >= len(self.sensors):
             raise WireError("bad-column", "sensor index out of range of the sensors list")
-        if n and np.any(self.start_ns % self.window.width_ns):
-            raise WireError("bad-column", "start_ns not aligned to the window width")
+        if n and np.any(self.start_ns % self.window.step_ns):
+            raise WireError("bad-column", "start_ns not aligned to the window width (or hop)")
         if np.any((self.count == 0) & (self.invalid == 0)):
             raise WireError("bad-column", "a window with no readings at all")
 
@@ -211,7 +226,8 @@ def encode_batch(batch: Batch, *, compress: bool = True, level: int = 3) -> byte
         "device_id": batch.device_id,
         "seq": batch.seq,
         "created_ns": batch.created_ns,
-        "window": {"kind": batch.window.kind, "width_ns": batch.window.width_ns},
+        "window": {"kind": batch.window.kind, "width_ns": batch.window.width_ns}
+        | ({"hop_ns": batch.window.hop_ns} if batch.window.kind == "hopping" else {}),
         "sensors": [dataclasses.asdict(s) for s in batch.sensors],
         "rows": batch.rows,
         "columns": col_meta,
@@ -340,7 +356,12 @@ def _decode_body(body: bytes) -> Batch:
         )
         for s in sensors_raw
     )
-    spec = WindowSpec(kind=_field(window, "kind", str), width_ns=_field(window, "width_ns", int))
+    kind = _field(window, "kind", str)
+    spec = WindowSpec(
+        kind=kind,
+        width_ns=_field(window, "width_ns", int),
+        hop_ns=_field(window, "hop_ns", int) if kind == "hopping" else 0,
+    )
     offset = _U32.size + hlen
     found: dict[str, npt.NDArray[Any]] = {}
     sketches: tuple[bytes, ...] = ()

@@ -156,3 +156,29 @@ def test_numba_is_used_when_available_and_fallback_otherwise() -> None:
     assert out.stdout.strip() == "numpy"
     has_numba = importlib.util.find_spec("numba") is not None
     assert ("numba" if has_numba else "numpy") == kernels.BACKEND
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    ts=st.lists(st.integers(0, 10**6), min_size=1, max_size=200),
+    hop=st.sampled_from([1000, 2500, 5000]),
+    m=st.integers(1, 4),
+    lo=st.integers(-(10**4), 10**6),
+    span=st.integers(0, 10**6),
+)
+def test_property_hopping_windows_match_brute_force(
+    ts: list[int], hop: int, m: int, lo: int, span: int
+) -> None:
+    t = np.sort(np.array(ts, dtype=np.int64))
+    v = np.arange(len(t), dtype=np.float64)  # value = time rank: order is checkable
+    width = hop * m
+    lo_s, hi_s = (lo // hop) * hop, (lo // hop) * hop + (span // hop) * hop
+    starts, segs, vals = kernels.hopping_windows(t, v, width, hop, lo_s, hi_s)
+    ends = np.append(segs[1:], len(vals))[: len(segs)]
+    got = {int(s): vals[a:b].tolist() for s, a, b in zip(starts, segs, ends, strict=True)}
+    want = {}
+    for s in range(lo_s, hi_s + 1, hop):
+        inside = v[(t >= s) & (t < s + width)].tolist()
+        if inside:
+            want[s] = inside
+    assert got == want

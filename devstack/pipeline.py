@@ -74,6 +74,7 @@ class PipelineSpec:
     ack_timeout_s: float = 5.0
     sim_config: str | None = None  # firmware-sim TOML (nodes, sensors); None: its defaults
     agent_extra: str = ""  # TOML appended to the agent's config (e.g. [[alerts]] tables)
+    hop_s: float = 0.0  # hopping windows; 0 = tumbling
 
 
 @dataclass
@@ -137,6 +138,7 @@ class Pipeline:
                 "width_s": s.width_s,
                 "lateness_s": 2.0,
                 "flush_on_shutdown": flush_on_shutdown,
+                "hop_s": s.hop_s,
             },
             "intake": {"broker": {"port": s.local_port}},
             "forward": {

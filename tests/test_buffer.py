@@ -263,3 +263,32 @@ def test_readings_too_old_for_a_revision_are_dropped_and_counted(tmp_path: Path)
     res = buffer.store_chunk(s, reg, chunk("a", [T0 + 1, T0 + 18 * W], [9.0, 9.0]), late=policy)
     assert (res.stored, res.revised, res.late) == (1, 1, 1)
     assert s.counters()["dropped_too_old"] == 1
+
+
+def test_hopping_windows_and_their_revisions(tmp_path: Path) -> None:
+    s = Store(tmp_path / "a.sqlite")
+    reg = buffer.SensorRegistry(s)
+    hop = W // 2
+    policy = buffer.LatePolicy(width_ns=W, max_age_ns=100 * W, hop_ns=hop)
+    ts = [T0 + k * hop // 5 for k in range(25)]  # every second for 25 s (hop 5 s, width 10 s)
+    buffer.store_chunk(s, reg, chunk("a", ts, [float(k) for k in range(25)]), late=policy)
+    (seq,) = window.close_until(
+        s, device_id="d", width_ns=W, upto_ns=T0 + 2 * W, max_rows=99, hop_ns=hop
+    )
+    (payload,) = s.conn.execute("SELECT payload FROM outbox WHERE seq = ?", (seq,)).fetchone()
+    b = decode_batch(bytes(payload))
+    assert b.window.kind == "hopping" and b.window.hop_ns == hop
+    # windows ending by T0 + 20 s: [-5, 5), [0, 10), [5, 15), [10, 20), one row each
+    assert b.start_ns.tolist() == [T0 - hop, T0, T0 + hop, T0 + 2 * hop]
+    assert b.count.tolist() == [5, 10, 10, 10]
+    assert b.first.tolist() == [0.0, 0.0, 5.0, 10.0]
+    # a late reading at T0 + 12 s belongs to the closed [5, 15) and [10, 20) windows
+    # (and to the open [15, 25), which has not been sent)
+    res = buffer.store_chunk(s, reg, chunk("a", [T0 + 12 * hop // 5 + 1], [100.0]), late=policy)
+    assert res.revised == 1
+    seqs = window.revise(s, device_id="d", width_ns=W, max_rows=99, hop_ns=hop)
+    (payload,) = s.conn.execute("SELECT payload FROM outbox WHERE seq = ?", seqs).fetchone()
+    r = decode_batch(bytes(payload))
+    assert r.start_ns.tolist() == [T0 + hop, T0 + 2 * hop]
+    assert r.count.tolist() == [11, 11] and r.revision.tolist() == [1, 1]
+    assert r.max.tolist() == [100.0, 100.0]

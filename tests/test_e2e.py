@@ -28,13 +28,16 @@ WIDTH_S = 10.0
 WIDTH = int(WIDTH_S * 1e9)
 
 
-def expected_windows(truth: Path) -> dict[tuple[str, str, int], dict[str, float]]:
-    """Per-window statistics computed straight from the truth file with numpy."""
+def expected_windows(truth: Path, hop: int = WIDTH) -> dict[tuple[str, str, int], dict[str, float]]:
+    """Per-window statistics computed straight from the truth file with numpy, for
+    windows [s, s + WIDTH) starting at every multiple of ``hop``."""
     out = {}
     for (node, sensor), (ts, vals) in truth_by_sensor(truth).items():
-        starts = (ts // WIDTH) * WIDTH
-        for st in np.unique(starts):
-            v = vals[starts == st]
+        first = (ts.min() // hop) * hop - WIDTH + hop
+        for st in range(int(first), int(ts.max()) + 1, hop):
+            v = vals[(ts >= st) & (ts < st + WIDTH)]
+            if len(v) == 0:
+                continue
             q50, q90, q99 = np.quantile(v, [0.5, 0.9, 0.99])
             out[(node, sensor, int(st))] = {
                 "sum": v.sum(),
@@ -380,3 +383,52 @@ def test_late_readings_revise_windows_in_influxdb(
     compare("influxdb-1.x", device, exp, windows, 1e-9)
     revised = [k for k, w in windows.items() if int(w["revision"]) > 0]
     assert revised and all(k[2] == "humidity" for k in revised)
+
+
+def test_hopping_windows_end_to_end(
+    fresh: Callable[[str], Service],
+    influxdb: Service,
+    influx_db: str,
+    tmp_path: Path,
+    unique: str,
+) -> None:
+    """10 s windows every 5 s: every overlapping window in InfluxDB matches numpy."""
+    broker = fresh("mosquitto")
+    device = f"dev-{unique}"
+    hop = WIDTH // 2
+    spec = PipelineSpec(
+        workdir=tmp_path / "run",
+        local_port=broker.port,
+        cloud_port=broker.port,
+        device_id=device,
+        duration_s=40.0,
+        speed=8.0,
+        seed=13,
+        width_s=WIDTH_S,
+        hop_s=5.0,
+        start_ns=(time.time_ns() // WIDTH - 6) * WIDTH + 2_500_000_000,
+        targets=[
+            IngestTarget(
+                "v1",
+                {"api": "v1", "url": influxdb.url, "database": influx_db},
+                {"url": f"file://{tmp_path / 'archive'}"},
+            )
+        ],
+    )
+    pipe = Pipeline(spec)
+    exp: dict[tuple[str, str, int], dict[str, float]] = {}
+
+    def arrived(produced: int) -> bool:
+        if not exp:
+            exp.update(expected_windows(pipe.truth, hop))
+        return len(influxq.v1_windows(influxdb.url, influx_db)) == len(exp)
+
+    try:
+        res = pipe.run(arrived, deliver_timeout_s=60)
+    finally:
+        pipe.stop_all()
+    assert res.arrived
+    windows = influxq.v1_windows(influxdb.url, influx_db)
+    compare("hopping", device, exp, windows, 1e-9)
+    # every reading is in width / hop = 2 windows
+    assert influxq.total_count(windows) == 2 * res.produced

@@ -7,22 +7,10 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from shared.wire import EXTRA_FIELDS, STAT_FIELDS
+
 WindowKey = tuple[str, str, str, int]  # device_id, node, sensor, start_ns
-FIELDS = (
-    "count",
-    "invalid",
-    "revision",
-    "min",
-    "max",
-    "mean",
-    "stddev",
-    "first",
-    "last",
-    "sum",
-    "p50",
-    "p90",
-    "p99",
-)
+FIELDS = ("count", "invalid", "revision", *STAT_FIELDS, *EXTRA_FIELDS)
 
 
 def influxql(url: str, q: str, db: str | None = None, method: str = "GET") -> Any:

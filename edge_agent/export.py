@@ -18,28 +18,14 @@ from typing import Any, Literal
 from edge_agent import buffer
 from edge_agent.kernels import segment_windows, window_stats
 from edge_agent.status import open_readonly
+from shared.wire import EXTRA_FIELDS, STAT_FIELDS
 
 Kind = Literal["raw", "windows"]
 RAW_COLUMNS = ("node", "sensor", "unit", "ts_ns", "value")
 WINDOW_COLUMNS = (
-    "node",
-    "sensor",
-    "unit",
-    "start_ns",
-    "width_ns",
-    "count",
-    "invalid",
-    "min",
-    "max",
-    "mean",
-    "stddev",
-    "first",
-    "last",
-    "sum",
-    "p50",
-    "p90",
-    "p99",
-)
+    "node", "sensor", "unit", "start_ns", "width_ns", "count", "invalid",
+    *STAT_FIELDS, *EXTRA_FIELDS,
+)  # fmt: skip
 
 
 class ExportError(Exception):

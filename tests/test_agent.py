@@ -7,11 +7,10 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from devstack.pipeline import Pipeline, PipelineSpec, truth_window_counts
+from devstack.publish import publish_all
 from devstack.services import Service, wait_until
 from edge_agent.store import Store
 from shared.readings import encode_chunk
@@ -51,9 +50,6 @@ def test_bad_messages_are_quarantined_and_intake_goes_on(
     )
     agent = pipe.start_agent()
     try:
-        pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-        pub.connect("127.0.0.1", broker.port)
-        pub.loop_start()
         t0 = (time.time_ns() // WIDTH - 5) * WIDTH
         msgs = [
             ("sensors/n1/temp", b"{not json"),
@@ -61,10 +57,7 @@ def test_bad_messages_are_quarantined_and_intake_goes_on(
             ("sensors/n1/temp", encode_chunk("C", [t0, t0 + 1], [20.0, 21.0])),
             ("sensors/n1/temp", encode_chunk("C", [t0 + WIDTH], [22.0])),
         ]
-        for topic, payload in msgs:
-            pub.publish(topic, payload, qos=1).wait_for_publish(10)
-        pub.disconnect()
-        pub.loop_stop()
+        publish_all(broker.port, msgs)
         wait_until(
             lambda: (
                 pipe.agent_status()["counters"].get("readings_stored") == 3

@@ -12,6 +12,7 @@ import pytest
 
 from devstack import influxq
 from devstack.pipeline import IngestTarget, Pipeline, PipelineSpec
+from devstack.publish import publish_all
 from devstack.services import Service, wait_until
 from edge_agent import alerts, buffer, outbox, window
 from edge_agent.alerts import AlertEngine, AlertRule
@@ -20,7 +21,6 @@ from edge_agent.store import Store
 from shared.config import load_config
 from shared.errors import ConfigError
 from shared.readings import ReadingChunk, encode_chunk
-from tests.test_ingest import publish_all
 
 S = 10**9
 

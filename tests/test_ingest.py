@@ -22,6 +22,7 @@ from cloud_ingest.config import IngestConfig
 from cloud_ingest.process import Processor
 from cloud_ingest.service import serve
 from devstack import influxq
+from devstack.publish import publish_all
 from devstack.services import Service, wait_until
 from shared.acks import Ack, decode_ack
 from shared.config import from_dict
@@ -95,19 +96,6 @@ class AckCollector:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
-
-
-def publish_all(port: int, messages: list[tuple[str, bytes]]) -> None:
-    """Publish at QoS 1 and wait for every PUBACK."""
-    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    try:
-        for topic, payload in messages:
-            c.publish(topic, payload, qos=1).wait_for_publish(10)
-    finally:
-        c.disconnect()
-        c.loop_stop()
 
 
 def ingest_config(

@@ -11,13 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
 from click.testing import CliRunner, Result
-from paho.mqtt.enums import CallbackAPIVersion
 
 from devstack import influxq
 from devstack.pipeline import BIN, IngestTarget, Pipeline, PipelineSpec
+from devstack.publish import publish_all
 from devstack.services import Service, wait_until
 from edge_agent.cli import EXIT_PARTIAL
 from edge_agent.cli import main as agent_main
@@ -29,16 +28,6 @@ W = 10_000_000_000
 
 def cli(*args: str) -> Result:
     return CliRunner().invoke(agent_main, list(args), catch_exceptions=False)
-
-
-def publish(port: int, msgs: list[tuple[str, bytes]]) -> None:
-    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    for topic, payload in msgs:
-        c.publish(topic, payload, qos=1).wait_for_publish(10)
-    c.disconnect()
-    c.loop_stop()
 
 
 def test_commands_with_the_agent_running_then_stopped(
@@ -88,7 +77,7 @@ def test_commands_with_the_agent_running_then_stopped(
         )
         assert tailer.stderr is not None
         assert "listening on" in tailer.stderr.readline()  # blocks until subscribed
-        publish(broker.port, msgs)
+        publish_all(broker.port, msgs)
         out, _ = tailer.communicate(timeout=40)
         lines = out.splitlines()
         assert tailer.returncode == 0 and len(lines) == 9

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from shared.config import Invalid, port, positive
+from shared.tls import TlsConfig
 from shared.topics import DEFAULT_BATCH_PREFIX
 from shared.wire import MAX_BODY_BYTES, MAX_PAYLOAD_BYTES
 
@@ -23,6 +24,7 @@ class MqttConfig:
     alert_subscription: str = ""
     keepalive_s: int = 30
     session_expiry_s: int = 7 * 24 * 3600
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def __post_init__(self) -> None:
         port("port", self.port)

@@ -27,6 +27,7 @@ from cloud_ingest.sinks.influx import make_point_sink
 from shared.acks import CONTENT_TYPE as ACK_CONTENT_TYPE
 from shared.cli import write_ready_file
 from shared.mqttprops import connect_properties, publish_properties
+from shared.tls import ssl_context
 from shared.topics import ack_topic, alert_filter, batch_filter
 
 log = logging.getLogger("cloud_ingest.service")
@@ -41,6 +42,7 @@ def _client(cfg: IngestConfig) -> aiomqtt.Client:
         clean_start=False,
         properties=connect_properties(cfg.mqtt.session_expiry_s),
         keepalive=cfg.mqtt.keepalive_s,
+        tls_context=ssl_context(cfg.mqtt.tls),
     )
 
 

@@ -75,6 +75,7 @@ class PipelineSpec:
     sim_config: str | None = None  # firmware-sim TOML (nodes, sensors); None: its defaults
     agent_extra: str = ""  # TOML appended to the agent's config (e.g. [[alerts]] tables)
     hop_s: float = 0.0  # hopping windows; 0 = tumbling
+    cloud_tls: dict[str, str] | None = None  # [tls] table for the cloud link, both ends
 
 
 @dataclass
@@ -142,7 +143,7 @@ class Pipeline:
             },
             "intake": {"broker": {"port": s.local_port}},
             "forward": {
-                "broker": {"port": s.cloud_port},
+                "broker": {"port": s.cloud_port, **({"tls": s.cloud_tls} if s.cloud_tls else {})},
                 "drain_timeout_s": s.drain_timeout_s,
                 "ack_timeout_s": s.ack_timeout_s,
                 "max_backoff_s": max(s.ack_timeout_s, 30.0),
@@ -182,7 +183,11 @@ class Pipeline:
         procs = []
         for t in self.spec.targets:
             cfg = {
-                "mqtt": {"port": self.spec.cloud_port, "client_id": f"cloud-ingest-{t.name}"},
+                "mqtt": {
+                    "port": self.spec.cloud_port,
+                    "client_id": f"cloud-ingest-{t.name}",
+                    **({"tls": self.spec.cloud_tls} if self.spec.cloud_tls else {}),
+                },
                 "influx": t.influx,
                 "archive": t.archive,
                 "retry": {"initial_s": 0.2, "max_s": 2.0},

@@ -104,6 +104,9 @@ class Service:
             self.stop()
             tail = self.log_path.read_text(errors="replace")[-2000:]
             raise ServiceError(f"{self.name} did not become healthy; log:\n{tail}") from None
+        except ServiceError:
+            self.stop()
+            raise
         return self
 
     def _alive(self) -> bool:
@@ -126,13 +129,19 @@ class Service:
             self._log = None
 
 
-def mosquitto(workdir: Path, port: int | None = None) -> Service:
+def mosquitto(
+    workdir: Path, port: int | None = None, tls: tuple[Path, Path, Path] | None = None
+) -> Service:
+    """``tls``: (CA, server certificate, server key) PEM files for a TLS listener."""
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "mosquitto.conf"
+    tls_lines = f"cafile {tls[0]}\ncertfile {tls[1]}\nkeyfile {tls[2]}\n" if tls is not None else ""
+    # As root, Mosquitto would switch to the user "mosquitto", which can read neither
+    # the certificates nor the persistence folder in a test's private temp folder.
+    run_as = "user root\n" if os.geteuid() == 0 else ""
     conf.write_text(
-        f"listener {port} {LOOPBACK}\n"
-        "allow_anonymous true\n"
+        f"listener {port} {LOOPBACK}\n" + tls_lines + run_as + "allow_anonymous true\n"
         "persistence true\n"
         f"persistence_location {workdir}/\n"
         # The default of 1000 queued QoS 1 messages per client silently drops the

@@ -11,6 +11,7 @@ from typing import Literal
 
 from edge_agent.alerts import AlertRule
 from shared.config import Invalid, port, positive
+from shared.tls import TlsConfig
 from shared.topics import DEFAULT_BATCH_PREFIX, DEFAULT_SENSOR_PREFIX, is_valid_id
 from shared.wire import WindowSpec
 
@@ -22,6 +23,7 @@ class BrokerConfig:
     client_id: str = ""
     keepalive_s: int = 30
     session_expiry_s: int = 7 * 24 * 3600
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def __post_init__(self) -> None:
         port("port", self.port)

@@ -4,6 +4,7 @@ says ok, warn or fail, what it found, and how to fix it."""
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from edge_agent import budget, buffer
 from edge_agent.config import AgentConfig, BrokerConfig
 from edge_agent.status import open_readonly
 from shared.errors import StorageError
+from shared.tls import server_certificate_expiry, ssl_context
 
 Level = Literal["ok", "warn", "fail"]
 #: The project's first release: a clock before it is certainly wrong.
@@ -36,6 +38,20 @@ def check_broker(name: str, cfg: BrokerConfig, timeout_s: float = 3.0) -> Check:
         callback_api_version=CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv5
     )
     where = f"{cfg.host}:{cfg.port}"
+    if cfg.tls.enabled:
+        # Handshake on our own socket first: paho leaks its socket when TLS fails.
+        try:
+            server_certificate_expiry(cfg.host, cfg.port, cfg.tls, timeout_s)
+        except (OSError, ssl.SSLError) as exc:
+            return Check(
+                name,
+                "fail",
+                f"{where}: TLS: {exc}",
+                f"check [{name}.tls] ca_file, and that {where} is the TLS port",
+            )
+    ctx = ssl_context(cfg.tls)
+    if ctx is not None:
+        client.tls_set_context(ctx)
     try:
         client.connect(cfg.host, cfg.port, keepalive=10)
         client.loop_start()
@@ -63,13 +79,42 @@ def check_broker(name: str, cfg: BrokerConfig, timeout_s: float = 3.0) -> Check:
     return Check(name, "ok", f"{where}: MQTT v5 connect ok")
 
 
-def check_tls() -> Check:
-    return Check(
-        "tls certificate",
-        "warn",
-        "TLS is not configured: MQTT runs in plain text",
-        "TLS support comes with a later release; keep the cloud link on a VPN meanwhile",
-    )
+def check_tls(cfg: BrokerConfig, now_s: float | None = None) -> Check:
+    """The cloud broker's certificate: trusted, and how long until it expires."""
+    if not cfg.tls.enabled:
+        return Check(
+            "tls certificate",
+            "warn",
+            "TLS is off: MQTT to the cloud is plain text",
+            "set [forward.broker.tls] ca_file (and use the broker's TLS port)",
+        )
+    now_s = time.time() if now_s is None else now_s
+    try:
+        expires = server_certificate_expiry(cfg.host, cfg.port, cfg.tls)
+    except (OSError, ssl.SSLError) as exc:
+        return Check(
+            "tls certificate",
+            "fail",
+            f"{cfg.host}:{cfg.port}: {exc}",
+            "check ca_file against the broker's certificate chain and host name",
+        )
+    days = (expires - now_s) / 86400
+    stamp = time.strftime("%Y-%m-%d", time.gmtime(expires))
+    if days < 0:
+        return Check(
+            "tls certificate",
+            "fail",
+            f"the broker's certificate expired on {stamp}",
+            "renew the broker's certificate",
+        )
+    if days < 30:
+        return Check(
+            "tls certificate",
+            "warn",
+            f"expires in {days:.0f} days ({stamp})",
+            "renew the broker's certificate soon",
+        )
+    return Check("tls certificate", "ok", f"trusted, expires in {days:.0f} days ({stamp})")
 
 
 def check_clock(cfg: AgentConfig, now_s: float | None = None) -> list[Check]:
@@ -190,7 +235,7 @@ def run_checks(cfg: AgentConfig, config_path: str | None) -> list[Check]:
     checks = [Check("config", "ok", f"{config_path or 'defaults'}: valid")]
     checks.append(check_broker("intake.broker", cfg.intake.broker))
     checks.append(check_broker("forward.broker", cfg.forward.broker))
-    checks.append(check_tls())
+    checks.append(check_tls(cfg.forward.broker))
     checks += check_clock(cfg)
     checks += check_disk(cfg)
     return checks

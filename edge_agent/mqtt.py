@@ -7,6 +7,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.config import BrokerConfig
 from shared.mqttprops import connect_properties
+from shared.tls import ssl_context
 
 
 def make_client(cfg: BrokerConfig, client_id: str, *, manual_ack: bool = False) -> mqtt.Client:
@@ -18,6 +19,9 @@ def make_client(cfg: BrokerConfig, client_id: str, *, manual_ack: bool = False) 
         manual_ack=manual_ack,
     )
     client.reconnect_delay_set(min_delay=1, max_delay=30)
+    ctx = ssl_context(cfg.tls)
+    if ctx is not None:
+        client.tls_set_context(ctx)
     return client
 
 

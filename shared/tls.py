@@ -1,0 +1,63 @@
+"""TLS for the MQTT links: one config table and one place that builds the SSL context.
+
+``[<broker>.tls]`` with ``ca_file`` turns TLS on: the broker's certificate must
+chain to that CA (and match the host name). ``cert_file`` and ``key_file`` add a
+client certificate, for brokers that authenticate devices by certificate.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.config import Invalid
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+    def __post_init__(self) -> None:
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, key)
+            if path and not Path(path).is_file():
+                raise Invalid(key, f"file not found: {path}")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise Invalid("cert_file", "cert_file and key_file go together")
+        if self.cert_file and not self.ca_file:
+            raise Invalid("ca_file", "a client certificate needs ca_file (TLS) as well")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.ca_file)
+
+
+def ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
+    """The client SSL context for ``tls``, or None when TLS is off."""
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+    if tls.cert_file:
+        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    return ctx
+
+
+def server_certificate_expiry(
+    host: str, port: int, tls: TlsConfig, timeout_s: float = 5.0
+) -> float:
+    """Seconds since the epoch at which the broker's certificate expires (verifies it)."""
+    ctx = ssl_context(tls)
+    if ctx is None:
+        raise ValueError("TLS is not configured")
+    with (
+        socket.create_connection((host, port), timeout=timeout_s) as raw,
+        ctx.wrap_socket(raw, server_hostname=host) as conn,
+    ):
+        cert = conn.getpeercert()
+    if not cert or "notAfter" not in cert:
+        raise ssl.SSLError("the broker sent no certificate")
+    return float(ssl.cert_time_to_seconds(str(cert["notAfter"])))

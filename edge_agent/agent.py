@@ -71,6 +71,7 @@ class Agent:
         )
 
     def tick(self) -> None:
+        self.intake.flush()  # the last messages of a burst: do not wait for more
         req = control.pending_flush(self.store)
         self.close_ready_windows(flush=req is not None)
         seqs = window.revise(

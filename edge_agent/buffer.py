@@ -95,6 +95,91 @@ class LatePolicy:
         return np.unique(starts[starts + self.width_ns <= closed])
 
 
+def _store_one(
+    store: Store,
+    registry: SensorRegistry,
+    chunk: ReadingChunk,
+    digest: bytes | None = None,
+    *,
+    future_limit_ns: int | None = None,
+    late: LatePolicy | None = None,
+    after_store: Callable[[npt.NDArray[np.int64], npt.NDArray[np.float64]], None] | None = None,
+) -> StoreResult:
+    """Store the readings of ``chunk`` (inside the caller's transaction), applying
+    the late-data and future policies.
+
+    Returns how many readings were stored, how many of those were late (for a
+    closed window, which is then marked for revision), and how many were dropped:
+    late with no revisions, too old for a revision, or from the future (timestamp
+    beyond ``future_limit_ns``: a node with a broken clock must not drag the
+    watermark ahead and make everyone else late). A redelivery of a message
+    already stored (same ``digest``, see :func:`message_digest`) is ignored. Once
+    the caller's transaction commits the outcome is durable, and the message may be
+    acknowledged to the node's broker.
+    """
+    if digest is not None:
+        cur = store.conn.execute(
+            "INSERT OR IGNORE INTO received(digest, received_ns) VALUES (?, ?)",
+            (digest, time.time_ns()),
+        )
+        if cur.rowcount == 0:
+            store.add_counter("duplicates_ignored", len(chunk))
+            return StoreResult(stored=0, late=0, duplicate=len(chunk))
+    closed = store.get_state(CLOSED_UNTIL)
+    is_late = chunk.ts < closed
+    keep = ~is_late
+    dropped_late = too_old = accepted_late = 0
+    if late is None or late.max_age_ns <= 0:
+        dropped_late = int(is_late.sum())
+    else:
+        old = is_late & (chunk.ts < store.get_state(MAX_TS) - late.max_age_ns)
+        too_old = int(old.sum())
+        keep |= is_late & ~old
+    future = 0
+    if future_limit_ns is not None:
+        ahead = chunk.ts > future_limit_ns
+        future = int(ahead.sum())
+        keep &= ~ahead
+    ts, vals = chunk.ts[keep], chunk.values[keep]
+    if len(ts):
+        order = np.argsort(ts, kind="stable")
+        ts, vals = ts[order], vals[order]
+        sid = registry.id_for(chunk.node, chunk.sensor, chunk.unit)
+        store.conn.execute(
+            "INSERT INTO chunks(sensor_id, t_min, t_max, n, ts, vals, received_ns) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                sid,
+                int(ts[0]),
+                int(ts[-1]),
+                len(ts),
+                ts.astype("<i8").tobytes(),
+                vals.astype("<f8").tobytes(),
+                time.time_ns(),
+            ),
+        )
+        if int(ts[-1]) > store.get_state(MAX_TS):
+            store.set_state(MAX_TS, int(ts[-1]))
+        late_ts = ts[ts < closed]
+        accepted_late = len(late_ts)
+        if after_store is not None:  # same transaction: alerts and readings together
+            after_store(ts, vals)
+        if accepted_late and late is not None:
+            starts = late.closed_windows_of(late_ts, closed)
+            store.conn.executemany(
+                "INSERT OR IGNORE INTO dirty(sensor_id, start_ns) VALUES (?, ?)",
+                [(sid, int(st)) for st in starts.tolist()],
+            )
+    store.add_counter("readings_stored", len(ts))
+    store.add_counter("readings_late_accepted", accepted_late)
+    store.add_counter("dropped_late", dropped_late)
+    store.add_counter("dropped_too_old", too_old)
+    store.add_counter("dropped_future", future)
+    return StoreResult(
+        stored=len(ts), late=dropped_late + too_old, future=future, revised=accepted_late
+    )
+
+
 def store_chunk(
     store: Store,
     registry: SensorRegistry,
@@ -105,79 +190,50 @@ def store_chunk(
     late: LatePolicy | None = None,
     after_store: Callable[[npt.NDArray[np.int64], npt.NDArray[np.float64]], None] | None = None,
 ) -> StoreResult:
-    """Store the readings of ``chunk``, applying the late-data and future policies.
-
-    Returns how many readings were stored, how many of those were late (for a
-    closed window, which is then marked for revision), and how many were dropped:
-    late with no revisions, too old for a revision, or from the future (timestamp
-    beyond ``future_limit_ns``: a node with a broken clock must not drag the
-    watermark ahead and make everyone else late). A redelivery of a message
-    already stored (same ``digest``, see :func:`message_digest`) is ignored. All
-    in one transaction: on return the outcome is durable, so the caller may
-    acknowledge the message to the node's broker.
-    """
+    """:func:`_store_one` in a transaction of its own: durable on return."""
     with store.tx():
-        if digest is not None:
-            cur = store.conn.execute(
-                "INSERT OR IGNORE INTO received(digest, received_ns) VALUES (?, ?)",
-                (digest, time.time_ns()),
+        return _store_one(
+            store,
+            registry,
+            chunk,
+            digest,
+            future_limit_ns=future_limit_ns,
+            late=late,
+            after_store=after_store,
+        )
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One sensor message for :func:`store_many`."""
+
+    chunk: ReadingChunk
+    digest: bytes | None = None
+    after_store: Callable[[npt.NDArray[np.int64], npt.NDArray[np.float64]], None] | None = None
+
+
+def store_many(
+    store: Store,
+    registry: SensorRegistry,
+    items: list[Incoming],
+    *,
+    future_limit_ns: int | None = None,
+    late: LatePolicy | None = None,
+) -> list[StoreResult]:
+    """Group commit: several messages in one transaction (one fsync), all or none."""
+    with store.tx():
+        return [
+            _store_one(
+                store,
+                registry,
+                it.chunk,
+                it.digest,
+                future_limit_ns=future_limit_ns,
+                late=late,
+                after_store=it.after_store,
             )
-            if cur.rowcount == 0:
-                store.add_counter("duplicates_ignored", len(chunk))
-                return StoreResult(stored=0, late=0, duplicate=len(chunk))
-        closed = store.get_state(CLOSED_UNTIL)
-        is_late = chunk.ts < closed
-        keep = ~is_late
-        dropped_late = too_old = accepted_late = 0
-        if late is None or late.max_age_ns <= 0:
-            dropped_late = int(is_late.sum())
-        else:
-            old = is_late & (chunk.ts < store.get_state(MAX_TS) - late.max_age_ns)
-            too_old = int(old.sum())
-            keep |= is_late & ~old
-        future = 0
-        if future_limit_ns is not None:
-            ahead = chunk.ts > future_limit_ns
-            future = int(ahead.sum())
-            keep &= ~ahead
-        ts, vals = chunk.ts[keep], chunk.values[keep]
-        if len(ts):
-            order = np.argsort(ts, kind="stable")
-            ts, vals = ts[order], vals[order]
-            sid = registry.id_for(chunk.node, chunk.sensor, chunk.unit)
-            store.conn.execute(
-                "INSERT INTO chunks(sensor_id, t_min, t_max, n, ts, vals, received_ns) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    sid,
-                    int(ts[0]),
-                    int(ts[-1]),
-                    len(ts),
-                    ts.astype("<i8").tobytes(),
-                    vals.astype("<f8").tobytes(),
-                    time.time_ns(),
-                ),
-            )
-            if int(ts[-1]) > store.get_state(MAX_TS):
-                store.set_state(MAX_TS, int(ts[-1]))
-            late_ts = ts[ts < closed]
-            accepted_late = len(late_ts)
-            if after_store is not None:  # same transaction: alerts and readings together
-                after_store(ts, vals)
-            if accepted_late and late is not None:
-                starts = late.closed_windows_of(late_ts, closed)
-                store.conn.executemany(
-                    "INSERT OR IGNORE INTO dirty(sensor_id, start_ns) VALUES (?, ?)",
-                    [(sid, int(st)) for st in starts.tolist()],
-                )
-        store.add_counter("readings_stored", len(ts))
-        store.add_counter("readings_late_accepted", accepted_late)
-        store.add_counter("dropped_late", dropped_late)
-        store.add_counter("dropped_too_old", too_old)
-        store.add_counter("dropped_future", future)
-    return StoreResult(
-        stored=len(ts), late=dropped_late + too_old, future=future, revised=accepted_late
-    )
+            for it in items
+        ]
 
 
 def read_range(

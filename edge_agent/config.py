@@ -37,6 +37,8 @@ class StorageConfig:
     path: str = "edge-agent.sqlite"
     synchronous: Literal["full", "normal"] = "full"
     raw_retention_s: float = 24 * 3600.0
+    group_commit_max: int = 16
+    group_commit_ms: float = 20.0
     max_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
@@ -44,6 +46,9 @@ class StorageConfig:
             raise Invalid("path", "must not be empty")
         if self.raw_retention_s < 0:
             raise Invalid("raw_retention_s", "must be >= 0")
+        positive("group_commit_max", self.group_commit_max)
+        if self.group_commit_ms < 0:
+            raise Invalid("group_commit_ms", "must be >= 0")
         if self.max_bytes != 0 and self.max_bytes < 1 << 20:
             raise Invalid("max_bytes", "must be 0 (no budget) or at least 1048576 (1 MiB)")
 

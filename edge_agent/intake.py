@@ -24,7 +24,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.mqtt import connect_async, make_client
 from edge_agent.store import Store
 from shared.errors import WireError
-from shared.readings import decode_chunk
+from shared.readings import ReadingChunk, decode_chunk
 from shared.topics import sensor_filter
 
 log = logging.getLogger("edge_agent.intake")
@@ -42,6 +42,11 @@ class Intake:
             cfg.window.width_ns, cfg.window.max_age_ns, cfg.window.hop_ns
         )
         self.alerts = AlertEngine(cfg.alerts, self.store)
+        # Group commit: messages wait here (unacknowledged) until their transaction.
+        # The lock also serialises this thread's and the agent tick's use of self.store.
+        self._lock = threading.Lock()
+        self._pending: list[tuple[mqtt.MQTTMessage, ReadingChunk]] = []
+        self._first_pending = 0.0
         client_id = cfg.intake.broker.client_id or f"edge-agent-{cfg.device_id}-intake"
         self.client = make_client(cfg.intake.broker, client_id, manual_ack=True)
         self.client.on_connect = self._on_connect
@@ -53,6 +58,7 @@ class Intake:
         connect_async(self.client, self.cfg.intake.broker)
 
     def stop(self) -> None:
+        self.flush()
         self.client.disconnect()
         self.client.loop_stop()
         self.store.close()
@@ -82,24 +88,53 @@ class Intake:
         try:
             chunk = decode_chunk(msg.topic, bytes(msg.payload), self.cfg.intake.topic_prefix)
         except WireError as exc:
-            self._quarantine(msg, exc)
-        else:
-            try:
-                res = buffer.store_chunk(
-                    self.store,
-                    self.registry,
-                    chunk,
-                    buffer.message_digest(msg.topic, bytes(msg.payload)),
-                    future_limit_ns=time.time_ns() + self.cfg.window.max_future_ns,
-                    late=self.late_policy,
-                    after_store=self._alert_hook(chunk.node, chunk.sensor),
-                )
-            except Exception:  # logged and counted; paho's thread must survive any error
-                # Not acknowledged: the broker keeps the message and redelivers it
-                # when the session resumes.
-                self.store_errors += 1
-                log.exception("intake: could not store %s (not acknowledged)", msg.topic)
-                return
+            with self._lock:
+                self._quarantine(msg, exc)
+            client.ack(msg.mid, msg.qos)  # resending cannot fix it; it is kept with its reason
+            return
+        with self._lock:
+            if not self._pending:
+                self._first_pending = time.monotonic()
+            self._pending.append((msg, chunk))
+            st = self.cfg.storage
+            if (
+                len(self._pending) >= st.group_commit_max
+                or time.monotonic() - self._first_pending >= st.group_commit_ms / 1000
+            ):
+                self._flush_locked()
+
+    def flush(self) -> None:
+        """Commit and acknowledge what waits for its group (the agent's tick calls this)."""
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if not self._pending:
+            return
+        group, self._pending = self._pending, []
+        items = [
+            buffer.Incoming(
+                chunk,
+                buffer.message_digest(msg.topic, bytes(msg.payload)),
+                self._alert_hook(chunk.node, chunk.sensor),
+            )
+            for msg, chunk in group
+        ]
+        try:
+            results = buffer.store_many(
+                self.store,
+                self.registry,
+                items,
+                future_limit_ns=time.time_ns() + self.cfg.window.max_future_ns,
+                late=self.late_policy,
+            )
+        except Exception:  # logged and counted; paho's thread must survive any error
+            # Not acknowledged: the broker keeps the messages and redelivers them when
+            # the session resumes.
+            self.store_errors += 1
+            log.exception("intake: could not store %d messages (not acknowledged)", len(group))
+            return
+        for (msg, chunk), res in zip(group, results, strict=True):
             if res.future:
                 log.warning(
                     "intake: dropped %d readings of %s/%s stamped more than %.0f s ahead",
@@ -116,8 +151,8 @@ class Intake:
                     chunk.node,
                     chunk.sensor,
                 )
-        # Only reached after the commit above: now the broker may forget the message.
-        client.ack(msg.mid, msg.qos)
+            # Only after the commit above: now the broker may forget the message.
+            self.client.ack(msg.mid, msg.qos)
 
     def _alert_hook(self, node: str, sensor: str) -> Callable[[Any, Any], None] | None:
         """Rules for this sensor, evaluated inside the transaction that stores its readings."""

@@ -274,13 +274,18 @@ def flush(config_path: str | None, timeout_s: float) -> None:
                 time.sleep(0.1)  # the agent picks the request up on its next tick
             bar.update(30)
             last_seq = store.get_state(outbox.NEXT_SEQ, 1) - 1
-            while time.monotonic() < deadline:
-                left = store.conn.execute(
-                    "SELECT count(*) FROM outbox WHERE seq <= ?", (last_seq,)
-                ).fetchone()[0]
-                if left == 0:
-                    break
-                time.sleep(0.2)
+
+            def unacked() -> int:
+                return int(
+                    store.conn.execute(
+                        "SELECT count(*) FROM outbox WHERE seq <= ?", (last_seq,)
+                    ).fetchone()[0]
+                )
+
+            left = unacked()
+            while left and time.monotonic() < deadline:
+                time.sleep(0.2)  # the forwarder sends; the cloud acks
+                left = unacked()
             bar.update(70)
         if control.pending_flush(store) == req:
             fail(f"the agent did not pick up the flush within {timeout_s:g} s", EXIT_PARTIAL)

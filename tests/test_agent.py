@@ -8,10 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from devstack.pipeline import Pipeline, PipelineSpec, truth_window_counts
 from devstack.publish import publish_all
 from devstack.services import Service, wait_until
+from edge_agent.cli import EXIT_PARTIAL
+from edge_agent.cli import main as agent_main
 from edge_agent.store import Store
 from shared.readings import encode_chunk
 from shared.wire import decode_batch
@@ -66,6 +69,12 @@ def test_bad_messages_are_quarantined_and_intake_goes_on(
             30,
             "intake of all 4 messages",
         )
+        # flush with no cloud ingestor: the windows close and go out, but no ack comes
+        cfg = str(tmp_path / "edge-agent.toml")
+        wait_until(lambda: pipe.agent_status()["running"], 30, "the agent's heartbeat")
+        res = CliRunner().invoke(agent_main, ["flush", "-c", cfg, "--timeout", "2"])
+        assert res.exit_code == EXIT_PARTIAL, res.output
+        assert "still wait for the cloud's ack" in res.output
     finally:
         assert agent.terminate() == 0
     st = pipe.agent_status()

@@ -74,6 +74,7 @@ class PipelineSpec:
     ack_timeout_s: float = 5.0
     sim_config: str | None = None  # firmware-sim TOML (nodes, sensors); None: its defaults
     agent_extra: str = ""  # TOML appended to the agent's config (e.g. [[alerts]] tables)
+    agent_tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # merged per table
     hop_s: float = 0.0  # hopping windows; 0 = tumbling
     cloud_tls: dict[str, str] | None = None  # [tls] table for the cloud link, both ends
 
@@ -130,7 +131,7 @@ class Pipeline:
 
     def agent_config(self, flush_on_shutdown: bool = True) -> Path:
         s = self.spec
-        cfg = {
+        cfg: dict[str, Any] = {
             "device_id": s.device_id,
             "tick_s": 0.1,
             "storage": {"path": str(self.agent_db), "synchronous": "normal"},
@@ -149,6 +150,8 @@ class Pipeline:
                 "max_backoff_s": max(s.ack_timeout_s, 30.0),
             },
         }
+        for table, values in s.agent_tables.items():
+            cfg.setdefault(table, {}).update(values)
         path = self.dir / "edge-agent.toml"
         path.write_text(toml_dumps(cfg) + s.agent_extra)
         return path

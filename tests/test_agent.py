@@ -131,3 +131,39 @@ def test_kill_and_restart_lose_and_double_nothing(
     c = pipe.agent_status()["counters"]
     assert c["readings_stored"] == produced and c.get("dropped_late", 0) == 0
     assert outbox_window_counts(pipe.agent_db) == truth_window_counts(pipe.truth, WIDTH)
+
+
+def test_disk_budget_holds_while_the_uplink_is_down(
+    fresh: Callable[[str], Service], tmp_path: Path
+) -> None:
+    """No cloud broker at all (the uplink is down) and a 1 MiB budget: the running agent
+    keeps taking readings, stays within the budget, and counts what it dropped."""
+    local = fresh("mosquitto")
+    dead_port = local.port + 1 if local.port < 65000 else local.port - 1  # nothing listens
+    spec = PipelineSpec(
+        workdir=tmp_path,
+        local_port=local.port,
+        cloud_port=dead_port,
+        targets=[],
+        duration_s=900.0,
+        speed=60.0,
+        seed=4,
+        drain_timeout_s=0.2,
+        start_ns=(time.time_ns() // WIDTH - 95) * WIDTH,
+        agent_tables={"storage": {"max_bytes": 1 << 20}, "window": {"max_age_s": 20.0}},
+    )
+    pipe = Pipeline(spec)
+    try:
+        agent = pipe.start_agent()
+        produced = int(pipe.finish_sim(pipe.start_sim(), timeout_s=120)["produced"])
+        pipe.wait_agent_has(produced, timeout_s=60)
+        assert agent.terminate() == 0
+    finally:
+        pipe.stop_all()
+    st = pipe.agent_status()
+    c = st["counters"]
+    assert c["readings_stored"] == produced  # intake never stopped
+    assert c["budget_pruned_chunks"] > 0 and c["dropped_budget_batches"] > 0
+    assert st["used_bytes"] <= 1048576 + 65536  # the last tick's data may still be on top
+    # every closed reading is either in a batch still waiting, or counted as dropped
+    assert st["backlog_readings"] + c["dropped_budget_readings"] == produced

@@ -89,8 +89,9 @@ class Intake:
             chunk = decode_chunk(msg.topic, bytes(msg.payload), self.cfg.intake.topic_prefix)
         except WireError as exc:
             with self._lock:
+                self._flush_locked()  # PUBACKs go out in the order the messages came
                 self._quarantine(msg, exc)
-            client.ack(msg.mid, msg.qos)  # resending cannot fix it; it is kept with its reason
+                client.ack(msg.mid, msg.qos)  # resending cannot fix it; kept with its reason
             return
         with self._lock:
             if not self._pending:

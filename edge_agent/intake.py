@@ -1,11 +1,12 @@
 """Intake: readings from the sensor nodes' local broker into the durable buffer.
 
 Subscribes to ``<prefix>/+/+`` at QoS 1 with a persistent session, so the broker
-keeps readings while the agent is down. Acknowledgement is manual: the PUBACK
-goes to the broker only after the chunk is committed to SQLite, so a reading the
-broker saw acknowledged is on disk. A message that cannot be parsed is stored in
-the ``quarantine`` table with its reason, counted, and acknowledged (resending
-it cannot fix it).
+keeps readings while the agent is down. Acknowledgement is manual: messages are
+committed to SQLite in groups (``storage.group_commit_max`` per transaction, one
+fsync) and each PUBACK goes to the broker only after its group's commit, in
+arrival order, so a reading the broker saw acknowledged is on disk. A message
+that cannot be parsed is stored in the ``quarantine`` table with its reason,
+counted, and acknowledged (resending it cannot fix it).
 """
 
 from __future__ import annotations

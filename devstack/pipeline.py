@@ -56,6 +56,7 @@ class IngestTarget:
     influx: dict[str, Any]
     archive: dict[str, Any]
     env: dict[str, str] = field(default_factory=dict)
+    mqtt: dict[str, Any] = field(default_factory=dict)  # more [mqtt] keys (subscription ...)
 
 
 @dataclass
@@ -182,14 +183,17 @@ class Pipeline:
 
         wait_until(check, timeout_s, f"{proc.name} to subscribe", interval_s=0.05)
 
-    def start_ingestors(self, timeout_s: float = 60.0) -> list[Proc]:
+    def start_ingestors(self, timeout_s: float = 60.0, only: set[str] | None = None) -> list[Proc]:
+        """Start the ingestors (``only`` these names, if given) and wait until subscribed."""
         procs = []
-        for t in self.spec.targets:
+        targets = [t for t in self.spec.targets if only is None or t.name in only]
+        for t in targets:
             cfg = {
                 "mqtt": {
                     "port": self.spec.cloud_port,
                     "client_id": f"cloud-ingest-{t.name}",
                     **({"tls": self.spec.cloud_tls} if self.spec.cloud_tls else {}),
+                    **t.mqtt,
                 },
                 "influx": t.influx,
                 "archive": t.archive,
@@ -206,7 +210,7 @@ class Pipeline:
                     t.env,
                 )
             )
-        for t, p in zip(self.spec.targets, procs, strict=True):
+        for t, p in zip(targets, procs, strict=True):
             self._wait_ready(p, self.dir / f"cloud-ingest-{t.name}.ready", timeout_s)
         return procs
 

@@ -7,6 +7,7 @@ processes, one writing InfluxDB 1.x + S3 (moto), the other the v2 write API
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable
@@ -432,3 +433,77 @@ def test_hopping_windows_end_to_end(
     compare("hopping", device, exp, windows, 1e-9)
     # every reading is in width / hop = 2 windows
     assert influxq.total_count(windows) == 2 * res.produced
+
+
+def test_three_ingestors_share_the_load_and_survive_losing_one(
+    fresh: Callable[[str], Service],
+    influxdb: Service,
+    influx_db: str,
+    tmp_path: Path,
+    unique: str,
+) -> None:
+    """Three cloud-ingest processes behind one MQTT v5 shared subscription: each gets part
+    of the batches, every batch is written once, and when one is SIGKILLed the other two
+    carry on (the agent resends what the dead one held) with nothing lost."""
+    broker = fresh("mosquitto")
+    device = f"dev-{unique}"
+    shared = {
+        "subscription": "$share/ingest/telemetry/v1/+/batch",
+        "alert_subscription": "$share/ingest/telemetry/v1/+/alert",
+    }
+    archive = tmp_path / "archive"
+    spec = PipelineSpec(
+        workdir=tmp_path / "run",
+        local_port=broker.port,
+        cloud_port=broker.port,
+        device_id=device,
+        duration_s=600.0,
+        speed=30.0,
+        seed=21,
+        width_s=WIDTH_S,
+        start_ns=(time.time_ns() // WIDTH - 62) * WIDTH + 7_000_000,
+        ack_timeout_s=1.0,
+        agent_tables={"forward": {"max_windows_per_batch": 1}},  # many small batches
+        targets=[
+            IngestTarget(
+                f"i{k}",
+                {"api": "v1", "url": influxdb.url, "database": influx_db},
+                {"url": f"file://{archive}"},
+                mqtt=shared,
+            )
+            for k in range(3)
+        ],
+    )
+    pipe = Pipeline(spec)
+
+    def counter(name: str) -> int:
+        return int(pipe.agent_status()["counters"].get(name, 0))
+
+    try:
+        ingestors = pipe.start_ingestors()
+        agent = pipe.start_agent()
+        sim = pipe.start_sim()
+        wait_until(lambda: counter("batches_acked") >= 30, 60, "30 batches acked")
+        ingestors[0].popen.kill()  # one of three dies; the broker and the others go on
+        ingestors[0].popen.wait()
+        produced = int(pipe.finish_sim(sim, timeout_s=120)["produced"])
+        pipe.wait_agent_has(produced, timeout_s=60)
+        assert agent.terminate(timeout_s=120) == 0  # drains until every batch is acked
+        for p in ingestors[1:]:
+            assert p.terminate() == 0
+        c = pipe.agent_status()["counters"]
+        assert c["batches_acked"] == c["batches_created"] and pipe.agent_status()["outbox"] == {}
+        windows = influxq.v1_windows(influxdb.url, influx_db)
+        exp = expected_windows(pipe.truth)
+        assert {k: int(v["count"]) for k, v in windows.items()} == {
+            (device, *k): v["count"] for k, v in exp.items()
+        }
+        keys = sorted(p.name for p in (archive / "batches").rglob("*.tlmb"))
+        assert keys == [f"seq={s:020d}.tlmb" for s in range(1, c["batches_created"] + 1)]
+        # the load was spread: every surviving ingestor wrote batches
+        for k in (1, 2):
+            log = (pipe.dir / f"cloud-ingest-i{k}.log").read_text()
+            stats = json.loads(log.rsplit("stats ", 1)[1].splitlines()[0])
+            assert stats.get("batches_written", 0) > 0, (k, stats)
+    finally:
+        pipe.stop_all()

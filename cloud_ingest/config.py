@@ -95,6 +95,18 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    listen: str = ""
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            _host, sep, p = self.listen.rpartition(":")
+            if not sep or not p.isdigit():
+                raise Invalid("listen", f"must be host:port, got {self.listen!r}")
+            port("listen", int(p))
+
+
+@dataclass(frozen=True)
 class IngestConfig:
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -102,3 +114,4 @@ class IngestConfig:
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)

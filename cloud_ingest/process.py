@@ -77,6 +77,8 @@ class Processor:
         self.stop = stop or asyncio.Event()
         self.stats = Stats()
         self._give_up_at: float | None = None
+        #: called with (sink, seconds) after each successful write, retries included
+        self.on_sink_time: Callable[[str, float], None] | None = None
         self._recent: OrderedDict[tuple[str, int], None] = OrderedDict()
 
     async def handle(self, topic: str, payload: bytes) -> Outcome:
@@ -195,9 +197,12 @@ class Processor:
         ``retry.shutdown_grace_s``, then :class:`ShuttingDown` is raised.
         """
         delay = self.cfg.retry.initial_s
+        started = time.monotonic()
         while True:
             try:
                 await asyncio.to_thread(op)
+                if self.on_sink_time is not None:
+                    self.on_sink_time(stage, time.monotonic() - started)
                 return
             except RetryableSinkError as exc:
                 self.stats.inc(f"{stage}_retries")

@@ -21,6 +21,7 @@ import signal
 import aiomqtt
 
 from cloud_ingest.config import IngestConfig
+from cloud_ingest.http import Health, MetricsServer
 from cloud_ingest.process import Processor, ShuttingDown
 from cloud_ingest.sinks.archive import open_archive
 from cloud_ingest.sinks.influx import make_point_sink
@@ -50,6 +51,13 @@ async def serve(cfg: IngestConfig, stop: asyncio.Event, ready_file: str | None =
     points = make_point_sink(cfg.influx)
     archive = open_archive(cfg.archive)
     proc = Processor(cfg, points, archive, stop)
+    health = Health()
+    metrics: MetricsServer | None = None
+    if cfg.http.listen:
+        metrics = MetricsServer(cfg.http.listen, proc.stats, health).start()
+        sink_seconds = metrics.sink_seconds
+        proc.on_sink_time = lambda sink, secs: sink_seconds.labels(sink).observe(secs)
+        log.info("metrics on http://%s/metrics", cfg.http.listen)
     topic = cfg.mqtt.subscription or batch_filter(cfg.mqtt.topic_prefix)
     alerts = cfg.mqtt.alert_subscription or alert_filter(cfg.mqtt.topic_prefix)
     backoff = 1.0
@@ -61,9 +69,12 @@ async def serve(cfg: IngestConfig, stop: asyncio.Event, ready_file: str | None =
                     await client.subscribe(alerts, qos=1)
                     log.info("subscribed to %s on %s:%s", topic, cfg.mqtt.host, cfg.mqtt.port)
                     backoff = 1.0
+                    health.subscribed.set()
                     write_ready_file(ready_file)
                     await _consume(client, proc, stop)
+                    health.subscribed.clear()
             except aiomqtt.MqttError as exc:
+                health.subscribed.clear()
                 if stop.is_set():
                     break
                 proc.stats.inc("mqtt_reconnects")
@@ -73,6 +84,9 @@ async def serve(cfg: IngestConfig, stop: asyncio.Event, ready_file: str | None =
                 except TimeoutError:
                     backoff = min(backoff * 2, 30.0)
     finally:
+        health.subscribed.clear()
+        if metrics is not None:
+            metrics.stop()
         points.close()
         archive.close()
         log.info("stats %s", json.dumps(dict(sorted(proc.stats.counters.items()))))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from cloud_ingest.process import Processor
 from cloud_ingest.service import serve
 from devstack import influxq
 from devstack.publish import publish_all
-from devstack.services import Service, wait_until
+from devstack.services import Service, free_port, wait_until
 from shared.acks import Ack, decode_ack
 from shared.config import from_dict
 from shared.wire import STAT_FIELDS, SensorRef, WindowSpec, encode_batch, make_batch
@@ -119,6 +120,7 @@ def test_valid_once_bad_quarantined(
         {"url": influxdb.url, "database": influx_db},
         archive,
         limits={"max_payload_bytes": 2048},
+        http={"listen": f"127.0.0.1:{(http_port := free_port())}"},
     )
     acks = AckCollector(mosquitto.port, f"{prefix}/+/ack")
     svc = Running(cfg, tmp_path / "ready")
@@ -152,6 +154,17 @@ def test_valid_once_bad_quarantined(
         30,
         "all messages handled",
     )
+    # operability: /healthz while subscribed, /metrics with every counter
+    base = f"http://127.0.0.1:{http_port}"
+    with urllib.request.urlopen(f"{base}/healthz", timeout=5) as resp:
+        assert resp.status == 200
+    with urllib.request.urlopen(f"{base}/metrics", timeout=5) as resp:
+        metrics = resp.read().decode()
+    assert 'cloud_ingest_events_total{event="batches_written"} 2.0' in metrics
+    assert 'cloud_ingest_events_total{event="duplicates"} 1.0' in metrics
+    assert 'cloud_ingest_quarantined_total{reason="bad-magic"} 1.0' in metrics
+    assert 'cloud_ingest_sink_seconds_count{sink="influx"} 2.0' in metrics
+    assert "cloud_ingest_up 1.0" in metrics
     proc = svc.shutdown()
     acks.close()
     # stored for seq 1 (twice: the resend is answered at once) and 2; rejected where the

@@ -1,0 +1,110 @@
+"""``/metrics`` (Prometheus) and ``/healthz`` for cloud ingest, on ``[http] listen``.
+
+Served from a small thread (the standard library's HTTP server), so a slow
+scraper never touches the asyncio loop that moves the data.
+
+Metrics (all counters end in ``_total``):
+
+* ``cloud_ingest_events_total{event=…}``: every counter of the processor:
+  ``received``, ``batches_written``, ``points_written``, ``duplicates``,
+  ``alerts_received``, ``alerts_written``, ``acks_stored``, ``acks_rejected``,
+  ``influx_retries``, ``archive_retries``, ``mqtt_reconnects``, …
+* ``cloud_ingest_quarantined_total{reason=…}``: rejected input, by reason
+* ``cloud_ingest_sink_seconds{sink="influx"|"archive"}``: a histogram of the time
+  each successful write took, retries included
+* ``cloud_ingest_up``: 1 while subscribed to the broker
+
+``/healthz`` answers 200 while the service is subscribed, 503 otherwise.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from cloud_ingest.process import Stats
+
+
+class Health:
+    def __init__(self) -> None:
+        self.subscribed = threading.Event()
+
+
+class _StatsCollector(Collector):
+    def __init__(self, stats: Stats, health: Health) -> None:
+        self.stats = stats
+        self.health = health
+
+    def collect(self) -> Iterator[Any]:
+        events = CounterMetricFamily("cloud_ingest_events", "Processor events", labels=["event"])
+        quarantined = CounterMetricFamily(
+            "cloud_ingest_quarantined", "Input sent to quarantine", labels=["reason"]
+        )
+        for name, value in sorted(dict(self.stats.counters).items()):
+            if name.startswith("quarantined_"):
+                quarantined.add_metric([name[len("quarantined_") :]], value)
+            else:
+                events.add_metric([name], value)
+        yield events
+        yield quarantined
+        up = GaugeMetricFamily("cloud_ingest_up", "1 while subscribed to the broker")
+        up.add_metric([], 1.0 if self.health.subscribed.is_set() else 0.0)
+        yield up
+
+
+class MetricsServer:
+    def __init__(self, listen: str, stats: Stats, health: Health) -> None:
+        host, _, port = listen.rpartition(":")
+        self.registry = CollectorRegistry()
+        self.registry.register(_StatsCollector(stats, health))
+        self.sink_seconds = Histogram(
+            "cloud_ingest_sink_seconds",
+            "Time of a successful sink write, retries included",
+            ["sink"],
+            registry=self.registry,
+        )
+        registry, healthy = self.registry, health
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/metrics":
+                    body, status = generate_latest(registry), 200
+                    ctype = "text/plain; version=0.0.4; charset=utf-8"
+                elif self.path == "/healthz":
+                    ok = healthy.subscribed.is_set()
+                    body, status = (b"ok\n" if ok else b"not subscribed\n"), 200 if ok else 503
+                    ctype = "text/plain; charset=utf-8"
+                else:
+                    body, status, ctype = b"not found\n", 404, "text/plain"
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args: Any) -> None:  # scrapes are not worth a log line
+                pass
+
+        self.server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, daemon=True, name="metrics-http"
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def start(self) -> MetricsServer:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)

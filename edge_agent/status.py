@@ -11,13 +11,20 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent import budget, buffer, control, outbox
-from edge_agent.store import Store
+from edge_agent.store import SCHEMA_VERSION, Store
 
 
 def open_readonly(path: str | Path) -> Store:
+    """A read-only connection; a file from an older agent is migrated first (the
+    migrations only add tables and columns, which an older agent ignores)."""
     if not Path(path).exists():
         raise FileNotFoundError(f"no agent buffer at {path}")
-    return Store(path, readonly=True)
+    store = Store(path, readonly=True)
+    if store.conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+        store.close()
+        Store(path).close()
+        store = Store(path, readonly=True)
+    return store
 
 
 def read_status(path: str | Path, now_ns: int | None = None) -> dict[str, Any]:

@@ -292,3 +292,21 @@ def test_hopping_windows_and_their_revisions(tmp_path: Path) -> None:
     assert r.start_ns.tolist() == [T0 + hop, T0 + 2 * hop]
     assert r.count.tolist() == [11, 11] and r.revision.tolist() == [1, 1]
     assert r.max.tolist() == [100.0, 100.0]
+
+
+def test_status_of_a_file_from_an_older_agent(tmp_path: Path) -> None:
+    """A technician's newer CLI on a buffer written by an older agent: migrated, not a crash."""
+    import sqlite3
+
+    from edge_agent.store import MIGRATIONS
+
+    db = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(db)
+    import sqlite_utils
+
+    MIGRATIONS[0](sqlite_utils.Database(conn))  # schema version 1 only
+    conn.execute("PRAGMA user_version=1")
+    conn.commit()
+    conn.close()
+    st = read_status(db)
+    assert st["open_alerts"] == [] and st["outbox"] == {}

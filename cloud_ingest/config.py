@@ -24,10 +24,13 @@ class MqttConfig:
     alert_subscription: str = ""
     keepalive_s: int = 30
     session_expiry_s: int = 7 * 24 * 3600
+    receive_maximum: int = 32
     tls: TlsConfig = field(default_factory=TlsConfig)
 
     def __post_init__(self) -> None:
         port("port", self.port)
+        if not 1 <= self.receive_maximum <= 65535:
+            raise Invalid("receive_maximum", "must be 1-65535")
         if not self.client_id:
             raise Invalid("client_id", "must not be empty (the persistent session is keyed by it)")
         positive("keepalive_s", self.keepalive_s)

@@ -13,6 +13,8 @@ Metrics (all counters end in ``_total``):
 * ``cloud_ingest_sink_seconds{sink="influx"|"archive"}``: a histogram of the time
   each successful write took, retries included
 * ``cloud_ingest_up``: 1 while subscribed to the broker
+* ``cloud_ingest_queue_depth``: received messages waiting to be handled (at most
+  ``mqtt.receive_maximum``, the bound the broker is told)
 
 ``/healthz`` answers 200 while the service is subscribed, 503 otherwise.
 """
@@ -20,7 +22,7 @@ Metrics (all counters end in ``_total``):
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -34,6 +36,7 @@ from cloud_ingest.process import Stats
 class Health:
     def __init__(self) -> None:
         self.subscribed = threading.Event()
+        self.queue_depth: Callable[[], int] = lambda: 0
 
 
 class _StatsCollector(Collector):
@@ -56,6 +59,11 @@ class _StatsCollector(Collector):
         up = GaugeMetricFamily("cloud_ingest_up", "1 while subscribed to the broker")
         up.add_metric([], 1.0 if self.health.subscribed.is_set() else 0.0)
         yield up
+        depth = GaugeMetricFamily(
+            "cloud_ingest_queue_depth", "Received messages waiting to be handled"
+        )
+        depth.add_metric([], float(self.health.queue_depth()))
+        yield depth
 
 
 class MetricsServer:

@@ -1,7 +1,10 @@
 """The ingest service: an aiomqtt subscriber feeding :class:`Processor`, then acking.
 
 It subscribes with a persistent MQTT v5 session (clean_start=False) so that
-batches published while it is down wait in the broker. After a batch is written
+batches published while it is down wait in the broker. It acknowledges a
+message (PUBACK) only after handling it, and tells the broker (Receive Maximum)
+to send at most ``mqtt.receive_maximum`` unacknowledged ones: that is the
+bounded queue between receiving and writing. After a batch is written
 to both sinks (or quarantined) it publishes the verdict on the device's ack
 topic; the device keeps and resends every batch until then. Messages are handled
 one at a time in arrival order; a sink outage blocks the loop in its retry,
@@ -17,6 +20,7 @@ import asyncio
 import json
 import logging
 import signal
+from collections.abc import Callable
 
 import aiomqtt
 
@@ -35,16 +39,29 @@ log = logging.getLogger("cloud_ingest.service")
 
 
 def _client(cfg: IngestConfig) -> aiomqtt.Client:
-    return aiomqtt.Client(
+    client = aiomqtt.Client(
         cfg.mqtt.host,
         cfg.mqtt.port,
         identifier=cfg.mqtt.client_id,
         protocol=aiomqtt.ProtocolVersion.V5,
         clean_start=False,
-        properties=connect_properties(cfg.mqtt.session_expiry_s),
+        properties=connect_properties(cfg.mqtt.session_expiry_s, cfg.mqtt.receive_maximum),
         keepalive=cfg.mqtt.keepalive_s,
         tls_context=ssl_context(cfg.mqtt.tls),
     )
+    # PUBACK only once a message is written (or quarantined): aiomqtt acknowledges on
+    # receipt and has no option for this, so it is set on its paho client. This is
+    # the one place the project reaches into aiomqtt (pinned below 3 in pyproject).
+    client._client.manual_ack_set(True)
+    return client
+
+
+def _depth(client: aiomqtt.Client) -> Callable[[], int]:
+    return lambda: len(client.messages)
+
+
+def _ack(client: aiomqtt.Client, msg: aiomqtt.Message) -> None:
+    client._client.ack(msg.mid, msg.qos)
 
 
 async def serve(cfg: IngestConfig, stop: asyncio.Event, ready_file: str | None = None) -> Processor:
@@ -70,6 +87,7 @@ async def serve(cfg: IngestConfig, stop: asyncio.Event, ready_file: str | None =
                     log.info("subscribed to %s on %s:%s", topic, cfg.mqtt.host, cfg.mqtt.port)
                     backoff = 1.0
                     health.subscribed.set()
+                    health.queue_depth = _depth(client)
                     write_ready_file(ready_file)
                     await _consume(client, proc, stop)
                     health.subscribed.clear()
@@ -109,7 +127,8 @@ async def _consume(client: aiomqtt.Client, proc: Processor, stop: asyncio.Event)
                 outcome = await proc.handle(str(msg.topic), bytes(payload))
             except ShuttingDown as exc:
                 proc.stats.inc("abandoned_at_shutdown")
-                log.error("%s (batch on %s not written; the device will resend it)", exc, msg.topic)
+                # not acknowledged: the broker redelivers it to the next session
+                log.error("%s (batch on %s not written; redelivered later)", exc, msg.topic)
                 return
             if outcome.ack is not None and outcome.device is not None:
                 # After the sinks: an ingestor that dies before this line leaves the
@@ -121,6 +140,7 @@ async def _consume(client: aiomqtt.Client, proc: Processor, stop: asyncio.Event)
                     properties=publish_properties(ACK_CONTENT_TYPE, []),
                 )
                 proc.stats.inc(f"acks_{outcome.ack.status}")
+            _ack(client, msg)  # now the broker may forget it
             if stop.is_set():
                 return
     finally:

@@ -6,10 +6,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 
-def connect_properties(session_expiry_s: int) -> Properties:
-    """CONNECT properties for a persistent session that outlives the connection."""
+def connect_properties(session_expiry_s: int, receive_maximum: int | None = None) -> Properties:
+    """CONNECT properties for a persistent session that outlives the connection;
+    ``receive_maximum`` caps the QoS 1 messages the broker sends before our PUBACKs."""
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = session_expiry_s
+    if receive_maximum is not None:
+        props.ReceiveMaximum = receive_maximum
     return props
 
 

@@ -7,6 +7,7 @@ quarantined with its reason and does not stop the service.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import urllib.request
@@ -227,3 +228,60 @@ def test_influx_outage_blocks_and_recovers(
     proc = svc.shutdown()
     assert proc.stats.counters["influx_retries"] >= 1
     assert proc.stats.counters["batches_written"] == 2
+
+
+def metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+    return 0.0
+
+
+def test_backpressure_the_broker_holds_what_cannot_be_written(
+    mosquitto: Service, fresh: Callable[[str], Service], tmp_path: Path, unique: str
+) -> None:
+    """InfluxDB down, Receive Maximum 3: the ingestor holds at most 3 batches (one in its
+    retry loop, the rest queued); the broker keeps the other 9. Nothing is acknowledged
+    until written, and all 12 land once InfluxDB is back."""
+    influx: Service = fresh("influxdb")
+    influxq.create_database(influx.url, "t")
+    prefix = f"t{unique}/v1"
+    port = free_port()
+    cfg = ingest_config(
+        mosquitto.port,
+        unique,
+        {"url": influx.url, "database": "t", "timeout_s": 1.0},
+        tmp_path / "archive",
+        retry={"initial_s": 0.05, "max_s": 0.2},
+        http={"listen": f"127.0.0.1:{port}"},
+    )
+    cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, receive_maximum=3))
+    svc = Running(cfg, tmp_path / "ready")
+    influx.stop()
+    publish_all(
+        mosquitto.port, [(f"{prefix}/dev-1/batch", batch_bytes("dev-1", s)) for s in range(1, 13)]
+    )
+
+    def held() -> float:
+        return metric(port, 'cloud_ingest_events_total{event="received"}') + metric(
+            port, "cloud_ingest_queue_depth"
+        )
+
+    wait_until(lambda: held() >= 3, 30, "three batches to reach the ingestor")
+    # let the retry loop turn many times: more would have arrived if the broker sent them
+    wait_until(
+        lambda: metric(port, 'cloud_ingest_events_total{event="influx_retries"}') >= 20,
+        30,
+        "twenty retries against the stopped InfluxDB",
+    )
+    assert held() == 3
+    influx.start()
+    wait_until(
+        lambda: metric(port, 'cloud_ingest_events_total{event="batches_written"}') == 12,
+        60,
+        "all 12 batches written",
+    )
+    proc = svc.shutdown()
+    assert proc.stats.counters["received"] == 12
+    assert len(influxq.v1_windows(influx.url, "t")) == 36

@@ -56,6 +56,24 @@ def expected_windows(truth: Path, hop: int = WIDTH) -> dict[tuple[str, str, int]
     return out
 
 
+def v1_target(
+    url: str,
+    db: str,
+    archive: Path,
+    *,
+    name: str = "v1",
+    mqtt: dict[str, Any] | None = None,
+    **influx: Any,
+) -> IngestTarget:
+    """An ingestor writing InfluxDB 1.x and a local archive directory."""
+    return IngestTarget(
+        name,
+        {"api": "v1", "url": url, "database": db, **influx},
+        {"url": f"file://{archive}"},
+        mqtt=mqtt or {},
+    )
+
+
 def compare(
     name: str,
     device: str,
@@ -200,13 +218,7 @@ def test_ingestor_killed_mid_batch_loses_nothing(
         width_s=WIDTH_S,
         start_ns=(time.time_ns() // WIDTH - 14) * WIDTH + 1_000_000,
         ack_timeout_s=1.0,
-        targets=[
-            IngestTarget(
-                "v1",
-                {"api": "v1", "url": influx.url, "database": "t", "timeout_s": 1.0},
-                {"url": f"file://{archive}"},
-            )
-        ],
+        targets=[v1_target(influx.url, "t", archive, timeout_s=1.0)],
     )
     pipe = Pipeline(spec)
 
@@ -270,13 +282,7 @@ def test_twenty_sigkills_of_the_agent_count_every_reading_once_in_influxdb(
         width_s=WIDTH_S,
         start_ns=(time.time_ns() // WIDTH - 92) * WIDTH + 3_000_000,
         ack_timeout_s=1.0,
-        targets=[
-            IngestTarget(
-                "v1",
-                {"api": "v1", "url": influxdb.url, "database": influx_db},
-                {"url": f"file://{tmp_path / 'archive'}"},
-            )
-        ],
+        targets=[v1_target(influxdb.url, influx_db, tmp_path / "archive")],
     )
     pipe = Pipeline(spec)
     rng = random.Random(20)
@@ -359,13 +365,7 @@ def test_late_readings_revise_windows_in_influxdb(
         width_s=WIDTH_S,
         start_ns=(time.time_ns() // WIDTH - 8) * WIDTH + 400_000_000,
         sim_config=LATE_NODES,
-        targets=[
-            IngestTarget(
-                "v1",
-                {"api": "v1", "url": influxdb.url, "database": influx_db},
-                {"url": f"file://{tmp_path / 'archive'}"},
-            )
-        ],
+        targets=[v1_target(influxdb.url, influx_db, tmp_path / "archive")],
     )
     pipe = Pipeline(spec)
 
@@ -409,13 +409,7 @@ def test_hopping_windows_end_to_end(
         width_s=WIDTH_S,
         hop_s=5.0,
         start_ns=(time.time_ns() // WIDTH - 6) * WIDTH + 2_500_000_000,
-        targets=[
-            IngestTarget(
-                "v1",
-                {"api": "v1", "url": influxdb.url, "database": influx_db},
-                {"url": f"file://{tmp_path / 'archive'}"},
-            )
-        ],
+        targets=[v1_target(influxdb.url, influx_db, tmp_path / "archive")],
     )
     pipe = Pipeline(spec)
     exp: dict[tuple[str, str, int], dict[str, float]] = {}
@@ -470,13 +464,7 @@ def test_three_ingestors_share_the_load_and_survive_losing_one(
         ack_timeout_s=1.0,
         agent_tables={"forward": {"max_windows_per_batch": 1}},  # many small batches
         targets=[
-            IngestTarget(
-                f"i{k}",
-                {"api": "v1", "url": influxdb.url, "database": influx_db},
-                {"url": f"file://{archive}"},
-                mqtt=shared,
-            )
-            for k in range(3)
+            v1_target(influxdb.url, influx_db, archive, name=f"i{k}", mqtt=shared) for k in range(3)
         ],
     )
     pipe = Pipeline(spec)

@@ -16,7 +16,7 @@ import threading
 import time
 from types import FrameType
 
-from edge_agent import alerts, budget, buffer, control, outbox, window
+from edge_agent import alerts, budget, buffer, control, kernels, outbox, window
 from edge_agent.config import AgentConfig
 from edge_agent.forward import Forwarder
 from edge_agent.intake import Intake
@@ -121,6 +121,7 @@ class Agent:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         log.info("agent: device %s, buffer %s", self.cfg.device_id, self.cfg.storage.path)
+        log.info("agent: %s window kernels ready in %.2f s", kernels.BACKEND, kernels.warm_up())
         self.intake.start()
         self.forwarder.start()
         ready_pending = ready_file is not None

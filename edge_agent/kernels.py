@@ -29,6 +29,7 @@ runs instead. Both give the same results up to floating-point rounding
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -224,6 +225,16 @@ def window_stats_numba(values: F64, seg_starts: I64) -> WindowStats:
         np.ascontiguousarray(seg_starts, dtype=np.int64),
     )
     return WindowStats(*out)
+
+
+def warm_up() -> float:
+    """Compile (first start) or load from the cache (later starts) the numba kernel now,
+    so that the first window close, or a technician's ``flush``, does not wait for it.
+    Returns the seconds it took; a no-op on the numpy fallback."""
+    started = time.monotonic()
+    if _numba_kernel is not None:
+        window_stats_numba(np.array([1.0, 2.0]), np.array([0], dtype=np.int64))
+    return time.monotonic() - started
 
 
 def window_stats(values: F64, seg_starts: I64) -> WindowStats:

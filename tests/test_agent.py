@@ -72,7 +72,7 @@ def test_bad_messages_are_quarantined_and_intake_goes_on(
         # flush with no cloud ingestor: the windows close and go out, but no ack comes
         cfg = str(tmp_path / "edge-agent.toml")
         wait_until(lambda: pipe.agent_status()["running"], 30, "the agent's heartbeat")
-        res = CliRunner().invoke(agent_main, ["flush", "-c", cfg, "--timeout", "2"])
+        res = CliRunner().invoke(agent_main, ["flush", "-c", cfg, "--timeout", "5"])
         assert res.exit_code == EXIT_PARTIAL, res.output
         assert "still wait for the cloud's ack" in res.output
     finally:

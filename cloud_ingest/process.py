@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cloud_ingest.config import IngestConfig
+from cloud_ingest.lake import alert_object, batch_objects
 from cloud_ingest.lineproto import alert_to_line, batch_to_lines
-from cloud_ingest.sinks.archive import alert_key, batch_key
 from cloud_ingest.sinks.base import ObjectStore, PointSink
 from shared.acks import Ack
 from shared.alerts import decode_alert
@@ -110,9 +110,7 @@ class Processor:
             seq = peek_seq(payload, max_body_bytes=self.cfg.limits.max_body_bytes)
             return await self._reject(topic, payload, device, seq, exc)
         lines = batch_to_lines(batch, self.cfg.influx.measurement)
-        out = await self._store(
-            topic, payload, device, batch.seq, lines, batch_key(device, batch.seq)
-        )
+        out = await self._store(topic, payload, device, batch.seq, lines, batch_objects(batch))
         if out.result == "written":
             self.stats.inc("batches_written")
             self.stats.inc("points_written", len(lines))
@@ -129,7 +127,7 @@ class Processor:
             return await self._reject(topic, payload, device, _json_seq(payload), exc)
         line = alert_to_line(device, alert, self.cfg.influx.alert_measurement)
         out = await self._store(
-            topic, payload, device, alert.seq, [line], alert_key(device, alert.seq)
+            topic, payload, device, alert.seq, [line], [alert_object(device, alert)]
         )
         if out.result == "written":
             self.stats.inc("alerts_written")
@@ -143,9 +141,15 @@ class Processor:
         return Outcome("quarantined", device, ack)
 
     async def _store(
-        self, topic: str, payload: bytes, device: str, seq: int, lines: list[str], key: str
+        self,
+        topic: str,
+        payload: bytes,
+        device: str,
+        seq: int,
+        lines: list[str],
+        objects: list[tuple[str, bytes]],
     ) -> Outcome:
-        """Write to InfluxDB and the archive; ``written`` only when both hold it."""
+        """Write to InfluxDB and the lake; ``written`` only when both hold it."""
         if (device, seq) in self._recent:
             self._recent.move_to_end((device, seq))
             self.stats.inc("duplicates")
@@ -153,7 +157,7 @@ class Processor:
         # Both sinks run to their end (success or final failure) before we decide.
         outcomes = await asyncio.gather(
             self._with_retry("influx", lambda: self.points.write(lines)),
-            self._with_retry("archive", lambda: self.archive.put(key, payload)),
+            self._with_retry("archive", lambda: self._put_all(objects)),
             return_exceptions=True,
         )
         for outcome in outcomes:
@@ -171,6 +175,10 @@ class Processor:
             self._recent.popitem(last=False)
         log.debug("wrote %s seq %d: %d points", device, seq, len(lines))
         return Outcome("written", device, Ack(seq, "stored"))
+
+    def _put_all(self, objects: list[tuple[str, bytes]]) -> None:
+        for key, data in objects:
+            self.archive.put(key, data)
 
     async def quarantine(self, topic: str, payload: bytes, reason: str, message: str) -> None:
         self.stats.inc(f"quarantined_{reason}")

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from cloud_ingest.lake import archived_seqs
+from cloud_ingest.sinks.archive import LocalArchive
 from devstack import influxq, services
 from devstack.pipeline import (
     IngestTarget,
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             return lost_readings(truth, spec.device_id, w) == 0 and count_archived() >= batches
 
         def count_archived() -> int:
-            return len(list((archive / "batches").rglob("*.tlmb"))) if archive.exists() else 0
+            return sum(len(s) for s in archived_seqs(LocalArchive(archive)).values())
 
         print(f"demo: simulating {args.duration:g} s of sensor data ...", file=sys.stderr)
         res = pipe.run(arrived)
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"""
 Everything is in {work}:
   InfluxDB data   {work / "influxdb"}   (stopped; the demo's server ran on :{influx.port})
-  archive         {archive / "batches"}
+  Parquet lake    {archive / "aggregates"}   (and alerts/; Hive partitions dt=/device_id=)
   ground truth    {pipe.truth}
   logs            {work / "run"}/*.log
 To look at the windows, start InfluxDB on that data and ask it in InfluxQL:
@@ -122,8 +124,10 @@ To look at the windows, start InfluxDB on that data and ask it in InfluxQL:
     --data-urlencode 'q=SELECT count, mean, min, max FROM "window" GROUP BY sensor LIMIT 3'
   curl -G http://127.0.0.1:{influx.port}/query --data-urlencode db=telemetry \\
     --data-urlencode 'q=SELECT sum("count") FROM "window"'
-Each archived batch is one wire-format v1 message as received (docs/wire-format.md);
-shared.wire.decode_batch() reads it.""")
+The lake is Parquet: DuckDB, pandas, Spark or Athena read it as it is, e.g.
+  duckdb -c "SELECT sensor, sum(count), max(max) FROM read_parquet(
+    '{archive}/aggregates/**/*.parquet', hive_partitioning = true) GROUP BY sensor"
+(docs/cloud-ingest.md has the query that keeps only a window's latest revision).""")
         return 0 if lost == 0 else 1
     finally:
         if pipe is not None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from typing import Any
 
+from cloud_ingest.lake import LATEST_AGGREGATES_SQL
 from shared.wire import EXTRA_FIELDS, STAT_FIELDS
 
 WindowKey = tuple[str, str, str, int]  # device_id, node, sensor, start_ns
@@ -67,3 +70,21 @@ def vm_flush(url: str) -> None:
 
 def total_count(windows: dict[WindowKey, dict[str, Any]]) -> int:
     return sum(int(w.get("count") or 0) + int(w.get("invalid") or 0) for w in windows.values())
+
+
+def lake_windows(root: str | Path) -> dict[WindowKey, dict[str, Any]]:
+    """The lake's windows as InfluxDB holds them (latest revision), read with DuckDB
+    from a local copy of the archive, in the shape of :func:`v1_windows` (a float
+    that is not finite becomes None: line protocol leaves such fields out)."""
+    import duckdb  # a dev dependency: the analyst's view, for tests
+
+    sql = "SELECT device_id, node, sensor, epoch_ns(window_start) AS start, {} FROM ({})".format(
+        ", ".join(f'"{f}"' for f in FIELDS),
+        LATEST_AGGREGATES_SQL.format(root=Path(root).as_posix()),
+    )
+    out: dict[WindowKey, dict[str, Any]] = {}
+    with duckdb.connect() as con:
+        for row in con.execute(sql).fetchall():
+            vals = [None if isinstance(v, float) and not math.isfinite(v) else v for v in row[4:]]
+            out[(str(row[0]), row[1], row[2], int(row[3]))] = dict(zip(FIELDS, vals, strict=True))
+    return out

@@ -177,4 +177,4 @@ def test_alerts_reach_influxdb_through_the_broker(
     assert all(p["rule"] == "hot" and p["sensor"] == "temp" for p in got)
     c = pipe.agent_status()["counters"]
     assert c["alerts_raised"] == c["alerts_cleared"] == 1 and c["alerts_acked"] == 2
-    assert len(list((tmp_path / "archive" / "alerts").rglob("*.json"))) == 2
+    assert len(list((tmp_path / "archive" / "alerts").rglob("*.parquet"))) == 2

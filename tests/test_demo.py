@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from cloud_ingest.lake import archived_seqs
+from cloud_ingest.sinks.archive import LocalArchive
+
 pytestmark = pytest.mark.integration
 
 LINE = re.compile(
@@ -44,4 +47,4 @@ def test_demo_accounts_for_every_reading(tmp_path: Path) -> None:
     assert produced == 20 + 20 + 20 * 200 and stored == produced
     assert lost == 0 and batches == delivered == archived >= 1 and points == windows
     assert (work / "influxdb" / "influxdb.conf").exists()
-    assert len(list((work / "archive" / "batches").rglob("*.tlmb"))) == archived
+    assert sum(len(s) for s in archived_seqs(LocalArchive(work / "archive")).values()) == archived

@@ -18,6 +18,8 @@ import boto3
 import numpy as np
 import pytest
 
+from cloud_ingest.lake import archived_seqs
+from cloud_ingest.sinks.archive import LocalArchive
 from devstack import influxq
 from devstack.pipeline import IngestTarget, Pipeline, PipelineSpec
 from devstack.services import S3_ENV, Service, wait_until
@@ -147,12 +149,11 @@ def test_end_to_end_exact_accounting(
     )
 
     def s3_keys() -> list[str]:
-        resp = s3c.list_objects_v2(Bucket=bucket, Prefix="lake/batches/")
+        resp = s3c.list_objects_v2(Bucket=bucket, Prefix="lake/aggregates/")
         return sorted(o["Key"] for o in resp.get("Contents", []))
 
     def local_keys() -> list[str]:
-        base = local_archive / "batches"
-        return sorted(p.name for p in base.rglob("*.tlmb")) if base.exists() else []
+        return LocalArchive(local_archive).list("aggregates/")
 
     def arrived(produced: int) -> bool:
         influxq.vm_flush(victoria.url)
@@ -184,13 +185,17 @@ def test_end_to_end_exact_accounting(
     # VictoriaMetrics keeps 12 significant digits, still well inside 1e-9 relative
     compare("victoria-metrics", device, exp, influxq.vm_windows(victoria.url, f"w{unique}"), 1e-9)
 
-    # exactly one archive object per delivered batch, keyed by (device, seq)
-    want = [
-        f"batches/v1/device_id={device}/seq={s:020d}.tlmb"
-        for s in range(1, c["batches_created"] + 1)
-    ]
-    assert s3_keys() == [f"lake/{k}" for k in want]
-    assert local_keys() == [k.rsplit("/", 1)[1] for k in want]
+    # one lake object per delivered batch (and day), keyed by (day, device, seq)
+    seqs = list(range(1, c["batches_created"] + 1))
+    assert archived_seqs(LocalArchive(local_archive)) == {device: set(seqs)}
+    assert s3_keys() == [f"lake/{k}" for k in local_keys()]
+    # DuckDB over a local copy of the S3 lake returns exactly the rows InfluxDB holds
+    copy = tmp_path / "s3-copy"
+    for key in s3_keys():
+        (copy / key).parent.mkdir(parents=True, exist_ok=True)
+        s3c.download_file(bucket, key, str(copy / key))
+    assert influxq.lake_windows(copy / "lake") == influxq.v1_windows(influxdb.url, influx_db)
+    assert influxq.lake_windows(local_archive) == influxq.lake_windows(copy / "lake")
 
 
 def test_ingestor_killed_mid_batch_loses_nothing(
@@ -226,8 +231,7 @@ def test_ingestor_killed_mid_batch_loses_nothing(
         return int(pipe.agent_status()["counters"].get(name, 0))
 
     def archived() -> int:
-        base = archive / "batches"
-        return len(list(base.rglob("*.tlmb"))) if base.exists() else 0
+        return len(archived_seqs(LocalArchive(archive)).get(device, ()))
 
     try:
         ingestors = pipe.start_ingestors()
@@ -253,8 +257,9 @@ def test_ingestor_killed_mid_batch_loses_nothing(
         assert {k: int(v["count"]) for k, v in windows.items()} == {
             (device, *k): v["count"] for k, v in exp.items()
         }
-        keys = sorted(p.name for p in (archive / "batches").rglob("*.tlmb"))
-        assert keys == [f"seq={s:020d}.tlmb" for s in range(1, c["batches_created"] + 1)]
+        assert archived_seqs(LocalArchive(archive)) == {
+            device: set(range(1, c["batches_created"] + 1))
+        }
     finally:
         pipe.stop_all()
 
@@ -491,8 +496,9 @@ def test_three_ingestors_share_the_load_and_survive_losing_one(
         assert {k: int(v["count"]) for k, v in windows.items()} == {
             (device, *k): v["count"] for k, v in exp.items()
         }
-        keys = sorted(p.name for p in (archive / "batches").rglob("*.tlmb"))
-        assert keys == [f"seq={s:020d}.tlmb" for s in range(1, c["batches_created"] + 1)]
+        assert archived_seqs(LocalArchive(archive)) == {
+            device: set(range(1, c["batches_created"] + 1))
+        }
         # the load was spread: every surviving ingestor wrote batches
         for k in (1, 2):
             log = (pipe.dir / f"cloud-ingest-i{k}.log").read_text()

@@ -21,8 +21,10 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_ingest.config import IngestConfig
+from cloud_ingest.lake import archived_seqs
 from cloud_ingest.process import Processor
 from cloud_ingest.service import serve
+from cloud_ingest.sinks.archive import LocalArchive
 from devstack import influxq
 from devstack.publish import publish_all
 from devstack.services import Service, free_port, wait_until
@@ -187,10 +189,7 @@ def test_valid_once_bad_quarantined(
         np.random.default_rng(1).normal(20, 1, 3).tolist()
         + np.random.default_rng(2).normal(20, 1, 3).tolist()
     )
-    assert sorted(p.name for p in (archive / "batches").rglob("*.tlmb")) == [
-        f"seq={1:020d}.tlmb",
-        f"seq={2:020d}.tlmb",
-    ]
+    assert archived_seqs(LocalArchive(archive)) == {"dev-1": {1, 2}}
     meta = [json.loads(p.read_text()) for p in (archive / "quarantine").rglob("*.json")]
     assert {m["reason"] for m in meta} == {r.split("=")[1] for r in expected}
     assert all(m["topic"] and m["message"] for m in meta)
@@ -221,7 +220,7 @@ def test_influx_outage_blocks_and_recovers(
     influx.stop()
     batches = [(f"{prefix}/dev-1/batch", batch_bytes("dev-1", s)) for s in (1, 2)]
     publish_all(mosquitto.port, batches)
-    archived = tmp_path / "archive" / "batches"
+    archived = tmp_path / "archive" / "aggregates"
     wait_until(archived.exists, 30, "the archive write (independent of InfluxDB)")
     influx.start()
     wait_until(lambda: len(influxq.v1_windows(influx.url, "t")) == 6, 60, "InfluxDB to catch up")

@@ -1,4 +1,4 @@
-"""The archive: an object store holding every batch under a deterministic key.
+"""The archive: an object store for the data lake (``cloud_ingest/lake.py``) and quarantine.
 
 Two backends with the same layout:
 
@@ -8,14 +8,14 @@ Two backends with the same layout:
   object is written to a temporary file in the same folder, fsynced and renamed
   into place, so no partial object is ever visible.
 
-Keys (see ``docs/wire-format.md``)::
+Keys (see ``docs/cloud-ingest.md``)::
 
-    batches/v1/device_id=<device_id>/seq=<seq, 20 digits>.tlmb   the batch as received
-    alerts/v1/device_id=<device_id>/seq=<seq, 20 digits>.json    the alert as received
-    quarantine/reason=<reason>/<sha256 of payload>.bin           rejected input
-    quarantine/reason=<reason>/<sha256 of payload>.json          why, where from, when
+    aggregates/dt=<day>/device_id=<id>/seq=<seq, 20 digits>.parquet   windows
+    alerts/dt=<day>/device_id=<id>/seq=<seq, 20 digits>.parquet       alert events
+    quarantine/reason=<reason>/<sha256 of payload>.bin                rejected input
+    quarantine/reason=<reason>/<sha256 of payload>.json               why, where from, when
 
-A resend of the same (device_id, seq) overwrites the same key.
+A resend of the same (device_id, seq) overwrites the same keys.
 """
 
 from __future__ import annotations
@@ -29,14 +29,6 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from cloud_ingest.config import ArchiveConfig
 from shared.errors import PermanentSinkError, RetryableSinkError
-
-
-def batch_key(device_id: str, seq: int) -> str:
-    return f"batches/v1/device_id={device_id}/seq={seq:020d}.tlmb"
-
-
-def alert_key(device_id: str, seq: int) -> str:
-    return f"alerts/v1/device_id={device_id}/seq={seq:020d}.json"
 
 
 class LocalArchive:

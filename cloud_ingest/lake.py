@@ -1,0 +1,298 @@
+"""The data lake: Parquet tables with Hive-style partitions, one object per
+(table, day, device, seq).
+
+Layout under the archive root (``s3://bucket/prefix`` or a directory)::
+
+    aggregates/dt=YYYY-MM-DD/device_id=<id>/seq=<seq, 20 digits>.parquet
+    alerts/dt=YYYY-MM-DD/device_id=<id>/seq=<seq, 20 digits>.parquet
+
+``dt`` is the UTC day of the window start (of the alert's event time), so a batch
+whose windows cross midnight becomes two objects. Every key is a function of the
+batch alone: a resend or a replay writes the same keys with the same content and
+overwrites, never duplicates. Objects appear whole or not at all (S3 PutObject;
+the directory backend writes a temporary file and renames it).
+
+``dt`` and ``device_id`` live in the path only, as Hive, Athena, Spark and DuckDB
+expect (``read_parquet(..., hive_partitioning = true)``). A revised window (a
+late reading changed it, see docs/wire-format.md) arrives in a later batch with
+a higher ``revision``; the lake keeps both versions, and :data:`LATEST_AGGREGATES_SQL`
+is the query that returns what InfluxDB holds: the highest revision of each
+window. The raw batch is not kept beside the Parquet object: every field of it,
+sketches included, is in the row, and :func:`table_to_batches` rebuilds it for a
+replay.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+
+from cloud_ingest.sinks.base import ObjectStore
+from shared.alerts import Alert
+from shared.errors import PermanentSinkError
+from shared.wire import COLUMNS, Batch, SensorRef, WindowSpec, make_batch
+
+LAKE_VERSION: Final = "1"
+AGGREGATES: Final = "aggregates"
+ALERTS: Final = "alerts"
+DAY_NS: Final = 86_400 * 10**9
+
+#: DuckDB: the aggregates as InfluxDB holds them (latest revision of each window).
+#: ``{root}`` is the archive directory (a local copy, or ``s3://…`` with httpfs).
+LATEST_AGGREGATES_SQL: Final = """
+SELECT * FROM read_parquet('{root}/aggregates/**/*.parquet', hive_partitioning = true)
+QUALIFY row_number() OVER (
+    PARTITION BY device_id, node, sensor, window_kind, window_width_ns, window_hop_ns,
+                 window_start
+    ORDER BY revision DESC, seq DESC) = 1
+"""
+
+
+def _pa() -> Any:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - a platform without pyarrow wheels
+        raise PermanentSinkError(
+            "the Parquet archive needs pyarrow, which is not installed here"
+        ) from None
+    return pa, pq
+
+
+def day(ts_ns: int) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(ts_ns // 10**9))
+
+
+def object_key(table: str, dt: str, device_id: str, seq: int) -> str:
+    return f"{table}/dt={dt}/device_id={device_id}/seq={seq:020d}.parquet"
+
+
+def _float_columns() -> list[str]:
+    return [name for name, (dt, _) in COLUMNS.items() if dt == "float64"]
+
+
+def _schema() -> Any:
+    pa, _ = _pa()
+    fields = [
+        ("seq", pa.int64()),
+        ("batch_created_ns", pa.int64()),
+        ("window_kind", pa.string()),
+        ("window_width_ns", pa.int64()),
+        ("window_hop_ns", pa.int64()),
+        ("node", pa.string()),
+        ("sensor", pa.string()),
+        ("unit", pa.string()),
+        ("window_start", pa.timestamp("ns", tz="UTC")),
+        ("count", pa.uint32()),
+        ("invalid", pa.uint32()),
+        *[(name, pa.float64()) for name in _float_columns()],
+        ("revision", pa.uint32()),
+        ("sketch", pa.binary()),
+    ]
+    return pa.schema(fields, metadata={"telemetry.lake_version": LAKE_VERSION})
+
+
+def _alert_schema() -> Any:
+    pa, _ = _pa()
+    return pa.schema(
+        [
+            ("seq", pa.int64()),
+            ("ts", pa.timestamp("ns", tz="UTC")),
+            ("rule", pa.string()),
+            ("kind", pa.string()),
+            ("node", pa.string()),
+            ("sensor", pa.string()),
+            ("state", pa.string()),
+            ("value", pa.float64()),
+            ("message", pa.string()),
+        ],
+        metadata={"telemetry.lake_version": LAKE_VERSION},
+    )
+
+
+def _to_parquet(table: Any) -> bytes:
+    _, pq = _pa()
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def batch_objects(batch: Batch) -> list[tuple[str, bytes]]:
+    """The batch as Parquet objects, one per UTC day its windows start on."""
+    pa, _ = _pa()
+    schema = _schema()
+    days = batch.start_ns // DAY_NS
+    out = []
+    for d in np.unique(days).tolist():
+        sel = np.flatnonzero(days == d)
+        sidx = batch.sensor[sel]
+        cols: dict[str, Any] = {
+            "seq": np.full(len(sel), batch.seq, dtype=np.int64),
+            "batch_created_ns": np.full(len(sel), batch.created_ns, dtype=np.int64),
+            "window_kind": [batch.window.kind] * len(sel),
+            "window_width_ns": np.full(len(sel), batch.window.width_ns, dtype=np.int64),
+            "window_hop_ns": np.full(len(sel), batch.window.hop_ns, dtype=np.int64),
+            "node": [batch.sensors[i].node for i in sidx.tolist()],
+            "sensor": [batch.sensors[i].name for i in sidx.tolist()],
+            "unit": [batch.sensors[i].unit for i in sidx.tolist()],
+            "window_start": batch.start_ns[sel],
+            "count": batch.count[sel],
+            "invalid": batch.invalid[sel],
+            **{name: getattr(batch, name)[sel] for name in _float_columns()},
+            "revision": batch.revision[sel],
+            "sketch": [batch.sketch[i] for i in sel.tolist()] if batch.sketch else None,
+        }
+        if cols["sketch"] is None:
+            cols["sketch"] = pa.nulls(len(sel), pa.binary())
+        table = pa.table(cols, schema=schema)
+        out.append(
+            (
+                object_key(AGGREGATES, day(d * DAY_NS), batch.device_id, batch.seq),
+                _to_parquet(table),
+            )
+        )
+    return out
+
+
+def alert_object(device_id: str, alert: Alert) -> tuple[str, bytes]:
+    pa, _ = _pa()
+    table = pa.table(
+        {
+            "seq": [alert.seq],
+            "ts": pa.array([alert.ts_ns], pa.int64()).cast(pa.timestamp("ns", tz="UTC")),
+            "rule": [alert.rule],
+            "kind": [alert.kind],
+            "node": [alert.node],
+            "sensor": [alert.sensor],
+            "state": [alert.state],
+            "value": [alert.value],
+            "message": [alert.message],
+        },
+        schema=_alert_schema(),
+    )
+    return object_key(ALERTS, day(alert.ts_ns), device_id, alert.seq), _to_parquet(table)
+
+
+@dataclass(frozen=True)
+class LakeKey:
+    table: str
+    dt: str
+    device_id: str
+    seq: int
+
+
+def parse_key(key: str) -> LakeKey | None:
+    """``aggregates/dt=…/device_id=…/seq=….parquet`` → its parts; None for other keys."""
+    parts = key.split("/")
+    if len(parts) != 4 or parts[0] not in (AGGREGATES, ALERTS):
+        return None
+    dt, dev, name = parts[1:]
+    if not (
+        dt.startswith("dt=")
+        and dev.startswith("device_id=")
+        and name.startswith("seq=")
+        and name.endswith(".parquet")
+    ):
+        return None
+    try:
+        seq = int(name[4 : -len(".parquet")])
+    except ValueError:
+        return None
+    return LakeKey(parts[0], dt[3:], dev[len("device_id=") :], seq)
+
+
+def read_table(data: bytes) -> Any:
+    _, pq = _pa()
+    return pq.read_table(io.BytesIO(data))
+
+
+def table_to_batches(device_id: str, table: Any) -> Iterator[Batch]:
+    """Rebuild the batches (one per seq) whose rows an aggregates object holds."""
+    cols = table.to_pydict()
+    n = table.num_rows
+    by_seq: dict[int, list[int]] = {}
+    for i, seq in enumerate(cols["seq"]):
+        by_seq.setdefault(seq, []).append(i)
+    for seq, rows in by_seq.items():
+        first = rows[0]
+        window = WindowSpec(
+            cols["window_kind"][first], cols["window_width_ns"][first], cols["window_hop_ns"][first]
+        )
+        sensors: dict[SensorRef, int] = {}
+        sidx = []
+        for i in rows:
+            ref = SensorRef(cols["node"][i], cols["sensor"][i], cols["unit"][i])
+            sidx.append(sensors.setdefault(ref, len(sensors)))
+        starts = table.column("window_start").cast("int64").to_numpy()
+        sketches = [cols["sketch"][i] for i in rows]
+        columns: dict[str, Any] = {
+            "sensor": sidx,
+            "start_ns": starts[rows] if n else [],
+            "count": [cols["count"][i] for i in rows],
+            "invalid": [cols["invalid"][i] for i in rows],
+            "revision": [cols["revision"][i] for i in rows],
+            **{
+                name: [np.nan if cols[name][i] is None else cols[name][i] for i in rows]
+                for name in _float_columns()
+            },
+        }
+        yield make_batch(
+            device_id=device_id,
+            seq=seq,
+            created_ns=cols["batch_created_ns"][first],
+            window=window,
+            sensors=tuple(sensors),
+            columns=columns,
+            sketch=tuple(sketches) if all(s is not None for s in sketches) else (),
+        )
+
+
+def table_to_alerts(table: Any) -> Iterator[Alert]:
+    cols = table.to_pydict()
+    ts = table.column("ts").cast("int64").to_pylist()
+    for i in range(table.num_rows):
+        yield Alert(
+            cols["seq"][i],
+            cols["rule"][i],
+            cols["kind"][i],
+            cols["node"][i],
+            cols["sensor"][i],
+            cols["state"][i],
+            ts[i],
+            cols["value"][i],
+            cols["message"][i],
+        )
+
+
+def list_objects(
+    store: ObjectStore,
+    table: str,
+    *,
+    device: str | None = None,
+    since_dt: str | None = None,
+    until_dt: str | None = None,
+) -> list[tuple[LakeKey, str]]:
+    """The lake's objects of ``table``, optionally of one device and of days in
+    ``[since_dt, until_dt]`` (``YYYY-MM-DD``; the partition names order as dates)."""
+    out = []
+    for key in store.list(f"{table}/"):
+        k = parse_key(key)
+        if k is None or k.table != table or (device is not None and k.device_id != device):
+            continue
+        if (since_dt is not None and k.dt < since_dt) or (until_dt is not None and k.dt > until_dt):
+            continue
+        out.append((k, key))
+    return out
+
+
+def archived_seqs(store: ObjectStore, table: str = AGGREGATES) -> dict[str, set[int]]:
+    """device_id → the seqs that have at least one object in ``table``."""
+    seqs: dict[str, set[int]] = {}
+    for k, _ in list_objects(store, table):
+        seqs.setdefault(k.device_id, set()).add(k.seq)
+    return seqs

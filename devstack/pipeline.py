@@ -111,6 +111,7 @@ class Pipeline:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.agent_db = self.dir / "edge-agent.sqlite"
         self.truth = self.dir / "truth.jsonl"
+        self.fleet_truth = self.dir / "fleet-truth.jsonl"
         self.procs: list[Proc] = []
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
@@ -246,6 +247,35 @@ class Pipeline:
         out: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
         return out
 
+    def start_fleet(self, *args: str) -> subprocess.Popen[bytes]:
+        """Start ``firmware-sim fleet`` against the cloud broker (ground truth in
+        ``fleet-truth.jsonl``); finish with :meth:`finish_fleet`."""
+        argv = [
+            str(BIN / "firmware-sim"), "fleet",
+            "--port", str(self.spec.cloud_port),
+            "--truth", str(self.fleet_truth),
+            *args,
+        ]  # fmt: skip
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def finish_fleet(self, popen: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
+        """Wait for the fleet; return its summary even when some batches were not acked
+        (exit 1), so that a test can say which."""
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.communicate()
+            raise
+        (self.dir / "firmware-sim-fleet.log").write_bytes(stderr)
+        lines = stdout.decode().strip().splitlines()
+        if popen.returncode not in (0, 1) or not lines:
+            raise RuntimeError(
+                f"firmware-sim fleet failed ({popen.returncode}): {stderr[-2000:]!r}"
+            )
+        out: dict[str, Any] = json.loads(lines[-1])
+        return out
+
     def run_sim(self, timeout_s: float) -> dict[str, Any]:
         return self.finish_sim(self.start_sim(), timeout_s)
 
@@ -305,6 +335,17 @@ def truth_window_counts(truth: Path, width_ns: int) -> dict[tuple[str, str, int]
         starts, counts = np.unique((ts // width_ns) * width_ns, return_counts=True)
         for st, n in zip(starts.tolist(), counts.tolist(), strict=True):
             out[(node, sensor, int(st))] = int(n)
+    return out
+
+
+def fleet_window_counts(truth: Path) -> dict[tuple[str, str, str, int], int]:
+    """Readings per (device_id, node, sensor, window start) from the fleet's ground truth."""
+    out: dict[tuple[str, str, str, int], int] = {}
+    with open(truth, encoding="utf-8") as fh:
+        for line in fh:
+            rec = json.loads(line)
+            for name, n in zip(rec["sensors"], rec["counts"], strict=True):
+                out[(rec["device_id"], rec["node"], name, int(rec["start_ns"]))] = int(n)
     return out
 
 

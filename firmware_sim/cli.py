@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from typing import Any
 
 import click
 
@@ -95,3 +96,76 @@ def run(
 
 
 main.add_command(config_group(SimConfig, "firmware_sim"))
+
+
+@main.command()
+@click.option("--devices", type=int, required=True, help="How many devices to simulate.")
+@click.option("--batches", type=int, default=6, show_default=True, help="Batches per device.")
+@click.option("--sensors", type=int, default=10, show_default=True, help="Sensors per device.")
+@click.option(
+    "--interval-s",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Event time between a device's batches (its window width).",
+)
+@click.option(
+    "--speed",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Event seconds per wall-clock second; 0 sends as fast as the in-flight cap allows.",
+)
+@click.option("--readings", type=int, default=10, show_default=True, help="Mean readings/window.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Cloud broker host.")
+@click.option("--port", type=int, default=1883, show_default=True, help="Cloud broker port.")
+@click.option("--prefix", default="telemetry/v1", show_default=True, help="Topic prefix.")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--start-ns", type=int, default=0, help="First window start (0: end at now).")
+@click.option("--max-in-flight", type=int, default=1000, show_default=True)
+@click.option("--ack-timeout", type=float, default=30.0, show_default=True, help="Resend after.")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="Give up after.")
+@click.option("--truth", "truth_path", type=click.Path(dir_okay=False), help="Ground truth JSONL.")
+@click.option("--device-prefix", default="fleet", help="Device ids: PREFIX-00000 …")
+def fleet(**kw: Any) -> None:
+    """Simulate a fleet of devices at the wire level, for load tests of cloud ingest.
+
+    Builds every device's batches up front (one window per sensor per batch, with
+    the statistics and quantile sketch an agent sends), publishes them on
+    <prefix>/<device>/batch, consumes the acks, resends what is not acked in
+    time, and prints one JSON line: batches, points, acked, rejected, unacked,
+    points_per_s and the publish-to-ack latency at p50 and p99. Exit 1 unless
+    every batch was acked as stored.
+    """
+    from firmware_sim.fleet import FleetSpec, run_fleet
+
+    setup_logging("WARNING")
+    try:
+        spec = FleetSpec(
+            devices=kw["devices"],
+            batches=kw["batches"],
+            sensors=kw["sensors"],
+            interval_s=kw["interval_s"],
+            speed=kw["speed"],
+            readings_per_window=kw["readings"],
+            host=kw["host"],
+            port=kw["port"],
+            prefix=kw["prefix"],
+            seed=kw["seed"],
+            start_ns=kw["start_ns"],
+            max_in_flight=kw["max_in_flight"],
+            ack_timeout_s=kw["ack_timeout"],
+            timeout_s=kw["timeout"],
+            truth_path=kw["truth_path"],
+            device_prefix=kw["device_prefix"],
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        res = run_fleet(spec)
+    except ConnectionError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILURE)
+    click.echo(json.dumps(res.summary()))
+    if res.acked != res.batches:
+        sys.exit(EXIT_FAILURE)

@@ -50,11 +50,15 @@ class InfluxConfig:
     measurement: str = "window"
     alert_measurement: str = "alert"
     timeout_s: float = 10.0
+    #: Points of concurrently handled batches go out together, up to this many per request.
+    max_lines_per_write: int = 5000
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
             raise Invalid("url", f"must start with http:// or https://, got {self.url!r}")
         positive("timeout_s", self.timeout_s)
+        if self.max_lines_per_write < 1:
+            raise Invalid("max_lines_per_write", "must be at least 1")
         if not self.measurement:
             raise Invalid("measurement", "must not be empty")
 

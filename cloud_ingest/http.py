@@ -13,8 +13,9 @@ Metrics (all counters end in ``_total``):
 * ``cloud_ingest_sink_seconds{sink="influx"|"archive"}``: a histogram of the time
   each successful write took, retries included
 * ``cloud_ingest_up``: 1 while subscribed to the broker
-* ``cloud_ingest_queue_depth``: received messages waiting to be handled (at most
-  ``mqtt.receive_maximum``, the bound the broker is told)
+* ``cloud_ingest_queue_depth``: messages received and not yet acknowledged to the
+  broker, waiting or being written (at most ``mqtt.receive_maximum``, the bound the
+  broker is told)
 
 ``/healthz`` answers 200 while the service is subscribed, 503 otherwise.
 """
@@ -60,7 +61,7 @@ class _StatsCollector(Collector):
         up.add_metric([], 1.0 if self.health.subscribed.is_set() else 0.0)
         yield up
         depth = GaugeMetricFamily(
-            "cloud_ingest_queue_depth", "Received messages waiting to be handled"
+            "cloud_ingest_queue_depth", "Received messages not yet acknowledged to the broker"
         )
         depth.add_metric([], float(self.health.queue_depth()))
         yield depth

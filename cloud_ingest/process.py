@@ -13,10 +13,11 @@ import logging
 import random
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cloud_ingest.coalesce import Coalescer
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.lake import alert_object, batch_objects
 from cloud_ingest.lineproto import alert_to_line, batch_to_lines
@@ -73,6 +74,7 @@ class Processor:
     ) -> None:
         self.cfg = cfg
         self.points = points
+        self.influx = Coalescer(points.write, cfg.influx.max_lines_per_write)
         self.archive = archive
         self.stop = stop or asyncio.Event()
         self.stats = Stats()
@@ -156,8 +158,8 @@ class Processor:
             return Outcome("duplicate", device, Ack(seq, "stored"))
         # Both sinks run to their end (success or final failure) before we decide.
         outcomes = await asyncio.gather(
-            self._with_retry("influx", lambda: self.points.write(lines)),
-            self._with_retry("archive", lambda: self._put_all(objects)),
+            self._with_retry("influx", lambda: self.influx.write(lines)),
+            self._with_retry("archive", lambda: asyncio.to_thread(self._put_all, objects)),
             return_exceptions=True,
         )
         for outcome in outcomes:
@@ -194,11 +196,15 @@ class Processor:
             }
         ).encode()
         base = f"quarantine/reason={reason}/{digest}"
-        await self._with_retry("archive", lambda: self.archive.put(base + ".bin", payload))
-        await self._with_retry("archive", lambda: self.archive.put(base + ".json", meta))
+        await self._with_retry(
+            "archive", lambda: asyncio.to_thread(self._put_all, [(base + ".bin", payload)])
+        )
+        await self._with_retry(
+            "archive", lambda: asyncio.to_thread(self._put_all, [(base + ".json", meta)])
+        )
 
-    async def _with_retry(self, stage: str, op: Callable[[], None]) -> None:
-        """Run blocking ``op`` in a thread until it succeeds or fails permanently.
+    async def _with_retry(self, stage: str, op: Callable[[], Awaitable[None]]) -> None:
+        """Await ``op()`` until it succeeds or fails permanently.
 
         Retryable failures back off exponentially with ±20 % jitter (honouring
         Retry-After). Once ``stop`` is set, retries go on for at most
@@ -208,7 +214,7 @@ class Processor:
         started = time.monotonic()
         while True:
             try:
-                await asyncio.to_thread(op)
+                await op()
                 if self.on_sink_time is not None:
                     self.on_sink_time(stage, time.monotonic() - started)
                 return

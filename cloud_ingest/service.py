@@ -6,12 +6,16 @@ message (PUBACK) only after handling it, and tells the broker (Receive Maximum)
 to send at most ``mqtt.receive_maximum`` unacknowledged ones: that is the
 bounded queue between receiving and writing. After a batch is written
 to both sinks (or quarantined) it publishes the verdict on the device's ack
-topic; the device keeps and resends every batch until then. Messages are handled
-one at a time in arrival order; a sink outage blocks the loop in its retry,
-which is the backpressure (the broker holds what has not been read).
+topic; the device keeps and resends every batch until then. Up to
+``receive_maximum`` messages are handled concurrently (one device's in arrival
+order), their InfluxDB points coalesced into shared writes
+(:mod:`cloud_ingest.coalesce`); PUBACKs go out in arrival order. A sink outage
+holds the messages in hand in their retries and the broker holds the rest: that
+is the backpressure.
 
-On SIGTERM/SIGINT it stops taking messages, lets the batch in hand finish for
-up to ``retry.shutdown_grace_s`` and exits.
+On SIGTERM/SIGINT it stops taking messages, lets the batches in hand finish for
+up to ``retry.shutdown_grace_s``, acknowledges only those that were written, and
+exits.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import asyncio
 import json
 import logging
 import signal
+from collections import deque
 from collections.abc import Callable
 
 import aiomqtt
@@ -56,10 +61,6 @@ def _client(cfg: IngestConfig) -> aiomqtt.Client:
     return client
 
 
-def _depth(client: aiomqtt.Client) -> Callable[[], int]:
-    return lambda: len(client.messages)
-
-
 def _ack(client: aiomqtt.Client, msg: aiomqtt.Message) -> None:
     client._client.ack(msg.mid, msg.qos)
 
@@ -87,9 +88,8 @@ async def serve(cfg: IngestConfig, stop: asyncio.Event, ready_file: str | None =
                     log.info("subscribed to %s on %s:%s", topic, cfg.mqtt.host, cfg.mqtt.port)
                     backoff = 1.0
                     health.subscribed.set()
-                    health.queue_depth = _depth(client)
                     write_ready_file(ready_file)
-                    await _consume(client, proc, stop)
+                    await _consume(client, proc, stop, health)
                     health.subscribed.clear()
             except aiomqtt.MqttError as exc:
                 health.subscribed.clear()
@@ -111,25 +111,41 @@ async def serve(cfg: IngestConfig, stop: asyncio.Event, ready_file: str | None =
     return proc
 
 
-async def _consume(client: aiomqtt.Client, proc: Processor, stop: asyncio.Event) -> None:
-    messages = aiter(client.messages)
-    stop_wait = asyncio.ensure_future(stop.wait())
-    try:
-        while True:
-            nxt = asyncio.ensure_future(anext(messages))
-            done, _ = await asyncio.wait({nxt, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-            if nxt not in done:
-                nxt.cancel()
-                return
-            msg = nxt.result()
+async def _consume(
+    client: aiomqtt.Client, proc: Processor, stop: asyncio.Event, health: Health
+) -> None:
+    """Handle messages concurrently (at most ``receive_maximum`` in hand, one device's
+    batches in arrival order), PUBACK them in arrival order as MQTT requires, and on
+    ``stop`` take no more and drain what is in hand."""
+    inflight: deque[tuple[aiomqtt.Message, asyncio.Task[bool]]] = deque()
+    by_device: dict[str, asyncio.Task[bool]] = {}
+    slots = asyncio.Semaphore(proc.cfg.mqtt.receive_maximum)
+    failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    health.queue_depth = lambda: len(client.messages) + len(inflight)
+
+    def puback_ready(_task: object = None) -> None:
+        while inflight and inflight[0][1].done():
+            msg, task = inflight.popleft()
+            if task.cancelled() or task.exception() is not None:
+                if not failed.done():
+                    failed.set_exception(task.exception() or asyncio.CancelledError())
+                continue
+            if task.result():
+                _ack(client, msg)  # now the broker may forget it
+
+    async def work(msg: aiomqtt.Message, after: asyncio.Task[bool] | None) -> bool:
+        """True once the message is written, recognised or quarantined (and the device
+        told); False if abandoned at shutdown (then it is not acknowledged)."""
+        try:
+            if after is not None:
+                await asyncio.wait([after])  # a device's batches are written in order
             payload = msg.payload if isinstance(msg.payload, bytes | bytearray) else b""
             try:
                 outcome = await proc.handle(str(msg.topic), bytes(payload))
             except ShuttingDown as exc:
                 proc.stats.inc("abandoned_at_shutdown")
-                # not acknowledged: the broker redelivers it to the next session
                 log.error("%s (batch on %s not written; redelivered later)", exc, msg.topic)
-                return
+                return False
             if outcome.ack is not None and outcome.device is not None:
                 # After the sinks: an ingestor that dies before this line leaves the
                 # batch unacked, and the device sends it again.
@@ -140,11 +156,46 @@ async def _consume(client: aiomqtt.Client, proc: Processor, stop: asyncio.Event)
                     properties=publish_properties(ACK_CONTENT_TYPE, []),
                 )
                 proc.stats.inc(f"acks_{outcome.ack.status}")
-            _ack(client, msg)  # now the broker may forget it
-            if stop.is_set():
-                return
+            return True
+        finally:
+            slots.release()
+
+    messages = aiter(client.messages)
+    stop_wait = asyncio.ensure_future(stop.wait())
+    try:
+        while True:
+            await slots.acquire()
+            nxt = asyncio.ensure_future(anext(messages))
+            waits: set[asyncio.Future[object]] = {nxt, stop_wait, failed}  # type: ignore[arg-type]
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            if nxt not in done:
+                nxt.cancel()
+                slots.release()
+                break
+            msg = nxt.result()
+            device = str(msg.topic).split("/")[-2] if "/" in str(msg.topic) else ""
+            task = asyncio.create_task(work(msg, by_device.get(device)))
+            by_device[device] = task
+            task.add_done_callback(puback_ready)
+            task.add_done_callback(_forgetter(by_device, device))
+            inflight.append((msg, task))
     finally:
         stop_wait.cancel()
+        if inflight:  # drain; retries end within retry.shutdown_grace_s of the stop
+            await asyncio.wait([t for _, t in inflight])
+        puback_ready()
+    if failed.done():
+        failed.result()  # an MQTT error while publishing an ack: reconnect
+
+
+def _forgetter(by_device: dict[str, asyncio.Task[bool]], device: str) -> Callable[[object], None]:
+    """Once the device's last task is done, nobody needs to wait for it."""
+
+    def forget(task: object) -> None:
+        if by_device.get(device) is task:
+            del by_device[device]
+
+    return forget
 
 
 def run_service(cfg: IngestConfig, ready_file: str | None = None) -> int:

@@ -190,3 +190,44 @@ def test_ingestor_killed_mid_batch_under_a_fleet_loses_nothing(
     finally:
         pipe.stop_all()
     _check_exact(pipe, influx, lake, summary)
+
+
+def test_sigterm_drains_what_it_holds_and_exits_within_the_bound(
+    fresh: Callable[[str], Service], tmp_path: Path
+) -> None:
+    """SIGTERM twice under load: with InfluxDB up the ingestor finishes the batches in
+    hand and exits at once; with InfluxDB down it retries them for at most
+    retry.shutdown_grace_s (10 s), exits 0 without acknowledging them, and the next
+    ingestor gets them from the broker. The counts come out exact."""
+    broker, influx = fresh("mosquitto"), fresh("influxdb")
+    lake = tmp_path / "lake"
+    pipe = _pipe(tmp_path, broker, influx, {"url": f"file://{lake}"})
+    try:
+        (ingestor,) = pipe.start_ingestors()
+        fleet = _fleet(pipe, speed=2)
+        wait_until(lambda: bool(influx_counts(influx.url, "fleet")), 60, "the first points")
+        t0 = time.monotonic()
+        assert ingestor.terminate(timeout_s=30) == 0
+        drained_in = time.monotonic() - t0
+        assert drained_in < 5, f"a healthy drain took {drained_in:.1f} s"
+        (ingestor,) = pipe.start_ingestors()
+        logged = ingestor.log.stat().st_size
+        influx.stop()
+
+        def held() -> bool:
+            with ingestor.log.open("rb") as fh:
+                fh.seek(logged)
+                return b"influx:" in fh.read()
+
+        wait_until(held, 60, "the ingestor holding a batch it cannot write")
+        t0 = time.monotonic()
+        assert ingestor.terminate(timeout_s=60) == 0
+        bounded_in = time.monotonic() - t0
+        assert bounded_in < 10 + 5, f"shutdown with InfluxDB down took {bounded_in:.1f} s"
+        assert b"gave up retrying at shutdown" in ingestor.log.read_bytes()
+        influx.start()
+        pipe.start_ingestors()
+        summary = pipe.finish_fleet(fleet, timeout_s=240)
+    finally:
+        pipe.stop_all()
+    _check_exact(pipe, influx, lake, summary)

@@ -40,7 +40,7 @@ def main() -> None:
 def run(config_path: str | None, ready_file: str | None) -> None:
     """Run until SIGTERM or Ctrl-C; finish the batch in hand, then exit."""
     cfg = load_or_exit(IngestConfig, config_path)
-    setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, cfg.log_format)
     from cloud_ingest.service import run_service
 
     sys.exit(run_service(cfg, ready_file))

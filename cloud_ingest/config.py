@@ -116,6 +116,7 @@ class HttpConfig:
 @dataclass(frozen=True)
 class IngestConfig:
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     influx: InfluxConfig = field(default_factory=InfluxConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)

@@ -175,7 +175,13 @@ class Processor:
         self._recent[(device, seq)] = None
         if len(self._recent) > RECENT_BATCHES:
             self._recent.popitem(last=False)
-        log.debug("wrote %s seq %d: %d points", device, seq, len(lines))
+        log.debug(
+            "wrote %s seq %d: %d points",
+            device,
+            seq,
+            len(lines),
+            extra={"device_id": device, "seq": seq, "points": len(lines)},
+        )
         return Outcome("written", device, Ack(seq, "stored"))
 
     def _put_all(self, objects: list[tuple[str, bytes]]) -> None:
@@ -184,7 +190,13 @@ class Processor:
 
     async def quarantine(self, topic: str, payload: bytes, reason: str, message: str) -> None:
         self.stats.inc(f"quarantined_{reason}")
-        log.warning("quarantine: %s on %s: %s", reason, topic, message)
+        log.warning(
+            "quarantine: %s on %s: %s",
+            reason,
+            topic,
+            message,
+            extra={"reason": reason, "topic": topic, "bytes": len(payload)},
+        )
         digest = hashlib.sha256(payload).hexdigest()
         meta = json.dumps(
             {
@@ -223,7 +235,7 @@ class Processor:
                 wait = exc.retry_after if exc.retry_after is not None else delay
                 wait = min(wait, self.cfg.retry.max_s) * random.uniform(0.8, 1.2)
                 delay = min(delay * 2, self.cfg.retry.max_s)
-                log.warning("%s: %s; retrying in %.1f s", stage, exc, wait)
+                log.warning("%s: %s; retrying in %.1f s", stage, exc, wait, extra={"stage": stage})
                 if not self.stop.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.stop.wait(), timeout=wait)

@@ -94,7 +94,7 @@ def main() -> None:
 def run(config_path: str | None, ready_file: str | None) -> None:
     """Run the agent until SIGTERM or Ctrl-C, then drain the outbox and exit."""
     cfg = load_or_exit(AgentConfig, config_path)
-    setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, cfg.log_format)
     from edge_agent.agent import run_agent  # imports numba: keep other commands fast
 
     try:

@@ -156,6 +156,7 @@ class AgentConfig:
     device_id: str = "device-1"
     tick_s: float = 0.2
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
     storage: StorageConfig = field(default_factory=StorageConfig)
     window: WindowConfig = field(default_factory=WindowConfig)
     intake: IntakeConfig = field(default_factory=IntakeConfig)

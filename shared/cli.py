@@ -3,7 +3,6 @@ that turns a :class:`ConfigError` into a one-line message and exit code 2."""
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Any, TypeVar
@@ -12,6 +11,7 @@ import click
 
 from shared.config import load_config
 from shared.errors import ConfigError
+from shared.logs import setup_logging as setup_logging  # re-exported for the commands
 
 T = TypeVar("T")
 
@@ -19,14 +19,6 @@ T = TypeVar("T")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def load_or_exit(cls: type[T], path: str | Path | None) -> T:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import signal
+import subprocess
 import threading
 import urllib.request
 from collections import Counter
@@ -26,6 +28,7 @@ from cloud_ingest.process import Processor
 from cloud_ingest.service import serve
 from cloud_ingest.sinks.archive import LocalArchive
 from devstack import influxq
+from devstack.pipeline import BIN, toml_dumps
 from devstack.publish import publish_all
 from devstack.services import Service, free_port, wait_until
 from shared.acks import Ack, decode_ack
@@ -283,3 +286,40 @@ def test_backpressure_the_broker_holds_what_cannot_be_written(
     proc = svc.shutdown()
     assert proc.stats.counters["received"] == 12
     assert len(influxq.v1_windows(influx.url, "t")) == 36
+
+
+def test_json_logs_are_one_object_per_line_with_fields(
+    mosquitto: Service, influxdb: Service, influx_db: str, tmp_path: Path, unique: str
+) -> None:
+    """``log_format = "json"``: the running command logs JSON Lines, and a quarantine
+    record carries its reason and topic as keys of their own."""
+    prefix = f"t{unique}/v1"
+    cfg = tmp_path / "ingest.toml"
+    cfg.write_text(
+        toml_dumps(
+            {
+                "log_format": "json",
+                "mqtt": {"port": mosquitto.port, "client_id": f"j{unique}", "topic_prefix": prefix},
+                "influx": {"url": influxdb.url, "database": influx_db},
+                "archive": {"url": f"file://{tmp_path / 'archive'}"},
+            }
+        )
+    )
+    ready, log = tmp_path / "ready", tmp_path / "ingest.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [str(BIN / "cloud-ingest"), "run", "-c", str(cfg), "--ready-file", str(ready)],
+            stderr=fh,
+        )
+    try:
+        wait_until(ready.exists, 30, "the ingestor to subscribe")
+        publish_all(mosquitto.port, [(f"{prefix}/dev-1/batch", b"not a batch")])
+        wait_until(lambda: b"quarantine" in log.read_bytes(), 30, "the quarantine log record")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {"ts", "level", "logger", "msg"} <= set(records[0])
+    (q,) = [r for r in records if r["msg"].startswith("quarantine")]
+    assert q["level"] == "WARNING" and q["reason"] == "bad-magic"
+    assert q["topic"] == f"{prefix}/dev-1/batch"

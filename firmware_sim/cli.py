@@ -120,9 +120,15 @@ main.add_command(config_group(SimConfig, "firmware_sim"))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Cloud broker host.")
 @click.option("--port", type=int, default=1883, show_default=True, help="Cloud broker port.")
 @click.option("--prefix", default="telemetry/v1", show_default=True, help="Topic prefix.")
-@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True, help="Random seed.")
 @click.option("--start-ns", type=int, default=0, help="First window start (0: end at now).")
-@click.option("--max-in-flight", type=int, default=1000, show_default=True)
+@click.option(
+    "--max-in-flight",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="Batches without a cloud ack at most; publishing waits beyond that.",
+)
 @click.option("--ack-timeout", type=float, default=30.0, show_default=True, help="Resend after.")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Give up after.")
 @click.option("--truth", "truth_path", type=click.Path(dir_okay=False), help="Ground truth JSONL.")

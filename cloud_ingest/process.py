@@ -23,10 +23,10 @@ from cloud_ingest.lake import alert_object, batch_objects
 from cloud_ingest.lineproto import alert_to_line, batch_to_lines
 from cloud_ingest.sinks.base import ObjectStore, PointSink
 from shared.acks import Ack
-from shared.alerts import decode_alert
+from shared.alerts import Alert, decode_alert
 from shared.errors import PermanentSinkError, RetryableSinkError, WireError
 from shared.topics import device_from_alert_topic, device_from_batch_topic
-from shared.wire import decode_batch, peek_seq
+from shared.wire import Batch, decode_batch, peek_seq
 
 log = logging.getLogger("cloud_ingest.process")
 
@@ -135,6 +135,16 @@ class Processor:
             self.stats.inc("alerts_written")
         return out
 
+    async def write_batch(self, batch: Batch) -> Outcome:
+        """Write a batch rebuilt from the lake (replay): to InfluxDB only, never
+        recognised as a duplicate (a batch across midnight is two objects)."""
+        lines = batch_to_lines(batch, self.cfg.influx.measurement)
+        return await self._store("replay", b"", batch.device_id, batch.seq, lines, [], dedupe=False)
+
+    async def write_alert(self, device: str, alert: Alert) -> Outcome:
+        line = alert_to_line(device, alert, self.cfg.influx.alert_measurement)
+        return await self._store("replay", b"", device, alert.seq, [line], [], dedupe=False)
+
     async def _reject(
         self, topic: str, payload: bytes, device: str | None, seq: int | None, exc: WireError
     ) -> Outcome:
@@ -150,9 +160,11 @@ class Processor:
         seq: int,
         lines: list[str],
         objects: list[tuple[str, bytes]],
+        *,
+        dedupe: bool = True,
     ) -> Outcome:
         """Write to InfluxDB and the lake; ``written`` only when both hold it."""
-        if (device, seq) in self._recent:
+        if dedupe and (device, seq) in self._recent:
             self._recent.move_to_end((device, seq))
             self.stats.inc("duplicates")
             return Outcome("duplicate", device, Ack(seq, "stored"))

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from edge_agent import buffer
 from edge_agent.kernels import segment_windows, window_stats
 from edge_agent.status import open_readonly
+from shared.timefmt import parse_time as shared_parse_time
 from shared.wire import EXTRA_FIELDS, STAT_FIELDS
 
 Kind = Literal["raw", "windows"]
@@ -134,14 +135,7 @@ def export(
 
 def parse_time(value: str) -> int:
     """``2026-11-26T10:00:00Z`` (ISO 8601, UTC when no zone) or integer ns since the epoch."""
-    from datetime import UTC, datetime
-
-    if value.lstrip("-").isdigit():
-        return int(value)
     try:
-        dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise ExportError(f"{value!r} is neither ISO 8601 time nor integer nanoseconds") from None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp()) * 10**9 + dt.microsecond * 1000
+        return shared_parse_time(value)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None

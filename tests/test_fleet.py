@@ -5,6 +5,9 @@ exactly what InfluxDB holds."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +20,14 @@ from cloud_ingest.lake import archived_seqs
 from cloud_ingest.sinks.archive import LocalArchive
 from devstack import influxq
 from devstack.faultproxy import FaultProxy
-from devstack.pipeline import IngestTarget, Pipeline, PipelineSpec, fleet_window_counts
+from devstack.pipeline import (
+    BIN,
+    IngestTarget,
+    Pipeline,
+    PipelineSpec,
+    fleet_window_counts,
+    toml_dumps,
+)
 from devstack.services import S3_ENV, Service, wait_until
 
 pytestmark = pytest.mark.integration
@@ -116,6 +126,46 @@ def test_fleet_through_one_ingestor_counts_exactly(
         pipe.stop_all()
     _check_exact(pipe, influx, s3_copy(s3.url, bucket, tmp_path / "copy") / "lake", summary)
     assert summary["ack_latency_p99_s"] > 0
+
+    # replay rebuilds the same rows in an empty database, and again changes nothing
+    influxq.create_database(influx.url, "replayed")
+    cfg = tmp_path / "replay.toml"
+    cfg.write_text(
+        toml_dumps(
+            {
+                "influx": {"url": influx.url, "database": "replayed"},
+                "archive": {"url": f"s3://{bucket}/lake", "s3_endpoint_url": s3.url},
+            }
+        )
+    )
+
+    def replay(*args: str) -> dict[str, Any]:
+        res = subprocess.run(
+            [str(BIN / "cloud-ingest"), "replay", "-c", str(cfg), *args],
+            capture_output=True,
+            env={**os.environ, **S3_ENV},
+            timeout=120,
+            check=False,
+        )
+        assert res.returncode == 0, res.stderr.decode()[-2000:]
+        out: dict[str, Any] = json.loads(res.stdout)
+        return out
+
+    original = influxq.v1_windows(influx.url, "fleet")
+    for _ in range(2):
+        out = replay()
+        assert out["points"] == len(original) and out["rejected"] == 0, out
+        assert influxq.v1_windows(influx.url, "replayed") == original
+
+    # one device, one window start: exactly its points
+    influxq.influxql(influx.url, 'DROP DATABASE "replayed"', method="POST")
+    influxq.create_database(influx.url, "replayed")
+    second = sorted({k[3] for k in original})[1]
+    out = replay("--device", "fleet-00003", "--since", str(second), "--until", str(second + 1))
+    assert influxq.v1_windows(influx.url, "replayed") == {
+        k: v for k, v in original.items() if k[0] == "fleet-00003" and k[3] == second
+    }
+    assert out["points"] == 10
 
 
 def test_influxdb_down_for_20_s_loses_nothing(

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from cloud_ingest.config import IngestConfig
+from cloud_ingest.config import ArchiveConfig, IngestConfig
 from shared.cli import EXIT_FAILURE, config_group, load_or_exit, setup_logging
 
 
@@ -89,12 +89,10 @@ def replay(
     import json
     import time
 
-    from cloud_ingest.config import ArchiveConfig
     from cloud_ingest.replay import ReplayFilter, plan
     from cloud_ingest.replay import replay as run_replay
     from cloud_ingest.sinks.archive import open_archive
     from cloud_ingest.sinks.influx import make_point_sink
-    from shared.errors import ConfigError
     from shared.timefmt import parse_time
 
     cfg = load_or_exit(IngestConfig, config_path)
@@ -105,16 +103,9 @@ def replay(
             None if until is None else parse_time(until),
             frozenset(devices),
         )
-        arc = ArchiveConfig(
-            url=source or cfg.archive.url,
-            s3_endpoint_url=cfg.archive.s3_endpoint_url
-            if s3_endpoint_url is None
-            else s3_endpoint_url,
-            s3_region=cfg.archive.s3_region,
-        )
-    except (ValueError, ConfigError) as exc:
+    except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    store = open_archive(arc)
+    store = open_archive(_lake_config(cfg, source, s3_endpoint_url))
     points = make_point_sink(cfg.influx)
     started = time.monotonic()
     try:
@@ -130,6 +121,96 @@ def replay(
     click.echo(json.dumps(out))
     if res.rejected:
         sys.exit(EXIT_FAILURE)
+
+
+@main.command()
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="TOML config file: its [influx] table says where to write.",
+)
+@click.option(
+    "--from",
+    "source",
+    help="The lake to read: s3://bucket/prefix or file:///dir (default: the config's archive).",
+)
+@click.option("--since", required=True, help="Start: ISO 8601 (UTC) or ns; widened to a period.")
+@click.option("--until", help="End (exclusive), same forms; default now; widened to a period.")
+@click.option(
+    "--period",
+    "periods",
+    type=click.Choice(["1h", "1d"]),
+    multiple=True,
+    help="Roll-up period (repeatable; default both).",
+)
+@click.option("--device", help="Only this device.")
+@click.option(
+    "--s3-endpoint-url", help="S3 endpoint for --from (default: the config's s3_endpoint_url)."
+)
+def rollup(
+    config_path: str | None,
+    source: str | None,
+    since: str,
+    until: str | None,
+    periods: tuple[str, ...],
+    device: str | None,
+    s3_endpoint_url: str | None,
+) -> None:
+    """Write hourly and daily roll-ups of the lake's windows to InfluxDB.
+
+    Points go to <measurement>_1h and <measurement>_1d with the windows' tags.
+    Quantiles come from merging the windows' DDSketches, so an hour's p99 is the
+    p99 of all its readings (within 1 %), not an average of window p99s. Run it
+    from a timer for the last closed hour and day; running a period again
+    overwrites it (after late data, say). Prints one JSON line per period.
+    """
+    import json
+    import time
+
+    from cloud_ingest.rollup import rollup_lines
+    from cloud_ingest.sinks.archive import open_archive
+    from cloud_ingest.sinks.influx import make_point_sink
+    from shared.errors import RetryableSinkError, SinkError
+    from shared.timefmt import parse_time
+
+    cfg = load_or_exit(IngestConfig, config_path)
+    setup_logging("WARNING" if cfg.log_level == "INFO" else cfg.log_level, cfg.log_format)
+    try:
+        since_ns = parse_time(since)
+        until_ns = time.time_ns() if until is None else parse_time(until)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    store = open_archive(_lake_config(cfg, source, s3_endpoint_url))
+    points = make_point_sink(cfg.influx)
+    try:
+        for period in periods or ("1h", "1d"):
+            lines = rollup_lines(store, since_ns, until_ns, period, cfg.influx.measurement, device)
+            step = cfg.influx.max_lines_per_write
+            for i in range(0, len(lines), step):
+                points.write(lines[i : i + step])
+            click.echo(json.dumps({"period": period, "points": len(lines)}))
+    except SinkError as exc:
+        kind = "retryable" if isinstance(exc, RetryableSinkError) else "permanent"
+        click.echo(f"error: {exc} ({kind}; the roll-up can be run again as it is)", err=True)
+        sys.exit(EXIT_FAILURE)
+    finally:
+        points.close()
+        store.close()
+
+
+def _lake_config(cfg: IngestConfig, source: str | None, endpoint: str | None) -> ArchiveConfig:
+    from shared.errors import ConfigError
+
+    try:
+        return ArchiveConfig(
+            url=source or cfg.archive.url,
+            s3_endpoint_url=cfg.archive.s3_endpoint_url if endpoint is None else endpoint,
+            s3_region=cfg.archive.s3_region,
+        )
+    except ConfigError as exc:
+        raise click.UsageError(f"--from: {exc}") from None
 
 
 main.add_command(config_group(IngestConfig, "cloud_ingest"))

@@ -26,6 +26,15 @@ _TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\\": "\\\\"})
 _MEAS_ESCAPES = str.maketrans({",": r"\,", " ": r"\ ", "\\": "\\\\"})
 
 
+def escape_tag(value: str) -> str:
+    """A tag key or value, escaped for line protocol."""
+    return value.translate(_TAG_ESCAPES)
+
+
+def escape_measurement(value: str) -> str:
+    return value.translate(_MEAS_ESCAPES)
+
+
 def window_label(width_ns: int) -> str:
     """``10000000000`` → ``"10s"``; ``500000000`` → ``"500ms"``."""
     if width_ns % 1_000_000_000 == 0:

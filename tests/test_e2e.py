@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 from cloud_ingest.lake import archived_seqs
 from cloud_ingest.sinks.archive import LocalArchive
 from devstack import influxq
-from devstack.pipeline import IngestTarget, Pipeline, PipelineSpec
+from devstack.pipeline import BIN, IngestTarget, Pipeline, PipelineSpec, toml_dumps
 from devstack.services import S3_ENV, Service, wait_until
 from firmware_sim.truth import truth_by_sensor
 
@@ -196,6 +197,48 @@ def test_end_to_end_exact_accounting(
         s3c.download_file(bucket, key, str(copy / key))
     assert influxq.lake_windows(copy / "lake") == influxq.v1_windows(influxdb.url, influx_db)
     assert influxq.lake_windows(local_archive) == influxq.lake_windows(copy / "lake")
+
+    check_rollups(pipe.truth, device, local_archive, influxdb.url, influx_db, tmp_path)
+
+
+def check_rollups(
+    truth: Path, device: str, lake: Path, influx_url: str, db: str, tmp_path: Path
+) -> None:
+    """``cloud-ingest rollup`` from the lake: per hour and day, counts and moments exact,
+    quantiles (from merged sketches) within the sketch's 1 % of the exact ones."""
+    cfg = tmp_path / "rollup.toml"
+    cfg.write_text(toml_dumps({"influx": {"url": influx_url, "database": db}}))
+    by_sensor = truth_by_sensor(truth)
+    lo = min(int(ts.min()) for ts, _ in by_sensor.values())
+    hi = max(int(ts.max()) for ts, _ in by_sensor.values()) + 1
+    res = subprocess.run(
+        [str(BIN / "cloud-ingest"), "rollup", "-c", str(cfg), "--from", f"file://{lake}",
+         "--since", str(lo), "--until", str(hi)],
+        capture_output=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr.decode()[-2000:]
+    for period, pns in (("1h", 3600 * 10**9), ("1d", 86_400 * 10**9)):
+        got = influxq.influxql(influx_url, f'SELECT * FROM "window_{period}"', db)
+        rows = {}
+        for series in got["results"][0]["series"]:
+            for row in series["values"]:
+                rec = dict(zip(series["columns"], row, strict=True))
+                if rec["device_id"] == device:
+                    rows[(rec["node"], rec["sensor"], int(rec["time"]))] = rec
+        want_keys = set()
+        for (node, sensor), (ts, vals) in by_sensor.items():
+            for t in np.unique(ts // pns * pns).tolist():
+                v = vals[(ts >= t) & (ts < t + pns)]
+                want_keys.add((node, sensor, t))
+                r = rows[(node, sensor, t)]
+                assert r["count"] == len(v)
+                for name, exact in (("sum", v.sum()), ("mean", v.mean()), ("stddev", v.std()),
+                                    ("min", v.min()), ("max", v.max())):  # fmt: skip
+                    assert r[name] == pytest.approx(exact, rel=1e-9, abs=1e-9), (period, name)
+                for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+                    exact = float(np.quantile(v, q, method="lower"))
+                    assert abs(r[name] - exact) <= 0.01 * abs(exact) + 1e-9, (period, name)
+        assert set(rows) == want_keys
 
 
 def test_ingestor_killed_mid_batch_loses_nothing(

@@ -118,7 +118,9 @@ def _alert_schema() -> Any:
 def _to_parquet(table: Any) -> bytes:
     _, pq = _pa()
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    # snappy: a third of zstd's cost on objects this small, at nearly the same size
+    # (bench: 0.49 against 1.47 ms per 10-row object), and every reader has it
+    pq.write_table(table, buf, compression="snappy")
     return buf.getvalue()
 
 

@@ -98,25 +98,32 @@ class Processor:
         try:
             if device is None:
                 raise WireError("bad-topic", f"{topic!r} is not <prefix>/<device_id>/batch")
-            batch = decode_batch(
-                payload,
-                max_payload_bytes=self.cfg.limits.max_payload_bytes,
-                max_body_bytes=self.cfg.limits.max_body_bytes,
-            )
-            if batch.device_id != device:
-                raise WireError(
-                    "device-mismatch",
-                    f"payload device_id {batch.device_id!r} on the topic of {device!r}",
-                )
+            # decoding (zstd, numpy) and formatting in a worker thread keep the event
+            # loop free for MQTT: it was the busiest thread under load
+            batch, lines = await asyncio.to_thread(self._decode, device, payload)
         except WireError as exc:
             seq = peek_seq(payload, max_body_bytes=self.cfg.limits.max_body_bytes)
             return await self._reject(topic, payload, device, seq, exc)
-        lines = batch_to_lines(batch, self.cfg.influx.measurement)
-        out = await self._store(topic, payload, device, batch.seq, lines, batch_objects(batch))
+        out = await self._store(
+            topic, payload, device, batch.seq, lines, lambda: batch_objects(batch)
+        )
         if out.result == "written":
             self.stats.inc("batches_written")
             self.stats.inc("points_written", len(lines))
         return out
+
+    def _decode(self, device: str, payload: bytes) -> tuple[Batch, list[str]]:
+        batch = decode_batch(
+            payload,
+            max_payload_bytes=self.cfg.limits.max_payload_bytes,
+            max_body_bytes=self.cfg.limits.max_body_bytes,
+        )
+        if batch.device_id != device:
+            raise WireError(
+                "device-mismatch",
+                f"payload device_id {batch.device_id!r} on the topic of {device!r}",
+            )
+        return batch, batch_to_lines(batch, self.cfg.influx.measurement)
 
     async def _handle_alert(self, topic: str, payload: bytes) -> Outcome:
         self.stats.inc("alerts_received")
@@ -129,7 +136,7 @@ class Processor:
             return await self._reject(topic, payload, device, _json_seq(payload), exc)
         line = alert_to_line(device, alert, self.cfg.influx.alert_measurement)
         out = await self._store(
-            topic, payload, device, alert.seq, [line], [alert_object(device, alert)]
+            topic, payload, device, alert.seq, [line], lambda: [alert_object(device, alert)]
         )
         if out.result == "written":
             self.stats.inc("alerts_written")
@@ -139,11 +146,13 @@ class Processor:
         """Write a batch rebuilt from the lake (replay): to InfluxDB only, never
         recognised as a duplicate (a batch across midnight is two objects)."""
         lines = batch_to_lines(batch, self.cfg.influx.measurement)
-        return await self._store("replay", b"", batch.device_id, batch.seq, lines, [], dedupe=False)
+        return await self._store(
+            "replay", b"", batch.device_id, batch.seq, lines, list, dedupe=False
+        )
 
     async def write_alert(self, device: str, alert: Alert) -> Outcome:
         line = alert_to_line(device, alert, self.cfg.influx.alert_measurement)
-        return await self._store("replay", b"", device, alert.seq, [line], [], dedupe=False)
+        return await self._store("replay", b"", device, alert.seq, [line], list, dedupe=False)
 
     async def _reject(
         self, topic: str, payload: bytes, device: str | None, seq: int | None, exc: WireError
@@ -159,11 +168,14 @@ class Processor:
         device: str,
         seq: int,
         lines: list[str],
-        objects: list[tuple[str, bytes]],
+        objects: Callable[[], list[tuple[str, bytes]]],
         *,
         dedupe: bool = True,
     ) -> Outcome:
-        """Write to InfluxDB and the lake; ``written`` only when both hold it."""
+        """Write to InfluxDB and the lake; ``written`` only when both hold it.
+
+        ``objects`` builds the lake objects; it runs in a worker thread with the
+        writes, because Parquet encoding is the costliest step of a batch."""
         if dedupe and (device, seq) in self._recent:
             self._recent.move_to_end((device, seq))
             self.stats.inc("duplicates")
@@ -196,8 +208,8 @@ class Processor:
         )
         return Outcome("written", device, Ack(seq, "stored"))
 
-    def _put_all(self, objects: list[tuple[str, bytes]]) -> None:
-        for key, data in objects:
+    def _put_all(self, objects: Callable[[], list[tuple[str, bytes]]]) -> None:
+        for key, data in objects():
             self.archive.put(key, data)
 
     async def quarantine(self, topic: str, payload: bytes, reason: str, message: str) -> None:
@@ -221,10 +233,10 @@ class Processor:
         ).encode()
         base = f"quarantine/reason={reason}/{digest}"
         await self._with_retry(
-            "archive", lambda: asyncio.to_thread(self._put_all, [(base + ".bin", payload)])
+            "archive", lambda: asyncio.to_thread(self.archive.put, base + ".bin", payload)
         )
         await self._with_retry(
-            "archive", lambda: asyncio.to_thread(self._put_all, [(base + ".json", meta)])
+            "archive", lambda: asyncio.to_thread(self.archive.put, base + ".json", meta)
         )
 
     async def _with_retry(self, stage: str, op: Callable[[], Awaitable[None]]) -> None:

@@ -26,7 +26,7 @@ from shared.acks import Ack
 from shared.alerts import Alert, decode_alert
 from shared.errors import PermanentSinkError, RetryableSinkError, WireError
 from shared.topics import device_from_alert_topic, device_from_batch_topic
-from shared.wire import Batch, decode_batch, peek_seq
+from shared.wire import Batch, check_ranges, decode_batch, peek_seq
 
 log = logging.getLogger("cloud_ingest.process")
 
@@ -123,6 +123,7 @@ class Processor:
                 "device-mismatch",
                 f"payload device_id {batch.device_id!r} on the topic of {device!r}",
             )
+        check_ranges(batch, time.time_ns())
         return batch, batch_to_lines(batch, self.cfg.influx.measurement)
 
     async def _handle_alert(self, topic: str, payload: bytes) -> Outcome:

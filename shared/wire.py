@@ -414,3 +414,44 @@ def _field(obj: dict[str, Any], key: str, tp: type) -> Any:
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise WireError("bad-header", f"header field {key!r} must be {tp.__name__}")
     return value
+
+
+#: A window may start at most this far ahead of the receiver's clock.
+MAX_FUTURE_NS: Final = 86_400 * 10**9
+
+
+def check_ranges(batch: Batch, now_ns: int) -> None:
+    """The receiver's plausibility check of a decoded batch (docs/cloud-ingest.md,
+    "NaN/Inf policy"): raises :class:`WireError` ``bad-range``.
+
+    A window with finite readings (``count`` > 0) has finite min, max, mean,
+    stddev, first and last, with min ≤ mean, first, last ≤ max and stddev ≥ 0;
+    ``sum`` and the quantiles are finite or NaN (absent), the quantiles within
+    [min, max] and in order. A window without (``count`` = 0) has only NaN. No
+    statistic is infinite. No window starts more than a day in the future.
+    """
+    if batch.rows == 0:
+        return
+    core = np.stack([getattr(batch, name) for name in STAT_FIELDS])
+    extra = np.stack([getattr(batch, name) for name in EXTRA_FIELDS])
+    if np.isinf(core).any() or np.isinf(extra).any():
+        raise WireError("bad-range", "a statistic is infinite")
+    has = batch.count > 0
+    if not np.isfinite(core[:, has]).all():
+        raise WireError("bad-range", "a window with readings has a NaN statistic")
+    if not (np.isnan(core[:, ~has]).all() and np.isnan(extra[:, ~has]).all()):
+        raise WireError("bad-range", "a window without finite readings has statistics")
+    lo, hi = batch.min[has], batch.max[has]
+    eps = 1e-9 * (np.abs(lo) + np.abs(hi)) + 1e-300  # rounding of a mean of equal values
+    with np.errstate(invalid="ignore"):  # NaN compares false: absent quantiles pass
+        for name in ("mean", "first", "last", "p50", "p90", "p99"):
+            v = getattr(batch, name)[has]
+            if np.any((v < lo - eps) | (v > hi + eps)):
+                raise WireError("bad-range", f"{name} outside [min, max]")
+        if np.any(batch.stddev[has] < 0):
+            raise WireError("bad-range", "a negative stddev")
+        p50, p90, p99 = batch.p50[has], batch.p90[has], batch.p99[has]
+        if np.any((p50 > p90 + eps) | (p90 > p99 + eps)):
+            raise WireError("bad-range", "quantiles out of order")
+    if int(batch.start_ns.max()) > now_ns + MAX_FUTURE_NS:
+        raise WireError("bad-range", "a window starts more than a day in the future")

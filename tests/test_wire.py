@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import numpy as np
@@ -18,6 +19,7 @@ from shared.wire import (
     Batch,
     SensorRef,
     WindowSpec,
+    check_ranges,
     decode_batch,
     encode_batch,
     make_batch,
@@ -241,3 +243,57 @@ def test_batch_from_an_older_v1_encoder_without_the_added_columns() -> None:
     out = decode_batch(struct.pack("<4sBBI", b"TLMB", 1, 0, len(nb)) + nb)
     np.testing.assert_array_equal(out.mean, b.mean)
     assert np.isnan(out.p99).all() and np.isnan(out.sum).all()
+
+
+def _ranged(**overrides: list[float]) -> Batch:
+    cols: dict[str, list[float]] = {
+        "sensor": [0, 0],
+        "start_ns": [0, 10**10],
+        "count": [3, 0],
+        "invalid": [0, 2],
+        "min": [1.0, math.nan],
+        "max": [3.0, math.nan],
+        "mean": [2.0, math.nan],
+        "stddev": [0.8, math.nan],
+        "first": [1.0, math.nan],
+        "last": [3.0, math.nan],
+        "sum": [6.0, math.nan],
+        "p50": [2.0, math.nan],
+        "p90": [2.8, math.nan],
+        "p99": [2.98, math.nan],
+    }
+    cols.update(overrides)
+    return make_batch(
+        device_id="d",
+        seq=1,
+        created_ns=0,
+        window=WindowSpec("tumbling", 10**10),
+        sensors=(SensorRef("n", "s"),),
+        columns=cols,
+    )
+
+
+def test_range_check_accepts_consistent_windows_and_absent_extras() -> None:
+    check_ranges(_ranged(), now_ns=0)
+    nan2 = [math.nan, math.nan]
+    check_ranges(_ranged(sum=nan2, p50=nan2, p90=nan2, p99=nan2), now_ns=0)  # an older encoder
+
+
+@pytest.mark.parametrize(
+    ("overrides", "why"),
+    [
+        ({"max": [math.inf, math.nan]}, "infinite"),
+        ({"mean": [math.nan, math.nan]}, "NaN statistic"),
+        ({"sum": [6.0, 0.0]}, "without finite readings"),
+        ({"mean": [3.5, math.nan]}, "mean outside"),
+        ({"first": [0.5, math.nan]}, "first outside"),
+        ({"stddev": [-0.1, math.nan]}, "negative stddev"),
+        ({"p99": [9.0, math.nan]}, "p99 outside"),
+        ({"p50": [2.9, math.nan]}, "out of order"),
+        ({"start_ns": [2 * 86_400 * 10**9, 2 * 86_400 * 10**9 + 10**10]}, "future"),
+    ],
+)
+def test_range_check_rejects(overrides: dict[str, list[float]], why: str) -> None:
+    with pytest.raises(WireError, match=why) as info:
+        check_ranges(_ranged(**overrides), now_ns=0)
+    assert info.value.reason == "bad-range"

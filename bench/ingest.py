@@ -45,6 +45,12 @@ from firmware_sim.fleet import FleetSpec, build_batches, run_fleet
 from shared.wire import decode_batch
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def post(url: str, db: str, lines: list[str]) -> None:
     req = urllib.request.Request(
         f"{url}/write?db={db}&precision=ns", data="\n".join(lines).encode(), method="POST"
@@ -125,8 +131,15 @@ def main() -> None:
                 device_prefix=f"r{r}",
                 client_id=f"bench-fleet-{r}",
             )
+            procs = {"ingestor": ing.pid, "influxd": influx.proc.pid, "mosquitto": broker.proc.pid}
+            procs["fleet (this process)"] = os.getpid()
+            before = {name: cpu_s(pid) for name, pid in procs.items()}
             res = run_fleet(spec)
             s = res.summary()
+            cpu_ms = {
+                name: round((cpu_s(pid) - before[name]) * 1000 / res.batches, 3)
+                for name, pid in procs.items()
+            }
             ing.terminate()
             ing.wait(60)
             stored = influxq.influxql(influx.url, 'SELECT count("count") FROM "window"', db)
@@ -157,6 +170,9 @@ def main() -> None:
                 "unacked": s["unacked"],
                 "wire_bytes_per_point": round(res.payload_bytes / res.points, 1),
                 "lineproto_bytes_per_point": round(lp_bytes / len(lines), 1),
+                # CPU per batch during the ingest run (the fleet's includes building
+                # every batch before the clock starts)
+                "cpu_ms_per_batch": cpu_ms,
             }
             results.append(row)
             print(json.dumps(row))

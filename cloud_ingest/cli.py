@@ -19,7 +19,8 @@ def main() -> None:
     window) and Parquet objects to the lake (S3 or a local directory) under keys
     made of day, device_id and seq, then acks the device. Invalid input goes to
     the archive's quarantine/ folder with its reason. `replay` rebuilds InfluxDB
-    from the lake; `rollup` writes hourly and daily roll-ups.
+    from the lake; `rollup` writes hourly and daily roll-ups; `compact` folds a
+    day's per-batch objects into one per device.
 
     Exit codes: 0 ok, 1 failure, 2 bad config or usage.
     """
@@ -198,6 +199,70 @@ def rollup(
     finally:
         points.close()
         store.close()
+
+
+@main.command()
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="TOML config file: its [archive] table says where the lake is.",
+)
+@click.option(
+    "--from",
+    "source",
+    help="The lake: s3://bucket/prefix or file:///dir (default: the config's archive).",
+)
+@click.option("--since-day", required=True, help="First day (YYYY-MM-DD, UTC) to compact.")
+@click.option("--until-day", help="Last day (inclusive); default yesterday (UTC).")
+@click.option("--device", help="Only this device.")
+@click.option(
+    "--s3-endpoint-url", help="S3 endpoint for --from (default: the config's s3_endpoint_url)."
+)
+def compact(
+    config_path: str | None,
+    source: str | None,
+    since_day: str,
+    until_day: str | None,
+    device: str | None,
+    s3_endpoint_url: str | None,
+) -> None:
+    """Compact the lake: one object per day and device, current versions only.
+
+    The ingestor writes one object per batch; a window revised by late data is
+    then in two. This rewrites each (day, device) partition as one object with
+    the highest revision of every window (exactly what InfluxDB holds) and each
+    alert once, then deletes the objects it read. Safe to run while ingesting and
+    to run again. Run it for closed days (the default ends yesterday). Prints one
+    JSON line: partitions, objects_in, rows_in, rows_out.
+    """
+    import dataclasses
+    import datetime
+    import json
+
+    from cloud_ingest.compact import compact as run_compact
+    from cloud_ingest.sinks.archive import open_archive
+    from shared.errors import SinkError
+
+    cfg = load_or_exit(IngestConfig, config_path)
+    setup_logging("WARNING" if cfg.log_level == "INFO" else cfg.log_level, cfg.log_format)
+    yesterday = datetime.datetime.now(datetime.UTC).date() - datetime.timedelta(days=1)
+    until_day = until_day or yesterday.isoformat()
+    for name, value in (("--since-day", since_day), ("--until-day", until_day)):
+        try:
+            datetime.date.fromisoformat(value)
+        except ValueError:
+            raise click.UsageError(f"{name}: {value!r} is not YYYY-MM-DD") from None
+    store = open_archive(_lake_config(cfg, source, s3_endpoint_url))
+    try:
+        res = run_compact(store, since_day, until_day, device)
+    except SinkError as exc:
+        click.echo(f"error: {exc} (run it again: compaction resumes)", err=True)
+        sys.exit(EXIT_FAILURE)
+    finally:
+        store.close()
+    click.echo(json.dumps(dataclasses.asdict(res)))
 
 
 def _lake_config(cfg: IngestConfig, source: str | None, endpoint: str | None) -> ArchiveConfig:

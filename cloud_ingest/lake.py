@@ -115,7 +115,7 @@ def _alert_schema() -> Any:
     )
 
 
-def _to_parquet(table: Any) -> bytes:
+def to_parquet(table: Any) -> bytes:
     _, pq = _pa()
     buf = io.BytesIO()
     # snappy: a third of zstd's cost on objects this small, at nearly the same size
@@ -155,7 +155,7 @@ def batch_objects(batch: Batch) -> list[tuple[str, bytes]]:
         out.append(
             (
                 object_key(AGGREGATES, day(d * DAY_NS), batch.device_id, batch.seq),
-                _to_parquet(table),
+                to_parquet(table),
             )
         )
     return out
@@ -177,7 +177,7 @@ def alert_object(device_id: str, alert: Alert) -> tuple[str, bytes]:
         },
         schema=_alert_schema(),
     )
-    return object_key(ALERTS, day(alert.ts_ns), device_id, alert.seq), _to_parquet(table)
+    return object_key(ALERTS, day(alert.ts_ns), device_id, alert.seq), to_parquet(table)
 
 
 @dataclass(frozen=True)
@@ -186,10 +186,17 @@ class LakeKey:
     dt: str
     device_id: str
     seq: int
+    #: == seq for a batch's object; the last seq of a compacted one (``seq=<a>-<b>``)
+    seq_last: int
+
+    @property
+    def compacted(self) -> bool:
+        return self.seq_last != self.seq
 
 
 def parse_key(key: str) -> LakeKey | None:
-    """``aggregates/dt=…/device_id=…/seq=….parquet`` → its parts; None for other keys."""
+    """``aggregates/dt=…/device_id=…/seq=<n>.parquet`` (a batch) or ``seq=<a>-<b>.parquet``
+    (compacted, cloud_ingest/compact.py) → its parts; None for other keys."""
     parts = key.split("/")
     if len(parts) != 4 or parts[0] not in (AGGREGATES, ALERTS):
         return None
@@ -201,11 +208,11 @@ def parse_key(key: str) -> LakeKey | None:
         and name.endswith(".parquet")
     ):
         return None
-    try:
-        seq = int(name[4 : -len(".parquet")])
-    except ValueError:
+    first, _, last = name[4 : -len(".parquet")].partition("-")
+    if not first.isdigit() or not (last.isdigit() or not last):
         return None
-    return LakeKey(parts[0], dt[3:], dev[len("device_id=") :], seq)
+    seq = int(first)
+    return LakeKey(parts[0], dt[3:], dev[len("device_id=") :], seq, int(last) if last else seq)
 
 
 def read_table(data: bytes) -> Any:
@@ -293,8 +300,10 @@ def list_objects(
 
 
 def archived_seqs(store: ObjectStore, table: str = AGGREGATES) -> dict[str, set[int]]:
-    """device_id → the seqs that have at least one object in ``table``."""
+    """device_id → the seqs that have an object of their own in ``table`` (compacted
+    objects are not counted: their seqs are in their rows)."""
     seqs: dict[str, set[int]] = {}
     for k, _ in list_objects(store, table):
-        seqs.setdefault(k.device_id, set()).add(k.seq)
+        if not k.compacted:
+            seqs.setdefault(k.device_id, set()).add(k.seq)
     return seqs

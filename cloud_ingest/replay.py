@@ -74,6 +74,9 @@ class _NoArchive:
     def list(self, prefix: str) -> list[str]:
         return []
 
+    def delete(self, key: str) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

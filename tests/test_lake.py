@@ -7,6 +7,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 
+from cloud_ingest.compact import compact
 from cloud_ingest.lake import (
     DAY_NS,
     LATEST_AGGREGATES_SQL,
@@ -123,3 +124,50 @@ def test_duckdb_reads_the_latest_revision_of_each_window(tmp_path: Path) -> None
         ("dev-1", "2024-10-04", "temp", MIDNIGHT, 1, 9.0),
         ("dev-1", "2024-10-04", "temp", MIDNIGHT + W, 0, 1.5),
     ]
+
+
+def test_compaction_keeps_the_current_version_of_each_window_once(tmp_path: Path) -> None:
+    arc = LocalArchive(tmp_path)
+    for b in (
+        _batch(1, [MIDNIGHT, MIDNIGHT, MIDNIGHT + W]),
+        _batch(2, [MIDNIGHT], revision=1, mean=9.0),  # revises seq 1's first window
+        _batch(3, [MIDNIGHT - W]),  # the day before
+    ):
+        for key, data in batch_objects(b):
+            arc.put(key, data)
+    for a in (7, 7, 8):  # alert 7 twice (a resend), 8 once
+        arc.put(
+            *alert_object(
+                "dev-1", Alert(a, "r", "stuck", "n1", "temp", "raised", MIDNIGHT, None, "m")
+            )
+        )
+    before = influxq_lake(tmp_path)
+
+    res = compact(arc, "2024-10-03", "2024-10-04")
+    assert (res.partitions, res.objects_in, res.rows_in, res.rows_out) == (3, 5, 7, 6)
+    assert arc.list("") == [
+        f"aggregates/dt=2024-10-03/device_id=dev-1/seq={3:020d}-{3:020d}.parquet",
+        f"aggregates/dt=2024-10-04/device_id=dev-1/seq={1:020d}-{2:020d}.parquet",
+        f"alerts/dt=2024-10-04/device_id=dev-1/seq={7:020d}-{8:020d}.parquet",
+    ]
+    con = duckdb.connect()
+    rows = con.execute(
+        f"SELECT sensor, epoch_ns(window_start), revision, mean FROM read_parquet("
+        f"'{tmp_path}/aggregates/**/*.parquet', hive_partitioning = true) ORDER BY 2, 1"
+    ).fetchall()
+    assert rows == [
+        ("temp", MIDNIGHT - W, 0, 1.5),
+        ("hum", MIDNIGHT, 0, 1.5),
+        ("temp", MIDNIGHT, 1, 9.0),  # the revision replaced the first version
+        ("temp", MIDNIGHT + W, 0, 1.5),
+    ]
+    assert influxq_lake(tmp_path) == before, "the current versions did not change"
+    assert [a.seq for a in table_to_alerts(read_table(arc.get(arc.list("alerts/")[0])))] == [7, 8]
+    again = compact(arc, "2024-10-03", "2024-10-04")
+    assert (again.objects_in, again.rows_in) == (3, 6) and len(arc.list("")) == 3
+
+
+def influxq_lake(root: Path) -> dict[object, object]:
+    from devstack.influxq import lake_windows
+
+    return dict(lake_windows(root))

@@ -68,6 +68,12 @@ class LocalArchive:
     def get(self, key: str) -> bytes:
         return self._path(key).read_bytes()
 
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise RetryableSinkError(f"archive delete of {key} failed: {exc}") from None
+
     def list(self, prefix: str) -> list[str]:
         base = self.root / prefix
         if not base.exists():
@@ -125,6 +131,12 @@ class S3Archive:
         except (BotoCoreError, ClientError) as exc:
             raise self._translate(exc, "get") from None
         return body
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except (BotoCoreError, ClientError) as exc:
+            raise self._translate(exc, "delete") from None
 
     def list(self, prefix: str) -> list[str]:
         keys: list[str] = []

@@ -166,6 +166,7 @@ def main() -> None:
                 "direct_per_batch_points_per_s": round(direct_small, 1),
                 "parquet_encode_only_points_per_s": round(parquet_pts, 1),
                 "ratio": round(s["points_per_s"] / direct, 3),
+                "ratio_to_per_batch_posts": round(s["points_per_s"] / direct_small, 3),
                 "acked": s["acked"],
                 "unacked": s["unacked"],
                 "wire_bytes_per_point": round(res.payload_bytes / res.points, 1),

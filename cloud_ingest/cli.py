@@ -3,11 +3,42 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
 from cloud_ingest.config import ArchiveConfig, IngestConfig
 from shared.cli import EXIT_FAILURE, config_group, load_or_exit, setup_logging
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def lake_options(f: F) -> F:
+    """``-c``, ``--from`` and ``--s3-endpoint-url``: the options of every command that
+    reads the lake (replay, rollup, compact)."""
+    for option in reversed(
+        [
+            click.option(
+                "-c",
+                "--config",
+                "config_path",
+                type=click.Path(dir_okay=False),
+                help="TOML config file: [influx] says where to write, [archive] where the lake is.",
+            ),
+            click.option(
+                "--from",
+                "source",
+                help="The lake: s3://bucket/prefix or file:///dir (default: the config's archive).",
+            ),
+            click.option(
+                "--s3-endpoint-url",
+                help="S3 endpoint for --from (default: the config's s3_endpoint_url).",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,24 +80,10 @@ def run(config_path: str | None, ready_file: str | None) -> None:
 
 
 @main.command()
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    help="TOML config file: its [influx] table says where to write.",
-)
-@click.option(
-    "--from",
-    "source",
-    help="The lake to read: s3://bucket/prefix or file:///dir (default: the config's archive).",
-)
+@lake_options
 @click.option("--since", help="Windows starting at or after this: ISO 8601 (UTC) or ns.")
 @click.option("--until", help="Windows starting before this (exclusive), same forms.")
 @click.option("--device", "devices", multiple=True, help="Only this device (repeatable).")
-@click.option(
-    "--s3-endpoint-url", help="S3 endpoint for --from (default: the config's s3_endpoint_url)."
-)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def replay(
     config_path: str | None,
@@ -125,18 +142,7 @@ def replay(
 
 
 @main.command()
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    help="TOML config file: its [influx] table says where to write.",
-)
-@click.option(
-    "--from",
-    "source",
-    help="The lake to read: s3://bucket/prefix or file:///dir (default: the config's archive).",
-)
+@lake_options
 @click.option("--since", required=True, help="Start: ISO 8601 (UTC) or ns; widened to a period.")
 @click.option("--until", help="End (exclusive), same forms; default now; widened to a period.")
 @click.option(
@@ -147,9 +153,6 @@ def replay(
     help="Roll-up period (repeatable; default both).",
 )
 @click.option("--device", help="Only this device.")
-@click.option(
-    "--s3-endpoint-url", help="S3 endpoint for --from (default: the config's s3_endpoint_url)."
-)
 def rollup(
     config_path: str | None,
     source: str | None,
@@ -202,24 +205,10 @@ def rollup(
 
 
 @main.command()
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    help="TOML config file: its [archive] table says where the lake is.",
-)
-@click.option(
-    "--from",
-    "source",
-    help="The lake: s3://bucket/prefix or file:///dir (default: the config's archive).",
-)
+@lake_options
 @click.option("--since-day", required=True, help="First day (YYYY-MM-DD, UTC) to compact.")
 @click.option("--until-day", help="Last day (inclusive); default yesterday (UTC).")
 @click.option("--device", help="Only this device.")
-@click.option(
-    "--s3-endpoint-url", help="S3 endpoint for --from (default: the config's s3_endpoint_url)."
-)
 def compact(
     config_path: str | None,
     source: str | None,

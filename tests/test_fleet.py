@@ -112,6 +112,20 @@ def _hold_outage(log: Path, what: str, seconds: float = 20.0) -> None:
     wait_until(lambda: time.monotonic() - down_at >= seconds, seconds + 5, f"{seconds:g} s down")
 
 
+def stop_influx_until_a_batch_is_held(influx: Service, log: Path) -> None:
+    """Stop InfluxDB and wait for the ingestor to log a failed write after it: from
+    then on it holds a batch it has not written and not acknowledged."""
+    offset = log.stat().st_size
+    influx.stop()
+
+    def held() -> bool:
+        with log.open("rb") as fh:
+            fh.seek(offset)
+            return b"influx:" in fh.read()
+
+    wait_until(held, 60, "the ingestor holding a batch it cannot write")
+
+
 def test_fleet_through_one_ingestor_counts_exactly(
     fresh: Callable[[str], Service], s3: Service, bucket: str, tmp_path: Path
 ) -> None:
@@ -223,15 +237,7 @@ def test_ingestor_killed_mid_batch_under_a_fleet_loses_nothing(
         (ingestor,) = pipe.start_ingestors()
         fleet = _fleet(pipe, speed=2)
         wait_until(lambda: bool(influx_counts(influx.url, "fleet")), 60, "the first points")
-        logged = ingestor.log.stat().st_size
-        influx.stop()
-
-        def held() -> bool:  # a write that failed after the stop: a batch in hand, not acked
-            with ingestor.log.open("rb") as fh:
-                fh.seek(logged)
-                return b"influx:" in fh.read()
-
-        wait_until(held, 60, "the ingestor holding a batch it cannot write")
+        stop_influx_until_a_batch_is_held(influx, ingestor.log)
         ingestor.popen.kill()
         ingestor.popen.wait()
         influx.start()
@@ -261,15 +267,7 @@ def test_sigterm_drains_what_it_holds_and_exits_within_the_bound(
         drained_in = time.monotonic() - t0
         assert drained_in < 5, f"a healthy drain took {drained_in:.1f} s"
         (ingestor,) = pipe.start_ingestors()
-        logged = ingestor.log.stat().st_size
-        influx.stop()
-
-        def held() -> bool:
-            with ingestor.log.open("rb") as fh:
-                fh.seek(logged)
-                return b"influx:" in fh.read()
-
-        wait_until(held, 60, "the ingestor holding a batch it cannot write")
+        stop_influx_until_a_batch_is_held(influx, ingestor.log)
         t0 = time.monotonic()
         assert ingestor.terminate(timeout_s=60) == 0
         bounded_in = time.monotonic() - t0

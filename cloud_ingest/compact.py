@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from cloud_ingest.lake import AGGREGATES, ALERTS, list_objects, read_table, to_parquet
+from cloud_ingest.lake import AGGREGATES, ALERTS, list_objects, pycolumns, read_table, to_parquet
 from cloud_ingest.sinks.base import ObjectStore
 
 #: Columns that identify a window (with the partition's device_id).
@@ -47,7 +47,8 @@ def _current_rows(table: str, data: Any) -> Any:
         keys = list(WINDOW_KEY)
         order = data.sort_by([*[(k, "ascending") for k in keys], ("revision", "descending"),
                               ("seq", "descending")])  # fmt: skip
-        cols = [order.column(k).to_pylist() for k in keys]
+        named = pycolumns(order.select(keys))
+        cols = [named[k] for k in keys]
         keep, last = [], None
         for i, key in enumerate(zip(*cols, strict=True)):
             if key != last:

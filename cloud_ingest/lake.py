@@ -230,6 +230,17 @@ def parse_key(key: str) -> LakeKey | None:
     return LakeKey(parts[0], dt[3:], dev[len("device_id=") :], seq, int(last) if last else seq)
 
 
+def pycolumns(table: Any) -> dict[str, list[Any]]:
+    """``table.to_pydict()`` with timestamps as integer ns: pyarrow turns them into
+    datetime objects, which cannot hold nanoseconds (it needs pandas for those)."""
+    import pyarrow as pa
+
+    return {
+        name: (col.cast(pa.int64()) if pa.types.is_timestamp(col.type) else col).to_pylist()
+        for name, col in zip(table.column_names, table.columns, strict=True)
+    }
+
+
 def read_table(data: bytes) -> Any:
     _, pq = _pa()
     return pq.read_table(io.BytesIO(data))
@@ -237,7 +248,7 @@ def read_table(data: bytes) -> Any:
 
 def table_to_batches(device_id: str, table: Any) -> Iterator[Batch]:
     """Rebuild the batches (one per seq) whose rows an aggregates object holds."""
-    cols = table.to_pydict()
+    cols = pycolumns(table)
     n = table.num_rows
     by_seq: dict[int, list[int]] = {}
     for i, seq in enumerate(cols["seq"]):
@@ -277,8 +288,8 @@ def table_to_batches(device_id: str, table: Any) -> Iterator[Batch]:
 
 
 def table_to_alerts(table: Any) -> Iterator[Alert]:
-    cols = table.to_pydict()
-    ts = table.column("ts").cast("int64").to_pylist()
+    cols = pycolumns(table)
+    ts = cols["ts"]
     for i in range(table.num_rows):
         yield Alert(
             cols["seq"][i],

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from cloud_ingest.lake import AGGREGATES, DAY_NS, day, list_objects, read_table
+from cloud_ingest.lake import AGGREGATES, DAY_NS, day, list_objects, pycolumns, read_table
 from cloud_ingest.lineproto import escape_measurement, escape_tag, window_label
 from cloud_ingest.sinks.base import ObjectStore
 from shared.sketch import DDSketch
@@ -118,8 +118,8 @@ def latest_windows(
         store, AGGREGATES, device=device, since_dt=day(since_ns), until_dt=day(until_ns - 1)
     ):
         table = read_table(store.get(key))
-        cols = table.to_pydict()
-        starts = table.column("window_start").cast("int64").to_pylist()
+        cols = pycolumns(table)
+        starts = cols["window_start"]
         for i, start in enumerate(starts):
             if not since_ns <= start < until_ns or cols["window_kind"][i] != "tumbling":
                 continue

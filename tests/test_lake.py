@@ -171,3 +171,24 @@ def influxq_lake(root: Path) -> dict[object, object]:
     from devstack.influxq import lake_windows
 
     return dict(lake_windows(root))
+
+
+def test_nanosecond_window_starts_survive_the_lake(tmp_path: Path) -> None:
+    """pyarrow turns timestamps into datetime (microseconds) unless told otherwise."""
+    b = make_batch(
+        device_id="dev-1",
+        seq=4,
+        created_ns=0,
+        window=WindowSpec("tumbling", 3),
+        sensors=(SensorRef("n1", "fast"),),
+        columns={"sensor": [0, 0], "start_ns": [MIDNIGHT + 3, MIDNIGHT + 6], "count": [1, 1],
+                 "invalid": [0, 0], **{f: [1.0, 1.0] for f in ("min", "max", "mean", "first",
+                 "last", "sum", "p50", "p90", "p99")}, "stddev": [0.0, 0.0]},
+    )  # fmt: skip
+    arc = LocalArchive(tmp_path)
+    for key, data in batch_objects(b):
+        arc.put(key, data)
+        (back,) = table_to_batches("dev-1", read_table(data))
+        assert back.start_ns.tolist() == [MIDNIGHT + 3, MIDNIGHT + 6]
+    res = compact(arc, "2024-10-04", "2024-10-04")
+    assert res.rows_out == 2

@@ -24,6 +24,7 @@ replay.
 
 from __future__ import annotations
 
+import functools
 import io
 import time
 from collections.abc import Iterator
@@ -72,10 +73,12 @@ def object_key(table: str, dt: str, device_id: str, seq: int) -> str:
     return f"{table}/dt={dt}/device_id={device_id}/seq={seq:020d}.parquet"
 
 
+@functools.cache
 def _float_columns() -> list[str]:
     return [name for name, (dt, _) in COLUMNS.items() if dt == "float64"]
 
 
+@functools.cache
 def _schema() -> Any:
     pa, _ = _pa()
     fields = [
@@ -97,6 +100,7 @@ def _schema() -> Any:
     return pa.schema(fields, metadata={"telemetry.lake_version": LAKE_VERSION})
 
 
+@functools.cache
 def _alert_schema() -> Any:
     pa, _ = _pa()
     return pa.schema(
@@ -126,12 +130,13 @@ def to_parquet(table: Any) -> bytes:
     # size (0.49 against 1.47 ms per 10-row object), and every reader has it.
     # Dictionaries for the repeated strings, statistics for the columns a query
     # prunes on: both cut the cost further (0.40 ms) and the size by a third.
+    names = set(table.column_names)
     pq.write_table(
         table,
         buf,
         compression="snappy",
-        use_dictionary=[c for c in _DICT_COLUMNS if c in table.column_names],
-        write_statistics=[c for c in _STATS_COLUMNS if c in table.column_names],
+        use_dictionary=[c for c in _DICT_COLUMNS if c in names],
+        write_statistics=[c for c in _STATS_COLUMNS if c in names],
     )
     return buf.getvalue()
 

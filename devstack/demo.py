@@ -124,10 +124,12 @@ To look at the windows, start InfluxDB on that data and ask it in InfluxQL:
     --data-urlencode 'q=SELECT count, mean, min, max FROM "window" GROUP BY sensor LIMIT 3'
   curl -G http://127.0.0.1:{influx.port}/query --data-urlencode db=telemetry \\
     --data-urlencode 'q=SELECT sum("count") FROM "window"'
-The lake is Parquet: DuckDB, pandas, Spark or Athena read it as it is, e.g.
-  duckdb -c "SELECT sensor, sum(count), max(max) FROM read_parquet(
-    '{archive}/aggregates/**/*.parquet', hive_partitioning = true) GROUP BY sensor"
-(docs/cloud-ingest.md has the query that keeps only a window's latest revision).""")
+The lake is Parquet with Hive partitions: DuckDB, pandas, Spark or Athena read it
+as it is. With the demo's own virtualenv (pyarrow):
+  {sys.executable} -c "import pyarrow.dataset as ds; print(ds.dataset(
+    '{archive}/aggregates', partitioning='hive').to_table().group_by('sensor')
+    .aggregate([('count', 'sum'), ('max', 'max')]))"
+(docs/cloud-ingest.md has the DuckDB query that keeps a window's latest revision).""")
         return 0 if lost == 0 else 1
     finally:
         if pipe is not None:

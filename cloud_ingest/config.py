@@ -117,9 +117,15 @@ class HttpConfig:
 class IngestConfig:
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+    #: Threads for decoding, Parquet encoding and blocking sink I/O.
+    worker_threads: int = 2
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     influx: InfluxConfig = field(default_factory=InfluxConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.worker_threads <= 64:
+            raise Invalid("worker_threads", "must be 1-64")

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cloud_ingest.coalesce import Coalescer
+from cloud_ingest.coalesce import Coalescer, ThreadHops
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.lake import alert_object, batch_objects
 from cloud_ingest.lineproto import alert_to_line, batch_to_lines
@@ -75,6 +75,9 @@ class Processor:
         self.cfg = cfg
         self.points = points
         self.influx = Coalescer(points.write, cfg.influx.max_lines_per_write)
+        # decoding and lake writes of the messages in hand share thread hand-offs
+        self._decode_hops = ThreadHops()
+        self._lake_hops = ThreadHops()
         self.archive = archive
         self.stop = stop or asyncio.Event()
         self.stats = Stats()
@@ -100,7 +103,7 @@ class Processor:
                 raise WireError("bad-topic", f"{topic!r} is not <prefix>/<device_id>/batch")
             # decoding (zstd, numpy) and formatting in a worker thread keep the event
             # loop free for MQTT: it was the busiest thread under load
-            batch, lines = await asyncio.to_thread(self._decode, device, payload)
+            batch, lines = await self._decode_hops.run(lambda: self._decode(device, payload))
         except WireError as exc:
             seq = peek_seq(payload, max_body_bytes=self.cfg.limits.max_body_bytes)
             return await self._reject(topic, payload, device, seq, exc)
@@ -184,7 +187,9 @@ class Processor:
         # Both sinks run to their end (success or final failure) before we decide.
         outcomes = await asyncio.gather(
             self._with_retry("influx", lambda: self.influx.write(lines)),
-            self._with_retry("archive", lambda: asyncio.to_thread(self._put_all, objects)),
+            self._with_retry(
+                "archive", lambda: self._lake_hops.run(lambda: self._put_all(objects))
+            ),
             return_exceptions=True,
         )
         for outcome in outcomes:

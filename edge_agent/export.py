@@ -4,7 +4,8 @@ Windows are recomputed from the raw chunks with the same kernels the agent uses,
 so an export works for any range still in the buffer (``storage.raw_retention_s``),
 whether or not its batches have already left the device.
 
-Parquet needs pyarrow (``pip install pyarrow``); CSV needs nothing. Floats are
+Parquet needs pyarrow, a dependency everywhere except 32-bit ARM (no wheels
+there); CSV needs nothing. Floats are
 written with full precision (Python's repr).
 """
 
@@ -100,7 +101,10 @@ def export(
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
-            raise ExportError("Parquet export needs pyarrow: pip install pyarrow") from None
+            raise ExportError(
+                "Parquet export needs pyarrow, which is not installed here (it has no"
+                " wheels for 32-bit ARM); export --format csv instead"
+            ) from None
         writer = None
     else:
         fh = open(out, "w", newline="", encoding="utf-8")  # noqa: SIM115 (closed below)

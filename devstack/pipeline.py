@@ -233,15 +233,22 @@ class Pipeline:
             argv += ["-c", str(path)]
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-    def finish_sim(self, popen: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
-        """Wait for the simulator; return its summary (``produced``, ``messages`` ...)."""
+    def _communicate(
+        self, popen: subprocess.Popen[bytes], timeout_s: float, log_name: str
+    ) -> tuple[bytes, bytes]:
+        """Wait for a command (killing it after ``timeout_s``); keep its stderr as a log."""
         try:
             stdout, stderr = popen.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             popen.kill()
             popen.communicate()
             raise
-        (self.dir / "firmware-sim.log").write_bytes(stderr)
+        (self.dir / log_name).write_bytes(stderr)
+        return stdout, stderr
+
+    def finish_sim(self, popen: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
+        """Wait for the simulator; return its summary (``produced``, ``messages`` ...)."""
+        stdout, stderr = self._communicate(popen, timeout_s, "firmware-sim.log")
         if popen.returncode != 0:
             raise RuntimeError(f"firmware-sim failed ({popen.returncode}): {stderr[-2000:]!r}")
         out: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
@@ -261,13 +268,7 @@ class Pipeline:
     def finish_fleet(self, popen: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
         """Wait for the fleet; return its summary even when some batches were not acked
         (exit 1), so that a test can say which."""
-        try:
-            stdout, stderr = popen.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.communicate()
-            raise
-        (self.dir / "firmware-sim-fleet.log").write_bytes(stderr)
+        stdout, stderr = self._communicate(popen, timeout_s, "firmware-sim-fleet.log")
         lines = stdout.decode().strip().splitlines()
         if popen.returncode not in (0, 1) or not lines:
             raise RuntimeError(

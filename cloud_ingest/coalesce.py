@@ -1,11 +1,11 @@
-"""Coalesce the line protocol of concurrently handled batches into few InfluxDB writes.
+"""Coalesce the line protocol of concurrent writers into few InfluxDB writes.
 
 One batch is ~10 points; InfluxDB takes thousands per request at nearly the
-cost of one. The ingestor handles up to ``mqtt.receive_maximum`` messages at a
-time; each hands its lines to :meth:`Coalescer.write` and waits. One write runs
-at a time: while it is in flight, newly arriving lines wait, and the next write
-takes all of them (up to ``max_lines``). So an idle ingestor writes a batch at
-once (no added latency) and a busy one writes in large requests.
+cost of one. The ingestor's groups of messages and a replay's devices hand their
+lines to :meth:`Coalescer.write` and wait. One write runs at a time: while it is
+in flight, newly arriving lines wait, and the next write takes all of them (up
+to ``max_lines``). So an idle ingestor writes at once (no added latency) and a
+busy one writes in large requests.
 
 Failures come back to every waiting caller: a retryable one (InfluxDB down) to
 all of them, to retry as they would alone. A permanent one (HTTP 400) may be
@@ -20,11 +20,8 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import Any, TypeVar
 
 from shared.errors import PermanentSinkError
-
-T = TypeVar("T")
 
 
 class Coalescer:
@@ -90,57 +87,3 @@ def _resolve(fut: asyncio.Future[None], exc: BaseException | None) -> None:
         fut.set_result(None)
     else:
         fut.set_exception(exc)
-
-
-class ThreadHops:
-    """Run blocking calls in a worker thread, several per hand-off.
-
-    Handing a call to a thread and its result back costs the event loop a wake-up
-    and a few futures; under load that is a sizeable part of a message's cost.
-    Calls submitted while a hand-off is in flight wait, and the next hand-off runs
-    all of them, one after the other, in one thread. Each caller gets its own
-    result or exception. ``parallel`` hand-offs may be in flight at once.
-    """
-
-    def __init__(self, parallel: int = 1, max_calls: int = 64) -> None:
-        self.parallel = parallel
-        self.max_calls = max_calls
-        self._waiting: deque[tuple[Callable[[], Any], asyncio.Future[Any]]] = deque()
-        self._running = 0
-        self.handoffs = 0  # for metrics and tests
-
-    async def run(self, fn: Callable[[], T]) -> T:
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._waiting.append((fn, fut))
-        if self._running < self.parallel:
-            self._running += 1
-            asyncio.get_running_loop().create_task(self._drain())
-        return await fut
-
-    async def _drain(self) -> None:
-        try:
-            while self._waiting:
-                group: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
-                while self._waiting and len(group) < self.max_calls:
-                    group.append(self._waiting.popleft())
-                self.handoffs += 1
-                results = await asyncio.to_thread(_call_all, [fn for fn, _ in group])
-                for (_, fut), (ok, value) in zip(group, results, strict=True):
-                    if fut.done():
-                        continue
-                    if ok:
-                        fut.set_result(value)
-                    else:
-                        fut.set_exception(value)
-        finally:
-            self._running -= 1
-
-
-def _call_all(fns: list[Callable[[], Any]]) -> list[tuple[bool, Any]]:
-    out: list[tuple[bool, Any]] = []
-    for fn in fns:
-        try:
-            out.append((True, fn()))
-        except Exception as exc:  # noqa: BLE001 - handed to the caller
-            out.append((False, exc))
-    return out

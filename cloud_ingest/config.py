@@ -68,8 +68,13 @@ class ArchiveConfig:
     url: str = "file://./archive"
     s3_endpoint_url: str = ""
     s3_region: str = "us-east-1"
+    #: Objects written at the same time. Each put is a blocking call (an fsync, or an
+    #: S3 request of tens of ms); they run in their own threads, off the CPU work.
+    max_concurrent_puts: int = 16
 
     def __post_init__(self) -> None:
+        if not 1 <= self.max_concurrent_puts <= 256:
+            raise Invalid("max_concurrent_puts", "must be 1-256")
         if not self.url.startswith(("file://", "s3://")):
             raise Invalid(
                 "url", f"must be file://<dir> or s3://<bucket>/<prefix>, got {self.url!r}"

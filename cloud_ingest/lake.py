@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import io
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -124,8 +124,14 @@ _STATS_COLUMNS: Final = ("seq", "window_start", "ts")
 
 
 def to_parquet(table: Any) -> bytes:
-    _, pq = _pa()
-    buf = io.BytesIO()
+    """A table (or record batch) as the bytes of a Parquet file."""
+    pa, pq = _pa()
+    if isinstance(table, pa.RecordBatch):
+        table = pa.Table.from_batches([table])
+    # Arrow's own buffer, not io.BytesIO: the C++ writer then never calls back into
+    # Python, so it runs without the GIL (two threads encode at once) and is 20 %
+    # faster alone.
+    sink = pa.BufferOutputStream()
     # Objects are small (one batch): snappy costs a third of zstd at nearly the same
     # size (0.49 against 1.47 ms per 10-row object), and every reader has it.
     # Dictionaries for the repeated strings, statistics for the columns a query
@@ -133,51 +139,83 @@ def to_parquet(table: Any) -> bytes:
     names = set(table.column_names)
     pq.write_table(
         table,
-        buf,
+        sink,
         compression="snappy",
         use_dictionary=[c for c in _DICT_COLUMNS if c in names],
         write_statistics=[c for c in _STATS_COLUMNS if c in names],
     )
-    return buf.getvalue()
+    data: bytes = sink.getvalue().to_pybytes()
+    return data
 
 
 def batch_objects(batch: Batch) -> list[tuple[str, bytes]]:
     """The batch as Parquet objects, one per UTC day its windows start on."""
+    return [(key, to_parquet(rows)) for key, rows in group_tables([batch])[0]]
+
+
+def group_tables(batches: Sequence[Batch]) -> list[list[tuple[str, Any]]]:
+    """For each batch, its objects' keys and rows (Arrow record batches, to be
+    encoded with :func:`to_parquet`), one object per UTC day its windows start on.
+
+    The rows of all the batches are converted to Arrow at once: per column, one
+    conversion for the group instead of one per batch (which cost more than the
+    Parquet encoding)."""
     pa, _ = _pa()
-    schema = _schema()
-    days = batch.start_ns // DAY_NS
-    out = []
-    for d in np.unique(days).tolist():
-        sel = np.flatnonzero(days == d)
-        n = len(sel)
-        sidx = pa.array(batch.sensor[sel].astype(np.int32))
-        refs = batch.sensors
+    if not batches:
+        return []
+    rows = np.array([b.rows for b in batches], dtype=np.int64)
+    first = np.concatenate([[0], np.cumsum(rows)])
+    which = np.repeat(np.arange(len(batches)), rows)  # the batch of each row
 
-        def const(value: int, n: int = n) -> Any:
-            return pa.array(np.full(n, value, dtype=np.int64))
+    def per_batch(values: list[Any], dtype: Any) -> Any:
+        return pa.array(np.asarray(values, dtype=dtype)[which])
 
-        arrays = [
-            const(batch.seq),
-            const(batch.created_ns),
-            pa.array([batch.window.kind] * n, pa.string()),
-            const(batch.window.width_ns),
-            const(batch.window.hop_ns),
-            pa.array([r.node for r in refs], pa.string()).take(sidx),
-            pa.array([r.name for r in refs], pa.string()).take(sidx),
-            pa.array([r.unit for r in refs], pa.string()).take(sidx),
-            pa.array(batch.start_ns[sel]).cast(pa.timestamp("ns", tz="UTC")),
-            pa.array(batch.count[sel]),
-            pa.array(batch.invalid[sel]),
-            *[pa.array(getattr(batch, name)[sel]) for name in _float_columns()],
-            pa.array(batch.revision[sel]),
-            pa.array(
-                [batch.sketch[i] for i in sel.tolist()] if batch.sketch else [None] * n,
-                pa.binary(),
+    def cat(name: str) -> Any:
+        return pa.array(np.concatenate([getattr(b, name) for b in batches]))
+
+    refs = [r for b in batches for r in b.sensors]
+    ref_first = np.cumsum([0] + [len(b.sensors) for b in batches[:-1]])
+    ref_idx = pa.array(
+        np.concatenate(
+            [b.sensor.astype(np.int64) + o for b, o in zip(batches, ref_first, strict=True)]
+        )
+    )
+    kinds = sorted({b.window.kind for b in batches})
+    starts = np.concatenate([b.start_ns for b in batches])
+    table = pa.RecordBatch.from_arrays(
+        [
+            per_batch([b.seq for b in batches], np.int64),
+            per_batch([b.created_ns for b in batches], np.int64),
+            pa.array(kinds, pa.string()).take(
+                per_batch([kinds.index(b.window.kind) for b in batches], np.int32)
             ),
-        ]
-        table = pa.Table.from_batches([pa.RecordBatch.from_arrays(arrays, schema=schema)])
-        key = object_key(AGGREGATES, day(d * DAY_NS), batch.device_id, batch.seq)
-        out.append((key, to_parquet(table)))
+            per_batch([b.window.width_ns for b in batches], np.int64),
+            per_batch([b.window.hop_ns for b in batches], np.int64),
+            pa.array([r.node for r in refs], pa.string()).take(ref_idx),
+            pa.array([r.name for r in refs], pa.string()).take(ref_idx),
+            pa.array([r.unit for r in refs], pa.string()).take(ref_idx),
+            pa.array(starts).cast(pa.timestamp("ns", tz="UTC")),
+            cat("count"),
+            cat("invalid"),
+            *[cat(name) for name in _float_columns()],
+            cat("revision"),
+            pa.array([s for b in batches for s in (b.sketch or (None,) * b.rows)], pa.binary()),
+        ],
+        schema=_schema(),
+    )
+    days = starts // DAY_NS
+    out: list[list[tuple[str, Any]]] = []
+    for i, b in enumerate(batches):
+        lo, hi = int(first[i]), int(first[i + 1])
+        own = days[lo:hi]
+        objects = []
+        for d in np.unique(own).tolist():
+            key = object_key(AGGREGATES, day(d * DAY_NS), b.device_id, b.seq)
+            if own[0] == own[-1]:  # one day: the batch's rows as they are
+                objects.append((key, table.slice(lo, hi - lo)))
+            else:
+                objects.append((key, table.take(pa.array(lo + np.flatnonzero(own == d)))))
+        out.append(objects)
     return out
 
 

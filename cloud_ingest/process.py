@@ -1,6 +1,14 @@
-"""One message in: decode, validate, write to InfluxDB and the archive, or quarantine.
+"""Messages in, in groups: decode, validate, write to InfluxDB and the lake, or quarantine.
 
-Independent of MQTT so that it can be tested, and later replayed, on its own.
+Independent of MQTT so that it can be tested, and replayed, on its own.
+
+The unit of work is a *group*: the messages the ingestor has in hand at one
+moment. A group costs one thread hand-off to decode and encode every message in
+it, InfluxDB requests of up to ``influx.max_lines_per_write`` lines, and
+concurrent lake puts (``archive.max_concurrent_puts``). Under load, groups grow
+to ``mqtt.receive_maximum`` messages and the fixed costs are shared; when idle,
+a group is one message and nothing waits. Per message, a group still gives one
+outcome: written (both sinks hold it), duplicate, or quarantined with a reason.
 """
 
 from __future__ import annotations
@@ -13,13 +21,14 @@ import logging
 import random
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from cloud_ingest.coalesce import Coalescer, ThreadHops
+from cloud_ingest.coalesce import Coalescer
 from cloud_ingest.config import IngestConfig
-from cloud_ingest.lake import alert_object, batch_objects
+from cloud_ingest.lake import alert_object, group_tables, to_parquet
 from cloud_ingest.lineproto import alert_to_line, batch_to_lines
 from cloud_ingest.sinks.base import ObjectStore, PointSink
 from shared.acks import Ack
@@ -51,6 +60,24 @@ class Outcome:
     ack: Ack | None
 
 
+@dataclass
+class Item:
+    """One message of a group, decoded and encoded (in a worker thread)."""
+
+    topic: str
+    payload: bytes
+    kind: Literal["batch", "alert"]
+    device: str | None = None
+    seq: int | None = None
+    lines: list[str] = field(default_factory=list)
+    #: lake objects: key and bytes (key and Arrow rows until encoded)
+    objects: list[tuple[str, Any]] = field(default_factory=list)
+    #: why it is quarantined (a bad message, or a sink refused it for good)
+    error: WireError | None = None
+    #: a resend of a batch written before (-1) or of an earlier item of the group (its index)
+    duplicate_of: int | None = None
+
+
 def _json_seq(payload: bytes) -> int | None:
     """Best effort: the seq of a JSON message that failed validation."""
     try:
@@ -58,6 +85,15 @@ def _json_seq(payload: bytes) -> int | None:
     except (ValueError, AttributeError):
         return None
     return seq if type(seq) is int and seq >= 0 else None
+
+
+def _encode(items: list[Item]) -> None:
+    """Arrow rows → Parquet bytes, in place."""
+    for item in items:
+        item.objects = [
+            (key, data if isinstance(data, bytes) else to_parquet(data))
+            for key, data in item.objects
+        ]
 
 
 class ShuttingDown(Exception):
@@ -74,11 +110,12 @@ class Processor:
     ) -> None:
         self.cfg = cfg
         self.points = points
+        # concurrent groups (a replay's devices) share InfluxDB requests too
         self.influx = Coalescer(points.write, cfg.influx.max_lines_per_write)
-        # decoding and lake writes of the messages in hand share thread hand-offs
-        self._decode_hops = ThreadHops()
-        self._lake_hops = ThreadHops()
         self.archive = archive
+        self._puts = ThreadPoolExecutor(
+            cfg.archive.max_concurrent_puts, thread_name_prefix="archive-put"
+        )
         self.stop = stop or asyncio.Event()
         self.stats = Stats()
         self._give_up_at: float | None = None
@@ -86,36 +123,87 @@ class Processor:
         self.on_sink_time: Callable[[str, float], None] | None = None
         self._recent: OrderedDict[tuple[str, int], None] = OrderedDict()
 
-    async def handle(self, topic: str, payload: bytes) -> Outcome:
-        """Process one message: write it, recognise it as a duplicate, or quarantine it.
+    def close(self) -> None:
+        self._puts.shutdown(wait=True)
 
-        Batches come on ``…/<device>/batch``, alerts on ``…/<device>/alert``. The
+    async def handle_group(
+        self,
+        messages: Sequence[tuple[str, bytes]],
+        after: Awaitable[object] | None = None,
+        decoded: asyncio.Event | None = None,
+    ) -> list[Outcome]:
+        """Process messages: write each, recognise it as a duplicate, or quarantine it.
+
+        Batches come on ``…/<device>/batch``, alerts on ``…/<device>/alert``. Each
         outcome says which ack (if any) to send to which device: ``stored`` once both
         sinks hold the message, ``rejected`` when it is quarantined and its seq can be
-        read, nothing when not even that is possible.
-        """
-        if topic.endswith("/alert"):
-            return await self._handle_alert(topic, payload)
-        self.stats.inc("received")
-        device = device_from_batch_topic(topic, self.cfg.mqtt.topic_prefix)
-        try:
-            if device is None:
-                raise WireError("bad-topic", f"{topic!r} is not <prefix>/<device_id>/batch")
-            # decoding (zstd, numpy) and formatting in a worker thread keep the event
-            # loop free for MQTT: it was the busiest thread under load
-            batch, lines = await self._decode_hops.run(lambda: self._decode(device, payload))
-        except WireError as exc:
-            seq = peek_seq(payload, max_body_bytes=self.cfg.limits.max_body_bytes)
-            return await self._reject(topic, payload, device, seq, exc)
-        out = await self._store(
-            topic, payload, device, batch.seq, lines, lambda: batch_objects(batch)
-        )
-        if out.result == "written":
-            self.stats.inc("batches_written")
-            self.stats.inc("points_written", len(lines))
-        return out
+        read, nothing when not even that is possible. The messages are decoded at
+        once (then ``decoded`` is set); their writes start only when ``after`` (the
+        previous group) is done, so that one device's batches reach InfluxDB in
+        arrival order.
 
-    def _decode(self, device: str, payload: bytes) -> tuple[Batch, list[str]]:
+        Raises :class:`ShuttingDown` if the service stops while a sink is still
+        failing: then no message of the group counts as handled.
+        """
+        try:
+            items = await asyncio.to_thread(self._prepare_all, messages)
+            # Parquet encoding, the costliest step, in as many threads as there are
+            # workers: Arrow's encoder runs without the GIL, so they overlap
+            work = [it for it in items if it.objects]
+            n = self.cfg.worker_threads
+            await asyncio.gather(*(asyncio.to_thread(_encode, work[i::n]) for i in range(n)))
+        finally:
+            if decoded is not None:
+                decoded.set()
+        for item in items:
+            self.stats.inc("received" if item.kind == "batch" else "alerts_received")
+        if after is not None:
+            await asyncio.wait([asyncio.ensure_future(after)])
+        return await self._write_group(items)
+
+    # ---- in a worker thread -------------------------------------------------------
+
+    def _prepare_all(self, messages: Sequence[tuple[str, bytes]]) -> list[Item]:
+        seen: dict[tuple[str, int], int] = {}
+        items: list[Item] = []
+        batches: list[tuple[Item, Batch]] = []  # to write
+        for topic, payload in messages:
+            if topic.endswith("/alert"):
+                items.append(self._prepare_alert(topic, payload))
+                continue
+            item, batch = self._prepare_batch(topic, payload)
+            items.append(item)
+            if batch is None or item.device is None:
+                continue
+            key = (item.device, batch.seq)
+            if key in self._recent:
+                item.duplicate_of = -1
+            elif key in seen:
+                item.duplicate_of = seen[key]
+            else:
+                seen[key] = len(items) - 1
+                item.lines = batch_to_lines(batch, self.cfg.influx.measurement)
+                batches.append((item, batch))
+        tables = group_tables([b for _, b in batches])
+        for (item, _), objects in zip(batches, tables, strict=True):
+            item.objects = objects
+        return items
+
+    def _prepare_batch(self, topic: str, payload: bytes) -> tuple[Item, Batch | None]:
+        item = Item(topic, payload, "batch")
+        item.device = device_from_batch_topic(topic, self.cfg.mqtt.topic_prefix)
+        try:
+            if item.device is None:
+                raise WireError("bad-topic", f"{topic!r} is not <prefix>/<device_id>/batch")
+            batch = self._decode(item.device, payload)
+        except WireError as exc:
+            item.seq = peek_seq(payload, max_body_bytes=self.cfg.limits.max_body_bytes)
+            item.error = exc
+            return item, None
+        item.seq = batch.seq
+        return item, batch
+
+    def _decode(self, device: str, payload: bytes) -> Batch:
         batch = decode_batch(
             payload,
             max_payload_bytes=self.cfg.limits.max_payload_bytes,
@@ -127,123 +215,174 @@ class Processor:
                 f"payload device_id {batch.device_id!r} on the topic of {device!r}",
             )
         check_ranges(batch, time.time_ns())
-        return batch, batch_to_lines(batch, self.cfg.influx.measurement)
+        return batch
 
-    async def _handle_alert(self, topic: str, payload: bytes) -> Outcome:
-        self.stats.inc("alerts_received")
-        device = device_from_alert_topic(topic, self.cfg.mqtt.topic_prefix)
+    def _prepare_alert(self, topic: str, payload: bytes) -> Item:
+        item = Item(topic, payload, "alert")
+        item.device = device_from_alert_topic(topic, self.cfg.mqtt.topic_prefix)
         try:
-            if device is None:
+            if item.device is None:
                 raise WireError("bad-topic", f"{topic!r} is not <prefix>/<device_id>/alert")
             alert = decode_alert(payload)
         except WireError as exc:
-            return await self._reject(topic, payload, device, _json_seq(payload), exc)
-        line = alert_to_line(device, alert, self.cfg.influx.alert_measurement)
-        out = await self._store(
-            topic, payload, device, alert.seq, [line], lambda: [alert_object(device, alert)]
-        )
-        if out.result == "written":
-            self.stats.inc("alerts_written")
-        return out
+            item.seq = _json_seq(payload)
+            item.error = exc
+            return item
+        item.seq = alert.seq
+        item.lines = [alert_to_line(item.device, alert, self.cfg.influx.alert_measurement)]
+        item.objects = [alert_object(item.device, alert)]
+        return item
+
+    # ---- on the event loop ----------------------------------------------------------
 
     async def write_batch(self, batch: Batch) -> Outcome:
         """Write a batch rebuilt from the lake (replay): to InfluxDB only, never
         recognised as a duplicate (a batch across midnight is two objects)."""
         lines = batch_to_lines(batch, self.cfg.influx.measurement)
-        return await self._store(
-            "replay", b"", batch.device_id, batch.seq, lines, list, dedupe=False
-        )
+        item = Item("replay", b"", "batch", batch.device_id, batch.seq, lines)
+        return (await self._write_group([item]))[0]
 
     async def write_alert(self, device: str, alert: Alert) -> Outcome:
         line = alert_to_line(device, alert, self.cfg.influx.alert_measurement)
-        return await self._store("replay", b"", device, alert.seq, [line], list, dedupe=False)
+        item = Item("replay", b"", "alert", device, alert.seq, [line])
+        return (await self._write_group([item]))[0]
 
-    async def _reject(
-        self, topic: str, payload: bytes, device: str | None, seq: int | None, exc: WireError
-    ) -> Outcome:
-        await self.quarantine(topic, payload, exc.reason, str(exc))
-        ack = None if device is None or seq is None else Ack(seq, "rejected", exc.reason)
-        return Outcome("quarantined", device, ack)
-
-    async def _store(
-        self,
-        topic: str,
-        payload: bytes,
-        device: str,
-        seq: int,
-        lines: list[str],
-        objects: Callable[[], list[tuple[str, bytes]]],
-        *,
-        dedupe: bool = True,
-    ) -> Outcome:
-        """Write to InfluxDB and the lake; ``written`` only when both hold it.
-
-        ``objects`` builds the lake objects; it runs in a worker thread with the
-        writes, because Parquet encoding is the costliest step of a batch."""
-        if dedupe and (device, seq) in self._recent:
-            self._recent.move_to_end((device, seq))
-            self.stats.inc("duplicates")
-            return Outcome("duplicate", device, Ack(seq, "stored"))
-        # Both sinks run to their end (success or final failure) before we decide.
+    async def _write_group(self, items: list[Item]) -> list[Outcome]:
+        """Both sinks run to their end (success or final failure) before we decide."""
+        todo = [i for i, it in enumerate(items) if it.error is None and it.duplicate_of is None]
+        bad = [it for it in items if it.error is not None]
         outcomes = await asyncio.gather(
-            self._with_retry("influx", lambda: self.influx.write(lines)),
-            self._with_retry(
-                "archive", lambda: self._lake_hops.run(lambda: self._put_all(objects))
+            self._write_influx([items[i] for i in todo]),
+            self._put_objects(
+                [(items[i], obj) for i in todo for obj in items[i].objects]
+                + [(it, obj) for it in bad for obj in self._quarantine_objects(it)]
             ),
             return_exceptions=True,
         )
         for outcome in outcomes:
-            if isinstance(outcome, ShuttingDown):
-                raise outcome
-        for outcome in outcomes:
-            if isinstance(outcome, PermanentSinkError):
-                await self.quarantine(topic, payload, "sink-rejected", str(outcome))
-                return Outcome("quarantined", device, Ack(seq, "rejected", "sink-rejected"))
-        for outcome in outcomes:
             if isinstance(outcome, BaseException):
-                raise outcome
+                raise outcome  # ShuttingDown, or a bug
+        refused = [i for i in todo if items[i].error is not None]  # by a sink, for good
+        if refused:
+            await self._put_objects(
+                [(items[i], obj) for i in refused for obj in self._quarantine_objects(items[i])]
+            )
+        return [self._outcome(items, i) for i in range(len(items))]
+
+    def _outcome(self, items: list[Item], i: int) -> Outcome:
+        item = items[i]
+        if item.error is not None:
+            self.stats.inc(f"quarantined_{item.error.reason}")
+            ack = None
+            if item.device is not None and item.seq is not None:
+                ack = Ack(item.seq, "rejected", item.error.reason)
+            return Outcome("quarantined", item.device, ack)
+        assert item.device is not None and item.seq is not None
+        if item.duplicate_of is not None:
+            self.stats.inc("duplicates")
+            if item.duplicate_of >= 0 and items[item.duplicate_of].error is not None:
+                first = items[item.duplicate_of].error
+                assert first is not None
+                return Outcome("quarantined", item.device, Ack(item.seq, "rejected", first.reason))
+            self._remember(item.device, item.seq)
+            return Outcome("duplicate", item.device, Ack(item.seq, "stored"))
+        if item.kind == "batch":
+            self.stats.inc("batches_written")
+            self.stats.inc("points_written", len(item.lines))
+            if item.topic != "replay":
+                self._remember(item.device, item.seq)
+        else:
+            self.stats.inc("alerts_written")
+        return Outcome("written", item.device, Ack(item.seq, "stored"))
+
+    def _remember(self, device: str, seq: int) -> None:
         self._recent[(device, seq)] = None
+        self._recent.move_to_end((device, seq))
         if len(self._recent) > RECENT_BATCHES:
             self._recent.popitem(last=False)
-        log.debug(
-            "wrote %s seq %d: %d points",
-            device,
-            seq,
-            len(lines),
-            extra={"device_id": device, "seq": seq, "points": len(lines)},
-        )
-        return Outcome("written", device, Ack(seq, "stored"))
 
-    def _put_all(self, objects: Callable[[], list[tuple[str, bytes]]]) -> None:
-        for key, data in objects():
-            self.archive.put(key, data)
+    async def _write_influx(self, items: list[Item]) -> None:
+        """Requests of up to max_lines_per_write lines; an item whose lines InfluxDB
+        refuses for good (HTTP 400) gets that as its error, the others are written."""
+        chunks: list[list[Item]] = [[]]
+        n = 0
+        for item in items:
+            if chunks[-1] and n + len(item.lines) > self.cfg.influx.max_lines_per_write:
+                chunks.append([])
+                n = 0
+            chunks[-1].append(item)
+            n += len(item.lines)
 
-    async def quarantine(self, topic: str, payload: bytes, reason: str, message: str) -> None:
-        self.stats.inc(f"quarantined_{reason}")
+        async def one(chunk: list[Item]) -> None:
+            lines = [line for item in chunk for line in item.lines]
+            try:
+                await self._with_retry("influx", lambda: self.influx.write(lines))
+            except PermanentSinkError as exc:
+                if len(chunk) == 1:
+                    chunk[0].error = WireError("sink-rejected", str(exc))
+                    return
+                for item in chunk:  # find the batches at fault
+                    await one([item])
+
+        if items:
+            await asyncio.gather(*(one(chunk) for chunk in chunks))
+
+    async def _put_objects(self, objects: list[tuple[Item, tuple[str, Any]]]) -> None:
+        """Put objects concurrently, retrying the ones that fail retryably; an item one
+        of whose objects the store refuses for good gets that as its error."""
+        pending = objects
+        loop = asyncio.get_running_loop()
+
+        async def attempt() -> None:
+            nonlocal pending
+            results = await asyncio.gather(
+                *(
+                    loop.run_in_executor(self._puts, self.archive.put, key, data)
+                    for _, (key, data) in pending
+                ),
+                return_exceptions=True,
+            )
+            again: list[tuple[Item, tuple[str, Any]]] = []
+            first: RetryableSinkError | None = None
+            for (item, obj), res in zip(pending, results, strict=True):
+                if isinstance(res, RetryableSinkError):
+                    again.append((item, obj))
+                    first = first or res
+                elif isinstance(res, PermanentSinkError):
+                    self.stats.inc("archive_rejected")
+                    if item.error is None:
+                        item.error = WireError("sink-rejected", str(res))
+                elif isinstance(res, BaseException):
+                    raise res
+            pending = again
+            if first is not None:
+                raise first
+
+        if pending:
+            await self._with_retry("archive", attempt)
+
+    def _quarantine_objects(self, item: Item) -> list[tuple[str, bytes]]:
+        assert item.error is not None
+        reason, message = item.error.reason, str(item.error)
         log.warning(
             "quarantine: %s on %s: %s",
             reason,
-            topic,
+            item.topic,
             message,
-            extra={"reason": reason, "topic": topic, "bytes": len(payload)},
+            extra={"reason": reason, "topic": item.topic, "bytes": len(item.payload)},
         )
-        digest = hashlib.sha256(payload).hexdigest()
+        digest = hashlib.sha256(item.payload).hexdigest()
         meta = json.dumps(
             {
-                "topic": topic,
+                "topic": item.topic,
                 "reason": reason,
                 "message": message,
                 "received_ns": time.time_ns(),
-                "bytes": len(payload),
+                "bytes": len(item.payload),
             }
         ).encode()
         base = f"quarantine/reason={reason}/{digest}"
-        await self._with_retry(
-            "archive", lambda: asyncio.to_thread(self.archive.put, base + ".bin", payload)
-        )
-        await self._with_retry(
-            "archive", lambda: asyncio.to_thread(self.archive.put, base + ".json", meta)
-        )
+        return [(base + ".bin", item.payload), (base + ".json", meta)]
 
     async def _with_retry(self, stage: str, op: Callable[[], Awaitable[None]]) -> None:
         """Await ``op()`` until it succeeds or fails permanently.
@@ -277,5 +416,6 @@ class Processor:
                     raise ShuttingDown(f"{stage}: gave up retrying at shutdown") from exc
                 await asyncio.sleep(min(wait, left))  # backoff between retries
             except PermanentSinkError:
-                self.stats.inc(f"{stage}_rejected")
+                if stage == "influx":
+                    self.stats.inc("influx_rejected")
                 raise

@@ -142,5 +142,8 @@ async def replay(
                 res.objects += 1
                 progress(1)
 
-    await asyncio.gather(*(one_device(d, objs) for d, objs in sorted(per_device.items())))
+    try:
+        await asyncio.gather(*(one_device(d, objs) for d, objs in sorted(per_device.items())))
+    finally:
+        proc.close()
     return res

@@ -25,14 +25,13 @@ import json
 import logging
 import signal
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import aiomqtt
 
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.http import Health, MetricsServer
-from cloud_ingest.process import Processor, ShuttingDown
+from cloud_ingest.process import Outcome, Processor, ShuttingDown
 from cloud_ingest.sinks.archive import open_archive
 from cloud_ingest.sinks.influx import make_point_sink
 from shared.acks import CONTENT_TYPE as ACK_CONTENT_TYPE
@@ -42,6 +41,7 @@ from shared.tls import ssl_context
 from shared.topics import ack_topic, alert_filter, batch_filter
 
 log = logging.getLogger("cloud_ingest.service")
+ACK_PROPERTIES = publish_properties(ACK_CONTENT_TYPE, [])
 
 
 def _client(cfg: IngestConfig) -> aiomqtt.Client:
@@ -54,7 +54,13 @@ def _client(cfg: IngestConfig) -> aiomqtt.Client:
         properties=connect_properties(cfg.mqtt.session_expiry_s, cfg.mqtt.receive_maximum),
         keepalive=cfg.mqtt.keepalive_s,
         tls_context=ssl_context(cfg.mqtt.tls),
+        # one device ack per message in hand may be awaiting its PUBACK; paho's
+        # default of 20 queued the rest behind them
+        max_inflight_messages=cfg.mqtt.receive_maximum,
     )
+    # aiomqtt logs a warning per publish while more than 10 await their PUBACK:
+    # thousands of lines a second under load, and a measurable cost
+    client.pending_calls_threshold = 2 * cfg.mqtt.receive_maximum
     # PUBACK only once a message is written (or quarantined): aiomqtt acknowledges on
     # receipt and has no option for this, so it is set on its paho client. This is
     # the one place the project reaches into aiomqtt (pinned below 3 in pyproject).
@@ -106,6 +112,7 @@ async def serve(cfg: IngestConfig, stop: asyncio.Event, ready_file: str | None =
         health.subscribed.clear()
         if metrics is not None:
             metrics.stop()
+        proc.close()
         points.close()
         archive.close()
         log.info("stats %s", json.dumps(dict(sorted(proc.stats.counters.items()))))
@@ -115,71 +122,93 @@ async def serve(cfg: IngestConfig, stop: asyncio.Event, ready_file: str | None =
 async def _consume(
     client: aiomqtt.Client, proc: Processor, stop: asyncio.Event, health: Health
 ) -> None:
-    """Handle messages concurrently (at most ``receive_maximum`` in hand, one device's
-    batches in arrival order), PUBACK them in arrival order as MQTT requires, and on
-    ``stop`` take no more and drain what is in hand."""
-    inflight: deque[tuple[aiomqtt.Message, asyncio.Task[bool]]] = deque()
-    by_device: dict[str, asyncio.Task[bool]] = {}
-    slots = asyncio.Semaphore(proc.cfg.mqtt.receive_maximum)
+    """Take the messages in groups and PUBACK them in arrival order, as MQTT requires;
+    on ``stop`` take no more and drain what is in hand.
+
+    A group is every message waiting when the previous group has been decoded (at
+    most ``receive_maximum``, which the broker enforces). While one group is being
+    written, the next one is decoded; writes run one group after the other, so a
+    device's batches are written in order."""
+    inflight: deque[tuple[list[aiomqtt.Message], asyncio.Task[list[Outcome] | None]]] = deque()
     failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    health.queue_depth = lambda: len(client.messages) + len(inflight)
+    waiting = client._queue  # aiomqtt's queue of received messages (pinned below 3)
+    health.queue_depth = lambda: waiting.qsize() + sum(len(g) for g, _ in inflight)
 
     def puback_ready(_task: object = None) -> None:
         while inflight and inflight[0][1].done():
-            msg, task = inflight.popleft()
+            msgs, task = inflight.popleft()
             if task.cancelled() or task.exception() is not None:
                 if not failed.done():
                     failed.set_exception(task.exception() or asyncio.CancelledError())
                 continue
-            if task.result():
-                _ack(client, msg)  # now the broker may forget it
+            if task.result() is not None:
+                for msg in msgs:
+                    _ack(client, msg)  # now the broker may forget it
 
-    async def work(msg: aiomqtt.Message, after: asyncio.Task[bool] | None) -> bool:
-        """True once the message is written, recognised or quarantined (and the device
-        told); False if abandoned at shutdown (then it is not acknowledged)."""
+    async def work(
+        msgs: list[aiomqtt.Message],
+        after: asyncio.Task[list[Outcome] | None] | None,
+        decoded: asyncio.Event,
+    ) -> list[Outcome] | None:
+        """The outcomes once written, recognised or quarantined (and the devices
+        told); None if abandoned at shutdown (then nothing is acknowledged)."""
+        group = [(str(m.topic), _payload(m)) for m in msgs]
         try:
-            if after is not None:
-                await asyncio.wait([after])  # a device's batches are written in order
-            payload = msg.payload if isinstance(msg.payload, bytes | bytearray) else b""
-            try:
-                outcome = await proc.handle(str(msg.topic), bytes(payload))
-            except ShuttingDown as exc:
-                proc.stats.inc("abandoned_at_shutdown")
-                log.error("%s (batch on %s not written; redelivered later)", exc, msg.topic)
-                return False
-            if outcome.ack is not None and outcome.device is not None:
-                # After the sinks: an ingestor that dies before this line leaves the
-                # batch unacked, and the device sends it again.
-                await client.publish(
-                    ack_topic(outcome.device, proc.cfg.mqtt.topic_prefix),
-                    outcome.ack.encode(),
-                    qos=1,
-                    properties=publish_properties(ACK_CONTENT_TYPE, []),
-                )
-                proc.stats.inc(f"acks_{outcome.ack.status}")
-            return True
+            outcomes = await proc.handle_group(group, after, decoded)
+        except ShuttingDown as exc:
+            proc.stats.inc("abandoned_at_shutdown", len(msgs))
+            log.error("%s (%d messages not written; redelivered later)", exc, len(msgs))
+            return None
         finally:
-            slots.release()
+            decoded.set()
+        # After the sinks: an ingestor that dies before this leaves the batches
+        # unacked, and the devices send them again.
+        told = [o for o in outcomes if o.ack is not None and o.device is not None]
+        await asyncio.gather(
+            *(
+                client.publish(
+                    ack_topic(o.device, proc.cfg.mqtt.topic_prefix),
+                    o.ack.encode(),
+                    qos=1,
+                    properties=ACK_PROPERTIES,
+                )
+                for o in told
+                if o.ack is not None and o.device is not None
+            )
+        )
+        for o in told:
+            if o.ack is not None:
+                proc.stats.inc(f"acks_{o.ack.status}")
+        return outcomes
 
     messages = aiter(client.messages)
     stop_wait = asyncio.ensure_future(stop.wait())
+    last: asyncio.Task[list[Outcome] | None] | None = None
+    decoded = asyncio.Event()
+    decoded.set()
     try:
         while True:
-            await slots.acquire()
+            # the next group forms while the previous one is decoded
+            if not decoded.is_set():
+                ready = asyncio.ensure_future(decoded.wait())
+                either: set[asyncio.Future[object]] = {ready, stop_wait, failed}  # type: ignore[arg-type]
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                if not ready.done():
+                    ready.cancel()
+                    break
             nxt = asyncio.ensure_future(anext(messages))
             waits: set[asyncio.Future[object]] = {nxt, stop_wait, failed}  # type: ignore[arg-type]
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if nxt not in done:
                 nxt.cancel()
-                slots.release()
                 break
-            msg = nxt.result()
-            device = str(msg.topic).split("/")[-2] if "/" in str(msg.topic) else ""
-            task = asyncio.create_task(work(msg, by_device.get(device)))
-            by_device[device] = task
-            task.add_done_callback(puback_ready)
-            task.add_done_callback(_forgetter(by_device, device))
-            inflight.append((msg, task))
+            msgs = [nxt.result()]
+            while not waiting.empty():
+                msgs.append(waiting.get_nowait())
+            decoded = asyncio.Event()
+            last = asyncio.create_task(work(msgs, last, decoded))
+            last.add_done_callback(puback_ready)
+            inflight.append((msgs, last))
     finally:
         stop_wait.cancel()
         if inflight:  # drain; retries end within retry.shutdown_grace_s of the stop
@@ -189,14 +218,8 @@ async def _consume(
         failed.result()  # an MQTT error while publishing an ack: reconnect
 
 
-def _forgetter(by_device: dict[str, asyncio.Task[bool]], device: str) -> Callable[[object], None]:
-    """Once the device's last task is done, nobody needs to wait for it."""
-
-    def forget(task: object) -> None:
-        if by_device.get(device) is task:
-            del by_device[device]
-
-    return forget
+def _payload(msg: aiomqtt.Message) -> bytes:
+    return bytes(msg.payload) if isinstance(msg.payload, bytes | bytearray) else b""
 
 
 def run_service(cfg: IngestConfig, ready_file: str | None = None) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -273,6 +274,18 @@ def decode_batch(
     return _decode_body(body)
 
 
+_local = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """One per thread (they are not thread-safe), reused: creating one per batch
+    showed in profiles of the ingestor."""
+    d: zstandard.ZstdDecompressor | None = getattr(_local, "zstd", None)
+    if d is None:
+        d = _local.zstd = zstandard.ZstdDecompressor()
+    return d
+
+
 def _inflate(raw: bytes, body_len: int) -> bytes:
     """Decompress at most ``body_len + 1`` bytes, whatever the frame claims.
 
@@ -282,7 +295,7 @@ def _inflate(raw: bytes, body_len: int) -> bytes:
     """
     out = bytearray()
     try:
-        with zstandard.ZstdDecompressor().stream_reader(raw) as reader:
+        with _decompressor().stream_reader(raw) as reader:
             while len(out) <= body_len:
                 chunk = reader.read(body_len + 1 - len(out))
                 if not chunk:
@@ -386,7 +399,7 @@ def _decode_body(body: bytes) -> Batch:
             raise WireError("bad-column", f"column {name} must be {dtype}/{encoding}")
         if nbytes != rows * np.dtype(dtype).itemsize:
             raise WireError("bad-column", f"column {name} has {nbytes} bytes for {rows} rows")
-        col = np.frombuffer(chunk, dtype=np.dtype(dtype).newbyteorder("<")).astype(dtype)
+        col = np.frombuffer(chunk, dtype=_LITTLE[dtype]).astype(dtype)
         if encoding == "delta":
             col = np.cumsum(col, dtype=np.int64)
         found[name] = col
@@ -407,6 +420,10 @@ def _decode_body(body: bytes) -> Batch:
         **found,
         sketch=sketches,
     )
+
+
+#: the wire's little-endian dtype of each column type (built once: it showed in profiles)
+_LITTLE: Final = {dt: np.dtype(dt).newbyteorder("<") for dt, _ in COLUMNS.values()}
 
 
 def _field(obj: dict[str, Any], key: str, tp: type) -> Any:

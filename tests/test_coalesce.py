@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from cloud_ingest.coalesce import Coalescer, ThreadHops
+from cloud_ingest.coalesce import Coalescer
 from shared.errors import PermanentSinkError, RetryableSinkError
 
 
@@ -78,31 +78,3 @@ def test_a_retryable_failure_reaches_every_caller() -> None:
     asyncio.run(main())
     with pytest.raises(RetryableSinkError):
         asyncio.run(Coalescer(sink.write).write(["z"]))
-
-
-def test_thread_hops_group_calls_and_return_each_its_own_result() -> None:
-    gate = threading.Event()
-    threads: list[str] = []
-
-    def call(i: int) -> int:
-        gate.wait(10)
-        threads.append(threading.current_thread().name)
-        if i == 3:
-            raise ValueError("three")
-        return i * 10
-
-    hops = ThreadHops()
-
-    async def main() -> list[object]:
-        first = asyncio.create_task(hops.run(lambda: call(0)))
-        await asyncio.sleep(0)  # the first hand-off starts and waits at the gate
-        rest = [asyncio.create_task(hops.run(lambda i=i: call(i))) for i in range(1, 6)]
-        await asyncio.sleep(0)
-        gate.set()
-        return await asyncio.gather(first, *rest, return_exceptions=True)
-
-    res = asyncio.run(main())
-    assert res[:3] == [0, 10, 20] and res[4:] == [40, 50]
-    assert isinstance(res[3], ValueError)
-    # two hand-offs: call 0 alone, then calls 1-5 together
-    assert hops.handoffs == 2 and len(threads) == 6

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import signal
 import subprocess
 import threading
@@ -169,7 +170,8 @@ def test_valid_once_bad_quarantined(
     assert 'cloud_ingest_events_total{event="batches_written"} 2.0' in metrics
     assert 'cloud_ingest_events_total{event="duplicates"} 1.0' in metrics
     assert 'cloud_ingest_quarantined_total{reason="bad-magic"} 1.0' in metrics
-    assert 'cloud_ingest_sink_seconds_count{sink="influx"} 2.0' in metrics
+    # one observation per write request (the two batches may have shared one)
+    assert re.search(r'cloud_ingest_sink_seconds_count\{sink="influx"\} [12]\.0', metrics)
     assert "cloud_ingest_up 1.0" in metrics
     proc = svc.shutdown()
     acks.close()

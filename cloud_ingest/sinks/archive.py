@@ -89,7 +89,15 @@ class LocalArchive:
 
 
 class S3Archive:
-    def __init__(self, bucket: str, prefix: str, *, endpoint_url: str | None, region: str) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str,
+        *,
+        endpoint_url: str | None,
+        region: str,
+        max_connections: int = 16,
+    ) -> None:
         import boto3
         from botocore.config import Config
 
@@ -100,7 +108,11 @@ class S3Archive:
             endpoint_url=endpoint_url or None,
             region_name=region,
             config=Config(
-                retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=5, read_timeout=30
+                retries={"max_attempts": 1, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=30,
+                # one connection per concurrent put (botocore's default pool is 10)
+                max_pool_connections=max_connections,
             ),
         )
 
@@ -159,6 +171,10 @@ def open_archive(cfg: ArchiveConfig) -> LocalArchive | S3Archive:
     if cfg.url.startswith("s3://"):
         bucket, _, prefix = cfg.url[len("s3://") :].partition("/")
         return S3Archive(
-            bucket, prefix, endpoint_url=cfg.s3_endpoint_url or None, region=cfg.s3_region
+            bucket,
+            prefix,
+            endpoint_url=cfg.s3_endpoint_url or None,
+            region=cfg.s3_region,
+            max_connections=cfg.max_concurrent_puts,
         )
     return LocalArchive(cfg.url[len("file://") :])

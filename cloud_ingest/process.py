@@ -76,6 +76,9 @@ class Item:
     error: WireError | None = None
     #: a resend of a batch written before (-1) or of an earlier item of the group (its index)
     duplicate_of: int | None = None
+    #: recognise a resend of a batch written recently (not in a replay, whose
+    #: batches can be parts of one: a batch across midnight is two objects)
+    dedupe: bool = True
 
 
 def _json_seq(payload: bytes) -> int | None:
@@ -176,9 +179,7 @@ class Processor:
             if batch is None or item.device is None:
                 continue
             key = (item.device, batch.seq)
-            if key in self._recent:
-                item.duplicate_of = -1
-            elif key in seen:
+            if key in seen:
                 item.duplicate_of = seen[key]
             else:
                 seen[key] = len(items) - 1
@@ -218,7 +219,7 @@ class Processor:
         return batch
 
     def _prepare_alert(self, topic: str, payload: bytes) -> Item:
-        item = Item(topic, payload, "alert")
+        item = Item(topic, payload, "alert", dedupe=False)
         item.device = device_from_alert_topic(topic, self.cfg.mqtt.topic_prefix)
         try:
             if item.device is None:
@@ -239,16 +240,19 @@ class Processor:
         """Write a batch rebuilt from the lake (replay): to InfluxDB only, never
         recognised as a duplicate (a batch across midnight is two objects)."""
         lines = batch_to_lines(batch, self.cfg.influx.measurement)
-        item = Item("replay", b"", "batch", batch.device_id, batch.seq, lines)
+        item = Item("replay", b"", "batch", batch.device_id, batch.seq, lines, dedupe=False)
         return (await self._write_group([item]))[0]
 
     async def write_alert(self, device: str, alert: Alert) -> Outcome:
         line = alert_to_line(device, alert, self.cfg.influx.alert_measurement)
-        item = Item("replay", b"", "alert", device, alert.seq, [line])
+        item = Item("replay", b"", "alert", device, alert.seq, [line], dedupe=False)
         return (await self._write_group([item]))[0]
 
     async def _write_group(self, items: list[Item]) -> list[Outcome]:
         """Both sinks run to their end (success or final failure) before we decide."""
+        for item in items:  # here, not when decoding: the group before may hold it
+            if item.dedupe and item.error is None and (item.device, item.seq) in self._recent:
+                item.duplicate_of = -1
         todo = [i for i, it in enumerate(items) if it.error is None and it.duplicate_of is None]
         bad = [it for it in items if it.error is not None]
         outcomes = await asyncio.gather(
@@ -289,7 +293,7 @@ class Processor:
         if item.kind == "batch":
             self.stats.inc("batches_written")
             self.stats.inc("points_written", len(item.lines))
-            if item.topic != "replay":
+            if item.dedupe:
                 self._remember(item.device, item.seq)
         else:
             self.stats.inc("alerts_written")

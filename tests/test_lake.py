@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import duckdb
@@ -13,10 +14,12 @@ from cloud_ingest.lake import (
     LATEST_AGGREGATES_SQL,
     alert_object,
     batch_objects,
+    group_tables,
     parse_key,
     read_table,
     table_to_alerts,
     table_to_batches,
+    to_parquet,
 )
 from cloud_ingest.sinks.archive import LocalArchive
 from shared.alerts import Alert
@@ -80,6 +83,20 @@ def test_a_batch_across_midnight_is_two_objects_and_round_trips() -> None:
             want = getattr(b, name)
         np.testing.assert_array_equal(got, want, err_msg=name)
     assert sum((r.sketch for r in rows), ()) == b.sketch
+
+
+def test_a_group_gives_each_batch_the_objects_it_has_alone() -> None:
+    """The ingestor converts a group's rows to Arrow at once and slices them: each
+    batch's objects are byte for byte those of the batch alone, so a resend that
+    arrives in another group overwrites with the same bytes."""
+    a = _batch(1, [MIDNIGHT - W, MIDNIGHT, MIDNIGHT + W], mean=2.0)
+    b = dataclasses.replace(_batch(2, [MIDNIGHT, MIDNIGHT + W]), device_id="dev-2", sketch=())
+    c = _batch(3, [MIDNIGHT + 2 * W])
+    tables = group_tables([a, b, c])
+    assert [[(k, to_parquet(t)) for k, t in objs] for objs in tables] == [
+        batch_objects(x) for x in (a, b, c)
+    ]
+    assert [len(objs) for objs in tables] == [2, 1, 1]
 
 
 def test_alert_round_trip() -> None:

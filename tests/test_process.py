@@ -1,0 +1,157 @@
+"""The group write path of :class:`Processor`, with fakes behind its sink interfaces
+(PointSink, ObjectStore). The real services are in test_ingest.py and test_fleet.py."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+
+from cloud_ingest.config import IngestConfig
+from cloud_ingest.lake import parse_key
+from cloud_ingest.process import Processor
+from shared.config import from_dict
+from shared.errors import PermanentSinkError
+from shared.wire import STAT_FIELDS, SensorRef, WindowSpec, encode_batch, make_batch
+
+W = 10_000_000_000
+T0 = 1_790_000_000 * 10**9
+PREFIX = "telemetry/v1"
+
+
+class FakePoints:
+    """InfluxDB: keeps each request; a request with a line of ``bad_device`` fails for
+    good (HTTP 400); ``gate`` holds requests."""
+
+    def __init__(self, bad_device: str = "") -> None:
+        self.requests: list[list[str]] = []
+        self.bad_device = bad_device
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def write(self, lines: list[str]) -> None:
+        self.gate.wait(10)
+        self.requests.append(list(lines))
+        if self.bad_device and any(f"device_id={self.bad_device}," in ln for ln in lines):
+            raise PermanentSinkError("400: unable to parse")
+
+    def close(self) -> None:
+        pass
+
+
+class FakeStore:
+    def __init__(self, refuse: str = "") -> None:
+        self.objects: dict[str, bytes] = {}
+        self.puts = 0
+        self.refuse = refuse
+        self.lock = threading.Lock()
+
+    def put(self, key: str, data: bytes) -> None:
+        if self.refuse and self.refuse in key:
+            raise PermanentSinkError(f"S3 put rejected: {key}")
+        with self.lock:
+            self.objects[key] = data
+            self.puts += 1
+
+    def get(self, key: str) -> bytes:
+        return self.objects[key]
+
+    def list(self, prefix: str) -> list[str]:
+        return sorted(k for k in self.objects if k.startswith(prefix))
+
+    def delete(self, key: str) -> None:
+        self.objects.pop(key, None)
+
+    def close(self) -> None:
+        pass
+
+
+def message(device: str, seq: int, rows: int = 2) -> tuple[str, bytes]:
+    b = make_batch(
+        device_id=device,
+        seq=seq,
+        created_ns=0,
+        window=WindowSpec("tumbling", W),
+        sensors=(SensorRef("n1", "temp", "degC"),),
+        columns={
+            "sensor": np.zeros(rows),
+            "start_ns": T0 + (seq * rows + np.arange(rows)) * W,
+            "count": np.full(rows, 10),
+            "invalid": np.zeros(rows),
+            **{f: np.full(rows, 20.0) for f in STAT_FIELDS},
+        },
+    )
+    return f"{PREFIX}/{device}/batch", encode_batch(b)
+
+
+def processor(points: FakePoints, store: FakeStore) -> Processor:
+    return Processor(from_dict(IngestConfig, {"retry": {"initial_s": 0.01}}), points, store)
+
+
+def test_a_group_shares_requests_and_gives_each_message_its_outcome() -> None:
+    points, store = FakePoints(), FakeStore()
+    proc = processor(points, store)
+    group = [message("a", 1), message("b", 1), message("a", 1), message("a", 2)]
+    group.append((f"{PREFIX}/a/batch", b"not a batch"))
+    out = asyncio.run(proc.handle_group(group))
+    proc.close()
+    assert [o.result for o in out] == ["written", "written", "duplicate", "written", "quarantined"]
+    assert [o.ack.status if o.ack else None for o in out] == [
+        "stored",
+        "stored",
+        "stored",
+        "stored",
+        None,  # not even the seq can be read
+    ]
+    assert len(points.requests) == 1 and len(points.requests[0]) == 6  # 3 batches x 2
+    keys = [parse_key(k) for k in store.objects if k.startswith("aggregates/")]
+    assert sorted((k.device_id, k.seq) for k in keys if k) == [("a", 1), ("a", 2), ("b", 1)]
+    assert sum(k.startswith("quarantine/reason=bad-magic/") for k in store.objects) == 2
+    c = proc.stats.counters
+    assert c["received"] == 5 and c["batches_written"] == 3 and c["duplicates"] == 1
+    assert c["points_written"] == 6 and c["quarantined_bad-magic"] == 1
+
+
+def test_a_permanent_influx_failure_is_pinned_on_its_batch() -> None:
+    points, store = FakePoints(bad_device="bad"), FakeStore()
+    proc = processor(points, store)
+    out = asyncio.run(proc.handle_group([message("a", 1), message("bad", 1), message("c", 1)]))
+    proc.close()
+    assert [o.result for o in out] == ["written", "quarantined", "written"]
+    assert out[1].ack is not None and out[1].ack.reason == "sink-rejected"
+    # the group's request, then one per batch to find the one at fault
+    assert [len(r) for r in points.requests] == [6, 2, 2, 2]
+    assert any(k.startswith("quarantine/reason=sink-rejected/") for k in store.objects)
+    assert proc.stats.counters["batches_written"] == 2
+
+
+def test_a_refused_object_quarantines_only_its_batch() -> None:
+    points, store = FakePoints(), FakeStore(refuse="device_id=b/")
+    proc = processor(points, store)
+    out = asyncio.run(proc.handle_group([message("a", 1), message("b", 1)]))
+    proc.close()
+    assert [o.result for o in out] == ["written", "quarantined"]
+    assert proc.stats.counters["archive_rejected"] == 1
+
+
+def test_a_resend_in_the_next_group_is_a_duplicate_once_the_first_is_written() -> None:
+    """Groups are decoded ahead of the writes before them; whether a batch is a resend
+    is decided when its group's turn to write comes, not when it is decoded."""
+    points, store = FakePoints(), FakeStore()
+    proc = processor(points, store)
+
+    async def main() -> tuple[list[str], list[str]]:
+        points.gate.clear()  # the first group's write waits
+        first = asyncio.create_task(proc.handle_group([message("a", 1)]))
+        second = asyncio.create_task(proc.handle_group([message("a", 1)], after=first))
+        deadline = asyncio.get_running_loop().time() + 10
+        while proc.stats.counters["received"] < 2:  # both decoded
+            assert asyncio.get_running_loop().time() < deadline, "the groups were not decoded"
+            await asyncio.sleep(0.01)
+        points.gate.set()
+        return [o.result for o in await first], [o.result for o in await second]
+
+    assert asyncio.run(main()) == (["written"], ["duplicate"])
+    proc.close()
+    assert len(points.requests) == 1

@@ -12,7 +12,10 @@ Each round measures, side by side:
 * direct: a plain loop POSTing the same points as line protocol straight to
   /write of the same InfluxDB (another database), in requests of --direct-lines
   lines; this is the ceiling of the InfluxDB on this machine;
-* and the ratio ingest / direct.
+* and the ratio ingest / direct;
+* the MQTT floor: bench/mqtt_floor.py, a paho subscriber that only acks each
+  batch to its device and PUBACKs it (no decoding, no sinks), under the same
+  fleet: the most any paho-based ingestor could reach here.
 
 A paced run at --paced-fraction of the measured ingest rate then gives the
 publish-to-ack latency (p50, p99) of a sustainable load. Bytes per point compare
@@ -24,6 +27,7 @@ the wire format with the same points as line protocol.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -93,6 +97,30 @@ def start_ingestor(
     return p
 
 
+def floor_rate(work: Path, broker: int, spec: FleetSpec) -> float:
+    """points/s of the MQTT floor (bench/mqtt_floor.py) under the same fleet."""
+    ready = work / f"ready-floor-{spec.seed}"
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("mqtt_floor.py")),
+            "--port",
+            str(broker),
+            "--ready-file",
+            str(ready),
+        ],
+        cwd=Path(__file__).parent.parent,
+    )
+    try:
+        services.wait_until(ready.exists, 30, "the MQTT floor to subscribe")
+        res = run_fleet(spec)
+        assert res.acked == res.batches, (res.acked, res.batches)
+        return float(res.summary()["points_per_s"])
+    finally:
+        p.terminate()
+        p.wait(30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--devices", type=int, default=1000)
@@ -155,6 +183,11 @@ def main() -> None:
                 batch_objects(b)
             parquet_pts = len(lines) / (time.perf_counter() - t0)
             lp_bytes = sum(len(ln) + 1 for ln in lines)
+            floor = floor_rate(
+                work,
+                broker.port,
+                dataclasses.replace(spec, device_prefix=f"floor{r}", client_id=f"bench-floor-{r}"),
+            )
             direct = direct_rate(influx.url, f"direct{r}", lines, args.direct_lines)
             direct_small = direct_rate(
                 influx.url, f"small{r}", lines[: 20 * args.sensors * 100], args.sensors
@@ -165,6 +198,7 @@ def main() -> None:
                 "direct_points_per_s": round(direct, 1),
                 "direct_per_batch_points_per_s": round(direct_small, 1),
                 "parquet_encode_only_points_per_s": round(parquet_pts, 1),
+                "mqtt_floor_points_per_s": round(floor, 1),
                 "ratio": round(s["points_per_s"] / direct, 3),
                 "ratio_to_per_batch_posts": round(s["points_per_s"] / direct_small, 3),
                 "acked": s["acked"],

@@ -24,7 +24,7 @@ class MqttConfig:
     alert_subscription: str = ""
     keepalive_s: int = 30
     session_expiry_s: int = 7 * 24 * 3600
-    receive_maximum: int = 32
+    receive_maximum: int = 256
     tls: TlsConfig = field(default_factory=TlsConfig)
 
     def __post_init__(self) -> None:
@@ -122,7 +122,7 @@ class HttpConfig:
 class IngestConfig:
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
-    #: Threads for decoding, Parquet encoding and blocking sink I/O.
+    #: Threads for decoding, Parquet encoding and InfluxDB requests (puts: archive).
     worker_threads: int = 2
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     influx: InfluxConfig = field(default_factory=InfluxConfig)

@@ -48,8 +48,9 @@ class Stats:
         self.counters[name] += n
 
 
-#: (device_id, seq) of the batches written most recently, to answer a resend with
-#: an ack at once. The sinks are idempotent anyway; this saves the rewrite.
+#: (device_id, seq) of the batches and alerts written most recently (they share
+#: the device's seq counter), to answer a resend with an ack at once. The sinks
+#: are idempotent anyway; this saves the rewrite.
 RECENT_BATCHES = 100_000
 
 
@@ -172,19 +173,21 @@ class Processor:
         batches: list[tuple[Item, Batch]] = []  # to write
         for topic, payload in messages:
             if topic.endswith("/alert"):
-                items.append(self._prepare_alert(topic, payload))
-                continue
-            item, batch = self._prepare_batch(topic, payload)
+                item, batch = self._prepare_alert(topic, payload), None
+            else:
+                item, batch = self._prepare_batch(topic, payload)
             items.append(item)
-            if batch is None or item.device is None:
+            if item.error is not None or item.device is None or item.seq is None:
                 continue
-            key = (item.device, batch.seq)
+            key = (item.device, item.seq)  # alerts and batches share the device's seqs
             if key in seen:
                 item.duplicate_of = seen[key]
+                item.lines, item.objects = [], []
             else:
                 seen[key] = len(items) - 1
-                item.lines = batch_to_lines(batch, self.cfg.influx.measurement)
-                batches.append((item, batch))
+                if batch is not None:
+                    item.lines = batch_to_lines(batch, self.cfg.influx.measurement)
+                    batches.append((item, batch))
         tables = group_tables([b for _, b in batches])
         for (item, _), objects in zip(batches, tables, strict=True):
             item.objects = objects
@@ -219,7 +222,7 @@ class Processor:
         return batch
 
     def _prepare_alert(self, topic: str, payload: bytes) -> Item:
-        item = Item(topic, payload, "alert", dedupe=False)
+        item = Item(topic, payload, "alert")
         item.device = device_from_alert_topic(topic, self.cfg.mqtt.topic_prefix)
         try:
             if item.device is None:
@@ -293,10 +296,10 @@ class Processor:
         if item.kind == "batch":
             self.stats.inc("batches_written")
             self.stats.inc("points_written", len(item.lines))
-            if item.dedupe:
-                self._remember(item.device, item.seq)
         else:
             self.stats.inc("alerts_written")
+        if item.dedupe:
+            self._remember(item.device, item.seq)
         return Outcome("written", item.device, Ack(item.seq, "stored"))
 
     def _remember(self, device: str, seq: int) -> None:

@@ -6,14 +6,16 @@ message (PUBACK) only after handling it, and tells the broker (Receive Maximum)
 to send at most ``mqtt.receive_maximum`` unacknowledged ones: that is the
 bounded queue between receiving and writing. After a batch is written
 to both sinks (or quarantined) it publishes the verdict on the device's ack
-topic; the device keeps and resends every batch until then. Up to
-``receive_maximum`` messages are handled concurrently (one device's in arrival
-order), their InfluxDB points coalesced into shared writes
-(:mod:`cloud_ingest.coalesce`); PUBACKs go out in arrival order. A sink outage
-holds the messages in hand in their retries and the broker holds the rest: that
-is the backpressure.
+topic; the device keeps and resends every batch until then.
 
-On SIGTERM/SIGINT it stops taking messages, lets the batches in hand finish for
+Messages are handled in groups (:meth:`Processor.handle_group`): every message
+waiting when the previous group has been decoded. One group is decoded while
+the one before it is written; writes go one group after the other, so one
+device's batches are written in arrival order, and PUBACKs go out in arrival
+order. A sink outage holds the groups in hand in their retries and the broker
+holds the rest: that is the backpressure.
+
+On SIGTERM/SIGINT it stops taking messages, lets the groups in hand finish for
 up to ``retry.shutdown_grace_s``, acknowledges only those that were written, and
 exits.
 """

@@ -154,7 +154,7 @@ class Processor:
             # Parquet encoding, the costliest step, in as many threads as there are
             # workers: Arrow's encoder runs without the GIL, so they overlap
             work = [it for it in items if it.objects]
-            n = self.cfg.worker_threads
+            n = min(self.cfg.worker_threads, len(work))
             await asyncio.gather(*(asyncio.to_thread(_encode, work[i::n]) for i in range(n)))
         finally:
             if decoded is not None:

@@ -26,10 +26,12 @@ import asyncio
 import json
 import logging
 import signal
+import socket
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.http import Health, MetricsServer
@@ -44,6 +46,9 @@ from shared.topics import ack_topic, alert_filter, batch_filter
 
 log = logging.getLogger("cloud_ingest.service")
 ACK_PROPERTIES = publish_properties(ACK_CONTENT_TYPE, [])
+#: Groups in hand: one being written, the next decoded and waiting for it. More
+#: would only make them smaller (each group's writes wait for the one before).
+GROUPS_IN_HAND = 2
 
 
 def _client(cfg: IngestConfig) -> aiomqtt.Client:
@@ -56,22 +61,44 @@ def _client(cfg: IngestConfig) -> aiomqtt.Client:
         properties=connect_properties(cfg.mqtt.session_expiry_s, cfg.mqtt.receive_maximum),
         keepalive=cfg.mqtt.keepalive_s,
         tls_context=ssl_context(cfg.mqtt.tls),
-        # one device ack per message in hand may be awaiting its PUBACK; paho's
-        # default of 20 queued the rest behind them
+        # one device ack per message in hand may be awaiting the broker's PUBACK;
+        # paho's default of 20 queued the rest behind them
         max_inflight_messages=cfg.mqtt.receive_maximum,
     )
     # aiomqtt logs a warning per publish while more than 10 await their PUBACK:
     # thousands of lines a second under load, and a measurable cost
     client.pending_calls_threshold = 2 * cfg.mqtt.receive_maximum
     # PUBACK only once a message is written (or quarantined): aiomqtt acknowledges on
-    # receipt and has no option for this, so it is set on its paho client. This is
-    # the one place the project reaches into aiomqtt (pinned below 3 in pyproject).
+    # receipt and has no option for this, so it is set on its paho client. This
+    # module alone reaches into aiomqtt (its paho client and message queue; aiomqtt
+    # is pinned below 3 in pyproject).
     client._client.manual_ack_set(True)
     return client
 
 
 def _ack(client: aiomqtt.Client, msg: aiomqtt.Message) -> None:
     client._client.ack(msg.mid, msg.qos)
+
+
+def _tell(client: aiomqtt.Client, topic: str, payload: bytes) -> None:
+    """Publish a device ack at QoS 1 without waiting for the broker's PUBACK.
+
+    It goes out before the PUBACK of the batch it answers (same connection, in
+    order). Waiting for the broker's PUBACK of every ack (aiomqtt's ``publish``)
+    put a network round trip between one group's writes and the next's. If the
+    connection drops first, the ack may be lost: the device resends the batch,
+    which is then recognised as written and acked again."""
+    info = client._client.publish(topic, payload, qos=1, properties=ACK_PROPERTIES)
+    if info.rc != mqtt.MQTT_ERR_SUCCESS:
+        raise aiomqtt.MqttError(f"could not publish an ack: {mqtt.error_string(info.rc)}")
+
+
+def _no_delay(client: aiomqtt.Client) -> None:
+    """Send small packets (PUBACKs, acks) at once: with Nagle's algorithm on, they
+    waited for the broker's delayed TCP ACK, ~40 ms each on Linux."""
+    sock = client._client.socket()
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 async def serve(cfg: IngestConfig, stop: asyncio.Event, ready_file: str | None = None) -> Processor:
@@ -92,6 +119,7 @@ async def serve(cfg: IngestConfig, stop: asyncio.Event, ready_file: str | None =
         while not stop.is_set():
             try:
                 async with _client(cfg) as client:
+                    _no_delay(client)
                     await client.subscribe(topic, qos=1)
                     await client.subscribe(alerts, qos=1)
                     log.info("subscribed to %s on %s:%s", topic, cfg.mqtt.host, cfg.mqtt.port)
@@ -127,10 +155,11 @@ async def _consume(
     """Take the messages in groups and PUBACK them in arrival order, as MQTT requires;
     on ``stop`` take no more and drain what is in hand.
 
-    A group is every message waiting when the previous group has been decoded (at
-    most ``receive_maximum``, which the broker enforces). While one group is being
-    written, the next one is decoded; writes run one group after the other, so a
-    device's batches are written in order."""
+    A group is every message waiting when the previous group has been decoded and
+    at most one other group is unfinished (at most ``receive_maximum`` messages,
+    which the broker enforces). While one group is being written, the next one is
+    decoded; writes run one group after the other, so a device's batches are
+    written in order."""
     inflight: deque[tuple[list[aiomqtt.Message], asyncio.Task[list[Outcome] | None]]] = deque()
     failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     waiting = client._queue  # aiomqtt's queue of received messages (pinned below 3)
@@ -165,21 +194,9 @@ async def _consume(
             decoded.set()
         # After the sinks: an ingestor that dies before this leaves the batches
         # unacked, and the devices send them again.
-        told = [o for o in outcomes if o.ack is not None and o.device is not None]
-        await asyncio.gather(
-            *(
-                client.publish(
-                    ack_topic(o.device, proc.cfg.mqtt.topic_prefix),
-                    o.ack.encode(),
-                    qos=1,
-                    properties=ACK_PROPERTIES,
-                )
-                for o in told
-                if o.ack is not None and o.device is not None
-            )
-        )
-        for o in told:
-            if o.ack is not None:
+        for o in outcomes:
+            if o.ack is not None and o.device is not None:
+                _tell(client, ack_topic(o.device, proc.cfg.mqtt.topic_prefix), o.ack.encode())
                 proc.stats.inc(f"acks_{o.ack.status}")
         return outcomes
 
@@ -188,16 +205,31 @@ async def _consume(
     last: asyncio.Task[list[Outcome] | None] | None = None
     decoded = asyncio.Event()
     decoded.set()
+    room = asyncio.Event()  # fewer than GROUPS_IN_HAND groups unfinished
+    room.set()
+    unfinished = 0
+
+    def finished(_task: object) -> None:
+        nonlocal unfinished
+        unfinished -= 1
+        room.set()
+
+    async def until(gate: asyncio.Event) -> bool:
+        """Wait for ``gate``; False if told to stop (or the connection failed) first."""
+        if gate.is_set():
+            return True
+        ready = asyncio.ensure_future(gate.wait())
+        either: set[asyncio.Future[object]] = {ready, stop_wait, failed}  # type: ignore[arg-type]
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if ready.done():
+            return True
+        ready.cancel()
+        return False
+
     try:
-        while True:
-            # the next group forms while the previous one is decoded
-            if not decoded.is_set():
-                ready = asyncio.ensure_future(decoded.wait())
-                either: set[asyncio.Future[object]] = {ready, stop_wait, failed}  # type: ignore[arg-type]
-                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-                if not ready.done():
-                    ready.cancel()
-                    break
+        # The next group forms once the previous one is decoded and at most one
+        # other is unfinished: messages that arrive meanwhile make it larger.
+        while await until(decoded) and await until(room):
             nxt = asyncio.ensure_future(anext(messages))
             waits: set[asyncio.Future[object]] = {nxt, stop_wait, failed}  # type: ignore[arg-type]
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -209,6 +241,10 @@ async def _consume(
                 msgs.append(waiting.get_nowait())
             decoded = asyncio.Event()
             last = asyncio.create_task(work(msgs, last, decoded))
+            unfinished += 1
+            if unfinished >= GROUPS_IN_HAND:
+                room.clear()
+            last.add_done_callback(finished)
             last.add_done_callback(puback_ready)
             inflight.append((msgs, last))
     finally:

@@ -149,6 +149,9 @@ def mosquitto(
         # where the agent and the ingestor hold persistent sessions.
         "max_queued_messages 0\n"
         "max_inflight_messages 100\n"
+        # Small packets (PUBACKs, acks) at once, not after the peer's delayed TCP
+        # ACK (~40 ms): docs/cloud-ingest.md, "Broker clusters".
+        "set_tcp_nodelay true\n"
         "log_type error\nlog_type warning\nlog_type notice\n"
         "log_dest stdout\n"
     )

@@ -120,6 +120,7 @@ class Processor:
         self._puts = ThreadPoolExecutor(
             cfg.archive.max_concurrent_puts, thread_name_prefix="archive-put"
         )
+        self._encoders = ThreadPoolExecutor(cfg.worker_threads, thread_name_prefix="encode")
         self.stop = stop or asyncio.Event()
         self.stats = Stats()
         self._give_up_at: float | None = None
@@ -129,6 +130,7 @@ class Processor:
 
     def close(self) -> None:
         self._puts.shutdown(wait=True)
+        self._encoders.shutdown(wait=True)
 
     async def handle_group(
         self,
@@ -151,14 +153,17 @@ class Processor:
         """
         try:
             items = await asyncio.to_thread(self._prepare_all, messages)
-            # Parquet encoding, the costliest step, in as many threads as there are
-            # workers: Arrow's encoder runs without the GIL, so they overlap
-            work = [it for it in items if it.objects]
-            n = min(self.cfg.worker_threads, len(work))
-            await asyncio.gather(*(asyncio.to_thread(_encode, work[i::n]) for i in range(n)))
         finally:
             if decoded is not None:
-                decoded.set()
+                decoded.set()  # the next group may be decoded while this one encodes
+        # Parquet encoding, the costliest step, in threads of its own: Arrow's encoder
+        # runs without the GIL, so they overlap each other and the next decode
+        work = [it for it in items if it.objects]
+        n = min(self.cfg.worker_threads, len(work))
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(
+            *(loop.run_in_executor(self._encoders, _encode, work[i::n]) for i in range(n))
+        )
         for item in items:
             self.stats.inc("received" if item.kind == "batch" else "alerts_received")
         if after is not None:

@@ -205,14 +205,22 @@ async def _consume(
     last: asyncio.Task[list[Outcome] | None] | None = None
     decoded = asyncio.Event()
     decoded.set()
-    room = asyncio.Event()  # fewer than GROUPS_IN_HAND groups unfinished
+    rm = proc.cfg.mqtt.receive_maximum
+    room = asyncio.Event()  # a new group may form (see below)
     room.set()
-    unfinished = 0
+    unfinished: dict[asyncio.Task[list[Outcome] | None], int] = {}  # group → its size
 
-    def finished(_task: object) -> None:
-        nonlocal unfinished
-        unfinished -= 1
-        room.set()
+    def update_room() -> None:
+        # At most GROUPS_IN_HAND groups, and the next one may take at least half of
+        # receive_maximum: a group of the few left over would cost a whole cycle.
+        if len(unfinished) < GROUPS_IN_HAND and sum(unfinished.values()) <= rm // 2:
+            room.set()
+        else:
+            room.clear()
+
+    def finished(task: asyncio.Task[list[Outcome] | None]) -> None:
+        unfinished.pop(task, None)
+        update_room()
 
     async def until(gate: asyncio.Event) -> bool:
         """Wait for ``gate``; False if told to stop (or the connection failed) first."""
@@ -227,8 +235,8 @@ async def _consume(
         return False
 
     try:
-        # The next group forms once the previous one is decoded and at most one
-        # other is unfinished: messages that arrive meanwhile make it larger.
+        # The next group forms once the previous one is decoded and there is room
+        # (update_room): messages that arrive meanwhile make it larger.
         while await until(decoded) and await until(room):
             nxt = asyncio.ensure_future(anext(messages))
             waits: set[asyncio.Future[object]] = {nxt, stop_wait, failed}  # type: ignore[arg-type]
@@ -237,13 +245,16 @@ async def _consume(
                 nxt.cancel()
                 break
             msgs = [nxt.result()]
-            while not waiting.empty():
+            # Brokers should send no more than Receive Maximum unacknowledged;
+            # Mosquitto 2.0.11 sends more once PUBACKs flow (eclipse/mosquitto#2301),
+            # so the limit is kept here too: the rest waits in aiomqtt's queue.
+            take = rm - sum(len(g) for g, _ in inflight)
+            while len(msgs) < take and not waiting.empty():
                 msgs.append(waiting.get_nowait())
             decoded = asyncio.Event()
             last = asyncio.create_task(work(msgs, last, decoded))
-            unfinished += 1
-            if unfinished >= GROUPS_IN_HAND:
-                room.clear()
+            unfinished[last] = len(msgs)
+            update_room()
             last.add_done_callback(finished)
             last.add_done_callback(puback_ready)
             inflight.append((msgs, last))

@@ -279,3 +279,33 @@ def test_sigterm_drains_what_it_holds_and_exits_within_the_bound(
     finally:
         pipe.stop_all()
     _check_exact(pipe, influx, lake, summary)
+
+
+def test_cloud_broker_restart_loses_nothing(
+    fresh: Callable[[str], Service], tmp_path: Path
+) -> None:
+    """The cloud broker stops mid-run and comes back with its persisted sessions: the
+    ingestor reconnects, gets again what it had not acknowledged, and the fleet's
+    unacknowledged batches are resent. Nothing is lost or counted twice."""
+    broker, influx = fresh("mosquitto"), fresh("influxdb")
+    lake = tmp_path / "lake"
+    pipe = _pipe(tmp_path, broker, influx, {"url": f"file://{lake}"})
+    try:
+        (ingestor,) = pipe.start_ingestors()
+        fleet = _fleet(pipe, speed=2)
+        wait_until(lambda: bool(influx_counts(influx.url, "fleet")), 60, "the first points")
+        offset = ingestor.log.stat().st_size
+        broker.stop()
+
+        def reconnecting() -> bool:
+            with ingestor.log.open("rb") as fh:
+                fh.seek(offset)
+                return b"reconnecting" in fh.read()
+
+        wait_until(reconnecting, 30, "the ingestor to notice the broker is gone")
+        broker.start()
+        summary = pipe.finish_fleet(fleet, timeout_s=240)
+    finally:
+        pipe.stop_all()
+    _check_exact(pipe, influx, lake, summary)
+    assert b"subscribed to" in ingestor.log.read_bytes().split(b"reconnecting", 1)[1]

@@ -35,7 +35,7 @@ from shared.acks import Ack
 from shared.alerts import Alert, decode_alert
 from shared.errors import PermanentSinkError, RetryableSinkError, WireError
 from shared.topics import device_from_alert_topic, device_from_batch_topic
-from shared.wire import Batch, check_ranges, decode_batch, peek_seq
+from shared.wire import Batch, check_ranges_many, decode_batch, peek_seq
 
 log = logging.getLogger("cloud_ingest.process")
 
@@ -174,13 +174,21 @@ class Processor:
 
     def _prepare_all(self, messages: Sequence[tuple[str, bytes]]) -> list[Item]:
         seen: dict[tuple[str, int], int] = {}
+        decoded = [
+            (self._prepare_alert(topic, payload), None)
+            if topic.endswith("/alert")
+            else self._prepare_batch(topic, payload)
+            for topic, payload in messages
+        ]
+        # the range check of every batch at once (a group of batches costs about
+        # what one did), then batch by batch only if one fails
+        checked = [(it, b) for it, b in decoded if b is not None]
+        verdicts = check_ranges_many([b for _, b in checked], time.time_ns())
+        for (item, _), verdict in zip(checked, verdicts, strict=True):
+            item.error = verdict
         items: list[Item] = []
         batches: list[tuple[Item, Batch]] = []  # to write
-        for topic, payload in messages:
-            if topic.endswith("/alert"):
-                item, batch = self._prepare_alert(topic, payload), None
-            else:
-                item, batch = self._prepare_batch(topic, payload)
+        for item, batch in decoded:
             items.append(item)
             if item.error is not None or item.device is None or item.seq is None:
                 continue
@@ -223,7 +231,6 @@ class Processor:
                 "device-mismatch",
                 f"payload device_id {batch.device_id!r} on the topic of {device!r}",
             )
-        check_ranges(batch, time.time_ns())
         return batch
 
     def _prepare_alert(self, topic: str, payload: bytes) -> Item:

@@ -20,6 +20,7 @@ from shared.wire import (
     SensorRef,
     WindowSpec,
     check_ranges,
+    check_ranges_many,
     decode_batch,
     encode_batch,
     make_batch,
@@ -297,3 +298,12 @@ def test_range_check_rejects(overrides: dict[str, list[float]], why: str) -> Non
     with pytest.raises(WireError, match=why) as info:
         check_ranges(_ranged(**overrides), now_ns=0)
     assert info.value.reason == "bad-range"
+
+
+def test_range_check_of_a_group_finds_the_batch_at_fault() -> None:
+    good, bad = _ranged(), _ranged(mean=[3.5, math.nan])
+    assert check_ranges_many([good, good, good], now_ns=0) == [None, None, None]
+    verdicts = check_ranges_many([good, bad, good], now_ns=0)
+    assert verdicts[0] is None and verdicts[2] is None
+    assert isinstance(verdicts[1], WireError) and "mean outside" in str(verdicts[1])
+    assert check_ranges_many([], now_ns=0) == []

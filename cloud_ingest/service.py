@@ -155,11 +155,11 @@ async def _consume(
     """Take the messages in groups and PUBACK them in arrival order, as MQTT requires;
     on ``stop`` take no more and drain what is in hand.
 
-    A group is every message waiting when the previous group has been decoded and
-    at most one other group is unfinished (at most ``receive_maximum`` messages,
-    which the broker enforces). While one group is being written, the next one is
-    decoded; writes run one group after the other, so a device's batches are
-    written in order."""
+    A group is every message waiting (up to what ``receive_maximum`` leaves room
+    for) once the previous group has been decoded, at most one other group is
+    unfinished, and at most half of ``receive_maximum`` is in hand. While one group
+    is being written, the next one is decoded; writes run one group after the
+    other, so a device's batches are written in order."""
     inflight: deque[tuple[list[aiomqtt.Message], asyncio.Task[list[Outcome] | None]]] = deque()
     failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     waiting = client._queue  # aiomqtt's queue of received messages (pinned below 3)
@@ -275,9 +275,9 @@ def run_service(cfg: IngestConfig, ready_file: str | None = None) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        # Decoding, Parquet encoding and the sinks' blocking I/O run in these threads.
-        # More of them fight over the GIL: 2 were 30 % faster than asyncio's default
-        # of 6 in bench/ingest.py on 2 cores.
+        # Decoding and InfluxDB requests run in these threads (Parquet encoding and
+        # lake puts in pools of their own, see Processor). More threads than cores
+        # fight over the GIL: 2 were faster than 1 or 3 in bench/ingest.py here.
         loop.set_default_executor(
             ThreadPoolExecutor(cfg.worker_threads, thread_name_prefix="ingest")
         )

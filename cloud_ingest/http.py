@@ -14,8 +14,12 @@ Metrics (all counters end in ``_total``):
   each successful write took, retries included
 * ``cloud_ingest_up``: 1 while subscribed to the broker
 * ``cloud_ingest_queue_depth``: messages received and not yet acknowledged to the
-  broker, waiting or being written (at most ``mqtt.receive_maximum``, the bound the
-  broker is told)
+  broker, waiting or being written (at most ``mqtt.receive_maximum`` with a broker
+  that honours it; Mosquitto 2.0.11 does not)
+* ``cloud_ingest_in_hand``: of those, the messages in groups being decoded or
+  written: at most ``mqtt.receive_maximum``, whatever the broker does
+* ``cloud_ingest_group_messages``: a histogram of the messages per group (large
+  groups under load share the fixed costs; docs/cloud-ingest.md)
 
 ``/healthz`` answers 200 while the service is subscribed, 503 otherwise.
 """
@@ -38,6 +42,7 @@ class Health:
     def __init__(self) -> None:
         self.subscribed = threading.Event()
         self.queue_depth: Callable[[], int] = lambda: 0
+        self.in_hand: Callable[[], int] = lambda: 0
 
 
 class _StatsCollector(Collector):
@@ -65,6 +70,11 @@ class _StatsCollector(Collector):
         )
         depth.add_metric([], float(self.health.queue_depth()))
         yield depth
+        in_hand = GaugeMetricFamily(
+            "cloud_ingest_in_hand", "Messages in groups being decoded or written"
+        )
+        in_hand.add_metric([], float(self.health.in_hand()))
+        yield in_hand
 
 
 class MetricsServer:
@@ -76,6 +86,12 @@ class MetricsServer:
             "cloud_ingest_sink_seconds",
             "Time of a successful sink write, retries included",
             ["sink"],
+            registry=self.registry,
+        )
+        self.group_messages = Histogram(
+            "cloud_ingest_group_messages",
+            "Messages per group",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096),
             registry=self.registry,
         )
         registry, healthy = self.registry, health

@@ -28,6 +28,7 @@ import logging
 import signal
 import socket
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import aiomqtt
@@ -107,10 +108,12 @@ async def serve(cfg: IngestConfig, stop: asyncio.Event, ready_file: str | None =
     proc = Processor(cfg, points, archive, stop)
     health = Health()
     metrics: MetricsServer | None = None
+    on_group: Callable[[float], None] = _ignore
     if cfg.http.listen:
         metrics = MetricsServer(cfg.http.listen, proc.stats, health).start()
         sink_seconds = metrics.sink_seconds
         proc.on_sink_time = lambda sink, secs: sink_seconds.labels(sink).observe(secs)
+        on_group = metrics.group_messages.observe
         log.info("metrics on http://%s/metrics", cfg.http.listen)
     topic = cfg.mqtt.subscription or batch_filter(cfg.mqtt.topic_prefix)
     alerts = cfg.mqtt.alert_subscription or alert_filter(cfg.mqtt.topic_prefix)
@@ -126,7 +129,7 @@ async def serve(cfg: IngestConfig, stop: asyncio.Event, ready_file: str | None =
                     backoff = 1.0
                     health.subscribed.set()
                     write_ready_file(ready_file)
-                    await _consume(client, proc, stop, health)
+                    await _consume(client, proc, stop, health, on_group)
                     health.subscribed.clear()
             except aiomqtt.MqttError as exc:
                 health.subscribed.clear()
@@ -150,7 +153,11 @@ async def serve(cfg: IngestConfig, stop: asyncio.Event, ready_file: str | None =
 
 
 async def _consume(
-    client: aiomqtt.Client, proc: Processor, stop: asyncio.Event, health: Health
+    client: aiomqtt.Client,
+    proc: Processor,
+    stop: asyncio.Event,
+    health: Health,
+    on_group: Callable[[float], None],
 ) -> None:
     """Take the messages in groups and PUBACK them in arrival order, as MQTT requires;
     on ``stop`` take no more and drain what is in hand.
@@ -164,6 +171,7 @@ async def _consume(
     failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     waiting = client._queue  # aiomqtt's queue of received messages (pinned below 3)
     health.queue_depth = lambda: waiting.qsize() + sum(len(g) for g, _ in inflight)
+    health.in_hand = lambda: sum(len(g) for g, _ in inflight)
 
     def puback_ready(_task: object = None) -> None:
         while inflight and inflight[0][1].done():
@@ -251,6 +259,7 @@ async def _consume(
             take = rm - sum(len(g) for g, _ in inflight)
             while len(msgs) < take and not waiting.empty():
                 msgs.append(waiting.get_nowait())
+            on_group(len(msgs))
             decoded = asyncio.Event()
             last = asyncio.create_task(work(msgs, last, decoded))
             unfinished[last] = len(msgs)
@@ -265,6 +274,10 @@ async def _consume(
         puback_ready()
     if failed.done():
         failed.result()  # an MQTT error while publishing an ack: reconnect
+
+
+def _ignore(_value: float) -> None:
+    pass
 
 
 def _payload(msg: aiomqtt.Message) -> bytes:

@@ -290,6 +290,40 @@ def test_backpressure_the_broker_holds_what_cannot_be_written(
     assert len(influxq.v1_windows(influx.url, "t")) == 36
 
 
+def test_never_more_than_receive_maximum_in_hand(
+    mosquitto: Service, influxdb: Service, influx_db: str, tmp_path: Path, unique: str
+) -> None:
+    """A backlog of 60 batches with Receive Maximum 4: however many the broker sends
+    at once (Mosquitto 2.0.11 sends more than 4 once PUBACKs flow), no group takes
+    more than 4 and all 60 are written once."""
+    prefix = f"t{unique}/v1"
+    port = free_port()
+    cfg = ingest_config(
+        mosquitto.port,
+        unique,
+        {"url": influxdb.url, "database": influx_db},
+        tmp_path / "archive",
+        http={"listen": f"127.0.0.1:{port}"},
+    )
+    cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, receive_maximum=4))
+    Running(cfg, tmp_path / "ready-1").shutdown()  # the persistent session exists now
+    publish_all(
+        mosquitto.port, [(f"{prefix}/dev-1/batch", batch_bytes("dev-1", s)) for s in range(1, 61)]
+    )
+    svc = Running(cfg, tmp_path / "ready-2")
+    wait_until(
+        lambda: metric(port, 'cloud_ingest_events_total{event="batches_written"}') == 60,
+        60,
+        "the 60 batches written",
+    )
+    groups = metric(port, "cloud_ingest_group_messages_count")
+    assert metric(port, 'cloud_ingest_group_messages_bucket{le="4.0"}') == groups >= 15
+    assert metric(port, "cloud_ingest_in_hand") == 0
+    proc = svc.shutdown()
+    assert proc.stats.counters["received"] == 60 and proc.stats.counters["duplicates"] == 0
+    assert len(influxq.v1_windows(influxdb.url, influx_db)) == 180
+
+
 def test_json_logs_are_one_object_per_line_with_fields(
     mosquitto: Service, influxdb: Service, influx_db: str, tmp_path: Path, unique: str
 ) -> None:

@@ -9,10 +9,10 @@ to both sinks (or quarantined) it publishes the verdict on the device's ack
 topic; the device keeps and resends every batch until then.
 
 Messages are handled in groups (:meth:`Processor.handle_group`): every message
-waiting when the previous group has been decoded. One group is decoded while
-the one before it is written; writes go one group after the other, so one
-device's batches are written in arrival order, and PUBACKs go out in arrival
-order. A sink outage holds the groups in hand in their retries and the broker
+waiting when the previous group has been decoded (see ``_consume`` for the
+limits). A group may be decoded while the one before it is written; writes go
+one group after the other, so one device's batches are written in arrival
+order, and PUBACKs go out in arrival order. A sink outage holds the groups in hand in their retries and the broker
 holds the rest: that is the backpressure.
 
 On SIGTERM/SIGINT it stops taking messages, lets the groups in hand finish for

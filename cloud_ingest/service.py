@@ -12,8 +12,8 @@ Messages are handled in groups (:meth:`Processor.handle_group`): every message
 waiting when the previous group has been decoded (see ``_consume`` for the
 limits). A group may be decoded while the one before it is written; writes go
 one group after the other, so one device's batches are written in arrival
-order, and PUBACKs go out in arrival order. A sink outage holds the groups in hand in their retries and the broker
-holds the rest: that is the backpressure.
+order, and PUBACKs go out in arrival order. A sink outage holds the groups in
+hand in their retries and the broker holds the rest: that is the backpressure.
 
 On SIGTERM/SIGINT it stops taking messages, lets the groups in hand finish for
 up to ``retry.shutdown_grace_s``, acknowledges only those that were written, and

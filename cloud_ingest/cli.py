@@ -71,7 +71,8 @@ def main() -> None:
     help="Create this file once subscribed (for supervisors and scripts to wait on).",
 )
 def run(config_path: str | None, ready_file: str | None) -> None:
-    """Run until SIGTERM or Ctrl-C; finish the batch in hand, then exit."""
+    """Run until SIGTERM or Ctrl-C; finish the batches in hand (for up to
+    retry.shutdown_grace_s), then exit."""
     cfg = load_or_exit(IngestConfig, config_path)
     setup_logging(cfg.log_level, cfg.log_format)
     from cloud_ingest.service import run_service

@@ -112,18 +112,23 @@ def _hold_outage(log: Path, what: str, seconds: float = 20.0) -> None:
     wait_until(lambda: time.monotonic() - down_at >= seconds, seconds + 5, f"{seconds:g} s down")
 
 
+def stop_and_wait_for_log(service: Service, log: Path, needle: bytes, what: str) -> None:
+    """Stop ``service`` and wait for the ingestor to log ``needle`` after that."""
+    offset = log.stat().st_size
+    service.stop()
+
+    def logged() -> bool:
+        with log.open("rb") as fh:
+            fh.seek(offset)
+            return needle in fh.read()
+
+    wait_until(logged, 60, what)
+
+
 def stop_influx_until_a_batch_is_held(influx: Service, log: Path) -> None:
     """Stop InfluxDB and wait for the ingestor to log a failed write after it: from
     then on it holds a batch it has not written and not acknowledged."""
-    offset = log.stat().st_size
-    influx.stop()
-
-    def held() -> bool:
-        with log.open("rb") as fh:
-            fh.seek(offset)
-            return b"influx:" in fh.read()
-
-    wait_until(held, 60, "the ingestor holding a batch it cannot write")
+    stop_and_wait_for_log(influx, log, b"influx:", "the ingestor holding a batch it cannot write")
 
 
 def test_fleet_through_one_ingestor_counts_exactly(
@@ -294,15 +299,9 @@ def test_cloud_broker_restart_loses_nothing(
         (ingestor,) = pipe.start_ingestors()
         fleet = _fleet(pipe, speed=2)
         wait_until(lambda: bool(influx_counts(influx.url, "fleet")), 60, "the first points")
-        offset = ingestor.log.stat().st_size
-        broker.stop()
-
-        def reconnecting() -> bool:
-            with ingestor.log.open("rb") as fh:
-                fh.seek(offset)
-                return b"reconnecting" in fh.read()
-
-        wait_until(reconnecting, 30, "the ingestor to notice the broker is gone")
+        stop_and_wait_for_log(
+            broker, ingestor.log, b"reconnecting", "the ingestor to notice the broker is gone"
+        )
         broker.start()
         summary = pipe.finish_fleet(fleet, timeout_s=240)
     finally:

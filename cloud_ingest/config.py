@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from shared import backoff
 from shared.config import Invalid, port, positive
 from shared.tls import TlsConfig
 from shared.topics import DEFAULT_BATCH_PREFIX
@@ -25,10 +26,13 @@ class MqttConfig:
     keepalive_s: int = 30
     session_expiry_s: int = 7 * 24 * 3600
     receive_maximum: int = 256
+    reconnect_min_s: float = backoff.DEFAULT_MIN_S
+    reconnect_max_s: float = backoff.DEFAULT_MAX_S
     tls: TlsConfig = field(default_factory=TlsConfig)
 
     def __post_init__(self) -> None:
         port("port", self.port)
+        backoff.check(self.reconnect_min_s, self.reconnect_max_s)
         if not 1 <= self.receive_maximum <= 65535:
             raise Invalid("receive_maximum", "must be 1-65535")
         if not self.client_id:

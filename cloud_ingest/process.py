@@ -30,6 +30,7 @@ from cloud_ingest.coalesce import Coalescer
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.lake import alert_object, group_tables, to_parquet
 from cloud_ingest.lineproto import alert_to_line, batch_to_lines
+from cloud_ingest.revisions import RevisionMemory, WindowKey
 from cloud_ingest.sinks.base import ObjectStore, PointSink
 from shared.acks import Ack
 from shared.alerts import Alert, decode_alert
@@ -80,6 +81,10 @@ class Item:
     #: recognise a resend of a batch written recently (not in a replay, whose
     #: batches can be parts of one: a batch across midnight is two objects)
     dedupe: bool = True
+    #: the decoded batch (one InfluxDB line per row, in row order)
+    batch: Batch | None = None
+    #: revised windows this item writes, remembered once it is written
+    versions: dict[WindowKey, int] = field(default_factory=dict)
 
 
 def _json_seq(payload: bytes) -> int | None:
@@ -127,6 +132,7 @@ class Processor:
         #: called with (sink, seconds) after each successful write, retries included
         self.on_sink_time: Callable[[str, float], None] | None = None
         self._recent: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._revisions = RevisionMemory()
 
     def close(self) -> None:
         self._puts.shutdown(wait=True)
@@ -200,6 +206,7 @@ class Processor:
                 seen[key] = len(items) - 1
                 if batch is not None:
                     item.lines = batch_to_lines(batch, self.cfg.influx.measurement)
+                    item.batch = batch
                     batches.append((item, batch))
         tables = group_tables([b for _, b in batches])
         for (item, _), objects in zip(batches, tables, strict=True):
@@ -256,6 +263,7 @@ class Processor:
         recognised as a duplicate (a batch across midnight is two objects)."""
         lines = batch_to_lines(batch, self.cfg.influx.measurement)
         item = Item("replay", b"", "batch", batch.device_id, batch.seq, lines, dedupe=False)
+        item.batch = batch
         return (await self._write_group([item]))[0]
 
     async def write_alert(self, device: str, alert: Alert) -> Outcome:
@@ -269,6 +277,7 @@ class Processor:
             if item.dedupe and item.error is None and (item.device, item.seq) in self._recent:
                 item.duplicate_of = -1
         todo = [i for i, it in enumerate(items) if it.error is None and it.duplicate_of is None]
+        self._drop_superseded([items[i] for i in todo])
         bad = [it for it in items if it.error is not None]
         outcomes = await asyncio.gather(
             self._write_influx([items[i] for i in todo]),
@@ -308,11 +317,34 @@ class Processor:
         if item.kind == "batch":
             self.stats.inc("batches_written")
             self.stats.inc("points_written", len(item.lines))
+            self._revisions.remember(item.versions)
         else:
             self.stats.inc("alerts_written")
         if item.dedupe:
             self._remember(item.device, item.seq)
         return Outcome("written", item.device, Ack(item.seq, "stored"))
+
+    def _drop_superseded(self, items: list[Item]) -> None:
+        """Leave out the InfluxDB lines of window versions older than one written
+        already (by an earlier group, or by an earlier batch of this one)."""
+        written: dict[WindowKey, int] = {}
+        for item in items:
+            if item.batch is None:
+                continue
+            keep, item.versions = self._revisions.screen(item.batch, written)
+            if keep.all():
+                continue
+            dropped = int((~keep).sum())
+            self.stats.inc("revisions_superseded", dropped)
+            log.warning(
+                "%s seq %s: %d window versions older than ones already written are not "
+                "written over them",
+                item.device,
+                item.seq,
+                dropped,
+                extra={"device_id": item.device, "seq": item.seq},
+            )
+            item.lines = [line for line, k in zip(item.lines, keep.tolist(), strict=True) if k]
 
     def _remember(self, device: str, seq: int) -> None:
         self._recent[(device, seq)] = None

@@ -5,8 +5,11 @@ batches published while it is down wait in the broker. It acknowledges a
 message (PUBACK) only after handling it, and tells the broker (Receive Maximum)
 to send at most ``mqtt.receive_maximum`` unacknowledged ones: that is the
 bounded queue between receiving and writing. After a batch is written
-to both sinks (or quarantined) it publishes the verdict on the device's ack
-topic; the device keeps and resends every batch until then.
+to both sinks (or quarantined) and acknowledged to the broker, it publishes the
+verdict on the device's ack topic; the device keeps and resends every batch
+until then. PUBACK first: a device that has its ack can be sure that the broker
+holds no copy of that batch to deliver again later, which is what lets it send
+the next version of a window (docs/cloud-ingest.md, "Revisions in order").
 
 Messages are handled in groups (:meth:`Processor.handle_group`): every message
 waiting when the previous group has been decoded (see ``_consume`` for the
@@ -39,6 +42,7 @@ from cloud_ingest.http import Health, MetricsServer
 from cloud_ingest.process import Outcome, Processor, ShuttingDown
 from cloud_ingest.sinks.archive import open_archive
 from cloud_ingest.sinks.influx import make_point_sink
+from shared import backoff
 from shared.acks import CONTENT_TYPE as ACK_CONTENT_TYPE
 from shared.cli import write_ready_file
 from shared.mqttprops import connect_properties, publish_properties
@@ -84,11 +88,12 @@ def _ack(client: aiomqtt.Client, msg: aiomqtt.Message) -> None:
 def _tell(client: aiomqtt.Client, topic: str, payload: bytes) -> None:
     """Publish a device ack at QoS 1 without waiting for the broker's PUBACK.
 
-    It goes out before the PUBACK of the batch it answers (same connection, in
+    It goes out after the PUBACK of the batch it answers (same connection, in
     order). Waiting for the broker's PUBACK of every ack (aiomqtt's ``publish``)
     put a network round trip between one group's writes and the next's. If the
     connection drops first, the ack may be lost: the device resends the batch,
-    which is then recognised as written and acked again."""
+    which is then recognised as written (or written again, the same version) and
+    acked again."""
     info = client._client.publish(topic, payload, qos=1, properties=ACK_PROPERTIES)
     if info.rc != mqtt.MQTT_ERR_SUCCESS:
         raise aiomqtt.MqttError(f"could not publish an ack: {mqtt.error_string(info.rc)}")
@@ -117,7 +122,7 @@ async def serve(cfg: IngestConfig, stop: asyncio.Event, ready_file: str | None =
         log.info("metrics on http://%s/metrics", cfg.http.listen)
     topic = cfg.mqtt.subscription or batch_filter(cfg.mqtt.topic_prefix)
     alerts = cfg.mqtt.alert_subscription or alert_filter(cfg.mqtt.topic_prefix)
-    backoff = 1.0
+    delay = cfg.mqtt.reconnect_min_s
     try:
         while not stop.is_set():
             try:
@@ -126,7 +131,7 @@ async def serve(cfg: IngestConfig, stop: asyncio.Event, ready_file: str | None =
                     await client.subscribe(topic, qos=1)
                     await client.subscribe(alerts, qos=1)
                     log.info("subscribed to %s on %s:%s", topic, cfg.mqtt.host, cfg.mqtt.port)
-                    backoff = 1.0
+                    delay = cfg.mqtt.reconnect_min_s
                     health.subscribed.set()
                     write_ready_file(ready_file)
                     await _consume(client, proc, stop, health, on_group)
@@ -136,11 +141,12 @@ async def serve(cfg: IngestConfig, stop: asyncio.Event, ready_file: str | None =
                 if stop.is_set():
                     break
                 proc.stats.inc("mqtt_reconnects")
-                log.warning("mqtt: %s; reconnecting in %.0f s", exc, backoff)
+                wait = backoff.jittered(delay)
+                log.warning("mqtt: %s; reconnecting in %.1f s", exc, wait)
                 try:
-                    await asyncio.wait_for(stop.wait(), timeout=backoff)
+                    await asyncio.wait_for(stop.wait(), timeout=wait)
                 except TimeoutError:
-                    backoff = min(backoff * 2, 30.0)
+                    delay = backoff.next_delay(delay, cfg.mqtt.reconnect_max_s)
     finally:
         health.subscribed.clear()
         if metrics is not None:
@@ -172,6 +178,7 @@ async def _consume(
     waiting = client._queue  # aiomqtt's queue of received messages (pinned below 3)
     health.queue_depth = lambda: waiting.qsize() + sum(len(g) for g, _ in inflight)
     health.in_hand = lambda: sum(len(g) for g, _ in inflight)
+    prefix = proc.cfg.mqtt.topic_prefix
 
     def puback_ready(_task: object = None) -> None:
         while inflight and inflight[0][1].done():
@@ -180,9 +187,24 @@ async def _consume(
                 if not failed.done():
                     failed.set_exception(task.exception() or asyncio.CancelledError())
                 continue
-            if task.result() is not None:
-                for msg in msgs:
-                    _ack(client, msg)  # now the broker may forget it
+            outcomes = task.result()
+            if outcomes is None:
+                continue  # abandoned at shutdown: neither acknowledged nor answered
+            for msg in msgs:
+                _ack(client, msg)  # now the broker may forget it
+            # Only then the devices: once a device has its ack, no copy of the batch
+            # is left with the broker to be delivered again, to this process or to
+            # another member of a shared subscription (the PUBACK went first on this
+            # connection). The device sends a later version of a window only after
+            # the ack of the earlier one, so versions are written in order.
+            try:
+                for o in outcomes:
+                    if o.ack is not None and o.device is not None:
+                        _tell(client, ack_topic(o.device, prefix), o.ack.encode())
+                        proc.stats.inc(f"acks_{o.ack.status}")
+            except aiomqtt.MqttError as exc:
+                if not failed.done():
+                    failed.set_exception(exc)
 
     async def work(
         msgs: list[aiomqtt.Message],
@@ -200,13 +222,7 @@ async def _consume(
             return None
         finally:
             decoded.set()
-        # After the sinks: an ingestor that dies before this leaves the batches
-        # unacked, and the devices send them again.
-        for o in outcomes:
-            if o.ack is not None and o.device is not None:
-                _tell(client, ack_topic(o.device, proc.cfg.mqtt.topic_prefix), o.ack.encode())
-                proc.stats.inc(f"acks_{o.ack.status}")
-        return outcomes
+        return outcomes  # acknowledged, and the devices told, in puback_ready
 
     messages = aiter(client.messages)
     stop_wait = asyncio.ensure_future(stop.wait())

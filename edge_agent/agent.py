@@ -6,12 +6,19 @@ SIGINT it stops intake, closes every open window if ``window.flush_on_shutdown``
 (otherwise they stay open and are rebuilt from the buffer at the next start),
 drains the outbox for up to ``forward.drain_timeout_s`` and exits. What is not
 drained stays in the outbox for the next start.
+
+The agent holds the buffer's lock (:mod:`edge_agent.lock`) from start to exit:
+a second agent on the same file refuses to start. A tick that fails on the
+file (a full disk, an I/O error) is logged and counted (``store_errors``), and
+the next tick tries again: the agent stays up and catches up once the fault
+clears.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import threading
 import time
 from types import FrameType
@@ -20,34 +27,50 @@ from edge_agent import alerts, budget, buffer, control, kernels, outbox, window
 from edge_agent.config import AgentConfig
 from edge_agent.forward import Forwarder
 from edge_agent.intake import Intake
+from edge_agent.lock import BufferLock
 from edge_agent.store import Store
 from shared.cli import write_ready_file
+from shared.errors import StorageError
 
 log = logging.getLogger("edge_agent.agent")
 
 PRUNE_EVERY_S = 60.0  # raw chunks and digests are pruned at most this often
+TICK_ERROR_LOG_EVERY_S = 30.0  # a persistent fault is logged once per this, with a count
 
 
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
-        self.store = Store(cfg.storage.path, synchronous=cfg.storage.synchronous)
-        self.intake = Intake(cfg)
-        self.forwarder = Forwarder(cfg, self.store)
+        self.lock = BufferLock(cfg.storage.path).acquire()
+        try:
+            self.store = Store(cfg.storage.path, synchronous=cfg.storage.synchronous)
+            self.intake = Intake(cfg)
+            self.forwarder = Forwarder(cfg, self.store)
+        except BaseException:
+            self.lock.release()
+            raise
         self.stopping = threading.Event()
         self._next_prune = 0.0
         self._next_beat = 0.0
+        self._tick_errors = 0
+        self._next_error_log = 0.0
 
-    def close_ready_windows(self, *, flush: bool = False) -> list[int]:
+    def ready_boundary(self, *, flush: bool = False) -> int:
+        """Windows ending at or before this may be sent: the watermark's boundary, or
+        with ``flush`` the end of the last window holding the newest reading."""
         max_ts = self.store.get_state(buffer.MAX_TS)
         if max_ts == 0:
+            return 0
+        w = self.cfg.window
+        if flush:
+            return window.flush_boundary(max_ts, w.width_ns, w.hop_ns)
+        return window.close_boundary(max_ts, w.lateness_ns, w.hop_ns)
+
+    def close_ready_windows(self, *, flush: bool = False) -> list[int]:
+        upto = self.ready_boundary(flush=flush)
+        if upto == 0:
             return []
         w = self.cfg.window
-        upto = (
-            window.flush_boundary(max_ts, w.width_ns, w.hop_ns)
-            if flush
-            else window.close_boundary(max_ts, w.lateness_ns, w.hop_ns)
-        )
         seqs = window.close_until(
             self.store,
             device_id=self.cfg.device_id,
@@ -62,37 +85,60 @@ class Agent:
         return seqs
 
     def raw_needed_from(self) -> int:
-        """Raw readings from here on may still be needed: by a revision (max_age_s),
-        or by a hopping window that is still open."""
+        """Raw readings (and window versions) from here on may still be needed: by a
+        revision, or by a hopping window that is still open. A late reading is kept
+        if it is at most ``max_age_s`` older than the newest one; the windows it
+        revises may start up to a window width before it."""
         w = self.cfg.window
         closed = self.store.get_state(buffer.CLOSED_UNTIL)
         return min(
-            self.store.get_state(buffer.MAX_TS) - w.max_age_ns, closed - w.width_ns + w.hop_ns
+            self.store.get_state(buffer.MAX_TS) - w.max_age_ns - w.width_ns,
+            closed - w.width_ns + w.hop_ns,
         )
 
-    def tick(self) -> None:
-        self.intake.flush()  # the last messages of a burst: do not wait for more
-        req = control.pending_flush(self.store)
-        self.close_ready_windows(flush=req is not None)
+    def safe_tick(self) -> None:
+        """:meth:`tick`, surviving a failure of the file: counted, logged, tried again."""
+        try:
+            self.tick()
+        except (sqlite3.Error, StorageError) as exc:
+            self._tick_errors += 1
+            now = time.monotonic()
+            if now >= self._next_error_log:
+                self._next_error_log = now + TICK_ERROR_LOG_EVERY_S
+                log.error(
+                    "agent: the buffer failed (%s); %d ticks failed so far, retrying every tick",
+                    exc,
+                    self._tick_errors,
+                )
+
+    def send_ready(self, *, flush: bool = False) -> None:
+        """Close the windows the watermark (or a flush) allows, and revise the closed
+        windows that late readings changed and that end by the same boundary."""
+        self.close_ready_windows(flush=flush)
         seqs = window.revise(
             self.store,
             device_id=self.cfg.device_id,
             width_ns=self.cfg.window.width_ns,
             max_rows=self.cfg.forward.max_windows_per_batch,
+            ready_until_ns=self.ready_boundary(flush=flush),
             sketches=self.cfg.window.sketches,
             hop_ns=self.cfg.window.hop_ns,
         )
         if seqs:
             log.info("window: late readings revised closed windows into batches %s", seqs)
+
+    def tick(self) -> None:
+        self.intake.flush()  # the last messages of a burst: do not wait for more
+        req = control.pending_flush(self.store)
+        self.send_ready(flush=req is not None)
         if req is not None:
             log.info("agent: flush requested: closed every open window")
             control.flush_done(self.store, req)
-        silent = self.intake.alerts.check_silent(time.time_ns())
-        if silent:
-            with self.store.tx():
-                alerts.record(self.store, silent)
-            for ev in silent:
-                log.warning("alert %s %s: %s", ev.rule, ev.state, ev.message)
+        with self.store.tx():
+            silent = self.intake.alerts.check_silent(self.store, time.time_ns())
+            alerts.record(self.store, silent)
+        for ev in silent:
+            log.warning("alert %s %s: %s", ev.rule, ev.state, ev.message)
         budget.enforce(
             self.store,
             self.cfg.storage.max_bytes,
@@ -129,13 +175,16 @@ class Agent:
             if ready_pending and self.intake.subscribed.is_set():
                 write_ready_file(ready_file)
                 ready_pending = False
-            self.tick()
+            self.safe_tick()
         return self.shutdown()
 
     def shutdown(self) -> int:
         self.intake.stop()
         if self.cfg.window.flush_on_shutdown:
-            self.close_ready_windows(flush=True)
+            try:
+                self.send_ready(flush=True)
+            except (sqlite3.Error, StorageError) as exc:
+                log.error("agent: could not close the open windows at shutdown: %s", exc)
         drained = self.forwarder.drain(self.cfg.forward.drain_timeout_s)
         self.forwarder.stop()
         control.stopped(self.store)
@@ -147,6 +196,7 @@ class Agent:
                 outbox.count_unacked(self.store),
             )
         self.store.close()
+        self.lock.release()
         return 0
 
 

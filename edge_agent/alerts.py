@@ -23,7 +23,10 @@ Kinds:
 
 Rule state (baselines, last values) lives in memory and starts afresh after a
 restart; whether a rule is raised is kept in the file, so a restart neither
-repeats nor loses a raise.
+repeats nor loses a raise. Rules are evaluated inside the transaction that
+stores their readings (or records a silent sensor), and the engine's state
+follows it: if that transaction rolls back, the state goes back to what it was
+before, so the readings, when stored again, raise the same alerts.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from edge_agent import outbox
-from edge_agent.store import Store
+from edge_agent.store import Store, crc
 from shared.config import Invalid, positive
 
 Kind = Literal["threshold", "rate", "stuck", "silent", "zscore"]
@@ -99,6 +102,14 @@ class _State:
     changed_ts: int | None = None
     baseline: deque[float] = field(default_factory=deque)
 
+    def copy(self) -> _State:
+        return _State(
+            self.prev_ts,
+            self.prev_value,
+            self.changed_ts,
+            deque(self.baseline, maxlen=self.baseline.maxlen),
+        )
+
 
 class AlertEngine:
     """Evaluates the rules; one per agent, used from the intake thread and the tick."""
@@ -114,11 +125,31 @@ class AlertEngine:
         }
         self.last_received: dict[str, float] = {}
         self._lock = threading.Lock()  # the intake thread evaluates, the agent's tick checks
+        self._saved_for: tuple[int, int] | None = None  # (store, transaction) saved for
+
+    def _save_for_rollback(self, store: Store) -> None:
+        """Once per transaction of ``store``: put back today's state if it rolls back."""
+        key = (id(store), store.tx_serial)
+        if self._saved_for == key or not store.in_tx:
+            return  # saved already; or no transaction, so nothing to roll back
+        self._saved_for = key
+        raised = set(self.raised)
+        state = {name: st.copy() for name, st in self.state.items()}
+        last = dict(self.last_received)
+
+        def restore() -> None:
+            with self._lock:
+                self.raised, self.state, self.last_received = raised, state, last
+                self._saved_for = None
+
+        store.on_rollback(restore)
 
     def evaluate(
-        self, node: str, sensor: str, ts: list[int], values: list[float]
+        self, store: Store, node: str, sensor: str, ts: list[int], values: list[float]
     ) -> list[AlertEvent]:
+        """Events from these readings; call inside the transaction that stores them."""
         with self._lock:
+            self._save_for_rollback(store)
             return self._evaluate(node, sensor, ts, values)
 
     def _evaluate(
@@ -198,9 +229,11 @@ class AlertEngine:
         st.prev_ts, st.prev_value = t, v
         return out
 
-    def check_silent(self, now_ns: int) -> list[AlertEvent]:
-        """Timer-driven rules (silent sensors); call from the agent's tick."""
+    def check_silent(self, store: Store, now_ns: int) -> list[AlertEvent]:
+        """Timer-driven rules (silent sensors); call from the agent's tick, inside the
+        transaction that records the events."""
         with self._lock:
+            self._save_for_rollback(store)
             return self._check_silent(now_ns)
 
     def _check_silent(self, now_ns: int) -> list[AlertEvent]:
@@ -237,9 +270,11 @@ def record(store: Store, events: list[AlertEvent]) -> list[int]:
     seqs = []
     for ev in events:
         seq = outbox.next_seq(store)
+        payload = ev.payload(seq)
         store.conn.execute(
-            "INSERT INTO alerts(seq, created_ns, payload, state) VALUES (?, ?, ?, 'pending')",
-            (seq, time.time_ns(), ev.payload(seq)),
+            "INSERT INTO alerts(seq, created_ns, payload, state, crc) "
+            "VALUES (?, ?, ?, 'pending', ?)",
+            (seq, time.time_ns(), payload, crc(payload)),
         )
         store.conn.execute(
             "INSERT INTO alert_state(rule, raised, since_ns) VALUES (?, ?, ?) "

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from edge_agent.store import Store
+from edge_agent.store import Store, crc
+from shared.errors import WireError
 from shared.readings import ReadingChunk
 from shared.wire import SensorRef
 
@@ -40,7 +41,11 @@ class StoreResult:
 
 
 class SensorRegistry:
-    """Maps (node, name) to the sensors table's id, creating rows on first sight."""
+    """Maps (node, name) to the sensors table's id, creating rows on first sight.
+
+    A row created in a transaction that rolls back is forgotten with it, so that
+    the cache never holds an id that the file does not have.
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -57,6 +62,7 @@ class SensorRegistry:
                     "INSERT INTO sensors(node, name, unit) VALUES (?, ?, ?)", (node, name, unit)
                 )
                 row = (cur.lastrowid,)
+                self.store.on_rollback(lambda: self._ids.pop(key, None))
             self._ids[key] = int(row[0])
         return self._ids[key]
 
@@ -95,7 +101,7 @@ class LatePolicy:
         return np.unique(starts[starts + self.width_ns <= closed])
 
 
-def _store_one(
+def store_one(
     store: Store,
     registry: SensorRegistry,
     chunk: ReadingChunk,
@@ -145,17 +151,19 @@ def _store_one(
         order = np.argsort(ts, kind="stable")
         ts, vals = ts[order], vals[order]
         sid = registry.id_for(chunk.node, chunk.sensor, chunk.unit)
+        ts_blob, vals_blob = ts.astype("<i8").tobytes(), vals.astype("<f8").tobytes()
         store.conn.execute(
-            "INSERT INTO chunks(sensor_id, t_min, t_max, n, ts, vals, received_ns) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO chunks(sensor_id, t_min, t_max, n, ts, vals, received_ns, crc) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 sid,
                 int(ts[0]),
                 int(ts[-1]),
                 len(ts),
-                ts.astype("<i8").tobytes(),
-                vals.astype("<f8").tobytes(),
+                ts_blob,
+                vals_blob,
                 time.time_ns(),
+                crc(ts_blob, vals_blob),
             ),
         )
         if int(ts[-1]) > store.get_state(MAX_TS):
@@ -180,6 +188,17 @@ def _store_one(
     )
 
 
+def quarantine(store: Store, topic: str, exc: WireError, payload: bytes) -> None:
+    """Keep a message that cannot be stored as readings, with its reason (in the
+    caller's transaction); its first 64 KiB are kept for inspection."""
+    store.conn.execute(
+        "INSERT INTO quarantine(received_ns, topic, reason, message, payload) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (time.time_ns(), topic, exc.reason, str(exc), payload[:65536]),
+    )
+    store.add_counter(f"quarantined_{exc.reason}", 1)
+
+
 def store_chunk(
     store: Store,
     registry: SensorRegistry,
@@ -190,9 +209,9 @@ def store_chunk(
     late: LatePolicy | None = None,
     after_store: Callable[[npt.NDArray[np.int64], npt.NDArray[np.float64]], None] | None = None,
 ) -> StoreResult:
-    """:func:`_store_one` in a transaction of its own: durable on return."""
+    """:func:`store_one` in a transaction of its own: durable on return."""
     with store.tx():
-        return _store_one(
+        return store_one(
             store,
             registry,
             chunk,
@@ -223,7 +242,7 @@ def store_many(
     """Group commit: several messages in one transaction (one fsync), all or none."""
     with store.tx():
         return [
-            _store_one(
+            store_one(
                 store,
                 registry,
                 it.chunk,

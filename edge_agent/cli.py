@@ -16,7 +16,14 @@ from typing import Any, TypeVar
 import click
 
 from edge_agent.config import AgentConfig
-from shared.cli import EXIT_FAILURE, EXIT_OK, config_group, load_or_exit, setup_logging
+from shared.cli import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    config_group,
+    load_or_exit,
+    setup_logging,
+)
 from shared.errors import StorageError
 
 CONFIG_HELP = "TOML config file (see `edge-agent config sample`). Defaults apply without one."
@@ -92,13 +99,20 @@ def main() -> None:
     help="Create this file once subscribed (for supervisors and scripts to wait on).",
 )
 def run(config_path: str | None, ready_file: str | None) -> None:
-    """Run the agent until SIGTERM or Ctrl-C, then drain the outbox and exit."""
+    """Run the agent until SIGTERM or Ctrl-C, then drain the outbox and exit.
+
+    One agent per buffer: a second `run` on the same storage.path exits 2 and
+    names the running one's PID. The read-only commands work beside it.
+    """
     cfg = load_or_exit(AgentConfig, config_path)
     setup_logging(cfg.log_level, cfg.log_format)
     from edge_agent.agent import run_agent  # imports numba: keep other commands fast
+    from edge_agent.lock import BufferBusy
 
     try:
         sys.exit(run_agent(cfg, ready_file))
+    except BufferBusy as exc:
+        fail(str(exc), EXIT_CONFIG)
     except StorageError as exc:
         fail(str(exc))
 
@@ -126,8 +140,17 @@ def status(config_path: str | None, as_json: bool) -> None:
     link = {True: "connected", False: "not connected"}
     budget = f" of {cfg.storage.max_bytes:,}" if cfg.storage.max_bytes else " (no budget)"
     oldest = st["oldest_unsent_age_s"]
+    agent = "not running"
+    if st["running"]:
+        agent = f"running (pid {st['agent_pid']})"
+        if not st["healthy"]:
+            beat = st["heartbeat_age_s"]
+            agent += f", but no heartbeat for {beat:.0f} s" if beat else ", but no heartbeat yet"
+    errors = f"{st['store_errors']:,}"
+    if st["last_store_error_ns"]:
+        errors += f", the last at {when(st['last_store_error_ns'])}"
     rows: list[tuple[str, object]] = [
-        ("agent", f"running (pid {st['agent_pid']})" if st["running"] else "not running"),
+        ("agent", agent),
         ("device broker", link[st["intake_connected"]] if st["running"] else "-"),
         ("cloud broker", link[st["forward_connected"]] if st["running"] else "-"),
         ("last ack", f"{when(st['last_ack_ns'])} ({age(st['last_ack_age_s'])})"),
@@ -139,6 +162,7 @@ def status(config_path: str | None, as_json: bool) -> None:
         ("oldest unsent", "-" if oldest is None else age(oldest).replace(" ago", " old")),
         ("disk", f"{st['used_bytes']:,} bytes in use{budget}"),
         ("buffer", st["buffer"]),
+        ("store errors", errors),
         ("sensors", st["sensors"]),
         ("quarantined", st["quarantined"]),
         (
@@ -230,38 +254,33 @@ def tail(config_path: str | None, count: int | None, timeout_s: float | None) ->
     help="Seconds to wait for the cloud to acknowledge the flushed windows.",
 )
 def flush(config_path: str | None, timeout_s: float) -> None:
-    """Close every open window now and send it.
+    """Send every open window now, and wait for the cloud's acks.
 
-    With the agent running, it does the work and this waits for the cloud's
-    acks. With the agent stopped, the windows are closed into the outbox here and
-    are sent at the next start (exit 3).
+    With the agent running, it closes the windows at its next tick and this
+    waits for the cloud to acknowledge them (exit 3 if it has not within
+    --timeout). With the agent stopped, the windows are closed into the outbox
+    here and are sent at the next start (exit 3).
+
+    Only readings the agent has stored are in the flushed windows: readings
+    that the device broker still holds for the agent (after an outage, say),
+    and readings stamped later inside those windows, are sent as one revision
+    of each window when the window would have closed by itself.
     """
     from edge_agent import control, outbox
+    from edge_agent.lock import BufferLock
     from edge_agent.store import Store
 
     cfg = load_or_exit(AgentConfig, config_path)
+    lock = BufferLock(cfg.storage.path, "cannot flush")
     try:
+        lock.try_acquire()  # taken: no agent runs on this buffer; else ask the agent
         store = Store(cfg.storage.path, synchronous=cfg.storage.synchronous)
     except StorageError as exc:
+        lock.release()
         fail(str(exc))
     try:
-        if not control.agent_running(store):
-            from edge_agent import buffer, window
-
-            max_ts = store.get_state(buffer.MAX_TS)
-            seqs = (
-                []
-                if not max_ts
-                else window.close_until(
-                    store,
-                    device_id=cfg.device_id,
-                    width_ns=cfg.window.width_ns,
-                    upto_ns=window.flush_boundary(max_ts, cfg.window.width_ns, cfg.window.hop_ns),
-                    max_rows=cfg.forward.max_windows_per_batch,
-                    sketches=cfg.window.sketches,
-                    hop_ns=cfg.window.hop_ns,
-                )
-            )
+        if lock.held:
+            seqs = control.flush_here(store, cfg)
             click.echo(
                 f"agent not running: closed {len(seqs)} batches into the outbox; "
                 "they are sent when the agent starts"
@@ -295,6 +314,7 @@ def flush(config_path: str | None, timeout_s: float) -> None:
         click.echo("flushed; every batch is acknowledged by the cloud")
     finally:
         store.close()
+        lock.release()
 
 
 @main.command()
@@ -385,7 +405,10 @@ def buffer_check(config_path: str | None, as_json: bool) -> None:
 def buffer_repair(config_path: str | None, as_json: bool) -> None:
     """Rebuild the buffer from every readable row; the damaged file is kept beside it.
 
-    The agent must be stopped.
+    The agent must be stopped. The report gives, per table, the rows the file
+    had (by its own count), the rows kept, and the rows that could not be kept:
+    dropped (unreadable or invalid, with the reasons) and missing (on pages that
+    could not be read at all).
     """
     from edge_agent.repair import repair
 
@@ -396,12 +419,26 @@ def buffer_repair(config_path: str | None, as_json: bool) -> None:
     except (FileNotFoundError, StorageError) as exc:
         fail(str(exc))
     if as_json:
-        click.echo(json.dumps(rep.__dict__, indent=2))
+        click.echo(json.dumps(rep.to_json(), indent=2))
         return
     table(
-        [(t, rep.kept[t], rep.dropped[t]) for t in rep.kept],
-        headers=("table", "rows kept", "rows dropped"),
+        [
+            (
+                t,
+                "?" if r.counted is None else r.counted,
+                r.kept,
+                r.dropped,
+                "?" if r.missing is None else r.missing,
+            )
+            for t, r in rep.tables.items()
+        ],
+        headers=("table", "rows counted", "kept", "dropped", "missing"),
     )
+    for t, r in rep.tables.items():
+        for reason, n in sorted(r.reasons.items()):
+            click.echo(f"{t}: {n} dropped: {reason}")
+    lost = sum(rep.lost.values())
+    click.echo(f"{lost} rows could not be kept" if lost else "every row was kept")
     click.echo(f"damaged file kept as {rep.damaged_copy}")
 
 

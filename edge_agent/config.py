@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from edge_agent.alerts import AlertRule
+from shared import backoff
 from shared.config import Invalid, port, positive
 from shared.tls import TlsConfig
 from shared.topics import DEFAULT_BATCH_PREFIX, DEFAULT_SENSOR_PREFIX, is_valid_id
@@ -23,6 +24,8 @@ class BrokerConfig:
     client_id: str = ""
     keepalive_s: int = 30
     session_expiry_s: int = 7 * 24 * 3600
+    reconnect_min_s: float = backoff.DEFAULT_MIN_S
+    reconnect_max_s: float = backoff.DEFAULT_MAX_S
     tls: TlsConfig = field(default_factory=TlsConfig)
 
     def __post_init__(self) -> None:
@@ -30,6 +33,7 @@ class BrokerConfig:
         positive("keepalive_s", self.keepalive_s)
         if self.session_expiry_s < 0:
             raise Invalid("session_expiry_s", "must be >= 0")
+        backoff.check(self.reconnect_min_s, self.reconnect_max_s)
 
 
 @dataclass(frozen=True)

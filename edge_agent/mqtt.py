@@ -6,6 +6,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.config import BrokerConfig
+from shared import backoff
 from shared.mqttprops import connect_properties
 from shared.tls import ssl_context
 
@@ -18,7 +19,7 @@ def make_client(cfg: BrokerConfig, client_id: str, *, manual_ack: bool = False) 
         protocol=mqtt.MQTTv5,
         manual_ack=manual_ack,
     )
-    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    backoff.set_paho(client, cfg.reconnect_min_s, cfg.reconnect_max_s)
     ctx = ssl_context(cfg.tls)
     if ctx is not None:
         client.tls_set_context(ctx)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from edge_agent.store import Store
+from edge_agent.store import Store, crc
 from shared.wire import Batch, encode_batch
 
 NEXT_SEQ = "next_seq"
@@ -49,15 +49,26 @@ def next_seq(store: Store) -> int:
 
 def add(store: Store, batch: Batch) -> None:
     """Append an encoded batch; call inside the transaction that reserved its seq."""
+    payload = encode_batch(batch)
     store.conn.execute(
-        "INSERT INTO outbox(seq, created_ns, windows, readings, payload, state) "
-        "VALUES (?, ?, ?, ?, ?, 'pending')",
-        (batch.seq, batch.created_ns, batch.rows, batch.readings, encode_batch(batch)),
+        "INSERT INTO outbox(seq, created_ns, windows, readings, payload, state, crc) "
+        "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+        (batch.seq, batch.created_ns, batch.rows, batch.readings, payload, crc(payload)),
     )
     store.add_counter("batches_created", 1)
     first = int((batch.revision == 0).sum())
     store.add_counter("windows_closed", first)
     store.add_counter("windows_resent_revised", batch.rows - first)
+
+
+def add_wait(store: Store, seq: int, before: int) -> None:
+    """Batch ``seq`` is not sent while batch ``before`` is unacknowledged: it carries a
+    later version of a window that ``before`` carries. Nothing is recorded if
+    ``before`` has already left the outbox. Call inside a transaction."""
+    store.conn.execute(
+        "INSERT OR IGNORE INTO outbox_after(seq, after) SELECT ?, seq FROM outbox WHERE seq = ?",
+        (seq, before),
+    )
 
 
 def due(
@@ -73,7 +84,9 @@ def due(
     (created at or after ``live_since_ns``, oldest first), so that dashboards come
     back to life at once after an outage;
     then the *backfill* (older batches, oldest first). Without ``live_since_ns``
-    everything is backfill, oldest first.
+    everything is backfill, oldest first. A batch that waits for another
+    (:func:`add_wait`: it holds a later version of one of its windows) is not due
+    until that one is acknowledged or dropped, whatever the order above.
     """
     now_ns = time.time_ns() if now_ns is None else now_ns
     skip = set(exclude)
@@ -91,6 +104,7 @@ def due(
     base = (
         "SELECT seq, payload, attempts FROM outbox "
         "WHERE (state = 'pending' OR (state = 'sent' AND next_try_ns <= ?)) "
+        "AND NOT EXISTS (SELECT 1 FROM outbox_after d WHERE d.seq = outbox.seq) "
     )
     queries: list[tuple[str, tuple[int, ...], bool]] = []
     if live_since_ns is not None:

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent import budget, buffer, control, outbox
-from edge_agent.store import SCHEMA_VERSION, Store
+from edge_agent.lock import holder_pid, is_locked, lock_path
+from edge_agent.store import LAST_STORE_ERROR, SCHEMA_VERSION, STORE_ERRORS, Store
 
 
 def open_readonly(path: str | Path) -> Store:
@@ -40,15 +41,25 @@ def read_status(path: str | Path, now_ns: int | None = None) -> dict[str, Any]:
             "SELECT count(*), coalesce(sum(readings), 0), coalesce(sum(length(payload)), 0), "
             "min(created_ns) FROM outbox"
         ).fetchone()
-        running = control.agent_running(store, now_ns)
+        # The lock says whether an agent runs; the heartbeat whether it is healthy
+        # (a tick that cannot write the file, on a full disk say, stops beating).
+        beating = control.agent_running(store, now_ns)
+        running = is_locked(path) or beating
+        beat = store.get_state(control.HEARTBEAT)
         last_ack = store.get_state(outbox.LAST_ACK)
+        last_error = store.get_state(LAST_STORE_ERROR)
         counters = store.counters()
+        pid = holder_pid(lock_path(path)) or store.get_state(control.PID)
         return {
             "buffer": str(path),
             "running": running,
-            "agent_pid": store.get_state(control.PID) if running else None,
-            "intake_connected": running and bool(store.get_state(control.INTAKE_UP)),
-            "forward_connected": running and bool(store.get_state(control.FORWARD_UP)),
+            "healthy": beating,
+            "agent_pid": pid if running else None,
+            "heartbeat_age_s": (now_ns - beat) / 1e9 if running and beat else None,
+            "intake_connected": beating and bool(store.get_state(control.INTAKE_UP)),
+            "forward_connected": beating and bool(store.get_state(control.FORWARD_UP)),
+            "store_errors": counters.get(STORE_ERRORS, 0),
+            "last_store_error_ns": last_error or None,
             "last_ack_ns": last_ack or None,
             "last_ack_age_s": (now_ns - last_ack) / 1e9 if last_ack else None,
             "backlog_batches": int(backlog[0]),

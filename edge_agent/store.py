@@ -10,14 +10,26 @@ be late" safe against each other.
 
 The schema is created and migrated with sqlite-utils; ``PRAGMA user_version``
 holds the schema version, and ``MIGRATIONS[i]`` moves a file from version ``i``
-to ``i + 1``.
+to ``i + 1``. Every table's rows are counted in ``row_counts`` by triggers that
+:func:`count_rows` puts on whatever tables the schema has after the migrations,
+so that ``buffer repair`` can say exactly how many rows of each table it could
+not keep, even rows on pages it cannot read at all.
+
+In-memory state that mirrors the file (the sensor id cache, the alert rules'
+state) follows the transaction: code that changes it inside a transaction
+registers an undo with :meth:`Store.on_rollback`, which runs if the
+transaction does not commit. A transaction that fails on SQLite's side (a full
+disk, an I/O error) is counted, and the count becomes the durable counter
+``store_errors`` in the next transaction that commits.
 """
 
 from __future__ import annotations
 
 import sqlite3
+import time
+import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import sqlite_utils
@@ -111,9 +123,73 @@ def _v4(db: sqlite_utils.Database) -> None:
     db.table("alert_state").create({"rule": str, "raised": int, "since_ns": int}, pk="rule")
 
 
+def _v5(db: sqlite_utils.Database) -> None:
+    """Revisions in order: ``revisions`` records every window version sent (from
+    revision 0) and the batch that carries it, and ``outbox_after`` says which batch
+    waits for which: a later version of a window leaves only after the batch with
+    the earlier one is acknowledged (or dropped). Deleting either batch deletes the
+    pair. And a CRC-32 of every BLOB that may spill onto overflow pages (raw chunks,
+    batch and alert payloads), which SQLite itself does not check: ``buffer check``
+    and ``repair`` find a damaged one instead of passing it on (NULL in older rows)."""
+    db.table("revisions").add_column("seq", int, not_null_default=0)
+    for table in ("chunks", "outbox", "alerts"):
+        db.table(table).add_column("crc", int)
+    db.conn.execute(
+        "CREATE TABLE outbox_after ("
+        " seq INTEGER NOT NULL REFERENCES outbox(seq) ON DELETE CASCADE,"
+        " after INTEGER NOT NULL REFERENCES outbox(seq) ON DELETE CASCADE,"
+        " PRIMARY KEY (seq, after))"
+    )
+    db.conn.execute("CREATE INDEX outbox_after_after ON outbox_after(after)")
+    db.conn.execute("CREATE TABLE row_counts (name TEXT PRIMARY KEY, n INTEGER NOT NULL)")
+
+
 #: MIGRATIONS[i] upgrades schema version i to i + 1.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
+ROW_COUNTS = "row_counts"
+STORE_ERRORS = "store_errors"  # counter: transactions that SQLite failed
+LAST_STORE_ERROR = "last_store_error_ns"  # state: when the last one failed
+
+
+def crc(*blobs: bytes) -> int:
+    """CRC-32 of the BLOBs one after the other (the ``crc`` columns)."""
+    value = 0
+    for blob in blobs:
+        value = zlib.crc32(blob, value)
+    return value
+
+
+def data_tables(conn: sqlite3.Connection) -> list[str]:
+    """The tables of the schema as the file says, but for SQLite's own and ``row_counts``."""
+    return [
+        str(n)
+        for (n,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+            "AND name != ? ORDER BY name",
+            (ROW_COUNTS,),
+        )
+    ]
+
+
+def count_rows(conn: sqlite3.Connection) -> None:
+    """Give every table of the schema its row count and the triggers that keep it.
+
+    Run after every migration, so that a table a later migration adds is counted
+    without anyone remembering to. Triggers fire for deletes by ON DELETE CASCADE
+    and (with ``recursive_triggers``, which :class:`Store` turns on) by REPLACE.
+    """
+    for table in data_tables(conn):
+        conn.execute(
+            f"INSERT OR IGNORE INTO {ROW_COUNTS}(name, n) SELECT ?, count(*) FROM [{table}]",
+            (table,),
+        )
+        for op, delta in (("INSERT", "+ 1"), ("DELETE", "- 1")):
+            conn.execute(
+                f"CREATE TRIGGER IF NOT EXISTS [{ROW_COUNTS}_{table}_{op.lower()}] "
+                f"AFTER {op} ON [{table}] BEGIN "
+                f"UPDATE {ROW_COUNTS} SET n = n {delta} WHERE name = '{table}'; END"
+            )
 
 
 class Store:
@@ -134,7 +210,12 @@ class Store:
                 self.conn.execute("PRAGMA journal_mode=WAL")
                 self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self.conn.execute("PRAGMA foreign_keys=ON")
+            self.conn.execute("PRAGMA recursive_triggers=ON")  # see count_rows
             self.db = sqlite_utils.Database(self.conn)
+            self._undo: list[Callable[[], object]] | None = None  # set inside tx()
+            self.tx_serial = 0  # counts the transactions begun on this connection
+            self.unrecorded_errors = 0
+            self._last_error_ns = 0
             if not readonly:
                 self._migrate()
         except sqlite3.Error as exc:
@@ -150,18 +231,63 @@ class Store:
                 )
             for i in range(version, SCHEMA_VERSION):
                 MIGRATIONS[i](self.db)
+            if version < SCHEMA_VERSION:
+                count_rows(self.conn)
             self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction (``BEGIN IMMEDIATE``): commit on success, else roll back."""
-        self.conn.execute("BEGIN IMMEDIATE")
+        """A write transaction (``BEGIN IMMEDIATE``): commit on success, else roll back.
+
+        On a rollback, for any reason, the undos registered with :meth:`on_rollback`
+        run (newest first). A failure of SQLite's own (``sqlite3.Error``: a full disk,
+        an I/O error, a COMMIT that could not be written) is counted, and recorded as
+        ``store_errors`` by the next transaction that commits.
+        """
+        if self._undo is not None:
+            raise RuntimeError("Store.tx() does not nest")
         try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            self._note_error()
             raise
-        self.conn.execute("COMMIT")
+        self._undo = []
+        self.tx_serial += 1
+        try:
+            if self.unrecorded_errors:
+                self.add_counter(STORE_ERRORS, self.unrecorded_errors)
+                self.set_state(LAST_STORE_ERROR, self._last_error_ns)
+            yield self.conn
+            self.conn.execute("COMMIT")
+        except BaseException as exc:
+            undo, self._undo = self._undo, None
+            if self.conn.in_transaction:  # SQLite may have rolled back already
+                # If even this fails the connection is unusable, and the next BEGIN
+                # raises (and is counted); the error that got us here is raised below.
+                with suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                self._note_error()
+            for fn in reversed(undo):
+                fn()
+            raise
+        self._undo = None
+        self.unrecorded_errors = 0
+
+    def _note_error(self) -> None:
+        self.unrecorded_errors += 1
+        self._last_error_ns = time.time_ns()
+
+    def on_rollback(self, undo: Callable[[], object]) -> None:
+        """Run ``undo`` if the current transaction rolls back (call inside :meth:`tx`)."""
+        if self._undo is None:
+            raise RuntimeError("on_rollback outside a transaction: nothing could undo it")
+        self._undo.append(undo)
+
+    @property
+    def in_tx(self) -> bool:
+        """True inside :meth:`tx` (so between its BEGIN and its COMMIT or ROLLBACK)."""
+        return self._undo is not None
 
     def get_state(self, key: str, default: int = 0) -> int:
         row = self.conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()

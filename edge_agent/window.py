@@ -93,9 +93,18 @@ def _emit(
     sid_all: np.ndarray,
     merged: dict[str, np.ndarray],
     sketches: list[bytes],
+    prev_seq: np.ndarray | None = None,
 ) -> list[int]:
-    """Write the rows as batches of at most ``max_rows`` to the outbox; call in a transaction."""
+    """Write the rows as batches of at most ``max_rows`` to the outbox; call in a transaction.
+
+    Each row's version is recorded in ``revisions`` with the seq of its batch. Where
+    ``prev_seq`` names the batch that carried a row's previous version and that batch
+    is still unacknowledged, the new batch waits for it (``outbox_after``), so that the
+    cloud never receives a window's versions out of order.
+    """
     sensors = buffer.load_sensors(store)
+    starts = merged["start_ns"]
+    revs = merged.get("revision", np.zeros(len(sid_all), dtype=np.int64))
     seqs = []
     for a in range(0, len(sid_all), max_rows):
         part = slice(a, a + max_rows)
@@ -115,6 +124,20 @@ def _emit(
             sketch=tuple(sketches[part]) if sketches else (),
         )
         outbox.add(store, batch)
+        store.conn.executemany(
+            "INSERT INTO revisions(sensor_id, start_ns, revision, seq) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(sensor_id, start_ns) DO UPDATE SET "
+            "revision = excluded.revision, seq = excluded.seq",
+            [
+                (sid, st, rev, seq)
+                for sid, st, rev in zip(
+                    sid_all[part].tolist(), starts[part].tolist(), revs[part].tolist(), strict=True
+                )
+            ],
+        )
+        if prev_seq is not None:
+            for before in sorted(set(prev_seq[part].tolist()) - {0}):
+                outbox.add_wait(store, seq, before)
         seqs.append(seq)
     return seqs
 
@@ -153,22 +176,30 @@ def revise(
     device_id: str,
     width_ns: int,
     max_rows: int,
+    ready_until_ns: int,
     limit: int = 1000,
     sketches: bool = True,
     hop_ns: int | None = None,
 ) -> list[int]:
-    """Send a new version of every closed window that late readings changed.
+    """Send a new version of every closed window that late readings changed and that
+    ends at or before ``ready_until_ns`` (the watermark, or a flush's boundary).
 
-    The revised row is computed from all raw readings of the window (the first
-    version's and the late ones), carries the next ``revision`` number, and goes
-    out under a new seq. In InfluxDB it overwrites the earlier point (same series
-    and timestamp). Returns the new batch seqs.
+    The new version is computed from all raw readings of the window (the earlier
+    version's and the late ones) and goes out under a new seq. Its ``revision`` is
+    one more than the last version sent, or 0 if none was (every reading of that
+    sensor in that window came late). In InfluxDB it overwrites the earlier point
+    (same series and timestamp); the batch waits for the one with the earlier
+    version to be acknowledged (see :func:`_emit`). A window closed early by a
+    flush is revised once, when the watermark passes its end, not at every tick
+    while it fills. Returns the new batch seqs.
     """
     seqs: list[int] = []
     spec = _spec(width_ns, hop_ns)
     with store.tx():
         dirty = store.conn.execute(
-            "SELECT sensor_id, start_ns FROM dirty ORDER BY start_ns LIMIT ?", (limit,)
+            "SELECT sensor_id, start_ns FROM dirty WHERE start_ns + ? <= ? "
+            "ORDER BY start_ns LIMIT ?",
+            (width_ns, ready_until_ns, limit),
         ).fetchall()
         if not dirty:
             return seqs
@@ -189,21 +220,25 @@ def revise(
             sid_all = np.concatenate([p[0] for p in parts])
             merged = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
             sketch_rows = [sk for p in parts for sk in p[2]]
-            revs = []
+            revs, prevs = [], []
             for sid, start in zip(sid_all.tolist(), merged["start_ns"].tolist(), strict=True):
                 row = store.conn.execute(
-                    "SELECT revision FROM revisions WHERE sensor_id = ? AND start_ns = ?",
+                    "SELECT revision, seq FROM revisions WHERE sensor_id = ? AND start_ns = ?",
                     (sid, start),
                 ).fetchone()
-                rev = (int(row[0]) if row else 0) + 1
-                store.conn.execute(
-                    "INSERT INTO revisions(sensor_id, start_ns, revision) VALUES (?, ?, ?) "
-                    "ON CONFLICT(sensor_id, start_ns) DO UPDATE SET revision = excluded.revision",
-                    (sid, start, rev),
-                )
-                revs.append(rev)
-            merged["revision"] = np.array(revs)
-            seqs = _emit(store, device_id, spec, max_rows, sid_all, merged, sketch_rows)
-            store.add_counter("windows_revised", len(sid_all))
+                revs.append(int(row[0]) + 1 if row else 0)
+                prevs.append(int(row[1]) if row else 0)
+            merged["revision"] = np.array(revs, dtype=np.int64)
+            seqs = _emit(
+                store,
+                device_id,
+                spec,
+                max_rows,
+                sid_all,
+                merged,
+                sketch_rows,
+                np.array(prevs, dtype=np.int64),
+            )
+            store.add_counter("windows_revised", sum(1 for r in revs if r > 0))
         store.conn.executemany("DELETE FROM dirty WHERE sensor_id = ? AND start_ns = ?", dirty)
     return seqs

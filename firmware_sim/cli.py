@@ -11,6 +11,7 @@ import click
 
 from firmware_sim.config import SimConfig
 from shared.cli import EXIT_FAILURE, config_group, load_or_exit, setup_logging
+from shared.config import Invalid
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -133,6 +134,13 @@ main.add_command(config_group(SimConfig, "firmware_sim"))
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Give up after.")
 @click.option("--truth", "truth_path", type=click.Path(dir_okay=False), help="Ground truth JSONL.")
 @click.option("--device-prefix", default="fleet", help="Device ids: PREFIX-00000 …")
+@click.option(
+    "--reconnect-max-s",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Longest wait between two attempts to reconnect to a lost broker.",
+)
 def fleet(**kw: Any) -> None:
     """Simulate a fleet of devices at the wire level, for load tests of cloud ingest.
 
@@ -164,8 +172,9 @@ def fleet(**kw: Any) -> None:
             timeout_s=kw["timeout"],
             truth_path=kw["truth_path"],
             device_prefix=kw["device_prefix"],
+            reconnect_max_s=kw["reconnect_max_s"],
         )
-    except ValueError as exc:
+    except (ValueError, Invalid) as exc:
         raise click.UsageError(str(exc)) from None
     try:
         res = run_fleet(spec)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from shared import backoff
 from shared.config import Invalid, port, positive
 from shared.topics import DEFAULT_SENSOR_PREFIX, is_valid_id
 
@@ -63,9 +64,12 @@ class SimBrokerConfig:
     host: str = "127.0.0.1"
     port: int = 1883
     client_id: str = "firmware-sim"
+    reconnect_min_s: float = backoff.DEFAULT_MIN_S
+    reconnect_max_s: float = backoff.DEFAULT_MAX_S
 
     def __post_init__(self) -> None:
         port("port", self.port)
+        backoff.check(self.reconnect_min_s, self.reconnect_max_s)
 
 
 @dataclass(frozen=True)

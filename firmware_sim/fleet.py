@@ -30,6 +30,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from shared import backoff
 from shared.acks import decode_ack
 from shared.errors import WireError
 from shared.sketch import DDSketch
@@ -59,6 +60,8 @@ class FleetSpec:
     truth_path: str | None = None
     device_prefix: str = "fleet"
     client_id: str = "firmware-sim-fleet"
+    reconnect_min_s: float = backoff.DEFAULT_MIN_S
+    reconnect_max_s: float = backoff.DEFAULT_MAX_S
 
     def __post_init__(self) -> None:
         for name in ("devices", "batches", "sensors", "readings_per_window", "max_in_flight"):
@@ -66,6 +69,7 @@ class FleetSpec:
                 raise ValueError(f"{name} must be at least 1")
         if self.interval_s <= 0 or self.speed < 0 or self.ack_timeout_s <= 0:
             raise ValueError("interval_s and ack_timeout_s must be > 0, speed >= 0")
+        backoff.check(self.reconnect_min_s, self.reconnect_max_s)
 
     def device_id(self, i: int) -> str:
         return f"{self.device_prefix}-{i:05d}"
@@ -209,6 +213,7 @@ class Fleet:
         )
         self._client.max_inflight_messages_set(min(spec.max_in_flight, 65535))
         self._client.max_queued_messages_set(0)
+        backoff.set_paho(self._client, spec.reconnect_min_s, spec.reconnect_max_s)
         self._client.on_message = self._on_message
         self._subscribed = threading.Event()
         self._client.on_subscribe = lambda *_a, **_k: self._subscribed.set()

@@ -31,7 +31,11 @@ def engine(tmp_path: Path, **rule: object) -> AlertEngine:
 
 
 def states(eng: AlertEngine, ts: list[int], vals: list[float]) -> list[str]:
-    return [e.state for e in eng.evaluate("n", "s", ts, vals)]
+    return [e.state for e in eng.evaluate(STORE, "n", "s", ts, vals)]
+
+
+#: Rules evaluated outside a transaction need a store only to register undos (none).
+STORE = Store(":memory:")
 
 
 def test_threshold_with_hysteresis(tmp_path: Path) -> None:
@@ -60,10 +64,10 @@ def test_zscore(tmp_path: Path) -> None:
 
 def test_silent(tmp_path: Path) -> None:
     e = engine(tmp_path, kind="silent", seconds=30.0)
-    assert e.check_silent(0) == []  # the clock starts now
+    assert e.check_silent(STORE, 0) == []  # the clock starts now
     e.last_received["n/s"] = time.monotonic() - 31
-    (ev,) = e.check_silent(0)
-    assert ev.state == "raised" and e.check_silent(0) == []  # raised once
+    (ev,) = e.check_silent(STORE, 0)
+    assert ev.state == "raised" and e.check_silent(STORE, 0) == []  # raised once
     assert states(e, [5], [1.0]) == ["cleared"]
 
 
@@ -72,10 +76,10 @@ def test_raised_state_survives_a_restart(tmp_path: Path) -> None:
     rule = AlertRule(name="r", sensor="n/s", kind="threshold", above=1.0)
     e = AlertEngine((rule,), store)
     with store.tx():
-        alerts.record(store, e.evaluate("n", "s", [1], [5.0]))
+        alerts.record(store, e.evaluate(store, "n", "s", [1], [5.0]))
     again = AlertEngine((rule,), store)  # after a restart: no second raise
-    assert again.evaluate("n", "s", [2], [6.0]) == []
-    assert [ev.state for ev in again.evaluate("n", "s", [3], [0.0])] == ["cleared"]
+    assert again.evaluate(store, "n", "s", [2], [6.0]) == []
+    assert [ev.state for ev in again.evaluate(store, "n", "s", [3], [0.0])] == ["cleared"]
 
 
 @pytest.mark.parametrize(
@@ -115,7 +119,7 @@ def test_alerts_leave_before_batches(tmp_path: Path) -> None:
     window.close_until(s, device_id="d", width_ns=10 * S, upto_ns=10**18 + 30 * S, max_rows=1)
     rule = AlertRule(name="r", sensor="n/s", kind="threshold", above=0.0)
     with s.tx():
-        alerts.record(s, AlertEngine((rule,), s).evaluate("n", "s", [10**18], [5.0]))
+        alerts.record(s, AlertEngine((rule,), s).evaluate(s, "n", "s", [10**18], [5.0]))
     due = outbox.due(s, 10)
     assert [(o.seq, o.alert) for o in due] == [(4, True), (1, False), (2, False), (3, False)]
     assert outbox.acknowledge(s, 4, stored=True) and s.counters()["alerts_acked"] == 1

@@ -237,8 +237,11 @@ def test_late_readings_revise_their_closed_window(tmp_path: Path) -> None:
         s, reg, chunk("a", [T0 + 5, T0 + W + 1, T0 + 6], [8.0, 1.0, 0.0]), late=policy
     )
     assert (res.stored, res.revised, res.late) == (3, 2, 0)
-    seqs = window.revise(s, device_id="dev", width_ns=W, max_rows=100)
-    assert seqs == [2] and window.revise(s, device_id="dev", width_ns=W, max_rows=100) == []
+    seqs = window.revise(s, device_id="dev", width_ns=W, max_rows=100, ready_until_ns=T0 + W)
+    assert (
+        seqs == [2]
+        and window.revise(s, device_id="dev", width_ns=W, max_rows=100, ready_until_ns=T0 + W) == []
+    )
     (payload,) = s.conn.execute("SELECT payload FROM outbox WHERE seq = 2").fetchone()
     b = decode_batch(bytes(payload))
     # only sensor a's window is sent again, computed from all four of its readings
@@ -246,7 +249,7 @@ def test_late_readings_revise_their_closed_window(tmp_path: Path) -> None:
     assert (b.count[0], b.revision[0], b.sum[0], b.first[0], b.last[0]) == (4, 1, 12.0, 1.0, 0.0)
     # another late reading: revision 2
     buffer.store_chunk(s, reg, chunk("a", [T0 + 7], [2.0]), late=policy)
-    (seq,) = window.revise(s, device_id="dev", width_ns=W, max_rows=100)
+    (seq,) = window.revise(s, device_id="dev", width_ns=W, max_rows=100, ready_until_ns=T0 + W)
     (payload,) = s.conn.execute("SELECT payload FROM outbox WHERE seq = ?", (seq,)).fetchone()
     assert decode_batch(bytes(payload)).revision.tolist() == [2]
     c = s.counters()
@@ -286,7 +289,9 @@ def test_hopping_windows_and_their_revisions(tmp_path: Path) -> None:
     # (and to the open [15, 25), which has not been sent)
     res = buffer.store_chunk(s, reg, chunk("a", [T0 + 12 * hop // 5 + 1], [100.0]), late=policy)
     assert res.revised == 1
-    seqs = window.revise(s, device_id="d", width_ns=W, max_rows=99, hop_ns=hop)
+    seqs = window.revise(
+        s, device_id="d", width_ns=W, max_rows=99, hop_ns=hop, ready_until_ns=T0 + 2 * W
+    )
     (payload,) = s.conn.execute("SELECT payload FROM outbox WHERE seq = ?", seqs).fetchone()
     r = decode_batch(bytes(payload))
     assert r.start_ns.tolist() == [T0 + hop, T0 + 2 * hop]

@@ -1,0 +1,130 @@
+"""Memory follows the transaction: a commit that fails (here SQLite's own "database or
+disk is full", from ``PRAGMA max_page_count``) leaves no trace in the agent's caches or
+alert state, the failure becomes a durable counter, and intake holds the messages
+unacknowledged and stores them once the fault clears."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from edge_agent import alerts, buffer
+from edge_agent.alerts import AlertEngine, AlertRule
+from edge_agent.config import AgentConfig
+from edge_agent.intake import Intake
+from edge_agent.store import STORE_ERRORS, Store
+from shared.config import from_dict
+from shared.readings import ReadingChunk, encode_chunk
+
+T0 = (time.time_ns() // 10**10 - 10) * 10**10  # recent: not "from the future"
+RULE = AlertRule(name="hot", sensor="n1/hot", kind="threshold", above=50.0)
+NO_LIMIT = 1_073_741_823
+
+
+def fill_up(store: Store) -> None:
+    """No page may be added to the file: the next write that needs one fails."""
+    pages = store.conn.execute("PRAGMA page_count").fetchone()[0]
+    store.conn.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def big(sensor: str, value: float, n: int = 20_000) -> ReadingChunk:
+    ts = T0 + np.arange(n, dtype=np.int64) * 1000
+    return ReadingChunk("n1", sensor, "u", ts, np.full(n, value))
+
+
+def test_a_rolled_back_commit_takes_the_caches_and_the_alerts_with_it(tmp_path: Path) -> None:
+    s = Store(tmp_path / "a.sqlite")
+    reg = buffer.SensorRegistry(s)
+    engine = AlertEngine((RULE,), s)
+
+    def hook(ts: np.ndarray, vals: np.ndarray) -> None:
+        alerts.record(s, engine.evaluate(s, "n1", "hot", ts.tolist(), vals.tolist()))
+
+    item = buffer.Incoming(big("hot", 99.0), b"digest-1", hook)
+    fill_up(s)
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        buffer.store_many(s, reg, [item])
+    # nothing of the failed transaction stays in memory ...
+    assert engine.raised == set() and engine.state["hot"].prev_value is None
+    assert s.unrecorded_errors == 1 and not s.conn.in_transaction
+    s.conn.execute(f"PRAGMA max_page_count = {NO_LIMIT}")
+    # ... so the same message, stored again once there is room, raises its alert
+    res = buffer.store_many(s, reg, [item])
+    assert res[0].stored == 20_000
+    assert [r for (r,) in s.conn.execute("SELECT rule FROM alert_state WHERE raised = 1")] == [
+        "hot"
+    ]
+    assert s.conn.execute("SELECT count(*) FROM alerts").fetchone()[0] == 1
+    assert s.counters()[STORE_ERRORS] == 1 and s.unrecorded_errors == 0
+
+
+def test_a_sensor_id_of_a_rolled_back_transaction_is_forgotten(tmp_path: Path) -> None:
+    """Before: the cache kept the id of the rolled-back INSERT, and every later group of
+    that sensor failed with FOREIGN KEY constraint failed until a restart."""
+    s = Store(tmp_path / "a.sqlite")
+    reg = buffer.SensorRegistry(s)
+    fill_up(s)
+    with pytest.raises(sqlite3.OperationalError):
+        buffer.store_chunk(s, reg, big("new", 1.0))
+    s.conn.execute(f"PRAGMA max_page_count = {NO_LIMIT}")
+    assert buffer.store_chunk(s, reg, big("new", 1.0)).stored == 20_000
+    assert s.conn.execute("SELECT id, name FROM sensors").fetchall() == [(1, "new")]
+
+
+class FakeClient:
+    """Stands in for paho behind Intake's injectable client: records PUBACKs."""
+
+    def __init__(self) -> None:
+        self.acks: list[int] = []
+
+    def ack(self, mid: int, _qos: int) -> None:
+        self.acks.append(mid)
+
+
+def message(mid: int, topic: str, payload: bytes) -> mqtt.MQTTMessage:
+    msg = mqtt.MQTTMessage(mid, topic.encode())
+    msg.payload = payload
+    msg.qos = 1
+    return msg
+
+
+def test_intake_holds_what_it_cannot_store_and_stores_it_once_it_can(tmp_path: Path) -> None:
+    cfg = from_dict(
+        AgentConfig,
+        {
+            "storage": {"path": str(tmp_path / "a.sqlite"), "group_commit_max": 4},
+            "alerts": [{"name": "hot", "sensor": "n1/hot", "kind": "threshold", "above": 50.0}],
+        },
+    )
+    fake = FakeClient()
+    intake = Intake(cfg, client=fake)  # type: ignore[arg-type]
+    try:
+        hot = big("hot", 99.0)
+        msgs = [
+            message(1, "sensors/n1/hot", encode_chunk("u", hot.ts.tolist(), hot.values.tolist())),
+            message(2, "sensors/n1/hot", b"{not json"),
+            message(3, "sensors/n1/cold", encode_chunk("u", [T0 + 5], [1.0])),
+        ]
+        fill_up(intake.store)
+        for m in msgs:
+            intake._on_message(intake.client, None, m)
+        intake.flush()
+        assert fake.acks == [] and intake.failing  # nothing acknowledged, nothing lost
+        assert intake.alerts.raised == set()
+        intake.store.conn.execute(f"PRAGMA max_page_count = {NO_LIMIT}")
+        deadline = time.monotonic() + 10
+        while fake.acks != [1, 2, 3]:  # the next attempt after the backoff
+            assert time.monotonic() < deadline, f"not stored after the fault: {fake.acks}"
+            intake.flush()
+            time.sleep(0.05)
+        c = intake.store.counters()
+        assert c["readings_stored"] == 20_001 and c["quarantined_bad-json"] == 1
+        assert c[STORE_ERRORS] >= 1 and c["alerts_raised"] == 1
+        assert not intake.failing
+    finally:
+        intake.store.close()

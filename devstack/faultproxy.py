@@ -4,7 +4,8 @@ Some services lose their state when they stop (moto keeps S3 in memory), so an
 outage of them is simulated in front of them: :meth:`FaultProxy.down` closes the
 listening socket and every open connection, so clients see connection refused
 and resets, exactly as when the service is gone; :meth:`FaultProxy.up` listens
-again on the same port.
+again on the same port. ``delay_s`` holds every chunk of a request that long
+before passing it on: a slow link or a slow server.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 
 
 class FaultProxy:
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, target_port: int, target_host: str = "127.0.0.1", *, delay_s: float = 0.0
+    ) -> None:
         self.target = (target_host, target_port)
+        self.delay_s = delay_s
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._listener: socket.socket | None = None
@@ -74,12 +79,14 @@ class FaultProxy:
                     server.close()
                     return
                 self._conns.update((client, server))
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, delay in ((client, server, self.delay_s), (server, client, 0.0)):
+                threading.Thread(target=self._pump, args=(a, b, delay), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, delay_s: float = 0.0) -> None:
         try:
             while data := src.recv(65536):
+                if delay_s:
+                    time.sleep(delay_s)  # the injected slowness itself
                 dst.sendall(data)
         except OSError:
             pass

@@ -115,6 +115,13 @@ class Service:
             raise ServiceError(f"{self.name} exited early; log:\n{tail}")
         return True
 
+    def kill(self) -> None:
+        """SIGKILL: a crash, with no chance to save state (Mosquitto's persistence)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stop()
+
     def stop(self, timeout_s: float = 20.0) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()

@@ -17,6 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_agent import budget, buffer
 from edge_agent.config import AgentConfig, BrokerConfig
 from edge_agent.status import open_readonly
+from edge_agent.store import LAST_STORE_ERROR, STORE_ERRORS
 from shared.errors import StorageError
 from shared.tls import server_certificate_expiry, ssl_context
 
@@ -176,6 +177,10 @@ def check_clock(cfg: AgentConfig, now_s: float | None = None) -> list[Check]:
     return out
 
 
+#: Store errors this recent make ``doctor`` warn.
+RECENT_STORE_ERROR_S = 3600.0
+
+
 def check_disk(cfg: AgentConfig) -> list[Check]:
     path = Path(cfg.storage.path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -196,7 +201,20 @@ def check_disk(cfg: AgentConfig) -> list[Check]:
             store = open_readonly(path)
             used = budget.used_bytes(store)
             quick = store.conn.execute("PRAGMA quick_check").fetchone()[0]
+            errors = store.counters().get(STORE_ERRORS, 0)
+            last_error_ns = store.get_state(LAST_STORE_ERROR)
             store.close()
+            age_s = time.time() - last_error_ns / 1e9
+            if last_error_ns and age_s < RECENT_STORE_ERROR_S:
+                out.append(
+                    Check(
+                        "buffer writes",
+                        "warn",
+                        f"{errors:,} failed transactions, the last {age_s / 60:.0f} min ago",
+                        "free space on the SD card (df -h), check the kernel log for I/O "
+                        "errors (dmesg); the agent retries on its own meanwhile",
+                    )
+                )
             out.append(
                 Check(
                     "buffer",

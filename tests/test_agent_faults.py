@@ -120,6 +120,9 @@ def test_a_full_disk_costs_no_reading_and_no_alert(
         assert isinstance(st["store_errors"], int) and st["store_errors"] >= 1
         res = CliRunner().invoke(agent_main, ["status", "-c", str(cfg)])
         assert "store errors" in res.output and "the last at" in res.output
+        res = CliRunner().invoke(agent_main, ["doctor", "-c", str(cfg), "--json"])
+        levels = {c["name"]: c["level"] for c in json.loads(res.stdout)}
+        assert levels["buffer writes"] == "warn"
         assert agent.terminate() == 0
     finally:
         pipe.stop_all()

@@ -32,6 +32,7 @@ from cloud_ingest.lake import alert_object, group_tables, to_parquet
 from cloud_ingest.lineproto import alert_to_line, batch_to_lines
 from cloud_ingest.revisions import RevisionMemory, WindowKey
 from cloud_ingest.sinks.base import ObjectStore, PointSink
+from shared import jsonwire
 from shared.acks import Ack
 from shared.alerts import Alert, decode_alert
 from shared.errors import PermanentSinkError, RetryableSinkError, WireError
@@ -90,10 +91,11 @@ class Item:
 def _json_seq(payload: bytes) -> int | None:
     """Best effort: the seq of a JSON message that failed validation."""
     try:
-        seq = json.loads(payload).get("seq")
-    except (ValueError, AttributeError):
+        seq = jsonwire.loads(payload, reason="bad-alert", what="an alert", max_bytes=1 << 20)
+        seq = seq.get("seq")
+    except (WireError, AttributeError):
         return None
-    return seq if type(seq) is int and seq >= 0 else None
+    return seq if type(seq) is int and 0 <= seq < 2**63 else None
 
 
 def _encode(items: list[Item]) -> None:
@@ -180,12 +182,7 @@ class Processor:
 
     def _prepare_all(self, messages: Sequence[tuple[str, bytes]]) -> list[Item]:
         seen: dict[tuple[str, int], int] = {}
-        decoded = [
-            (self._prepare_alert(topic, payload), None)
-            if topic.endswith("/alert")
-            else self._prepare_batch(topic, payload)
-            for topic, payload in messages
-        ]
+        decoded = [self._prepare(topic, payload) for topic, payload in messages]
         # the range check of every batch at once (a group of batches costs about
         # what one did), then batch by batch only if one fails
         checked = [(it, b) for it, b in decoded if b is not None]
@@ -212,6 +209,20 @@ class Processor:
         for (item, _), objects in zip(batches, tables, strict=True):
             item.objects = objects
         return items
+
+    def _prepare(self, topic: str, payload: bytes) -> tuple[Item, Batch | None]:
+        """Decode one message. The decoders raise only WireError (tests/test_fuzz.py);
+        should one still raise something else, that message is quarantined as
+        ``undecodable`` and the others go on: a message must not stop the ingestor."""
+        try:
+            if topic.endswith("/alert"):
+                return self._prepare_alert(topic, payload), None
+            return self._prepare_batch(topic, payload)
+        except Exception as exc:
+            log.exception("decode: %s on %s", type(exc).__name__, topic)
+            item = Item(topic, payload, "alert" if topic.endswith("/alert") else "batch")
+            item.error = WireError("undecodable", f"{type(exc).__name__}: {exc}"[:500])
+            return item, None
 
     def _prepare_batch(self, topic: str, payload: bytes) -> tuple[Item, Batch | None]:
         item = Item(topic, payload, "batch")

@@ -33,6 +33,7 @@ from typing import Any, Final
 from cloud_ingest.lake import AGGREGATES, DAY_NS, day, list_objects, pycolumns, read_table
 from cloud_ingest.lineproto import escape_measurement, escape_tag, window_label
 from cloud_ingest.sinks.base import ObjectStore
+from shared.errors import WireError
 from shared.sketch import DDSketch
 
 PERIODS: Final = {"1h": 3600 * 10**9, "1d": DAY_NS}
@@ -52,6 +53,7 @@ class _Group:
     last: tuple[int, float] = (-(2**63), math.nan)
     sketch: DDSketch | None = None
     sketch_missing: bool = False
+    bad_sketches: int = 0  # sketches that could not be decoded or merged (no quantiles)
 
     def add(self, row: dict[str, Any], start: int) -> None:
         n = int(row["count"])
@@ -72,8 +74,12 @@ class _Group:
         if blob is None:
             self.sketch_missing = True
         else:
-            sk = DDSketch.decode(blob)
-            self.sketch = sk if self.sketch is None else self.sketch.merge(sk)
+            try:
+                sk = DDSketch.decode(blob)
+                self.sketch = sk if self.sketch is None else self.sketch.merge(sk)
+            except (WireError, ValueError):  # damaged, or of another accuracy: no quantiles
+                self.sketch_missing = True
+                self.bad_sketches += 1
 
     def fields(self) -> dict[str, float | int]:
         out: dict[str, float | int] = {

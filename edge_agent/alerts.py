@@ -41,6 +41,7 @@ from typing import Literal
 
 from edge_agent import outbox
 from edge_agent.store import Store, crc
+from shared.alerts import is_valid_rule
 from shared.config import Invalid, positive
 
 Kind = Literal["threshold", "rate", "stuck", "silent", "zscore"]
@@ -60,8 +61,8 @@ class AlertRule:
     z: float = 4.0
 
     def __post_init__(self) -> None:
-        if not self.name:
-            raise Invalid("name", "must not be empty")
+        if not is_valid_rule(self.name):
+            raise Invalid("name", "must be 1-64 characters, none a control character")
         if self.sensor.count("/") != 1:
             raise Invalid("sensor", "must be <node>/<sensor>")
         if self.hysteresis < 0:

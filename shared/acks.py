@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from shared import jsonwire
 from shared.errors import WireError
 
 Status = Literal["stored", "rejected"]
@@ -36,16 +37,17 @@ class Ack:
         return json.dumps(obj, separators=(",", ":")).encode()
 
 
+MAX_ACK_BYTES = 1024
+
+
 def decode_ack(payload: bytes) -> Ack:
-    try:
-        obj = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError("bad-ack", f"not JSON: {exc}") from None
+    """Parse untrusted bytes; raise :class:`WireError` (``bad-ack``, ``too-large``)."""
+    obj = jsonwire.loads(payload, reason="bad-ack", what="an ack", max_bytes=MAX_ACK_BYTES)
     if not isinstance(obj, dict):
         raise WireError("bad-ack", "not a JSON object")
     seq, status, reason = obj.get("seq"), obj.get("status"), obj.get("reason", "")
-    if type(seq) is not int or seq < 0:
-        raise WireError("bad-ack", "seq must be a non-negative integer")
+    if type(seq) is not int or not 0 <= seq < 2**63:
+        raise WireError("bad-ack", "seq must be an integer in [0, 2^63)")
     if status not in ("stored", "rejected"):
         raise WireError("bad-ack", f"status {status!r} is not 'stored' or 'rejected'")
     if not isinstance(reason, str):

@@ -14,16 +14,18 @@ changed the rule's state (the device clock for ``silent``).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
+from shared import jsonwire
 from shared.errors import WireError
+from shared.jsonwire import printable
 from shared.topics import is_valid_id
 
 KINDS = ("threshold", "rate", "stuck", "silent", "zscore")
 MAX_ALERT_BYTES = 4096
+FIELDS = ("seq", "rule", "kind", "node", "sensor", "state", "ts_ns", "value", "message")
 
 
 @dataclass(frozen=True)
@@ -40,14 +42,18 @@ class Alert:
 
 
 def decode_alert(payload: bytes) -> Alert:
-    if len(payload) > MAX_ALERT_BYTES:
-        raise WireError("too-large", f"alert of {len(payload)} bytes, limit {MAX_ALERT_BYTES}")
-    try:
-        obj: Any = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError("bad-alert", f"not JSON: {exc}") from None
+    """Parse and check untrusted bytes; raise :class:`WireError` (``bad-alert`` or
+    ``too-large``) for anything but an alert as documented: every field present,
+    ``seq`` and ``ts_ns`` in [0, 2^63), ``value`` a finite number or null, the
+    strings free of control characters."""
+    obj: Any = jsonwire.loads(
+        payload, reason="bad-alert", what="an alert", max_bytes=MAX_ALERT_BYTES
+    )
     if not isinstance(obj, dict):
         raise WireError("bad-alert", "not a JSON object")
+    absent = [k for k in FIELDS if k not in obj]
+    if absent:
+        raise WireError("bad-alert", f"missing {', '.join(absent)}")
 
     def get(key: str, tp: type | tuple[type, ...]) -> Any:
         v = obj.get(key)
@@ -56,8 +62,8 @@ def decode_alert(payload: bytes) -> Alert:
         return v
 
     seq, ts = get("seq", int), get("ts_ns", int)
-    if seq < 0 or ts < 0:
-        raise WireError("bad-alert", "seq and ts_ns must be non-negative")
+    if not (0 <= seq < 2**63 and 0 <= ts < 2**63):
+        raise WireError("bad-alert", "seq and ts_ns must be integers in [0, 2^63)")
     value = obj.get("value")
     if value is not None and (
         isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
@@ -78,6 +84,13 @@ def decode_alert(payload: bytes) -> Alert:
         raise WireError("bad-alert", f"kind {alert.kind!r} is not one of {KINDS}")
     if alert.state not in ("raised", "cleared"):
         raise WireError("bad-alert", "state must be 'raised' or 'cleared'")
-    if not (is_valid_id(alert.node) and is_valid_id(alert.sensor)) or not 0 < len(alert.rule) <= 64:
+    if not (is_valid_id(alert.node) and is_valid_id(alert.sensor)) or not is_valid_rule(alert.rule):
         raise WireError("bad-alert", "rule, node or sensor is not a valid id")
+    if not printable(alert.message):
+        raise WireError("bad-alert", "message has a control character")
     return alert
+
+
+def is_valid_rule(name: str) -> bool:
+    """An alert rule's name: 1 to 64 characters, no control character (it is a tag)."""
+    return 0 < len(name) <= 64 and printable(name)

@@ -21,10 +21,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from shared import jsonwire
 from shared.errors import WireError
-from shared.topics import is_valid_id
+from shared.topics import is_valid_id, is_valid_unit
 
 MAX_CHUNK_READINGS = 100_000
+#: A chunk of MAX_CHUNK_READINGS readings in JSON fits in about 4 MB.
+MAX_CHUNK_BYTES = 4 << 20
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,10 +60,9 @@ def parse_sensor_topic(topic: str, prefix: str) -> tuple[str, str]:
 def decode_chunk(topic: str, payload: bytes, prefix: str) -> ReadingChunk:
     """Parse one local message; raise :class:`WireError` with a reason if bad."""
     node, sensor = parse_sensor_topic(topic, prefix)
-    try:
-        obj: Any = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError("bad-json", str(exc)) from None
+    obj: Any = jsonwire.loads(
+        payload, reason="bad-json", what="a reading chunk", max_bytes=MAX_CHUNK_BYTES
+    )
     if not isinstance(obj, dict):
         raise WireError("bad-json", "payload is not a JSON object")
     ts, values, unit = obj.get("ts"), obj.get("values"), obj.get("unit", "")
@@ -72,8 +74,10 @@ def decode_chunk(topic: str, payload: bytes, prefix: str) -> ReadingChunk:
         raise WireError("bad-chunk", "empty chunk")
     if len(ts) > MAX_CHUNK_READINGS:
         raise WireError("bad-chunk", f"more than {MAX_CHUNK_READINGS} readings in one chunk")
-    if not isinstance(unit, str) or len(unit) > 32:
-        raise WireError("bad-chunk", "unit must be a string of at most 32 characters")
+    if not is_valid_unit(unit):
+        raise WireError(
+            "bad-chunk", "unit must be a string of at most 32 characters, none a control one"
+        )
     if not all(type(t) is int and 0 <= t < 2**63 for t in ts):
         raise WireError("bad-chunk", "ts must be non-negative integer nanoseconds")
     if not all(type(v) in (int, float) or v is None for v in values):

@@ -38,6 +38,8 @@ from shared.errors import WireError
 ALPHA = 0.01
 MIN_MAGNITUDE = 1e-9
 MAX_BINS = 2048
+#: log of the largest float64 (with a margin): a bin's value γᵏ must stay finite
+_MAX_LOG_VALUE = 700.0
 _HEAD = struct.Struct("<BdQ")
 _RUN = struct.Struct("<iH")
 
@@ -146,4 +148,7 @@ class DDSketch:
             raise WireError("bad-sketch", f"truncated sketch: {exc}") from None
         if off != len(data):
             raise WireError("bad-sketch", "bytes after the sketch")
+        limit = _MAX_LOG_VALUE / math.log((1 + alpha) / (1 - alpha))
+        if any(abs(k) > limit for store in stores if store for k in (min(store), max(store))):
+            raise WireError("bad-sketch", "a bin beyond the range of a float64")
         return cls(alpha, int(zero), stores[0], stores[1])

@@ -28,6 +28,16 @@ def is_valid_id(value: str) -> bool:
     return bool(ID_PATTERN.match(value))
 
 
+MAX_UNIT_CHARS = 32
+
+
+def is_valid_unit(value: object) -> bool:
+    """True if ``value`` may be a sensor's unit: a string of at most 32 characters,
+    none of them a control character (line protocol cannot carry one in a tag). The
+    agent refuses other units at intake, so that the cloud never has to."""
+    return isinstance(value, str) and len(value) <= MAX_UNIT_CHARS and value.isprintable()
+
+
 def batch_topic(device_id: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str:
     return f"{prefix}/{device_id}/batch"
 

@@ -27,8 +27,9 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from shared import jsonwire
 from shared.errors import WireError
-from shared.topics import is_valid_id
+from shared.topics import is_valid_id, is_valid_unit
 
 MAGIC: Final = b"TLMB"
 FORMAT_VERSION: Final = 1
@@ -64,6 +65,11 @@ OPTIONAL_COLUMNS: Final[Mapping[str, float]] = {
 WINDOW_KINDS: Final = ("tumbling", "hopping")
 
 
+def _int64(value: object) -> bool:
+    """An int (not a bool) that fits a signed 64-bit integer."""
+    return type(value) is int and -(2**63) <= value < 2**63
+
+
 @dataclass(frozen=True)
 class SensorRef:
     """A sensor as the device knows it: the node it is wired to, its name, its unit."""
@@ -78,8 +84,11 @@ class SensorRef:
                 raise WireError(
                     "bad-sensor", f"sensor {key} {getattr(self, key)!r} is not a valid id"
                 )
-        if len(self.unit) > 32:
-            raise WireError("bad-sensor", f"unit {self.unit[:40]!r} is longer than 32 characters")
+        if not is_valid_unit(self.unit):
+            raise WireError(
+                "bad-sensor",
+                f"unit {self.unit[:40]!r} is longer than 32 characters or has a control one",
+            )
 
 
 @dataclass(frozen=True)
@@ -94,12 +103,13 @@ class WindowSpec:
     def __post_init__(self) -> None:
         if self.kind not in WINDOW_KINDS:
             raise WireError("bad-window", f"window kind {self.kind!r} is not one of {WINDOW_KINDS}")
-        if not isinstance(self.width_ns, int) or self.width_ns <= 0:
+        if not _int64(self.width_ns) or self.width_ns <= 0:
             raise WireError(
-                "bad-window", f"window width_ns must be a positive integer, got {self.width_ns!r}"
+                "bad-window",
+                f"window width_ns must be a positive 64-bit integer, got {self.width_ns!r}",
             )
         if self.kind == "hopping" and (
-            not isinstance(self.hop_ns, int) or self.hop_ns <= 0 or self.width_ns % self.hop_ns
+            not _int64(self.hop_ns) or self.hop_ns <= 0 or self.width_ns % self.hop_ns
         ):
             raise WireError("bad-window", "hop_ns must be a positive divisor of width_ns")
         if self.kind == "tumbling" and self.hop_ns not in (0, self.width_ns):
@@ -151,8 +161,8 @@ class Batch:
             raise WireError("bad-device-id", f"device_id {self.device_id!r} is not a valid id")
         if isinstance(self.seq, bool) or not isinstance(self.seq, int) or not 0 <= self.seq < 2**63:
             raise WireError("bad-seq", f"seq must be an integer in [0, 2^63), got {self.seq!r}")
-        if not isinstance(self.created_ns, int):
-            raise WireError("bad-header", "created_ns must be an integer")
+        if not _int64(self.created_ns) or self.created_ns < 0:
+            raise WireError("bad-header", "created_ns must be an integer in [0, 2^63)")
         n = len(self.sensor)
         for name, (dtype, _) in COLUMNS.items():
             col = getattr(self, name)
@@ -190,9 +200,16 @@ def make_batch(
     sketch: tuple[bytes, ...] = (),
 ) -> Batch:
     """Build a batch from loosely typed columns (converted to the wire dtypes);
-    optional columns that are absent are filled with NaN."""
+    optional columns that are absent are filled with NaN, but ``sum`` with
+    count × mean."""
     n = len(columns["sensor"])  # type: ignore[arg-type]
+    given = columns
     columns = {**{k: np.full(n, v) for k, v in OPTIONAL_COLUMNS.items()}, **columns}
+    if "sum" not in given:  # as a decoder does for a batch without the column
+        with np.errstate(over="ignore", invalid="ignore"):
+            columns["sum"] = np.asarray(given["mean"], dtype=np.float64) * np.asarray(
+                given["count"], dtype=np.float64
+            )
     cols = {
         name: np.ascontiguousarray(columns[name], dtype=dt) for name, (dt, _) in COLUMNS.items()
     }
@@ -319,10 +336,11 @@ def peek_seq(payload: bytes, *, max_body_bytes: int = MAX_BODY_BYTES) -> int | N
         raw = payload[_PREAMBLE.size :]
         body = _inflate(raw, body_len) if codec == CODEC_ZSTD else raw
         (hlen,) = _U32.unpack_from(body)
-        seq = json.loads(body[_U32.size : _U32.size + hlen]).get("seq")
-    except (struct.error, WireError, ValueError, AttributeError):
+        header = body[_U32.size : _U32.size + hlen]
+        seq = jsonwire.loads(header, reason="bad-header", what="header", max_bytes=hlen)["seq"]
+    except (struct.error, WireError, KeyError, TypeError):
         return None
-    return seq if type(seq) is int and seq >= 0 else None
+    return seq if type(seq) is int and 0 <= seq < 2**63 else None
 
 
 def _encode_blobs(blobs: tuple[bytes, ...]) -> bytes:
@@ -349,10 +367,9 @@ def _decode_body(body: bytes) -> Batch:
     (hlen,) = _U32.unpack_from(body)
     if _U32.size + hlen > len(body):
         raise WireError("truncated", "header runs past the end of the body")
-    try:
-        header = json.loads(body[_U32.size : _U32.size + hlen].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError("bad-header", f"header is not UTF-8 JSON: {exc}") from None
+    header = jsonwire.loads(
+        body[_U32.size : _U32.size + hlen], reason="bad-header", what="header", max_bytes=hlen
+    )
     if not isinstance(header, dict):
         raise WireError("bad-header", "header is not a JSON object")
     rows = _field(header, "rows", int)
@@ -410,6 +427,10 @@ def _decode_body(body: bytes) -> Batch:
     for name, default in OPTIONAL_COLUMNS.items():
         if name not in found:
             found[name] = np.full(rows, default).astype(COLUMNS[name][0])
+    if "sum" not in {m.get("name") for m in header["columns"]}:
+        # a batch from before the sum column: its sum is count x mean (NaN when empty)
+        with np.errstate(over="ignore", invalid="ignore"):
+            found["sum"] = found["mean"] * found["count"]
     return Batch(
         device_id=_field(header, "device_id", str),
         seq=_field(header, "seq", int),
@@ -448,10 +469,10 @@ def check_ranges(batch: Batch, now_ns: int) -> None:
     "NaN/Inf policy"): raises :class:`WireError` ``bad-range``.
 
     A window with finite readings (``count`` > 0) has finite min, max, mean,
-    stddev, first and last, with min ≤ mean, first, last ≤ max and stddev ≥ 0;
-    ``sum`` and the quantiles are finite or NaN (absent), the quantiles within
-    [min, max] and in order. A window without (``count`` = 0) has only NaN. No
-    statistic is infinite. No window starts more than a day in the future.
+    stddev, first, last and sum, with min ≤ mean, first, last ≤ max and stddev ≥ 0;
+    the quantiles are finite or NaN (absent), within [min, max] and in order. A
+    window without (``count`` = 0) has only NaN. No statistic is infinite. No
+    window starts more than a day in the future.
     """
     if batch.rows == 0:
         return
@@ -498,8 +519,8 @@ def _check_columns(
     start_ns: npt.NDArray[np.int64],
     now_ns: int,
 ) -> None:
-    core = np.stack([cols[name] for name in STAT_FIELDS])
-    extra = np.stack([cols[name] for name in EXTRA_FIELDS])
+    core = np.stack([cols[name] for name in (*STAT_FIELDS, "sum")])
+    extra = np.stack([cols[name] for name in EXTRA_FIELDS if name != "sum"])
     if np.isinf(core).any() or np.isinf(extra).any():
         raise WireError("bad-range", "a statistic is infinite")
     has = count > 0

@@ -31,6 +31,6 @@ def test_lines_escape_tags_and_omit_nan() -> None:
     assert lines[0] == (
         r"win\ dow,device_id=d1,node=n1,sensor=t,unit=deg\ C\,x\=y,window=10s "
         "count=2i,invalid=0i,revision=0i,min=0.1,max=0.1,mean=0.1,stddev=0.1,first=0.1,"
-        "last=0.1 0"
+        "last=0.1,sum=0.2 0"  # sum is count x mean when a batch has no sum column
     )
     assert lines[1].endswith(" count=0i,invalid=3i,revision=0i 10000000000")

@@ -243,7 +243,8 @@ def test_batch_from_an_older_v1_encoder_without_the_added_columns() -> None:
     nb = struct.pack("<I", len(hb)) + hb + kept_bytes
     out = decode_batch(struct.pack("<4sBBI", b"TLMB", 1, 0, len(nb)) + nb)
     np.testing.assert_array_equal(out.mean, b.mean)
-    assert np.isnan(out.p99).all() and np.isnan(out.sum).all()
+    assert np.isnan(out.p99).all()
+    np.testing.assert_array_equal(out.sum, b.mean * b.count)  # sum: count x mean
 
 
 def _ranged(**overrides: list[float]) -> Batch:
@@ -277,7 +278,7 @@ def _ranged(**overrides: list[float]) -> Batch:
 def test_range_check_accepts_consistent_windows_and_absent_extras() -> None:
     check_ranges(_ranged(), now_ns=0)
     nan2 = [math.nan, math.nan]
-    check_ranges(_ranged(sum=nan2, p50=nan2, p90=nan2, p99=nan2), now_ns=0)  # an older encoder
+    check_ranges(_ranged(p50=nan2, p90=nan2, p99=nan2), now_ns=0)  # no quantiles
 
 
 @pytest.mark.parametrize(
@@ -285,6 +286,7 @@ def test_range_check_accepts_consistent_windows_and_absent_extras() -> None:
     [
         ({"max": [math.inf, math.nan]}, "infinite"),
         ({"mean": [math.nan, math.nan]}, "NaN statistic"),
+        ({"sum": [math.nan, math.nan]}, "NaN statistic"),
         ({"sum": [6.0, 0.0]}, "without finite readings"),
         ({"mean": [3.5, math.nan]}, "mean outside"),
         ({"first": [0.5, math.nan]}, "first outside"),

@@ -1,0 +1,288 @@
+"""Every decoder is total: any bytes become a valid message or a WireError with a
+reason, never another exception. Property-based (hypothesis, bounded example counts),
+plus the crashers found so far as regression tests."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from devstack import hostile
+from devstack.hostile import split, valid_batch
+from shared.acks import decode_ack
+from shared.alerts import decode_alert
+from shared.errors import WireError
+from shared.readings import decode_chunk, encode_chunk
+from shared.sketch import DDSketch
+from shared.wire import (
+    STAT_FIELDS,
+    SensorRef,
+    check_ranges,
+    decode_batch,
+    encode_batch,
+    make_batch,
+    peek_seq,
+)
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+W = 10_000_000_000
+
+
+VALID = valid_batch()
+VALID_ZSTD = encode_batch(decode_batch(VALID))
+HEADER, COLUMN_BYTES = split(VALID)
+
+#: JSON values of every kind, with integers well beyond 64 bits
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.sampled_from([2**63, 2**64, -(2**63) - 1, 10**19])
+    | st.floats()
+    | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=10,
+)
+
+
+def total(decode: Any, payload: bytes) -> Any:
+    """``decode(payload)``: its value, or None for a WireError; anything else fails."""
+    try:
+        return decode(payload)
+    except WireError as exc:
+        assert exc.reason and " " not in exc.reason
+        return None
+
+
+def with_header(header: dict[str, Any]) -> bytes:
+    return hostile.with_header(header, COLUMN_BYTES)
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_any_bytes_decode_or_fail_with_a_reason(data: bytes) -> None:
+    for decode in (decode_batch, decode_alert, decode_ack, DDSketch.decode):
+        total(decode, data)
+    total(lambda p: decode_chunk("sensors/n1/t", p, "sensors"), data)
+    total(lambda p: decode_batch(b"TLMB\x01\x00" + struct.pack("<I", len(p)) + p), data)
+    seq = peek_seq(data)
+    assert seq is None or 0 <= seq < 2**63
+
+
+@FUZZ
+@given(
+    st.lists(st.tuples(st.integers(0, len(VALID_ZSTD) - 1), st.integers(0, 255)), max_size=6),
+    st.booleans(),
+    st.integers(0, len(VALID) + 8),
+)
+def test_mutated_batches_decode_or_fail_with_a_reason(
+    flips: list[tuple[int, int]], compressed: bool, cut: int
+) -> None:
+    raw = bytearray(VALID_ZSTD if compressed else VALID)
+    for pos, value in flips:
+        raw[pos % len(raw)] = value
+    for payload in (bytes(raw), bytes(raw[:cut]), bytes(raw) + b"\0" * (cut % 7)):
+        b = total(decode_batch, payload)
+        if b is not None:
+            total(lambda _p, b=b: check_ranges(b, 0), b"")  # decoded: checkable too
+
+
+@FUZZ
+@given(st.sampled_from(sorted(HEADER)), json_values, st.sampled_from(["window", "columns", None]))
+def test_batch_headers_with_any_values_decode_or_fail(
+    key: str, value: Any, nested: str | None
+) -> None:
+    header = json.loads(json.dumps(HEADER))
+    if nested == "window":
+        header["window"][key if key in ("kind", "width_ns", "hop_ns") else "width_ns"] = value
+        header["window"]["kind"] = header["window"].get("kind", "hopping")
+    elif nested == "columns":
+        header["columns"][0][("name", "type", "bytes", "encoding")[len(key) % 4]] = value
+    else:
+        header[key] = value
+    total(decode_batch, with_header(header))
+
+
+huge_ints = st.integers(-(2**80), 2**80) | st.sampled_from(
+    [2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 10**19, 0, -1]
+)
+
+
+@FUZZ
+@given(st.sampled_from(["created_ns", "seq", "rows", "width_ns", "hop_ns", "bytes"]), huge_ints)
+def test_every_integer_of_a_batch_header_is_bounded(field: str, value: int) -> None:
+    header = json.loads(json.dumps(HEADER))
+    if field in ("width_ns", "hop_ns"):
+        header["window"] = {"kind": "hopping", "width_ns": W, "hop_ns": W, field: value}
+    elif field == "bytes":
+        header["columns"][1]["bytes"] = value
+    else:
+        header[field] = value
+    b = total(decode_batch, with_header(header))
+    if b is not None:  # what downstream code stores as int64 fits one
+        for v in (b.seq, b.created_ns, b.window.width_ns, b.window.hop_ns):
+            assert -(2**63) <= v < 2**63
+
+
+ALERT = hostile.ALERT
+
+
+@FUZZ
+@given(st.sampled_from(sorted(ALERT)), json_values | st.just(...))
+def test_alerts_with_any_field_decode_or_fail(key: str, value: Any) -> None:
+    obj = dict(ALERT)
+    if value is ...:
+        del obj[key]
+    else:
+        obj[key] = value
+    alert = total(decode_alert, json.dumps(obj).encode())
+    if alert is not None:
+        assert 0 <= alert.seq < 2**63 and 0 <= alert.ts_ns < 2**63
+        assert alert.value is None or math.isfinite(alert.value)
+
+
+@FUZZ
+@given(st.sampled_from(["seq", "ts_ns", "value"]), huge_ints)
+def test_every_integer_of_an_alert_is_bounded(key: str, value: int) -> None:
+    alert = total(decode_alert, json.dumps({**ALERT, key: value}).encode())
+    if alert is not None:
+        assert 0 <= alert.seq < 2**63 and 0 <= alert.ts_ns < 2**63
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["seq", "status", "reason", "x"]), json_values))
+def test_acks_with_any_fields_decode_or_fail(obj: dict[str, Any]) -> None:
+    ack = total(decode_ack, json.dumps(obj).encode())
+    if ack is not None:
+        assert 0 <= ack.seq < 2**63 and ack.status in ("stored", "rejected")
+
+
+@FUZZ
+@given(
+    st.dictionaries(st.sampled_from(["ts", "values", "unit", "x"]), json_values),
+    st.sampled_from(["sensors/n1/t", "sensors/n1", "sensors/n 1/t", "other/n1/t", "sensors/+/t"]),
+)
+def test_reading_chunks_with_any_fields_decode_or_fail(obj: dict[str, Any], topic: str) -> None:
+    chunk = total(lambda p: decode_chunk(topic, p, "sensors"), json.dumps(obj).encode())
+    if chunk is not None:
+        assert len(chunk.ts) == len(chunk.values) > 0
+        assert chunk.ts.dtype == np.int64 and chunk.unit.isprintable()
+
+
+@FUZZ
+@given(st.binary(max_size=64), st.integers(-(2**31), 2**31 - 1))
+def test_decoded_sketches_answer_quantiles(tail: bytes, lo: int) -> None:
+    data = struct.pack("<BdQ", 1, 0.01, 3) + struct.pack("<iH", lo, 1) + b"\1\0\0\0" + tail
+    sk = total(DDSketch.decode, data)
+    if sk is not None:
+        for q in (0.0, 0.5, 0.99, 1.0):
+            assert not math.isnan(sk.quantile(q))
+
+
+# ---- the crashers found so far (issue 9), one test each --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        ("width_ns", 2**63),
+        ("width_ns", 10**19),
+        ("created_ns", 2**63),
+        ("created_ns", -1),
+        ("hop_ns", 2**63),
+        ("seq", 2**64),
+    ],
+)
+def test_a_header_integer_beyond_64_bits_is_quarantined(where: str, value: int) -> None:
+    header = json.loads(json.dumps(HEADER))
+    if where in ("width_ns", "hop_ns"):
+        header["window"] = {"kind": "hopping", "width_ns": W, "hop_ns": W, where: value}
+    else:
+        header[where] = value
+    with pytest.raises(WireError) as info:
+        decode_batch(with_header(header))
+    assert info.value.reason in ("bad-window", "bad-header", "bad-seq")
+
+
+def test_the_known_poison_messages_are_quarantined_with_their_reasons() -> None:
+    for payload, reason in hostile.poison_batches("dev-1", 3):
+        with pytest.raises(WireError) as info:
+            decode_batch(payload)
+        assert info.value.reason == reason
+    for payload in hostile.poison_alerts(4):
+        with pytest.raises(WireError, match="bad-alert"):
+            decode_alert(payload)
+    for payload, reason in hostile.poison_chunks():
+        with pytest.raises(WireError) as info:
+            decode_chunk("sensors/n1/t", payload, "sensors")
+        assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(("key", "value"), [("seq", 2**64), ("ts_ns", 2**63), ("seq", 2**63)])
+def test_an_alert_integer_beyond_the_spec_is_quarantined(key: str, value: int) -> None:
+    with pytest.raises(WireError, match="bad-alert"):
+        decode_alert(json.dumps({**ALERT, key: value}).encode())
+
+
+def test_an_alert_without_value_or_with_a_control_character_is_quarantined() -> None:
+    without = {k: v for k, v in ALERT.items() if k != "value"}
+    with pytest.raises(WireError, match="missing value"):
+        decode_alert(json.dumps(without).encode())
+    for key in ("rule", "message"):
+        with pytest.raises(WireError, match="bad-alert"):
+            decode_alert(json.dumps({**ALERT, key: "a\nb"}).encode())
+    assert decode_alert(json.dumps({**ALERT, "value": None}).encode()).value is None
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"ts": [' + b"9" * 5000 + b'], "values": [1.0]}',
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"ts": [1], "values": [' * 50_000,
+        b'{"ts": [1], "values": [1], "unit": "deg\\nC"}',
+        b'{"ts": [1], "values": [1], "unit": "' + b"\xff\xfe" + b'"}',
+    ],
+)
+def test_hostile_reading_chunks_are_quarantined(payload: bytes) -> None:
+    with pytest.raises(WireError) as info:
+        decode_chunk("sensors/n1/t", payload, "sensors")
+    assert info.value.reason in ("bad-json", "bad-chunk")
+
+
+def test_a_unit_the_cloud_cannot_store_is_refused_at_both_ends() -> None:
+    with pytest.raises(WireError, match="bad-chunk"):
+        decode_chunk("sensors/n1/t", encode_chunk("deg\nC", [1], [1.0]), "sensors")
+    with pytest.raises(WireError, match="bad-sensor"):
+        SensorRef("n1", "t", "deg\nC")
+
+
+def test_a_window_with_readings_and_a_nan_sum_is_out_of_range() -> None:
+    b = decode_batch(VALID)
+    bad = make_batch(
+        device_id=b.device_id,
+        seq=b.seq,
+        created_ns=0,
+        window=b.window,
+        sensors=b.sensors,
+        columns={
+            **{name: getattr(b, name) for name in ("sensor", "start_ns", "count", "invalid")},
+            **{f: getattr(b, f) for f in STAT_FIELDS},
+            "sum": np.full(b.rows, math.nan),
+        },
+    )
+    with pytest.raises(WireError, match="bad-range"):
+        check_ranges(bad, 0)
+
+
+def test_a_sketch_with_a_bin_beyond_float64_is_refused() -> None:
+    data = struct.pack("<BdQ", 1, 0.01, 0) + struct.pack("<iH", 2**31 - 1, 1) + b"\1\0\0\0"
+    with pytest.raises(WireError, match="bad-sketch"):
+        DDSketch.decode(data + struct.pack("<iH", 0, 0))

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 import click
 
 from cloud_ingest.config import ArchiveConfig, IngestConfig
-from shared.cli import EXIT_FAILURE, config_group, load_or_exit, setup_logging
+from shared.cli import EXIT_CONFIG, EXIT_FAILURE, config_group, load_or_exit, setup_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -256,7 +256,9 @@ def compact(
 
 
 def _lake_config(cfg: IngestConfig, source: str | None, endpoint: str | None) -> ArchiveConfig:
-    from shared.errors import ConfigError
+    """The lake to read: --from (and --s3-endpoint-url) over the config's [archive].
+    A bad --from is one line and exit 2, like a bad config."""
+    from shared.config import Invalid
 
     try:
         return ArchiveConfig(
@@ -264,8 +266,9 @@ def _lake_config(cfg: IngestConfig, source: str | None, endpoint: str | None) ->
             s3_endpoint_url=cfg.archive.s3_endpoint_url if endpoint is None else endpoint,
             s3_region=cfg.archive.s3_region,
         )
-    except ConfigError as exc:
-        raise click.UsageError(f"--from: {exc}") from None
+    except Invalid as exc:
+        click.echo(f"error: --from: {exc.message}", err=True)
+        sys.exit(EXIT_CONFIG)
 
 
 main.add_command(config_group(IngestConfig, "cloud_ingest"))

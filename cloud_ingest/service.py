@@ -176,13 +176,17 @@ async def _consume(
     inflight: deque[tuple[list[aiomqtt.Message], asyncio.Task[list[Outcome] | None]]] = deque()
     failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     waiting = client._queue  # aiomqtt's queue of received messages (pinned below 3)
-    health.queue_depth = lambda: waiting.qsize() + sum(len(g) for g, _ in inflight)
-    health.in_hand = lambda: sum(len(g) for g, _ in inflight)
+    # Read by the HTTP server's thread: plain integers that the event loop updates,
+    # never the deque itself (iterating it there raced with the loop's changes).
+    in_hand = [0]
+    health.queue_depth = lambda: waiting.qsize() + in_hand[0]
+    health.in_hand = lambda: in_hand[0]
     prefix = proc.cfg.mqtt.topic_prefix
 
     def puback_ready(_task: object = None) -> None:
         while inflight and inflight[0][1].done():
             msgs, task = inflight.popleft()
+            in_hand[0] -= len(msgs)
             if task.cancelled() or task.exception() is not None:
                 if not failed.done():
                     failed.set_exception(task.exception() or asyncio.CancelledError())
@@ -272,7 +276,7 @@ async def _consume(
             # Brokers should send no more than Receive Maximum unacknowledged;
             # Mosquitto 2.0.11 sends more once PUBACKs flow (eclipse/mosquitto#2301),
             # so the limit is kept here too: the rest waits in aiomqtt's queue.
-            take = rm - sum(len(g) for g, _ in inflight)
+            take = rm - in_hand[0]
             while len(msgs) < take and not waiting.empty():
                 msgs.append(waiting.get_nowait())
             on_group(len(msgs))
@@ -283,6 +287,7 @@ async def _consume(
             last.add_done_callback(finished)
             last.add_done_callback(puback_ready)
             inflight.append((msgs, last))
+            in_hand[0] += len(msgs)
     finally:
         stop_wait.cancel()
         if inflight:  # drain; retries end within retry.shutdown_grace_s of the stop

@@ -33,9 +33,17 @@ from paho.mqtt.enums import CallbackAPIVersion
 from shared import backoff
 from shared.acks import decode_ack
 from shared.errors import WireError
+from shared.mqttprops import publish_properties
 from shared.sketch import DDSketch
 from shared.topics import DEFAULT_BATCH_PREFIX, ack_topic, batch_topic
-from shared.wire import SensorRef, WindowSpec, encode_batch, make_batch
+from shared.wire import (
+    CONTENT_TYPE,
+    FORMAT_VERSION,
+    SensorRef,
+    WindowSpec,
+    encode_batch,
+    make_batch,
+)
 
 log = logging.getLogger("firmware_sim.fleet")
 NODE = "n1"  # every simulated device has its sensors on one node
@@ -247,7 +255,14 @@ class Fleet:
             self._cv.notify_all()
 
     def _publish(self, p: _Pending, now: float) -> None:
-        self._client.publish(batch_topic(p.device, self.spec.prefix), p.payload, qos=1)
+        self._client.publish(
+            batch_topic(p.device, self.spec.prefix),
+            p.payload,
+            qos=1,
+            properties=publish_properties(
+                CONTENT_TYPE, [("seq", str(p.seq)), ("schema", str(FORMAT_VERSION))]
+            ),
+        )
         if p.first_sent == 0.0:
             p.first_sent = now
             self.result.published += 1

@@ -89,3 +89,17 @@ def test_edge_agent_docs_list_every_command() -> None:
         if path and not isinstance(cmd, click.Group)
     }
     assert documented == commands
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["replay", "--from", "http://nope"],
+        ["rollup", "--from", "http://nope", "--since", "2026-01-01"],
+        ["compact", "--from", "http://nope", "--since-day", "2026-01-01"],
+    ],
+)
+def test_a_bad_lake_url_is_one_line_and_exit_2(args: list[str]) -> None:
+    res = CliRunner().invoke(ingest_main, args)
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith("error: --from: must be file://") and res.output.count("\n") == 1

@@ -308,3 +308,38 @@ def test_cloud_broker_restart_loses_nothing(
         pipe.stop_all()
     _check_exact(pipe, influx, lake, summary)
     assert b"subscribed to" in ingestor.log.read_bytes().split(b"reconnecting", 1)[1]
+
+
+def test_fleet_batches_carry_the_mqtt_v5_properties(mosquitto: Service, tmp_path: Path) -> None:
+    """docs/wire-format.md §2.1: content type, binary payload, user properties seq and
+    schema, as the agent's forwarder sends them."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from shared.wire import CONTENT_TYPE
+
+    got: list[mqtt.MQTTMessage] = []
+    sub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    sub.on_message = lambda _c, _u, m: got.append(m)
+    sub.connect("127.0.0.1", mosquitto.port)
+    prefix = f"p{os.getpid()}/v1"
+    sub.subscribe(f"{prefix}/+/batch", qos=1)
+    sub.loop_start()
+    try:
+        res = subprocess.run(
+            [str(BIN / "firmware-sim"), "fleet", "--port", str(mosquitto.port),
+             "--prefix", prefix, "--devices", "1", "--batches", "2", "--speed", "0",
+             "--timeout", "2"],
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert res.returncode == 1  # no ingestor acks them: that is not the point here
+        wait_until(lambda: len(got) >= 2, 10, "the fleet's batches")
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+    for m in got[:2]:
+        props = m.properties
+        assert props is not None
+        assert props.ContentType == CONTENT_TYPE and props.PayloadFormatIndicator == 0
+        user = dict(props.UserProperty)
+        assert user["schema"] == "1" and int(user["seq"]) >= 1

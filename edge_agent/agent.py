@@ -23,7 +23,7 @@ import threading
 import time
 from types import FrameType
 
-from edge_agent import alerts, budget, buffer, control, kernels, outbox, window
+from edge_agent import alerts, budget, buffer, control, kernels, outbox, quarantine, window
 from edge_agent.config import AgentConfig
 from edge_agent.forward import Forwarder
 from edge_agent.intake import Intake
@@ -157,6 +157,10 @@ class Agent:
             retention_ns = int(self.cfg.storage.raw_retention_s * 1e9)
             max_ts = self.store.get_state(buffer.MAX_TS)
             buffer.prune(self.store, min(max_ts - retention_ns, self.raw_needed_from()))
+            if self.cfg.storage.quarantine_max_age_s:
+                age_ns = int(self.cfg.storage.quarantine_max_age_s * 1e9)
+                with self.store.tx():
+                    quarantine.free(self.store, older_than_ns=time.time_ns() - age_ns)
         self.forwarder.pump()
 
     def run(self, ready_file: str | None = None) -> int:

@@ -3,6 +3,8 @@
 When the pages in use exceed the budget, the documented policy frees space in
 this order, each step only as far as needed:
 
+0. the quarantine's oldest entries (bad input must never cost good data):
+   counted as ``quarantine_dropped``;
 1. raw reading chunks whose windows are closed (already summarised and in the
    outbox) and too old to be revised by late readings, oldest first: counted as
    ``budget_pruned_chunks``; no reading is lost to delivery, only the raw detail
@@ -21,7 +23,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from edge_agent import buffer
+from edge_agent import buffer, quarantine
 from edge_agent.store import Store
 
 log = logging.getLogger("edge_agent.budget")
@@ -58,6 +60,8 @@ def enforce(store: Store, max_bytes: int, *, keep_raw_after_ns: int | None = Non
         return BudgetResult(used)
     pruned = batches = readings = windows = 0
     with store.tx():
+        while used_bytes(store) > max_bytes and quarantine.free(store, 1):
+            pass  # the oldest bad messages first: a few at a time, then measure again
         closed = store.get_state(buffer.CLOSED_UNTIL)
         if keep_raw_after_ns is not None:
             closed = min(closed, keep_raw_after_ns)

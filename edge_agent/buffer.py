@@ -23,7 +23,6 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_agent.store import Store, crc
-from shared.errors import WireError
 from shared.readings import ReadingChunk
 from shared.wire import SensorRef
 
@@ -186,17 +185,6 @@ def store_one(
     return StoreResult(
         stored=len(ts), late=dropped_late + too_old, future=future, revised=accepted_late
     )
-
-
-def quarantine(store: Store, topic: str, exc: WireError, payload: bytes) -> None:
-    """Keep a message that cannot be stored as readings, with its reason (in the
-    caller's transaction); its first 64 KiB are kept for inspection."""
-    store.conn.execute(
-        "INSERT INTO quarantine(received_ns, topic, reason, message, payload) "
-        "VALUES (?, ?, ?, ?, ?)",
-        (time.time_ns(), topic, exc.reason, str(exc), payload[:65536]),
-    )
-    store.add_counter(f"quarantined_{exc.reason}", 1)
 
 
 def store_chunk(

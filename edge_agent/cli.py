@@ -164,7 +164,12 @@ def status(config_path: str | None, as_json: bool) -> None:
         ("buffer", st["buffer"]),
         ("store errors", errors),
         ("sensors", st["sensors"]),
-        ("quarantined", st["quarantined"]),
+        (
+            "quarantined",
+            f"{st['quarantined']:,} messages, {st['quarantine_bytes']:,} bytes kept"
+            + (f", {st['quarantine_dropped']:,} oldest dropped" if st["quarantine_dropped"] else "")
+            + ("  (edge-agent quarantine)" if st["quarantined"] else ""),
+        ),
         (
             "open alerts",
             ", ".join(f"{a['rule']} (since {when(a['since_ns'])})" for a in st["open_alerts"])
@@ -365,6 +370,77 @@ def export(
     except (ExportError, FileNotFoundError, StorageError, OSError) as exc:
         fail(str(exc))
     click.echo(f"wrote {rows:,} rows to {output}")
+
+
+@main.command("quarantine")
+@config_option
+@json_option
+@click.option("--limit", default=20, show_default=True, help="Entries to list, newest first.")
+@click.option("--reason", help="Only entries with this reason (e.g. bad-json).")
+@click.option(
+    "--payload",
+    "payload_id",
+    type=int,
+    help="Write this entry's payload (its first 64 KiB) to stdout, as received.",
+)
+def quarantine_cmd(
+    config_path: str | None,
+    as_json: bool,
+    limit: int,
+    reason: str | None,
+    payload_id: int | None,
+) -> None:
+    """What the sensor nodes sent that is not valid readings, and why.
+
+    Lists the newest quarantined messages (time, topic, reason, size) and a count
+    per reason. The quarantine keeps at most storage.quarantine_max_bytes of
+    payload for storage.quarantine_max_age_s; older entries are dropped and
+    counted. Reads the buffer directly: works with the agent running or not.
+    """
+    from edge_agent import quarantine
+    from edge_agent.status import open_readonly
+
+    cfg = load_or_exit(AgentConfig, config_path)
+    try:
+        store = open_readonly(cfg.storage.path)
+    except (FileNotFoundError, StorageError) as exc:
+        fail(str(exc))
+    try:
+        if payload_id is not None:
+            data = quarantine.payload(store, payload_id)
+            if data is None:
+                fail(f"no quarantine entry {payload_id}")
+            sys.stdout.buffer.write(data or b"")
+            return
+        items = quarantine.entries(store, limit, reason)
+        counts = quarantine.by_reason(store)
+        dropped = store.counters().get(quarantine.DROPPED, 0)
+    finally:
+        store.close()
+    if as_json:
+        out = {
+            "by_reason": counts,
+            "dropped": dropped,
+            "entries": [e.__dict__ for e in items],
+        }
+        click.echo(json.dumps(out, indent=2))
+        return
+    if not counts:
+        click.echo(
+            "nothing quarantined" + (f" ({dropped:,} old entries dropped)" if dropped else "")
+        )
+        return
+    table(
+        [
+            (e.id, when(e.received_ns), e.topic, e.reason, f"{e.bytes:,}", e.message[:80])
+            for e in items
+        ],
+        headers=("id", "received", "topic", "reason", "bytes", "why"),
+    )
+    click.echo("")
+    table([(f"  {r}", f"{n:,}") for r, n in counts.items()], headers=("by reason", "entries"))
+    if dropped:
+        click.echo(f"{dropped:,} older entries were dropped (storage.quarantine_max_*)")
 
 
 @main.group()

@@ -44,6 +44,8 @@ class StorageConfig:
     group_commit_max: int = 16
     group_commit_ms: float = 20.0
     max_bytes: int = 1 << 30
+    quarantine_max_bytes: int = 8 << 20
+    quarantine_max_age_s: float = 7 * 24 * 3600.0
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -55,6 +57,10 @@ class StorageConfig:
             raise Invalid("group_commit_ms", "must be >= 0")
         if self.max_bytes != 0 and self.max_bytes < 1 << 20:
             raise Invalid("max_bytes", "must be 0 (no budget) or at least 1048576 (1 MiB)")
+        if self.quarantine_max_bytes < 0:
+            raise Invalid("quarantine_max_bytes", "must be >= 0 (0 = no cap of its own)")
+        if self.quarantine_max_age_s < 0:
+            raise Invalid("quarantine_max_age_s", "must be >= 0 (0 = kept until the cap)")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edge_agent import alerts, buffer
+from edge_agent import alerts, buffer, quarantine
 from edge_agent.alerts import AlertEngine
 from edge_agent.config import AgentConfig
 from edge_agent.mqtt import connect_async, make_client
@@ -189,7 +189,13 @@ class Intake:
             out: list[buffer.StoreResult | None] = []
             for msg, item in group:
                 if isinstance(item, WireError):
-                    buffer.quarantine(self.store, msg.topic, item, bytes(msg.payload))
+                    quarantine.add(
+                        self.store,
+                        msg.topic,
+                        item,
+                        bytes(msg.payload),
+                        max_bytes=self.cfg.storage.quarantine_max_bytes,
+                    )
                     out.append(None)
                     continue
                 out.append(

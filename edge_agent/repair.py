@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import outbox
+from edge_agent import outbox, quarantine
 from edge_agent.lock import BufferLock
 from edge_agent.status import open_readonly
 from edge_agent.store import ROW_COUNTS, Store, crc, data_tables
@@ -338,6 +338,7 @@ def repair(path: str | Path, progress: Callable[[int], None] | None = None) -> R
                     next_seq = max(max_seq + 1, time.time_ns() // 1_000_000)
                 dst.set_state(outbox.NEXT_SEQ, max(next_seq, max_seq + 1))
                 dst.add_counter("repair_lost_rows", sum(r.lost for r in tables.values()))
+                dst.set_state(quarantine.BYTES, -1)  # recounted from what was kept
             dst.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             dst.close()
         except sqlite3.Error as exc:

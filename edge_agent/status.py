@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_agent import budget, buffer, control, outbox
+from edge_agent import budget, buffer, control, outbox, quarantine
 from edge_agent.lock import holder_pid, is_locked, lock_path
 from edge_agent.store import LAST_STORE_ERROR, SCHEMA_VERSION, STORE_ERRORS, Store
 
@@ -74,6 +74,8 @@ def read_status(path: str | Path, now_ns: int | None = None) -> dict[str, Any]:
             "sensors": int(c.execute("SELECT count(*) FROM sensors").fetchone()[0]),
             "raw_chunks": int(c.execute("SELECT count(*) FROM chunks").fetchone()[0]),
             "quarantined": int(c.execute("SELECT count(*) FROM quarantine").fetchone()[0]),
+            "quarantine_bytes": quarantine.total_bytes(store),
+            "quarantine_dropped": counters.get(quarantine.DROPPED, 0),
             "open_alerts": [
                 {"rule": str(r), "since_ns": int(t)}
                 for r, t in c.execute(

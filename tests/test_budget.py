@@ -89,3 +89,55 @@ def test_an_impossible_budget_is_reported_not_fatal(tmp_path: Path) -> None:
     res = budget.enforce(s, 1 << 20)
     assert res.used_bytes > 1 << 20 and res.pruned_chunks == res.dropped_batches == 0
     assert s.counters()["budget_overruns"] == 1
+
+
+def bad(s: Store, k: int, size: int = 100_000, cap: int = 0) -> None:
+    from edge_agent import quarantine
+    from shared.errors import WireError
+
+    with s.tx():
+        exc = WireError("bad-json", f"message {k}")
+        quarantine.add(s, f"sensors/n1/x{k}", exc, bytes([k % 256]) * size, max_bytes=cap)
+
+
+def test_the_quarantine_goes_first_then_raw_then_batches(tmp_path: Path) -> None:
+    """The documented order: bad input never costs good data while there is any left."""
+    from edge_agent import quarantine
+
+    s, _total, closed_until = closed_store(tmp_path)
+    for k in range(60):  # 60 x 64 KiB kept of 100 KB each
+        bad(s, k)
+    kept = quarantine.total_bytes(s)
+    assert kept == 60 * quarantine.KEEP_BYTES
+    limit = budget.used_bytes(s) - kept // 2
+    res = budget.enforce(s, limit)
+    assert res.used_bytes <= limit and res.pruned_chunks == 0 and res.dropped_batches == 0
+    c = s.counters()
+    left = s.conn.execute("SELECT count(*) FROM quarantine").fetchone()[0]
+    assert 0 < left < 60 and c["quarantine_dropped"] == 60 - left
+    # the newest bad messages are the ones kept
+    ids = [e.id for e in quarantine.entries(s, 100)]
+    assert ids == list(range(60, 60 - left, -1))
+    assert quarantine.total_bytes(s) == left * quarantine.KEEP_BYTES
+    # then raw chunks of closed windows: the quarantine is gone first
+    limit = budget.used_bytes(s) - quarantine.total_bytes(s) - (1 << 20)
+    res = budget.enforce(s, limit)
+    assert res.pruned_chunks > 0 and res.dropped_batches == 0
+    assert s.conn.execute("SELECT count(*) FROM quarantine").fetchone()[0] == 0
+    assert open_chunks(s, closed_until) > 0
+
+
+def test_the_quarantine_keeps_to_its_own_cap_and_age(tmp_path: Path) -> None:
+    from edge_agent import quarantine
+
+    s = Store(tmp_path / "a.sqlite")
+    cap = 10 * quarantine.KEEP_BYTES
+    for k in range(25):
+        bad(s, k, cap=cap)
+    assert quarantine.total_bytes(s) <= cap
+    assert s.counters()["quarantine_dropped"] == 15
+    assert [e.message for e in quarantine.entries(s, 1)] == ["bad-json: message 24"]
+    with s.tx():
+        quarantine.free(s, older_than_ns=2**62)  # everything is older than that
+    assert quarantine.entries(s) == [] and quarantine.total_bytes(s) == 0
+    assert s.counters()["quarantine_dropped"] == 25

@@ -4,6 +4,7 @@ its reason, the process stays up, and the valid messages behind them are stored.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -104,6 +105,62 @@ def test_poison_chunks_do_not_stop_the_agents_intake(
         publish_all(broker.port, [("sensors/n1/t", encode_chunk("C", [t0 + 2], [3.0]))])
         wait_until(lambda: counters().get("readings_stored") == 3, 30, "intake after poison")
         assert agent.popen.poll() is None
+        assert agent.terminate() == 0
+    finally:
+        pipe.stop_all()
+
+
+def test_a_flood_of_bad_chunks_costs_no_good_batch(
+    fresh: Callable[[str], Service], tmp_path: Path
+) -> None:
+    """Issue 9: with an 8 MiB disk budget and no cloud, 300 bad chunks of 100 KB used
+    to make the budget drop 12 unsent good batches. The quarantine now keeps to its own
+    cap and is freed first: every good batch stays."""
+    from click.testing import CliRunner
+
+    from edge_agent.cli import main as agent_main
+
+    broker = fresh("mosquitto")
+    pipe = Pipeline(
+        PipelineSpec(
+            workdir=tmp_path,
+            local_port=broker.port,
+            cloud_port=broker.port,
+            targets=[],  # no ingestor: every batch stays unacknowledged in the outbox
+            duration_s=120.0,
+            speed=20.0,
+            drain_timeout_s=0.2,
+            start_ns=(time.time_ns() // W - 14) * W,
+            agent_tables={"storage": {"max_bytes": 8 << 20}},
+        )
+    )
+    agent = pipe.start_agent(flush_on_shutdown=False)
+    try:
+        produced = int(pipe.run_sim(timeout_s=120)["produced"])
+        pipe.wait_agent_has(produced, timeout_s=60)
+        before = int(pipe.agent_status()["counters"].get("batches_created", 0))
+        assert before > 0
+        flood = [("sensors/n9/junk", bytes([65 + k % 26]) * 100_000) for k in range(300)]
+        publish_all(broker.port, flood)
+        wait_until(
+            lambda: pipe.agent_status()["counters"].get("quarantined_bad-json", 0) == 300,
+            60,
+            "the flood to be quarantined",
+        )
+        # the budget is enforced at every tick: wait for the next one
+        wait_until(lambda: pipe.agent_status()["used_bytes"] <= 8 << 20, 30, "the budget")
+        st = pipe.agent_status()
+        c = st["counters"]
+        assert c.get("dropped_budget_batches", 0) == 0, c  # no good batch paid for it
+        assert c["batches_created"] >= before and st["backlog_batches"] == c["batches_created"]
+        assert c["quarantine_dropped"] > 0 and st["quarantine_bytes"] <= 8 << 20
+        res = CliRunner().invoke(
+            agent_main, ["quarantine", "-c", str(pipe.dir / "edge-agent.toml"), "--json"]
+        )
+        assert res.exit_code == 0, res.output
+        listed = json.loads(res.stdout)
+        assert listed["by_reason"] == {"bad-json": 300 - c["quarantine_dropped"]}
+        assert listed["entries"][0]["topic"] == "sensors/n9/junk"
         assert agent.terminate() == 0
     finally:
         pipe.stop_all()

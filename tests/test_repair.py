@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from click.testing import CliRunner, Result
 
-from edge_agent import alerts, buffer, outbox, window
+from edge_agent import alerts, buffer, outbox, quarantine, window
 from edge_agent.alerts import AlertEngine, AlertRule
 from edge_agent.cli import main as agent_main
 from edge_agent.lock import BufferLock
@@ -45,7 +45,7 @@ def fill_every_table(db: Path) -> None:
     rule = AlertRule(name="r", sensor="n/s0", kind="threshold", above=1.0)
     with s.tx():
         alerts.record(s, AlertEngine((rule,), s).evaluate(s, "n", "s0", [T0], [5.0]))
-        buffer.quarantine(s, "sensors/n/x", WireError("bad-json", "nope"), b"{")
+        quarantine.add(s, "sensors/n/x", WireError("bad-json", "nope"), b"{", max_bytes=0)
     outbox.mark_sent(s, [1, 2], timeout_s=30, max_backoff_s=60)
     empty = [t for t in schema_tables() if not s.conn.execute(f"SELECT 1 FROM [{t}]").fetchone()]
     assert empty == [], f"fill these tables too, so the repair test covers them: {empty}"

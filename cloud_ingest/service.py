@@ -26,6 +26,7 @@ exits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -107,19 +108,28 @@ def _no_delay(client: aiomqtt.Client) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def serve(cfg: IngestConfig, stop: asyncio.Event, ready_file: str | None = None) -> Processor:
+async def serve(
+    cfg: IngestConfig,
+    stop: asyncio.Event,
+    ready_file: str | None = None,
+    died: list[str] | None = None,
+) -> Processor:
     points = make_point_sink(cfg.influx)
     archive = open_archive(cfg.archive)
     proc = Processor(cfg, points, archive, stop)
     health = Health()
     metrics: MetricsServer | None = None
     on_group: Callable[[float], None] = _ignore
+    watcher: asyncio.Future[None] | None = None
     if cfg.http.listen:
         metrics = MetricsServer(cfg.http.listen, proc.stats, health).start()
         sink_seconds = metrics.sink_seconds
         proc.on_sink_time = lambda sink, secs: sink_seconds.labels(sink).observe(secs)
         on_group = metrics.group_messages.observe
         log.info("metrics on http://%s/metrics", cfg.http.listen)
+        watcher = asyncio.ensure_future(
+            _watch_threads(metrics, stop, died if died is not None else [])
+        )
     topic = cfg.mqtt.subscription or batch_filter(cfg.mqtt.topic_prefix)
     alerts = cfg.mqtt.alert_subscription or alert_filter(cfg.mqtt.topic_prefix)
     delay = cfg.mqtt.reconnect_min_s
@@ -149,6 +159,8 @@ async def serve(cfg: IngestConfig, stop: asyncio.Event, ready_file: str | None =
                     delay = backoff.next_delay(delay, cfg.mqtt.reconnect_max_s)
     finally:
         health.subscribed.clear()
+        if watcher is not None:
+            watcher.cancel()
         if metrics is not None:
             metrics.stop()
         proc.close()
@@ -305,7 +317,22 @@ def _payload(msg: aiomqtt.Message) -> bytes:
     return bytes(msg.payload) if isinstance(msg.payload, bytes | bytearray) else b""
 
 
+async def _watch_threads(metrics: MetricsServer, stop: asyncio.Event, died: list[str]) -> None:
+    """No silent death: if the HTTP server's thread ends, /healthz and /metrics go
+    with it; stop, so that the process exits 1 and its service manager restarts it."""
+    while not stop.is_set():
+        if not metrics.thread.is_alive():
+            log.critical("the metrics thread died; stopping, to exit with 1")
+            died.append(metrics.thread.name)
+            stop.set()
+            return
+        with contextlib.suppress(TimeoutError):  # a second passed: look again
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+
+
 def run_service(cfg: IngestConfig, ready_file: str | None = None) -> int:
+    died: list[str] = []
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -317,7 +344,11 @@ def run_service(cfg: IngestConfig, ready_file: str | None = None) -> int:
         )
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(cfg, stop, ready_file)
+        await serve(cfg, stop, ready_file, died)
 
-    asyncio.run(main())
-    return 0
+    try:
+        asyncio.run(main())
+    except Exception:  # a bug: say so in the log, and exit 1 for a restart
+        log.critical("cloud-ingest stopped on an unexpected error", exc_info=True)
+        return 1
+    return 1 if died else 0

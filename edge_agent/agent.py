@@ -28,6 +28,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.forward import Forwarder
 from edge_agent.intake import Intake
 from edge_agent.lock import BufferLock
+from edge_agent.mqtt import network_thread_alive
 from edge_agent.store import Store
 from shared.cli import write_ready_file
 from shared.errors import StorageError
@@ -54,6 +55,7 @@ class Agent:
         self._next_beat = 0.0
         self._tick_errors = 0
         self._next_error_log = 0.0
+        self.exit_code = 0
 
     def ready_boundary(self, *, flush: bool = False) -> int:
         """Windows ending at or before this may be sent: the watermark's boundary, or
@@ -110,6 +112,18 @@ class Agent:
                     exc,
                     self._tick_errors,
                 )
+
+    def dead_threads(self) -> list[str]:
+        """The agent's worker threads that have died (intake's and the forwarder's
+        MQTT network threads; the main loop is this thread)."""
+        return [
+            name
+            for name, client in (
+                ("intake", self.intake.client),
+                ("forwarder", self.forwarder.client),
+            )
+            if not network_thread_alive(client)
+        ]
 
     def send_ready(self, *, flush: bool = False) -> None:
         """Close the windows the watermark (or a flush) allows, and revise the closed
@@ -168,19 +182,45 @@ class Agent:
             log.info("agent: signal %d, stopping", signum)
             self.stopping.set()
 
+        def on_thread_death(args: threading.ExceptHookArgs) -> None:
+            name = args.thread.name if args.thread is not None else "?"
+            log.critical(
+                "agent: thread %s died: %s: %s",
+                name,
+                args.exc_type.__name__,
+                args.exc_value,
+                exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
+            )
+
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
+        previous_hook, threading.excepthook = threading.excepthook, on_thread_death
         log.info("agent: device %s, buffer %s", self.cfg.device_id, self.cfg.storage.path)
         log.info("agent: %s window kernels ready in %.2f s", kernels.BACKEND, kernels.warm_up())
         self.intake.start()
         self.forwarder.start()
         ready_pending = ready_file is not None
         while not self.stopping.wait(self.cfg.tick_s):
+            dead = self.dead_threads()
+            if dead:
+                # No silent death: a dead thread would leave a process that looks
+                # alive and stores nothing. Exit non-zero, so that the service
+                # manager restarts the agent (the broker keeps what was not acked).
+                log.critical(
+                    "agent: the %s thread died (see the error above); exiting with 1 so "
+                    "that the service manager restarts the agent",
+                    " and ".join(dead),
+                )
+                self.exit_code = 1
+                break
             if ready_pending and self.intake.subscribed.is_set():
                 write_ready_file(ready_file)
                 ready_pending = False
             self.safe_tick()
-        return self.shutdown()
+        try:
+            return self.shutdown() or self.exit_code
+        finally:
+            threading.excepthook = previous_hook
 
     def shutdown(self) -> int:
         self.intake.stop()

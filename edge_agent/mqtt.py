@@ -1,4 +1,5 @@
-"""paho-mqtt client construction for the agent: the one place paho is configured."""
+"""paho-mqtt client construction for the agent: the one place paho is configured,
+and the one place its internals are read (its network thread, for supervision)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,11 @@ def connect_async(client: mqtt.Client, cfg: BrokerConfig) -> None:
         properties=connect_properties(cfg.session_expiry_s),
     )
     client.loop_start()
+
+
+def network_thread_alive(client: mqtt.Client) -> bool:
+    """True while paho's network thread (``loop_start``) runs. paho ends that thread
+    when a callback raises, and offers no public way to see it: its ``_thread``
+    attribute is read here, and only here (paho-mqtt is pinned below 3)."""
+    thread = client._thread  # private: no public accessor (see the docstring)
+    return thread is not None and thread.is_alive()

@@ -165,3 +165,45 @@ def test_a_second_agent_on_the_same_buffer_refuses_to_start(
         assert not is_locked(pipe.agent_db)  # released at exit
     finally:
         pipe.stop_all()
+
+
+def test_a_dead_intake_thread_stops_the_agent_with_exit_1(
+    mosquitto: Service, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No silent death. paho ends its network thread when a callback raises; before,
+    the agent went on without intake, `status` said it was running, and nothing was
+    stored. A bug is simulated here (a callback that raises) in a real agent loop with
+    real paho threads and broker: the agent logs why and exits 1, for its service
+    manager to restart it, and releases its buffer."""
+    import threading
+
+    from edge_agent.agent import Agent
+    from edge_agent.config import AgentConfig
+    from shared.config import from_dict
+
+    broker = {"port": mosquitto.port}
+    cfg = from_dict(
+        AgentConfig,
+        {
+            "device_id": f"dies-{os.getpid()}",
+            "storage": {"path": str(tmp_path / "a.sqlite")},
+            "intake": {"broker": broker},
+            "forward": {"broker": broker, "drain_timeout_s": 0.1},
+        },
+    )
+    agent = Agent(cfg)
+
+    def boom(*_args: object) -> None:
+        raise RuntimeError("injected bug in a callback")
+
+    def break_intake() -> None:
+        wait_until(agent.intake.subscribed.is_set, 60, "the agent to subscribe")
+        agent.intake.client.on_message = boom
+        t0 = (time.time_ns() // W - 5) * W
+        publish_all(mosquitto.port, [("sensors/n1/t", encode_chunk("C", [t0], [1.0]))])
+
+    threading.Thread(target=break_intake, daemon=True).start()
+    assert agent.run() == 1
+    assert "thread paho-mqtt-client-" in caplog.text and "injected bug" in caplog.text
+    assert "the intake thread died" in caplog.text
+    assert not is_locked(tmp_path / "a.sqlite")

@@ -359,3 +359,28 @@ def test_json_logs_are_one_object_per_line_with_fields(
     (q,) = [r for r in records if r["msg"].startswith("quarantine")]
     assert q["level"] == "WARNING" and q["reason"] == "bad-magic"
     assert q["topic"] == f"{prefix}/dev-1/batch"
+
+
+def test_a_dead_metrics_thread_stops_the_ingestor() -> None:
+    """No silent death: the watcher sees the HTTP server's thread end and stops the
+    service, which then exits 1 (run_service) for its manager to restart it."""
+    from cloud_ingest.http import Health, MetricsServer
+    from cloud_ingest.process import Stats
+    from cloud_ingest.service import _watch_threads
+
+    metrics = MetricsServer(f"127.0.0.1:{free_port()}", Stats(), Health()).start()
+    died: list[str] = []
+
+    async def main() -> bool:
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(_watch_threads(metrics, stop, died))
+        await asyncio.sleep(0)
+        metrics.server.shutdown()  # its thread ends, as if it had died
+        await asyncio.wait_for(watcher, 10)
+        return stop.is_set()
+
+    try:
+        assert asyncio.run(main()) is True
+    finally:
+        metrics.server.server_close()
+    assert died == ["metrics-http"]

@@ -30,24 +30,22 @@ import contextlib
 import json
 import logging
 import signal
-import socket
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import aiomqtt
-import paho.mqtt.client as mqtt
 
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.http import Health, MetricsServer
+from cloud_ingest.mqttclient import IngestClient
 from cloud_ingest.process import Outcome, Processor, ShuttingDown
 from cloud_ingest.sinks.archive import open_archive
 from cloud_ingest.sinks.influx import make_point_sink
 from shared import backoff
 from shared.acks import CONTENT_TYPE as ACK_CONTENT_TYPE
 from shared.cli import write_ready_file
-from shared.mqttprops import connect_properties, publish_properties
-from shared.tls import ssl_context
+from shared.mqttprops import publish_properties
 from shared.topics import ack_topic, alert_filter, batch_filter
 
 log = logging.getLogger("cloud_ingest.service")
@@ -55,57 +53,6 @@ ACK_PROPERTIES = publish_properties(ACK_CONTENT_TYPE, [])
 #: Groups in hand: one being written, the next decoded and waiting for it. More
 #: would only make them smaller (each group's writes wait for the one before).
 GROUPS_IN_HAND = 2
-
-
-def _client(cfg: IngestConfig) -> aiomqtt.Client:
-    client = aiomqtt.Client(
-        cfg.mqtt.host,
-        cfg.mqtt.port,
-        identifier=cfg.mqtt.client_id,
-        protocol=aiomqtt.ProtocolVersion.V5,
-        clean_start=False,
-        properties=connect_properties(cfg.mqtt.session_expiry_s, cfg.mqtt.receive_maximum),
-        keepalive=cfg.mqtt.keepalive_s,
-        tls_context=ssl_context(cfg.mqtt.tls),
-        # one device ack per message in hand may be awaiting the broker's PUBACK;
-        # paho's default of 20 queued the rest behind them
-        max_inflight_messages=cfg.mqtt.receive_maximum,
-    )
-    # aiomqtt logs a warning per publish while more than 10 await their PUBACK:
-    # thousands of lines a second under load, and a measurable cost
-    client.pending_calls_threshold = 2 * cfg.mqtt.receive_maximum
-    # PUBACK only once a message is written (or quarantined): aiomqtt acknowledges on
-    # receipt and has no option for this, so it is set on its paho client. This
-    # module alone reaches into aiomqtt (its paho client and message queue; aiomqtt
-    # is pinned below 3 in pyproject).
-    client._client.manual_ack_set(True)
-    return client
-
-
-def _ack(client: aiomqtt.Client, msg: aiomqtt.Message) -> None:
-    client._client.ack(msg.mid, msg.qos)
-
-
-def _tell(client: aiomqtt.Client, topic: str, payload: bytes) -> None:
-    """Publish a device ack at QoS 1 without waiting for the broker's PUBACK.
-
-    It goes out after the PUBACK of the batch it answers (same connection, in
-    order). Waiting for the broker's PUBACK of every ack (aiomqtt's ``publish``)
-    put a network round trip between one group's writes and the next's. If the
-    connection drops first, the ack may be lost: the device resends the batch,
-    which is then recognised as written (or written again, the same version) and
-    acked again."""
-    info = client._client.publish(topic, payload, qos=1, properties=ACK_PROPERTIES)
-    if info.rc != mqtt.MQTT_ERR_SUCCESS:
-        raise aiomqtt.MqttError(f"could not publish an ack: {mqtt.error_string(info.rc)}")
-
-
-def _no_delay(client: aiomqtt.Client) -> None:
-    """Send small packets (PUBACKs, acks) at once: with Nagle's algorithm on, they
-    waited for the broker's delayed TCP ACK, ~40 ms each on Linux."""
-    sock = client._client.socket()
-    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 async def serve(
@@ -136,10 +83,11 @@ async def serve(
     try:
         while not stop.is_set():
             try:
-                async with _client(cfg) as client:
-                    _no_delay(client)
-                    await client.subscribe(topic, qos=1)
-                    await client.subscribe(alerts, qos=1)
+                # Received and not acknowledged, queued or in hand, at most what
+                # Receive Maximum promises, whatever the broker sends (mqttclient.py)
+                async with IngestClient(cfg, cfg.mqtt.receive_maximum) as client:
+                    await client.subscribe(topic)
+                    await client.subscribe(alerts)
                     log.info("subscribed to %s on %s:%s", topic, cfg.mqtt.host, cfg.mqtt.port)
                     delay = cfg.mqtt.reconnect_min_s
                     health.subscribed.set()
@@ -171,7 +119,7 @@ async def serve(
 
 
 async def _consume(
-    client: aiomqtt.Client,
+    client: IngestClient,
     proc: Processor,
     stop: asyncio.Event,
     health: Health,
@@ -187,27 +135,26 @@ async def _consume(
     other, so a device's batches are written in order."""
     inflight: deque[tuple[list[aiomqtt.Message], asyncio.Task[list[Outcome] | None]]] = deque()
     failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    waiting = client._queue  # aiomqtt's queue of received messages (pinned below 3)
-    # Read by the HTTP server's thread: plain integers that the event loop updates,
-    # never the deque itself (iterating it there raced with the loop's changes).
-    in_hand = [0]
-    health.queue_depth = lambda: waiting.qsize() + in_hand[0]
-    health.in_hand = lambda: in_hand[0]
+    # Read by the HTTP server's thread: integers that the event loop updates, never
+    # the deque itself (iterating it there raced with the loop's changes).
+    health.queue_depth = lambda: client.held
+    health.in_hand = lambda: client.in_hand
+    client.bound()
     prefix = proc.cfg.mqtt.topic_prefix
 
     def puback_ready(_task: object = None) -> None:
         while inflight and inflight[0][1].done():
             msgs, task = inflight.popleft()
-            in_hand[0] -= len(msgs)
             if task.cancelled() or task.exception() is not None:
                 if not failed.done():
                     failed.set_exception(task.exception() or asyncio.CancelledError())
                 continue
             outcomes = task.result()
             if outcomes is None:
-                continue  # abandoned at shutdown: neither acknowledged nor answered
+                client.forget(len(msgs))  # abandoned at shutdown: neither acked nor answered
+                continue
             for msg in msgs:
-                _ack(client, msg)  # now the broker may forget it
+                client.ack(msg)  # now the broker may forget it
             # Only then the devices: once a device has its ack, no copy of the batch
             # is left with the broker to be delivered again, to this process or to
             # another member of a shared subscription (the PUBACK went first on this
@@ -216,7 +163,7 @@ async def _consume(
             try:
                 for o in outcomes:
                     if o.ack is not None and o.device is not None:
-                        _tell(client, ack_topic(o.device, prefix), o.ack.encode())
+                        client.tell(ack_topic(o.device, prefix), o.ack.encode())
                         proc.stats.inc(f"acks_{o.ack.status}")
             except aiomqtt.MqttError as exc:
                 if not failed.done():
@@ -285,12 +232,14 @@ async def _consume(
                 nxt.cancel()
                 break
             msgs = [nxt.result()]
+            client.taken()
             # Brokers should send no more than Receive Maximum unacknowledged;
             # Mosquitto 2.0.11 sends more once PUBACKs flow (eclipse/mosquitto#2301),
-            # so the limit is kept here too: the rest waits in aiomqtt's queue.
-            take = rm - in_hand[0]
-            while len(msgs) < take and not waiting.empty():
-                msgs.append(waiting.get_nowait())
+            # so the limit is kept here too: the rest waits in the client's queue
+            # (which stops reading the socket when full, see mqttclient.py).
+            take = rm - (client.in_hand - 1)
+            while len(msgs) < take and client.waiting():
+                msgs.append(client.take_nowait())
             on_group(len(msgs))
             decoded = asyncio.Event()
             last = asyncio.create_task(work(msgs, last, decoded))
@@ -299,7 +248,6 @@ async def _consume(
             last.add_done_callback(finished)
             last.add_done_callback(puback_ready)
             inflight.append((msgs, last))
-            in_hand[0] += len(msgs)
     finally:
         stop_wait.cancel()
         if inflight:  # drain; retries end within retry.shutdown_grace_s of the stop

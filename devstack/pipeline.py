@@ -57,6 +57,7 @@ class IngestTarget:
     archive: dict[str, Any]
     env: dict[str, str] = field(default_factory=dict)
     mqtt: dict[str, Any] = field(default_factory=dict)  # more [mqtt] keys (subscription ...)
+    http: dict[str, Any] = field(default_factory=dict)  # [http] (listen = "127.0.0.1:<port>")
 
 
 @dataclass
@@ -199,6 +200,7 @@ class Pipeline:
                 "influx": t.influx,
                 "archive": t.archive,
                 "retry": {"initial_s": 0.2, "max_s": 2.0},
+                **({"http": t.http} if t.http else {}),
             }
             path = self.dir / f"cloud-ingest-{t.name}.toml"
             path.write_text(toml_dumps(cfg))

@@ -164,3 +164,62 @@ def test_a_flood_of_bad_chunks_costs_no_good_batch(
         assert agent.terminate() == 0
     finally:
         pipe.stop_all()
+
+
+def test_memory_stays_bounded_when_the_broker_sends_more_than_it_should(
+    fresh: Callable[[str], Service], influxdb: Service, influx_db: str, tmp_path: Path
+) -> None:
+    """Issue 9: once PUBACKs flow, Mosquitto 2.0.11 no longer honours Receive Maximum,
+    and the ingestor's client queued whatever came: in a flood of bad messages (each
+    quarantined, written to the lake and acknowledged) it once held 24,275 messages
+    and 1.25 GB. Now it stops reading the socket at Receive Maximum: what it has
+    received and not acknowledged never exceeds that."""
+    import threading
+    import urllib.request
+
+    from devstack.services import free_port
+
+    def depth() -> float:
+        url = f"http://127.0.0.1:{http}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith("cloud_ingest_queue_depth "):
+                    return float(line.split()[-1])
+        return 0.0
+
+    broker = fresh("mosquitto")
+    archive = tmp_path / "archive"
+    http = free_port()
+    rm = 16
+    pipe = Pipeline(
+        PipelineSpec(
+            workdir=tmp_path / "run",
+            local_port=broker.port,
+            cloud_port=broker.port,
+            targets=[
+                IngestTarget(
+                    "i",
+                    {"api": "v1", "url": influxdb.url, "database": influx_db},
+                    {"url": f"file://{archive}"},
+                    mqtt={"receive_maximum": rm},
+                    http={"listen": f"127.0.0.1:{http}"},
+                )
+            ],
+        )
+    )
+    try:
+        (ingestor,) = pipe.start_ingestors()
+        n = 3000
+        flood = [("telemetry/v1/dev-f/batch", b"not a batch: junk %05d" % k) for k in range(n)]
+        sender = threading.Thread(target=publish_all, args=(broker.port, flood))
+        sender.start()
+        peak = 0.0
+        while sender.is_alive() or quarantined(archive).get("reason=bad-magic", 0) < n:
+            peak = max(peak, depth())
+            assert ingestor.popen.poll() is None
+            time.sleep(0.02)  # the sampling interval of a gauge, not a wait for an event
+        sender.join()
+        assert 0 < peak <= rm + 1, f"held {peak:.0f} messages, Receive Maximum {rm}"
+        assert quarantined(archive) == {"reason=bad-magic": n}
+    finally:
+        pipe.stop_all()

@@ -258,10 +258,12 @@ def compact(
 def _lake_config(cfg: IngestConfig, source: str | None, endpoint: str | None) -> ArchiveConfig:
     """The lake to read: --from (and --s3-endpoint-url) over the config's [archive].
     A bad --from is one line and exit 2, like a bad config."""
+    from pathlib import Path
+
     from shared.config import Invalid
 
     try:
-        return ArchiveConfig(
+        lake = ArchiveConfig(
             url=source or cfg.archive.url,
             s3_endpoint_url=cfg.archive.s3_endpoint_url if endpoint is None else endpoint,
             s3_region=cfg.archive.s3_region,
@@ -269,6 +271,11 @@ def _lake_config(cfg: IngestConfig, source: str | None, endpoint: str | None) ->
     except Invalid as exc:
         click.echo(f"error: --from: {exc.message}", err=True)
         sys.exit(EXIT_CONFIG)
+    folder = lake.url[len("file://") :] if lake.url.startswith("file://") else None
+    if folder is not None and not Path(folder).is_dir():
+        click.echo(f"error: --from: no lake at {folder} (not a directory)", err=True)
+        sys.exit(EXIT_CONFIG)
+    return lake
 
 
 main.add_command(config_group(IngestConfig, "cloud_ingest"))

@@ -306,6 +306,9 @@ class Processor:
             await self._put_objects(
                 [(items[i], obj) for i in refused for obj in self._quarantine_objects(items[i])]
             )
+            # The lake holds what InfluxDB holds: a batch InfluxDB refused for good
+            # leaves it (it is in the quarantine), so that a replay never meets it.
+            await self._delete_objects([key for i in refused for key, _ in items[i].objects])
         return [self._outcome(items, i) for i in range(len(items))]
 
     def _outcome(self, items: list[Item], i: int) -> Outcome:
@@ -421,6 +424,17 @@ class Processor:
                 raise first
 
         if pending:
+            await self._with_retry("archive", attempt)
+
+    async def _delete_objects(self, keys: list[str]) -> None:
+        loop = asyncio.get_running_loop()
+
+        async def attempt() -> None:
+            await asyncio.gather(
+                *(loop.run_in_executor(self._puts, self.archive.delete, key) for key in keys)
+            )
+
+        if keys:
             await self._with_retry("archive", attempt)
 
     def _quarantine_objects(self, item: Item) -> list[tuple[str, bytes]]:

@@ -8,10 +8,11 @@ and prints a table for people or JSON (``--json``) for scripts.
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -43,9 +44,20 @@ def json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
 
 
-def fail(message: str, code: int = EXIT_FAILURE) -> None:
+def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+#: What reading or writing the buffer can raise; a command turns each into one line.
+BUFFER_ERRORS = (FileNotFoundError, StorageError, sqlite3.Error)
+
+
+def buffer_failed(exc: BaseException, hint: str = "run `edge-agent buffer check`") -> NoReturn:
+    """One line for a buffer that cannot be used; SQLite's own errors mean damage."""
+    if isinstance(exc, sqlite3.Error):
+        fail(f"the buffer cannot be read ({exc}): {hint}")
+    fail(str(exc))
 
 
 def table(rows: Sequence[Sequence[object]], headers: Sequence[str] | None = None) -> None:
@@ -131,8 +143,8 @@ def status(config_path: str | None, as_json: bool) -> None:
     cfg = load_or_exit(AgentConfig, config_path)
     try:
         st = read_status(cfg.storage.path)
-    except (FileNotFoundError, StorageError) as exc:
-        fail(str(exc))
+    except BUFFER_ERRORS as exc:
+        buffer_failed(exc)
     st["max_bytes"] = cfg.storage.max_bytes
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
@@ -194,8 +206,8 @@ def sensors(config_path: str | None, as_json: bool, windows: int) -> None:
     cfg = load_or_exit(AgentConfig, config_path)
     try:
         views = read_sensors(cfg.storage.path, width_ns=cfg.window.width_ns, windows=windows)
-    except (FileNotFoundError, StorageError) as exc:
-        fail(str(exc))
+    except BUFFER_ERRORS as exc:
+        buffer_failed(exc)
     if as_json:
         click.echo(json.dumps([{**v.__dict__, "sparkline": v.sparkline} for v in views], indent=2))
         return
@@ -367,8 +379,10 @@ def export(
                 fmt="parquet" if fmt == "parquet" else "csv",
                 progress=bar.update,
             )
-    except (ExportError, FileNotFoundError, StorageError, OSError) as exc:
+    except (ExportError, OSError) as exc:
         fail(str(exc))
+    except BUFFER_ERRORS as exc:
+        buffer_failed(exc)
     click.echo(f"wrote {rows:,} rows to {output}")
 
 
@@ -403,8 +417,8 @@ def quarantine_cmd(
     cfg = load_or_exit(AgentConfig, config_path)
     try:
         store = open_readonly(cfg.storage.path)
-    except (FileNotFoundError, StorageError) as exc:
-        fail(str(exc))
+    except BUFFER_ERRORS as exc:
+        buffer_failed(exc)
     try:
         if payload_id is not None:
             data = quarantine.payload(store, payload_id)
@@ -458,8 +472,8 @@ def buffer_check(config_path: str | None, as_json: bool) -> None:
     cfg = load_or_exit(AgentConfig, config_path)
     try:
         rep = check(cfg.storage.path)
-    except (FileNotFoundError, StorageError) as exc:
-        fail(str(exc))
+    except BUFFER_ERRORS as exc:
+        buffer_failed(exc, "run `edge-agent buffer repair` with the agent stopped")
     if as_json:
         click.echo(json.dumps({"ok": rep.ok, "problems": rep.problems, "rows": rep.rows}, indent=2))
     else:
@@ -492,8 +506,8 @@ def buffer_repair(config_path: str | None, as_json: bool) -> None:
     try:
         with click.progressbar(length=0, label="repairing", file=sys.stderr) as bar:
             rep = repair(cfg.storage.path, progress=bar.update)
-    except (FileNotFoundError, StorageError) as exc:
-        fail(str(exc))
+    except BUFFER_ERRORS as exc:
+        buffer_failed(exc)
     if as_json:
         click.echo(json.dumps(rep.to_json(), indent=2))
         return
@@ -514,7 +528,13 @@ def buffer_repair(config_path: str | None, as_json: bool) -> None:
         for reason, n in sorted(r.reasons.items()):
             click.echo(f"{t}: {n} dropped: {reason}")
     lost = sum(rep.lost.values())
-    click.echo(f"{lost} rows could not be kept" if lost else "every row was kept")
+    if any(r.counted is None for r in rep.tables.values()):
+        click.echo(
+            f"{lost} rows could not be kept, and the file's own row counts were unreadable: "
+            "rows on pages that could not be read at all are not in that number"
+        )
+    else:
+        click.echo(f"{lost} rows could not be kept" if lost else "every row was kept")
     click.echo(f"damaged file kept as {rep.damaged_copy}")
 
 

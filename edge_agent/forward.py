@@ -154,6 +154,15 @@ class Forwarder:
         for item in outbox.due(
             self.store, room, exclude=busy, now_ns=now, live_since_ns=live_since
         ):
+            if not item.intact:
+                log.error(
+                    "forward: %s seq %d is damaged on disk (its checksum does not match); "
+                    "dropped, counted as dropped_damaged_*",
+                    "alert" if item.alert else "batch",
+                    item.seq,
+                )
+                outbox.drop_damaged(self.store, item)
+                continue
             if not item.live and f.backfill_bytes_per_s:
                 if self._tokens < min(len(item.payload), f.backfill_bytes_per_s):
                     return  # the backfill waits for its byte budget; live batches went first

@@ -38,6 +38,12 @@ class Outgoing:
     attempts: int
     live: bool = False
     alert: bool = False
+    crc: int | None = None  # of the payload as written; None in rows from older agents
+
+    @property
+    def intact(self) -> bool:
+        """The payload is what was written (the SD card did not damage it)."""
+        return self.crc is None or crc(self.payload) == self.crc
 
 
 def next_seq(store: Store) -> int:
@@ -92,17 +98,19 @@ def due(
     skip = set(exclude)
     out: list[Outgoing] = []
     # alerts before everything else
-    for seq, payload, attempts in store.conn.execute(
-        "SELECT seq, payload, attempts FROM alerts "
+    for seq, payload, attempts, check in store.conn.execute(
+        "SELECT seq, payload, attempts, crc FROM alerts "
         "WHERE state = 'pending' OR (state = 'sent' AND next_try_ns <= ?) ORDER BY seq LIMIT ?",
         (now_ns, limit + len(skip)),
     ):
         if len(out) >= limit:
             return out
         if seq not in skip:
-            out.append(Outgoing(int(seq), bytes(payload), int(attempts), True, alert=True))
+            out.append(
+                Outgoing(int(seq), bytes(payload), int(attempts), True, alert=True, crc=check)
+            )
     base = (
-        "SELECT seq, payload, attempts FROM outbox "
+        "SELECT seq, payload, attempts, crc FROM outbox "
         "WHERE (state = 'pending' OR (state = 'sent' AND next_try_ns <= ?)) "
         "AND NOT EXISTS (SELECT 1 FROM outbox_after d WHERE d.seq = outbox.seq) "
     )
@@ -117,11 +125,11 @@ def due(
     else:
         queries.append((base + "ORDER BY seq LIMIT ?", (now_ns,), False))
     for sql, args, live in queries:
-        for seq, payload, attempts in store.conn.execute(sql, (*args, limit + len(skip))):
+        for seq, payload, attempts, check in store.conn.execute(sql, (*args, limit + len(skip))):
             if len(out) >= limit:
                 return out
             if seq not in skip:
-                out.append(Outgoing(int(seq), bytes(payload), int(attempts), live))
+                out.append(Outgoing(int(seq), bytes(payload), int(attempts), live, crc=check))
     return out
 
 
@@ -190,6 +198,15 @@ def _find(store: Store, seq: int, column: str) -> tuple[str, tuple[int, ...] | N
         if row is not None:
             return table, tuple(row)
     return "outbox", None
+
+
+def drop_damaged(store: Store, item: Outgoing) -> None:
+    """A batch or alert whose payload no longer matches its checksum: it cannot be
+    sent (the cloud would refuse it, or never answer), so it is dropped, counted."""
+    table, what = ("alerts", "alerts") if item.alert else ("outbox", "batches")
+    with store.tx():
+        store.conn.execute(f"DELETE FROM {table} WHERE seq = ?", (item.seq,))
+        store.add_counter(f"dropped_damaged_{what}", 1)
 
 
 def count_unacked(store: Store) -> int:

@@ -255,7 +255,9 @@ def encode_batch(batch: Batch, *, compress: bool = True, level: int = 3) -> byte
     body = _U32.pack(len(hbytes)) + hbytes + b"".join(blobs)
     if compress:
         return _PREAMBLE.pack(MAGIC, FORMAT_VERSION, CODEC_ZSTD, len(body)) + (
-            zstandard.ZstdCompressor(level=level).compress(body)
+            # the frame's content checksum (XXH64, 4 bytes): damage on the device's SD
+            # card or on the way fails the decode (bad-compression) instead of passing
+            zstandard.ZstdCompressor(level=level, write_checksum=True).compress(body)
         )
     return _PREAMBLE.pack(MAGIC, FORMAT_VERSION, CODEC_NONE, len(body)) + body
 

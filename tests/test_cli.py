@@ -103,3 +103,31 @@ def test_a_bad_lake_url_is_one_line_and_exit_2(args: list[str]) -> None:
     res = CliRunner().invoke(ingest_main, args)
     assert res.exit_code == 2, res.output
     assert res.output.startswith("error: --from: must be file://") and res.output.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status"],
+        ["sensors"],
+        ["quarantine"],
+        ["buffer", "check"],
+        ["export", "--since", "2026-01-01", "--until", "2026-01-02", "-o", "x.csv"],
+    ],
+)
+def test_a_buffer_that_is_not_a_database_is_one_line_and_exit_1(
+    args: list[str], tmp_path: Path
+) -> None:
+    (tmp_path / "bad.sqlite").write_text("not a database\n")
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'[storage]\npath = "{tmp_path / "bad.sqlite"}"\n')
+    res = CliRunner().invoke(agent_main, [*args, "-c", str(cfg)])
+    assert res.exit_code == 1, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error: the buffer cannot be read (file is not a database)")
+    assert "Traceback" not in res.output
+
+
+def test_a_lake_folder_that_does_not_exist_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    res = CliRunner().invoke(ingest_main, ["replay", "--from", f"file://{tmp_path}/none"])
+    assert res.exit_code == 2 and res.output.startswith("error: --from: no lake at ")

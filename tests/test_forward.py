@@ -82,3 +82,17 @@ def test_no_cap_and_in_flight_limit(tmp_path: Path) -> None:
     assert sorted(fwd._in_flight.values()) == [1, 2, 3, 4]  # oldest first, 4 at a time
     fwd.pump()
     assert len(fake.published) == 4  # none acked yet: still 4 in flight
+
+
+def test_a_batch_damaged_on_disk_is_dropped_and_counted_not_sent(tmp_path: Path) -> None:
+    fwd, fake = forwarder(tmp_path, live_batches=0, old_batches=3)
+    s = fwd.store
+    (payload,) = s.conn.execute("SELECT payload FROM outbox WHERE seq = 2").fetchone()
+    damaged = bytearray(payload)
+    damaged[len(damaged) // 2] ^= 0x04  # one bit of rot on the SD card
+    s.conn.execute("UPDATE outbox SET payload = ? WHERE seq = 2", (bytes(damaged),))
+    fwd.pump()
+    assert sorted(fwd._in_flight.values()) == [1, 3]
+    assert all(p != bytes(damaged) for _, p in fake.published)
+    assert s.conn.execute("SELECT count(*) FROM outbox WHERE seq = 2").fetchone()[0] == 0
+    assert s.counters()["dropped_damaged_batches"] == 1

@@ -124,6 +124,10 @@ def test_a_permanent_influx_failure_is_pinned_on_its_batch() -> None:
     assert [len(r) for r in points.requests] == [6, 2, 2, 2]
     assert any(k.startswith("quarantine/reason=sink-rejected/") for k in store.objects)
     assert proc.stats.counters["batches_written"] == 2
+    # the lake holds what InfluxDB holds: the refused batch is only in the quarantine,
+    # so that a replay of the lake never meets it
+    lake = [parse_key(k) for k in store.objects if k.startswith("aggregates/")]
+    assert sorted(k.device_id for k in lake if k) == ["a", "c"]
 
 
 def test_a_refused_object_quarantines_only_its_batch() -> None:

@@ -53,9 +53,10 @@ def flood(port: int, messages: list[tuple[str, bytes]]) -> None:
     client.connect("127.0.0.1", port)
     client.loop_start()
     try:
-        infos = [client.publish(topic, payload, qos=1) for topic, payload in messages]
-        for info in infos:
-            info.wait_for_publish(600)
+        for at in range(0, len(messages), 2000):  # in slices: bounded memory in paho
+            infos = [client.publish(t, p, qos=1) for t, p in messages[at : at + 2000]]
+            for info in infos:
+                info.wait_for_publish(600)
     finally:
         client.disconnect()
         client.loop_stop()

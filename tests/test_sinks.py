@@ -127,3 +127,45 @@ def test_influx_outage_then_recovery(fresh: Callable[[str], Service]) -> None:
     svc.start()
     sink.write([LINE.format(v=1.0, t=5)])
     assert len(influxq.v1_windows(svc.url, "t")) == 1
+
+
+def test_every_backend_method_raises_only_the_shared_errors(tmp_path: Path) -> None:
+    """Errors are translated at one place per backend: whatever fails underneath (a
+    directory that is a file, an S3 endpoint or an InfluxDB that refuses the
+    connection), every method raises a SinkError (retryable or permanent), never
+    an OSError, a botocore or a urllib3 exception."""
+    from shared.errors import SinkError
+
+    (tmp_path / "not-a-dir").write_text("a file where the lake should be\n")
+    closed = f"http://127.0.0.1:{free_port()}"
+    archives = [
+        LocalArchive(tmp_path / "not-a-dir"),
+        S3Archive("bucket", "lake", endpoint_url=closed, region="us-east-1"),
+    ]
+    key = "aggregates/dt=2026-01-01/device_id=d/seq=00000000000000000001.parquet"
+    calls: list[tuple[str, Callable[[], object]]] = []
+    for a in archives:
+        calls += [
+            (f"{type(a).__name__}.put", lambda a=a: a.put(key, b"x")),
+            (f"{type(a).__name__}.get", lambda a=a: a.get(key)),
+            (f"{type(a).__name__}.list", lambda a=a: a.list("aggregates/dt=2026-01-01/")),
+            (f"{type(a).__name__}.delete", lambda a=a: a.delete(key)),
+        ]
+    v1 = InfluxV1Sink(InfluxConfig(url=closed, timeout_s=2))
+    v2 = InfluxV2Sink(InfluxConfig(api="v2", url=closed, org="o", token="t", timeout_s=2))
+    calls += [("InfluxV1Sink.write", lambda: v1.write(["m v=1 1"]))]
+    calls += [("InfluxV2Sink.write", lambda: v2.write(["m v=1 1"]))]
+    try:
+        for name, call in calls:
+            try:
+                call()
+            except SinkError:
+                continue
+            except Exception as exc:  # noqa: BLE001 (what the test looks for)
+                pytest.fail(f"{name} raised {type(exc).__name__}: {exc}")
+            pytest.fail(f"{name} did not fail")
+    finally:
+        for a in archives:
+            a.close()
+        v1.close()
+        v2.close()

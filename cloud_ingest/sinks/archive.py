@@ -66,7 +66,10 @@ class LocalArchive:
             raise RetryableSinkError(f"archive write to {path} failed: {exc}") from None
 
     def get(self, key: str) -> bytes:
-        return self._path(key).read_bytes()
+        try:
+            return self._path(key).read_bytes()
+        except OSError as exc:
+            raise RetryableSinkError(f"archive read of {key} failed: {exc}") from None
 
     def delete(self, key: str) -> None:
         try:
@@ -76,13 +79,18 @@ class LocalArchive:
 
     def list(self, prefix: str) -> list[str]:
         base = self.root / prefix
-        if not base.exists():
-            return []
-        return sorted(
-            str(p.relative_to(self.root))
-            for p in base.rglob("*")
-            if p.is_file() and not p.name.startswith(".tmp-")
-        )
+        try:
+            if self.root.exists() and not self.root.is_dir():
+                raise NotADirectoryError(f"the archive root {self.root} is not a directory")
+            if not base.exists():
+                return []
+            return sorted(
+                str(p.relative_to(self.root))
+                for p in base.rglob("*")
+                if p.is_file() and not p.name.startswith(".tmp-")
+            )
+        except OSError as exc:
+            raise RetryableSinkError(f"archive list of {prefix} failed: {exc}") from None
 
     def close(self) -> None:
         pass

@@ -57,35 +57,6 @@ class Agent:
         self._next_error_log = 0.0
         self.exit_code = 0
 
-    def ready_boundary(self, *, flush: bool = False) -> int:
-        """Windows ending at or before this may be sent: the watermark's boundary, or
-        with ``flush`` the end of the last window holding the newest reading."""
-        max_ts = self.store.get_state(buffer.MAX_TS)
-        if max_ts == 0:
-            return 0
-        w = self.cfg.window
-        if flush:
-            return window.flush_boundary(max_ts, w.width_ns, w.hop_ns)
-        return window.close_boundary(max_ts, w.lateness_ns, w.hop_ns)
-
-    def close_ready_windows(self, *, flush: bool = False) -> list[int]:
-        upto = self.ready_boundary(flush=flush)
-        if upto == 0:
-            return []
-        w = self.cfg.window
-        seqs = window.close_until(
-            self.store,
-            device_id=self.cfg.device_id,
-            width_ns=w.width_ns,
-            upto_ns=upto,
-            max_rows=self.cfg.forward.max_windows_per_batch,
-            sketches=w.sketches,
-            hop_ns=w.hop_ns,
-        )
-        if seqs:
-            log.info("window: closed windows up to %d into batches %s", upto, seqs)
-        return seqs
-
     def raw_needed_from(self) -> int:
         """Raw readings (and window versions) from here on may still be needed: by a
         revision, or by a hopping window that is still open. A late reading is kept
@@ -126,20 +97,12 @@ class Agent:
         ]
 
     def send_ready(self, *, flush: bool = False) -> None:
-        """Close the windows the watermark (or a flush) allows, and revise the closed
-        windows that late readings changed and that end by the same boundary."""
-        self.close_ready_windows(flush=flush)
-        seqs = window.revise(
-            self.store,
-            device_id=self.cfg.device_id,
-            width_ns=self.cfg.window.width_ns,
-            max_rows=self.cfg.forward.max_windows_per_batch,
-            ready_until_ns=self.ready_boundary(flush=flush),
-            sketches=self.cfg.window.sketches,
-            hop_ns=self.cfg.window.hop_ns,
-        )
-        if seqs:
-            log.info("window: late readings revised closed windows into batches %s", seqs)
+        """Close and revise what the watermark (or a flush) allows (window.send_ready)."""
+        closed, revised = window.send_ready(self.store, self.cfg, flush=flush)
+        if closed:
+            log.info("window: closed windows into batches %s", closed)
+        if revised:
+            log.info("window: late readings revised closed windows into batches %s", revised)
 
     def tick(self) -> None:
         self.intake.flush()  # the last messages of a burst: do not wait for more
@@ -148,11 +111,12 @@ class Agent:
         if req is not None:
             log.info("agent: flush requested: closed every open window")
             control.flush_done(self.store, req)
-        with self.store.tx():
-            silent = self.intake.alerts.check_silent(self.store, time.time_ns())
-            alerts.record(self.store, silent)
-        for ev in silent:
-            log.warning("alert %s %s: %s", ev.rule, ev.state, ev.message)
+        if self.intake.alerts.has_timers:  # a write transaction only when needed
+            with self.store.tx():
+                silent = self.intake.alerts.check_silent(self.store, time.time_ns())
+                alerts.record(self.store, silent)
+            for ev in silent:
+                log.warning("alert %s %s: %s", ev.rule, ev.state, ev.message)
         budget.enforce(
             self.store,
             self.cfg.storage.max_bytes,

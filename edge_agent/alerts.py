@@ -121,6 +121,8 @@ class AlertEngine:
         for r in rules:
             self.by_sensor.setdefault(r.sensor, []).append(r)
         self.state = {r.name: _State(baseline=deque(maxlen=r.window)) for r in rules}
+        #: rules checked by the clock, not by readings (silent sensors)
+        self.has_timers = any(r.kind == "silent" for r in rules)
         self.raised = {
             str(n) for (n,) in store.conn.execute("SELECT rule FROM alert_state WHERE raised = 1")
         }

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 
-from edge_agent import buffer, window
+from edge_agent import window
 from edge_agent.config import AgentConfig
 from edge_agent.store import Store
 
@@ -72,26 +72,5 @@ def flush_here(store: Store, cfg: AgentConfig) -> list[int]:
     """With the agent stopped (the caller holds the buffer's lock): close every open
     window, and revise the closed ones that late readings changed, into the outbox.
     Returns the new batch seqs."""
-    max_ts = store.get_state(buffer.MAX_TS)
-    if not max_ts:
-        return []
-    w = cfg.window
-    upto = window.flush_boundary(max_ts, w.width_ns, w.hop_ns)
-    seqs = window.close_until(
-        store,
-        device_id=cfg.device_id,
-        width_ns=w.width_ns,
-        upto_ns=upto,
-        max_rows=cfg.forward.max_windows_per_batch,
-        sketches=w.sketches,
-        hop_ns=w.hop_ns,
-    )
-    return seqs + window.revise(
-        store,
-        device_id=cfg.device_id,
-        width_ns=w.width_ns,
-        max_rows=cfg.forward.max_windows_per_batch,
-        ready_until_ns=upto,
-        sketches=w.sketches,
-        hop_ns=w.hop_ns,
-    )
+    closed, revised = window.send_ready(store, cfg, flush=True)
+    return closed + revised

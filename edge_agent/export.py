@@ -92,7 +92,9 @@ def export(
     progress: Callable[[int], None] | None = None,
 ) -> int:
     """Write the export to ``out``; returns the number of rows. ``progress`` gets the
-    nanoseconds of the range done after each slice."""
+    nanoseconds of the range done after each slice. The rows go to ``<out>.partial``
+    first, renamed to ``out`` once complete: a failed export leaves no half file."""
+    final, out = out, Path(f"{out}.partial")
     rows = 0
     columns = RAW_COLUMNS if kind == "raw" else WINDOW_COLUMNS
     writer: Any
@@ -111,6 +113,7 @@ def export(
         writer = csv.writer(fh)
         writer.writerow(columns)
     last = since_ns
+    done = False
     try:
         for end, cols in iter_rows(
             path, kind, since_ns, until_ns, width_ns=width_ns, slice_ns=slice_ns
@@ -128,12 +131,17 @@ def export(
             if progress is not None:
                 progress(max(0, min(end, until_ns) - last))
                 last = min(end, until_ns)
+        done = True
     finally:
         if fmt == "parquet":
             if writer is not None:
                 writer.close()
         else:
             fh.close()
+        if not done:
+            out.unlink(missing_ok=True)
+    if out.exists():
+        out.replace(final)
     return rows
 
 

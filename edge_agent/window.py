@@ -13,6 +13,7 @@ one transaction: a crash leaves either all of it or none of it.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +22,9 @@ from edge_agent.kernels import hopping_windows, window_stats
 from edge_agent.store import Store
 from shared.sketch import DDSketch
 from shared.wire import SensorRef, WindowSpec, make_batch
+
+if TYPE_CHECKING:
+    from edge_agent.config import AgentConfig
 
 
 def close_boundary(max_ts: int, lateness_ns: int, step_ns: int) -> int:
@@ -242,3 +246,39 @@ def revise(
             store.add_counter("windows_revised", sum(1 for r in revs if r > 0))
         store.conn.executemany("DELETE FROM dirty WHERE sensor_id = ? AND start_ns = ?", dirty)
     return seqs
+
+
+def send_ready(
+    store: Store, cfg: AgentConfig, *, flush: bool = False
+) -> tuple[list[int], list[int]]:
+    """Close the windows that the watermark allows (with ``flush``: every open
+    window), then revise the closed windows that late readings changed and that end
+    by the same boundary. Returns the seqs of the new batches: (closed, revised).
+    The agent's tick and ``edge-agent flush`` with the agent stopped both do this."""
+    max_ts = store.get_state(buffer.MAX_TS)
+    if max_ts == 0:
+        return [], []
+    w = cfg.window
+    if flush:
+        upto = flush_boundary(max_ts, w.width_ns, w.hop_ns)
+    else:
+        upto = close_boundary(max_ts, w.lateness_ns, w.hop_ns)
+    closed = close_until(
+        store,
+        device_id=cfg.device_id,
+        width_ns=w.width_ns,
+        upto_ns=upto,
+        max_rows=cfg.forward.max_windows_per_batch,
+        sketches=w.sketches,
+        hop_ns=w.hop_ns,
+    )
+    revised = revise(
+        store,
+        device_id=cfg.device_id,
+        width_ns=w.width_ns,
+        max_rows=cfg.forward.max_windows_per_batch,
+        ready_until_ns=upto,
+        sketches=w.sketches,
+        hop_ns=w.hop_ns,
+    )
+    return closed, revised

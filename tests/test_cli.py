@@ -112,12 +112,13 @@ def test_a_bad_lake_url_is_one_line_and_exit_2(args: list[str]) -> None:
         ["sensors"],
         ["quarantine"],
         ["buffer", "check"],
-        ["export", "--since", "2026-01-01", "--until", "2026-01-02", "-o", "x.csv"],
+        ["export", "--since", "2026-01-01", "--until", "2026-01-02", "-o", "{tmp}/x.csv"],
     ],
 )
 def test_a_buffer_that_is_not_a_database_is_one_line_and_exit_1(
     args: list[str], tmp_path: Path
 ) -> None:
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     (tmp_path / "bad.sqlite").write_text("not a database\n")
     cfg = tmp_path / "a.toml"
     cfg.write_text(f'[storage]\npath = "{tmp_path / "bad.sqlite"}"\n')
@@ -126,6 +127,7 @@ def test_a_buffer_that_is_not_a_database_is_one_line_and_exit_1(
     last = res.output.strip().splitlines()[-1]
     assert last.startswith("error: the buffer cannot be read (file is not a database)")
     assert "Traceback" not in res.output
+    assert not list(tmp_path.glob("x.csv*"))  # a failed export leaves no half file
 
 
 def test_a_lake_folder_that_does_not_exist_is_one_line_and_exit_2(tmp_path: Path) -> None:

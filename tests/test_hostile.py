@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,12 +32,11 @@ def quarantined(archive: Path) -> dict[str, int]:
     return out
 
 
-def test_poison_messages_do_not_stop_the_ingestor(
-    fresh: Callable[[str], Service], influxdb: Service, influx_db: str, tmp_path: Path
-) -> None:
-    broker = fresh("mosquitto")
-    archive = tmp_path / "archive"
-    pipe = Pipeline(
+def one_ingestor(
+    tmp_path: Path, broker: Service, influxdb: Service, db: str, **target: Any
+) -> Pipeline:
+    """A pipeline of one ingestor (InfluxDB 1.x + a lake at tmp_path/archive)."""
+    return Pipeline(
         PipelineSpec(
             workdir=tmp_path / "run",
             local_port=broker.port,
@@ -44,12 +44,21 @@ def test_poison_messages_do_not_stop_the_ingestor(
             targets=[
                 IngestTarget(
                     "i",
-                    {"api": "v1", "url": influxdb.url, "database": influx_db},
-                    {"url": f"file://{archive}"},
+                    {"api": "v1", "url": influxdb.url, "database": db},
+                    {"url": f"file://{tmp_path / 'archive'}"},
+                    **target,
                 )
             ],
         )
     )
+
+
+def test_poison_messages_do_not_stop_the_ingestor(
+    fresh: Callable[[str], Service], influxdb: Service, influx_db: str, tmp_path: Path
+) -> None:
+    broker = fresh("mosquitto")
+    archive = tmp_path / "archive"
+    pipe = one_ingestor(tmp_path, broker, influxdb, influx_db)
     try:
         (ingestor,) = pipe.start_ingestors()
         start = (time.time_ns() // W - 10) * W
@@ -191,21 +200,13 @@ def test_memory_stays_bounded_when_the_broker_sends_more_than_it_should(
     archive = tmp_path / "archive"
     http = free_port()
     rm = 16
-    pipe = Pipeline(
-        PipelineSpec(
-            workdir=tmp_path / "run",
-            local_port=broker.port,
-            cloud_port=broker.port,
-            targets=[
-                IngestTarget(
-                    "i",
-                    {"api": "v1", "url": influxdb.url, "database": influx_db},
-                    {"url": f"file://{archive}"},
-                    mqtt={"receive_maximum": rm},
-                    http={"listen": f"127.0.0.1:{http}"},
-                )
-            ],
-        )
+    pipe = one_ingestor(
+        tmp_path,
+        broker,
+        influxdb,
+        influx_db,
+        mqtt={"receive_maximum": rm},
+        http={"listen": f"127.0.0.1:{http}"},
     )
     try:
         (ingestor,) = pipe.start_ingestors()
@@ -214,10 +215,12 @@ def test_memory_stays_bounded_when_the_broker_sends_more_than_it_should(
         sender = threading.Thread(target=publish_all, args=(broker.port, flood))
         sender.start()
         peak = 0.0
+        deadline = time.monotonic() + 120
         while sender.is_alive() or quarantined(archive).get("reason=bad-magic", 0) < n:
+            assert time.monotonic() < deadline, "the flood was not handled within 120 s"
             peak = max(peak, depth())
             assert ingestor.popen.poll() is None
-            time.sleep(0.02)  # the sampling interval of a gauge, not a wait for an event
+            time.sleep(0.02)  # the sampling interval of a gauge, within the deadline
         sender.join()
         assert 0 < peak <= rm + 1, f"held {peak:.0f} messages, Receive Maximum {rm}"
         assert quarantined(archive) == {"reason=bad-magic": n}

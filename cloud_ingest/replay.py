@@ -2,8 +2,9 @@
 
 Reads the ``aggregates`` and ``alerts`` objects of the lake (optionally of some
 devices and a time range), rebuilds each batch from its rows and sends it down
-the ingestor's own write path (:meth:`Processor.write_batch`: the same line
-protocol, coalesced writes, retries, classification of failures). Points are
+the ingestor's own write path (:class:`~cloud_ingest.writer.Writer`: the same
+line protocol, coalesced writes, retries, classification of failures), to
+InfluxDB only: the replay reads the lake, it does not write it again. Points are
 keyed by series and window start, so a replay overwrites what is there with the
 same values: running it twice, or over a database that already has the data,
 changes nothing.
@@ -16,6 +17,7 @@ replayed concurrently, and their points share InfluxDB requests.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -33,8 +35,11 @@ from cloud_ingest.lake import (
     table_to_alerts,
     table_to_batches,
 )
-from cloud_ingest.process import Processor
+from cloud_ingest.lineproto import alert_to_line, batch_to_lines
 from cloud_ingest.sinks.base import ObjectStore, PointSink
+from cloud_ingest.writer import Stats, Write, Writer
+
+log = logging.getLogger("cloud_ingest.replay")
 
 #: Devices replayed at the same time.
 CONCURRENT_DEVICES = 16
@@ -60,25 +65,6 @@ class ReplayResult:
     points: int = 0
     alerts: int = 0
     rejected: int = 0
-
-
-class _NoArchive:
-    """The replay reads the lake; it does not write it again."""
-
-    def put(self, key: str, data: bytes) -> None:
-        pass
-
-    def get(self, key: str) -> bytes:
-        raise KeyError(key)
-
-    def list(self, prefix: str) -> list[str]:
-        return []
-
-    def delete(self, key: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def plan(source: ObjectStore, flt: ReplayFilter) -> dict[str, list[tuple[LakeKey, str]]]:
@@ -116,8 +102,16 @@ async def replay(
     flt: ReplayFilter,
     progress: Callable[[int], None] = lambda n: None,
 ) -> ReplayResult:
-    proc = Processor(cfg, points, _NoArchive())
+    writer = Writer(cfg, points, None, Stats())
     res = ReplayResult()
+
+    async def write(what: str, lines: list[str]) -> bool:
+        """True if written; False if InfluxDB refused it for good (logged)."""
+        verdict = (await writer.write([Write(what, b"", lines)]))[0]
+        if verdict is not None:
+            log.warning("replay: %s refused: %s", what, verdict)
+        return verdict is None
+
     per_device = plan(source, flt)
     slots = asyncio.Semaphore(CONCURRENT_DEVICES)
 
@@ -130,20 +124,22 @@ async def replay(
                     for batch in table_to_batches(device, table):
                         if batch.rows == 0:
                             continue
-                        out = await proc.write_batch(batch)
+                        lines = batch_to_lines(batch, cfg.influx.measurement)
+                        ok = await write(f"replay {key}", lines)
                         res.batches += 1
-                        res.points += batch.rows if out.result == "written" else 0
-                        res.rejected += out.result == "quarantined"
+                        res.points += batch.rows if ok else 0
+                        res.rejected += not ok
                 else:
                     for alert in table_to_alerts(_in_range(read_table(data), "ts", flt)):
-                        out = await proc.write_alert(device, alert)
-                        res.alerts += out.result == "written"
-                        res.rejected += out.result == "quarantined"
+                        line = alert_to_line(device, alert, cfg.influx.alert_measurement)
+                        ok = await write(f"replay {key}", [line])
+                        res.alerts += ok
+                        res.rejected += not ok
                 res.objects += 1
                 progress(1)
 
     try:
         await asyncio.gather(*(one_device(d, objs) for d, objs in sorted(per_device.items())))
     finally:
-        proc.close()
+        writer.close()
     return res

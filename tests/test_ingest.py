@@ -365,8 +365,8 @@ def test_a_dead_metrics_thread_stops_the_ingestor() -> None:
     """No silent death: the watcher sees the HTTP server's thread end and stops the
     service, which then exits 1 (run_service) for its manager to restart it."""
     from cloud_ingest.http import Health, MetricsServer
-    from cloud_ingest.process import Stats
     from cloud_ingest.service import _watch_threads
+    from cloud_ingest.writer import Stats
 
     metrics = MetricsServer(f"127.0.0.1:{free_port()}", Stats(), Health()).start()
     died: list[str] = []

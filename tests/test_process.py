@@ -213,3 +213,25 @@ def test_an_older_window_version_is_not_written_over_a_newer_one() -> None:
         ("b", 1),
         ("b", 2),
     ]
+
+
+def test_replay_shares_the_write_path_and_leaves_the_lake_alone() -> None:
+    """cloud-ingest replay writes through the same Writer: the lake written by a
+    Processor goes back to InfluxDB line for line; a batch InfluxDB now refuses is
+    counted as rejected, and the replay neither writes nor deletes lake objects."""
+    from cloud_ingest.replay import ReplayFilter, replay
+
+    points, store = FakePoints(), FakeStore()
+    proc = processor(points, store)
+    asyncio.run(proc.handle_group([message("a", 1), message("b", 1), message("a", 2, rows=3)]))
+    proc.close()
+    written = sorted(ln for r in points.requests for ln in r)
+    before = dict(store.objects)
+
+    again = FakePoints(bad_device="b")
+    cfg = from_dict(IngestConfig, {"retry": {"initial_s": 0.01}})
+    res = asyncio.run(replay(cfg, store, again, ReplayFilter()))
+    assert (res.objects, res.batches, res.points, res.rejected) == (3, 3, 5, 1)
+    replayed = sorted(ln for r in again.requests for ln in r if "device_id=b," not in ln)
+    assert replayed == sorted(ln for ln in written if "device_id=b," not in ln)
+    assert store.objects == before

@@ -13,6 +13,7 @@ the fleet's every window in InfluxDB with its count; every simulator reading in
 the agent's buffer), and peak RSS (the kernel's VmHWM).
 
     .venv/bin/python bench/fuzz.py [--cloud 100000] [--edge 20000] [--seed 1]
+    .venv/bin/python bench/fuzz.py --edge 0 --cloud 100000 --rounds 6   # a soak
 """
 
 from __future__ import annotations
@@ -38,11 +39,41 @@ from shared.readings import encode_chunk
 W = 10_000_000_000
 
 
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+def peak_rss_mb(pid: int, field: str = "VmHWM") -> float:
+    """The kernel's peak RSS of ``pid`` (``VmRSS``: the current one), in MB."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return float("nan")
+    for line in status.splitlines():
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+class RssSampler:
+    """The highest VmRSS of a process in each of a run's rounds (sampled twice a second)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.per_round: list[float] = [0.0]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            rss = peak_rss_mb(self.pid, "VmRSS")
+            if rss == rss:  # not NaN
+                self.per_round[-1] = max(self.per_round[-1], rss)
+
+    def next_round(self) -> None:
+        self.per_round.append(0.0)
+
+    def stop(self) -> list[float]:
+        self._stop.set()
+        self._thread.join()
+        return [round(r, 1) for r in self.per_round]
 
 
 def flood(port: int, messages: list[tuple[str, bytes]]) -> None:
@@ -109,7 +140,7 @@ def stats_of(log: Path) -> dict[str, int]:
     return out
 
 
-def run_cloud(tmp: Path, n: int, rng: random.Random) -> dict[str, object]:
+def run_cloud(tmp: Path, n: int, rounds: int, rng: random.Random) -> dict[str, object]:
     broker = services.mosquitto(tmp / "mq-cloud").start()
     influx = services.influxdb(tmp / "influx").start()
     try:
@@ -130,16 +161,18 @@ def run_cloud(tmp: Path, n: int, rng: random.Random) -> dict[str, object]:
         )
         (ingestor,) = pipe.start_ingestors()
         fleet = pipe.start_fleet(
-            "--devices", "50", "--batches", "40", "--speed", "0", "--max-in-flight", "200",
-            "--ack-timeout", "20", "--timeout", "900",
+            "--devices", "50", "--batches", str(40 * rounds), "--speed", "0",
+            "--max-in-flight", "200", "--ack-timeout", "20", "--timeout", str(900 * rounds),
         )  # fmt: skip
-        messages = cloud_messages(n, rng)
+        sampler = RssSampler(ingestor.popen.pid)
         started = time.monotonic()
-        sender = threading.Thread(target=flood, args=(broker.port, messages))
-        sender.start()
-        sender.join()
-        summary = pipe.finish_fleet(fleet, timeout_s=900)
+        for r in range(rounds):  # fresh messages each round: a soak, not a replay
+            if r:
+                sampler.next_round()
+            flood(broker.port, cloud_messages(n, rng))
+        summary = pipe.finish_fleet(fleet, timeout_s=900 * rounds)
         seconds = time.monotonic() - started
+        rss_per_round = sampler.stop()
         crashed = ingestor.popen.poll() is not None
         rss = peak_rss_mb(ingestor.popen.pid) if not crashed else float("nan")
         ingestor.terminate(120)
@@ -148,7 +181,8 @@ def run_cloud(tmp: Path, n: int, rng: random.Random) -> dict[str, object]:
         got = {k: int(v["count"]) for k, v in influxq.v1_windows(influx.url, "fz").items()}
         lost = sum(max(0, c - got.get(k, 0)) for k, c in truth.items())
         return {
-            "messages": n,
+            "messages": n * rounds,
+            "rounds": rounds,
             "seconds": round(seconds, 1),
             "crashed": crashed,
             "quarantined": {
@@ -159,6 +193,7 @@ def run_cloud(tmp: Path, n: int, rng: random.Random) -> dict[str, object]:
             "fleet_acked": summary["acked"],
             "valid_readings_lost": lost,
             "peak_rss_mb": round(rss, 1),
+            "rss_mb_per_round": rss_per_round,
         }
     finally:
         influx.stop()
@@ -229,6 +264,13 @@ def run_edge(tmp: Path, n: int, rng: random.Random) -> dict[str, object]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--cloud", type=int, default=100_000, help="hostile messages to the ingestor")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="floods of --cloud messages, one after the other (a soak: the\n"
+        "ingestor's highest RSS in each round is reported)",
+    )
     ap.add_argument("--edge", type=int, default=20_000, help="hostile chunks to the agent")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
@@ -236,7 +278,11 @@ def main() -> int:
     print(f"machine: {platform.machine()}, python {platform.python_version()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="fuzz-") as d:
         tmp = Path(d)
-        results = {"edge": run_edge(tmp, args.edge, rng), "cloud": run_cloud(tmp, args.cloud, rng)}
+        results = {}
+        if args.edge:
+            results["edge"] = run_edge(tmp, args.edge, rng)
+        if args.cloud:
+            results["cloud"] = run_cloud(tmp, args.cloud, args.rounds, rng)
     print(json.dumps(results, indent=2))
     bad = [k for k, r in results.items() if r["crashed"] or r["valid_readings_lost"]]
     return 1 if bad else 0

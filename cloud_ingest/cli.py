@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import click
@@ -12,6 +12,7 @@ from cloud_ingest.config import ArchiveConfig, IngestConfig
 from shared.cli import EXIT_CONFIG, EXIT_FAILURE, config_group, load_or_exit, setup_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def lake_options(f: F) -> F:
@@ -100,8 +101,10 @@ def replay(
     Idempotent: every point is keyed by its series and window start, so a replay
     over data that is already there rewrites the same values. Use it after losing
     an InfluxDB, to fill a new one, or after changing its retention. Prints one
-    JSON line: objects, batches, points, alerts, rejected, seconds. Exit 1 if
-    InfluxDB rejected anything (see the log).
+    JSON line: objects, batches, points, alerts, rejected, damaged, seconds. A lake
+    object that cannot be read is skipped and counted as damaged. Exit 1 if
+    InfluxDB rejected anything or an object was damaged (the log names each), or
+    if the lake or InfluxDB failed.
     """
     import asyncio
     import dataclasses
@@ -112,6 +115,8 @@ def replay(
     from cloud_ingest.replay import replay as run_replay
     from cloud_ingest.sinks.archive import open_archive
     from cloud_ingest.sinks.influx import make_point_sink
+    from cloud_ingest.writer import ShuttingDown
+    from shared.errors import SinkError
     from shared.timefmt import parse_time
 
     cfg = load_or_exit(IngestConfig, config_path)
@@ -132,13 +137,16 @@ def replay(
         with click.progressbar(
             length=total, label="replaying", file=sys.stderr, hidden=quiet
         ) as bar:
-            res = asyncio.run(run_replay(cfg, store, points, flt, bar.update))
+            res = asyncio.run(_until_signal(run_replay, cfg, store, points, flt, bar.update))
+    except (SinkError, ShuttingDown) as exc:
+        click.echo(f"error: {exc} (a replay can be run again as it is)", err=True)
+        sys.exit(EXIT_FAILURE)
     finally:
         points.close()
         store.close()
     out = {**dataclasses.asdict(res), "seconds": round(time.monotonic() - started, 2)}
     click.echo(json.dumps(out))
-    if res.rejected:
+    if res.rejected or res.damaged:
         sys.exit(EXIT_FAILURE)
 
 
@@ -177,7 +185,7 @@ def rollup(
     from cloud_ingest.rollup import rollup_lines
     from cloud_ingest.sinks.archive import open_archive
     from cloud_ingest.sinks.influx import make_point_sink
-    from shared.errors import RetryableSinkError, SinkError
+    from shared.errors import LakeObjectError, RetryableSinkError, SinkError
     from shared.timefmt import parse_time
 
     cfg = load_or_exit(IngestConfig, config_path)
@@ -199,6 +207,13 @@ def rollup(
     except SinkError as exc:
         kind = "retryable" if isinstance(exc, RetryableSinkError) else "permanent"
         click.echo(f"error: {exc} ({kind}; the roll-up can be run again as it is)", err=True)
+        sys.exit(EXIT_FAILURE)
+    except LakeObjectError as exc:
+        click.echo(
+            f"error: {exc} (move it out of the lake, or replace it, and run the roll-up"
+            " again: a roll-up without it would be wrong)",
+            err=True,
+        )
         sys.exit(EXIT_FAILURE)
     finally:
         points.close()
@@ -225,7 +240,9 @@ def compact(
     the highest revision of every window (exactly what InfluxDB holds) and each
     alert once, then deletes the objects it read. Safe to run while ingesting and
     to run again. Run it for closed days (the default ends yesterday). Prints one
-    JSON line: partitions, objects_in, rows_in, rows_out.
+    JSON line: partitions, objects_in, rows_in, rows_out, damaged. A partition with
+    an object that cannot be read is left as it is, its key listed in damaged,
+    and the exit code is 1.
     """
     import dataclasses
     import datetime
@@ -253,6 +270,21 @@ def compact(
     finally:
         store.close()
     click.echo(json.dumps(dataclasses.asdict(res)))
+    if res.damaged:
+        sys.exit(EXIT_FAILURE)
+
+
+async def _until_signal(run: Callable[..., Awaitable[T]], *args: object) -> T:
+    """``await run(*args, stop=…)``, with SIGINT and SIGTERM setting ``stop``: the
+    retries then end within retry.shutdown_grace_s, with one line, not a traceback."""
+    import asyncio
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return await run(*args, stop=stop)
 
 
 def _lake_config(cfg: IngestConfig, source: str | None, endpoint: str | None) -> ArchiveConfig:

@@ -9,19 +9,32 @@ of each window (what InfluxDB holds) and, for alerts, each event once; then it
 deletes the objects it read. It writes before it deletes, so a reader sees the
 rows at least once at every moment, and a compaction that dies halfway is
 finished by the next run. Objects that arrive meanwhile (a late resend) are not
-touched, and fold into the next compaction. Run it for closed days.
+touched, and fold into the next compaction. Run it for closed days. A partition
+with an object that cannot be read is left as it is and named in ``damaged``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from cloud_ingest.lake import AGGREGATES, ALERTS, list_objects, pycolumns, read_table, to_parquet
+from cloud_ingest.lake import (
+    AGGREGATES,
+    ALERTS,
+    list_objects,
+    pycolumns,
+    read_table,
+    reading,
+    to_parquet,
+)
 from cloud_ingest.sinks.base import ObjectStore
+from shared.errors import LakeObjectError
+
+log = logging.getLogger("cloud_ingest.compact")
 
 #: Columns that identify a window (with the partition's device_id).
 WINDOW_KEY = ("node", "sensor", "window_kind", "window_width_ns", "window_hop_ns", "window_start")
@@ -33,6 +46,8 @@ class CompactResult:
     objects_in: int = 0
     rows_in: int = 0
     rows_out: int = 0
+    #: keys of objects that could not be read; their partitions are left as they are
+    damaged: list[str] = field(default_factory=list)
 
 
 def compacted_key(table: str, dt: str, device: str, first: int, last: int) -> str:
@@ -83,9 +98,19 @@ def compact(
 
     res = CompactResult()
     for table, dt, dev, keys in partitions(store, since_dt, until_dt, device):
-        tables = [read_table(store.get(k)) for k in keys]
-        data = pa.concat_tables(tables)
-        kept = _current_rows(table, data)
+        try:
+            tables = []
+            for k in keys:
+                blob = store.get(k)
+                with reading(k):
+                    tables.append(read_table(blob))
+            with reading(keys[0]):  # objects with other schemas do not concatenate
+                data = pa.concat_tables(tables)
+                kept = _current_rows(table, data)
+        except LakeObjectError as exc:
+            log.warning("compact: %s; partition %s %s left as it is", exc, dt, dev)
+            res.damaged.append(exc.key)
+            continue
         seqs = data.column("seq").to_numpy()
         new_key = compacted_key(table, dt, dev, int(seqs.min()), int(seqs.max()))
         res.partitions += 1

@@ -24,6 +24,7 @@ replay.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import time
@@ -35,7 +36,7 @@ import numpy as np
 
 from cloud_ingest.sinks.base import ObjectStore
 from shared.alerts import Alert
-from shared.errors import PermanentSinkError
+from shared.errors import LakeObjectError, PermanentSinkError
 from shared.wire import COLUMNS, Batch, SensorRef, WindowSpec, make_batch
 
 LAKE_VERSION: Final = "1"
@@ -282,6 +283,21 @@ def pycolumns(table: Any) -> dict[str, list[Any]]:
         name: (col.cast(pa.int64()) if pa.types.is_timestamp(col.type) else col).to_pylist()
         for name, col in zip(table.column_names, table.columns, strict=True)
     }
+
+
+@contextlib.contextmanager
+def reading(key: str) -> Iterator[None]:
+    """Whatever reading the lake object ``key`` raises, as :class:`LakeObjectError`.
+
+    The lake is input like any other: an object may be cut short by a full disk,
+    damaged in storage, or put there by hand, and pyarrow and the conversions then
+    raise a dozen kinds of exception. They are translated here, in one place."""
+    try:
+        yield
+    except LakeObjectError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (the boundary: see above)
+        raise LakeObjectError(key, f"{type(exc).__name__}: {exc}"[:300]) from None
 
 
 def read_table(data: bytes) -> Any:

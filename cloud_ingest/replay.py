@@ -32,12 +32,14 @@ from cloud_ingest.lake import (
     day,
     list_objects,
     read_table,
+    reading,
     table_to_alerts,
     table_to_batches,
 )
 from cloud_ingest.lineproto import alert_to_line, batch_to_lines
 from cloud_ingest.sinks.base import ObjectStore, PointSink
 from cloud_ingest.writer import Stats, Write, Writer
+from shared.errors import LakeObjectError
 
 log = logging.getLogger("cloud_ingest.replay")
 
@@ -65,6 +67,8 @@ class ReplayResult:
     points: int = 0
     alerts: int = 0
     rejected: int = 0
+    #: lake objects that could not be read (logged with the reason), left as they are
+    damaged: int = 0
 
 
 def plan(source: ObjectStore, flt: ReplayFilter) -> dict[str, list[tuple[LakeKey, str]]]:
@@ -101,8 +105,11 @@ async def replay(
     points: PointSink,
     flt: ReplayFilter,
     progress: Callable[[int], None] = lambda n: None,
+    stop: asyncio.Event | None = None,
 ) -> ReplayResult:
-    writer = Writer(cfg, points, None, Stats())
+    """Raises :class:`~cloud_ingest.writer.ShuttingDown` if ``stop`` is set while
+    InfluxDB keeps failing (after ``retry.shutdown_grace_s``)."""
+    writer = Writer(cfg, points, None, Stats(), stop)
     res = ReplayResult()
 
     async def write(what: str, lines: list[str]) -> bool:
@@ -119,22 +126,31 @@ async def replay(
         async with slots:
             for k, key in objs:
                 data = await asyncio.to_thread(source.get, key)
-                if k.table == AGGREGATES:
-                    table = _in_range(read_table(data), "window_start", flt)
-                    for batch in table_to_batches(device, table):
-                        if batch.rows == 0:
-                            continue
-                        lines = batch_to_lines(batch, cfg.influx.measurement)
-                        ok = await write(f"replay {key}", lines)
-                        res.batches += 1
-                        res.points += batch.rows if ok else 0
-                        res.rejected += not ok
-                else:
-                    for alert in table_to_alerts(_in_range(read_table(data), "ts", flt)):
-                        line = alert_to_line(device, alert, cfg.influx.alert_measurement)
-                        ok = await write(f"replay {key}", [line])
-                        res.alerts += ok
-                        res.rejected += not ok
+                try:
+                    with reading(key):
+                        if k.table == AGGREGATES:
+                            table = _in_range(read_table(data), "window_start", flt)
+                            batches = [b for b in table_to_batches(device, table) if b.rows]
+                            alerts = []
+                        else:
+                            batches = []
+                            alerts = list(table_to_alerts(_in_range(read_table(data), "ts", flt)))
+                except LakeObjectError as exc:
+                    log.warning("replay: %s; skipped", exc)
+                    res.damaged += 1
+                    progress(1)
+                    continue
+                for batch in batches:
+                    lines = batch_to_lines(batch, cfg.influx.measurement)
+                    ok = await write(f"replay {key}", lines)
+                    res.batches += 1
+                    res.points += batch.rows if ok else 0
+                    res.rejected += not ok
+                for alert in alerts:
+                    line = alert_to_line(device, alert, cfg.influx.alert_measurement)
+                    ok = await write(f"replay {key}", [line])
+                    res.alerts += ok
+                    res.rejected += not ok
                 res.objects += 1
                 progress(1)
 

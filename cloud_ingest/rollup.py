@@ -30,7 +30,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from cloud_ingest.lake import AGGREGATES, DAY_NS, day, list_objects, pycolumns, read_table
+from cloud_ingest.lake import (
+    AGGREGATES,
+    DAY_NS,
+    day,
+    list_objects,
+    pycolumns,
+    read_table,
+    reading,
+)
 from cloud_ingest.lineproto import escape_measurement, escape_tag, window_label
 from cloud_ingest.sinks.base import ObjectStore
 from shared.errors import WireError
@@ -123,19 +131,19 @@ def latest_windows(
     for k, key in list_objects(
         store, AGGREGATES, device=device, since_dt=day(since_ns), until_dt=day(until_ns - 1)
     ):
-        table = read_table(store.get(key))
-        cols = pycolumns(table)
-        starts = cols["window_start"]
-        for i, start in enumerate(starts):
-            if not since_ns <= start < until_ns or cols["window_kind"][i] != "tumbling":
-                continue
-            row = {name: values[i] for name, values in cols.items()}
-            row["start_ns"] = start
-            wkey = (k.device_id, row["node"], row["sensor"], row["window_width_ns"], start)
-            rank = (int(row["revision"]), int(row["seq"]))
-            have = best.get(wkey)
-            if have is None or rank > have[0]:
-                best[wkey] = (rank, row)
+        data = store.get(key)
+        with reading(key):  # a damaged object stops the roll-up: it would be wrong
+            cols = pycolumns(read_table(data))
+            for i, start in enumerate(cols["window_start"]):
+                if not since_ns <= start < until_ns or cols["window_kind"][i] != "tumbling":
+                    continue
+                row = {name: values[i] for name, values in cols.items()}
+                row["start_ns"] = start
+                wkey = (k.device_id, row["node"], row["sensor"], row["window_width_ns"], start)
+                rank = (int(row["revision"]), int(row["seq"]))
+                have = best.get(wkey)
+                if have is None or rank > have[0]:
+                    best[wkey] = (rank, row)
     for (dev, *_), (_, row) in best.items():
         yield dev, row
 

@@ -120,7 +120,7 @@ class Writer:
             if isinstance(res, BaseException):
                 raise res  # ShuttingDown, or a bug
         refused = [(writes[i], v) for i, v in enumerate(verdicts) if v is not None]
-        if refused:
+        if refused and self.archive is not None:
             await self._put_objects(
                 [
                     (-1, obj)

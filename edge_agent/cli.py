@@ -379,10 +379,12 @@ def export(
                 fmt="parquet" if fmt == "parquet" else "csv",
                 progress=bar.update,
             )
-    except (ExportError, OSError) as exc:
+    except ExportError as exc:
         fail(str(exc))
     except BUFFER_ERRORS as exc:
         buffer_failed(exc)
+    except OSError as exc:  # writing the output (a full disk)
+        fail(f"cannot write {output}: {exc.strerror or exc}")
     click.echo(f"wrote {rows:,} rows to {output}")
 
 

@@ -108,8 +108,13 @@ def export(
                 " wheels for 32-bit ARM); export --format csv instead"
             ) from None
         writer = None
-    else:
+    try:  # the output's folder, before any work: one clear error
         fh = open(out, "w", newline="", encoding="utf-8")  # noqa: SIM115 (closed below)
+    except OSError as exc:
+        raise ExportError(f"cannot write {final}: {exc.strerror or exc}") from None
+    if fmt == "parquet":
+        fh.close()  # pyarrow opens it again
+    else:
         writer = csv.writer(fh)
         writer.writerow(columns)
     last = since_ns
@@ -136,6 +141,8 @@ def export(
         if fmt == "parquet":
             if writer is not None:
                 writer.close()
+            else:
+                done = False  # no rows at all: no file
         else:
             fh.close()
         if not done:

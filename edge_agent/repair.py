@@ -315,6 +315,8 @@ def repair(path: str | Path, progress: Callable[[int], None] | None = None) -> R
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no agent buffer at {path}")
+    if path.is_dir():
+        raise StorageError(f"cannot repair {path}: it is a directory, not a file")
     with BufferLock(path, "cannot repair (stop the agent first)"):
         src = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
         fresh_path = path.with_name(path.name + ".repairing")

@@ -197,6 +197,8 @@ class Store:
 
     def __init__(self, path: str | Path, *, synchronous: str = "full", readonly: bool = False):
         self.path = str(path)
+        if Path(path).is_dir():
+            raise StorageError(f"cannot use the buffer {path}: it is a directory, not a file")
         try:
             if readonly:
                 uri = f"file:{Path(path).resolve()}?mode=ro"

@@ -62,19 +62,22 @@ def run(
     Prints one JSON line with the number of readings and messages produced.
     """
     cfg = load_or_exit(SimConfig, config_path)
-    cfg = dataclasses.replace(
-        cfg,
-        duration_s=cfg.duration_s if duration is None else duration,
-        speed=cfg.speed if speed is None else speed,
-        seed=cfg.seed if seed is None else seed,
-        start_ns=cfg.start_ns if start_ns is None else start_ns,
-        truth_path=cfg.truth_path if truth_path is None else truth_path,
-        broker=dataclasses.replace(
-            cfg.broker,
-            host=cfg.broker.host if host is None else host,
-            port=cfg.broker.port if port is None else port,
-        ),
-    )
+    try:  # the options go through the config's own checks
+        cfg = dataclasses.replace(
+            cfg,
+            duration_s=cfg.duration_s if duration is None else duration,
+            speed=cfg.speed if speed is None else speed,
+            seed=cfg.seed if seed is None else seed,
+            start_ns=cfg.start_ns if start_ns is None else start_ns,
+            truth_path=cfg.truth_path if truth_path is None else truth_path,
+            broker=dataclasses.replace(
+                cfg.broker,
+                host=cfg.broker.host if host is None else host,
+                port=cfg.broker.port if port is None else port,
+            ),
+        )
+    except Invalid as exc:
+        raise click.UsageError(f"{exc.key}: {exc.message}") from None
     setup_logging("INFO")
     from firmware_sim.run import run_sim
 

@@ -5,6 +5,7 @@
     TelemetryError
     ├── ConfigError            bad config file: names the file and the key; stops start-up
     ├── StorageError           the edge agent's SQLite file cannot be opened or used
+    ├── LakeObjectError        an object in the lake cannot be read as what its key says
     ├── WireError              a message that cannot be decoded or fails validation
     │                          (permanent: resending the same bytes will fail again);
     │                          carries a short machine-readable ``reason`` for counters
@@ -36,6 +37,14 @@ class ConfigError(TelemetryError):
 
 class StorageError(TelemetryError):
     """The agent's buffer file cannot be opened, or was written by a newer agent."""
+
+
+class LakeObjectError(TelemetryError):
+    """An object of the Parquet lake is damaged or not what its key says."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(f"lake object {key} cannot be read: {message}")
 
 
 class WireError(TelemetryError):

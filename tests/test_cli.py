@@ -133,3 +133,69 @@ def test_a_buffer_that_is_not_a_database_is_one_line_and_exit_1(
 def test_a_lake_folder_that_does_not_exist_is_one_line_and_exit_2(tmp_path: Path) -> None:
     res = CliRunner().invoke(ingest_main, ["replay", "--from", f"file://{tmp_path}/none"])
     assert res.exit_code == 2 and res.output.startswith("error: --from: no lake at ")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["status"],
+        ["sensors"],
+        ["quarantine"],
+        ["buffer", "check"],
+        ["buffer", "repair"],
+        ["flush", "--timeout", "1"],
+        ["export", "--since", "2026-01-01", "--until", "2026-01-02", "-o", "{tmp}/x.csv"],
+    ],
+)
+def test_a_buffer_path_that_is_a_directory_is_one_line_and_exit_1(
+    args: list[str], tmp_path: Path
+) -> None:
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    (tmp_path / "buf").mkdir()
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'[storage]\npath = "{tmp_path / "buf"}"\n')
+    res = CliRunner().invoke(agent_main, [*args, "-c", str(cfg)])
+    assert res.exit_code == 1, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.endswith(f"{tmp_path / 'buf'}: it is a directory, not a file"), last
+    assert "Traceback" not in res.output
+
+
+def test_an_export_to_a_missing_folder_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'[storage]\npath = "{tmp_path / "buf.sqlite"}"\n')
+    from edge_agent.store import Store
+
+    Store(tmp_path / "buf.sqlite").close()
+    out = tmp_path / "none" / "x.csv"
+    args = ["export", "--since", "2026-01-01", "--until", "2026-01-02", "-o", str(out)]
+    res = CliRunner().invoke(agent_main, [*args, "-c", str(cfg)])
+    assert res.exit_code == 1, res.output
+    assert res.output.strip().splitlines()[-1] == (
+        f"error: cannot write {out}: No such file or directory"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--duration", "-5"], "duration_s: must be > 0"),
+        (["--port", "0"], "port: must be a TCP port"),
+    ],
+)
+def test_a_bad_firmware_sim_option_is_a_usage_error(args: list[str], message: str) -> None:
+    res = CliRunner().invoke(sim_main, ["run", *args])
+    assert res.exit_code == 2, res.output
+    assert f"Error: {message}" in res.output and "Traceback" not in res.output
+
+
+def test_replay_of_a_damaged_lake_object_is_counted_and_exit_1(tmp_path: Path) -> None:
+    import json
+
+    key = "aggregates/dt=2026-01-01/device_id=d1/seq=00000000000000000001.parquet"
+    (tmp_path / key).parent.mkdir(parents=True)
+    (tmp_path / key).write_bytes(b"PAR1 not really")
+    res = CliRunner().invoke(ingest_main, ["replay", "--quiet", "--from", f"file://{tmp_path}"])
+    assert res.exit_code == 1, res.output
+    summary = json.loads(res.output.strip().splitlines()[-1])
+    assert summary["damaged"] == 1 and summary["objects"] == 0

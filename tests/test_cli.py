@@ -105,16 +105,17 @@ def test_a_bad_lake_url_is_one_line_and_exit_2(args: list[str]) -> None:
     assert res.output.startswith("error: --from: must be file://") and res.output.count("\n") == 1
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["status"],
-        ["sensors"],
-        ["quarantine"],
-        ["buffer", "check"],
-        ["export", "--since", "2026-01-01", "--until", "2026-01-02", "-o", "{tmp}/x.csv"],
-    ],
-)
+#: The technician commands that read the buffer ({tmp}: the test's folder).
+BUFFER_READERS = [
+    ["status"],
+    ["sensors"],
+    ["quarantine"],
+    ["buffer", "check"],
+    ["export", "--since", "2026-01-01", "--until", "2026-01-02", "-o", "{tmp}/x.csv"],
+]
+
+
+@pytest.mark.parametrize("args", BUFFER_READERS)
 def test_a_buffer_that_is_not_a_database_is_one_line_and_exit_1(
     args: list[str], tmp_path: Path
 ) -> None:
@@ -136,16 +137,7 @@ def test_a_lake_folder_that_does_not_exist_is_one_line_and_exit_2(tmp_path: Path
 
 
 @pytest.mark.parametrize(
-    "args",
-    [
-        ["status"],
-        ["sensors"],
-        ["quarantine"],
-        ["buffer", "check"],
-        ["buffer", "repair"],
-        ["flush", "--timeout", "1"],
-        ["export", "--since", "2026-01-01", "--until", "2026-01-02", "-o", "{tmp}/x.csv"],
-    ],
+    "args", [*BUFFER_READERS, ["buffer", "repair"], ["flush", "--timeout", "1"]]
 )
 def test_a_buffer_path_that_is_a_directory_is_one_line_and_exit_1(
     args: list[str], tmp_path: Path

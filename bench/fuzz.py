@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -52,11 +53,14 @@ def peak_rss_mb(pid: int, field: str = "VmHWM") -> float:
 
 
 class RssSampler:
-    """The highest VmRSS of a process in each of a run's rounds (sampled twice a second)."""
+    """The highest VmRSS of a process in each of a run's rounds, and the highest
+    value of each gauge of its /metrics (sampled twice a second)."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, metrics_url: str | None = None) -> None:
         self.pid = pid
+        self.metrics_url = metrics_url
         self.per_round: list[float] = [0.0]
+        self.gauges: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -66,6 +70,34 @@ class RssSampler:
             rss = peak_rss_mb(self.pid, "VmRSS")
             if rss == rss:  # not NaN
                 self.per_round[-1] = max(self.per_round[-1], rss)
+            if self.metrics_url:
+                for name, value in self._gauges().items():
+                    self.gauges[name] = max(self.gauges.get(name, 0.0), value)
+
+    def received(self) -> float:
+        """Batches and alerts the ingestor has taken so far (0 if /metrics fails)."""
+        events = ('cloud_ingest_events_total{event="received"}',
+                  'cloud_ingest_events_total{event="alerts_received"}')  # fmt: skip
+        return sum(v for k, v in self._metrics().items() if k in events)
+
+    def _gauges(self) -> dict[str, float]:
+        wanted = ("cloud_ingest_queue_depth", "cloud_ingest_in_hand", "cloud_ingest_acks_pending")
+        return {k: v for k, v in self._metrics().items() if k in wanted}
+
+    def _metrics(self) -> dict[str, float]:
+        if self.metrics_url is None:
+            return {}
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=2) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return {}
+        out = {}
+        for line in text.splitlines():
+            name, _, value = line.rpartition(" ")
+            if name and not name.startswith("#"):
+                out[name] = float(value)
+        return out
 
     def next_round(self) -> None:
         self.per_round.append(0.0)
@@ -145,6 +177,7 @@ def run_cloud(tmp: Path, n: int, rounds: int, rng: random.Random) -> dict[str, o
     influx = services.influxdb(tmp / "influx").start()
     try:
         influxq.create_database(influx.url, "fz")
+        http = services.free_port()
         pipe = Pipeline(
             PipelineSpec(
                 workdir=tmp / "cloud",
@@ -155,6 +188,7 @@ def run_cloud(tmp: Path, n: int, rounds: int, rng: random.Random) -> dict[str, o
                         "fz",
                         {"api": "v1", "url": influx.url, "database": "fz"},
                         {"url": f"file://{tmp / 'lake'}"},
+                        http={"listen": f"127.0.0.1:{http}"},
                     )
                 ],
             )
@@ -164,12 +198,17 @@ def run_cloud(tmp: Path, n: int, rounds: int, rng: random.Random) -> dict[str, o
             "--devices", "50", "--batches", str(40 * rounds), "--speed", "0",
             "--max-in-flight", "200", "--ack-timeout", "20", "--timeout", str(900 * rounds),
         )  # fmt: skip
-        sampler = RssSampler(ingestor.popen.pid)
+        sampler = RssSampler(ingestor.popen.pid, f"http://127.0.0.1:{http}/metrics")
         started = time.monotonic()
         for r in range(rounds):  # fresh messages each round: a soak, not a replay
             if r:
                 sampler.next_round()
             flood(broker.port, cloud_messages(n, rng))
+            # the round ends when the ingestor has taken as many (the broker queues
+            # what it has not), so that each round's RSS is that of a round's work
+            deadline = time.monotonic() + 900
+            while sampler.received() < (r + 1) * n and time.monotonic() < deadline:
+                time.sleep(0.5)  # polling the ingestor's counters, with a deadline
         summary = pipe.finish_fleet(fleet, timeout_s=900 * rounds)
         seconds = time.monotonic() - started
         rss_per_round = sampler.stop()
@@ -194,6 +233,7 @@ def run_cloud(tmp: Path, n: int, rounds: int, rng: random.Random) -> dict[str, o
             "valid_readings_lost": lost,
             "peak_rss_mb": round(rss, 1),
             "rss_mb_per_round": rss_per_round,
+            "peak_gauges": sampler.gauges,
         }
     finally:
         influx.stop()

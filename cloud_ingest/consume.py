@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,11 +79,23 @@ class GroupConsumer:
         # the deque itself (iterating it there raced with the loop's changes).
         health.queue_depth = lambda: client.held
         health.in_hand = lambda: client.in_hand
+        health.acks_pending = lambda: client.acks_pending
 
-    async def run(self) -> None:
-        """Until ``stop`` (then drain) or until the connection fails (then raise its
-        MqttError, for the caller to reconnect)."""
+    async def run(
+        self, topics: Sequence[str] = (), on_subscribed: Callable[[], None] | None = None
+    ) -> None:
+        """Subscribe to ``topics`` (then call ``on_subscribed``) while taking messages,
+        until ``stop`` (then drain) or until the connection fails (then raise its
+        MqttError, for the caller to reconnect).
+
+        Messages are taken from the first moment, not after the SUBACKs: a persistent
+        session's backlog arrives before them, and once the bound on messages in hand
+        is reached only taking messages makes room to read the SUBACK. (Waiting for
+        it first made a reconnect under a large backlog time out again and again,
+        each attempt filling memory with redelivered messages.)"""
         self.client.bound()
+        subscribing = asyncio.ensure_future(self._subscribe(topics, on_subscribed))
+        subscribing.add_done_callback(self._subscribed)
         messages = aiter(self.client.messages)
         stop_wait = asyncio.ensure_future(self.stop.wait())
         last: GroupTask | None = None
@@ -109,11 +121,26 @@ class GroupConsumer:
                 self.inflight.append(Group(msgs, last))
         finally:
             stop_wait.cancel()
+            subscribing.cancel()
             if self.inflight:  # drain; retries end within retry.shutdown_grace_s of the stop
                 await asyncio.wait([g.task for g in self.inflight])
             self._puback_ready()
         if self.failed.done():
             self.failed.result()  # raise: reconnect
+
+    async def _subscribe(
+        self, topics: Sequence[str], on_subscribed: Callable[[], None] | None
+    ) -> None:
+        # Generous: the SUBACK may wait behind a backlog that is being worked off.
+        timeout = max(60.0, 2.0 * self.proc.cfg.mqtt.keepalive_s)
+        for topic in topics:
+            await self.client.subscribe(topic, timeout)
+        if on_subscribed is not None:
+            on_subscribed()
+
+    def _subscribed(self, task: asyncio.Future[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self._fail(task.exception())  # type: ignore[arg-type]
 
     def _form_group(self, first: aiomqtt.Message) -> list[aiomqtt.Message]:
         msgs = [first]
@@ -161,8 +188,10 @@ class GroupConsumer:
             try:
                 for o in outcomes:
                     if o.ack is not None and o.device is not None:
-                        self.client.tell(ack_topic(o.device, self.prefix), o.ack.encode())
-                        self.proc.stats.inc(f"acks_{o.ack.status}")
+                        if self.client.tell(ack_topic(o.device, self.prefix), o.ack.encode()):
+                            self.proc.stats.inc(f"acks_{o.ack.status}")
+                        else:  # too many await the broker's PUBACK (mqttclient.py)
+                            self.proc.stats.inc("acks_not_sent")
             except aiomqtt.MqttError as exc:
                 self._fail(exc)
 

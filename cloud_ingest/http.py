@@ -18,6 +18,9 @@ Metrics (all counters end in ``_total``):
   that honours it; Mosquitto 2.0.11 does not)
 * ``cloud_ingest_in_hand``: of those, the messages in groups being decoded or
   written: at most ``mqtt.receive_maximum``, whatever the broker does
+* ``cloud_ingest_acks_pending``: device acks published and not yet acknowledged
+  by the broker (at most 16,384; beyond that an ack is not
+  sent and counted as ``acks_not_sent``: the device resends and is answered then)
 * ``cloud_ingest_group_messages``: a histogram of the messages per group (large
   groups under load share the fixed costs; docs/cloud-ingest.md)
 
@@ -43,6 +46,7 @@ class Health:
         self.subscribed = threading.Event()
         self.queue_depth: Callable[[], int] = lambda: 0
         self.in_hand: Callable[[], int] = lambda: 0
+        self.acks_pending: Callable[[], int] = lambda: 0
 
 
 class _StatsCollector(Collector):
@@ -75,6 +79,12 @@ class _StatsCollector(Collector):
         )
         in_hand.add_metric([], float(self.health.in_hand()))
         yield in_hand
+        acks = GaugeMetricFamily(
+            "cloud_ingest_acks_pending",
+            "Device acks published and not yet acknowledged by the broker",
+        )
+        acks.add_metric([], float(self.health.acks_pending()))
+        yield acks
 
 
 class MetricsServer:

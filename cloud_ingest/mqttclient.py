@@ -9,6 +9,11 @@ needs, so this module reaches into it, each time for a reason written beside it:
   ``manual_ack_set`` and ``ack`` are used.
 * **device acks without waiting**: aiomqtt's ``publish`` waits for the broker's
   PUBACK of each; paho's ``publish`` does not, and keeps the order.
+* **a bound on device acks awaiting the broker's PUBACK.** paho queues what it
+  cannot send yet without a limit, and its message ids wrap at 65,535: in a
+  fuzz soak the queue grew until an id was still in use, publishing failed
+  ("Message queue full") and the connection was dropped. At most
+  ``MAX_ACKS_PENDING`` (16,384) wait; beyond that an ack is not sent (see :meth:`tell`).
 * **TCP_NODELAY** on paho's socket.
 * **the received-message queue**, to take every message waiting at once (a group).
 * **a bound on memory, whatever the broker does.** Mosquitto 2.0.11 ignores
@@ -19,7 +24,8 @@ needs, so this module reaches into it, each time for a reason written beside it:
   broker back, and the messages wait in the broker, not in this process. Reading
   resumes when the count falls below. aiomqtt registers its own socket reader
   with the event loop; it is replaced here by :meth:`IngestClient._read`, which
-  does what aiomqtt's does (read one packet, drain TLS) and then checks the bound.
+  does what aiomqtt's does (read, drain TLS) packet by packet, checking the bound
+  after each (paho's ``loop_read`` reads many packets at once).
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ from shared.mqttprops import connect_properties, publish_properties
 from shared.tls import ssl_context
 
 log = logging.getLogger("cloud_ingest.mqtt")
+#: Device acks that may await the broker's PUBACK. Far below paho's 65,535 message
+#: ids; about 1 KB each. Under normal load they stay far below (the PUBACKs are read
+#: whenever messages are); 4 x receive_maximum was too few: while reading pauses
+#: at the bound, PUBACKs wait unread, and dropping acks then cut throughput by 4.
+MAX_ACKS_PENDING = 16_384
 ACK_PROPERTIES = publish_properties(ACK_CONTENT_TYPE, [])
 
 
@@ -48,6 +59,7 @@ class IngestClient:
 
     def __init__(self, cfg: IngestConfig, max_held: int) -> None:
         self.max_held = max_held
+        self.max_acks_pending = MAX_ACKS_PENDING
         self.client = aiomqtt.Client(
             cfg.mqtt.host,
             cfg.mqtt.port,
@@ -78,7 +90,7 @@ class IngestClient:
         self.paused = False
         self.pauses = 0
         self.in_hand = 0  # set by the consumer: received, taken from the queue, not acked
-        self.bounded = False  # see bound(): off while subscribing
+        self.bounded = False  # see bound()
 
     async def __aenter__(self) -> IngestClient:
         self._loop = asyncio.get_running_loop()
@@ -99,13 +111,13 @@ class IngestClient:
     def messages(self) -> AsyncIterator[aiomqtt.Message]:
         return self.client.messages
 
-    async def subscribe(self, topic: str) -> None:
-        await self.client.subscribe(topic, qos=1)
+    async def subscribe(self, topic: str, timeout: float) -> None:
+        await self.client.subscribe(topic, qos=1, timeout=timeout)
 
     def bound(self) -> None:
-        """From now on, stop reading at ``max_held`` (call once the consumer runs:
-        while subscribing, a SUBACK may be behind the first messages, and nothing
-        would take them off the queue to make room for it)."""
+        """From now on, stop reading at ``max_held``. Call it only with a consumer
+        taking messages: a SUBACK may be behind them (a persistent session's backlog
+        comes first), and with nobody making room it would never be read."""
         self.bounded = True
         self._pause_if_full()
 
@@ -137,8 +149,18 @@ class IngestClient:
         self.in_hand -= n
         self._resume_if_room()
 
-    def tell(self, topic: str, payload: bytes) -> None:
-        """Publish a device ack at QoS 1 without waiting for the broker's PUBACK.
+    @property
+    def acks_pending(self) -> int:
+        """Device acks published and not yet acknowledged by the broker, in flight
+        or queued in paho."""
+        return len(self._paho._out_messages)  # internal: see the module docstring
+
+    def tell(self, topic: str, payload: bytes) -> bool:
+        """Publish a device ack at QoS 1 without waiting for the broker's PUBACK;
+        False if not sent because ``max_acks_pending`` acks await theirs already.
+
+        An ack not sent costs nothing but time: the device resends the batch after
+        its ack timeout, and the resend is answered as a duplicate.
 
         It goes out after the PUBACK of the batch it answers (same connection, in
         order). Waiting for the broker's PUBACK of every ack (aiomqtt's ``publish``)
@@ -146,9 +168,12 @@ class IngestClient:
         connection drops first, the ack may be lost: the device resends the batch,
         which is then recognised as written (or written again, the same version)
         and acked again."""
+        if self.acks_pending >= self.max_acks_pending:
+            return False
         info = self._paho.publish(topic, payload, qos=1, properties=ACK_PROPERTIES)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise aiomqtt.MqttError(f"could not publish an ack: {mqtt.error_string(info.rc)}")
+        return True
 
     def _no_delay(self) -> None:
         """Send small packets (PUBACKs, acks) at once: with Nagle's algorithm on, they
@@ -177,14 +202,24 @@ class IngestClient:
         self._loop.add_reader(fd, self._read)
 
     def _read(self) -> None:
-        """What aiomqtt's reader does, then the bound: stop reading when full."""
+        """What aiomqtt's reader does (read, drain TLS), packet by packet, stopping
+        at the bound. paho's ``loop_read`` reads as many packets as it has messages
+        in flight, acks included, whatever its argument says: with 1,024 acks
+        awaiting their PUBACK it took 1,250 messages where the bound was 256."""
+        paho = self._paho
         try:
-            while True:
-                self._paho.loop_read()
-                pending = getattr(self._paho._sock, "pending", None)  # internal: TLS
-                if pending is not None and pending() > 0:
-                    continue  # decoded TLS bytes that the socket no longer signals
-                break
+            while not self._full():
+                if paho._sock is None:  # internal: closed by the packet before
+                    return
+                rc = paho._packet_read()  # internal: one packet
+                if rc == mqtt.MQTT_ERR_AGAIN:
+                    pending = getattr(paho._sock, "pending", None)  # internal: TLS
+                    if pending is not None and pending() > 0:
+                        continue  # decoded TLS bytes that the socket no longer signals
+                    return
+                if rc != mqtt.MQTT_ERR_SUCCESS:
+                    paho._loop_rc_handle(rc)  # internal: what loop_read does on an error
+                    return
         except Exception as exc:  # noqa: BLE001 (aiomqtt's own rule: a broken connection)
             disconnected = self.client._disconnected  # internal: how aiomqtt is told
             if not disconnected.done():
@@ -192,8 +227,11 @@ class IngestClient:
             return
         self._pause_if_full()
 
+    def _full(self) -> bool:
+        return self.bounded and self.held >= self.max_held
+
     def _pause_if_full(self) -> None:
-        if self.bounded and self.held >= self.max_held and not self.paused and self._fd >= 0:
+        if self._full() and not self.paused and self._fd >= 0:
             assert self._loop is not None
             self._loop.remove_reader(self._fd)
             self.paused = True

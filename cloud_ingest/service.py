@@ -80,13 +80,16 @@ async def serve(
                 # Received and not acknowledged, queued or in hand, at most what
                 # Receive Maximum promises, whatever the broker sends (mqttclient.py)
                 async with IngestClient(cfg, cfg.mqtt.receive_maximum) as client:
-                    await client.subscribe(topic)
-                    await client.subscribe(alerts)
-                    log.info("subscribed to %s on %s:%s", topic, cfg.mqtt.host, cfg.mqtt.port)
-                    delay = cfg.mqtt.reconnect_min_s
-                    health.subscribed.set()
-                    write_ready_file(ready_file)
-                    await GroupConsumer(client, proc, stop, health, on_group).run()
+
+                    def subscribed() -> None:
+                        nonlocal delay
+                        log.info("subscribed to %s on %s:%s", topic, cfg.mqtt.host, cfg.mqtt.port)
+                        delay = cfg.mqtt.reconnect_min_s
+                        health.subscribed.set()
+                        write_ready_file(ready_file)
+
+                    consumer = GroupConsumer(client, proc, stop, health, on_group)
+                    await consumer.run([topic, alerts], subscribed)
                     health.subscribed.clear()
             except aiomqtt.MqttError as exc:
                 health.subscribed.clear()

@@ -226,3 +226,56 @@ def test_memory_stays_bounded_when_the_broker_sends_more_than_it_should(
         assert quarantined(archive) == {"reason=bad-magic": n}
     finally:
         pipe.stop_all()
+
+
+def test_a_reconnect_under_a_backlog_keeps_the_bound_and_catches_up(
+    fresh: Callable[[str], Service], influxdb: Service, influx_db: str, tmp_path: Path
+) -> None:
+    """Found by the fuzz soak: after a lost connection the ingestor waited for its
+    SUBACKs before taking messages, and read without a bound meanwhile. The broker
+    sends a persistent session's backlog first, so the ingestor filled its memory
+    with it, and with a backlog that took longer than the subscribe timeout it
+    reconnected again and again (31 times in 8 minutes, 1 GB RSS) without storing
+    anything. Now it takes messages from the first moment, within the bound."""
+    import urllib.request
+
+    from devstack.services import free_port
+
+    http = free_port()
+
+    def depth() -> float:
+        url = f"http://127.0.0.1:{http}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith("cloud_ingest_queue_depth "):
+                    return float(line.split()[-1])
+        return 0.0
+
+    broker = fresh("mosquitto")
+    archive = tmp_path / "archive"
+    rm = 16
+    pipe = one_ingestor(
+        tmp_path,
+        broker,
+        influxdb,
+        influx_db,
+        mqtt={"receive_maximum": rm},
+        http={"listen": f"127.0.0.1:{http}"},
+    )
+    try:
+        (ingestor,) = pipe.start_ingestors()  # the persistent session and its subscriptions
+        assert ingestor.terminate() == 0
+        n = 3000  # the backlog, queued by the broker for the session while it is down
+        publish_all(broker.port, [("telemetry/v1/dev-b/batch", b"junk %05d" % k) for k in range(n)])
+        (ingestor,) = pipe.start_ingestors()  # ready: subscribed again
+        peak = 0.0
+        deadline = time.monotonic() + 120
+        while quarantined(archive).get("reason=bad-magic", 0) < n:
+            assert time.monotonic() < deadline, "the backlog was not handled within 120 s"
+            peak = max(peak, depth())
+            assert ingestor.popen.poll() is None
+            time.sleep(0.02)  # the sampling interval of a gauge, within the deadline
+        assert 0 < peak <= rm + 1, f"held {peak:.0f} messages, Receive Maximum {rm}"
+        assert quarantined(archive) == {"reason=bad-magic": n}
+    finally:
+        pipe.stop_all()

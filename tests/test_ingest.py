@@ -384,3 +384,31 @@ def test_a_dead_metrics_thread_stops_the_ingestor() -> None:
     finally:
         metrics.server.server_close()
     assert died == ["metrics-http"]
+
+
+def test_device_acks_awaiting_the_brokers_puback_are_bounded(mosquitto: Service) -> None:
+    """paho queues what it cannot send yet without a limit, and its message ids wrap
+    at 65,535: under a flood (a fuzz soak) the acks awaiting the broker's PUBACK grew
+    until publishing failed. At most MAX_ACKS_PENDING wait; the rest are not sent
+    (the device's resend is answered). Here the PUBACKs are left unread."""
+    from cloud_ingest.mqttclient import IngestClient
+
+    cfg = from_dict(
+        IngestConfig,
+        {"mqtt": {"port": mosquitto.port, "client_id": "acks-bound", "receive_maximum": 2}},
+    )
+
+    async def main() -> tuple[list[bool], int]:
+        async with IngestClient(cfg, 2) as client:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while client._fd < 0:  # the reader is put in place on the loop
+                assert loop.time() < deadline, "the client did not take over its socket"
+                await asyncio.sleep(0.01)
+            loop.remove_reader(client._fd)  # the broker's PUBACKs stay unread
+            client.max_acks_pending = 8  # MAX_ACKS_PENDING, made small
+            sent = [client.tell("telemetry/v1/d/ack", b"{}") for _ in range(12)]
+            return sent, client.acks_pending
+
+    sent, pending = asyncio.run(main())
+    assert sent == [True] * 8 + [False] * 4 and pending == 8

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from shared import backoff
+from shared.auth import AuthConfig
 from shared.config import Invalid, port, positive
 from shared.tls import TlsConfig
 from shared.topics import DEFAULT_BATCH_PREFIX
@@ -29,6 +30,7 @@ class MqttConfig:
     reconnect_min_s: float = backoff.DEFAULT_MIN_S
     reconnect_max_s: float = backoff.DEFAULT_MAX_S
     tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     def __post_init__(self) -> None:
         port("port", self.port)

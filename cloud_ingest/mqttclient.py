@@ -69,6 +69,8 @@ class IngestClient:
             properties=connect_properties(cfg.mqtt.session_expiry_s, cfg.mqtt.receive_maximum),
             keepalive=cfg.mqtt.keepalive_s,
             tls_context=ssl_context(cfg.mqtt.tls),
+            username=cfg.mqtt.auth.username or None,
+            password=cfg.mqtt.auth.password(),
             # one device ack per message in hand may be awaiting the broker's PUBACK;
             # paho's default of 20 queued the rest behind them
             max_inflight_messages=cfg.mqtt.receive_maximum,

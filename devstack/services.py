@@ -137,18 +137,31 @@ class Service:
 
 
 def mosquitto(
-    workdir: Path, port: int | None = None, tls: tuple[Path, Path, Path] | None = None
+    workdir: Path,
+    port: int | None = None,
+    tls: tuple[Path, Path, Path] | None = None,
+    passwords: dict[str, str] | None = None,
 ) -> Service:
-    """``tls``: (CA, server certificate, server key) PEM files for a TLS listener."""
+    """``tls``: (CA, server certificate, server key) PEM files for a TLS listener.
+    ``passwords``: username → password; then only those users may connect."""
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "mosquitto.conf"
     tls_lines = f"cafile {tls[0]}\ncertfile {tls[1]}\nkeyfile {tls[2]}\n" if tls is not None else ""
+    anonymous = "allow_anonymous true\n"
+    if passwords is not None:
+        pwfile = workdir / "passwords"
+        pwfile.write_text("")
+        pwfile.chmod(0o600)
+        tool = find_binary("mosquitto_passwd", "/usr/bin/mosquitto_passwd")
+        for user, password in passwords.items():
+            subprocess.run([tool, "-b", str(pwfile), user, password], check=True)
+        anonymous = f"allow_anonymous false\npassword_file {pwfile}\n"
     # As root, Mosquitto would switch to the user "mosquitto", which can read neither
     # the certificates nor the persistence folder in a test's private temp folder.
     run_as = "user root\n" if os.geteuid() == 0 else ""
     conf.write_text(
-        f"listener {port} {LOOPBACK}\n" + tls_lines + run_as + "allow_anonymous true\n"
+        f"listener {port} {LOOPBACK}\n" + tls_lines + run_as + anonymous +
         "persistence true\n"
         f"persistence_location {workdir}/\n"
         # The default of 1000 queued QoS 1 messages per client silently drops the

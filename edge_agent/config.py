@@ -11,6 +11,7 @@ from typing import Literal
 
 from edge_agent.alerts import AlertRule
 from shared import backoff
+from shared.auth import AuthConfig
 from shared.config import Invalid, port, positive
 from shared.tls import TlsConfig
 from shared.topics import DEFAULT_BATCH_PREFIX, DEFAULT_SENSOR_PREFIX, is_valid_id
@@ -27,6 +28,7 @@ class BrokerConfig:
     reconnect_min_s: float = backoff.DEFAULT_MIN_S
     reconnect_max_s: float = backoff.DEFAULT_MAX_S
     tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     def __post_init__(self) -> None:
         port("port", self.port)

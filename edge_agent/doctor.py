@@ -9,7 +9,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -18,6 +18,7 @@ from edge_agent import budget, buffer
 from edge_agent.config import AgentConfig, BrokerConfig
 from edge_agent.status import open_readonly
 from edge_agent.store import LAST_STORE_ERROR, STORE_ERRORS
+from shared.auth import apply_paho
 from shared.errors import StorageError
 from shared.tls import server_certificate_expiry, ssl_context
 
@@ -53,12 +54,20 @@ def check_broker(name: str, cfg: BrokerConfig, timeout_s: float = 3.0) -> Check:
     ctx = ssl_context(cfg.tls)
     if ctx is not None:
         client.tls_set_context(ctx)
+    apply_paho(client, cfg.auth)
+    refused: list[str] = []  # the CONNACK's reason, when the broker says no
+
+    def on_connect(_c: object, _u: object, _f: object, reason: Any, _p: object) -> None:
+        if getattr(reason, "is_failure", False):
+            refused.append(str(reason))
+
+    client.on_connect = on_connect
     try:
         client.connect(cfg.host, cfg.port, keepalive=10)
         client.loop_start()
         deadline = time.monotonic() + timeout_s
-        while not client.is_connected() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        while not client.is_connected() and not refused and time.monotonic() < deadline:
+            time.sleep(0.02)  # polling paho's state, with a deadline
         ok = client.is_connected()
     except OSError as exc:
         return Check(
@@ -70,6 +79,13 @@ def check_broker(name: str, cfg: BrokerConfig, timeout_s: float = 3.0) -> Check:
     finally:
         client.disconnect()
         client.loop_stop()
+    if refused:
+        return Check(
+            name,
+            "fail",
+            f"{where}: refused: {refused[0]}",
+            f"check [{name}.auth] username and password, or [{name}.tls] client certificate",
+        )
     if not ok:
         return Check(
             name,

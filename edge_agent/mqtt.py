@@ -8,6 +8,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.config import BrokerConfig
 from shared import backoff
+from shared.auth import apply_paho
 from shared.mqttprops import connect_properties
 from shared.tls import ssl_context
 
@@ -24,6 +25,7 @@ def make_client(cfg: BrokerConfig, client_id: str, *, manual_ack: bool = False) 
     ctx = ssl_context(cfg.tls)
     if ctx is not None:
         client.tls_set_context(ctx)
+    apply_paho(client, cfg.auth)
     return client
 
 

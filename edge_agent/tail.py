@@ -17,8 +17,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.config import AgentConfig
+from shared.auth import apply_paho
 from shared.errors import WireError
 from shared.readings import decode_chunk
+from shared.tls import ssl_context
 from shared.topics import sensor_filter
 
 
@@ -48,6 +50,10 @@ def tail(
     client.on_subscribe = lambda _c, _u, _m, _rc, _p: subscribed.set()
     client.on_connect = lambda c, _u, _f, _rc, _p: c.subscribe(sensor_filter(prefix), qos=0)
     b = cfg.intake.broker
+    ctx = ssl_context(b.tls)
+    if ctx is not None:
+        client.tls_set_context(ctx)
+    apply_paho(client, b.auth)
     client.connect(b.host, b.port, keepalive=30)
     client.loop_start()
     try:

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from firmware_sim.config import SimConfig
+from shared.auth import AuthConfig
 from shared.cli import EXIT_FAILURE, config_group, load_or_exit, setup_logging
 from shared.config import Invalid
 
@@ -144,6 +145,13 @@ main.add_command(config_group(SimConfig, "firmware_sim"))
     show_default=True,
     help="Longest wait between two attempts to reconnect to a lost broker.",
 )
+@click.option("--username", default="", help="MQTT username (with a password, below).")
+@click.option(
+    "--password-file",
+    default="",
+    help="File holding the MQTT password (not readable by every user).",
+)
+@click.option("--password-env", default="", help="Environment variable holding the password.")
 def fleet(**kw: Any) -> None:
     """Simulate a fleet of devices at the wire level, for load tests of cloud ingest.
 
@@ -176,6 +184,7 @@ def fleet(**kw: Any) -> None:
             truth_path=kw["truth_path"],
             device_prefix=kw["device_prefix"],
             reconnect_max_s=kw["reconnect_max_s"],
+            auth=AuthConfig(kw["username"], kw["password_file"], kw["password_env"]),
         )
     except (ValueError, Invalid) as exc:
         raise click.UsageError(str(exc)) from None

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from shared import backoff
+from shared.auth import AuthConfig
 from shared.config import Invalid, port, positive
 from shared.topics import DEFAULT_SENSOR_PREFIX, is_valid_id
 
@@ -66,6 +67,7 @@ class SimBrokerConfig:
     client_id: str = "firmware-sim"
     reconnect_min_s: float = backoff.DEFAULT_MIN_S
     reconnect_max_s: float = backoff.DEFAULT_MAX_S
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     def __post_init__(self) -> None:
         port("port", self.port)

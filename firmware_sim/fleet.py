@@ -32,6 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from shared import backoff
 from shared.acks import decode_ack
+from shared.auth import AuthConfig, apply_paho
 from shared.errors import WireError
 from shared.mqttprops import publish_properties
 from shared.sketch import DDSketch
@@ -70,6 +71,7 @@ class FleetSpec:
     client_id: str = "firmware-sim-fleet"
     reconnect_min_s: float = backoff.DEFAULT_MIN_S
     reconnect_max_s: float = backoff.DEFAULT_MAX_S
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     def __post_init__(self) -> None:
         for name in ("devices", "batches", "sensors", "readings_per_window", "max_in_flight"):
@@ -222,6 +224,7 @@ class Fleet:
         self._client.max_inflight_messages_set(min(spec.max_in_flight, 65535))
         self._client.max_queued_messages_set(0)
         backoff.set_paho(self._client, spec.reconnect_min_s, spec.reconnect_max_s)
+        apply_paho(self._client, spec.auth)
         self._client.on_message = self._on_message
         self._subscribed = threading.Event()
         self._client.on_subscribe = lambda *_a, **_k: self._subscribed.set()

@@ -20,6 +20,7 @@ from firmware_sim.config import SensorSpec, SimConfig
 from firmware_sim.sensors import chunk_times, chunk_values, period_ns
 from firmware_sim.truth import TruthWriter
 from shared import backoff
+from shared.auth import apply_paho
 from shared.readings import encode_chunk
 from shared.topics import sensor_topic
 
@@ -43,6 +44,7 @@ def _connect(cfg: SimConfig, timeout_s: float = 30.0) -> mqtt.Client:
     client.max_inflight_messages_set(100)
     client.max_queued_messages_set(0)  # 0 = unbounded: never drop a reading locally
     backoff.set_paho(client, cfg.broker.reconnect_min_s, cfg.broker.reconnect_max_s)
+    apply_paho(client, cfg.broker.auth)
     client.connect_async(cfg.broker.host, cfg.broker.port, keepalive=30)
     client.loop_start()
     deadline = time.monotonic() + timeout_s

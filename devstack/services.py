@@ -161,8 +161,7 @@ def mosquitto(
     # the certificates nor the persistence folder in a test's private temp folder.
     run_as = "user root\n" if os.geteuid() == 0 else ""
     conf.write_text(
-        f"listener {port} {LOOPBACK}\n" + tls_lines + run_as + anonymous +
-        "persistence true\n"
+        f"listener {port} {LOOPBACK}\n" + tls_lines + run_as + anonymous + "persistence true\n"
         f"persistence_location {workdir}/\n"
         # The default of 1000 queued QoS 1 messages per client silently drops the
         # rest for a slow or absent subscriber (see design.md); 0 = no limit here,

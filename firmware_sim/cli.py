@@ -13,6 +13,7 @@ from firmware_sim.config import SimConfig
 from shared.auth import AuthConfig
 from shared.cli import EXIT_FAILURE, config_group, load_or_exit, setup_logging
 from shared.config import Invalid
+from shared.tls import TlsConfig
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -152,6 +153,9 @@ main.add_command(config_group(SimConfig, "firmware_sim"))
     help="File holding the MQTT password (not readable by every user).",
 )
 @click.option("--password-env", default="", help="Environment variable holding the password.")
+@click.option("--ca-file", default="", help="CA (PEM) of the broker's TLS certificate: TLS on.")
+@click.option("--cert-file", default="", help="Client certificate (PEM), with --key-file.")
+@click.option("--key-file", default="", help="Client certificate's key (PEM).")
 def fleet(**kw: Any) -> None:
     """Simulate a fleet of devices at the wire level, for load tests of cloud ingest.
 
@@ -185,6 +189,7 @@ def fleet(**kw: Any) -> None:
             device_prefix=kw["device_prefix"],
             reconnect_max_s=kw["reconnect_max_s"],
             auth=AuthConfig(kw["username"], kw["password_file"], kw["password_env"]),
+            tls=TlsConfig(kw["ca_file"], kw["cert_file"], kw["key_file"]),
         )
     except (ValueError, Invalid) as exc:
         raise click.UsageError(str(exc)) from None

@@ -8,6 +8,7 @@ from typing import Literal
 from shared import backoff
 from shared.auth import AuthConfig
 from shared.config import Invalid, port, positive
+from shared.tls import TlsConfig
 from shared.topics import DEFAULT_SENSOR_PREFIX, is_valid_id
 
 SensorKind = Literal["temperature", "humidity", "vibration"]
@@ -67,6 +68,7 @@ class SimBrokerConfig:
     client_id: str = "firmware-sim"
     reconnect_min_s: float = backoff.DEFAULT_MIN_S
     reconnect_max_s: float = backoff.DEFAULT_MAX_S
+    tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
 
     def __post_init__(self) -> None:

@@ -36,6 +36,7 @@ from shared.auth import AuthConfig, apply_paho
 from shared.errors import WireError
 from shared.mqttprops import publish_properties
 from shared.sketch import DDSketch
+from shared.tls import TlsConfig, ssl_context
 from shared.topics import DEFAULT_BATCH_PREFIX, ack_topic, batch_topic
 from shared.wire import (
     CONTENT_TYPE,
@@ -72,6 +73,7 @@ class FleetSpec:
     reconnect_min_s: float = backoff.DEFAULT_MIN_S
     reconnect_max_s: float = backoff.DEFAULT_MAX_S
     auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def __post_init__(self) -> None:
         for name in ("devices", "batches", "sensors", "readings_per_window", "max_in_flight"):
@@ -224,6 +226,9 @@ class Fleet:
         self._client.max_inflight_messages_set(min(spec.max_in_flight, 65535))
         self._client.max_queued_messages_set(0)
         backoff.set_paho(self._client, spec.reconnect_min_s, spec.reconnect_max_s)
+        ctx = ssl_context(spec.tls)
+        if ctx is not None:
+            self._client.tls_set_context(ctx)
         apply_paho(self._client, spec.auth)
         self._client.on_message = self._on_message
         self._subscribed = threading.Event()
@@ -302,9 +307,10 @@ class Fleet:
         self._client.connect_async(spec.host, spec.port, keepalive=30)
         self._client.loop_start()
         try:
-            if not self._subscribed.wait(30):
+            wait_s = min(30.0, spec.timeout_s)
+            if not self._subscribed.wait(wait_s):
                 raise ConnectionError(
-                    f"no subscription to the acks at {spec.host}:{spec.port} within 30 s"
+                    f"no subscription to the acks at {spec.host}:{spec.port} within {wait_s:g} s"
                 )
             started = time.monotonic()
             deadline = started + spec.timeout_s

@@ -22,6 +22,7 @@ from firmware_sim.truth import TruthWriter
 from shared import backoff
 from shared.auth import apply_paho
 from shared.readings import encode_chunk
+from shared.tls import ssl_context
 from shared.topics import sensor_topic
 
 log = logging.getLogger("firmware_sim")
@@ -44,6 +45,9 @@ def _connect(cfg: SimConfig, timeout_s: float = 30.0) -> mqtt.Client:
     client.max_inflight_messages_set(100)
     client.max_queued_messages_set(0)  # 0 = unbounded: never drop a reading locally
     backoff.set_paho(client, cfg.broker.reconnect_min_s, cfg.broker.reconnect_max_s)
+    ctx = ssl_context(cfg.broker.tls)
+    if ctx is not None:
+        client.tls_set_context(ctx)
     apply_paho(client, cfg.broker.auth)
     client.connect_async(cfg.broker.host, cfg.broker.port, keepalive=30)
     client.loop_start()

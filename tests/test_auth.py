@@ -76,7 +76,9 @@ def test_firmware_sim_and_doctor_authenticate_and_a_wrong_password_is_refused(
     cfg = tmp_path / "sim.toml"
     auth = {"username": "dev-a", "password_file": _secret(tmp_path, "dev-a")}
     cfg.write_text(
-        toml_dumps({"duration_s": 2.0, "speed": 100.0, "broker": {"port": broker.port, "auth": auth}})
+        toml_dumps(
+            {"duration_s": 2.0, "speed": 100.0, "broker": {"port": broker.port, "auth": auth}}
+        )
     )
     res = subprocess.run(
         [str(BIN / "firmware-sim"), "run", "-c", str(cfg)],

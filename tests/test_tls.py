@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -180,3 +181,38 @@ def test_tls_config_names_missing_files(tmp_path: Path) -> None:
             TlsConfig, {"ca_file": str(tmp_path / "c.pem"), "cert_file": str(tmp_path / "c.pem")}
         )
     assert e.value.key == "cert_file"
+
+
+def test_firmware_sim_run_and_fleet_speak_tls(tls_broker: Any, tmp_path: Path) -> None:
+    """firmware-sim's two clients use [broker.tls] / --ca-file: run publishes over
+    TLS; fleet connects and subscribes over TLS (no ingestor here: it times out with
+    every batch unacked, exit 1, after publishing them)."""
+    import json
+    import subprocess
+
+    from devstack.pipeline import BIN, toml_dumps
+
+    svc, ca = tls_broker
+    cfg = tmp_path / "sim.toml"
+    broker = {"port": svc.port, "tls": {"ca_file": str(ca)}}
+    cfg.write_text(toml_dumps({"duration_s": 2.0, "speed": 100.0, "broker": broker}))
+    res = subprocess.run(
+        [str(BIN / "firmware-sim"), "run", "-c", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["produced"] > 0
+    args = ["--devices", "1", "--batches", "1", "--port", str(svc.port), "--timeout", "3"]
+    res = subprocess.run(
+        [str(BIN / "firmware-sim"), "fleet", *args, "--ca-file", str(ca)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 1 and json.loads(res.stdout)["unacked"] == 1, res.stderr
+    plain = subprocess.run(
+        [str(BIN / "firmware-sim"), "fleet", *args], capture_output=True, text=True, timeout=60
+    )
+    assert plain.returncode == 1 and plain.stdout == "", plain.stdout  # no TLS: no connection

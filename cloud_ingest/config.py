@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from shared import backoff
-from shared.auth import AuthConfig
+from shared.auth import AuthConfig, check_secret, read_secret
 from shared.config import Invalid, port, positive
 from shared.tls import TlsConfig
 from shared.topics import DEFAULT_BATCH_PREFIX
@@ -49,10 +49,15 @@ class InfluxConfig:
     database: str = "telemetry"
     retention_policy: str = ""
     username: str = ""
+    #: the password inline, or (better) the file or environment variable holding it
     password: str = ""
+    password_file: str = ""
+    password_env: str = ""
     org: str = ""
     bucket: str = "telemetry"
     token: str = ""
+    token_file: str = ""
+    token_env: str = ""
     measurement: str = "window"
     alert_measurement: str = "alert"
     timeout_s: float = 10.0
@@ -67,6 +72,14 @@ class InfluxConfig:
             raise Invalid("max_lines_per_write", "must be at least 1")
         if not self.measurement:
             raise Invalid("measurement", "must not be empty")
+        check_secret("password", self.password, self.password_file, self.password_env)
+        check_secret("token", self.token, self.token_file, self.token_env)
+
+    def password_value(self) -> str:
+        return read_secret(self.password, self.password_file, self.password_env)
+
+    def token_value(self) -> str:
+        return read_secret(self.token, self.token_file, self.token_env)
 
 
 @dataclass(frozen=True)

@@ -180,7 +180,8 @@ def mosquitto(
     )
 
 
-def influxdb(workdir: Path, port: int | None = None) -> Service:
+def influxdb(workdir: Path, port: int | None = None, auth: bool = False) -> Service:
+    """``auth``: HTTP authentication on; create the first (admin) user before use."""
     port = port or free_port()
     rpc = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -193,7 +194,8 @@ def influxdb(workdir: Path, port: int | None = None) -> Service:
         "  query-log-enabled = false\n"
         f'[http]\n  bind-address = "{LOOPBACK}:{port}"\n  log-enabled = false\n'
         "  max-row-limit = 0\n"
-        "[monitor]\n  store-enabled = false\n"
+        + ("  auth-enabled = true\n" if auth else "")
+        + "[monitor]\n  store-enabled = false\n"
         "[continuous_queries]\n  enabled = false\n"
     )
     binary = find_binary("influxd", "/usr/bin/influxd")

@@ -25,6 +25,7 @@ disk, an I/O error) is counted, and the count becomes the durable counter
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 import zlib
@@ -192,6 +193,19 @@ def count_rows(conn: sqlite3.Connection) -> None:
             )
 
 
+def _create_private(path: Path) -> None:
+    """Create the buffer file readable by its owner only (0600), if it is not there.
+    SQLite gives its -wal and -shm files the mode of the database file, so they
+    are private too: the buffer holds every reading of the site."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return
+    except OSError:
+        return  # a missing folder and the like: sqlite3.connect says so next
+    os.close(fd)
+
+
 class Store:
     """One connection to the agent's SQLite file."""
 
@@ -206,6 +220,8 @@ class Store:
                     uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30
                 )
             else:
+                if self.path != ":memory:":
+                    _create_private(Path(path))
                 self.conn = sqlite3.connect(
                     self.path, isolation_level=None, check_same_thread=False, timeout=30
                 )

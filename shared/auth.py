@@ -31,20 +31,9 @@ class AuthConfig:
     password_env: str = ""
 
     def __post_init__(self) -> None:
-        if self.password_file and self.password_env:
-            raise Invalid("password_file", "give password_file or password_env, not both")
+        check_secret("password", "", self.password_file, self.password_env)
         if (self.password_file or self.password_env) and not self.username:
             raise Invalid("username", "a password needs a username")
-        if self.password_file:
-            path = Path(self.password_file)
-            if not path.is_file():
-                raise Invalid("password_file", f"file not found: {path}")
-            if path.stat().st_mode & stat.S_IROTH:
-                raise Invalid("password_file", f"{path} is readable by every user (chmod 600 it)")
-        if self.password_env and self.password_env not in os.environ:
-            raise Invalid(
-                "password_env", f"the environment variable {self.password_env} is not set"
-            )
 
     @property
     def enabled(self) -> bool:
@@ -52,11 +41,33 @@ class AuthConfig:
 
     def password(self) -> str | None:
         """The password, read now (a rotated file is picked up at the next connect)."""
-        if self.password_file:
-            return Path(self.password_file).read_text(encoding="utf-8").rstrip("\r\n")
-        if self.password_env:
-            return os.environ.get(self.password_env, "")
-        return None
+        if not (self.password_file or self.password_env):
+            return None
+        return read_secret("", self.password_file, self.password_env)
+
+
+def check_secret(key: str, inline: str, file: str, env: str) -> None:
+    """At most one of ``<key>``, ``<key>_file`` and ``<key>_env``; the file present and
+    not readable by every user, the variable set. Raises :class:`Invalid`."""
+    if sum(map(bool, (inline, file, env))) > 1:
+        raise Invalid(f"{key}_file", f"give one of {key}, {key}_file and {key}_env")
+    if file:
+        path = Path(file)
+        if not path.is_file():
+            raise Invalid(f"{key}_file", f"file not found: {path}")
+        if path.stat().st_mode & stat.S_IROTH:
+            raise Invalid(f"{key}_file", f"{path} is readable by every user (chmod 600 it)")
+    if env and env not in os.environ:
+        raise Invalid(f"{key}_env", f"the environment variable {env} is not set")
+
+
+def read_secret(inline: str, file: str, env: str) -> str:
+    """The secret from wherever the config says it is ("" if nowhere)."""
+    if file:
+        return Path(file).read_text(encoding="utf-8").rstrip("\r\n")
+    if env:
+        return os.environ.get(env, "")
+    return inline
 
 
 class _Paho(Protocol):

@@ -205,3 +205,52 @@ def test_ingestor_and_fleet_authenticate_and_no_log_holds_a_password(
     assert "DEBUG" in text  # the ingestor did log at DEBUG
     for secret in PASSWORDS.values():
         assert secret not in text
+
+
+@pytest.mark.integration
+def test_influx_v1_credentials_come_from_a_file_and_travel_in_a_header(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against an InfluxDB 1.x with authentication on: the password comes from a file
+    (or the environment), goes in the Authorization header and never in the URL; a
+    wrong one is a retryable failure (an operator fixes it; no data is dropped)."""
+    import base64
+    import urllib.parse
+    import urllib.request
+
+    from cloud_ingest.config import InfluxConfig
+    from cloud_ingest.sinks.influx import InfluxV1Sink
+    from shared.config import from_dict
+    from shared.errors import RetryableSinkError
+
+    password = "Pw-influx-5d1a93"
+    svc = services.influxdb(tmp_path / "influx", auth=True).start()
+    try:
+
+        def query(q: str, auth: bool = True) -> None:
+            req = urllib.request.Request(
+                f"{svc.url}/query", data=urllib.parse.urlencode({"q": q}).encode()
+            )
+            if auth:
+                token = base64.b64encode(f"admin:{password}".encode()).decode()
+                req.add_header("Authorization", f"Basic {token}")
+            urllib.request.urlopen(req, timeout=10).read()
+
+        query(f"CREATE USER admin WITH PASSWORD '{password}' WITH ALL PRIVILEGES", auth=False)
+        query("CREATE DATABASE t")
+        pw = tmp_path / "influx.pw"
+        pw.write_text(password + "\n")
+        pw.chmod(0o600)
+        base = {"url": svc.url, "database": "t", "username": "admin"}
+        sink = InfluxV1Sink(from_dict(InfluxConfig, {**base, "password_file": str(pw)}))
+        assert password not in sink.url
+        sink.write(["m,device_id=d v=1 1000000000"])
+        sink.close()
+
+        monkeypatch.setenv("INFLUX_PW", "wrong")
+        bad = InfluxV1Sink(from_dict(InfluxConfig, {**base, "password_env": "INFLUX_PW"}))
+        with pytest.raises(RetryableSinkError, match="401"):
+            bad.write(["m,device_id=d v=2 2000000000"])
+        bad.close()
+    finally:
+        svc.stop()

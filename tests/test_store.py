@@ -128,3 +128,18 @@ def test_intake_holds_what_it_cannot_store_and_stores_it_once_it_can(tmp_path: P
         assert not intake.failing
     finally:
         intake.store.close()
+
+
+def test_the_buffer_and_its_wal_are_private(tmp_path: Path) -> None:
+    """The buffer holds every reading of the site: 0600, and SQLite's -wal and -shm
+    take the database file's mode."""
+    import stat
+
+    path = tmp_path / "buf.sqlite"
+    store = Store(path)
+    try:
+        for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            assert p.exists(), p
+            assert stat.S_IMODE(p.stat().st_mode) == 0o600, (p, oct(p.stat().st_mode))
+    finally:
+        store.close()

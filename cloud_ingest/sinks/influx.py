@@ -43,10 +43,12 @@ class InfluxV1Sink:
         params = {"db": cfg.database, "precision": "ns"}
         if cfg.retention_policy:
             params["rp"] = cfg.retention_policy
-        if cfg.username:
-            params["u"] = cfg.username
-            params["p"] = cfg.password
         self.url = cfg.url.rstrip("/") + "/write?" + urllib.parse.urlencode(params)
+        self.headers = {"Content-Type": "text/plain; charset=utf-8"}
+        if cfg.username:  # in a header, not the URL: URLs end up in logs
+            self.headers.update(
+                urllib3.make_headers(basic_auth=f"{cfg.username}:{cfg.password_value()}")
+            )
         self.http = urllib3.PoolManager(
             timeout=urllib3.Timeout(total=cfg.timeout_s), retries=False, maxsize=4
         )
@@ -59,7 +61,7 @@ class InfluxV1Sink:
                 "POST",
                 self.url,
                 body="\n".join(lines).encode(),
-                headers={"Content-Type": "text/plain; charset=utf-8"},
+                headers=self.headers,
             )
         except urllib3.exceptions.HTTPError as exc:
             raise RetryableSinkError(f"InfluxDB unreachable: {exc}") from None
@@ -82,7 +84,7 @@ class InfluxV2Sink:
         self.cfg = cfg
         self.client = InfluxDBClient(
             url=cfg.url,
-            token=cfg.token,
+            token=cfg.token_value(),
             org=cfg.org,
             timeout=int(cfg.timeout_s * 1000),
             retries=False,

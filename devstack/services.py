@@ -141,9 +141,12 @@ def mosquitto(
     port: int | None = None,
     tls: tuple[Path, Path, Path] | None = None,
     passwords: dict[str, str] | None = None,
+    ingestors: list[str] | None = None,
 ) -> Service:
     """``tls``: (CA, server certificate, server key) PEM files for a TLS listener.
-    ``passwords``: username → password; then only those users may connect."""
+    ``passwords``: username → password; then only those users may connect.
+    ``ingestors``: the cloud broker's shipped access rules (cloud_ingest/broker.py),
+    with these ingestor identities; every other user is a device."""
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "mosquitto.conf"
@@ -157,11 +160,19 @@ def mosquitto(
         for user, password in passwords.items():
             subprocess.run([tool, "-b", str(pwfile), user, password], check=True)
         anonymous = f"allow_anonymous false\npassword_file {pwfile}\n"
+    listener = f"listener {port} {LOOPBACK}\n" + tls_lines + anonymous
+    if ingestors is not None:
+        from cloud_ingest.broker import mosquitto_acl, mosquitto_conf
+
+        acl = workdir / "acl"
+        acl.write_text(mosquitto_acl(ingestors))
+        pw = workdir / "passwords" if passwords is not None else None
+        listener = mosquitto_conf(f"{port} {LOOPBACK}", pw, acl, tls)
     # As root, Mosquitto would switch to the user "mosquitto", which can read neither
     # the certificates nor the persistence folder in a test's private temp folder.
     run_as = "user root\n" if os.geteuid() == 0 else ""
     conf.write_text(
-        f"listener {port} {LOOPBACK}\n" + tls_lines + run_as + anonymous + "persistence true\n"
+        listener + run_as + "persistence true\n"
         f"persistence_location {workdir}/\n"
         # The default of 1000 queued QoS 1 messages per client silently drops the
         # rest for a slow or absent subscriber (see design.md); 0 = no limit here,

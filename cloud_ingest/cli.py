@@ -287,6 +287,34 @@ async def _until_signal(run: Callable[..., Awaitable[T]], *args: object) -> T:
     return await run(*args, stop=stop)
 
 
+@main.command("broker-acl")
+@click.option(
+    "--ingestor",
+    "ingestors",
+    multiple=True,
+    required=True,
+    help="An ingestor identity (its MQTT username), e.g. ingest-1. Repeatable.",
+)
+@click.option("--prefix", default="telemetry/v1", show_default=True, help="Topic prefix.")
+def broker_acl(ingestors: tuple[str, ...], prefix: str) -> None:
+    """Print the cloud broker's ACL file (Mosquitto), for these ingestor identities.
+
+    Devices (every other username, which must be its device id) may publish only
+    their own batch and alert topics and read only their own ack topic; the
+    ingestors read every batch and alert and publish acks. Use it with the
+    settings of docs/cloud-ingest.md, "Identities at the broker"
+    (allow_anonymous false, use_username_as_clientid true, retain_available
+    false, acl_file).
+    """
+    from cloud_ingest.broker import mosquitto_acl
+    from shared.topics import is_valid_id
+
+    for name in ingestors:
+        if not is_valid_id(name):
+            raise click.UsageError(f"--ingestor {name!r} is not a valid identity")
+    click.echo(mosquitto_acl(list(ingestors), prefix), nl=False)
+
+
 def _lake_config(cfg: IngestConfig, source: str | None, endpoint: str | None) -> ArchiveConfig:
     """The lake to read: --from (and --s3-endpoint-url) over the config's [archive].
     A bad --from is one line and exit 2, like a bad config."""

@@ -114,6 +114,7 @@ class Pipeline:
         self.truth = self.dir / "truth.jsonl"
         self.fleet_truth = self.dir / "fleet-truth.jsonl"
         self.procs: list[Proc] = []
+        self.fleets: list[subprocess.Popen[bytes]] = []
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
         log = self.dir / f"{name}.log"
@@ -265,7 +266,9 @@ class Pipeline:
             "--truth", str(self.fleet_truth),
             *args,
         ]  # fmt: skip
-        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.fleets.append(popen)  # stop_all ends it if a test fails first
+        return popen
 
     def finish_fleet(self, popen: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
         """Wait for the fleet; return its summary even when some batches were not acked
@@ -329,6 +332,12 @@ class Pipeline:
             if p.popen.poll() is None:
                 p.popen.kill()
                 p.popen.wait()
+        for popen in self.fleets:
+            if popen.poll() is None:
+                popen.kill()
+            if popen.stdout is not None and not popen.stdout.closed:
+                popen.communicate()  # reaps it and closes its pipes
+            popen.wait()
 
 
 def truth_window_counts(truth: Path, width_ns: int) -> dict[tuple[str, str, int], int]:

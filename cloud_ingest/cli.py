@@ -58,14 +58,16 @@ def main() -> None:
     """
 
 
+def config_option(help_text: str) -> Callable[[F], F]:
+    """``-c/--config FILE`` with this help."""
+    option: Callable[[F], F] = click.option(
+        "-c", "--config", "config_path", type=click.Path(dir_okay=False), help=help_text
+    )
+    return option
+
+
 @main.command()
-@click.option(
-    "-c",
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    help="TOML config file (see `cloud-ingest config sample`). Defaults apply without one.",
-)
+@config_option("TOML config file (see `cloud-ingest config sample`). Defaults apply without one.")
 @click.option(
     "--ready-file",
     type=click.Path(dir_okay=False),
@@ -313,6 +315,31 @@ def broker_acl(ingestors: tuple[str, ...], prefix: str) -> None:
         if not is_valid_id(name):
             raise click.UsageError(f"--ingestor {name!r} is not a valid identity")
     click.echo(mosquitto_acl(list(ingestors), prefix), nl=False)
+
+
+@main.command("device-key")
+@config_option("TOML config file with [acks] key_file (the ingestors' master key).")
+@click.option("--device", "devices", multiple=True, required=True, help="Device id. Repeatable.")
+def device_key_cmd(config_path: str | None, devices: tuple[str, ...]) -> None:
+    """Print each device's ack key (hex), derived from [acks] key_file.
+
+    Give the key to the device at provisioning, in the file its agent's
+    forward.ack_key_file names (chmod 600). With it, the agent acts only on acks
+    that the ingestors signed: a fake ack, even one a broker let through, cannot
+    make it delete a batch the cloud did not store. Prints "<device> <key>" lines.
+    """
+    from shared.acks import device_key
+    from shared.topics import is_valid_id
+
+    cfg = load_or_exit(IngestConfig, config_path)
+    master = cfg.acks.master_key()
+    if master is None:
+        click.echo("error: [acks] key_file (or key_env) is not set in the config", err=True)
+        sys.exit(EXIT_CONFIG)
+    for device in devices:
+        if not is_valid_id(device):
+            raise click.UsageError(f"--device {device!r} is not a valid device id")
+        click.echo(f"{device} {device_key(master, device).hex()}")
 
 
 def _lake_config(cfg: IngestConfig, source: str | None, endpoint: str | None) -> ArchiveConfig:

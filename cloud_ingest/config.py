@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from shared import backoff
-from shared.auth import AuthConfig, check_secret, read_secret
+from shared.auth import AuthConfig, check_secret, read_key, read_secret
 from shared.config import Invalid, port, positive
 from shared.tls import TlsConfig
 from shared.topics import DEFAULT_BATCH_PREFIX
@@ -138,6 +138,21 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class AcksConfig:
+    """The master key that signs acks (shared/acks.py): hex, 32 bytes or more, in a
+    file (not readable by every user) or an environment variable. Empty: unsigned."""
+
+    key_file: str = ""
+    key_env: str = ""
+
+    def __post_init__(self) -> None:
+        read_key("key", self.key_file, self.key_env)
+
+    def master_key(self) -> bytes | None:
+        return read_key("key", self.key_file, self.key_env)
+
+
+@dataclass(frozen=True)
 class IngestConfig:
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
@@ -149,6 +164,7 @@ class IngestConfig:
     retry: RetryConfig = field(default_factory=RetryConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    acks: AcksConfig = field(default_factory=AcksConfig)
 
     def __post_init__(self) -> None:
         if not 1 <= self.worker_threads <= 64:

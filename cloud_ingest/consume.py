@@ -33,6 +33,7 @@ import aiomqtt
 from cloud_ingest.http import Health
 from cloud_ingest.mqttclient import IngestClient
 from cloud_ingest.process import Outcome, Processor, ShuttingDown
+from shared.acks import device_key
 from shared.topics import ack_topic
 
 log = logging.getLogger("cloud_ingest.consume")
@@ -65,6 +66,7 @@ class GroupConsumer:
         self.stop = stop
         self.on_group = on_group
         self.prefix = proc.cfg.mqtt.topic_prefix
+        self.master_key = proc.cfg.acks.master_key()  # signs acks, if set (shared/acks.py)
         self.receive_maximum = proc.cfg.mqtt.receive_maximum
         #: groups not yet acknowledged, in arrival order
         self.inflight: deque[Group] = deque()
@@ -188,7 +190,10 @@ class GroupConsumer:
             try:
                 for o in outcomes:
                     if o.ack is not None and o.device is not None:
-                        if self.client.tell(ack_topic(o.device, self.prefix), o.ack.encode()):
+                        ack = o.ack
+                        if self.master_key is not None:
+                            ack = ack.signed(o.device, device_key(self.master_key, o.device))
+                        if self.client.tell(ack_topic(o.device, self.prefix), ack.encode()):
                             self.proc.stats.inc(f"acks_{o.ack.status}")
                         else:  # too many await the broker's PUBACK (mqttclient.py)
                             self.proc.stats.inc("acks_not_sent")

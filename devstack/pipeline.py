@@ -58,6 +58,7 @@ class IngestTarget:
     env: dict[str, str] = field(default_factory=dict)
     mqtt: dict[str, Any] = field(default_factory=dict)  # more [mqtt] keys (subscription ...)
     http: dict[str, Any] = field(default_factory=dict)  # [http] (listen = "127.0.0.1:<port>")
+    acks: dict[str, Any] = field(default_factory=dict)  # [acks] (key_file: signs acks)
 
 
 @dataclass
@@ -202,6 +203,7 @@ class Pipeline:
                 "archive": t.archive,
                 "retry": {"initial_s": 0.2, "max_s": 2.0},
                 **({"http": t.http} if t.http else {}),
+                **({"acks": t.acks} if t.acks else {}),
             }
             path = self.dir / f"cloud-ingest-{t.name}.toml"
             path.write_text(toml_dumps(cfg))

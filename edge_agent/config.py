@@ -11,7 +11,7 @@ from typing import Literal
 
 from edge_agent.alerts import AlertRule
 from shared import backoff
-from shared.auth import AuthConfig
+from shared.auth import AuthConfig, read_key
 from shared.config import Invalid, port, positive
 from shared.tls import TlsConfig
 from shared.topics import DEFAULT_BATCH_PREFIX, DEFAULT_SENSOR_PREFIX, is_valid_id
@@ -144,9 +144,14 @@ class ForwardConfig:
     backfill_bytes_per_s: int = 0
     ack_timeout_s: float = 30.0
     max_backoff_s: float = 600.0
+    #: this device's ack key (hex; `cloud-ingest device-key`): then only acks that
+    #: verify are acted on
+    ack_key_file: str = ""
+    ack_key_env: str = ""
 
     def __post_init__(self) -> None:
         positive("max_in_flight", self.max_in_flight)
+        read_key("ack_key", self.ack_key_file, self.ack_key_env)
         positive("max_windows_per_batch", self.max_windows_per_batch)
         if self.max_windows_per_batch > 65535:
             raise Invalid("max_windows_per_batch", "must be <= 65535")

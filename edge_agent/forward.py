@@ -29,6 +29,7 @@ from edge_agent.mqtt import connect_async, make_client
 from edge_agent.store import Store
 from shared.acks import CONTENT_TYPE as ALERT_CONTENT_TYPE
 from shared.acks import decode_ack
+from shared.auth import read_key
 from shared.errors import WireError
 from shared.mqttprops import publish_properties
 from shared.topics import ack_topic, alert_topic, batch_topic
@@ -53,6 +54,8 @@ class Forwarder:
         self.ack_topic = ack_topic(cfg.device_id, cfg.forward.topic_prefix)
         self.alert_topic = alert_topic(cfg.device_id, cfg.forward.topic_prefix)
         self._in_flight: dict[int, int] = {}  # mid -> seq
+        # acts only on acks that verify under this key, if set (shared/acks.py)
+        self._ack_key = read_key("ack_key", cfg.forward.ack_key_file, cfg.forward.ack_key_env)
         client_id = cfg.forward.broker.client_id or f"edge-agent-{cfg.device_id}-forward"
         self.client = client or make_client(cfg.forward.broker, client_id)
         self.client.max_inflight_messages_set(cfg.forward.max_in_flight)
@@ -99,6 +102,16 @@ class Forwarder:
             log.warning("forward: ignoring a bad ack on %s: %s", msg.topic, exc)
             self._events.put(("bad-ack", 0))
             return
+        key = self._ack_key
+        if key is not None and not ack.verify(self.cfg.device_id, key):
+            log.warning(
+                "forward: ignoring an ack for seq %d that does not verify (%s); the batch "
+                "is kept and sent again",
+                ack.seq,
+                "no mac" if not ack.mac else "wrong mac",
+            )
+            self._events.put(("unverified", ack.seq))
+            return
         if ack.status == "rejected":
             log.error("forward: the cloud rejected batch %d: %s", ack.seq, ack.reason)
         self._events.put(("stored" if ack.status == "stored" else "rejected", ack.seq))
@@ -108,7 +121,7 @@ class Forwarder:
         f = self.cfg.forward
         broker_acked: list[int] = []
         verdicts: list[tuple[int, bool]] = []
-        bad_acks = 0
+        bad_acks = unverified = 0
         while True:
             try:
                 kind, num = self._events.get_nowait()
@@ -122,6 +135,8 @@ class Forwarder:
                     broker_acked.append(seq)
             elif kind in ("stored", "rejected"):
                 verdicts.append((num, kind == "stored"))
+            elif kind == "unverified":
+                unverified += 1
             else:
                 bad_acks += 1
         if f.end_to_end_ack:
@@ -135,9 +150,12 @@ class Forwarder:
         else:
             verdicts += [(seq, True) for seq in broker_acked]
         done = sum(outbox.acknowledge(self.store, seq, stored=ok) for seq, ok in verdicts)
-        if bad_acks:
+        if bad_acks or unverified:
             with self.store.tx():
-                self.store.add_counter("acks_invalid", bad_acks)
+                if bad_acks:
+                    self.store.add_counter("acks_invalid", bad_acks)
+                if unverified:
+                    self.store.add_counter("acks_unverified", unverified)
         if self.connected.is_set():
             self._publish_due()
         return done

@@ -70,6 +70,22 @@ def read_secret(inline: str, file: str, env: str) -> str:
     return inline
 
 
+def read_key(key: str, file: str, env: str) -> bytes | None:
+    """A key of at least 32 bytes, written as hex, from ``<key>_file`` or ``<key>_env``
+    (None if neither is set). Raises :class:`Invalid` naming the setting."""
+    check_secret(key, "", file, env)
+    if not (file or env):
+        return None
+    text = read_secret("", file, env).strip()
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        raise Invalid(f"{key}_file" if file else f"{key}_env", "not a hex string") from None
+    if len(value) < 32:
+        raise Invalid(f"{key}_file" if file else f"{key}_env", "shorter than 32 bytes (64 hex)")
+    return value
+
+
 class _Paho(Protocol):
     def username_pw_set(self, username: str | None, password: str | None = None) -> None: ...
 

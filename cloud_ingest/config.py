@@ -11,7 +11,7 @@ from typing import Literal
 from shared import backoff
 from shared.auth import AuthConfig, check_secret, read_key, read_secret
 from shared.config import Invalid, port, positive
-from shared.tls import TlsConfig
+from shared.tls import TlsConfig, require_tls
 from shared.topics import DEFAULT_BATCH_PREFIX
 from shared.wire import MAX_BODY_BYTES, MAX_PAYLOAD_BYTES
 
@@ -31,9 +31,12 @@ class MqttConfig:
     reconnect_max_s: float = backoff.DEFAULT_MAX_S
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    #: plain MQTT to another machine only if true (secure by default)
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         port("port", self.port)
+        require_tls(self.host, self.tls, self.insecure)
         backoff.check(self.reconnect_min_s, self.reconnect_max_s)
         if not 1 <= self.receive_maximum <= 65535:
             raise Invalid("receive_maximum", "must be 1-65535")

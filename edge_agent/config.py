@@ -13,7 +13,7 @@ from edge_agent.alerts import AlertRule
 from shared import backoff
 from shared.auth import AuthConfig, read_key
 from shared.config import Invalid, port, positive
-from shared.tls import TlsConfig
+from shared.tls import TlsConfig, require_tls
 from shared.topics import DEFAULT_BATCH_PREFIX, DEFAULT_SENSOR_PREFIX, is_valid_id
 from shared.wire import WindowSpec
 
@@ -29,6 +29,9 @@ class BrokerConfig:
     reconnect_max_s: float = backoff.DEFAULT_MAX_S
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    #: the cloud link ([forward.broker]) refuses plain MQTT to another machine
+    #: unless this is true; the device broker ([intake.broker]) ignores it
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         port("port", self.port)
@@ -152,6 +155,10 @@ class ForwardConfig:
     def __post_init__(self) -> None:
         positive("max_in_flight", self.max_in_flight)
         read_key("ack_key", self.ack_key_file, self.ack_key_env)
+        try:
+            require_tls(self.broker.host, self.broker.tls, self.broker.insecure)
+        except Invalid as exc:
+            raise Invalid(f"broker.{exc.key}", exc.message) from None
         positive("max_windows_per_batch", self.max_windows_per_batch)
         if self.max_windows_per_batch > 65535:
             raise Invalid("max_windows_per_batch", "must be <= 65535")

@@ -102,7 +102,8 @@ def check_tls(cfg: BrokerConfig, now_s: float | None = None) -> Check:
         return Check(
             "tls certificate",
             "warn",
-            "TLS is off: MQTT to the cloud is plain text",
+            "TLS is off: MQTT to the cloud is plain text"
+            + (" (insecure = true)" if cfg.insecure else ""),
             "set [forward.broker.tls] ca_file (and use the broker's TLS port)",
         )
     now_s = time.time() if now_s is None else now_s

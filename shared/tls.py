@@ -7,6 +7,7 @@ client certificate, for brokers that authenticate devices by certificate.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import ssl
 from dataclasses import dataclass
@@ -34,6 +35,26 @@ class TlsConfig:
     @property
     def enabled(self) -> bool:
         return bool(self.ca_file)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
+
+
+def require_tls(host: str, tls: TlsConfig, insecure: bool) -> None:
+    """Secure by default: plain MQTT only to this machine, or with ``insecure = true``.
+    Raises :class:`Invalid` (key ``insecure``)."""
+    if not tls.enabled and not insecure and not is_loopback(host):
+        raise Invalid(
+            "insecure",
+            f"plain MQTT to {host}: set tls.ca_file to encrypt the link, or insecure = true "
+            "to send readings and credentials in clear",
+        )
 
 
 def ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:

@@ -130,3 +130,33 @@ def test_ingest_archive_url_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(IngestConfig, write(tmp_path, '[archive]\nurl = "ftp://x"\n'))
     assert e.value.key == "archive.url"
+
+
+@pytest.mark.parametrize(
+    ("cls", "table", "key"),
+    [
+        ("edge", {"forward": {"broker": {"host": "10.1.2.3"}}}, "forward.broker.insecure"),
+        ("cloud", {"mqtt": {"host": "broker.example"}}, "mqtt.insecure"),
+    ],
+)
+def test_plain_mqtt_to_another_machine_needs_insecure(
+    cls: str, table: dict[str, Any], key: str, tmp_path: Path
+) -> None:
+    """Secure by default: the cloud link refuses plain MQTT beyond this machine unless
+    the config says insecure = true; loopback and TLS need nothing."""
+    from devstack.pipeline import toml_dumps
+    from shared.config import load_config
+    from shared.errors import ConfigError
+
+    config_cls: Any = AgentConfig if cls == "edge" else IngestConfig
+    path = tmp_path / "c.toml"
+    path.write_text(toml_dumps(table))
+    with pytest.raises(ConfigError) as info:
+        load_config(config_cls, path)
+    assert info.value.key == key and "in clear" in str(info.value)
+    inner = table
+    for part in key.split(".")[:-1]:
+        inner = inner[part]
+    inner["insecure"] = True
+    path.write_text(toml_dumps(table))
+    load_config(config_cls, path)

@@ -301,3 +301,21 @@ def test_replay_compact_and_rollup_meet_a_damaged_object(tmp_path: Path) -> None
     out = compact(arc, "2024-10-03", "2024-10-04")
     assert out.damaged == [damaged_key] and out.partitions == 1 and out.objects_in == 2
     assert damaged_key in arc.list("aggregates/dt=2024-10-03/")
+
+
+def test_the_local_lake_is_not_world_readable(tmp_path: Path) -> None:
+    """Folders 0750 (their names alone are the fleet's device ids), objects 0640."""
+    import stat
+
+    root = tmp_path / "lake"
+    arc = LocalArchive(root)
+    key, data = batch_objects(_batch(1, [MIDNIGHT]))[0]
+    arc.put(key, data)
+    made = [root / key]
+    p = (root / key).parent
+    while p != tmp_path:
+        made.append(p)
+        p = p.parent
+    for path in made:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o007 == 0, (path, oct(mode))

@@ -31,6 +31,17 @@ from cloud_ingest.config import ArchiveConfig
 from shared.errors import PermanentSinkError, RetryableSinkError
 
 
+def _private_dirs(folder: Path) -> None:
+    """Create ``folder`` and its missing parents as 0750: the lake is not world-readable
+    (its folder names alone are the fleet's device ids)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for d in reversed(missing):
+        d.mkdir(mode=0o750, exist_ok=True)
+
+
 class LocalArchive:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -46,9 +57,10 @@ class LocalArchive:
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _private_dirs(path.parent)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
             try:
+                os.fchmod(fd, 0o640)  # the owner and its group (analysts), nobody else
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(data)
                     fh.flush()

@@ -53,11 +53,12 @@ def mosquitto_conf(
     password_file: Path | None,
     acl_file: Path,
     tls: tuple[Path, Path, Path] | None = None,
-    require_certificate: bool = False,
+    crl_file: Path | None = None,
 ) -> str:
     """The security part of the cloud broker's mosquitto.conf, for one listener
-    (``"8883 0.0.0.0"``). ``tls``: (CA, server certificate, key); with
-    ``require_certificate`` a device's identity is its certificate's CN."""
+    (``"8883 0.0.0.0"``). ``tls``: (CA, server certificate, key); with ``crl_file``
+    every client must present a certificate (``cloud-ingest pki``), its CN is its
+    identity, and the certificates the CRL lists are refused."""
     out = [
         "per_listener_settings false",
         f"listener {listener}",
@@ -70,6 +71,10 @@ def mosquitto_conf(
         out.append(f"password_file {password_file}")
     if tls is not None:
         out += [f"cafile {tls[0]}", f"certfile {tls[1]}", f"keyfile {tls[2]}"]
-        if require_certificate:
-            out += ["require_certificate true", "use_identity_as_username true"]
+        if crl_file is not None:
+            out += [
+                "require_certificate true",
+                "use_identity_as_username true",
+                f"crlfile {crl_file}",
+            ]
     return "\n".join(out) + "\n"

@@ -342,6 +342,81 @@ def device_key_cmd(config_path: str | None, devices: tuple[str, ...]) -> None:
         click.echo(f"{device} {device_key(master, device).hex()}")
 
 
+@main.group()
+def pki() -> None:
+    """A small CA for the fleet's client certificates (CN = device id).
+
+    `init` creates the CA and an empty CRL in --dir; `issue` gives a device (or,
+    with --server, the broker) a certificate and key, and prints the lines its
+    agent's config needs; `revoke` adds a device to the CRL, which the broker
+    reads as its crlfile. Keep --dir, which holds the CA's key, off the broker.
+    With a PKI of your own (step-ca, Vault, AWS IoT) skip this: any certificate
+    with CN = device id will do.
+    """
+
+
+pki_dir = click.option(
+    "--dir",
+    "folder",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="The CA's folder.",
+)
+
+
+@pki.command("init")
+@pki_dir
+def pki_init(folder: str) -> None:
+    """Create the CA (ca.pem, ca.key 0600) and an empty CRL (crl.pem)."""
+    from pathlib import Path
+
+    from cloud_ingest import pki as ca
+
+    try:
+        click.echo(ca.init(Path(folder)))
+    except ca.PkiError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILURE)
+
+
+@pki.command("issue")
+@pki_dir
+@click.argument("name")
+@click.option("--server", is_flag=True, help="A broker certificate for host or IP NAME.")
+@click.option("--host", default="broker.example.com", show_default=True, help="Cloud broker host.")
+@click.option("--port", type=int, default=8883, show_default=True, help="Cloud broker TLS port.")
+def pki_issue(folder: str, name: str, server: bool, host: str, port: int) -> None:
+    """Issue NAME (a device id) a certificate and key, and print its agent's config lines."""
+    from pathlib import Path
+
+    from cloud_ingest import pki as ca
+
+    try:
+        issued = ca.issue(Path(folder), name, server=server)
+    except ca.PkiError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILURE)
+    click.echo(f"# {issued.cert} and {issued.key} (serial {issued.serial})", err=True)
+    if not server:
+        click.echo(ca.agent_config_lines(Path(folder), name, host, port), nl=False)
+
+
+@pki.command("revoke")
+@pki_dir
+@click.argument("name")
+def pki_revoke(folder: str, name: str) -> None:
+    """Revoke NAME's certificate: rewrite crl.pem; then restart the broker."""
+    from pathlib import Path
+
+    from cloud_ingest import pki as ca
+
+    try:
+        click.echo(ca.revoke(Path(folder), name))
+    except ca.PkiError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILURE)
+
+
 def _lake_config(cfg: IngestConfig, source: str | None, endpoint: str | None) -> ArchiveConfig:
     """The lake to read: --from (and --s3-endpoint-url) over the config's [archive].
     A bad --from is one line and exit 2, like a bad config."""

@@ -142,11 +142,13 @@ def mosquitto(
     tls: tuple[Path, Path, Path] | None = None,
     passwords: dict[str, str] | None = None,
     ingestors: list[str] | None = None,
+    crl: Path | None = None,
 ) -> Service:
     """``tls``: (CA, server certificate, server key) PEM files for a TLS listener.
     ``passwords``: username → password; then only those users may connect.
     ``ingestors``: the cloud broker's shipped access rules (cloud_ingest/broker.py),
-    with these ingestor identities; every other user is a device."""
+    with these ingestor identities; every other user is a device. ``crl``: with
+    ``tls`` and ``ingestors``, clients authenticate by certificate (CN = identity)."""
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "mosquitto.conf"
@@ -167,7 +169,7 @@ def mosquitto(
         acl = workdir / "acl"
         acl.write_text(mosquitto_acl(ingestors))
         pw = workdir / "passwords" if passwords is not None else None
-        listener = mosquitto_conf(f"{port} {LOOPBACK}", pw, acl, tls)
+        listener = mosquitto_conf(f"{port} {LOOPBACK}", pw, acl, tls, crl)
     # As root, Mosquitto would switch to the user "mosquitto", which can read neither
     # the certificates nor the persistence folder in a test's private temp folder.
     run_as = "user root\n" if os.geteuid() == 0 else ""

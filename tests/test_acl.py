@@ -174,3 +174,89 @@ def test_no_session_can_be_taken_over(broker: Service) -> None:
         thief2.close()
     finally:
         ingest.close()
+
+
+def _tls_client(port: int, folder: Path, name: str) -> tuple[mqtt.Client, list[Any]]:
+    """Connect with ``name``'s certificate from ``cloud-ingest pki``; its CONNACKs."""
+    got: list[Any] = []
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.tls_set(
+        ca_certs=str(folder / "ca.pem"),
+        certfile=str(folder / "issued" / f"{name}.pem"),
+        keyfile=str(folder / "issued" / f"{name}.key"),
+    )
+    c.on_connect = lambda _c, _u, _f, rc, _p: got.append(rc)
+    c.on_disconnect = lambda *_a: got.append("disconnected")  # e.g. refused after TLS 1.3
+    try:
+        c.connect("127.0.0.1", port)
+    except OSError as exc:  # a handshake the broker refused
+        got.append(exc)
+        return c, got
+    c.loop_start()
+    return c, got
+
+
+def test_pki_issues_devices_the_broker_admits_and_revocation_shuts_them_out(
+    tmp_path: Path,
+) -> None:
+    """`cloud-ingest pki`: a CA, a broker certificate, device certificates whose CN is
+    the identity the ACL uses, the agent's config lines (checked by `edge-agent
+    doctor`), and a revocation the broker honours after it restarts."""
+    import subprocess
+
+    from devstack.pipeline import BIN
+
+    pki = tmp_path / "pki"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            [str(BIN / "cloud-ingest"), "pki", *args], capture_output=True, text=True, timeout=60
+        )
+        assert res.returncode == 0, res.stderr
+        return res
+
+    cli("init", "--dir", str(pki))
+    cli("issue", "--dir", str(pki), "--server", "127.0.0.1")
+    for name in ("dev-b", "ingest-1"):
+        cli("issue", "--dir", str(pki), name)
+    port = services.free_port()
+    lines = cli("issue", "--dir", str(pki), "dev-a", "--host", "127.0.0.1", "--port", str(port))
+    tls = (pki / "ca.pem", pki / "issued" / "127.0.0.1.pem", pki / "issued" / "127.0.0.1.key")
+    broker = services.mosquitto(
+        tmp_path / "mq", port=port, tls=tls, ingestors=["ingest-1"], crl=pki / "crl.pem"
+    )
+    broker.start()
+    try:
+        agent_cfg = tmp_path / "agent.toml"
+        agent_cfg.write_text(lines.stdout + f'\n[storage]\npath = "{tmp_path / "buf.sqlite"}"\n')
+        doctor = subprocess.run(
+            [str(BIN / "edge-agent"), "doctor", "-c", str(agent_cfg)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        row = next(ln for ln in doctor.stdout.splitlines() if " forward.broker " in ln)
+        assert row.startswith("OK"), doctor.stdout
+
+        a, got = _tls_client(port, pki, "dev-a")
+        until(lambda: bool(got), "dev-a's CONNACK")
+        assert not isinstance(got[0], str | OSError) and not got[0].is_failure
+        own = a.publish("telemetry/v1/dev-a/batch", b"x", qos=1)
+        own.wait_for_publish(10)
+        a.disconnect()
+        a.loop_stop()
+
+        cli("revoke", "--dir", str(pki), "dev-a")
+        broker.stop()
+        broker.start()  # Mosquitto reads its crlfile at start
+        a, got = _tls_client(port, pki, "dev-a")
+        until(lambda: bool(got), "dev-a refused")
+        assert got[0] == "disconnected" or isinstance(got[0], OSError) or got[0].is_failure
+        a.loop_stop()
+        b, got_b = _tls_client(port, pki, "dev-b")
+        until(lambda: bool(got_b), "dev-b's CONNACK")
+        assert not isinstance(got_b[0], str | OSError) and not got_b[0].is_failure
+        b.disconnect()
+        b.loop_stop()
+    finally:
+        broker.stop()

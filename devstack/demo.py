@@ -2,8 +2,10 @@
 
     python -m devstack.demo [--duration 60] [--workdir demo-output]
 
-Starts Mosquitto and InfluxDB 1.x on free loopback ports, runs firmware-sim,
-edge-agent and cloud-ingest (archive in a local directory) for ``--duration``
+Starts two Mosquittos (the device's, plain on loopback; the cloud's as shipped:
+TLS, client certificates from ``cloud-ingest pki``, the per-device ACL) and
+InfluxDB 1.x on free loopback ports, runs firmware-sim, edge-agent and
+cloud-ingest (archive in a local directory; signed acks) for ``--duration``
 seconds of simulated time, stops them cleanly and prints::
 
     demo: produced=N stored=N windows=W batches=B delivered=B influx_points=P archived=A lost=0
@@ -27,6 +29,7 @@ from devstack.pipeline import (
     lost_readings,
     truth_window_counts,
 )
+from devstack.secure import secure_cloud
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,27 +58,36 @@ def main(argv: list[str] | None = None) -> int:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    device = "demo-device"
     broker = services.mosquitto(work / "mosquitto")
+    cloud = secure_cloud(work / "cloud", [device], ["ingest-1"])
     influx = services.influxdb(work / "influxdb")
     pipe: Pipeline | None = None
     try:
         print(
-            f"demo: starting Mosquitto on :{broker.port} and InfluxDB on :{influx.port}",
+            f"demo: starting the device's Mosquitto on :{broker.port}, the cloud's (TLS, "
+            f"client certificates, per-device ACL) on :{cloud.broker.port}, and InfluxDB on "
+            f":{influx.port}",
             file=sys.stderr,
         )
         broker.start()
+        cloud.broker.start()
         influx.start()
         influxq.create_database(influx.url, "telemetry")
         archive = work / "archive"
         spec = PipelineSpec(
             workdir=work / "run",
             local_port=broker.port,
-            cloud_port=broker.port,
+            cloud_port=cloud.broker.port,
+            device_id=device,
+            agent_tables={"forward": cloud.agent_forward(device)},
             targets=[
                 IngestTarget(
                     "demo",
                     {"api": "v1", "url": influx.url, "database": "telemetry"},
                     {"url": f"file://{archive}"},
+                    mqtt=cloud.ingestor_mqtt("ingest-1"),
+                    acks=cloud.ingestor_acks(),
                 )
             ],
             duration_s=args.duration,
@@ -117,6 +129,7 @@ Everything is in {work}:
   InfluxDB data   {work / "influxdb"}   (stopped; the demo's server ran on :{influx.port})
   Parquet lake    {archive / "aggregates"}   (and alerts/; Hive partitions dt=/device_id=)
   ground truth    {pipe.truth}
+  the fleet's CA  {cloud.folder}   (certificates: `cloud-ingest pki`)
   logs            {work / "run"}/*.log
 To look at the windows, start InfluxDB on that data and ask it in InfluxQL:
   influxd -config {work / "influxdb" / "influxdb.conf"} &
@@ -135,6 +148,7 @@ as it is. With the demo's own virtualenv (pyarrow):
         if pipe is not None:
             pipe.stop_all()
         influx.stop()
+        cloud.broker.stop()
         broker.stop()
 
 

@@ -156,7 +156,12 @@ class Pipeline:
             },
         }
         for table, values in s.agent_tables.items():
-            cfg.setdefault(table, {}).update(values)
+            for key, value in values.items():  # one level deeper for [forward.broker]
+                old = cfg.setdefault(table, {}).get(key)
+                if isinstance(old, dict) and isinstance(value, dict):
+                    old.update(value)
+                else:
+                    cfg[table][key] = value
         path = self.dir / "edge-agent.toml"
         path.write_text(toml_dumps(cfg) + s.agent_extra)
         return path

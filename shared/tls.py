@@ -1,7 +1,9 @@
 """TLS for the MQTT links: one config table and one place that builds the SSL context.
 
 ``[<broker>.tls]`` with ``ca_file`` turns TLS on: the broker's certificate must
-chain to that CA (and match the host name). ``cert_file`` and ``key_file`` add a
+chain to that CA (and match the host name). ``system_ca = true`` turns it on
+with the system's trust store instead, for brokers with a public certificate
+(HiveMQ Cloud, EMQX Cloud, AWS IoT Core). ``cert_file`` and ``key_file`` add a
 client certificate, for brokers that authenticate devices by certificate.
 """
 
@@ -21,6 +23,7 @@ class TlsConfig:
     ca_file: str = ""
     cert_file: str = ""
     key_file: str = ""
+    system_ca: bool = False
 
     def __post_init__(self) -> None:
         for key in ("ca_file", "cert_file", "key_file"):
@@ -29,12 +32,14 @@ class TlsConfig:
                 raise Invalid(key, f"file not found: {path}")
         if bool(self.cert_file) != bool(self.key_file):
             raise Invalid("cert_file", "cert_file and key_file go together")
-        if self.cert_file and not self.ca_file:
-            raise Invalid("ca_file", "a client certificate needs ca_file (TLS) as well")
+        if self.cert_file and not self.enabled:
+            raise Invalid("ca_file", "a client certificate needs TLS: ca_file or system_ca")
+        if self.ca_file and self.system_ca:
+            raise Invalid("system_ca", "give ca_file or system_ca = true, not both")
 
     @property
     def enabled(self) -> bool:
-        return bool(self.ca_file)
+        return bool(self.ca_file) or self.system_ca
 
 
 def is_loopback(host: str) -> bool:
@@ -61,7 +66,7 @@ def ssl_context(tls: TlsConfig) -> ssl.SSLContext | None:
     """The client SSL context for ``tls``, or None when TLS is off."""
     if not tls.enabled:
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file or None)
     if tls.cert_file:
         ctx.load_cert_chain(tls.cert_file, tls.key_file)
     return ctx

@@ -216,3 +216,17 @@ def test_firmware_sim_run_and_fleet_speak_tls(tls_broker: Any, tmp_path: Path) -
         [str(BIN / "firmware-sim"), "fleet", *args], capture_output=True, text=True, timeout=60
     )
     assert plain.returncode == 1 and plain.stdout == "", plain.stdout  # no TLS: no connection
+
+
+def test_system_ca_verifies_against_the_system_trust_store(tls_broker: Any) -> None:
+    """system_ca = true turns TLS on with the system's CAs (brokers with a public
+    certificate): the test broker's private CA is not among them, so the handshake
+    fails verification, where ca_file pointing at that CA succeeds."""
+    import ssl
+
+    from shared.tls import server_certificate_expiry
+
+    svc, ca = tls_broker
+    server_certificate_expiry("127.0.0.1", svc.port, TlsConfig(ca_file=str(ca)))
+    with pytest.raises(ssl.SSLCertVerificationError):
+        server_certificate_expiry("127.0.0.1", svc.port, TlsConfig(system_ca=True))

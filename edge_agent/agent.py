@@ -188,11 +188,16 @@ class Agent:
 
     def shutdown(self) -> int:
         self.intake.stop()
-        if self.cfg.window.flush_on_shutdown:
-            try:
+        try:
+            if self.cfg.window.flush_on_shutdown:
                 self.send_ready(flush=True)
-            except (sqlite3.Error, StorageError) as exc:
-                log.error("agent: could not close the open windows at shutdown: %s", exc)
+            # what arrived since the last tick, and the flush's batches: a stopped
+            # agent's file is within its budget too
+            budget.enforce(
+                self.store, self.cfg.storage.max_bytes, keep_raw_after_ns=self.raw_needed_from()
+            )
+        except (sqlite3.Error, StorageError) as exc:
+            log.error("agent: could not close the windows or keep the budget at shutdown: %s", exc)
         drained = self.forwarder.drain(self.cfg.forward.drain_timeout_s)
         self.forwarder.stop()
         control.stopped(self.store)

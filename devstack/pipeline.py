@@ -59,6 +59,7 @@ class IngestTarget:
     mqtt: dict[str, Any] = field(default_factory=dict)  # more [mqtt] keys (subscription ...)
     http: dict[str, Any] = field(default_factory=dict)  # [http] (listen = "127.0.0.1:<port>")
     acks: dict[str, Any] = field(default_factory=dict)  # [acks] (key_file: signs acks)
+    top: dict[str, Any] = field(default_factory=dict)  # top-level keys (log_level ...)
 
 
 @dataclass
@@ -77,7 +78,8 @@ class PipelineSpec:
     ack_timeout_s: float = 5.0
     sim_config: str | None = None  # firmware-sim TOML (nodes, sensors); None: its defaults
     agent_extra: str = ""  # TOML appended to the agent's config (e.g. [[alerts]] tables)
-    agent_tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # merged per table
+    #: merged per table (and one level deeper); a non-table value sets a top-level key
+    agent_tables: dict[str, Any] = field(default_factory=dict)
     hop_s: float = 0.0  # hopping windows; 0 = tumbling
     cloud_tls: dict[str, str] | None = None  # [tls] table for the cloud link, both ends
 
@@ -156,6 +158,9 @@ class Pipeline:
             },
         }
         for table, values in s.agent_tables.items():
+            if not isinstance(values, dict):
+                cfg[table] = values  # a top-level key (log_level ...)
+                continue
             for key, value in values.items():  # one level deeper for [forward.broker]
                 old = cfg.setdefault(table, {}).get(key)
                 if isinstance(old, dict) and isinstance(value, dict):
@@ -209,6 +214,7 @@ class Pipeline:
                 "retry": {"initial_s": 0.2, "max_s": 2.0},
                 **({"http": t.http} if t.http else {}),
                 **({"acks": t.acks} if t.acks else {}),
+                **t.top,
             }
             path = self.dir / f"cloud-ingest-{t.name}.toml"
             path.write_text(toml_dumps(cfg))

@@ -64,7 +64,7 @@ def test_a_hostile_device_on_the_shipped_broker_costs_device_b_nothing(
         speed=6.0,
         start_ns=(time.time_ns() // width - 8) * width + 1_000_000,
         ack_timeout_s=1.0,
-        agent_tables={"forward": cloud.agent_forward(device)},
+        agent_tables={"forward": cloud.agent_forward(device), "log_level": "DEBUG"},
         targets=[
             IngestTarget(
                 "i",
@@ -72,6 +72,7 @@ def test_a_hostile_device_on_the_shipped_broker_costs_device_b_nothing(
                 {"url": f"file://{tmp_path / 'lake'}"},
                 mqtt=cloud.ingestor_mqtt("ingest-1"),
                 acks=cloud.ingestor_acks(),
+                top={"log_level": "DEBUG"},
             )
         ],
     )
@@ -116,7 +117,8 @@ def test_a_hostile_device_on_the_shipped_broker_costs_device_b_nothing(
         logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "run").glob("*.log"))
         secrets = [cloud.master_key.read_text().strip(), cloud.device_keys[device].read_text()]
         secrets.append((cloud.folder / "issued" / f"{device}.key").read_text().splitlines()[1])
-        assert logs and not [s for s in secrets if s.strip() in logs]  # no key in any log
+        assert "DEBUG" in logs  # both logged at DEBUG, and no key is in any log
+        assert not [s for s in secrets if s.strip() in logs]
     finally:
         for c in evil:
             c.loop_stop()

@@ -4,8 +4,8 @@ Windows are recomputed from the raw chunks with the same kernels the agent uses,
 so an export works for any range still in the buffer (``storage.raw_retention_s``),
 whether or not its batches have already left the device.
 
-Parquet needs pyarrow, a dependency everywhere except 32-bit ARM (no wheels
-there); CSV needs nothing. Floats are
+Parquet needs pyarrow, which a device's install (the ``edge`` extra) leaves out
+(about 150 MB; no wheels for 32-bit ARM); CSV needs nothing. Floats are
 written with full precision (Python's repr).
 """
 
@@ -104,8 +104,8 @@ def export(
             import pyarrow.parquet as pq
         except ImportError:
             raise ExportError(
-                "Parquet export needs pyarrow, which is not installed here (it has no"
-                " wheels for 32-bit ARM); export --format csv instead"
+                "Parquet export needs pyarrow, which is not installed here (pip install"
+                " pyarrow, where it has wheels); export --format csv instead"
             ) from None
         writer = None
     try:  # the output's folder, before any work: one clear error

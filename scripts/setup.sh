@@ -62,7 +62,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 case "$EXTRAS" in
-  run) spec="." ;;
+  run) spec=".[edge,cloud]" ;;  # the demo runs both sides
   dev) spec=".[dev]" ;;
   *) say "unknown extras '$EXTRAS' (run or dev)"; exit 2 ;;
 esac

@@ -1,0 +1,174 @@
+"""cloud-ingest's typed config; the field defaults below are the defaults.
+
+``cloud_ingest/sample.toml`` documents every key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from shared import backoff
+from shared.auth import AuthConfig, check_secret, read_key, read_secret
+from shared.config import Invalid, port, positive
+from shared.tls import TlsConfig, require_tls
+from shared.topics import DEFAULT_BATCH_PREFIX
+from shared.wire import MAX_BODY_BYTES, MAX_PAYLOAD_BYTES
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = "cloud-ingest-1"
+    topic_prefix: str = DEFAULT_BATCH_PREFIX
+    subscription: str = ""
+    alert_subscription: str = ""
+    keepalive_s: int = 30
+    session_expiry_s: int = 7 * 24 * 3600
+    receive_maximum: int = 256
+    reconnect_min_s: float = backoff.DEFAULT_MIN_S
+    reconnect_max_s: float = backoff.DEFAULT_MAX_S
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    #: plain MQTT to another machine only if true (secure by default)
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        port("port", self.port)
+        require_tls(self.host, self.tls, self.insecure)
+        backoff.check(self.reconnect_min_s, self.reconnect_max_s)
+        if not 1 <= self.receive_maximum <= 65535:
+            raise Invalid("receive_maximum", "must be 1-65535")
+        if not self.client_id:
+            raise Invalid("client_id", "must not be empty (the persistent session is keyed by it)")
+        positive("keepalive_s", self.keepalive_s)
+
+
+@dataclass(frozen=True)
+class InfluxConfig:
+    api: Literal["v1", "v2"] = "v1"
+    url: str = "http://127.0.0.1:8086"
+    database: str = "telemetry"
+    retention_policy: str = ""
+    username: str = ""
+    #: the password inline, or (better) the file or environment variable holding it
+    password: str = ""
+    password_file: str = ""
+    password_env: str = ""
+    org: str = ""
+    bucket: str = "telemetry"
+    token: str = ""
+    token_file: str = ""
+    token_env: str = ""
+    measurement: str = "window"
+    alert_measurement: str = "alert"
+    timeout_s: float = 10.0
+    #: Points of concurrently handled batches go out together, up to this many per request.
+    max_lines_per_write: int = 5000
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise Invalid("url", f"must start with http:// or https://, got {self.url!r}")
+        positive("timeout_s", self.timeout_s)
+        if self.max_lines_per_write < 1:
+            raise Invalid("max_lines_per_write", "must be at least 1")
+        if not self.measurement:
+            raise Invalid("measurement", "must not be empty")
+        check_secret("password", self.password, self.password_file, self.password_env)
+        check_secret("token", self.token, self.token_file, self.token_env)
+
+    def password_value(self) -> str:
+        return read_secret(self.password, self.password_file, self.password_env)
+
+    def token_value(self) -> str:
+        return read_secret(self.token, self.token_file, self.token_env)
+
+
+@dataclass(frozen=True)
+class ArchiveConfig:
+    url: str = "file://./archive"
+    s3_endpoint_url: str = ""
+    s3_region: str = "us-east-1"
+    #: Objects written at the same time. Each put is a blocking call (an fsync, or an
+    #: S3 request of tens of ms); they run in their own threads, off the CPU work.
+    max_concurrent_puts: int = 16
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_concurrent_puts <= 256:
+            raise Invalid("max_concurrent_puts", "must be 1-256")
+        if not self.url.startswith(("file://", "s3://")):
+            raise Invalid(
+                "url", f"must be file://<dir> or s3://<bucket>/<prefix>, got {self.url!r}"
+            )
+        if self.url.startswith("s3://") and not self.url[len("s3://") :].split("/")[0]:
+            raise Invalid("url", "s3:// URL has no bucket")
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    shutdown_grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        positive("initial_s", self.initial_s)
+        positive("max_s", self.max_s)
+        if self.shutdown_grace_s < 0:
+            raise Invalid("shutdown_grace_s", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES
+    max_body_bytes: int = MAX_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        positive("max_payload_bytes", self.max_payload_bytes)
+        positive("max_body_bytes", self.max_body_bytes)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = ""
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            _host, sep, p = self.listen.rpartition(":")
+            if not sep or not p.isdigit():
+                raise Invalid("listen", f"must be host:port, got {self.listen!r}")
+            port("listen", int(p))
+
+
+@dataclass(frozen=True)
+class AcksConfig:
+    """The master key that signs acks (shared/acks.py): hex, 32 bytes or more, in a
+    file (not readable by every user) or an environment variable. Empty: unsigned."""
+
+    key_file: str = ""
+    key_env: str = ""
+
+    def __post_init__(self) -> None:
+        read_key("key", self.key_file, self.key_env)
+
+    def master_key(self) -> bytes | None:
+        return read_key("key", self.key_file, self.key_env)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    #: Threads for decoding, Parquet encoding and InfluxDB requests (puts: archive).
+    worker_threads: int = 2
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    influx: InfluxConfig = field(default_factory=InfluxConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    acks: AcksConfig = field(default_factory=AcksConfig)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.worker_threads <= 64:
+            raise Invalid("worker_threads", "must be 1-64")

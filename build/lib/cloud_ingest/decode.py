@@ -1,0 +1,176 @@
+"""The first two stages of a group, in a worker thread: decode, then plan the writes.
+
+Each stage hands the next an immutable value:
+
+- :class:`Decoded`: one message as read from the wire. Exactly one of ``batch``,
+  ``alert`` and ``error`` is set. A message that fails to decode still names its
+  device and seq when they can be read, so that the device gets a ``rejected`` ack.
+- :class:`Planned`: one message and what it writes: its InfluxDB lines and its lake
+  objects (Arrow rows here; :func:`encode` turns them into Parquet bytes), or the
+  earlier message of the group that it repeats.
+
+Nothing here raises: a message that a decoder cannot take is quarantined with a
+reason (``undecodable`` if a decoder ever raised something other than WireError;
+tests/test_fuzz.py holds them to that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from cloud_ingest.config import IngestConfig
+from cloud_ingest.lake import alert_object, group_tables, to_parquet
+from cloud_ingest.lineproto import alert_to_line, batch_to_lines
+from shared import jsonwire
+from shared.alerts import Alert, decode_alert
+from shared.errors import WireError
+from shared.topics import device_from_alert_topic, device_from_batch_topic
+from shared.wire import Batch, check_ranges_many, decode_batch, peek_seq
+
+log = logging.getLogger("cloud_ingest.decode")
+
+Kind = Literal["batch", "alert"]
+#: A lake object: its key and its rows (an Arrow record batch) or Parquet bytes.
+LakeObject = tuple[str, Any]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    topic: str
+    payload: bytes
+    kind: Kind
+    device: str | None
+    seq: int | None
+    batch: Batch | None = None
+    alert: Alert | None = None
+    #: why it is quarantined
+    error: WireError | None = None
+
+
+@dataclass(frozen=True)
+class Planned:
+    msg: Decoded
+    lines: tuple[str, ...] = ()
+    objects: tuple[LakeObject, ...] = ()
+    #: the index of an earlier message of the group with the same (device, seq)
+    repeat_of: int | None = None
+
+    @property
+    def writes(self) -> bool:
+        """True if this message is to be written (not quarantined, not a repeat)."""
+        return self.msg.error is None and self.repeat_of is None
+
+
+def decode_group(messages: Sequence[tuple[str, bytes]], cfg: IngestConfig) -> list[Decoded]:
+    """Decode each (topic, payload), then check the ranges of every batch at once
+    (a group of batches costs about what one did)."""
+    out = [decode_message(topic, payload, cfg) for topic, payload in messages]
+    at = [(i, d.batch) for i, d in enumerate(out) if d.batch is not None]
+    verdicts = check_ranges_many([b for _, b in at], time.time_ns())
+    for (i, _), verdict in zip(at, verdicts, strict=True):
+        if verdict is not None:
+            out[i] = dataclasses.replace(out[i], batch=None, error=verdict)
+    return out
+
+
+def decode_message(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
+    """One message, on ``…/<device>/batch`` or ``…/<device>/alert``."""
+    kind: Kind = "alert" if topic.endswith("/alert") else "batch"
+    try:
+        if kind == "alert":
+            return _decode_alert(topic, payload, cfg)
+        return _decode_batch(topic, payload, cfg)
+    except Exception as exc:  # a decoder bug must not stop the ingestor
+        log.exception("decode: %s on %s", type(exc).__name__, topic)
+        error = WireError("undecodable", f"{type(exc).__name__}: {exc}"[:500])
+        return Decoded(topic, payload, kind, None, None, error=error)
+
+
+def _decode_batch(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
+    device = device_from_batch_topic(topic, cfg.mqtt.topic_prefix)
+    try:
+        if device is None:
+            raise WireError("bad-topic", f"{topic!r} is not <prefix>/<device_id>/batch")
+        batch = decode_batch(
+            payload,
+            max_payload_bytes=cfg.limits.max_payload_bytes,
+            max_body_bytes=cfg.limits.max_body_bytes,
+        )
+        if batch.device_id != device:
+            raise WireError(
+                "device-mismatch",
+                f"payload device_id {batch.device_id!r} on the topic of {device!r}",
+            )
+    except WireError as exc:
+        seq = peek_seq(payload, max_body_bytes=cfg.limits.max_body_bytes)
+        return Decoded(topic, payload, "batch", device, seq, error=exc)
+    return Decoded(topic, payload, "batch", device, batch.seq, batch=batch)
+
+
+def _decode_alert(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
+    device = device_from_alert_topic(topic, cfg.mqtt.topic_prefix)
+    try:
+        if device is None:
+            raise WireError("bad-topic", f"{topic!r} is not <prefix>/<device_id>/alert")
+        alert = decode_alert(payload)
+    except WireError as exc:
+        return Decoded(topic, payload, "alert", device, _json_seq(payload), error=exc)
+    return Decoded(topic, payload, "alert", device, alert.seq, alert=alert)
+
+
+def _json_seq(payload: bytes) -> int | None:
+    """Best effort: the seq of a JSON message that failed validation."""
+    try:
+        seq = jsonwire.loads(payload, reason="bad-alert", what="an alert", max_bytes=1 << 20)
+        seq = seq.get("seq")
+    except (WireError, AttributeError):
+        return None
+    return seq if type(seq) is int and 0 <= seq < 2**63 else None
+
+
+def plan_group(decoded: Sequence[Decoded], cfg: IngestConfig) -> list[Planned]:
+    """What each message writes. A message with the (device, seq) of an earlier one
+    of the group (alerts and batches share the device's seqs) repeats it and writes
+    nothing. The Arrow rows of all the group's batches are built at once."""
+    seen: dict[tuple[str, int], int] = {}
+    out: list[Planned] = []
+    batches: list[tuple[int, Batch]] = []  # the batches to write, and their indexes
+    for i, msg in enumerate(decoded):
+        if msg.error is not None or msg.device is None or msg.seq is None:
+            out.append(Planned(msg))
+            continue
+        key = (msg.device, msg.seq)
+        if key in seen:
+            out.append(Planned(msg, repeat_of=seen[key]))
+            continue
+        seen[key] = i
+        if msg.batch is not None:
+            lines = batch_to_lines(msg.batch, cfg.influx.measurement)
+            out.append(Planned(msg, tuple(lines)))
+            batches.append((i, msg.batch))
+        else:
+            assert msg.alert is not None
+            line = alert_to_line(msg.device, msg.alert, cfg.influx.alert_measurement)
+            out.append(Planned(msg, (line,), (alert_object(msg.device, msg.alert),)))
+    tables = group_tables([b for _, b in batches])
+    for (i, _), objects in zip(batches, tables, strict=True):
+        out[i] = Planned(out[i].msg, out[i].lines, tuple(objects))
+    return out
+
+
+def encode(planned: Sequence[Planned]) -> list[Planned]:
+    """Arrow rows → Parquet bytes (Arrow's encoder runs without the GIL, so several
+    threads overlap)."""
+    return [_encoded(p) if p.objects else p for p in planned]
+
+
+def _encoded(p: Planned) -> Planned:
+    objects = tuple(
+        (key, data if isinstance(data, bytes) else to_parquet(data)) for key, data in p.objects
+    )
+    return Planned(p.msg, p.lines, objects, p.repeat_of)

@@ -1,0 +1,94 @@
+"""Batches to InfluxDB line protocol: one point per (device, sensor, window).
+
+Schema (see ``docs/wire-format.md`` and ``docs/architecture.md``)::
+
+    <measurement>,device_id=<id>,node=<node>,sensor=<name>,unit=<unit>,window=<width>
+        count=<i>i,invalid=<i>i,min=<f>,max=<f>,mean=<f>,stddev=<f>,first=<f>,last=<f>,
+        sum=<f>,p50=<f>,p90=<f>,p99=<f> <start_ns>
+
+Tags are bounded by the fleet (devices × sensors × window widths); nothing per
+reading is a tag. The timestamp is the window start, so a resent or replayed
+batch writes the same series and time and overwrites itself. Float statistics
+that are not finite (NaN when every reading was invalid) are left out, since line
+protocol has no NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+from shared.alerts import Alert
+from shared.wire import EXTRA_FIELDS, STAT_FIELDS, Batch
+
+FLOAT_FIELDS = STAT_FIELDS + EXTRA_FIELDS
+
+_TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\\": "\\\\"})
+_MEAS_ESCAPES = str.maketrans({",": r"\,", " ": r"\ ", "\\": "\\\\"})
+
+
+def escape_tag(value: str) -> str:
+    """A tag key or value, escaped for line protocol."""
+    return value.translate(_TAG_ESCAPES)
+
+
+def escape_measurement(value: str) -> str:
+    return value.translate(_MEAS_ESCAPES)
+
+
+def window_label(width_ns: int) -> str:
+    """``10000000000`` → ``"10s"``; ``500000000`` → ``"500ms"``."""
+    if width_ns % 1_000_000_000 == 0:
+        return f"{width_ns // 1_000_000_000}s"
+    if width_ns % 1_000_000 == 0:
+        return f"{width_ns // 1_000_000}ms"
+    return f"{width_ns}ns"
+
+
+def _string_field(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def alert_to_line(device_id: str, alert: Alert, measurement: str = "alert") -> str:
+    """One point per alert event, at the event time of the reading that caused it."""
+    tags = (
+        f"{measurement.translate(_MEAS_ESCAPES)},device_id={device_id.translate(_TAG_ESCAPES)}"
+        f",rule={alert.rule.translate(_TAG_ESCAPES)},node={alert.node},sensor={alert.sensor}"
+        f",kind={alert.kind}"
+    )
+    fields = [
+        f"state={_string_field(alert.state)}",
+        f"raised={int(alert.state == 'raised')}i",
+        f"seq={alert.seq}i",
+        f"message={_string_field(alert.message)}",
+    ]
+    if alert.value is not None and math.isfinite(alert.value):
+        fields.append(f"value={alert.value!r}")
+    return f"{tags} {','.join(fields)} {alert.ts_ns}"
+
+
+def batch_to_lines(batch: Batch, measurement: str = "window") -> list[str]:
+    meas = measurement.translate(_MEAS_ESCAPES)
+    win = window_label(batch.window.width_ns)
+    if batch.window.kind == "hopping":
+        win += "/" + window_label(batch.window.hop_ns)  # e.g. 60s/10s: a distinct series
+    prefixes = [
+        f"{meas},device_id={batch.device_id.translate(_TAG_ESCAPES)}"
+        f",node={s.node.translate(_TAG_ESCAPES)},sensor={s.name.translate(_TAG_ESCAPES)}"
+        + (f",unit={s.unit.translate(_TAG_ESCAPES)}" if s.unit else "")
+        + f",window={win}"
+        for s in batch.sensors
+    ]
+    stats = {name: getattr(batch, name).tolist() for name in FLOAT_FIELDS}
+    counts = batch.count.tolist()
+    revs = batch.revision.tolist()
+    invalid = batch.invalid.tolist()
+    starts = batch.start_ns.tolist()
+    lines = []
+    for i, sidx in enumerate(batch.sensor.tolist()):
+        fields = [f"count={counts[i]}i", f"invalid={invalid[i]}i", f"revision={revs[i]}i"]
+        for name in FLOAT_FIELDS:
+            v = stats[name][i]
+            if math.isfinite(v):
+                fields.append(f"{name}={v!r}")
+        lines.append(f"{prefixes[sidx]} {','.join(fields)} {starts[i]}")
+    return lines

@@ -1,0 +1,235 @@
+"""Messages in, in groups: decode, plan, encode, write to InfluxDB and the lake, or quarantine.
+
+Independent of MQTT so that it can be tested on its own (service.py and consume.py
+feed it from the broker).
+
+The unit of work is a *group*: the messages the ingestor has in hand at one
+moment. A group costs one thread hand-off to decode every message in it, Parquet
+encoding spread over ``worker_threads`` threads, InfluxDB requests of up to
+``influx.max_lines_per_write`` lines, and concurrent lake puts
+(``archive.max_concurrent_puts``). Under load, groups grow to
+``mqtt.receive_maximum`` messages and the fixed costs are shared; when idle, a
+group is one message and nothing waits. Per message, a group still gives one
+:class:`Outcome`: written (both sinks hold it), duplicate, or quarantined with a
+reason.
+
+The stages and what they hand on, each immutable:
+
+1. decode (a worker thread): ``(topic, payload)`` → :class:`~cloud_ingest.decode.Decoded`
+2. plan (the same thread): → :class:`~cloud_ingest.decode.Planned` (lines, Arrow rows)
+3. encode (the encoder threads): Arrow rows → Parquet bytes
+4. when the group before has been written: recognise resends, leave out window
+   versions older than ones written, → :class:`~cloud_ingest.writer.Write` and
+   :class:`~cloud_ingest.writer.Quarantine` for :meth:`Writer.write`
+5. the writer's verdicts → one :class:`Outcome` per message, counted in :class:`Stats`
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+from cloud_ingest.config import IngestConfig
+from cloud_ingest.decode import Planned, decode_group, encode, plan_group
+from cloud_ingest.revisions import RevisionMemory, WindowKey
+from cloud_ingest.sinks.base import ObjectStore, PointSink
+from cloud_ingest.writer import Quarantine, ShuttingDown, Stats, Write, Writer
+from shared.acks import Ack
+from shared.errors import WireError
+
+__all__ = ["Outcome", "Processor", "ShuttingDown", "Stats"]
+
+log = logging.getLogger("cloud_ingest.process")
+
+#: (device_id, seq) of the batches and alerts written most recently (they share
+#: the device's seq counter), to answer a resend with an ack at once. The sinks
+#: are idempotent anyway; this saves the rewrite.
+RECENT_BATCHES = 100_000
+
+
+@dataclass(frozen=True)
+class Outcome:
+    result: Literal["written", "duplicate", "quarantined"]
+    device: str | None
+    ack: Ack | None
+
+
+@dataclass(frozen=True)
+class _Step:
+    """Stage 4 for one message: written now, a resend of one written before, or
+    neither (quarantined, or a repeat within the group)."""
+
+    write: Write | None = None
+    resent: bool = False
+    #: revised windows it writes, remembered once it is written
+    versions: dict[WindowKey, int] | None = None
+
+
+class Processor:
+    def __init__(
+        self,
+        cfg: IngestConfig,
+        points: PointSink,
+        archive: ObjectStore,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.stop = stop or asyncio.Event()
+        self.stats = Stats()
+        self.writer = Writer(cfg, points, archive, self.stats, self.stop)
+        self._encoders = ThreadPoolExecutor(cfg.worker_threads, thread_name_prefix="encode")
+        self._recent: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._revisions = RevisionMemory()
+
+    def close(self) -> None:
+        self.writer.close()
+        self._encoders.shutdown(wait=True)
+
+    async def handle_group(
+        self,
+        messages: Sequence[tuple[str, bytes]],
+        after: Awaitable[object] | None = None,
+        decoded: asyncio.Event | None = None,
+    ) -> list[Outcome]:
+        """Process messages: write each, recognise it as a duplicate, or quarantine it.
+
+        Batches come on ``…/<device>/batch``, alerts on ``…/<device>/alert``. Each
+        outcome says which ack (if any) to send to which device: ``stored`` once both
+        sinks hold the message, ``rejected`` when it is quarantined and its seq can be
+        read, nothing when not even that is possible. The messages are decoded at
+        once (then ``decoded`` is set); their writes start only when ``after`` (the
+        previous group) is done, so that one device's batches reach InfluxDB in
+        arrival order.
+
+        Raises :class:`ShuttingDown` if the service stops while a sink is still
+        failing: then no message of the group counts as handled.
+        """
+        try:
+            planned = await asyncio.to_thread(self._decode_and_plan, messages)
+        finally:
+            if decoded is not None:
+                decoded.set()  # the next group may be decoded while this one encodes
+        planned = await self._encode(planned)
+        for p in planned:
+            self.stats.inc("received" if p.msg.kind == "batch" else "alerts_received")
+        if after is not None:
+            await asyncio.wait([asyncio.ensure_future(after)])
+        return await self._write(planned)
+
+    def _decode_and_plan(self, messages: Sequence[tuple[str, bytes]]) -> list[Planned]:
+        return plan_group(decode_group(messages, self.cfg), self.cfg)
+
+    async def _encode(self, planned: list[Planned]) -> list[Planned]:
+        """Parquet encoding, the costliest step, in threads of its own: Arrow's
+        encoder runs without the GIL, so they overlap each other and the next decode."""
+        at = [i for i, p in enumerate(planned) if p.objects]
+        n = min(self.cfg.worker_threads, len(at))
+        loop = asyncio.get_running_loop()
+        parts = [at[k::n] for k in range(n)]
+        done = await asyncio.gather(
+            *(
+                loop.run_in_executor(self._encoders, encode, [planned[i] for i in part])
+                for part in parts
+            )
+        )
+        out = list(planned)
+        for part, encoded in zip(parts, done, strict=True):
+            for i, p in zip(part, encoded, strict=True):
+                out[i] = p
+        return out
+
+    async def _write(self, planned: list[Planned]) -> list[Outcome]:
+        # Resends are recognised here, not when decoding: the group before may hold them.
+        steps = self._steps(planned)
+        writes = [(i, s.write) for i, s in enumerate(steps) if s.write is not None]
+        quarantine = [
+            Quarantine(p.msg.topic, p.msg.payload, p.msg.error)
+            for p in planned
+            if p.msg.error is not None
+        ]
+        verdicts = await self.writer.write([w for _, w in writes], quarantine)
+        errors: list[WireError | None] = [p.msg.error for p in planned]
+        for (i, _), verdict in zip(writes, verdicts, strict=True):
+            errors[i] = verdict
+        return [self._outcome(planned, steps, errors, i) for i in range(len(planned))]
+
+    def _steps(self, planned: list[Planned]) -> list[_Step]:
+        """Recognise resends of what was written before, and leave out the InfluxDB
+        lines of window versions older than ones written already (by an earlier
+        group, or by an earlier batch of this one)."""
+        written: dict[WindowKey, int] = {}
+        steps: list[_Step] = []
+        for p in planned:
+            msg = p.msg
+            if not p.writes:
+                steps.append(_Step())
+                continue
+            assert msg.device is not None and msg.seq is not None
+            if (msg.device, msg.seq) in self._recent:
+                steps.append(_Step(resent=True))
+                continue
+            lines: Sequence[str] = p.lines
+            versions: dict[WindowKey, int] = {}
+            if msg.batch is not None:
+                keep, versions = self._revisions.screen(msg.batch, written)
+                if not keep.all():
+                    lines = self._superseded(p, keep.tolist())
+            steps.append(_Step(Write(msg.topic, msg.payload, lines, p.objects), False, versions))
+        return steps
+
+    def _superseded(self, p: Planned, keep: list[bool]) -> list[str]:
+        dropped = keep.count(False)
+        self.stats.inc("revisions_superseded", dropped)
+        log.warning(
+            "%s seq %s: %d window versions older than ones already written are not "
+            "written over them",
+            p.msg.device,
+            p.msg.seq,
+            dropped,
+            extra={"device_id": p.msg.device, "seq": p.msg.seq},
+        )
+        return [line for line, k in zip(p.lines, keep, strict=True) if k]
+
+    def _outcome(
+        self,
+        planned: list[Planned],
+        steps: list[_Step],
+        errors: list[WireError | None],
+        i: int,
+    ) -> Outcome:
+        msg, step, error = planned[i].msg, steps[i], errors[i]
+        repeat_of = planned[i].repeat_of
+        if repeat_of is not None:  # a repeat within the group: the first copy's fate
+            error = errors[repeat_of]
+            self.stats.inc("duplicates")
+        if error is not None:
+            self.stats.inc(f"quarantined_{error.reason}")
+            ack = None
+            if msg.device is not None and msg.seq is not None:
+                ack = Ack(msg.seq, "rejected", error.reason)
+            return Outcome("quarantined", msg.device, ack)
+        assert msg.device is not None and msg.seq is not None
+        self._remember(msg.device, msg.seq)
+        if repeat_of is not None or step.resent:
+            if step.resent:
+                self.stats.inc("duplicates")
+            return Outcome("duplicate", msg.device, Ack(msg.seq, "stored"))
+        assert step.write is not None
+        if msg.kind == "batch":
+            self.stats.inc("batches_written")
+            self.stats.inc("points_written", len(step.write.lines))
+            self._revisions.remember(step.versions or {})
+        else:
+            self.stats.inc("alerts_written")
+        return Outcome("written", msg.device, Ack(msg.seq, "stored"))
+
+    def _remember(self, device: str, seq: int) -> None:
+        self._recent[(device, seq)] = None
+        self._recent.move_to_end((device, seq))
+        if len(self._recent) > RECENT_BATCHES:
+            self._recent.popitem(last=False)

@@ -1,0 +1,1 @@
+"""Sinks: where validated batches are written (InfluxDB, the archive)."""

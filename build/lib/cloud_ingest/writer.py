@@ -1,0 +1,270 @@
+"""The one write path to the sinks, shared by the service and ``cloud-ingest replay``.
+
+A :class:`Write` is what one message (or one batch rebuilt from the lake) puts in
+the sinks: InfluxDB lines and lake objects. :meth:`Writer.write` runs both sinks
+to their end for a list of them and returns one verdict each: ``None`` when both
+sinks hold it, or the ``sink-rejected`` error when a sink refused it for good.
+
+- InfluxDB: the lines of concurrent callers share requests (:class:`Coalescer`) of
+  up to ``influx.max_lines_per_write`` lines; a request refused for good (HTTP 400)
+  is tried again write by write, so that only the writes at fault are refused.
+- The lake: objects are put concurrently (``archive.max_concurrent_puts``); only
+  the ones that failed retryably are tried again.
+- Retryable failures back off exponentially with ±20 % jitter (honouring
+  Retry-After), for ever while the service runs; once ``stop`` is set, for at most
+  ``retry.shutdown_grace_s``, then :class:`ShuttingDown` is raised.
+- A write that a sink refused goes to the quarantine, and its lake objects are
+  deleted: the lake holds what InfluxDB holds, so that a replay never meets it.
+
+The sinks raise only the shared errors (RetryableSinkError, PermanentSinkError);
+each backend translates its library's exceptions in one place (sinks/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from cloud_ingest.coalesce import Coalescer
+from cloud_ingest.config import IngestConfig
+from cloud_ingest.sinks.base import ObjectStore, PointSink
+from shared.errors import PermanentSinkError, RetryableSinkError, WireError
+
+log = logging.getLogger("cloud_ingest.writer")
+
+
+@dataclass
+class Stats:
+    counters: Counter[str] = field(default_factory=Counter)
+
+    def inc(self, name: str, n: int = 1) -> None:
+        self.counters[name] += n
+
+
+@dataclass(frozen=True)
+class Write:
+    #: where it came from, for the logs and the quarantine (a topic, or "replay")
+    topic: str
+    #: what the quarantine keeps if a sink refuses it
+    payload: bytes
+    lines: Sequence[str]
+    objects: Sequence[tuple[str, bytes]] = ()
+
+
+@dataclass(frozen=True)
+class Quarantine:
+    """A message that is not written: kept in the lake's quarantine with its reason."""
+
+    topic: str
+    payload: bytes
+    error: WireError
+
+
+class ShuttingDown(Exception):
+    """Raised inside a retry loop when the service is asked to stop."""
+
+
+class Writer:
+    def __init__(
+        self,
+        cfg: IngestConfig,
+        points: PointSink,
+        archive: ObjectStore | None,
+        stats: Stats,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        """``archive`` None: lake objects and quarantine entries are not written
+        (a replay reads the lake; it does not write it again)."""
+        self.cfg = cfg
+        self.stats = stats
+        self.stop = stop or asyncio.Event()
+        self.archive = archive
+        # concurrent callers (a replay's devices, successive groups) share requests
+        self.influx = Coalescer(points.write, cfg.influx.max_lines_per_write)
+        self._puts = ThreadPoolExecutor(
+            cfg.archive.max_concurrent_puts, thread_name_prefix="archive-put"
+        )
+        self._give_up_at: float | None = None
+        #: called with (sink, seconds) after each successful write, retries included
+        self.on_sink_time: Callable[[str, float], None] | None = None
+
+    def close(self) -> None:
+        self._puts.shutdown(wait=True)
+
+    async def write(
+        self, writes: Sequence[Write], quarantine: Sequence[Quarantine] = ()
+    ) -> list[WireError | None]:
+        """Write to both sinks, and put ``quarantine`` in the lake's quarantine at the
+        same time. Both sinks run to their end (success or final failure) before the
+        verdicts are given."""
+        verdicts: list[WireError | None] = [None] * len(writes)
+        results = await asyncio.gather(
+            self._write_influx(writes, verdicts),
+            self._put_objects(
+                [(i, obj) for i, w in enumerate(writes) for obj in w.objects]
+                + [(-1, obj) for q in quarantine for obj in self._quarantine_objects(q)],
+                verdicts,
+            ),
+            return_exceptions=True,
+        )
+        for res in results:
+            if isinstance(res, BaseException):
+                raise res  # ShuttingDown, or a bug
+        refused = [(writes[i], v) for i, v in enumerate(verdicts) if v is not None]
+        if refused and self.archive is not None:
+            await self._put_objects(
+                [
+                    (-1, obj)
+                    for w, error in refused
+                    for obj in self._quarantine_objects(Quarantine(w.topic, w.payload, error))
+                ],
+                verdicts,
+            )
+            # The lake holds what InfluxDB holds: a write InfluxDB refused for good
+            # leaves it (it is in the quarantine), so that a replay never meets it.
+            await self._delete_objects([key for w, _ in refused for key, _ in w.objects])
+        return verdicts
+
+    async def _write_influx(
+        self, writes: Sequence[Write], verdicts: list[WireError | None]
+    ) -> None:
+        """Requests of up to max_lines_per_write lines; a write whose lines InfluxDB
+        refuses for good (HTTP 400) gets that as its verdict, the others are written."""
+        chunks: list[list[int]] = [[]]
+        n = 0
+        for i, w in enumerate(writes):
+            if not w.lines:
+                continue
+            if chunks[-1] and n + len(w.lines) > self.cfg.influx.max_lines_per_write:
+                chunks.append([])
+                n = 0
+            chunks[-1].append(i)
+            n += len(w.lines)
+
+        async def one(chunk: list[int]) -> None:
+            lines = [line for i in chunk for line in writes[i].lines]
+            try:
+                await self._with_retry("influx", lambda: self.influx.write(lines))
+            except PermanentSinkError as exc:
+                if len(chunk) == 1:
+                    verdicts[chunk[0]] = WireError("sink-rejected", str(exc))
+                    return
+                for i in chunk:  # find the writes at fault
+                    await one([i])
+
+        await asyncio.gather(*(one(chunk) for chunk in chunks if chunk))
+
+    async def _put_objects(
+        self, objects: list[tuple[int, tuple[str, bytes]]], verdicts: list[WireError | None]
+    ) -> None:
+        """Put objects concurrently, retrying the ones that fail retryably; a write one
+        of whose objects the store refuses for good gets that as its verdict (index
+        -1: a quarantine entry, only counted)."""
+        archive = self.archive
+        if archive is None:
+            return
+        pending = objects
+        loop = asyncio.get_running_loop()
+
+        async def attempt() -> None:
+            nonlocal pending
+            results = await asyncio.gather(
+                *(
+                    loop.run_in_executor(self._puts, archive.put, key, data)
+                    for _, (key, data) in pending
+                ),
+                return_exceptions=True,
+            )
+            again: list[tuple[int, tuple[str, bytes]]] = []
+            first: RetryableSinkError | None = None
+            for (i, obj), res in zip(pending, results, strict=True):
+                if isinstance(res, RetryableSinkError):
+                    again.append((i, obj))
+                    first = first or res
+                elif isinstance(res, PermanentSinkError):
+                    self.stats.inc("archive_rejected")
+                    if i >= 0 and verdicts[i] is None:
+                        verdicts[i] = WireError("sink-rejected", str(res))
+                elif isinstance(res, BaseException):
+                    raise res
+            pending = again
+            if first is not None:
+                raise first
+
+        if pending:
+            await self._with_retry("archive", attempt)
+
+    async def _delete_objects(self, keys: list[str]) -> None:
+        archive = self.archive
+        if archive is None or not keys:
+            return
+        loop = asyncio.get_running_loop()
+
+        async def attempt() -> None:
+            await asyncio.gather(
+                *(loop.run_in_executor(self._puts, archive.delete, key) for key in keys)
+            )
+
+        await self._with_retry("archive", attempt)
+
+    def _quarantine_objects(self, q: Quarantine) -> list[tuple[str, bytes]]:
+        reason, message = q.error.reason, str(q.error)
+        log.warning(
+            "quarantine: %s on %s: %s",
+            reason,
+            q.topic,
+            message,
+            extra={"reason": reason, "topic": q.topic, "bytes": len(q.payload)},
+        )
+        digest = hashlib.sha256(q.payload).hexdigest()
+        meta = json.dumps(
+            {
+                "topic": q.topic,
+                "reason": reason,
+                "message": message,
+                "received_ns": time.time_ns(),
+                "bytes": len(q.payload),
+            }
+        ).encode()
+        base = f"quarantine/reason={reason}/{digest}"
+        return [(base + ".bin", q.payload), (base + ".json", meta)]
+
+    async def _with_retry(self, stage: str, op: Callable[[], Awaitable[None]]) -> None:
+        """Await ``op()`` until it succeeds or fails permanently (see the module doc)."""
+        delay = self.cfg.retry.initial_s
+        started = time.monotonic()
+        while True:
+            try:
+                await op()
+                if self.on_sink_time is not None:
+                    self.on_sink_time(stage, time.monotonic() - started)
+                return
+            except RetryableSinkError as exc:
+                self.stats.inc(f"{stage}_retries")
+                wait = exc.retry_after if exc.retry_after is not None else delay
+                wait = min(wait, self.cfg.retry.max_s) * random.uniform(0.8, 1.2)
+                delay = min(delay * 2, self.cfg.retry.max_s)
+                log.warning("%s: %s; retrying in %.1f s", stage, exc, wait, extra={"stage": stage})
+                if not self.stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stop.wait(), timeout=wait)
+                    continue
+                if self._give_up_at is None:
+                    self._give_up_at = time.monotonic() + self.cfg.retry.shutdown_grace_s
+                left = self._give_up_at - time.monotonic()
+                if left <= 0:
+                    raise ShuttingDown(f"{stage}: gave up retrying at shutdown") from exc
+                await asyncio.sleep(min(wait, left))  # backoff between retries
+            except PermanentSinkError:
+                if stage == "influx":
+                    self.stats.inc("influx_rejected")
+                raise

@@ -1,0 +1,120 @@
+"""Hostile input for the tests and the fuzz benchmark: messages that once stopped a
+component (issue 9), and a mutator that makes more from valid ones.
+
+Each known crasher comes with the reason it must be quarantined with.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+from typing import Any
+
+import numpy as np
+
+from shared.sketch import DDSketch
+from shared.wire import STAT_FIELDS, SensorRef, WindowSpec, encode_batch, make_batch
+
+W = 10_000_000_000
+
+
+def valid_batch(device: str = "dev-1", seq: int = 7, rows: int = 3, start_ns: int = 0) -> bytes:
+    """A valid batch, uncompressed (so that its header is easy to rewrite)."""
+    return encode_batch(
+        make_batch(
+            device_id=device,
+            seq=seq,
+            created_ns=1,
+            window=WindowSpec("tumbling", W),
+            sensors=(SensorRef("n1", "t", "degC"),),
+            columns={
+                "sensor": np.zeros(rows),
+                "start_ns": start_ns + np.arange(rows) * W,
+                "count": np.full(rows, 2),
+                "invalid": np.zeros(rows),
+                **{f: np.full(rows, 1.5) for f in STAT_FIELDS},
+            },
+            sketch=tuple(DDSketch.from_values(np.array([1.5, 1.5])).encode() for _ in range(rows)),
+        ),
+        compress=False,
+    )
+
+
+def split(payload: bytes) -> tuple[dict[str, Any], bytes]:
+    """An uncompressed batch as (header, column bytes)."""
+    (hlen,) = struct.unpack_from("<I", payload, 10)
+    return json.loads(payload[14 : 14 + hlen]), payload[14 + hlen :]
+
+
+def with_header(header: dict[str, Any], columns: bytes) -> bytes:
+    hb = json.dumps(header).encode()
+    body = struct.pack("<I", len(hb)) + hb + columns
+    return struct.pack("<4sBBI", b"TLMB", 1, 0, len(body)) + body
+
+
+def poison_batches(device: str, seq: int) -> list[tuple[bytes, str]]:
+    """Batches that once stopped cloud-ingest, each with its quarantine reason."""
+    header, cols = split(valid_batch(device, seq))
+    out = []
+    for change, reason in (
+        ({"window": {"kind": "tumbling", "width_ns": 2**63}}, "bad-window"),
+        ({"created_ns": 2**63}, "bad-header"),
+        ({"seq": 2**64}, "bad-seq"),
+        ({"sensors": [{"node": "n1", "name": "t", "unit": "deg\nC"}]}, "bad-sensor"),
+    ):
+        out.append((with_header({**header, **change}, cols), reason))
+    return out
+
+
+ALERT: dict[str, Any] = {
+    "seq": 5,
+    "rule": "hot",
+    "kind": "threshold",
+    "node": "n1",
+    "sensor": "t",
+    "state": "raised",
+    "ts_ns": 10,
+    "value": 61.5,
+    "message": "too hot",
+}
+
+
+def poison_alerts(seq: int) -> list[bytes]:
+    """Alerts that once stopped cloud-ingest or were wrongly accepted (all ``bad-alert``)."""
+    base = {**ALERT, "seq": seq}
+    return [
+        json.dumps({**base, "seq": 2**64}).encode(),
+        json.dumps({**base, "ts_ns": 2**63}).encode(),
+        json.dumps({k: v for k, v in base.items() if k != "value"}).encode(),
+        json.dumps({**base, "rule": "a\nb"}).encode(),
+    ]
+
+
+def poison_chunks() -> list[tuple[bytes, str]]:
+    """Local reading chunks that once stopped the agent's intake, with their reasons."""
+    return [
+        (b'{"ts": [' + b"9" * 5000 + b'], "values": [1.0]}', "bad-json"),
+        (b"[" * 100_000 + b"]" * 100_000, "bad-json"),
+        (b'{"ts": [1], "values": [1], "unit": "deg\\nC"}', "bad-chunk"),
+    ]
+
+
+def mutate(payload: bytes, rng: random.Random) -> bytes:
+    """A random damage of ``payload``: flipped bytes, a cut, an insert, a splice."""
+    data = bytearray(payload)
+    kind = rng.randrange(5)
+    if kind == 0 and data:
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+    elif kind == 1:
+        del data[rng.randrange(len(data) + 1) :]
+    elif kind == 2:
+        at = rng.randrange(len(data) + 1)
+        data[at:at] = rng.randbytes(rng.randint(1, 64))
+    elif kind == 3 and data:
+        bit = rng.randrange(len(data) * 8)
+        data[bit // 8] ^= 1 << (bit % 8)
+    else:
+        data = bytearray(rng.randbytes(rng.randint(0, 2 * len(data) + 1)))
+    return bytes(data)

@@ -1,0 +1,264 @@
+"""Start real Mosquitto, InfluxDB 1.x, VictoriaMetrics and moto S3 as processes.
+
+Each binds a free port on 127.0.0.1, keeps its data in its own folder, is
+waited for by polling its health check against a deadline (never a fixed
+sleep), and can be stopped and started again on the same port and data to
+simulate an outage.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+LOOPBACK = "127.0.0.1"
+
+
+class ServiceError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(
+    check: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05
+) -> None:
+    """Poll ``check`` until it is true; raise :class:`TimeoutError` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if check():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def tcp_open(port: int) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def http_ok(url: str, expect: tuple[int, ...] = (200, 204)) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:
+            return int(resp.status) in expect
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def find_binary(name: str, *extra: str) -> str:
+    for cand in (shutil.which(name), *extra):
+        if cand and Path(cand).exists():
+            return cand
+    raise ServiceError(f"{name} not found; run the README's setup (scripts/setup.sh)")
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list[str]
+    port: int
+    workdir: Path
+    health: Callable[[], bool]
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    def start(self, timeout_s: float = 60.0) -> Service:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=self.workdir,
+            env={**os.environ, **self.env},
+        )
+        try:
+            wait_until(lambda: self._alive() and self.health(), timeout_s, f"{self.name} to start")
+        except TimeoutError:
+            self.stop()
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise ServiceError(f"{self.name} did not become healthy; log:\n{tail}") from None
+        except ServiceError:
+            self.stop()
+            raise
+        return self
+
+    def _alive(self) -> bool:
+        if self.proc is None or self.proc.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise ServiceError(f"{self.name} exited early; log:\n{tail}")
+        return True
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, with no chance to save state (Mosquitto's persistence)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.stop()
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+def mosquitto(
+    workdir: Path,
+    port: int | None = None,
+    tls: tuple[Path, Path, Path] | None = None,
+    passwords: dict[str, str] | None = None,
+    ingestors: list[str] | None = None,
+    crl: Path | None = None,
+) -> Service:
+    """``tls``: (CA, server certificate, server key) PEM files for a TLS listener.
+    ``passwords``: username → password; then only those users may connect.
+    ``ingestors``: the cloud broker's shipped access rules (cloud_ingest/broker.py),
+    with these ingestor identities; every other user is a device. ``crl``: with
+    ``tls`` and ``ingestors``, clients authenticate by certificate (CN = identity)."""
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "mosquitto.conf"
+    tls_lines = f"cafile {tls[0]}\ncertfile {tls[1]}\nkeyfile {tls[2]}\n" if tls is not None else ""
+    anonymous = "allow_anonymous true\n"
+    if passwords is not None:
+        pwfile = workdir / "passwords"
+        pwfile.write_text("")
+        pwfile.chmod(0o600)
+        tool = find_binary("mosquitto_passwd", "/usr/bin/mosquitto_passwd")
+        for user, password in passwords.items():
+            subprocess.run([tool, "-b", str(pwfile), user, password], check=True)
+        anonymous = f"allow_anonymous false\npassword_file {pwfile}\n"
+    listener = f"listener {port} {LOOPBACK}\n" + tls_lines + anonymous
+    if ingestors is not None:
+        from cloud_ingest.broker import mosquitto_acl, mosquitto_conf
+
+        acl = workdir / "acl"
+        acl.write_text(mosquitto_acl(ingestors))
+        pw = workdir / "passwords" if passwords is not None else None
+        listener = mosquitto_conf(f"{port} {LOOPBACK}", pw, acl, tls, crl)
+    # As root, Mosquitto would switch to the user "mosquitto", which can read neither
+    # the certificates nor the persistence folder in a test's private temp folder.
+    run_as = "user root\n" if os.geteuid() == 0 else ""
+    conf.write_text(
+        listener + run_as + "persistence true\n"
+        f"persistence_location {workdir}/\n"
+        # The default of 1000 queued QoS 1 messages per client silently drops the
+        # rest for a slow or absent subscriber (see design.md); 0 = no limit here,
+        # where the agent and the ingestor hold persistent sessions.
+        "max_queued_messages 0\n"
+        "max_inflight_messages 100\n"
+        # Small packets (PUBACKs, acks) at once, not after the peer's delayed TCP
+        # ACK (~40 ms): docs/cloud-ingest.md, "Broker clusters".
+        "set_tcp_nodelay true\n"
+        "log_type error\nlog_type warning\nlog_type notice\n"
+        "log_dest stdout\n"
+    )
+    binary = find_binary("mosquitto", "/usr/sbin/mosquitto")
+    return Service(
+        "mosquitto", [binary, "-c", str(conf)], port, workdir, health=lambda: tcp_open(port)
+    )
+
+
+def influxdb(workdir: Path, port: int | None = None, auth: bool = False) -> Service:
+    """``auth``: HTTP authentication on; create the first (admin) user before use."""
+    port = port or free_port()
+    rpc = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "influxdb.conf"
+    conf.write_text(
+        "reporting-disabled = true\n"
+        f'bind-address = "{LOOPBACK}:{rpc}"\n'
+        f'[meta]\n  dir = "{workdir}/meta"\n'
+        f'[data]\n  dir = "{workdir}/data"\n  wal-dir = "{workdir}/wal"\n'
+        "  query-log-enabled = false\n"
+        f'[http]\n  bind-address = "{LOOPBACK}:{port}"\n  log-enabled = false\n'
+        "  max-row-limit = 0\n"
+        + ("  auth-enabled = true\n" if auth else "")
+        + "[monitor]\n  store-enabled = false\n"
+        "[continuous_queries]\n  enabled = false\n"
+    )
+    binary = find_binary("influxd", "/usr/bin/influxd")
+    svc = Service(
+        "influxdb",
+        [binary, "-config", str(conf)],
+        port,
+        workdir,
+        health=lambda: http_ok(f"http://{LOOPBACK}:{port}/ping"),
+    )
+    return svc
+
+
+def victoria_metrics(workdir: Path, port: int | None = None) -> Service:
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    binary = find_binary("victoria-metrics", "/usr/bin/victoria-metrics")
+    argv = [
+        binary,
+        f"-httpListenAddr={LOOPBACK}:{port}",
+        f"-storageDataPath={workdir}/data",
+        "-retentionPeriod=100y",
+        "-loggerLevel=WARN",
+        "-search.latencyOffset=0s",
+    ]
+    return Service(
+        "victoria-metrics",
+        argv,
+        port,
+        workdir,
+        health=lambda: http_ok(f"http://{LOOPBACK}:{port}/health"),
+    )
+
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def moto_s3(workdir: Path, port: int | None = None) -> Service:
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    binary = find_binary("moto_server", str(Path(sys.executable).parent / "moto_server"))
+    return Service(
+        "moto-s3",
+        [binary, "-H", LOOPBACK, "-p", str(port)],
+        port,
+        workdir,
+        health=lambda: http_ok(f"http://{LOOPBACK}:{port}/moto-api/data.json"),
+        env=S3_ENV,
+    )

@@ -1,0 +1,220 @@
+"""The agent's main loop: intake in paho's thread; windowing and forwarding here.
+
+Every ``tick_s`` the loop closes the windows that the watermark allows, prunes
+raw chunks past their retention, and lets the forwarder publish. On SIGTERM or
+SIGINT it stops intake, closes every open window if ``window.flush_on_shutdown``
+(otherwise they stay open and are rebuilt from the buffer at the next start),
+drains the outbox for up to ``forward.drain_timeout_s`` and exits. What is not
+drained stays in the outbox for the next start.
+
+The agent holds the buffer's lock (:mod:`edge_agent.lock`) from start to exit:
+a second agent on the same file refuses to start. A tick that fails on the
+file (a full disk, an I/O error) is logged and counted (``store_errors``), and
+the next tick tries again: the agent stays up and catches up once the fault
+clears.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sqlite3
+import threading
+import time
+from types import FrameType
+
+from edge_agent import alerts, budget, buffer, control, kernels, outbox, quarantine, window
+from edge_agent.config import AgentConfig
+from edge_agent.forward import Forwarder
+from edge_agent.intake import Intake
+from edge_agent.lock import BufferLock
+from edge_agent.mqtt import network_thread_alive
+from edge_agent.store import Store
+from shared.cli import write_ready_file
+from shared.errors import StorageError
+
+log = logging.getLogger("edge_agent.agent")
+
+PRUNE_EVERY_S = 60.0  # raw chunks and digests are pruned at most this often
+TICK_ERROR_LOG_EVERY_S = 30.0  # a persistent fault is logged once per this, with a count
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.lock = BufferLock(cfg.storage.path).acquire()
+        try:
+            self.store = Store(cfg.storage.path, synchronous=cfg.storage.synchronous)
+            self.intake = Intake(cfg)
+            self.forwarder = Forwarder(cfg, self.store)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.stopping = threading.Event()
+        self._next_prune = 0.0
+        self._next_beat = 0.0
+        self._tick_errors = 0
+        self._next_error_log = 0.0
+        self.exit_code = 0
+
+    def raw_needed_from(self) -> int:
+        """Raw readings (and window versions) from here on may still be needed: by a
+        revision, or by a hopping window that is still open. A late reading is kept
+        if it is at most ``max_age_s`` older than the newest one; the windows it
+        revises may start up to a window width before it."""
+        w = self.cfg.window
+        closed = self.store.get_state(buffer.CLOSED_UNTIL)
+        return min(
+            self.store.get_state(buffer.MAX_TS) - w.max_age_ns - w.width_ns,
+            closed - w.width_ns + w.hop_ns,
+        )
+
+    def safe_tick(self) -> None:
+        """:meth:`tick`, surviving a failure of the file: counted, logged, tried again."""
+        try:
+            self.tick()
+        except (sqlite3.Error, StorageError) as exc:
+            self._tick_errors += 1
+            now = time.monotonic()
+            if now >= self._next_error_log:
+                self._next_error_log = now + TICK_ERROR_LOG_EVERY_S
+                log.error(
+                    "agent: the buffer failed (%s); %d ticks failed so far, retrying every tick",
+                    exc,
+                    self._tick_errors,
+                )
+
+    def dead_threads(self) -> list[str]:
+        """The agent's worker threads that have died (intake's and the forwarder's
+        MQTT network threads; the main loop is this thread)."""
+        return [
+            name
+            for name, client in (
+                ("intake", self.intake.client),
+                ("forwarder", self.forwarder.client),
+            )
+            if not network_thread_alive(client)
+        ]
+
+    def send_ready(self, *, flush: bool = False) -> None:
+        """Close and revise what the watermark (or a flush) allows (window.send_ready)."""
+        closed, revised = window.send_ready(self.store, self.cfg, flush=flush)
+        if closed:
+            log.info("window: closed windows into batches %s", closed)
+        if revised:
+            log.info("window: late readings revised closed windows into batches %s", revised)
+
+    def tick(self) -> None:
+        self.intake.flush()  # the last messages of a burst: do not wait for more
+        req = control.pending_flush(self.store)
+        self.send_ready(flush=req is not None)
+        if req is not None:
+            log.info("agent: flush requested: closed every open window")
+            control.flush_done(self.store, req)
+        if self.intake.alerts.has_timers:  # a write transaction only when needed
+            with self.store.tx():
+                silent = self.intake.alerts.check_silent(self.store, time.time_ns())
+                alerts.record(self.store, silent)
+            for ev in silent:
+                log.warning("alert %s %s: %s", ev.rule, ev.state, ev.message)
+        budget.enforce(
+            self.store,
+            self.cfg.storage.max_bytes,
+            keep_raw_after_ns=self.raw_needed_from(),
+        )
+        now = time.monotonic()
+        if now >= self._next_beat:
+            self._next_beat = now + control.HEARTBEAT_EVERY_S
+            control.beat(
+                self.store,
+                intake_up=self.intake.subscribed.is_set(),
+                forward_up=self.forwarder.connected.is_set(),
+            )
+        if now >= self._next_prune:
+            self._next_prune = now + PRUNE_EVERY_S
+            retention_ns = int(self.cfg.storage.raw_retention_s * 1e9)
+            max_ts = self.store.get_state(buffer.MAX_TS)
+            buffer.prune(self.store, min(max_ts - retention_ns, self.raw_needed_from()))
+            if self.cfg.storage.quarantine_max_age_s:
+                age_ns = int(self.cfg.storage.quarantine_max_age_s * 1e9)
+                with self.store.tx():
+                    quarantine.free(self.store, older_than_ns=time.time_ns() - age_ns)
+        self.forwarder.pump()
+
+    def run(self, ready_file: str | None = None) -> int:
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("agent: signal %d, stopping", signum)
+            self.stopping.set()
+
+        def on_thread_death(args: threading.ExceptHookArgs) -> None:
+            name = args.thread.name if args.thread is not None else "?"
+            log.critical(
+                "agent: thread %s died: %s: %s",
+                name,
+                args.exc_type.__name__,
+                args.exc_value,
+                exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
+            )
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        previous_hook, threading.excepthook = threading.excepthook, on_thread_death
+        log.info("agent: device %s, buffer %s", self.cfg.device_id, self.cfg.storage.path)
+        log.info("agent: %s window kernels ready in %.2f s", kernels.BACKEND, kernels.warm_up())
+        self.intake.start()
+        self.forwarder.start()
+        ready_pending = ready_file is not None
+        while not self.stopping.wait(self.cfg.tick_s):
+            dead = self.dead_threads()
+            if dead:
+                # No silent death: a dead thread would leave a process that looks
+                # alive and stores nothing. Exit non-zero, so that the service
+                # manager restarts the agent (the broker keeps what was not acked).
+                log.critical(
+                    "agent: the %s thread died (see the error above); exiting with 1 so "
+                    "that the service manager restarts the agent",
+                    " and ".join(dead),
+                )
+                self.exit_code = 1
+                break
+            if ready_pending and self.intake.subscribed.is_set():
+                write_ready_file(ready_file)
+                ready_pending = False
+            self.safe_tick()
+        try:
+            return self.shutdown() or self.exit_code
+        finally:
+            threading.excepthook = previous_hook
+
+    def shutdown(self) -> int:
+        self.intake.stop()
+        try:
+            if self.cfg.window.flush_on_shutdown:
+                self.send_ready(flush=True)
+            # what arrived since the last tick, and the flush's batches: a stopped
+            # agent's file is within its budget too
+            budget.enforce(
+                self.store, self.cfg.storage.max_bytes, keep_raw_after_ns=self.raw_needed_from()
+            )
+        except (sqlite3.Error, StorageError) as exc:
+            log.error("agent: could not close the windows or keep the budget at shutdown: %s", exc)
+        drained = self.forwarder.drain(self.cfg.forward.drain_timeout_s)
+        self.forwarder.stop()
+        control.stopped(self.store)
+        if drained:
+            log.info("agent: stopped; outbox drained")
+        else:
+            log.warning(
+                "agent: stopped with %d batches not yet acknowledged (kept for the next start)",
+                outbox.count_unacked(self.store),
+            )
+        self.store.close()
+        self.lock.release()
+        return 0
+
+
+def run_agent(cfg: AgentConfig, ready_file: str | None = None) -> int:
+    started = time.monotonic()
+    rc = Agent(cfg).run(ready_file)
+    log.info("agent: ran %.1f s", time.monotonic() - started)
+    return rc

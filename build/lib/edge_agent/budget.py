@@ -1,0 +1,108 @@
+"""The disk budget: keep the agent's SQLite file within ``storage.max_bytes``.
+
+When the pages in use exceed the budget, the documented policy frees space in
+this order, each step only as far as needed:
+
+0. the quarantine's oldest entries (bad input must never cost good data):
+   counted as ``quarantine_dropped``;
+1. raw reading chunks whose windows are closed (already summarised and in the
+   outbox) and too old to be revised by late readings, oldest first: counted as
+   ``budget_pruned_chunks``; no reading is lost to delivery, only the raw detail
+   kept for inspection and export;
+2. the oldest unacknowledged batches in the outbox: counted as
+   ``dropped_budget_batches``, ``dropped_budget_windows`` and
+   ``dropped_budget_readings``: these readings will never reach the cloud.
+
+Raw chunks of open windows are never dropped, so intake never stops. SQLite does
+not shrink its file when rows are deleted, it reuses the freed pages; so the
+file grows to about the budget and stays there.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from edge_agent import buffer, quarantine
+from edge_agent.store import Store
+
+log = logging.getLogger("edge_agent.budget")
+
+STEP_ROWS = 64  # rows deleted per step before the size is checked again
+
+
+@dataclass(frozen=True)
+class BudgetResult:
+    used_bytes: int
+    pruned_chunks: int = 0
+    dropped_batches: int = 0
+    dropped_readings: int = 0
+
+
+def used_bytes(store: Store) -> int:
+    """Bytes in pages that hold data (the file minus its free pages), WAL not counted."""
+    c = store.conn
+    page_size = int(c.execute("PRAGMA page_size").fetchone()[0])
+    pages = int(c.execute("PRAGMA page_count").fetchone()[0])
+    free = int(c.execute("PRAGMA freelist_count").fetchone()[0])
+    return (pages - free) * page_size
+
+
+def enforce(store: Store, max_bytes: int, *, keep_raw_after_ns: int | None = None) -> BudgetResult:
+    """Apply the drop policy until the data fits in ``max_bytes`` (0 = no budget).
+
+    Raw chunks newer than ``keep_raw_after_ns`` are kept even in closed windows: a
+    late reading may still revise those windows, and a revision computed from
+    partly deleted raw data would replace a right window with a wrong one.
+    """
+    used = used_bytes(store)
+    if max_bytes <= 0 or used <= max_bytes:
+        return BudgetResult(used)
+    pruned = batches = readings = windows = 0
+    with store.tx():
+        while used_bytes(store) > max_bytes and quarantine.free(store, 1):
+            pass  # the oldest bad messages first: a few at a time, then measure again
+        closed = store.get_state(buffer.CLOSED_UNTIL)
+        if keep_raw_after_ns is not None:
+            closed = min(closed, keep_raw_after_ns)
+        while used_bytes(store) > max_bytes:
+            cur = store.conn.execute(
+                "DELETE FROM chunks WHERE id IN (SELECT id FROM chunks WHERE t_max < ? "
+                "ORDER BY t_max LIMIT ?)",
+                (closed, STEP_ROWS),
+            )
+            if cur.rowcount == 0:
+                break
+            pruned += cur.rowcount
+        while used_bytes(store) > max_bytes:
+            rows = store.conn.execute(
+                "SELECT seq, windows, readings FROM outbox ORDER BY seq LIMIT ?", (STEP_ROWS // 8,)
+            ).fetchall()
+            if not rows:
+                break
+            store.conn.executemany("DELETE FROM outbox WHERE seq = ?", [(r[0],) for r in rows])
+            batches += len(rows)
+            windows += sum(int(r[1]) for r in rows)
+            readings += sum(int(r[2]) for r in rows)
+        store.add_counter("budget_pruned_chunks", pruned)
+        store.add_counter("dropped_budget_batches", batches)
+        store.add_counter("dropped_budget_windows", windows)
+        store.add_counter("dropped_budget_readings", readings)
+        used = used_bytes(store)
+        if used > max_bytes:
+            store.add_counter("budget_overruns", 1)
+    if batches:
+        log.warning(
+            "budget: dropped the %d oldest unsent batches (%d readings) to stay within %d bytes",
+            batches,
+            readings,
+            max_bytes,
+        )
+    if used > max_bytes:
+        log.error(
+            "budget: %d bytes in use after dropping all it may; storage.max_bytes=%d is too "
+            "small for the open windows",
+            used,
+            max_bytes,
+        )
+    return BudgetResult(used, pruned, batches, readings)

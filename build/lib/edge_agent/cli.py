@@ -1,0 +1,562 @@
+"""``edge-agent``: run the agent, and the field technician's local commands.
+
+Every command is a thin layer over one library function: it loads the config,
+calls the function, turns its errors into a one-line message and an exit code,
+and prints a table for people or JSON (``--json``) for scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from edge_agent.config import AgentConfig
+from shared.cli import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    config_group,
+    load_or_exit,
+    setup_logging,
+)
+from shared.errors import StorageError
+
+CONFIG_HELP = "TOML config file (see `edge-agent config sample`). Defaults apply without one."
+#: flush: the windows are closed and queued, but not yet acknowledged by the cloud.
+EXIT_PARTIAL = 3
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def config_option(f: F) -> F:
+    return click.option(
+        "-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP
+    )(f)
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
+
+
+def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+#: What reading or writing the buffer can raise; a command turns each into one line.
+BUFFER_ERRORS = (FileNotFoundError, StorageError, sqlite3.Error)
+
+
+def buffer_failed(exc: BaseException, hint: str = "run `edge-agent buffer check`") -> NoReturn:
+    """One line for a buffer that cannot be used; SQLite's own errors mean damage."""
+    if isinstance(exc, sqlite3.Error):
+        fail(f"the buffer cannot be read ({exc}): {hint}")
+    fail(str(exc))
+
+
+def table(rows: Sequence[Sequence[object]], headers: Sequence[str] | None = None) -> None:
+    """Print rows as aligned columns."""
+    cells = [[str(c) for c in r] for r in ([headers] if headers else []) + list(rows)]
+    if not cells:
+        return
+    widths = [max(len(r[i]) for r in cells if i < len(r)) for i in range(len(cells[0]))]
+    for n, r in enumerate(cells):
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
+        if headers and n == 0:
+            click.echo("  ".join("-" * w for w in widths))
+
+
+def age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit} ago"
+    return f"{seconds:.1f} s ago"
+
+
+def when(ns: int | None) -> str:
+    return "-" if not ns else time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ns / 1e9))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Edge agent: store sensor readings durably, window them, forward batches.
+
+    Sensor nodes publish readings to the device's local MQTT broker; the agent
+    stores them in SQLite, closes event-time windows (count, min, max, mean,
+    stddev, first, last per sensor) and forwards compact batches to the cloud
+    broker over MQTT v5, QoS 1, keeping each until the cloud acknowledges it.
+
+    The technician commands (status, sensors, tail, flush, export, buffer,
+    doctor, config) work with no network and whether or not the agent runs.
+
+    Exit codes: 0 ok; 1 failure (or problems found by `buffer check` and
+    `doctor`); 2 bad config or usage; 3 `flush` closed the windows but the cloud
+    has not acknowledged them yet.
+    """
+
+
+@main.command()
+@config_option
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False),
+    help="Create this file once subscribed (for supervisors and scripts to wait on).",
+)
+def run(config_path: str | None, ready_file: str | None) -> None:
+    """Run the agent until SIGTERM or Ctrl-C, then drain the outbox and exit.
+
+    One agent per buffer: a second `run` on the same storage.path exits 2 and
+    names the running one's PID. The read-only commands work beside it.
+    """
+    cfg = load_or_exit(AgentConfig, config_path)
+    setup_logging(cfg.log_level, cfg.log_format)
+    from edge_agent.agent import run_agent  # imports numba: keep other commands fast
+    from edge_agent.lock import BufferBusy
+
+    try:
+        sys.exit(run_agent(cfg, ready_file))
+    except BufferBusy as exc:
+        fail(str(exc), EXIT_CONFIG)
+    except StorageError as exc:
+        fail(str(exc))
+
+
+@main.command()
+@config_option
+@json_option
+def status(config_path: str | None, as_json: bool) -> None:
+    """Running or not, broker links, last ack, backlog, disk use, drops.
+
+    Reads the SQLite buffer directly, so it works with no network and whether
+    or not the agent is running.
+    """
+    from edge_agent.status import read_status
+
+    cfg = load_or_exit(AgentConfig, config_path)
+    try:
+        st = read_status(cfg.storage.path)
+    except BUFFER_ERRORS as exc:
+        buffer_failed(exc)
+    st["max_bytes"] = cfg.storage.max_bytes
+    if as_json:
+        click.echo(json.dumps(st, indent=2, sort_keys=True))
+        return
+    link = {True: "connected", False: "not connected"}
+    budget = f" of {cfg.storage.max_bytes:,}" if cfg.storage.max_bytes else " (no budget)"
+    oldest = st["oldest_unsent_age_s"]
+    agent = "not running"
+    if st["running"]:
+        agent = f"running (pid {st['agent_pid']})"
+        if not st["healthy"]:
+            beat = st["heartbeat_age_s"]
+            agent += f", but no heartbeat for {beat:.0f} s" if beat else ", but no heartbeat yet"
+    errors = f"{st['store_errors']:,}"
+    if st["last_store_error_ns"]:
+        errors += f", the last at {when(st['last_store_error_ns'])}"
+    rows: list[tuple[str, object]] = [
+        ("agent", agent),
+        ("device broker", link[st["intake_connected"]] if st["running"] else "-"),
+        ("cloud broker", link[st["forward_connected"]] if st["running"] else "-"),
+        ("last ack", f"{when(st['last_ack_ns'])} ({age(st['last_ack_age_s'])})"),
+        (
+            "backlog",
+            f"{st['backlog_batches']} batches, {st['backlog_readings']:,} readings, "
+            f"{st['backlog_bytes']:,} bytes",
+        ),
+        ("oldest unsent", "-" if oldest is None else age(oldest).replace(" ago", " old")),
+        ("disk", f"{st['used_bytes']:,} bytes in use{budget}"),
+        ("buffer", st["buffer"]),
+        ("store errors", errors),
+        ("sensors", st["sensors"]),
+        (
+            "quarantined",
+            f"{st['quarantined']:,} messages, {st['quarantine_bytes']:,} bytes kept"
+            + (f", {st['quarantine_dropped']:,} oldest dropped" if st["quarantine_dropped"] else "")
+            + ("  (edge-agent quarantine)" if st["quarantined"] else ""),
+        ),
+        (
+            "open alerts",
+            ", ".join(f"{a['rule']} (since {when(a['since_ns'])})" for a in st["open_alerts"])
+            or "none",
+        ),
+        ("unsent alerts", st["unsent_alerts"]),
+    ]
+    table(rows)
+    drops = st["drops"] or {"(none)": 0}
+    click.echo("\ndrops")
+    table([(f"  {k}", f"{v:,}") for k, v in drops.items()])
+
+
+@main.command()
+@config_option
+@json_option
+@click.option("--windows", default=20, show_default=True, help="Windows in the trend.")
+def sensors(config_path: str | None, as_json: bool, windows: int) -> None:
+    """Every sensor: last value, rate, last seen, and a trend of recent windows."""
+    from edge_agent.sensors import read_sensors
+
+    cfg = load_or_exit(AgentConfig, config_path)
+    try:
+        views = read_sensors(cfg.storage.path, width_ns=cfg.window.width_ns, windows=windows)
+    except BUFFER_ERRORS as exc:
+        buffer_failed(exc)
+    if as_json:
+        click.echo(json.dumps([{**v.__dict__, "sparkline": v.sparkline} for v in views], indent=2))
+        return
+    table(
+        [
+            (
+                f"{v.node}/{v.sensor}",
+                "-" if v.last_value is None else f"{v.last_value:.6g} {v.unit}".strip(),
+                f"{v.rate_hz:.3g} Hz",
+                when(v.last_seen_ns),
+                v.sparkline,
+            )
+            for v in views
+        ],
+        headers=("sensor", "last value", "rate", "last seen", f"trend ({windows} windows)"),
+    )
+
+
+@main.command()
+@config_option
+@click.option("--count", type=int, help="Stop after this many readings.")
+@click.option("--timeout", "timeout_s", type=float, help="Stop after this many seconds.")
+def tail(config_path: str | None, count: int | None, timeout_s: float | None) -> None:
+    """Print readings live as the sensor nodes publish them (Ctrl-C stops).
+
+    Listens on the device broker beside the agent; the agent still gets every reading.
+    """
+    from edge_agent.tail import tail as tail_readings
+
+    cfg = load_or_exit(AgentConfig, config_path)
+    seen = 0
+    try:
+        where = f"{cfg.intake.broker.host}:{cfg.intake.broker.port}"
+
+        def listening() -> None:
+            click.echo(f"listening on {where} (Ctrl-C stops)", err=True)
+
+        for item in tail_readings(cfg, timeout_s=timeout_s, on_subscribed=listening):
+            if isinstance(item, Exception):
+                click.echo(f"bad message: {item}", err=True)
+                continue
+            ts = time.strftime("%H:%M:%S", time.gmtime(item.ts_ns / 1e9))
+            frac = f"{item.ts_ns % 10**9 / 1e9:.3f}"[1:]
+            click.echo(f"{ts}{frac}  {item.node}/{item.sensor}  {item.value!r} {item.unit}")
+            seen += 1
+            if count is not None and seen >= count:
+                break
+    except (ConnectionError, OSError) as exc:
+        fail(f"cannot reach the device broker: {exc}")
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@config_option
+@click.option(
+    "--timeout",
+    "timeout_s",
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the cloud to acknowledge the flushed windows.",
+)
+def flush(config_path: str | None, timeout_s: float) -> None:
+    """Send every open window now, and wait for the cloud's acks.
+
+    With the agent running, it closes the windows at its next tick and this
+    waits for the cloud to acknowledge them (exit 3 if it has not within
+    --timeout). With the agent stopped, the windows are closed into the outbox
+    here and are sent at the next start (exit 3).
+
+    Only readings the agent has stored are in the flushed windows: readings
+    that the device broker still holds for the agent (after an outage, say),
+    and readings stamped later inside those windows, are sent as one revision
+    of each window when the window would have closed by itself.
+    """
+    from edge_agent import control, outbox
+    from edge_agent.lock import BufferLock
+    from edge_agent.store import Store
+
+    cfg = load_or_exit(AgentConfig, config_path)
+    lock = BufferLock(cfg.storage.path, "cannot flush")
+    try:
+        lock.try_acquire()  # taken: no agent runs on this buffer; else ask the agent
+        store = Store(cfg.storage.path, synchronous=cfg.storage.synchronous)
+    except StorageError as exc:
+        lock.release()
+        fail(str(exc))
+    try:
+        if lock.held:
+            seqs = control.flush_here(store, cfg)
+            click.echo(
+                f"agent not running: closed {len(seqs)} batches into the outbox; "
+                "they are sent when the agent starts"
+            )
+            sys.exit(EXIT_PARTIAL)
+        req = control.request_flush(store)
+        deadline = time.monotonic() + timeout_s
+        with click.progressbar(length=100, label="flushing", file=sys.stderr) as bar:
+            while control.pending_flush(store) == req and time.monotonic() < deadline:
+                time.sleep(0.1)  # the agent picks the request up on its next tick
+            bar.update(30)
+            last_seq = store.get_state(outbox.NEXT_SEQ, 1) - 1
+
+            def unacked() -> int:
+                return int(
+                    store.conn.execute(
+                        "SELECT count(*) FROM outbox WHERE seq <= ?", (last_seq,)
+                    ).fetchone()[0]
+                )
+
+            left = unacked()
+            while left and time.monotonic() < deadline:
+                time.sleep(0.2)  # the forwarder sends; the cloud acks
+                left = unacked()
+            bar.update(70)
+        if control.pending_flush(store) == req:
+            fail(f"the agent did not pick up the flush within {timeout_s:g} s", EXIT_PARTIAL)
+        if left:
+            click.echo(f"flushed; {left} batches still wait for the cloud's ack")
+            sys.exit(EXIT_PARTIAL)
+        click.echo("flushed; every batch is acknowledged by the cloud")
+    finally:
+        store.close()
+        lock.release()
+
+
+@main.command()
+@config_option
+@click.option("--since", required=True, help="Start, ISO 8601 (UTC) or ns since the epoch.")
+@click.option("--until", required=True, help="End (exclusive), same forms.")
+@click.option(
+    "--kind",
+    type=click.Choice(["raw", "windows"]),
+    default="windows",
+    show_default=True,
+    help="Raw readings, or windows computed from them.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "parquet"]),
+    default="csv",
+    show_default=True,
+    help="Output format (parquet needs pyarrow).",
+)
+@click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False), help="File to write."
+)
+def export(
+    config_path: str | None, since: str, until: str, kind: str, fmt: str, output: str
+) -> None:
+    """Export a time range of raw readings or windows to CSV or Parquet."""
+    from edge_agent.export import ExportError, parse_time
+    from edge_agent.export import export as do_export
+
+    cfg = load_or_exit(AgentConfig, config_path)
+    try:
+        a, b = parse_time(since), parse_time(until)
+        with click.progressbar(
+            length=max(1, b - a), label=f"exporting {kind}", file=sys.stderr
+        ) as bar:
+            rows = do_export(
+                cfg.storage.path,
+                output,
+                "raw" if kind == "raw" else "windows",
+                a,
+                b,
+                width_ns=cfg.window.width_ns,
+                fmt="parquet" if fmt == "parquet" else "csv",
+                progress=bar.update,
+            )
+    except ExportError as exc:
+        fail(str(exc))
+    except BUFFER_ERRORS as exc:
+        buffer_failed(exc)
+    except OSError as exc:  # writing the output (a full disk)
+        fail(f"cannot write {output}: {exc.strerror or exc}")
+    click.echo(f"wrote {rows:,} rows to {output}")
+
+
+@main.command("quarantine")
+@config_option
+@json_option
+@click.option("--limit", default=20, show_default=True, help="Entries to list, newest first.")
+@click.option("--reason", help="Only entries with this reason (e.g. bad-json).")
+@click.option(
+    "--payload",
+    "payload_id",
+    type=int,
+    help="Write this entry's payload (its first 64 KiB) to stdout, as received.",
+)
+def quarantine_cmd(
+    config_path: str | None,
+    as_json: bool,
+    limit: int,
+    reason: str | None,
+    payload_id: int | None,
+) -> None:
+    """What the sensor nodes sent that is not valid readings, and why.
+
+    Lists the newest quarantined messages (time, topic, reason, size) and a count
+    per reason. The quarantine keeps at most storage.quarantine_max_bytes of
+    payload for storage.quarantine_max_age_s; older entries are dropped and
+    counted. Reads the buffer directly: works with the agent running or not.
+    """
+    from edge_agent import quarantine
+    from edge_agent.status import open_readonly
+
+    cfg = load_or_exit(AgentConfig, config_path)
+    try:
+        store = open_readonly(cfg.storage.path)
+    except BUFFER_ERRORS as exc:
+        buffer_failed(exc)
+    try:
+        if payload_id is not None:
+            data = quarantine.payload(store, payload_id)
+            if data is None:
+                fail(f"no quarantine entry {payload_id}")
+            sys.stdout.buffer.write(data or b"")
+            return
+        items = quarantine.entries(store, limit, reason)
+        counts = quarantine.by_reason(store)
+        dropped = store.counters().get(quarantine.DROPPED, 0)
+    finally:
+        store.close()
+    if as_json:
+        out = {
+            "by_reason": counts,
+            "dropped": dropped,
+            "entries": [e.__dict__ for e in items],
+        }
+        click.echo(json.dumps(out, indent=2))
+        return
+    if not counts:
+        click.echo(
+            "nothing quarantined" + (f" ({dropped:,} old entries dropped)" if dropped else "")
+        )
+        return
+    table(
+        [
+            (e.id, when(e.received_ns), e.topic, e.reason, f"{e.bytes:,}", e.message[:80])
+            for e in items
+        ],
+        headers=("id", "received", "topic", "reason", "bytes", "why"),
+    )
+    click.echo("")
+    table([(f"  {r}", f"{n:,}") for r, n in counts.items()], headers=("by reason", "entries"))
+    if dropped:
+        click.echo(f"{dropped:,} older entries were dropped (storage.quarantine_max_*)")
+
+
+@main.group()
+def buffer() -> None:
+    """Check the SQLite buffer's integrity, or repair it."""
+
+
+@buffer.command("check")
+@config_option
+@json_option
+def buffer_check(config_path: str | None, as_json: bool) -> None:
+    """Check the buffer: SQLite integrity and the agent's own invariants (exit 1 on problems)."""
+    from edge_agent.repair import check
+
+    cfg = load_or_exit(AgentConfig, config_path)
+    try:
+        rep = check(cfg.storage.path)
+    except BUFFER_ERRORS as exc:
+        buffer_failed(exc, "run `edge-agent buffer repair` with the agent stopped")
+    if as_json:
+        click.echo(json.dumps({"ok": rep.ok, "problems": rep.problems, "rows": rep.rows}, indent=2))
+    else:
+        table(sorted(rep.rows.items()), headers=("table", "readable rows"))
+        for p in rep.problems[:50]:
+            click.echo(f"problem: {p}")
+        click.echo(
+            "ok"
+            if rep.ok
+            else f"{len(rep.problems)} problems: run `edge-agent buffer "
+            "repair` with the agent stopped"
+        )
+    sys.exit(EXIT_OK if rep.ok else EXIT_FAILURE)
+
+
+@buffer.command("repair")
+@config_option
+@json_option
+def buffer_repair(config_path: str | None, as_json: bool) -> None:
+    """Rebuild the buffer from every readable row; the damaged file is kept beside it.
+
+    The agent must be stopped. The report gives, per table, the rows the file
+    had (by its own count), the rows kept, and the rows that could not be kept:
+    dropped (unreadable or invalid, with the reasons) and missing (on pages that
+    could not be read at all).
+    """
+    from edge_agent.repair import repair
+
+    cfg = load_or_exit(AgentConfig, config_path)
+    try:
+        with click.progressbar(length=0, label="repairing", file=sys.stderr) as bar:
+            rep = repair(cfg.storage.path, progress=bar.update)
+    except BUFFER_ERRORS as exc:
+        buffer_failed(exc)
+    if as_json:
+        click.echo(json.dumps(rep.to_json(), indent=2))
+        return
+    table(
+        [
+            (
+                t,
+                "?" if r.counted is None else r.counted,
+                r.kept,
+                r.dropped,
+                "?" if r.missing is None else r.missing,
+            )
+            for t, r in rep.tables.items()
+        ],
+        headers=("table", "rows counted", "kept", "dropped", "missing"),
+    )
+    for t, r in rep.tables.items():
+        for reason, n in sorted(r.reasons.items()):
+            click.echo(f"{t}: {n} dropped: {reason}")
+    lost = sum(rep.lost.values())
+    if any(r.counted is None for r in rep.tables.values()):
+        click.echo(
+            f"{lost} rows could not be kept, and the file's own row counts were unreadable: "
+            "rows on pages that could not be read at all are not in that number"
+        )
+    else:
+        click.echo(f"{lost} rows could not be kept" if lost else "every row was kept")
+    click.echo(f"damaged file kept as {rep.damaged_copy}")
+
+
+@main.command()
+@config_option
+@json_option
+def doctor(config_path: str | None, as_json: bool) -> None:
+    """Check brokers, TLS, clock, disk, buffer and config, each with a fix hint."""
+    from edge_agent.doctor import run_checks
+
+    cfg = load_or_exit(AgentConfig, config_path)
+    checks = run_checks(cfg, config_path)
+    if as_json:
+        click.echo(json.dumps([c.__dict__ for c in checks], indent=2))
+    else:
+        table([(c.level.upper(), c.name, c.detail) for c in checks], headers=("", "check", "found"))
+        for c in checks:
+            if c.hint and c.level != "ok":
+                click.echo(f"{c.name}: {c.hint}")
+    sys.exit(EXIT_FAILURE if any(c.level == "fail" for c in checks) else EXIT_OK)
+
+
+main.add_command(config_group(AgentConfig, "edge_agent"))

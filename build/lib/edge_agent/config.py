@@ -1,0 +1,202 @@
+"""The edge agent's typed config; the field defaults below are the defaults.
+
+``edge_agent/sample.toml`` documents every key; a test checks that it loads and
+lists every key that exists here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from edge_agent.alerts import AlertRule
+from shared import backoff
+from shared.auth import AuthConfig, read_key
+from shared.config import Invalid, port, positive
+from shared.tls import TlsConfig, require_tls
+from shared.topics import DEFAULT_BATCH_PREFIX, DEFAULT_SENSOR_PREFIX, is_valid_id
+from shared.wire import WindowSpec
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = ""
+    keepalive_s: int = 30
+    session_expiry_s: int = 7 * 24 * 3600
+    reconnect_min_s: float = backoff.DEFAULT_MIN_S
+    reconnect_max_s: float = backoff.DEFAULT_MAX_S
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    #: the cloud link ([forward.broker]) refuses plain MQTT to another machine
+    #: unless this is true; the device broker ([intake.broker]) ignores it
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        port("port", self.port)
+        positive("keepalive_s", self.keepalive_s)
+        if self.session_expiry_s < 0:
+            raise Invalid("session_expiry_s", "must be >= 0")
+        backoff.check(self.reconnect_min_s, self.reconnect_max_s)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    path: str = "edge-agent.sqlite"
+    synchronous: Literal["full", "normal"] = "full"
+    raw_retention_s: float = 24 * 3600.0
+    group_commit_max: int = 16
+    group_commit_ms: float = 20.0
+    max_bytes: int = 1 << 30
+    quarantine_max_bytes: int = 8 << 20
+    quarantine_max_age_s: float = 7 * 24 * 3600.0
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise Invalid("path", "must not be empty")
+        if self.raw_retention_s < 0:
+            raise Invalid("raw_retention_s", "must be >= 0")
+        positive("group_commit_max", self.group_commit_max)
+        if self.group_commit_ms < 0:
+            raise Invalid("group_commit_ms", "must be >= 0")
+        if self.max_bytes != 0 and self.max_bytes < 1 << 20:
+            raise Invalid("max_bytes", "must be 0 (no budget) or at least 1048576 (1 MiB)")
+        if self.quarantine_max_bytes < 0:
+            raise Invalid("quarantine_max_bytes", "must be >= 0 (0 = no cap of its own)")
+        if self.quarantine_max_age_s < 0:
+            raise Invalid("quarantine_max_age_s", "must be >= 0 (0 = kept until the cap)")
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    width_s: float = 10.0
+    lateness_s: float = 2.0
+    max_future_s: float = 300.0
+    max_age_s: float = 3600.0
+    hop_s: float = 0.0
+    flush_on_shutdown: bool = False
+    sketches: bool = True
+
+    def __post_init__(self) -> None:
+        positive("width_s", self.width_s)
+        if self.width_s * 1e9 != int(self.width_s * 1e9):
+            raise Invalid("width_s", "must be a whole number of nanoseconds")
+        if self.lateness_s < 0:
+            raise Invalid("lateness_s", "must be >= 0")
+        if self.max_future_s < 0:
+            raise Invalid("max_future_s", "must be >= 0")
+        if self.max_age_s < 0:
+            raise Invalid("max_age_s", "must be >= 0 (0 = drop late readings, no revisions)")
+        if self.hop_s < 0:
+            raise Invalid("hop_s", "must be >= 0 (0 = tumbling windows)")
+        if self.hop_s:
+            if self.width_ns % round(self.hop_s * 1e9) or self.hop_s > self.width_s:
+                raise Invalid("hop_s", "must divide width_s (e.g. width 60, hop 10)")
+            if self.max_age_s < self.width_s:
+                raise Invalid(
+                    "max_age_s",
+                    "hopping windows need max_age_s >= width_s: a late "
+                    "reading can belong to closed and open windows at once",
+                )
+
+    @property
+    def width_ns(self) -> int:
+        return round(self.width_s * 1e9)
+
+    @property
+    def hop_ns(self) -> int:
+        """Distance between window starts (= width for tumbling windows)."""
+        return round(self.hop_s * 1e9) if self.hop_s else self.width_ns
+
+    @property
+    def spec(self) -> WindowSpec:
+        if self.hop_s and self.hop_ns != self.width_ns:
+            return WindowSpec("hopping", self.width_ns, self.hop_ns)
+        return WindowSpec("tumbling", self.width_ns)
+
+    @property
+    def max_age_ns(self) -> int:
+        return round(self.max_age_s * 1e9)
+
+    @property
+    def max_future_ns(self) -> int:
+        return round(self.max_future_s * 1e9)
+
+    @property
+    def lateness_ns(self) -> int:
+        return round(self.lateness_s * 1e9)
+
+
+@dataclass(frozen=True)
+class IntakeConfig:
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    topic_prefix: str = DEFAULT_SENSOR_PREFIX
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    topic_prefix: str = DEFAULT_BATCH_PREFIX
+    max_in_flight: int = 16
+    max_windows_per_batch: int = 5000
+    message_expiry_s: int = 0
+    drain_timeout_s: float = 10.0
+    end_to_end_ack: bool = True
+    live_window_s: float = 60.0
+    backfill_bytes_per_s: int = 0
+    ack_timeout_s: float = 30.0
+    max_backoff_s: float = 600.0
+    #: this device's ack key (hex; `cloud-ingest device-key`): then only acks that
+    #: verify are acted on
+    ack_key_file: str = ""
+    ack_key_env: str = ""
+
+    def __post_init__(self) -> None:
+        positive("max_in_flight", self.max_in_flight)
+        read_key("ack_key", self.ack_key_file, self.ack_key_env)
+        try:
+            require_tls(self.broker.host, self.broker.tls, self.broker.insecure)
+        except Invalid as exc:
+            raise Invalid(f"broker.{exc.key}", exc.message) from None
+        positive("max_windows_per_batch", self.max_windows_per_batch)
+        if self.max_windows_per_batch > 65535:
+            raise Invalid("max_windows_per_batch", "must be <= 65535")
+        if self.message_expiry_s < 0:
+            raise Invalid("message_expiry_s", "must be >= 0 (0 = never expires)")
+        if self.drain_timeout_s < 0:
+            raise Invalid("drain_timeout_s", "must be >= 0")
+        positive("ack_timeout_s", self.ack_timeout_s)
+        if self.live_window_s < 0:
+            raise Invalid("live_window_s", "must be >= 0")
+        if self.backfill_bytes_per_s < 0:
+            raise Invalid("backfill_bytes_per_s", "must be >= 0 (0 = no cap)")
+        if self.max_backoff_s < self.ack_timeout_s:
+            raise Invalid("max_backoff_s", "must be >= ack_timeout_s")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str = "device-1"
+    tick_s: float = 0.2
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    intake: IntakeConfig = field(default_factory=IntakeConfig)
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
+    alerts: tuple[AlertRule, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not is_valid_id(self.device_id):
+            raise Invalid("device_id", "must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        positive("tick_s", self.tick_s)
+        names = [r.name for r in self.alerts]
+        if len(set(names)) != len(names):
+            raise Invalid("alerts", "rule names must be unique")
+        if self.window.max_age_s > self.storage.raw_retention_s:
+            raise Invalid(
+                "window.max_age_s",
+                "must be <= storage.raw_retention_s: a revision "
+                "is computed from the raw readings, which must still be there",
+            )

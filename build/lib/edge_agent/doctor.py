@@ -1,0 +1,276 @@
+"""``edge-agent doctor``: is this device in a state to deliver its data? Each check
+says ok, warn or fail, what it found, and how to fix it."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent import budget, buffer
+from edge_agent.config import AgentConfig, BrokerConfig
+from edge_agent.status import open_readonly
+from edge_agent.store import LAST_STORE_ERROR, STORE_ERRORS
+from shared.auth import apply_paho
+from shared.errors import StorageError
+from shared.tls import server_certificate_expiry, ssl_context
+
+Level = Literal["ok", "warn", "fail"]
+#: The project's first release: a clock before it is certainly wrong.
+EARLIEST_SANE = 1_767_225_600  # 2026-01-01T00:00:00Z
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    level: Level
+    detail: str
+    hint: str = ""
+
+
+def check_broker(name: str, cfg: BrokerConfig, timeout_s: float = 3.0) -> Check:
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv5
+    )
+    where = f"{cfg.host}:{cfg.port}"
+    if cfg.tls.enabled:
+        # Handshake on our own socket first: paho leaks its socket when TLS fails.
+        try:
+            server_certificate_expiry(cfg.host, cfg.port, cfg.tls, timeout_s)
+        except (OSError, ssl.SSLError) as exc:
+            return Check(
+                name,
+                "fail",
+                f"{where}: TLS: {exc}",
+                f"check [{name}.tls] ca_file, and that {where} is the TLS port",
+            )
+    ctx = ssl_context(cfg.tls)
+    if ctx is not None:
+        client.tls_set_context(ctx)
+    apply_paho(client, cfg.auth)
+    refused: list[str] = []  # the CONNACK's reason, when the broker says no
+
+    def on_connect(_c: object, _u: object, _f: object, reason: Any, _p: object) -> None:
+        if getattr(reason, "is_failure", False):
+            refused.append(str(reason))
+
+    client.on_connect = on_connect
+    try:
+        client.connect(cfg.host, cfg.port, keepalive=10)
+        client.loop_start()
+        deadline = time.monotonic() + timeout_s
+        while not client.is_connected() and not refused and time.monotonic() < deadline:
+            time.sleep(0.02)  # polling paho's state, with a deadline
+        ok = client.is_connected()
+    except OSError as exc:
+        return Check(
+            name,
+            "fail",
+            f"{where}: {exc.strerror or exc}",
+            f"is the broker running and listening on {where}? check [{name}] host/port",
+        )
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    if refused:
+        return Check(
+            name,
+            "fail",
+            f"{where}: refused: {refused[0]}",
+            f"check [{name}.auth] username and password, or [{name}.tls] client certificate",
+        )
+    if not ok:
+        return Check(
+            name,
+            "fail",
+            f"{where}: no CONNACK within {timeout_s:g} s",
+            "the port answers but not as an MQTT broker, or refuses this client",
+        )
+    return Check(name, "ok", f"{where}: MQTT v5 connect ok")
+
+
+def check_tls(cfg: BrokerConfig, now_s: float | None = None) -> Check:
+    """The cloud broker's certificate: trusted, and how long until it expires."""
+    if not cfg.tls.enabled:
+        return Check(
+            "tls certificate",
+            "warn",
+            "TLS is off: MQTT to the cloud is plain text"
+            + (" (insecure = true)" if cfg.insecure else ""),
+            "set [forward.broker.tls] ca_file (and use the broker's TLS port)",
+        )
+    now_s = time.time() if now_s is None else now_s
+    try:
+        expires = server_certificate_expiry(cfg.host, cfg.port, cfg.tls)
+    except (OSError, ssl.SSLError) as exc:
+        return Check(
+            "tls certificate",
+            "fail",
+            f"{cfg.host}:{cfg.port}: {exc}",
+            "check ca_file against the broker's certificate chain and host name",
+        )
+    days = (expires - now_s) / 86400
+    stamp = time.strftime("%Y-%m-%d", time.gmtime(expires))
+    if days < 0:
+        return Check(
+            "tls certificate",
+            "fail",
+            f"the broker's certificate expired on {stamp}",
+            "renew the broker's certificate",
+        )
+    if days < 30:
+        return Check(
+            "tls certificate",
+            "warn",
+            f"expires in {days:.0f} days ({stamp})",
+            "renew the broker's certificate soon",
+        )
+    return Check("tls certificate", "ok", f"trusted, expires in {days:.0f} days ({stamp})")
+
+
+def check_clock(cfg: AgentConfig, now_s: float | None = None) -> list[Check]:
+    now_s = time.time() if now_s is None else now_s
+    out = []
+    if now_s < EARLIEST_SANE:
+        out.append(
+            Check(
+                "clock",
+                "fail",
+                f"system time {time.ctime(now_s)} is before 2026",
+                "the RTC battery may be flat; enable NTP (timedatectl set-ntp true)",
+            )
+        )
+    else:
+        out.append(
+            Check(
+                "clock",
+                "ok",
+                f"system time {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(now_s))}",
+            )
+        )
+    if shutil.which("timedatectl"):
+        res = subprocess.run(
+            ["timedatectl", "show", "-p", "NTPSynchronized", "--value"],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=5,
+        )
+        if res.returncode == 0 and res.stdout.strip() == "no":
+            out.append(
+                Check(
+                    "ntp",
+                    "warn",
+                    "the clock is not NTP-synchronised",
+                    "timedatectl set-ntp true, and check that UDP 123 is reachable",
+                )
+            )
+        elif res.returncode == 0:
+            out.append(Check("ntp", "ok", "NTP synchronised"))
+    if Path(cfg.storage.path).exists():
+        try:
+            store = open_readonly(cfg.storage.path)
+            max_ts = store.get_state(buffer.MAX_TS)
+            store.close()
+        except StorageError:
+            max_ts = 0
+        if max_ts and max_ts / 1e9 > now_s + cfg.window.max_future_s:
+            out.append(
+                Check(
+                    "event clock",
+                    "fail",
+                    f"newest reading is {max_ts / 1e9 - now_s:.0f} s ahead of this clock",
+                    "a sensor node or this device has a wrong clock; fix it, then "
+                    "readings will stop being dropped as dropped_future",
+                )
+            )
+    return out
+
+
+#: Store errors this recent make ``doctor`` warn.
+RECENT_STORE_ERROR_S = 3600.0
+
+
+def check_disk(cfg: AgentConfig) -> list[Check]:
+    path = Path(cfg.storage.path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.exists():
+        return [
+            Check(
+                "disk",
+                "fail",
+                f"folder {folder} does not exist",
+                "create it, or point storage.path elsewhere",
+            )
+        ]
+    usage = shutil.disk_usage(folder)
+    used = 0
+    out = []
+    if path.exists():
+        try:
+            store = open_readonly(path)
+            used = budget.used_bytes(store)
+            quick = store.conn.execute("PRAGMA quick_check").fetchone()[0]
+            errors = store.counters().get(STORE_ERRORS, 0)
+            last_error_ns = store.get_state(LAST_STORE_ERROR)
+            store.close()
+            age_s = time.time() - last_error_ns / 1e9
+            if last_error_ns and age_s < RECENT_STORE_ERROR_S:
+                out.append(
+                    Check(
+                        "buffer writes",
+                        "warn",
+                        f"{errors:,} failed transactions, the last {age_s / 60:.0f} min ago",
+                        "free space on the SD card (df -h), check the kernel log for I/O "
+                        "errors (dmesg); the agent retries on its own meanwhile",
+                    )
+                )
+            out.append(
+                Check(
+                    "buffer",
+                    "ok" if quick == "ok" else "fail",
+                    f"{path}: quick_check {quick}",
+                    ""
+                    if quick == "ok"
+                    else "run: edge-agent buffer check, then buffer repair with the agent stopped",
+                )
+            )
+        except StorageError as exc:
+            out.append(Check("buffer", "fail", str(exc), "run: edge-agent buffer repair"))
+    need = max(0, cfg.storage.max_bytes - used) if cfg.storage.max_bytes else 0
+    free = usage.free
+    if cfg.storage.max_bytes and free < need:
+        out.append(
+            Check(
+                "disk",
+                "fail",
+                f"{free:,} bytes free on {folder}, the budget may still grow by {need:,}",
+                "lower storage.max_bytes or free space: the agent must not fill the disk",
+            )
+        )
+    elif free < 100 << 20:
+        out.append(
+            Check(
+                "disk", "warn", f"only {free:,} bytes free on {folder}", "free space on the SD card"
+            )
+        )
+    else:
+        out.append(Check("disk", "ok", f"{free:,} bytes free on {folder}"))
+    return out
+
+
+def run_checks(cfg: AgentConfig, config_path: str | None) -> list[Check]:
+    checks = [Check("config", "ok", f"{config_path or 'defaults'}: valid")]
+    checks.append(check_broker("intake.broker", cfg.intake.broker))
+    checks.append(check_broker("forward.broker", cfg.forward.broker))
+    checks.append(check_tls(cfg.forward.broker))
+    checks += check_clock(cfg)
+    checks += check_disk(cfg)
+    return checks

@@ -1,0 +1,231 @@
+"""Forwarder: outbox batches to the cloud broker over MQTT v5, QoS 1, until the cloud acks.
+
+At most ``max_in_flight`` batches await a PUBACK at once; the oldest due seq
+goes first (see :mod:`edge_agent.outbox` for the states and the resend
+backoff). The same connection subscribes to ``<prefix>/<device_id>/ack``, where
+cloud ingest says that a batch is stored (InfluxDB and the archive) or rejected.
+After a reconnect, every batch still in flight is published again; duplicates
+are harmless because the cloud is idempotent on (device_id, seq).
+
+Each message carries MQTT v5 properties instead of envelope fields: content
+type, payload format indicator 0 (binary), an optional message expiry, and the
+user properties ``seq`` and ``schema``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from edge_agent import outbox
+from edge_agent.config import AgentConfig
+from edge_agent.mqtt import connect_async, make_client
+from edge_agent.store import Store
+from shared.acks import CONTENT_TYPE as ALERT_CONTENT_TYPE
+from shared.acks import decode_ack
+from shared.auth import read_key
+from shared.errors import WireError
+from shared.mqttprops import publish_properties
+from shared.topics import ack_topic, alert_topic, batch_topic
+from shared.wire import CONTENT_TYPE, FORMAT_VERSION
+
+log = logging.getLogger("edge_agent.forward")
+
+
+class Forwarder:
+    def __init__(self, cfg: AgentConfig, store: Store, client: mqtt.Client | None = None) -> None:
+        """``client``: a paho client to use instead of a new one (tests inject a fake)."""
+        self.cfg = cfg
+        self.store = store
+        self.topic = batch_topic(cfg.device_id, cfg.forward.topic_prefix)
+        self.connected = threading.Event()
+        # paho's network thread only puts events here; all bookkeeping happens in
+        # pump() on the agent's thread, so no lock is shared with paho's callbacks.
+        self._events: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
+        self._rng = random.Random()
+        self._tokens = 0.0  # backfill byte budget
+        self._refilled_ns = 0
+        self.ack_topic = ack_topic(cfg.device_id, cfg.forward.topic_prefix)
+        self.alert_topic = alert_topic(cfg.device_id, cfg.forward.topic_prefix)
+        self._in_flight: dict[int, int] = {}  # mid -> seq
+        # acts only on acks that verify under this key, if set (shared/acks.py)
+        self._ack_key = read_key("ack_key", cfg.forward.ack_key_file, cfg.forward.ack_key_env)
+        client_id = cfg.forward.broker.client_id or f"edge-agent-{cfg.device_id}-forward"
+        self.client = client or make_client(cfg.forward.broker, client_id)
+        self.client.max_inflight_messages_set(cfg.forward.max_in_flight)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_message
+
+    def start(self) -> None:
+        connect_async(self.client, self.cfg.forward.broker)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            log.warning("forward: connect refused: %s", rc)
+            return
+        self.client.subscribe(self.ack_topic, qos=1)
+        self._events.put(("connected", 0))  # pump() republishes what is still pending
+        self.connected.set()
+        log.info(
+            "forward: connected to %s:%s",
+            self.cfg.forward.broker.host,
+            self.cfg.forward.broker.port,
+        )
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        self.connected.clear()
+        log.warning("forward: disconnected (%s); paho reconnects", rc)
+
+    def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            log.warning("forward: broker refused mid %d: %s", mid, rc)
+            self._events.put(("refused", mid))  # stays pending; published again
+            return
+        self._events.put(("puback", mid))
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            ack = decode_ack(bytes(msg.payload))
+        except WireError as exc:
+            log.warning("forward: ignoring a bad ack on %s: %s", msg.topic, exc)
+            self._events.put(("bad-ack", 0))
+            return
+        key = self._ack_key
+        if key is not None and not ack.verify(self.cfg.device_id, key):
+            log.warning(
+                "forward: ignoring an ack for seq %d that does not verify (%s); the batch "
+                "is kept and sent again",
+                ack.seq,
+                "no mac" if not ack.mac else "wrong mac",
+            )
+            self._events.put(("unverified", ack.seq))
+            return
+        if ack.status == "rejected":
+            log.error("forward: the cloud rejected batch %d: %s", ack.seq, ack.reason)
+        self._events.put(("stored" if ack.status == "stored" else "rejected", ack.seq))
+
+    def pump(self) -> int:
+        """Apply PUBACKs and acks, then publish due batches; returns batches newly acked."""
+        f = self.cfg.forward
+        broker_acked: list[int] = []
+        verdicts: list[tuple[int, bool]] = []
+        bad_acks = unverified = 0
+        while True:
+            try:
+                kind, num = self._events.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "connected":
+                self._in_flight.clear()
+            elif kind in ("puback", "refused"):
+                seq = self._in_flight.pop(num, None)
+                if seq is not None and kind == "puback":
+                    broker_acked.append(seq)
+            elif kind in ("stored", "rejected"):
+                verdicts.append((num, kind == "stored"))
+            elif kind == "unverified":
+                unverified += 1
+            else:
+                bad_acks += 1
+        if f.end_to_end_ack:
+            outbox.mark_sent(
+                self.store,
+                broker_acked,
+                timeout_s=f.ack_timeout_s,
+                max_backoff_s=f.max_backoff_s,
+                rng=self._rng,
+            )
+        else:
+            verdicts += [(seq, True) for seq in broker_acked]
+        done = sum(outbox.acknowledge(self.store, seq, stored=ok) for seq, ok in verdicts)
+        if bad_acks or unverified:
+            with self.store.tx():
+                if bad_acks:
+                    self.store.add_counter("acks_invalid", bad_acks)
+                if unverified:
+                    self.store.add_counter("acks_unverified", unverified)
+        if self.connected.is_set():
+            self._publish_due()
+        return done
+
+    def _publish_due(self) -> None:
+        f = self.cfg.forward
+        room = f.max_in_flight - len(self._in_flight)
+        if room <= 0:
+            return
+        busy = set(self._in_flight.values())
+        now = time.time_ns()
+        live_since = now - int(f.live_window_s * 1e9)
+        self._refill(now)
+        for item in outbox.due(
+            self.store, room, exclude=busy, now_ns=now, live_since_ns=live_since
+        ):
+            if not item.intact:
+                log.error(
+                    "forward: %s seq %d is damaged on disk (its checksum does not match); "
+                    "dropped, counted as dropped_damaged_*",
+                    "alert" if item.alert else "batch",
+                    item.seq,
+                )
+                outbox.drop_damaged(self.store, item)
+                continue
+            if not item.live and f.backfill_bytes_per_s:
+                if self._tokens < min(len(item.payload), f.backfill_bytes_per_s):
+                    return  # the backfill waits for its byte budget; live batches went first
+                self._tokens -= len(item.payload)  # may go negative: paid back over time
+            info = self.client.publish(
+                self.alert_topic if item.alert else self.topic,
+                item.payload,
+                qos=1,
+                properties=publish_properties(
+                    ALERT_CONTENT_TYPE if item.alert else CONTENT_TYPE,
+                    [("seq", str(item.seq)), ("schema", str(FORMAT_VERSION))],
+                    self.cfg.forward.message_expiry_s,
+                ),
+            )
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                log.warning(
+                    "forward: publish of seq %d failed: %s", item.seq, mqtt.error_string(info.rc)
+                )
+                return
+            self._in_flight[info.mid] = item.seq
+
+    def _refill(self, now_ns: int) -> None:
+        """Token bucket for the backfill: ``backfill_bytes_per_s``, bursts up to one second."""
+        rate = self.cfg.forward.backfill_bytes_per_s
+        if rate:
+            elapsed = (now_ns - self._refilled_ns) / 1e9 if self._refilled_ns else 1.0
+            self._tokens = min(float(rate), self._tokens + elapsed * rate)
+        self._refilled_ns = now_ns
+
+    def idle(self) -> bool:
+        """True when nothing is in flight and nothing waits for the broker (or, with
+        end-to-end acks, for the cloud)."""
+        if self._in_flight or not self._events.empty():
+            return False
+        if self.cfg.forward.end_to_end_ack:
+            return outbox.count_unacked(self.store) == 0
+        return outbox.count_pending(self.store) == 0
+
+    def drain(self, timeout_s: float) -> bool:
+        """Publish until the outbox has nothing pending, or ``timeout_s`` passes."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.pump()
+            if self.idle():
+                return True
+            time.sleep(0.05)
+        self.pump()
+        return self.idle()

@@ -1,0 +1,275 @@
+"""Intake: readings from the sensor nodes' local broker into the durable buffer.
+
+Subscribes to ``<prefix>/+/+`` at QoS 1 with a persistent session, so the broker
+keeps readings while the agent is down. Acknowledgement is manual: messages are
+committed to SQLite in groups (``storage.group_commit_max`` per transaction, one
+fsync) and each PUBACK goes to the broker only after its group's commit, in
+arrival order, so a reading the broker saw acknowledged is on disk. A message
+that cannot be parsed is stored in the ``quarantine`` table with its reason, in
+its place in the group, counted, and acknowledged (resending it cannot fix it).
+
+When the file cannot take a group (a full disk, an I/O error), nothing of it is
+acknowledged and nothing of it is forgotten: the group stays in hand, later
+messages queue behind it, and the commit is tried again with a backoff (up to
+``RETRY_MAX_S``) until it succeeds; the failures are counted (``store_errors``).
+A group that fails for any other reason is stored message by message, and a
+message that still fails is quarantined as ``store-failed``, so one bad message
+cannot stop intake.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from edge_agent import alerts, buffer, quarantine
+from edge_agent.alerts import AlertEngine
+from edge_agent.config import AgentConfig
+from edge_agent.mqtt import connect_async, make_client
+from edge_agent.store import Store
+from shared.errors import StorageError, WireError
+from shared.readings import ReadingChunk, decode_chunk
+from shared.topics import sensor_filter
+
+log = logging.getLogger("edge_agent.intake")
+
+#: Messages held while the file cannot take them. QoS 1 messages are bounded by
+#: the broker's in-flight limit for the agent's session (they are not acknowledged);
+#: QoS 0 messages beyond this are dropped and counted as ``dropped_store_unavailable``.
+MAX_HELD = 10_000
+RETRY_MAX_S = 10.0  # the longest wait between two attempts to commit a failed group
+
+#: A message in hand: decoded, or why it cannot be.
+Pending = tuple[mqtt.MQTTMessage, ReadingChunk | WireError]
+
+
+class Intake:
+    def __init__(self, cfg: AgentConfig, client: mqtt.Client | None = None) -> None:
+        """``client``: a paho client to use instead of a new one (tests inject a fake)."""
+        self.cfg = cfg
+        self.store = Store(cfg.storage.path, synchronous=cfg.storage.synchronous)
+        self.registry = buffer.SensorRegistry(self.store)
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()
+        self.late_policy = buffer.LatePolicy(
+            cfg.window.width_ns, cfg.window.max_age_ns, cfg.window.hop_ns
+        )
+        self.alerts = AlertEngine(cfg.alerts, self.store)
+        # Group commit: messages wait here (unacknowledged) until their transaction.
+        # The lock also serialises this thread's and the agent tick's use of self.store.
+        self._lock = threading.Lock()
+        self._pending: list[Pending] = []
+        self._first_pending = 0.0
+        self._failures = 0  # consecutive failed commits
+        self._retry_at = 0.0  # monotonic time of the next attempt after a failure
+        self._dropped_held = 0  # QoS 0 messages dropped while the file failed, not yet counted
+        client_id = cfg.intake.broker.client_id or f"edge-agent-{cfg.device_id}-intake"
+        self.client = client or make_client(cfg.intake.broker, client_id, manual_ack=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+
+    @property
+    def failing(self) -> bool:
+        """True while the last attempt to commit failed (messages are held)."""
+        return self._failures > 0
+
+    def start(self) -> None:
+        connect_async(self.client, self.cfg.intake.broker)
+
+    def stop(self) -> None:
+        self._retry_at = 0.0  # one last attempt
+        self.flush()
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.store.close()
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            log.warning("intake: connect refused: %s", rc)
+            return
+        client.subscribe(sensor_filter(self.cfg.intake.topic_prefix), qos=1)
+        self.connected.set()
+        log.info(
+            "intake: connected to %s:%s", self.cfg.intake.broker.host, self.cfg.intake.broker.port
+        )
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, rcs: Any, _p: Any) -> None:
+        if any(rc.is_failure for rc in rcs):
+            log.error("intake: subscription refused: %s", rcs)
+            return
+        self.subscribed.set()
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        self.connected.clear()
+        self.subscribed.clear()
+        log.warning("intake: disconnected (%s); paho reconnects", rc)
+
+    def _on_message(self, _client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        item: ReadingChunk | WireError
+        try:
+            item = decode_chunk(msg.topic, bytes(msg.payload), self.cfg.intake.topic_prefix)
+        except WireError as exc:
+            item = exc
+        except Exception as exc:  # noqa: BLE001 (a decoder bug must not end paho's thread)
+            item = WireError("undecodable", f"{type(exc).__name__}: {exc}"[:500])
+        with self._lock:
+            if len(self._pending) >= MAX_HELD and msg.qos == 0:
+                self._dropped_held += 1  # nothing to redeliver it: counted at the next commit
+                return
+            if not self._pending:
+                self._first_pending = time.monotonic()
+            self._pending.append((msg, item))
+            st = self.cfg.storage
+            if (
+                isinstance(item, WireError)  # quarantine (and acknowledge) it at once
+                or len(self._pending) >= st.group_commit_max
+                or time.monotonic() - self._first_pending >= st.group_commit_ms / 1000
+            ):
+                self._flush_locked()
+
+    def flush(self) -> None:
+        """Commit and acknowledge what waits for its group (the agent's tick calls this)."""
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if not self._pending or time.monotonic() < self._retry_at:
+            return
+        group = list(self._pending)
+        try:
+            results = self._commit(group)
+        except (sqlite3.Error, StorageError) as exc:
+            self._storage_failed(exc, len(group))
+            return
+        except Exception:  # not the file: store them one by one to find the one at fault
+            log.exception("intake: a group of %d messages failed; storing one by one", len(group))
+            self._commit_one_by_one()
+            return
+        self._done(group, results)
+
+    def _commit_one_by_one(self) -> None:
+        while self._pending:
+            try:
+                one, results = self._store_alone(*self._pending[0])
+            except (sqlite3.Error, StorageError) as exc:
+                self._storage_failed(exc, len(self._pending))
+                return
+            self._done(one, results)
+
+    def _store_alone(
+        self, msg: mqtt.MQTTMessage, item: ReadingChunk | WireError
+    ) -> tuple[list[Pending], list[buffer.StoreResult | None]]:
+        """One message in a transaction of its own; quarantined as ``store-failed`` if
+        storing it fails for a reason other than the file."""
+        try:
+            return [(msg, item)], self._commit([(msg, item)])
+        except (sqlite3.Error, StorageError):
+            raise  # the file: the caller waits and tries again
+        except Exception as exc:
+            log.exception("intake: cannot store the message on %s; quarantined", msg.topic)
+            bad = WireError("store-failed", f"{type(exc).__name__}: {exc}"[:500])
+            return [(msg, bad)], self._commit([(msg, bad)])
+
+    def _commit(self, group: list[Pending]) -> list[buffer.StoreResult | None]:
+        """Store the group in one transaction: chunks, quarantined messages, alert events."""
+        future_limit = time.time_ns() + self.cfg.window.max_future_ns
+        with self.store.tx():
+            dropped, self._dropped_held = self._dropped_held, 0
+            if dropped:
+                self.store.add_counter("dropped_store_unavailable", dropped)
+                self.store.on_rollback(lambda: self._add_dropped(dropped))
+            out: list[buffer.StoreResult | None] = []
+            for msg, item in group:
+                if isinstance(item, WireError):
+                    quarantine.add(
+                        self.store,
+                        msg.topic,
+                        item,
+                        bytes(msg.payload),
+                        max_bytes=self.cfg.storage.quarantine_max_bytes,
+                    )
+                    out.append(None)
+                    continue
+                out.append(
+                    buffer.store_one(
+                        self.store,
+                        self.registry,
+                        item,
+                        buffer.message_digest(msg.topic, bytes(msg.payload)),
+                        future_limit_ns=future_limit,
+                        late=self.late_policy,
+                        after_store=self._alert_hook(item.node, item.sensor),
+                    )
+                )
+            return out
+
+    def _add_dropped(self, n: int) -> None:
+        self._dropped_held += n
+
+    def _storage_failed(self, exc: BaseException, held: int) -> None:
+        self._failures += 1
+        delay = min(RETRY_MAX_S, 0.25 * 2 ** min(self._failures, 8))
+        self._retry_at = time.monotonic() + delay
+        log.error(
+            "intake: the buffer cannot take %d messages (%s); they stay unacknowledged, "
+            "retrying in %.1f s (attempt %d)",
+            held,
+            exc,
+            delay,
+            self._failures,
+        )
+
+    def _done(self, group: list[Pending], results: list[buffer.StoreResult | None]) -> None:
+        """After the commit: forget the group, log, and PUBACK in arrival order."""
+        del self._pending[: len(group)]
+        if self._failures:
+            log.info("intake: the buffer takes messages again after %d failures", self._failures)
+        self._failures = 0
+        self._retry_at = 0.0
+        for (msg, item), res in zip(group, results, strict=True):
+            if isinstance(item, WireError):
+                log.warning("intake: quarantined message on %s: %s", msg.topic, item)
+            elif res is not None:
+                self._log_drops(item, res)
+            # Only after the commit above: now the broker may forget the message.
+            self.client.ack(msg.mid, msg.qos)
+
+    def _log_drops(self, chunk: ReadingChunk, res: buffer.StoreResult) -> None:
+        if res.future:
+            log.warning(
+                "intake: dropped %d readings of %s/%s stamped more than %.0f s ahead",
+                res.future,
+                chunk.node,
+                chunk.sensor,
+                self.cfg.window.max_future_s,
+            )
+        if res.late:
+            log.warning(
+                "intake: dropped %d late readings of %s/%s (windows closed, and too old "
+                "for a revision or revisions are off)",
+                res.late,
+                chunk.node,
+                chunk.sensor,
+            )
+
+    def _alert_hook(self, node: str, sensor: str) -> Callable[[Any, Any], None] | None:
+        """Rules for this sensor, evaluated inside the transaction that stores its readings."""
+        if f"{node}/{sensor}" not in self.alerts.by_sensor:
+            return None
+
+        def hook(ts: Any, vals: Any) -> None:
+            events = self.alerts.evaluate(self.store, node, sensor, ts.tolist(), vals.tolist())
+            if events:
+                alerts.record(self.store, events)
+                for ev in events:
+                    log.warning("alert %s %s: %s", ev.rule, ev.state, ev.message)
+
+        return hook

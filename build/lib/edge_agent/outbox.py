@@ -1,0 +1,223 @@
+"""The outbox: encoded batches waiting to leave the device, keyed by ``seq``.
+
+``seq`` comes from the ``next_seq`` state value, incremented in the same
+transaction that inserts the batch, so it is per-device, strictly increasing and
+never reused, even across restarts.
+
+A batch's life::
+
+    pending ──publish──▶ (in flight) ──PUBACK──▶ sent ──cloud ack "stored"───▶ deleted
+       ▲                                          │   └─cloud ack "rejected"─▶ deleted, counted
+       └────────── next_try_ns passes, no ack ────┘
+
+``sent`` only means the broker has the batch; the row stays until the cloud
+ingestor says InfluxDB and the archive hold it (``forward.end_to_end_ack``). A
+sent batch without an ack is due again after ``ack_timeout_s`` × 2^(attempts−1),
+capped at ``max_backoff_s``, with ±20 % jitter so a fleet coming back online
+does not resend in lockstep.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from edge_agent.store import Store, crc
+from shared.wire import Batch, encode_batch
+
+NEXT_SEQ = "next_seq"
+LAST_ACK = "last_ack_ns"
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    seq: int
+    payload: bytes
+    attempts: int
+    live: bool = False
+    alert: bool = False
+    crc: int | None = None  # of the payload as written; None in rows from older agents
+
+    @property
+    def intact(self) -> bool:
+        """The payload is what was written (the SD card did not damage it)."""
+        return self.crc is None or crc(self.payload) == self.crc
+
+
+def next_seq(store: Store) -> int:
+    """Reserve the next seq; call inside a transaction."""
+    seq = store.get_state(NEXT_SEQ, 1)
+    store.set_state(NEXT_SEQ, seq + 1)
+    return seq
+
+
+def add(store: Store, batch: Batch) -> None:
+    """Append an encoded batch; call inside the transaction that reserved its seq."""
+    payload = encode_batch(batch)
+    store.conn.execute(
+        "INSERT INTO outbox(seq, created_ns, windows, readings, payload, state, crc) "
+        "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+        (batch.seq, batch.created_ns, batch.rows, batch.readings, payload, crc(payload)),
+    )
+    store.add_counter("batches_created", 1)
+    first = int((batch.revision == 0).sum())
+    store.add_counter("windows_closed", first)
+    store.add_counter("windows_resent_revised", batch.rows - first)
+
+
+def add_wait(store: Store, seq: int, before: int) -> None:
+    """Batch ``seq`` is not sent while batch ``before`` is unacknowledged: it carries a
+    later version of a window that ``before`` carries. Nothing is recorded if
+    ``before`` has already left the outbox. Call inside a transaction."""
+    store.conn.execute(
+        "INSERT OR IGNORE INTO outbox_after(seq, after) SELECT ?, seq FROM outbox WHERE seq = ?",
+        (seq, before),
+    )
+
+
+def due(
+    store: Store,
+    limit: int,
+    exclude: Iterable[int] = (),
+    now_ns: int | None = None,
+    live_since_ns: int | None = None,
+) -> list[Outgoing]:
+    """Batches to publish now: pending ones, and sent ones whose ack is overdue.
+
+    Drain order: alerts first (:mod:`edge_agent.alerts`); then the *live* batches
+    (created at or after ``live_since_ns``, oldest first), so that dashboards come
+    back to life at once after an outage;
+    then the *backfill* (older batches, oldest first). Without ``live_since_ns``
+    everything is backfill, oldest first. A batch that waits for another
+    (:func:`add_wait`: it holds a later version of one of its windows) is not due
+    until that one is acknowledged or dropped, whatever the order above.
+    """
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    skip = set(exclude)
+    out: list[Outgoing] = []
+    # alerts before everything else
+    for seq, payload, attempts, check in store.conn.execute(
+        "SELECT seq, payload, attempts, crc FROM alerts "
+        "WHERE state = 'pending' OR (state = 'sent' AND next_try_ns <= ?) ORDER BY seq LIMIT ?",
+        (now_ns, limit + len(skip)),
+    ):
+        if len(out) >= limit:
+            return out
+        if seq not in skip:
+            out.append(
+                Outgoing(int(seq), bytes(payload), int(attempts), True, alert=True, crc=check)
+            )
+    base = (
+        "SELECT seq, payload, attempts, crc FROM outbox "
+        "WHERE (state = 'pending' OR (state = 'sent' AND next_try_ns <= ?)) "
+        "AND NOT EXISTS (SELECT 1 FROM outbox_after d WHERE d.seq = outbox.seq) "
+    )
+    queries: list[tuple[str, tuple[int, ...], bool]] = []
+    if live_since_ns is not None:
+        queries.append(
+            (base + "AND created_ns >= ? ORDER BY seq LIMIT ?", (now_ns, live_since_ns), True)
+        )
+        queries.append(
+            (base + "AND created_ns < ? ORDER BY seq LIMIT ?", (now_ns, live_since_ns), False)
+        )
+    else:
+        queries.append((base + "ORDER BY seq LIMIT ?", (now_ns,), False))
+    for sql, args, live in queries:
+        for seq, payload, attempts, check in store.conn.execute(sql, (*args, limit + len(skip))):
+            if len(out) >= limit:
+                return out
+            if seq not in skip:
+                out.append(Outgoing(int(seq), bytes(payload), int(attempts), live, crc=check))
+    return out
+
+
+def backoff_ns(attempts: int, timeout_s: float, max_s: float, rng: random.Random) -> int:
+    """Delay before a sent batch without an ack is due again."""
+    base = min(timeout_s * 2 ** max(0, attempts - 1), max_s)
+    return int(base * rng.uniform(0.8, 1.2) * 1e9)
+
+
+def mark_sent(
+    store: Store,
+    seqs: Iterable[int],
+    *,
+    timeout_s: float,
+    max_backoff_s: float,
+    rng: random.Random | None = None,
+    now_ns: int | None = None,
+) -> int:
+    """Record PUBACKs and schedule the resend in case no ack follows; returns rows changed."""
+    rng = rng or random.Random()
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    changed = 0
+    with store.tx():
+        for seq in seqs:
+            table, row = _find(store, seq, "attempts")
+            if row is None:
+                continue  # acked (and deleted) before its PUBACK was processed
+            attempts = int(row[0]) + 1
+            store.conn.execute(
+                f"UPDATE {table} SET state = 'sent', sent_ns = ?, attempts = ?, next_try_ns = ? "
+                "WHERE seq = ?",
+                (
+                    now_ns,
+                    attempts,
+                    now_ns + backoff_ns(attempts, timeout_s, max_backoff_s, rng),
+                    seq,
+                ),
+            )
+            changed += 1
+            what = "batches" if table == "outbox" else "alerts"
+            store.add_counter(f"{what}_sent", 1)
+            if attempts > 1:
+                store.add_counter(f"{what}_resent", 1)
+    return changed
+
+
+def acknowledge(store: Store, seq: int, *, stored: bool, now_ns: int | None = None) -> bool:
+    """The cloud's verdict on a batch: delete it; returns False if it was already gone."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    with store.tx():
+        table, row = _find(store, seq, "seq")
+        store.set_state(LAST_ACK, now_ns)
+        if row is None:
+            store.add_counter("acks_duplicate", 1)
+            return False
+        store.conn.execute(f"DELETE FROM {table} WHERE seq = ?", (seq,))
+        what = "batches" if table == "outbox" else "alerts"
+        store.add_counter(f"{what}_acked" if stored else f"{what}_rejected", 1)
+    return True
+
+
+def _find(store: Store, seq: int, column: str) -> tuple[str, tuple[int, ...] | None]:
+    """The table (outbox or alerts) holding ``seq`` and its ``column``; seqs are shared."""
+    for table in ("outbox", "alerts"):
+        row = store.conn.execute(f"SELECT {column} FROM {table} WHERE seq = ?", (seq,)).fetchone()
+        if row is not None:
+            return table, tuple(row)
+    return "outbox", None
+
+
+def drop_damaged(store: Store, item: Outgoing) -> None:
+    """A batch or alert whose payload no longer matches its checksum: it cannot be
+    sent (the cloud would refuse it, or never answer), so it is dropped, counted."""
+    table, what = ("alerts", "alerts") if item.alert else ("outbox", "batches")
+    with store.tx():
+        store.conn.execute(f"DELETE FROM {table} WHERE seq = ?", (item.seq,))
+        store.add_counter(f"dropped_damaged_{what}", 1)
+
+
+def count_unacked(store: Store) -> int:
+    """Batches and alerts not yet acknowledged by the cloud."""
+    return sum(
+        int(store.conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0])
+        for t in ("outbox", "alerts")
+    )
+
+
+def count_pending(store: Store) -> int:
+    return int(
+        store.conn.execute("SELECT count(*) FROM outbox WHERE state = 'pending'").fetchone()[0]
+    )

@@ -1,0 +1,92 @@
+"""What the agent's SQLite file says about its state: for the CLI, tests and the demo.
+
+Reads through a read-only connection, so it works while the agent runs and
+while it is stopped, with no network.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from edge_agent import budget, buffer, control, outbox, quarantine
+from edge_agent.lock import holder_pid, is_locked, lock_path
+from edge_agent.store import LAST_STORE_ERROR, SCHEMA_VERSION, STORE_ERRORS, Store
+
+
+def open_readonly(path: str | Path) -> Store:
+    """A read-only connection; a file from an older agent is migrated first (the
+    migrations only add tables and columns, which an older agent ignores)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no agent buffer at {path}")
+    store = Store(path, readonly=True)
+    if store.conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+        store.close()
+        Store(path).close()
+        store = Store(path, readonly=True)
+    return store
+
+
+def read_status(path: str | Path, now_ns: int | None = None) -> dict[str, Any]:
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    store = open_readonly(path)
+    try:
+        c = store.conn
+        states = {
+            str(s): int(n)
+            for s, n in c.execute("SELECT state, count(*) FROM outbox GROUP BY state")
+        }
+        backlog = c.execute(
+            "SELECT count(*), coalesce(sum(readings), 0), coalesce(sum(length(payload)), 0), "
+            "min(created_ns) FROM outbox"
+        ).fetchone()
+        # The lock says whether an agent runs; the heartbeat whether it is healthy
+        # (a tick that cannot write the file, on a full disk say, stops beating).
+        beating = control.agent_running(store, now_ns)
+        running = is_locked(path) or beating
+        beat = store.get_state(control.HEARTBEAT)
+        last_ack = store.get_state(outbox.LAST_ACK)
+        last_error = store.get_state(LAST_STORE_ERROR)
+        counters = store.counters()
+        pid = holder_pid(lock_path(path)) or store.get_state(control.PID)
+        return {
+            "buffer": str(path),
+            "running": running,
+            "healthy": beating,
+            "agent_pid": pid if running else None,
+            "heartbeat_age_s": (now_ns - beat) / 1e9 if running and beat else None,
+            "intake_connected": beating and bool(store.get_state(control.INTAKE_UP)),
+            "forward_connected": beating and bool(store.get_state(control.FORWARD_UP)),
+            "store_errors": counters.get(STORE_ERRORS, 0),
+            "last_store_error_ns": last_error or None,
+            "last_ack_ns": last_ack or None,
+            "last_ack_age_s": (now_ns - last_ack) / 1e9 if last_ack else None,
+            "backlog_batches": int(backlog[0]),
+            "backlog_readings": int(backlog[1]),
+            "backlog_bytes": int(backlog[2]),
+            "oldest_unsent_age_s": (now_ns - int(backlog[3])) / 1e9 if backlog[3] else None,
+            "outbox": states,
+            "counters": counters,
+            "drops": {k: v for k, v in sorted(counters.items()) if k.startswith("dropped_")},
+            "closed_until_ns": store.get_state(buffer.CLOSED_UNTIL),
+            "max_event_ns": store.get_state(buffer.MAX_TS),
+            "sensors": int(c.execute("SELECT count(*) FROM sensors").fetchone()[0]),
+            "raw_chunks": int(c.execute("SELECT count(*) FROM chunks").fetchone()[0]),
+            "quarantined": int(c.execute("SELECT count(*) FROM quarantine").fetchone()[0]),
+            "quarantine_bytes": quarantine.total_bytes(store),
+            "quarantine_dropped": counters.get(quarantine.DROPPED, 0),
+            "open_alerts": [
+                {"rule": str(r), "since_ns": int(t)}
+                for r, t in c.execute(
+                    "SELECT rule, since_ns FROM alert_state WHERE raised = 1 ORDER BY rule"
+                )
+            ],
+            "unsent_alerts": int(c.execute("SELECT count(*) FROM alerts").fetchone()[0]),
+            "used_bytes": budget.used_bytes(store),
+            "file_bytes": sum(
+                p.stat().st_size for p in (Path(path), Path(f"{path}-wal")) if p.exists()
+            ),
+        }
+    finally:
+        store.close()

@@ -1,0 +1,333 @@
+"""The agent's SQLite file: connection, schema migrations, state and counters.
+
+One file holds everything the agent must not lose: raw reading chunks
+(:mod:`edge_agent.buffer`), the outbox of encoded batches
+(:mod:`edge_agent.outbox`), small integer state (watermarks, the next seq) and
+counters (readings stored, drops by kind). Each thread opens its own
+:class:`Store`; writers take ``BEGIN IMMEDIATE`` so that SQLite serialises
+them, which is what makes "close windows up to T" and "store a chunk that might
+be late" safe against each other.
+
+The schema is created and migrated with sqlite-utils; ``PRAGMA user_version``
+holds the schema version, and ``MIGRATIONS[i]`` moves a file from version ``i``
+to ``i + 1``. Every table's rows are counted in ``row_counts`` by triggers that
+:func:`count_rows` puts on whatever tables the schema has after the migrations,
+so that ``buffer repair`` can say exactly how many rows of each table it could
+not keep, even rows on pages it cannot read at all.
+
+In-memory state that mirrors the file (the sensor id cache, the alert rules'
+state) follows the transaction: code that changes it inside a transaction
+registers an undo with :meth:`Store.on_rollback`, which runs if the
+transaction does not commit. A transaction that fails on SQLite's side (a full
+disk, an I/O error) is counted, and the count becomes the durable counter
+``store_errors`` in the next transaction that commits.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import sqlite_utils
+
+from shared.errors import StorageError
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    db.table("sensors").create(
+        {"id": int, "node": str, "name": str, "unit": str}, pk="id", not_null={"node", "name"}
+    )
+    db.table("sensors").create_index(["node", "name"], unique=True)
+    db.table("chunks").create(
+        {
+            "id": int,
+            "sensor_id": int,
+            "t_min": int,
+            "t_max": int,
+            "n": int,
+            "ts": bytes,
+            "vals": bytes,
+            "received_ns": int,
+        },
+        pk="id",
+        foreign_keys=[("sensor_id", "sensors", "id")],
+    )
+    db.table("chunks").create_index(["t_max"])
+    db.table("outbox").create(
+        {
+            "seq": int,
+            "created_ns": int,
+            "windows": int,
+            "readings": int,
+            "payload": bytes,
+            "state": str,
+            "sent_ns": int,
+        },
+        pk="seq",
+    )
+    db.table("outbox").create_index(["state", "seq"])
+    # Digests of the messages already stored: a message the broker redelivers (the
+    # agent died after its commit, before its PUBACK) is recognised and not stored twice.
+    db.table("received").create({"digest": bytes, "received_ns": int}, pk="digest")
+    db.table("received").create_index(["received_ns"])
+    db.table("state").create({"key": str, "value": int}, pk="key")
+    db.table("counters").create({"name": str, "value": int}, pk="name")
+    db.table("quarantine").create(
+        {
+            "id": int,
+            "received_ns": int,
+            "topic": str,
+            "reason": str,
+            "message": str,
+            "payload": bytes,
+        },
+        pk="id",
+    )
+
+
+def _v2(db: sqlite_utils.Database) -> None:
+    """End-to-end acks: a sent batch is resent when ``next_try_ns`` passes without an ack."""
+    outbox = db.table("outbox")
+    outbox.add_column("attempts", int, not_null_default=0)
+    outbox.add_column("next_try_ns", int, not_null_default=0)
+
+
+def _v3(db: sqlite_utils.Database) -> None:
+    """Late data: windows to revise, and how often each window was revised."""
+    db.table("dirty").create({"sensor_id": int, "start_ns": int}, pk=("sensor_id", "start_ns"))
+    db.table("revisions").create(
+        {"sensor_id": int, "start_ns": int, "revision": int}, pk=("sensor_id", "start_ns")
+    )
+
+
+def _v4(db: sqlite_utils.Database) -> None:
+    """Alerts: events waiting for the cloud's ack (same life as outbox batches), and
+    which rules are raised."""
+    db.table("alerts").create(
+        {
+            "seq": int,
+            "created_ns": int,
+            "payload": bytes,
+            "state": str,
+            "sent_ns": int,
+            "attempts": int,
+            "next_try_ns": int,
+        },
+        pk="seq",
+        defaults={"attempts": 0, "next_try_ns": 0},
+    )
+    db.table("alert_state").create({"rule": str, "raised": int, "since_ns": int}, pk="rule")
+
+
+def _v5(db: sqlite_utils.Database) -> None:
+    """Revisions in order: ``revisions`` records every window version sent (from
+    revision 0) and the batch that carries it, and ``outbox_after`` says which batch
+    waits for which: a later version of a window leaves only after the batch with
+    the earlier one is acknowledged (or dropped). Deleting either batch deletes the
+    pair. And a CRC-32 of every BLOB that may spill onto overflow pages (raw chunks,
+    batch and alert payloads), which SQLite itself does not check: ``buffer check``
+    and ``repair`` find a damaged one instead of passing it on (NULL in older rows)."""
+    db.table("revisions").add_column("seq", int, not_null_default=0)
+    for table in ("chunks", "outbox", "alerts"):
+        db.table(table).add_column("crc", int)
+    db.conn.execute(
+        "CREATE TABLE outbox_after ("
+        " seq INTEGER NOT NULL REFERENCES outbox(seq) ON DELETE CASCADE,"
+        " after INTEGER NOT NULL REFERENCES outbox(seq) ON DELETE CASCADE,"
+        " PRIMARY KEY (seq, after))"
+    )
+    db.conn.execute("CREATE INDEX outbox_after_after ON outbox_after(after)")
+    db.conn.execute("CREATE TABLE row_counts (name TEXT PRIMARY KEY, n INTEGER NOT NULL)")
+
+
+#: MIGRATIONS[i] upgrades schema version i to i + 1.
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
+SCHEMA_VERSION = len(MIGRATIONS)
+ROW_COUNTS = "row_counts"
+STORE_ERRORS = "store_errors"  # counter: transactions that SQLite failed
+LAST_STORE_ERROR = "last_store_error_ns"  # state: when the last one failed
+
+
+def crc(*blobs: bytes) -> int:
+    """CRC-32 of the BLOBs one after the other (the ``crc`` columns)."""
+    value = 0
+    for blob in blobs:
+        value = zlib.crc32(blob, value)
+    return value
+
+
+def data_tables(conn: sqlite3.Connection) -> list[str]:
+    """The tables of the schema as the file says, but for SQLite's own and ``row_counts``."""
+    return [
+        str(n)
+        for (n,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+            "AND name != ? ORDER BY name",
+            (ROW_COUNTS,),
+        )
+    ]
+
+
+def count_rows(conn: sqlite3.Connection) -> None:
+    """Give every table of the schema its row count and the triggers that keep it.
+
+    Run after every migration, so that a table a later migration adds is counted
+    without anyone remembering to. Triggers fire for deletes by ON DELETE CASCADE
+    and (with ``recursive_triggers``, which :class:`Store` turns on) by REPLACE.
+    """
+    for table in data_tables(conn):
+        conn.execute(
+            f"INSERT OR IGNORE INTO {ROW_COUNTS}(name, n) SELECT ?, count(*) FROM [{table}]",
+            (table,),
+        )
+        for op, delta in (("INSERT", "+ 1"), ("DELETE", "- 1")):
+            conn.execute(
+                f"CREATE TRIGGER IF NOT EXISTS [{ROW_COUNTS}_{table}_{op.lower()}] "
+                f"AFTER {op} ON [{table}] BEGIN "
+                f"UPDATE {ROW_COUNTS} SET n = n {delta} WHERE name = '{table}'; END"
+            )
+
+
+def _create_private(path: Path) -> None:
+    """Create the buffer file readable by its owner only (0600), if it is not there.
+    SQLite gives its -wal and -shm files the mode of the database file, so they
+    are private too: the buffer holds every reading of the site."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return
+    except OSError:
+        return  # a missing folder and the like: sqlite3.connect says so next
+    os.close(fd)
+
+
+class Store:
+    """One connection to the agent's SQLite file."""
+
+    def __init__(self, path: str | Path, *, synchronous: str = "full", readonly: bool = False):
+        self.path = str(path)
+        if Path(path).is_dir():
+            raise StorageError(f"cannot use the buffer {path}: it is a directory, not a file")
+        try:
+            if readonly:
+                uri = f"file:{Path(path).resolve()}?mode=ro"
+                self.conn = sqlite3.connect(
+                    uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30
+                )
+            else:
+                if self.path != ":memory:":
+                    _create_private(Path(path))
+                self.conn = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False, timeout=30
+                )
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self.conn.execute("PRAGMA recursive_triggers=ON")  # see count_rows
+            self.db = sqlite_utils.Database(self.conn)
+            self._undo: list[Callable[[], object]] | None = None  # set inside tx()
+            self.tx_serial = 0  # counts the transactions begun on this connection
+            self.unrecorded_errors = 0
+            self._last_error_ns = 0
+            if not readonly:
+                self._migrate()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot use the buffer {self.path}: {exc}") from None
+
+    def _migrate(self) -> None:
+        with self.tx():
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StorageError(
+                    f"{self.path} has schema version {version}; this agent knows up to "
+                    f"{SCHEMA_VERSION}. Refusing to touch a file from a newer agent."
+                )
+            for i in range(version, SCHEMA_VERSION):
+                MIGRATIONS[i](self.db)
+            if version < SCHEMA_VERSION:
+                count_rows(self.conn)
+            self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE``): commit on success, else roll back.
+
+        On a rollback, for any reason, the undos registered with :meth:`on_rollback`
+        run (newest first). A failure of SQLite's own (``sqlite3.Error``: a full disk,
+        an I/O error, a COMMIT that could not be written) is counted, and recorded as
+        ``store_errors`` by the next transaction that commits.
+        """
+        if self._undo is not None:
+            raise RuntimeError("Store.tx() does not nest")
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error:
+            self._note_error()
+            raise
+        self._undo = []
+        self.tx_serial += 1
+        try:
+            if self.unrecorded_errors:
+                self.add_counter(STORE_ERRORS, self.unrecorded_errors)
+                self.set_state(LAST_STORE_ERROR, self._last_error_ns)
+            yield self.conn
+            self.conn.execute("COMMIT")
+        except BaseException as exc:
+            undo, self._undo = self._undo, None
+            if self.conn.in_transaction:  # SQLite may have rolled back already
+                # If even this fails the connection is unusable, and the next BEGIN
+                # raises (and is counted); the error that got us here is raised below.
+                with suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                self._note_error()
+            for fn in reversed(undo):
+                fn()
+            raise
+        self._undo = None
+        self.unrecorded_errors = 0
+
+    def _note_error(self) -> None:
+        self.unrecorded_errors += 1
+        self._last_error_ns = time.time_ns()
+
+    def on_rollback(self, undo: Callable[[], object]) -> None:
+        """Run ``undo`` if the current transaction rolls back (call inside :meth:`tx`)."""
+        if self._undo is None:
+            raise RuntimeError("on_rollback outside a transaction: nothing could undo it")
+        self._undo.append(undo)
+
+    @property
+    def in_tx(self) -> bool:
+        """True inside :meth:`tx` (so between its BEGIN and its COMMIT or ROLLBACK)."""
+        return self._undo is not None
+
+    def get_state(self, key: str, default: int = 0) -> int:
+        row = self.conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return default if row is None else int(row[0])
+
+    def set_state(self, key: str, value: int) -> None:
+        self.conn.execute(
+            "INSERT INTO state(key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def add_counter(self, name: str, delta: int) -> None:
+        if delta:
+            self.conn.execute(
+                "INSERT INTO counters(name, value) VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
+                (name, delta),
+            )
+
+    def counters(self) -> dict[str, int]:
+        return {str(n): int(v) for n, v in self.conn.execute("SELECT name, value FROM counters")}
+
+    def close(self) -> None:
+        self.conn.close()

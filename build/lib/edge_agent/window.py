@@ -1,0 +1,284 @@
+"""Closing event-time windows into outbox batches.
+
+Tumbling windows are ``[k*width, (k+1)*width)`` in event time, aligned to the
+Unix epoch; hopping windows are ``[k*hop, k*hop + width)``, overlapping, with
+``width`` a multiple of ``hop``. ``closed_until`` is the end of the newest closed
+window: every window ending at or before it is closed.
+The watermark is the newest event time stored minus the allowed lateness; every
+window that ends at or before the watermark is closed. Closing reads the raw
+chunks, runs the kernels, writes the batches and advances ``closed_until`` in
+one transaction: a crash leaves either all of it or none of it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edge_agent import buffer, outbox
+from edge_agent.kernels import hopping_windows, window_stats
+from edge_agent.store import Store
+from shared.sketch import DDSketch
+from shared.wire import SensorRef, WindowSpec, make_batch
+
+if TYPE_CHECKING:
+    from edge_agent.config import AgentConfig
+
+
+def close_boundary(max_ts: int, lateness_ns: int, step_ns: int) -> int:
+    """The end of the newest window that the watermark allows to close (window ends
+    are multiples of the step: the width, or the hop)."""
+    return ((max_ts - lateness_ns) // step_ns) * step_ns
+
+
+def flush_boundary(max_ts: int, width_ns: int, hop_ns: int | None = None) -> int:
+    """The end of the last window holding ``max_ts``: closing up to it closes everything."""
+    step = hop_ns or width_ns
+    return (max_ts // step) * step + width_ns
+
+
+def _spec(width_ns: int, hop_ns: int | None) -> WindowSpec:
+    if hop_ns and hop_ns != width_ns:
+        return WindowSpec("hopping", width_ns, hop_ns)
+    return WindowSpec("tumbling", width_ns)
+
+
+Rows = tuple[np.ndarray, dict[str, np.ndarray], list[bytes]]
+
+
+def _summarise(
+    data: dict[int, tuple[np.ndarray, np.ndarray]],
+    spec: WindowSpec,
+    lo_start: int,
+    hi_start: int,
+    sketches_on: bool = True,
+) -> Rows | None:
+    """Statistics and sketches of the windows starting in ``[lo_start, hi_start]`` of every
+    sensor in ``data``, as (sensor ids, columns, sketches), by window start then sensor."""
+    cols: dict[str, list[np.ndarray]] = {}
+    sids: list[np.ndarray] = []
+    sketches: list[bytes] = []
+    for sid, (ts, vals) in sorted(data.items()):
+        starts, segs, vals = hopping_windows(
+            ts, vals, spec.width_ns, spec.step_ns, lo_start, hi_start
+        )
+        if len(starts) == 0:
+            continue
+        stats = window_stats(vals, segs)
+        if sketches_on:
+            ends = np.append(segs[1:], len(vals))
+            sketches += [
+                DDSketch.from_values(vals[a:b]).encode()
+                for a, b in zip(segs.tolist(), ends.tolist(), strict=True)
+            ]
+        sids.append(np.full(len(starts), sid, dtype=np.int64))
+        cols.setdefault("start_ns", []).append(starts)
+        for name, arr in stats.columns().items():
+            cols.setdefault(name, []).append(arr)
+    if not sids:
+        return None
+    sid_all = np.concatenate(sids)
+    merged = {k: np.concatenate(v) for k, v in cols.items()}
+    order = np.lexsort((sid_all, merged["start_ns"]))
+    return (
+        sid_all[order],
+        {k: v[order] for k, v in merged.items()},
+        [sketches[i] for i in order.tolist()] if sketches_on else [],
+    )
+
+
+def _emit(
+    store: Store,
+    device_id: str,
+    spec: WindowSpec,
+    max_rows: int,
+    sid_all: np.ndarray,
+    merged: dict[str, np.ndarray],
+    sketches: list[bytes],
+    prev_seq: np.ndarray | None = None,
+) -> list[int]:
+    """Write the rows as batches of at most ``max_rows`` to the outbox; call in a transaction.
+
+    Each row's version is recorded in ``revisions`` with the seq of its batch. Where
+    ``prev_seq`` names the batch that carried a row's previous version and that batch
+    is still unacknowledged, the new batch waits for it (``outbox_after``), so that the
+    cloud never receives a window's versions out of order.
+    """
+    sensors = buffer.load_sensors(store)
+    starts = merged["start_ns"]
+    revs = merged.get("revision", np.zeros(len(sid_all), dtype=np.int64))
+    seqs = []
+    for a in range(0, len(sid_all), max_rows):
+        part = slice(a, a + max_rows)
+        used = sorted(set(sid_all[part].tolist()))
+        index = {s: i for i, s in enumerate(used)}
+        refs: tuple[SensorRef, ...] = tuple(sensors[s] for s in used)
+        columns = {k: v[part] for k, v in merged.items()}
+        columns["sensor"] = np.array([index[s] for s in sid_all[part].tolist()])
+        seq = outbox.next_seq(store)
+        batch = make_batch(
+            device_id=device_id,
+            seq=seq,
+            created_ns=time.time_ns(),
+            window=spec,
+            sensors=refs,
+            columns=columns,
+            sketch=tuple(sketches[part]) if sketches else (),
+        )
+        outbox.add(store, batch)
+        store.conn.executemany(
+            "INSERT INTO revisions(sensor_id, start_ns, revision, seq) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(sensor_id, start_ns) DO UPDATE SET "
+            "revision = excluded.revision, seq = excluded.seq",
+            [
+                (sid, st, rev, seq)
+                for sid, st, rev in zip(
+                    sid_all[part].tolist(), starts[part].tolist(), revs[part].tolist(), strict=True
+                )
+            ],
+        )
+        if prev_seq is not None:
+            for before in sorted(set(prev_seq[part].tolist()) - {0}):
+                outbox.add_wait(store, seq, before)
+        seqs.append(seq)
+    return seqs
+
+
+def close_until(
+    store: Store,
+    *,
+    device_id: str,
+    width_ns: int,
+    upto_ns: int,
+    max_rows: int,
+    sketches: bool = True,
+    hop_ns: int | None = None,
+) -> list[int]:
+    """Close every window ending at or before ``upto_ns``; return the new batch seqs."""
+    spec = _spec(width_ns, hop_ns)
+    step = spec.step_ns
+    upto_ns = (upto_ns // step) * step
+    seqs: list[int] = []
+    with store.tx():
+        closed = store.get_state(buffer.CLOSED_UNTIL)
+        if upto_ns <= closed:
+            return seqs
+        # windows ending in (closed, upto]: starting in (closed - width, upto - width]
+        lo, hi = closed - width_ns + step, upto_ns - width_ns
+        rows = _summarise(buffer.read_range(store, lo, upto_ns), spec, lo, hi, sketches)
+        if rows is not None:
+            seqs = _emit(store, device_id, spec, max_rows, *rows)
+        store.set_state(buffer.CLOSED_UNTIL, upto_ns)
+    return seqs
+
+
+def revise(
+    store: Store,
+    *,
+    device_id: str,
+    width_ns: int,
+    max_rows: int,
+    ready_until_ns: int,
+    limit: int = 1000,
+    sketches: bool = True,
+    hop_ns: int | None = None,
+) -> list[int]:
+    """Send a new version of every closed window that late readings changed and that
+    ends at or before ``ready_until_ns`` (the watermark, or a flush's boundary).
+
+    The new version is computed from all raw readings of the window (the earlier
+    version's and the late ones) and goes out under a new seq. Its ``revision`` is
+    one more than the last version sent, or 0 if none was (every reading of that
+    sensor in that window came late). In InfluxDB it overwrites the earlier point
+    (same series and timestamp); the batch waits for the one with the earlier
+    version to be acknowledged (see :func:`_emit`). A window closed early by a
+    flush is revised once, when the watermark passes its end, not at every tick
+    while it fills. Returns the new batch seqs.
+    """
+    seqs: list[int] = []
+    spec = _spec(width_ns, hop_ns)
+    with store.tx():
+        dirty = store.conn.execute(
+            "SELECT sensor_id, start_ns FROM dirty WHERE start_ns + ? <= ? "
+            "ORDER BY start_ns LIMIT ?",
+            (width_ns, ready_until_ns, limit),
+        ).fetchall()
+        if not dirty:
+            return seqs
+        by_start: dict[int, set[int]] = {}
+        for sid, start in dirty:
+            by_start.setdefault(int(start), set()).add(int(sid))
+        parts: list[Rows] = []
+        for start, sids in sorted(by_start.items()):
+            data = {
+                k: v
+                for k, v in buffer.read_range(store, start, start + width_ns).items()
+                if k in sids
+            }
+            rows = _summarise(data, spec, start, start, sketches)
+            if rows is not None:
+                parts.append(rows)
+        if parts:
+            sid_all = np.concatenate([p[0] for p in parts])
+            merged = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
+            sketch_rows = [sk for p in parts for sk in p[2]]
+            revs, prevs = [], []
+            for sid, start in zip(sid_all.tolist(), merged["start_ns"].tolist(), strict=True):
+                row = store.conn.execute(
+                    "SELECT revision, seq FROM revisions WHERE sensor_id = ? AND start_ns = ?",
+                    (sid, start),
+                ).fetchone()
+                revs.append(int(row[0]) + 1 if row else 0)
+                prevs.append(int(row[1]) if row else 0)
+            merged["revision"] = np.array(revs, dtype=np.int64)
+            seqs = _emit(
+                store,
+                device_id,
+                spec,
+                max_rows,
+                sid_all,
+                merged,
+                sketch_rows,
+                np.array(prevs, dtype=np.int64),
+            )
+            store.add_counter("windows_revised", sum(1 for r in revs if r > 0))
+        store.conn.executemany("DELETE FROM dirty WHERE sensor_id = ? AND start_ns = ?", dirty)
+    return seqs
+
+
+def send_ready(
+    store: Store, cfg: AgentConfig, *, flush: bool = False
+) -> tuple[list[int], list[int]]:
+    """Close the windows that the watermark allows (with ``flush``: every open
+    window), then revise the closed windows that late readings changed and that end
+    by the same boundary. Returns the seqs of the new batches: (closed, revised).
+    The agent's tick and ``edge-agent flush`` with the agent stopped both do this."""
+    max_ts = store.get_state(buffer.MAX_TS)
+    if max_ts == 0:
+        return [], []
+    w = cfg.window
+    if flush:
+        upto = flush_boundary(max_ts, w.width_ns, w.hop_ns)
+    else:
+        upto = close_boundary(max_ts, w.lateness_ns, w.hop_ns)
+    closed = close_until(
+        store,
+        device_id=cfg.device_id,
+        width_ns=w.width_ns,
+        upto_ns=upto,
+        max_rows=cfg.forward.max_windows_per_batch,
+        sketches=w.sketches,
+        hop_ns=w.hop_ns,
+    )
+    revised = revise(
+        store,
+        device_id=cfg.device_id,
+        width_ns=w.width_ns,
+        max_rows=cfg.forward.max_windows_per_batch,
+        ready_until_ns=upto,
+        sketches=w.sketches,
+        hop_ns=w.hop_ns,
+    )
+    return closed, revised

@@ -1,0 +1,93 @@
+"""End-to-end acknowledgements: cloud ingest tells a device what became of a batch.
+
+Published at QoS 1 on ``<prefix>/<device_id>/ack`` once the outcome is durable,
+as a small JSON object (content type ``application/json``)::
+
+    {"seq": 17, "status": "stored"}
+    {"seq": 18, "status": "rejected", "reason": "sink-rejected"}
+
+``stored``: InfluxDB and the archive both hold the batch; the device may delete
+it. ``rejected``: the cloud will never store it as a batch (it is kept in the
+cloud's quarantine with the reason); the device stops resending it and counts it.
+
+**Acks a device can verify.** The broker's ACL lets only the ingestor publish
+acks, but a misconfigured or compromised broker could still deliver a fake
+``stored``, and the device would delete a batch the cloud never received. With a
+key, each ack carries ``"mac"``: HMAC-SHA256 over (device id, seq, status,
+reason), its first 16 bytes in hex, under the device's own key. The ingestors
+hold one master key; a device's key is derived from it
+(:func:`device_key`, ``cloud-ingest device-key``), so the ingestors need no key
+list and a device's key tells nothing about another's. An agent with a key
+acts only on acks that verify; any other is ignored (the batch stays and is
+sent again) and counted as ``acks_unverified``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from shared import jsonwire
+from shared.errors import WireError
+
+Status = Literal["stored", "rejected"]
+CONTENT_TYPE = "application/json"
+
+
+MAC_BYTES = 16
+
+
+def device_key(master: bytes, device_id: str) -> bytes:
+    """A device's ack key, derived from the ingestors' master key."""
+    return hmac.new(master, b"telemetry ack key\0" + device_id.encode(), hashlib.sha256).digest()
+
+
+@dataclass(frozen=True)
+class Ack:
+    seq: int
+    status: Status
+    reason: str = ""
+    #: hex HMAC (see the module doc); "" when unsigned
+    mac: str = ""
+
+    def signed(self, device_id: str, key: bytes) -> Ack:
+        return Ack(self.seq, self.status, self.reason, self._mac(device_id, key))
+
+    def verify(self, device_id: str, key: bytes) -> bool:
+        return hmac.compare_digest(self.mac, self._mac(device_id, key))
+
+    def _mac(self, device_id: str, key: bytes) -> str:
+        msg = f"{device_id}\n{self.seq}\n{self.status}\n{self.reason}".encode()
+        return hmac.new(key, msg, hashlib.sha256).digest()[:MAC_BYTES].hex()
+
+    def encode(self) -> bytes:
+        obj: dict[str, Any] = {"seq": self.seq, "status": self.status}
+        if self.reason:
+            obj["reason"] = self.reason
+        if self.mac:
+            obj["mac"] = self.mac
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
+MAX_ACK_BYTES = 1024
+
+
+def decode_ack(payload: bytes) -> Ack:
+    """Parse untrusted bytes; raise :class:`WireError` (``bad-ack``, ``too-large``)."""
+    obj = jsonwire.loads(payload, reason="bad-ack", what="an ack", max_bytes=MAX_ACK_BYTES)
+    if not isinstance(obj, dict):
+        raise WireError("bad-ack", "not a JSON object")
+    seq, status, reason = obj.get("seq"), obj.get("status"), obj.get("reason", "")
+    if type(seq) is not int or not 0 <= seq < 2**63:
+        raise WireError("bad-ack", "seq must be an integer in [0, 2^63)")
+    if status not in ("stored", "rejected"):
+        raise WireError("bad-ack", f"status {status!r} is not 'stored' or 'rejected'")
+    if not isinstance(reason, str):
+        raise WireError("bad-ack", "reason must be a string")
+    mac = obj.get("mac", "")
+    if not isinstance(mac, str) or len(mac) > 2 * MAC_BYTES:
+        raise WireError("bad-ack", f"mac must be a string of at most {2 * MAC_BYTES} characters")
+    return Ack(seq, status, reason, mac)

@@ -1,0 +1,75 @@
+"""The project's error hierarchy, in one place.
+
+::
+
+    TelemetryError
+    ├── ConfigError            bad config file: names the file and the key; stops start-up
+    ├── StorageError           the edge agent's SQLite file cannot be opened or used
+    ├── LakeObjectError        an object in the lake cannot be read as what its key says
+    ├── WireError              a message that cannot be decoded or fails validation
+    │                          (permanent: resending the same bytes will fail again);
+    │                          carries a short machine-readable ``reason`` for counters
+    └── SinkError              a sink (InfluxDB, archive) could not take a batch
+        ├── RetryableSinkError outage, 5xx, 429, timeout: try again after ``retry_after``
+        └── PermanentSinkError the sink refuses this batch for good (4xx): quarantine it
+
+Third-party exceptions (paho, influxdb-client, urllib3, botocore) are translated
+into these at one place per sink, never further up.
+"""
+
+from __future__ import annotations
+
+
+class TelemetryError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(TelemetryError):
+    """A config file is unreadable or has a wrong key or value."""
+
+    def __init__(self, path: str, key: str | None, message: str) -> None:
+        self.path = path
+        self.key = key
+        self.message = message
+        where = f"{path}: {key}: " if key else f"{path}: "
+        super().__init__(f"config error in {where}{message}")
+
+
+class StorageError(TelemetryError):
+    """The agent's buffer file cannot be opened, or was written by a newer agent."""
+
+
+class LakeObjectError(TelemetryError):
+    """An object of the Parquet lake is damaged or not what its key says."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(f"lake object {key} cannot be read: {message}")
+
+
+class WireError(TelemetryError):
+    """A wire message is malformed or invalid.
+
+    ``reason`` is a short stable slug (``bad-magic``, ``too-large`` …) used as a
+    counter label and as the quarantine folder name; the message is for people.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}: {message}")
+
+
+class SinkError(TelemetryError):
+    """A sink failed to store a batch."""
+
+
+class RetryableSinkError(SinkError):
+    """The sink is unavailable for now; the same write may succeed later."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class PermanentSinkError(SinkError):
+    """The sink rejected the batch itself; retrying the same write cannot help."""

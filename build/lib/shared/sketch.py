@@ -1,0 +1,154 @@
+"""DDSketch: a mergeable quantile sketch with a relative-error guarantee.
+
+Every window carries one, so that the cloud can merge windows into hours and
+days and still answer p50/p99 correctly, which averaging per-window quantiles
+cannot do. Reference: Masson, Rim and Lee, "DDSketch: A Fast and Fully-Mergeable
+Quantile Sketch with Relative-Error Guarantees", VLDB 2019.
+
+Guarantee: for relative accuracy α (here 1 %), every quantile the sketch returns
+is within α · |true value| of the true quantile of the values it was built from
+(or merged from), as long as no bins were collapsed. Values are mapped to bins
+``k = ceil(log_γ |x|)`` with ``γ = (1 + α) / (1 − α)``; a bin answers with
+``2γᵏ / (γ + 1)``. Positive and negative values have separate bins; values with
+``|x| < MIN_MAGNITUDE`` count as zero. To bound the size, each sign keeps a key
+range of at most ``MAX_BINS`` (2048, a span of 10^17 in magnitude at 1 %): beyond
+that the bins of the *smallest magnitudes* (the values nearest zero, of that
+sign) are merged into one, and quantiles that fall in them lose the guarantee.
+Real sensor data rarely spans more than a few decades; the dense encoding then
+costs 4 bytes per bin over the span actually used.
+
+Encoding (little-endian; the ``sketch`` column of wire format v1, see
+docs/wire-format.md): u8 version (1), f64 α, u64 zero count, then for the
+positive and then the negative bins: i32 lowest key k₀, u16 n, and n u32 counts
+for the keys k₀ … k₀+n−1 (dense: zeros included; n = 0 for no bins). Dense runs
+of small counts compress well under the batch's zstd.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from shared.errors import WireError
+
+ALPHA = 0.01
+MIN_MAGNITUDE = 1e-9
+MAX_BINS = 2048
+#: log of the largest float64 (with a margin): a bin's value γᵏ must stay finite
+_MAX_LOG_VALUE = 700.0
+_HEAD = struct.Struct("<BdQ")
+_RUN = struct.Struct("<iH")
+
+
+@dataclass
+class DDSketch:
+    alpha: float = ALPHA
+    zero: int = 0
+    pos: dict[int, int] = field(default_factory=dict)
+    neg: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def gamma(self) -> float:
+        return (1 + self.alpha) / (1 - self.alpha)
+
+    @property
+    def count(self) -> int:
+        return self.zero + sum(self.pos.values()) + sum(self.neg.values())
+
+    @classmethod
+    def from_values(cls, values: npt.NDArray[np.float64], alpha: float = ALPHA) -> DDSketch:
+        sk = cls(alpha=alpha)
+        v = values[np.isfinite(values)]
+        mag = np.abs(v)
+        small = mag < MIN_MAGNITUDE
+        sk.zero = int(small.sum())
+        log_gamma = math.log(sk.gamma)
+        for sign, store in ((1, sk.pos), (-1, sk.neg)):
+            sel = ~small & (np.sign(v) == sign)
+            if sel.any():
+                keys = np.ceil(np.log(mag[sel]) / log_gamma).astype(np.int64)
+                uk, counts = np.unique(keys, return_counts=True)
+                store.update(zip(uk.tolist(), counts.tolist(), strict=True))
+        sk._collapse()
+        return sk
+
+    def merge(self, other: DDSketch) -> DDSketch:
+        if other.alpha != self.alpha:
+            raise ValueError("cannot merge sketches of different accuracy")
+        out = DDSketch(self.alpha, self.zero + other.zero, dict(self.pos), dict(self.neg))
+        for mine, theirs in ((out.pos, other.pos), (out.neg, other.neg)):
+            for k, c in theirs.items():
+                mine[k] = mine.get(k, 0) + c
+        out._collapse()
+        return out
+
+    def _collapse(self) -> None:
+        """Keep every store's key range within MAX_BINS by merging its lowest keys."""
+        for store in (self.pos, self.neg):
+            if store and max(store) - min(store) + 1 > MAX_BINS:
+                floor = max(store) - MAX_BINS + 1
+                low = [k for k in store if k <= floor]
+                store[floor] = sum(store.pop(k) for k in low)
+
+    def _value(self, key: int) -> float:
+        return 2 * self.gamma**key / (self.gamma + 1)
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile (0 ≤ q ≤ 1) of the values seen, NaN if there were none."""
+        n = self.count
+        if n == 0:
+            return math.nan
+        rank = q * (n - 1)
+        seen = 0
+        for k in sorted(self.neg, reverse=True):  # most negative first
+            seen += self.neg[k]
+            if seen > rank:
+                return -self._value(k)
+        seen += self.zero
+        if seen > rank:
+            return 0.0
+        for k in sorted(self.pos):
+            seen += self.pos[k]
+            if seen > rank:
+                return self._value(k)
+        return self._value(max(self.pos)) if self.pos else 0.0
+
+    def encode(self) -> bytes:
+        parts = [_HEAD.pack(1, self.alpha, self.zero)]
+        for store in (self.pos, self.neg):
+            if not store:
+                parts.append(_RUN.pack(0, 0))
+                continue
+            lo, hi = min(store), max(store)
+            dense = np.zeros(hi - lo + 1, dtype="<u4")
+            for k, c in store.items():
+                dense[k - lo] = c
+            parts.append(_RUN.pack(lo, len(dense)) + dense.tobytes())
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, data: bytes) -> DDSketch:
+        try:
+            version, alpha, zero = _HEAD.unpack_from(data)
+            if version != 1 or not 0 < alpha < 1:
+                raise WireError("bad-sketch", f"sketch version {version}, alpha {alpha}")
+            off = _HEAD.size
+            stores: list[dict[int, int]] = []
+            for _ in range(2):
+                lo, n = _RUN.unpack_from(data, off)
+                off += _RUN.size
+                counts = np.frombuffer(data, dtype="<u4", count=n, offset=off)
+                off += 4 * n
+                stores.append({lo + int(i): int(c) for i, c in enumerate(counts.tolist()) if c})
+        except (struct.error, ValueError) as exc:
+            raise WireError("bad-sketch", f"truncated sketch: {exc}") from None
+        if off != len(data):
+            raise WireError("bad-sketch", "bytes after the sketch")
+        limit = _MAX_LOG_VALUE / math.log((1 + alpha) / (1 - alpha))
+        if any(abs(k) > limit for store in stores if store for k in (min(store), max(store))):
+            raise WireError("bad-sketch", "a bin beyond the range of a float64")
+        return cls(alpha, int(zero), stores[0], stores[1])

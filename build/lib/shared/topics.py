@@ -1,0 +1,84 @@
+"""MQTT topic layout, shared by every component.
+
+Cloud link (device → broker → cloud ingest)::
+
+    telemetry/v1/<device_id>/batch     one wire-format batch per message (QoS 1)
+    telemetry/v1/<device_id>/ack       cloud → device: a batch is stored, or rejected (QoS 1)
+    telemetry/v1/<device_id>/alert     device → cloud: an alert raised or cleared (QoS 1)
+
+Device-local broker (sensor nodes → edge agent)::
+
+    sensors/<node_id>/<sensor>         one reading chunk per message (QoS 1)
+
+``device_id``, ``node_id`` and sensor names are restricted to ``ID_PATTERN`` so that
+they can never contain MQTT separators or wildcards.
+"""
+
+from __future__ import annotations
+
+import re
+
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+DEFAULT_BATCH_PREFIX = "telemetry/v1"
+DEFAULT_SENSOR_PREFIX = "sensors"
+
+
+def is_valid_id(value: str) -> bool:
+    """True if ``value`` may be used as a device, node or sensor id."""
+    return bool(ID_PATTERN.match(value))
+
+
+MAX_UNIT_CHARS = 32
+
+
+def is_valid_unit(value: object) -> bool:
+    """True if ``value`` may be a sensor's unit: a string of at most 32 characters,
+    none of them a control character (line protocol cannot carry one in a tag). The
+    agent refuses other units at intake, so that the cloud never has to."""
+    return isinstance(value, str) and len(value) <= MAX_UNIT_CHARS and value.isprintable()
+
+
+def batch_topic(device_id: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str:
+    return f"{prefix}/{device_id}/batch"
+
+
+def ack_topic(device_id: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str:
+    return f"{prefix}/{device_id}/ack"
+
+
+def alert_topic(device_id: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str:
+    return f"{prefix}/{device_id}/alert"
+
+
+def alert_filter(prefix: str = DEFAULT_BATCH_PREFIX) -> str:
+    return f"{prefix}/+/alert"
+
+
+def device_from_alert_topic(topic: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str | None:
+    head = prefix + "/"
+    if not topic.startswith(head) or not topic.endswith("/alert"):
+        return None
+    device = topic[len(head) : -len("/alert")]
+    return device if is_valid_id(device) else None
+
+
+def batch_filter(prefix: str = DEFAULT_BATCH_PREFIX) -> str:
+    """Subscription filter that matches every device's batch topic."""
+    return f"{prefix}/+/batch"
+
+
+def device_from_batch_topic(topic: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str | None:
+    """The device id in a batch topic, or None if the topic is not one."""
+    head = prefix + "/"
+    if not topic.startswith(head) or not topic.endswith("/batch"):
+        return None
+    device = topic[len(head) : -len("/batch")]
+    return device if is_valid_id(device) else None
+
+
+def sensor_topic(node_id: str, sensor: str, prefix: str = DEFAULT_SENSOR_PREFIX) -> str:
+    return f"{prefix}/{node_id}/{sensor}"
+
+
+def sensor_filter(prefix: str = DEFAULT_SENSOR_PREFIX) -> str:
+    return f"{prefix}/+/+"

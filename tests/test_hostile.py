@@ -69,15 +69,16 @@ def test_poison_messages_do_not_stop_the_ingestor(
         publish_all(broker.port, sends)
         want = {f"reason={r}": 1 for _, r in poison} | {"reason=bad-alert": 4}
         wait_until(
+            # the lake and InfluxDB are written at the same time: wait for both
             lambda: (
                 quarantined(archive) == want
                 and archived_seqs(LocalArchive(archive)).get("dev-p") == {2}
+                and influxq.total_count(influxq.v1_windows(influxdb.url, influx_db)) == 6
             ),
             30,
             "every poison message quarantined and the valid batch stored",
         )
         assert ingestor.popen.poll() is None  # still running
-        assert influxq.total_count(influxq.v1_windows(influxdb.url, influx_db)) == 6
         assert ingestor.terminate() == 0
     finally:
         pipe.stop_all()

@@ -1,1 +1,0 @@
-"""Sinks: where validated batches are written (InfluxDB, the archive)."""

@@ -32,6 +32,18 @@ def quarantined(archive: Path) -> dict[str, int]:
     return out
 
 
+def queue_depth(http_port: int) -> float:
+    """The ingestor's cloud_ingest_queue_depth gauge: messages received, not acknowledged."""
+    import urllib.request
+
+    url = f"http://127.0.0.1:{http_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("cloud_ingest_queue_depth "):
+                return float(line.split()[-1])
+    return 0.0
+
+
 def one_ingestor(
     tmp_path: Path, broker: Service, influxdb: Service, db: str, **target: Any
 ) -> Pipeline:
@@ -185,17 +197,8 @@ def test_memory_stays_bounded_when_the_broker_sends_more_than_it_should(
     and 1.25 GB. Now it stops reading the socket at Receive Maximum: what it has
     received and not acknowledged never exceeds that."""
     import threading
-    import urllib.request
 
     from devstack.services import free_port
-
-    def depth() -> float:
-        url = f"http://127.0.0.1:{http}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            for line in resp.read().decode().splitlines():
-                if line.startswith("cloud_ingest_queue_depth "):
-                    return float(line.split()[-1])
-        return 0.0
 
     broker = fresh("mosquitto")
     archive = tmp_path / "archive"
@@ -219,7 +222,7 @@ def test_memory_stays_bounded_when_the_broker_sends_more_than_it_should(
         deadline = time.monotonic() + 120
         while sender.is_alive() or quarantined(archive).get("reason=bad-magic", 0) < n:
             assert time.monotonic() < deadline, "the flood was not handled within 120 s"
-            peak = max(peak, depth())
+            peak = max(peak, queue_depth(http))
             assert ingestor.popen.poll() is None
             time.sleep(0.02)  # the sampling interval of a gauge, within the deadline
         sender.join()
@@ -239,19 +242,9 @@ def test_a_reconnect_under_a_backlog_keeps_the_bound_and_catches_up(
     messages while it subscribes, within the bound. This test holds a restart under
     a backlog to that (within the bound, every message handled); it does not
     reproduce the livelock itself, which needs a broker slower than the timeout."""
-    import urllib.request
-
     from devstack.services import free_port
 
     http = free_port()
-
-    def depth() -> float:
-        url = f"http://127.0.0.1:{http}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            for line in resp.read().decode().splitlines():
-                if line.startswith("cloud_ingest_queue_depth "):
-                    return float(line.split()[-1])
-        return 0.0
 
     broker = fresh("mosquitto")
     archive = tmp_path / "archive"
@@ -274,7 +267,7 @@ def test_a_reconnect_under_a_backlog_keeps_the_bound_and_catches_up(
         deadline = time.monotonic() + 120
         while quarantined(archive).get("reason=bad-magic", 0) < n:
             assert time.monotonic() < deadline, "the backlog was not handled within 120 s"
-            peak = max(peak, depth())
+            peak = max(peak, queue_depth(http))
             assert ingestor.popen.poll() is None
             time.sleep(0.02)  # the sampling interval of a gauge, within the deadline
         assert 0 < peak <= rm + 1, f"held {peak:.0f} messages, Receive Maximum {rm}"

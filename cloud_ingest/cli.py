@@ -154,7 +154,11 @@ def replay(
 
 @main.command()
 @lake_options
-@click.option("--since", required=True, help="Start: ISO 8601 (UTC) or ns; widened to a period.")
+@click.option(
+    "--since",
+    required=True,
+    help="Start: ISO 8601 (UTC), ns, or a time before now (-1d); widened to a period.",
+)
 @click.option("--until", help="End (exclusive), same forms; default now; widened to a period.")
 @click.option(
     "--period",
@@ -224,7 +228,9 @@ def rollup(
 
 @main.command()
 @lake_options
-@click.option("--since-day", required=True, help="First day (YYYY-MM-DD, UTC) to compact.")
+@click.option(
+    "--since-day", required=True, help="First day (YYYY-MM-DD, UTC, or -2d: two days ago)."
+)
 @click.option("--until-day", help="Last day (inclusive); default yesterday (UTC).")
 @click.option("--device", help="Only this device.")
 def compact(
@@ -253,16 +259,20 @@ def compact(
     from cloud_ingest.compact import compact as run_compact
     from cloud_ingest.sinks.archive import open_archive
     from shared.errors import SinkError
+    from shared.timefmt import parse_day
 
     cfg = load_or_exit(IngestConfig, config_path)
     setup_logging("WARNING" if cfg.log_level == "INFO" else cfg.log_level, cfg.log_format)
     yesterday = datetime.datetime.now(datetime.UTC).date() - datetime.timedelta(days=1)
     until_day = until_day or yesterday.isoformat()
-    for name, value in (("--since-day", since_day), ("--until-day", until_day)):
-        try:
-            datetime.date.fromisoformat(value)
-        except ValueError:
-            raise click.UsageError(f"{name}: {value!r} is not YYYY-MM-DD") from None
+    try:
+        since_day = parse_day(since_day)
+    except ValueError as exc:
+        raise click.UsageError(f"--since-day: {exc}") from None
+    try:
+        until_day = parse_day(until_day)
+    except ValueError as exc:
+        raise click.UsageError(f"--until-day: {exc}") from None
     store = open_archive(_lake_config(cfg, source, s3_endpoint_url))
     try:
         res = run_compact(store, since_day, until_day, device)
@@ -302,11 +312,10 @@ def broker_acl(ingestors: tuple[str, ...], prefix: str) -> None:
     """Print the cloud broker's ACL file (Mosquitto), for these ingestor identities.
 
     Devices (every other username, which must be its device id) may publish only
-    their own batch and alert topics and read only their own ack topic; the
-    ingestors read every batch and alert and publish acks. Use it with the
-    settings of docs/cloud-ingest.md, "Identities at the broker"
-    (allow_anonymous false, use_username_as_clientid true, retain_available
-    false, acl_file).
+    their own batch, alert and health topics and read only their own ack topic;
+    the ingestors read every batch, alert and health report and publish acks. Use
+    it with `cloud-ingest broker-conf` (the listener's settings; docs/cloud-ingest.md,
+    "Identities at the broker").
     """
     from cloud_ingest.broker import mosquitto_acl
     from shared.topics import is_valid_id
@@ -315,6 +324,62 @@ def broker_acl(ingestors: tuple[str, ...], prefix: str) -> None:
         if not is_valid_id(name):
             raise click.UsageError(f"--ingestor {name!r} is not a valid identity")
     click.echo(mosquitto_acl(list(ingestors), prefix), nl=False)
+
+
+@main.command("broker-conf")
+@click.option(
+    "--listener", default="8883 0.0.0.0", show_default=True, help="Mosquitto's listener line."
+)
+@click.option("--acl-file", required=True, type=click.Path(), help="The ACL (broker-acl).")
+@click.option("--password-file", type=click.Path(), help="Mosquitto's password file, if any.")
+@click.option("--ca-file", type=click.Path(), help="TLS: the CA of the clients' certificates.")
+@click.option("--cert-file", type=click.Path(), help="TLS: the broker's certificate.")
+@click.option("--key-file", type=click.Path(), help="TLS: the broker's key.")
+@click.option(
+    "--crl-file",
+    type=click.Path(),
+    help="With TLS: require client certificates (CN = identity) and refuse those listed.",
+)
+def broker_conf(
+    listener: str,
+    acl_file: str,
+    password_file: str | None,
+    ca_file: str | None,
+    cert_file: str | None,
+    key_file: str | None,
+    crl_file: str | None,
+) -> None:
+    """Print the cloud broker's listener settings (a Mosquitto conf.d file).
+
+    No anonymous clients, the client id bound to the identity, no retained
+    messages, the ACL; with --ca-file, --cert-file and --key-file, TLS; with
+    --crl-file as well, a client certificate from `cloud-ingest pki` for every
+    client.
+    """
+    from pathlib import Path
+
+    from cloud_ingest.broker import mosquitto_conf
+
+    tls_files = (ca_file, cert_file, key_file)
+    if any(tls_files) and not all(tls_files):
+        raise click.UsageError("TLS needs --ca-file, --cert-file and --key-file together")
+    if crl_file and not all(tls_files):
+        raise click.UsageError("--crl-file needs TLS (--ca-file, --cert-file, --key-file)")
+    tls = (
+        (Path(ca_file), Path(cert_file), Path(key_file))
+        if ca_file and cert_file and key_file
+        else None
+    )
+    click.echo(
+        mosquitto_conf(
+            listener,
+            Path(password_file) if password_file else None,
+            Path(acl_file),
+            tls,
+            Path(crl_file) if crl_file else None,
+        ),
+        nl=False,
+    )
 
 
 @main.command("device-key")

@@ -24,6 +24,7 @@ class MqttConfig:
     topic_prefix: str = DEFAULT_BATCH_PREFIX
     subscription: str = ""
     alert_subscription: str = ""
+    health_subscription: str = ""
     keepalive_s: int = 30
     session_expiry_s: int = 7 * 24 * 3600
     receive_maximum: int = 256
@@ -63,6 +64,7 @@ class InfluxConfig:
     token_env: str = ""
     measurement: str = "window"
     alert_measurement: str = "alert"
+    health_measurement: str = "agent_health"
     timeout_s: float = 10.0
     #: Points of concurrently handled batches go out together, up to this many per request.
     max_lines_per_write: int = 5000
@@ -156,6 +158,22 @@ class AcksConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """What the ingestor remembers of each device (cloud_ingest/fleet.py)."""
+
+    #: devices whose last-heard time and latest health are kept (and exported to
+    #: Prometheus); beyond this the one heard from least recently is forgotten
+    max_devices: int = 10_000
+    #: a device's health is on /metrics this long after its newest report arrived
+    health_fresh_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_devices <= 1_000_000:
+            raise Invalid("max_devices", "must be 1-1000000")
+        positive("health_fresh_s", self.health_fresh_s)
+
+
+@dataclass(frozen=True)
 class IngestConfig:
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
@@ -168,6 +186,7 @@ class IngestConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     acks: AcksConfig = field(default_factory=AcksConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
     def __post_init__(self) -> None:
         if not 1 <= self.worker_threads <= 64:

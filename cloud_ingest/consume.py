@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -187,10 +188,11 @@ class GroupConsumer:
                 continue
             for msg in group.messages:
                 self.client.ack(msg)  # now the broker may forget it
+            now_ns = time.time_ns()  # the cloud's clock, for the devices' clock offset
             try:
                 for o in outcomes:
                     if o.ack is not None and o.device is not None:
-                        ack = o.ack
+                        ack = o.ack.at(now_ns)
                         if self.master_key is not None:
                             ack = ack.signed(o.device, device_key(self.master_key, o.device))
                         if self.client.tell(ack_topic(o.device, self.prefix), ack.encode()):

@@ -3,7 +3,7 @@
 Each stage hands the next an immutable value:
 
 - :class:`Decoded`: one message as read from the wire. Exactly one of ``batch``,
-  ``alert`` and ``error`` is set. A message that fails to decode still names its
+  ``alert``, ``health`` and ``error`` is set. A message that fails to decode still names its
   device and seq when they can be read, so that the device gets a ``rejected`` ack.
 - :class:`Planned`: one message and what it writes: its InfluxDB lines and its lake
   objects (Arrow rows here; :func:`encode` turns them into Parquet bytes), or the
@@ -25,16 +25,21 @@ from typing import Any, Literal
 
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.lake import alert_object, group_tables, to_parquet
-from cloud_ingest.lineproto import alert_to_line, batch_to_lines
+from cloud_ingest.lineproto import alert_to_line, batch_to_lines, health_to_line
 from shared import jsonwire
 from shared.alerts import Alert, decode_alert
 from shared.errors import WireError
-from shared.topics import device_from_alert_topic, device_from_batch_topic
+from shared.health import HealthReport, decode_health
+from shared.topics import (
+    device_from_alert_topic,
+    device_from_batch_topic,
+    device_from_health_topic,
+)
 from shared.wire import Batch, check_ranges_many, decode_batch, peek_seq
 
 log = logging.getLogger("cloud_ingest.decode")
 
-Kind = Literal["batch", "alert"]
+Kind = Literal["batch", "alert", "health"]
 #: A lake object: its key and its rows (an Arrow record batch) or Parquet bytes.
 LakeObject = tuple[str, Any]
 
@@ -48,6 +53,7 @@ class Decoded:
     seq: int | None
     batch: Batch | None = None
     alert: Alert | None = None
+    health: HealthReport | None = None
     #: why it is quarantined
     error: WireError | None = None
 
@@ -79,11 +85,16 @@ def decode_group(messages: Sequence[tuple[str, bytes]], cfg: IngestConfig) -> li
 
 
 def decode_message(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
-    """One message, on ``…/<device>/batch`` or ``…/<device>/alert``."""
-    kind: Kind = "alert" if topic.endswith("/alert") else "batch"
+    """One message, on ``…/<device>/batch``, ``…/<device>/alert`` or ``…/<device>/health``."""
+    kind: Kind = (
+        "alert" if topic.endswith("/alert") else "health" if topic.endswith("/health") else "batch"
+    )
     try:
+        prefix = cfg.mqtt.topic_prefix
         if kind == "alert":
-            return _decode_alert(topic, payload, cfg)
+            return _decode_json(topic, payload, kind, device_from_alert_topic(topic, prefix))
+        if kind == "health":
+            return _decode_json(topic, payload, kind, device_from_health_topic(topic, prefix))
         return _decode_batch(topic, payload, cfg)
     except Exception as exc:  # a decoder bug must not stop the ingestor
         log.exception("decode: %s on %s", type(exc).__name__, topic)
@@ -113,20 +124,36 @@ def _decode_batch(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
 
 
 def _decode_alert(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
-    device = device_from_alert_topic(topic, cfg.mqtt.topic_prefix)
+    return _decode_json(
+        topic, payload, "alert", device_from_alert_topic(topic, cfg.mqtt.topic_prefix)
+    )
+
+
+def _decode_health(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
+    return _decode_json(
+        topic, payload, "health", device_from_health_topic(topic, cfg.mqtt.topic_prefix)
+    )
+
+
+def _decode_json(topic: str, payload: bytes, kind: Kind, device: str | None) -> Decoded:
+    """An alert or a health report (JSON, shared/alerts.py and shared/health.py)."""
     try:
         if device is None:
-            raise WireError("bad-topic", f"{topic!r} is not <prefix>/<device_id>/alert")
-        alert = decode_alert(payload)
+            raise WireError("bad-topic", f"{topic!r} is not <prefix>/<device_id>/{kind}")
+        value: Alert | HealthReport = (
+            decode_alert(payload) if kind == "alert" else decode_health(payload)
+        )
     except WireError as exc:
-        return Decoded(topic, payload, "alert", device, _json_seq(payload), error=exc)
-    return Decoded(topic, payload, "alert", device, alert.seq, alert=alert)
+        return Decoded(topic, payload, kind, device, _json_seq(payload), error=exc)
+    if isinstance(value, Alert):
+        return Decoded(topic, payload, kind, device, value.seq, alert=value)
+    return Decoded(topic, payload, kind, device, value.seq, health=value)
 
 
 def _json_seq(payload: bytes) -> int | None:
     """Best effort: the seq of a JSON message that failed validation."""
     try:
-        seq = jsonwire.loads(payload, reason="bad-alert", what="an alert", max_bytes=1 << 20)
+        seq = jsonwire.loads(payload, reason="bad-json", what="a message", max_bytes=1 << 20)
         seq = seq.get("seq")
     except (WireError, AttributeError):
         return None
@@ -153,10 +180,13 @@ def plan_group(decoded: Sequence[Decoded], cfg: IngestConfig) -> list[Planned]:
             lines = batch_to_lines(msg.batch, cfg.influx.measurement)
             out.append(Planned(msg, tuple(lines)))
             batches.append((i, msg.batch))
-        else:
-            assert msg.alert is not None
+        elif msg.alert is not None:
             line = alert_to_line(msg.device, msg.alert, cfg.influx.alert_measurement)
             out.append(Planned(msg, (line,), (alert_object(msg.device, msg.alert),)))
+        else:  # a health report: InfluxDB only (it describes the device, not its data)
+            assert msg.health is not None
+            line = health_to_line(msg.device, msg.health, cfg.influx.health_measurement)
+            out.append(Planned(msg, (line,)))
     tables = group_tables([b for _, b in batches])
     for (i, _), objects in zip(batches, tables, strict=True):
         out[i] = Planned(out[i].msg, out[i].lines, tuple(objects))

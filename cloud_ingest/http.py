@@ -17,12 +17,30 @@ Metrics (all counters end in ``_total``):
   broker, waiting or being written (at most ``mqtt.receive_maximum`` with a broker
   that honours it; Mosquitto 2.0.11 does not)
 * ``cloud_ingest_in_hand``: of those, the messages in groups being decoded or
-  written: at most ``mqtt.receive_maximum``, whatever the broker does
+  written: at most ``cloud_ingest_in_hand_limit`` (``mqtt.receive_maximum``),
+  whatever the broker does
 * ``cloud_ingest_acks_pending``: device acks published and not yet acknowledged
   by the broker (at most 16,384; beyond that an ack is not
   sent and counted as ``acks_not_sent``: the device resends and is answered then)
 * ``cloud_ingest_group_messages``: a histogram of the messages per group (large
   groups under load share the fixed costs; docs/cloud-ingest.md)
+
+Fleet health, one series per device the ingestor remembers (at most
+``fleet.max_devices``; cloud_ingest/fleet.py), label ``device_id``:
+
+* ``cloud_ingest_device_last_heard_timestamp_seconds``: when any message of the
+  device last decoded, at the ingestor's clock
+* from its latest health report (shared/health.py), when one arrived within
+  ``fleet.health_fresh_s`` (so that, with several ingestors sharing the load, one
+  that took no report of a device for long does not keep an old one alive):
+  ``edge_agent_ok`` (1 when the report lists no problem),
+  ``edge_agent_backlog_batches``, ``edge_agent_oldest_unsent_age_seconds``
+  (0 when nothing is unsent), ``edge_agent_disk_used_ratio`` (of its budget; 0
+  without one), ``edge_agent_drops_total`` (every ``dropped_*`` counter added up),
+  ``edge_agent_store_errors_total`` and ``edge_agent_report_timestamp_seconds``
+  (the device's clock)
+* ``cloud_ingest_fleet_devices``: devices remembered;
+  ``cloud_ingest_fleet_devices_forgotten_total``: devices forgotten to keep the bound
 
 ``/healthz`` answers 200 while the service is subscribed, 503 otherwise.
 """
@@ -30,6 +48,7 @@ Metrics (all counters end in ``_total``):
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -38,7 +57,9 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from cloud_ingest.fleet import Fleet
 from cloud_ingest.writer import Stats
+from shared.errors import CLOUD_QUARANTINE_REASONS
 
 
 class Health:
@@ -47,6 +68,8 @@ class Health:
         self.queue_depth: Callable[[], int] = lambda: 0
         self.in_hand: Callable[[], int] = lambda: 0
         self.acks_pending: Callable[[], int] = lambda: 0
+        #: mqtt.receive_maximum: the bound of in_hand
+        self.in_hand_limit = 0
 
 
 class _StatsCollector(Collector):
@@ -59,11 +82,16 @@ class _StatsCollector(Collector):
         quarantined = CounterMetricFamily(
             "cloud_ingest_quarantined", "Input sent to quarantine", labels=["reason"]
         )
-        for name, value in sorted(dict(self.stats.counters).items()):
+        counters = dict(self.stats.counters)
+        # every known reason from 0, so that the first quarantine shows as an increase
+        reasons = dict.fromkeys(CLOUD_QUARANTINE_REASONS, 0)
+        for name, value in sorted(counters.items()):
             if name.startswith("quarantined_"):
-                quarantined.add_metric([name[len("quarantined_") :]], value)
+                reasons[name[len("quarantined_") :]] = value
             else:
                 events.add_metric([name], value)
+        for reason, value in sorted(reasons.items()):
+            quarantined.add_metric([reason], value)
         yield events
         yield quarantined
         up = GaugeMetricFamily("cloud_ingest_up", "1 while subscribed to the broker")
@@ -79,6 +107,11 @@ class _StatsCollector(Collector):
         )
         in_hand.add_metric([], float(self.health.in_hand()))
         yield in_hand
+        limit = GaugeMetricFamily(
+            "cloud_ingest_in_hand_limit", "The bound of cloud_ingest_in_hand (receive_maximum)"
+        )
+        limit.add_metric([], float(self.health.in_hand_limit))
+        yield limit
         acks = GaugeMetricFamily(
             "cloud_ingest_acks_pending",
             "Device acks published and not yet acknowledged by the broker",
@@ -87,11 +120,72 @@ class _StatsCollector(Collector):
         yield acks
 
 
+class _FleetCollector(Collector):
+    """Per-device series from :class:`Fleet`: a snapshot per scrape."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    def collect(self) -> Iterator[Any]:
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=["device_id"])
+
+        heard = gauge(
+            "cloud_ingest_device_last_heard_timestamp_seconds",
+            "When a message of the device last decoded (ingestor clock)",
+        )
+        ok = gauge("edge_agent_ok", "1 when the latest health report lists no problem")
+        backlog = gauge("edge_agent_backlog_batches", "Batches not yet acknowledged by the cloud")
+        oldest = gauge("edge_agent_oldest_unsent_age_seconds", "Age of the oldest unsent batch")
+        disk = gauge("edge_agent_disk_used_ratio", "Buffer use over storage.max_bytes")
+        drops = CounterMetricFamily(
+            "edge_agent_drops",
+            "Every dropped_* counter of the agent, added up",
+            labels=["device_id"],
+        )
+        errors = CounterMetricFamily(
+            "edge_agent_store_errors", "Failed buffer transactions", labels=["device_id"]
+        )
+        reported = gauge(
+            "edge_agent_report_timestamp_seconds", "Device clock of the latest health report"
+        )
+        fresh_from = time.time_ns() - int(self.fleet.health_fresh_s * 1e9)
+        for d in self.fleet.snapshot():
+            label = [d.device]
+            heard.add_metric(label, d.last_heard_ns / 1e9)
+            h = d.health
+            if h is None or d.health_received_ns < fresh_from:
+                continue
+            ok.add_metric(label, 0.0 if h.problems else 1.0)
+            backlog.add_metric(label, float(h.backlog_batches))
+            oldest.add_metric(label, h.oldest_unsent_age_s or 0.0)
+            disk.add_metric(
+                label, h.disk_used_bytes / h.disk_budget_bytes if h.disk_budget_bytes else 0.0
+            )
+            drops.add_metric(label, float(h.dropped_total))
+            errors.add_metric(label, float(h.store_errors))
+            reported.add_metric(label, h.ts_ns / 1e9)
+        yield from (heard, ok, backlog, oldest, disk, drops, errors, reported)
+        devices = GaugeMetricFamily("cloud_ingest_fleet_devices", "Devices remembered")
+        devices.add_metric([], float(len(self.fleet)))
+        yield devices
+        forgotten = CounterMetricFamily(
+            "cloud_ingest_fleet_devices_forgotten",
+            "Devices forgotten to keep fleet.max_devices",
+        )
+        forgotten.add_metric([], float(self.fleet.forgotten))
+        yield forgotten
+
+
 class MetricsServer:
-    def __init__(self, listen: str, stats: Stats, health: Health) -> None:
+    def __init__(
+        self, listen: str, stats: Stats, health: Health, fleet: Fleet | None = None
+    ) -> None:
         host, _, port = listen.rpartition(":")
         self.registry = CollectorRegistry()
         self.registry.register(_StatsCollector(stats, health))
+        if fleet is not None:
+            self.registry.register(_FleetCollector(fleet))
         self.sink_seconds = Histogram(
             "cloud_ingest_sink_seconds",
             "Time of a successful sink write, retries included",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 from shared.alerts import Alert
+from shared.health import INT_FIELDS, KNOWN_DROPS, OPTIONAL_FLOAT_FIELDS, HealthReport
 from shared.wire import EXTRA_FIELDS, STAT_FIELDS, Batch
 
 FLOAT_FIELDS = STAT_FIELDS + EXTRA_FIELDS
@@ -64,6 +65,35 @@ def alert_to_line(device_id: str, alert: Alert, measurement: str = "alert") -> s
     if alert.value is not None and math.isfinite(alert.value):
         fields.append(f"value={alert.value!r}")
     return f"{tags} {','.join(fields)} {alert.ts_ns}"
+
+
+def health_to_line(device_id: str, report: HealthReport, measurement: str = "agent_health") -> str:
+    """One point per report, at the device's time of the report. One series per
+    device (the only tag), and a fixed set of fields (shared/health.py)."""
+    fields = [
+        f"state={_string_field(report.state)}",
+        f"problems={_string_field(','.join(report.problems))}",
+        f"reason={_string_field(report.reason)}",
+        f"version={_string_field(report.version)}",
+        f"seq={report.seq}i",
+        f"ok={int(not report.problems)}i",
+        f"uptime_s={report.uptime_s!r}",
+        f"intake_up={int(report.intake_up)}i",
+        f"forward_up={int(report.forward_up)}i",
+        f"disk_used_ratio={report.disk_used_ratio!r}",
+        f"drops_total={report.dropped_total}i",
+    ]
+    fields += [f"{name}={getattr(report, name)}i" for name in INT_FIELDS]
+    fields += [
+        f"{name}={value!r}"
+        for name in OPTIONAL_FLOAT_FIELDS
+        if (value := getattr(report, name)) is not None
+    ]
+    other = sum(v for k, v in report.drops.items() if k not in KNOWN_DROPS)
+    fields += [f"{k}={report.drops.get(k, 0)}i" for k in KNOWN_DROPS]
+    fields.append(f"dropped_other={other}i")
+    meas = measurement.translate(_MEAS_ESCAPES)
+    return f"{meas},device_id={device_id.translate(_TAG_ESCAPES)} {','.join(fields)} {report.ts_ns}"
 
 
 def batch_to_lines(batch: Batch, measurement: str = "window") -> list[str]:

@@ -36,6 +36,7 @@ from typing import Literal
 
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.decode import Planned, decode_group, encode, plan_group
+from cloud_ingest.fleet import Fleet
 from cloud_ingest.revisions import RevisionMemory, WindowKey
 from cloud_ingest.sinks.base import ObjectStore, PointSink
 from cloud_ingest.writer import Quarantine, ShuttingDown, Stats, Write, Writer
@@ -50,6 +51,9 @@ log = logging.getLogger("cloud_ingest.process")
 #: the device's seq counter), to answer a resend with an ack at once. The sinks
 #: are idempotent anyway; this saves the rewrite.
 RECENT_BATCHES = 100_000
+
+
+_RECEIVED = {"batch": "received", "alert": "alerts_received", "health": "health_received"}
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,8 @@ class Processor:
         self.stop = stop or asyncio.Event()
         self.stats = Stats()
         self.writer = Writer(cfg, points, archive, self.stats, self.stop)
+        #: last heard, and latest health, per device (cloud_ingest/fleet.py)
+        self.fleet = Fleet(cfg.fleet.max_devices, cfg.fleet.health_fresh_s)
         self._encoders = ThreadPoolExecutor(cfg.worker_threads, thread_name_prefix="encode")
         self._recent: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._revisions = RevisionMemory()
@@ -98,7 +104,8 @@ class Processor:
     ) -> list[Outcome]:
         """Process messages: write each, recognise it as a duplicate, or quarantine it.
 
-        Batches come on ``…/<device>/batch``, alerts on ``…/<device>/alert``. Each
+        Batches come on ``…/<device>/batch``, alerts on ``…/<device>/alert``, health
+        reports on ``…/<device>/health``. Each
         outcome says which ack (if any) to send to which device: ``stored`` once both
         sinks hold the message, ``rejected`` when it is quarantined and its seq can be
         read, nothing when not even that is possible. The messages are decoded at
@@ -116,7 +123,7 @@ class Processor:
                 decoded.set()  # the next group may be decoded while this one encodes
         planned = await self._encode(planned)
         for p in planned:
-            self.stats.inc("received" if p.msg.kind == "batch" else "alerts_received")
+            self.stats.inc(_RECEIVED[p.msg.kind])
         if after is not None:
             await asyncio.wait([asyncio.ensure_future(after)])
         return await self._write(planned)
@@ -215,6 +222,7 @@ class Processor:
             return Outcome("quarantined", msg.device, ack)
         assert msg.device is not None and msg.seq is not None
         self._remember(msg.device, msg.seq)
+        self.fleet.heard(msg.device, msg.health)
         if repeat_of is not None or step.resent:
             if step.resent:
                 self.stats.inc("duplicates")
@@ -225,7 +233,7 @@ class Processor:
             self.stats.inc("points_written", len(step.write.lines))
             self._revisions.remember(step.versions or {})
         else:
-            self.stats.inc("alerts_written")
+            self.stats.inc("alerts_written" if msg.kind == "alert" else "health_written")
         return Outcome("written", msg.device, Ack(msg.seq, "stored"))
 
     def _remember(self, device: str, seq: int) -> None:

@@ -42,9 +42,11 @@ from cloud_ingest.mqttclient import IngestClient
 from cloud_ingest.process import Processor
 from cloud_ingest.sinks.archive import open_archive
 from cloud_ingest.sinks.influx import make_point_sink
+from cloud_ingest.watchdog import feed
 from shared import backoff
 from shared.cli import write_ready_file
-from shared.topics import alert_filter, batch_filter
+from shared.sdnotify import Notifier
+from shared.topics import alert_filter, batch_filter, health_filter
 
 log = logging.getLogger("cloud_ingest.service")
 
@@ -59,21 +61,24 @@ async def serve(
     archive = open_archive(cfg.archive)
     proc = Processor(cfg, points, archive, stop)
     health = Health()
+    health.in_hand_limit = cfg.mqtt.receive_maximum
+    died = died if died is not None else []
+    notifier = Notifier()  # systemd: READY=1 and the watchdog (cloud_ingest/watchdog.py)
     metrics: MetricsServer | None = None
     on_group: Callable[[float], None] | None = None
     watcher: asyncio.Future[None] | None = None
     if cfg.http.listen:
-        metrics = MetricsServer(cfg.http.listen, proc.stats, health).start()
+        metrics = MetricsServer(cfg.http.listen, proc.stats, health, proc.fleet).start()
         sink_seconds = metrics.sink_seconds
         proc.writer.on_sink_time = lambda sink, secs: sink_seconds.labels(sink).observe(secs)
         on_group = metrics.group_messages.observe
         log.info("metrics on http://%s/metrics", cfg.http.listen)
-        watcher = asyncio.ensure_future(
-            _watch_threads(metrics, stop, died if died is not None else [])
-        )
+        watcher = asyncio.ensure_future(_watch_threads(metrics, stop, died))
     topic = cfg.mqtt.subscription or batch_filter(cfg.mqtt.topic_prefix)
     alerts = cfg.mqtt.alert_subscription or alert_filter(cfg.mqtt.topic_prefix)
+    reports = cfg.mqtt.health_subscription or health_filter(cfg.mqtt.topic_prefix)
     delay = cfg.mqtt.reconnect_min_s
+    dog = asyncio.ensure_future(feed(notifier, proc.stats, lambda: health.in_hand(), died, stop))
     try:
         while not stop.is_set():
             try:
@@ -87,9 +92,10 @@ async def serve(
                         delay = cfg.mqtt.reconnect_min_s
                         health.subscribed.set()
                         write_ready_file(ready_file)
+                        notifier.ready(f"subscribed to {cfg.mqtt.host}:{cfg.mqtt.port}")
 
                     consumer = GroupConsumer(client, proc, stop, health, on_group)
-                    await consumer.run([topic, alerts], subscribed)
+                    await consumer.run([topic, alerts, reports], subscribed)
                     health.subscribed.clear()
             except aiomqtt.MqttError as exc:
                 health.subscribed.clear()
@@ -103,6 +109,8 @@ async def serve(
                 except TimeoutError:
                     delay = backoff.next_delay(delay, cfg.mqtt.reconnect_max_s)
     finally:
+        notifier.stopping()
+        dog.cancel()
         health.subscribed.clear()
         if watcher is not None:
             watcher.cancel()

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from shared.health import HealthReport
 from shared.sketch import DDSketch
 from shared.wire import STAT_FIELDS, SensorRef, WindowSpec, encode_batch, make_batch
 
@@ -88,6 +89,44 @@ def poison_alerts(seq: int) -> list[bytes]:
         json.dumps({**base, "ts_ns": 2**63}).encode(),
         json.dumps({k: v for k, v in base.items() if k != "value"}).encode(),
         json.dumps({**base, "rule": "a\nb"}).encode(),
+    ]
+
+
+def valid_health(seq: int = 11, ts_ns: int = 1_800_000_000 * 10**9) -> bytes:
+    """A health report as an agent sends it (shared/health.py)."""
+    return HealthReport(
+        seq=seq,
+        ts_ns=ts_ns,
+        version="0.1.0",
+        reason="interval",
+        problems=("dropping", "behind"),
+        uptime_s=3600.5,
+        intake_up=True,
+        forward_up=True,
+        backlog_batches=4,
+        backlog_readings=4000,
+        backlog_bytes=2048,
+        disk_used_bytes=1 << 20,
+        disk_budget_bytes=1 << 30,
+        readings_stored=123_456,
+        oldest_unsent_age_s=700.0,
+        clock_offset_s=-0.25,
+        clock_rtt_s=0.01,
+        drops={"dropped_late": 3, "dropped_made_up": 2},
+    ).encode()
+
+
+def poison_health(seq: int) -> list[bytes]:
+    """Health reports that must be quarantined (all ``bad-health``)."""
+    base = json.loads(valid_health(seq))
+    return [
+        json.dumps({**base, "seq": 2**64}).encode(),
+        json.dumps({**base, "backlog_batches": -1}).encode(),
+        json.dumps({**base, "drops": {"dropped late": 1}}).encode(),
+        json.dumps({**base, "drops": {f"d{i}": 1 for i in range(33)}}).encode(),
+        json.dumps({**base, "state": "ok"}).encode(),  # not the worst of its problems
+        json.dumps({**base, "version": "1\n2"}).encode(),  # a control character
+        json.dumps({k: v for k, v in base.items() if k != "clock_offset_s"}).encode(),
     ]
 
 

@@ -29,6 +29,18 @@ def influxql(url: str, q: str, db: str | None = None, method: str = "GET") -> An
         return json.loads(resp.read())
 
 
+def rows(url: str, q: str, db: str) -> list[dict[str, Any]]:
+    """The rows of an InfluxQL query's first series, as dicts (time in ns)."""
+    result = influxql(url, q, db)["results"][0]
+    if "error" in result:
+        raise ValueError(f"{q}: {result['error']}")
+    out: list[dict[str, Any]] = []
+    for series in result.get("series", []):
+        cols = series["columns"]
+        out += [dict(zip(cols, values, strict=True)) for values in series["values"]]
+    return out
+
+
 def create_database(url: str, db: str) -> None:
     influxql(url, f'CREATE DATABASE "{db}"', method="POST")
 

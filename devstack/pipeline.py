@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from devstack import influxq
 from devstack.services import wait_until
 from edge_agent.status import read_status
 from firmware_sim.truth import truth_by_sensor
@@ -300,6 +301,22 @@ class Pipeline:
 
     def agent_status(self) -> dict[str, Any]:
         return read_status(self.agent_db) if self.agent_db.exists() else {"counters": {}}
+
+    def batch_seqs(self, influx_url: str, db: str) -> set[int]:
+        """The seqs the agent gave its batches: every seq it used but those of its
+        health reports, which share the counter. Call after the agent drained (then
+        InfluxDB holds each report once); no alerts in the run."""
+        c = self.agent_status()["counters"]
+        health = {
+            int(r["seq"])
+            for r in influxq.rows(
+                influx_url,
+                f"SELECT seq FROM agent_health WHERE device_id = '{self.spec.device_id}'",
+                db,
+            )
+        }
+        assert len(health) == c.get("health_reports", 0), (len(health), c)
+        return set(range(1, int(c["batches_created"]) + len(health) + 1)) - health
 
     def wait_agent_has(self, produced: int, timeout_s: float) -> None:
         """Poll until the agent has stored (or counted as dropped) every produced reading."""

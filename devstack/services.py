@@ -8,6 +8,7 @@ simulate an outage.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -240,6 +241,36 @@ def victoria_metrics(workdir: Path, port: int | None = None) -> Service:
         port,
         workdir,
         health=lambda: http_ok(f"http://{LOOPBACK}:{port}/health"),
+    )
+
+
+def prometheus(
+    workdir: Path, targets: list[str], rule_files: list[Path], port: int | None = None
+) -> Service:
+    """Debian's Prometheus, scraping ``targets`` (host:port of cloud-ingest's
+    /metrics, as job "cloud-ingest") every second and evaluating ``rule_files``."""
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    binary = find_binary("prometheus", "/usr/bin/prometheus")
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(p) for p in rule_files],
+        "scrape_configs": [{"job_name": "cloud-ingest", "static_configs": [{"targets": targets}]}],
+    }
+    (workdir / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    argv = [
+        binary,
+        f"--config.file={workdir / 'prometheus.yml'}",
+        f"--storage.tsdb.path={workdir / 'data'}",
+        f"--web.listen-address={LOOPBACK}:{port}",
+        "--log.level=warn",
+    ]
+    return Service(
+        "prometheus",
+        argv,
+        port,
+        workdir,
+        health=lambda: http_ok(f"http://{LOOPBACK}:{port}/-/ready"),
     )
 
 

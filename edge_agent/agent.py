@@ -26,12 +26,14 @@ from types import FrameType
 from edge_agent import alerts, budget, buffer, control, kernels, outbox, quarantine, window
 from edge_agent.config import AgentConfig
 from edge_agent.forward import Forwarder
+from edge_agent.health import Reporter
 from edge_agent.intake import Intake
 from edge_agent.lock import BufferLock
 from edge_agent.mqtt import network_thread_alive
 from edge_agent.store import Store
 from shared.cli import write_ready_file
 from shared.errors import StorageError
+from shared.sdnotify import Notifier
 
 log = logging.getLogger("edge_agent.agent")
 
@@ -47,6 +49,7 @@ class Agent:
             self.store = Store(cfg.storage.path, synchronous=cfg.storage.synchronous)
             self.intake = Intake(cfg)
             self.forwarder = Forwarder(cfg, self.store)
+            self.health = Reporter(cfg, self.store, self.forwarder.clock)
         except BaseException:
             self.lock.release()
             raise
@@ -96,6 +99,17 @@ class Agent:
             if not network_thread_alive(client)
         ]
 
+    def stalled(self, limit_s: float) -> str | None:
+        """Why the agent should not feed the watchdog now, or None. The main loop
+        feeding it shows that the loop turns; this adds intake's commit (a commit
+        stuck for ``limit_s``; while it is, the tick waits for it too) and the
+        worker threads."""
+        busy = self.intake.busy_s()
+        if busy > limit_s:
+            return f"intake's commit has taken {busy:.0f} s"
+        dead = self.dead_threads()
+        return f"the {' and '.join(dead)} thread died" if dead else None
+
     def send_ready(self, *, flush: bool = False) -> None:
         """Close and revise what the watermark (or a flush) allows (window.send_ready)."""
         closed, revised = window.send_ready(self.store, self.cfg, flush=flush)
@@ -139,6 +153,10 @@ class Agent:
                 age_ns = int(self.cfg.storage.quarantine_max_age_s * 1e9)
                 with self.store.tx():
                     quarantine.free(self.store, older_than_ns=time.time_ns() - age_ns)
+        self.health.tick(
+            intake_up=self.intake.subscribed.is_set(),
+            forward_up=self.forwarder.connected.is_set(),
+        )
         self.forwarder.pump()
 
     def run(self, ready_file: str | None = None) -> int:
@@ -163,7 +181,10 @@ class Agent:
         log.info("agent: %s window kernels ready in %.2f s", kernels.BACKEND, kernels.warm_up())
         self.intake.start()
         self.forwarder.start()
-        ready_pending = ready_file is not None
+        ready_pending = True
+        notifier = Notifier()  # systemd: READY=1 and the watchdog (shared/sdnotify.py)
+        ping_every = notifier.ping_every_s()
+        next_ping, starved = 0.0, False
         while not self.stopping.wait(self.cfg.tick_s):
             dead = self.dead_threads()
             if dead:
@@ -179,14 +200,32 @@ class Agent:
                 break
             if ready_pending and self.intake.subscribed.is_set():
                 write_ready_file(ready_file)
+                notifier.ready(f"device {self.cfg.device_id}: subscribed to the local broker")
                 ready_pending = False
             self.safe_tick()
+            if ping_every is not None and time.monotonic() >= next_ping:
+                why = self.stalled(ping_every)
+                if why is None:
+                    notifier.watchdog()
+                    next_ping, starved = time.monotonic() + ping_every, False
+                elif not starved:
+                    log.error("agent: not feeding the watchdog: %s", why)
+                    starved = True
+        notifier.stopping()
         try:
             return self.shutdown() or self.exit_code
         finally:
             threading.excepthook = previous_hook
 
     def shutdown(self) -> int:
+        try:  # the last report, with the connections as they were
+            self.health.tick(
+                intake_up=self.intake.subscribed.is_set(),
+                forward_up=self.forwarder.connected.is_set(),
+                stopping=True,
+            )
+        except (sqlite3.Error, StorageError) as exc:
+            log.error("agent: could not store the last health report: %s", exc)
         self.intake.stop()
         try:
             if self.cfg.window.flush_on_shutdown:

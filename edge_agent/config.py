@@ -176,6 +176,31 @@ class ForwardConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """The agent's health report to the cloud (edge_agent/health.py)."""
+
+    #: a report every this many seconds, and at once when a problem starts or ends;
+    #: 0 = no reports (for a cloud broker whose ACL does not allow …/health yet)
+    interval_s: float = 60.0
+    #: "behind" when the oldest unsent batch is older than this
+    behind_after_s: float = 600.0
+    #: "near-budget" when the buffer uses more than this share of storage.max_bytes
+    near_budget: float = 0.9
+    #: reports kept while the link is down; beyond this the oldest is dropped
+    #: (counted as dropped_health): a day's worth at the default interval
+    max_unsent: int = 1440
+
+    def __post_init__(self) -> None:
+        if self.interval_s != 0 and self.interval_s < 1:
+            raise Invalid("interval_s", "must be at least 1 second, or 0 (no reports)")
+        positive("behind_after_s", self.behind_after_s)
+        if not 0 < self.near_budget <= 1:
+            raise Invalid("near_budget", "must be in (0, 1]")
+        if self.max_unsent < 1:
+            raise Invalid("max_unsent", "must be at least 1")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str = "device-1"
     tick_s: float = 0.2
@@ -185,6 +210,7 @@ class AgentConfig:
     window: WindowConfig = field(default_factory=WindowConfig)
     intake: IntakeConfig = field(default_factory=IntakeConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     alerts: tuple[AlertRule, ...] = ()
 
     def __post_init__(self) -> None:

@@ -25,14 +25,15 @@ import paho.mqtt.client as mqtt
 
 from edge_agent import outbox
 from edge_agent.config import AgentConfig
+from edge_agent.health import Clock
 from edge_agent.mqtt import connect_async, make_client
 from edge_agent.store import Store
-from shared.acks import CONTENT_TYPE as ALERT_CONTENT_TYPE
+from shared.acks import CONTENT_TYPE as JSON_CONTENT_TYPE
 from shared.acks import decode_ack
 from shared.auth import read_key
 from shared.errors import WireError
 from shared.mqttprops import publish_properties
-from shared.topics import ack_topic, alert_topic, batch_topic
+from shared.topics import ack_topic, alert_topic, batch_topic, health_topic
 from shared.wire import CONTENT_TYPE, FORMAT_VERSION
 
 log = logging.getLogger("edge_agent.forward")
@@ -52,8 +53,16 @@ class Forwarder:
         self._tokens = 0.0  # backfill byte budget
         self._refilled_ns = 0
         self.ack_topic = ack_topic(cfg.device_id, cfg.forward.topic_prefix)
-        self.alert_topic = alert_topic(cfg.device_id, cfg.forward.topic_prefix)
+        prefix = cfg.forward.topic_prefix
+        self.topics: dict[outbox.Kind, str] = {
+            "batch": self.topic,
+            "alert": alert_topic(cfg.device_id, prefix),
+            "health": health_topic(cfg.device_id, prefix),
+        }
         self._in_flight: dict[int, int] = {}  # mid -> seq
+        #: the device clock against the cloud's, from the acks (edge_agent/health.py)
+        self.clock = Clock()
+        self._ack_times: queue.SimpleQueue[tuple[int, int, int]] = queue.SimpleQueue()
         # acts only on acks that verify under this key, if set (shared/acks.py)
         self._ack_key = read_key("ack_key", cfg.forward.ack_key_file, cfg.forward.ack_key_env)
         client_id = cfg.forward.broker.client_id or f"edge-agent-{cfg.device_id}-forward"
@@ -114,6 +123,8 @@ class Forwarder:
             return
         if ack.status == "rejected":
             log.error("forward: the cloud rejected batch %d: %s", ack.seq, ack.reason)
+        if ack.ts_ns:
+            self._ack_times.put((ack.seq, ack.ts_ns, time.time_ns()))
         self._events.put(("stored" if ack.status == "stored" else "rejected", ack.seq))
 
     def pump(self) -> int:
@@ -150,6 +161,8 @@ class Forwarder:
         else:
             verdicts += [(seq, True) for seq in broker_acked]
         done = sum(outbox.acknowledge(self.store, seq, stored=ok) for seq, ok in verdicts)
+        while not self._ack_times.empty():
+            self.clock.acked(*self._ack_times.get_nowait())
         if bad_acks or unverified:
             with self.store.tx():
                 if bad_acks:
@@ -176,7 +189,7 @@ class Forwarder:
                 log.error(
                     "forward: %s seq %d is damaged on disk (its checksum does not match); "
                     "dropped, counted as dropped_damaged_*",
-                    "alert" if item.alert else "batch",
+                    item.kind,
                     item.seq,
                 )
                 outbox.drop_damaged(self.store, item)
@@ -186,11 +199,11 @@ class Forwarder:
                     return  # the backfill waits for its byte budget; live batches went first
                 self._tokens -= len(item.payload)  # may go negative: paid back over time
             info = self.client.publish(
-                self.alert_topic if item.alert else self.topic,
+                self.topics[item.kind],
                 item.payload,
                 qos=1,
                 properties=publish_properties(
-                    ALERT_CONTENT_TYPE if item.alert else CONTENT_TYPE,
+                    CONTENT_TYPE if item.kind == "batch" else JSON_CONTENT_TYPE,
                     [("seq", str(item.seq)), ("schema", str(FORMAT_VERSION))],
                     self.cfg.forward.message_expiry_s,
                 ),
@@ -201,6 +214,7 @@ class Forwarder:
                 )
                 return
             self._in_flight[info.mid] = item.seq
+            self.clock.published(item.seq, now)
 
     def _refill(self, now_ns: int) -> None:
         """Token bucket for the backfill: ``backfill_bytes_per_s``, bursts up to one second."""

@@ -69,12 +69,20 @@ class Intake:
         self._failures = 0  # consecutive failed commits
         self._retry_at = 0.0  # monotonic time of the next attempt after a failure
         self._dropped_held = 0  # QoS 0 messages dropped while the file failed, not yet counted
+        self._busy_since = 0.0  # monotonic start of the commit in progress; 0 when none
         client_id = cfg.intake.broker.client_id or f"edge-agent-{cfg.device_id}-intake"
         self.client = client or make_client(cfg.intake.broker, client_id, manual_ack=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+
+    def busy_s(self) -> float:
+        """How long the commit in progress has taken so far (0 when none is): a
+        commit stuck for long is a stalled intake (the agent stops feeding the
+        service manager's watchdog, edge_agent/agent.py)."""
+        since = self._busy_since
+        return time.monotonic() - since if since else 0.0
 
     @property
     def failing(self) -> bool:
@@ -144,6 +152,7 @@ class Intake:
         if not self._pending or time.monotonic() < self._retry_at:
             return
         group = list(self._pending)
+        self._busy_since = time.monotonic()
         try:
             results = self._commit(group)
         except (sqlite3.Error, StorageError) as exc:
@@ -153,6 +162,8 @@ class Intake:
             log.exception("intake: a group of %d messages failed; storing one by one", len(group))
             self._commit_one_by_one()
             return
+        finally:
+            self._busy_since = 0.0
         self._done(group, results)
 
     def _commit_one_by_one(self) -> None:

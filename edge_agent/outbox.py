@@ -10,6 +10,10 @@ A batch's life::
        ▲                                          │   └─cloud ack "rejected"─▶ deleted, counted
        └────────── next_try_ns passes, no ack ────┘
 
+Alerts (:mod:`edge_agent.alerts`) and health reports (:mod:`edge_agent.health`)
+live the same life in tables of their own, ``alerts`` and ``health``, and share
+the seq counter, so the cloud acknowledges all three the same way.
+
 ``sent`` only means the broker has the batch; the row stays until the cloud
 ingestor says InfluxDB and the archive hold it (``forward.end_to_end_ack``). A
 sent batch without an ack is due again after ``ack_timeout_s`` × 2^(attempts−1),
@@ -23,12 +27,21 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 from edge_agent.store import Store, crc
 from shared.wire import Batch, encode_batch
 
 NEXT_SEQ = "next_seq"
 LAST_ACK = "last_ack_ns"
+
+Kind = Literal["batch", "alert", "health"]
+#: The table of each kind, and the word its counters use (``batches_sent``, …).
+TABLES: dict[Kind, tuple[str, str]] = {
+    "batch": ("outbox", "batches"),
+    "alert": ("alerts", "alerts"),
+    "health": ("health", "health"),
+}
 
 
 @dataclass(frozen=True)
@@ -37,13 +50,16 @@ class Outgoing:
     payload: bytes
     attempts: int
     live: bool = False
-    alert: bool = False
+    kind: Kind = "batch"
     crc: int | None = None  # of the payload as written; None in rows from older agents
 
     @property
     def intact(self) -> bool:
         """The payload is what was written (the SD card did not damage it)."""
         return self.crc is None or crc(self.payload) == self.crc
+
+
+_WORD = dict(TABLES.values())
 
 
 def next_seq(store: Store) -> int:
@@ -86,7 +102,8 @@ def due(
 ) -> list[Outgoing]:
     """Batches to publish now: pending ones, and sent ones whose ack is overdue.
 
-    Drain order: alerts first (:mod:`edge_agent.alerts`); then the *live* batches
+    Drain order: alerts first (:mod:`edge_agent.alerts`), then health reports
+    (:mod:`edge_agent.health`); then the *live* batches
     (created at or after ``live_since_ns``, oldest first), so that dashboards come
     back to life at once after an outage;
     then the *backfill* (older batches, oldest first). Without ``live_since_ns``
@@ -97,18 +114,19 @@ def due(
     now_ns = time.time_ns() if now_ns is None else now_ns
     skip = set(exclude)
     out: list[Outgoing] = []
-    # alerts before everything else
-    for seq, payload, attempts, check in store.conn.execute(
-        "SELECT seq, payload, attempts, crc FROM alerts "
-        "WHERE state = 'pending' OR (state = 'sent' AND next_try_ns <= ?) ORDER BY seq LIMIT ?",
-        (now_ns, limit + len(skip)),
-    ):
-        if len(out) >= limit:
-            return out
-        if seq not in skip:
-            out.append(
-                Outgoing(int(seq), bytes(payload), int(attempts), True, alert=True, crc=check)
-            )
+    # alerts, then health reports, before every batch
+    kind: Kind
+    for kind in ("alert", "health"):
+        for seq, payload, attempts, check in store.conn.execute(
+            f"SELECT seq, payload, attempts, crc FROM {TABLES[kind][0]} "
+            "WHERE state = 'pending' OR (state = 'sent' AND next_try_ns <= ?) "
+            "ORDER BY seq LIMIT ?",
+            (now_ns, limit + len(skip)),
+        ):
+            if len(out) >= limit:
+                return out
+            if seq not in skip:
+                out.append(Outgoing(int(seq), bytes(payload), int(attempts), True, kind, check))
     base = (
         "SELECT seq, payload, attempts, crc FROM outbox "
         "WHERE (state = 'pending' OR (state = 'sent' AND next_try_ns <= ?)) "
@@ -169,7 +187,7 @@ def mark_sent(
                 ),
             )
             changed += 1
-            what = "batches" if table == "outbox" else "alerts"
+            what = _WORD[table]
             store.add_counter(f"{what}_sent", 1)
             if attempts > 1:
                 store.add_counter(f"{what}_resent", 1)
@@ -186,14 +204,15 @@ def acknowledge(store: Store, seq: int, *, stored: bool, now_ns: int | None = No
             store.add_counter("acks_duplicate", 1)
             return False
         store.conn.execute(f"DELETE FROM {table} WHERE seq = ?", (seq,))
-        what = "batches" if table == "outbox" else "alerts"
+        what = _WORD[table]
         store.add_counter(f"{what}_acked" if stored else f"{what}_rejected", 1)
     return True
 
 
 def _find(store: Store, seq: int, column: str) -> tuple[str, tuple[int, ...] | None]:
-    """The table (outbox or alerts) holding ``seq`` and its ``column``; seqs are shared."""
-    for table in ("outbox", "alerts"):
+    """The table (outbox, alerts or health) holding ``seq`` and its ``column``; seqs
+    are shared."""
+    for table in _WORD:
         row = store.conn.execute(f"SELECT {column} FROM {table} WHERE seq = ?", (seq,)).fetchone()
         if row is not None:
             return table, tuple(row)
@@ -203,18 +222,15 @@ def _find(store: Store, seq: int, column: str) -> tuple[str, tuple[int, ...] | N
 def drop_damaged(store: Store, item: Outgoing) -> None:
     """A batch or alert whose payload no longer matches its checksum: it cannot be
     sent (the cloud would refuse it, or never answer), so it is dropped, counted."""
-    table, what = ("alerts", "alerts") if item.alert else ("outbox", "batches")
+    table, what = TABLES[item.kind]
     with store.tx():
         store.conn.execute(f"DELETE FROM {table} WHERE seq = ?", (item.seq,))
         store.add_counter(f"dropped_damaged_{what}", 1)
 
 
 def count_unacked(store: Store) -> int:
-    """Batches and alerts not yet acknowledged by the cloud."""
-    return sum(
-        int(store.conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0])
-        for t in ("outbox", "alerts")
-    )
+    """Batches, alerts and health reports not yet acknowledged by the cloud."""
+    return sum(int(store.conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in _WORD)
 
 
 def count_pending(store: Store) -> int:

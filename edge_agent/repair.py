@@ -80,7 +80,12 @@ class CheckReport:
 
 
 #: The BLOB columns each ``crc`` covers, per table.
-CRC_OF = {"chunks": ("ts", "vals"), "outbox": ("payload",), "alerts": ("payload",)}
+CRC_OF = {
+    "chunks": ("ts", "vals"),
+    "outbox": ("payload",),
+    "alerts": ("payload",),
+    "health": ("payload",),
+}
 
 
 def _row_problem(table: str, row: dict[str, Any]) -> str | None:

@@ -105,22 +105,23 @@ def _v3(db: sqlite_utils.Database) -> None:
     )
 
 
+#: The columns of what is sent and acknowledged like a batch (alerts, health reports).
+_SENT_LIKE_BATCHES = {
+    "seq": int,
+    "created_ns": int,
+    "payload": bytes,
+    "state": str,
+    "sent_ns": int,
+    "attempts": int,
+    "next_try_ns": int,
+}
+_SENT_DEFAULTS = {"attempts": 0, "next_try_ns": 0}
+
+
 def _v4(db: sqlite_utils.Database) -> None:
     """Alerts: events waiting for the cloud's ack (same life as outbox batches), and
     which rules are raised."""
-    db.table("alerts").create(
-        {
-            "seq": int,
-            "created_ns": int,
-            "payload": bytes,
-            "state": str,
-            "sent_ns": int,
-            "attempts": int,
-            "next_try_ns": int,
-        },
-        pk="seq",
-        defaults={"attempts": 0, "next_try_ns": 0},
-    )
+    db.table("alerts").create(_SENT_LIKE_BATCHES, pk="seq", defaults=_SENT_DEFAULTS)
     db.table("alert_state").create({"rule": str, "raised": int, "since_ns": int}, pk="rule")
 
 
@@ -145,8 +146,14 @@ def _v5(db: sqlite_utils.Database) -> None:
     db.conn.execute("CREATE TABLE row_counts (name TEXT PRIMARY KEY, n INTEGER NOT NULL)")
 
 
+def _v6(db: sqlite_utils.Database) -> None:
+    """Health reports waiting for the cloud's ack (edge_agent/health.py): the same
+    life, and the same columns, as alerts."""
+    db.table("health").create({**_SENT_LIKE_BATCHES, "crc": int}, pk="seq", defaults=_SENT_DEFAULTS)
+
+
 #: MIGRATIONS[i] upgrades schema version i to i + 1.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 SCHEMA_VERSION = len(MIGRATIONS)
 ROW_COUNTS = "row_counts"
 STORE_ERRORS = "store_errors"  # counter: transactions that SQLite failed

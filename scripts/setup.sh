@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup on Debian/Ubuntu: the Debian packages the demo and tests run
-# (Mosquitto, InfluxDB 1.x, VictoriaMetrics) and a virtualenv with this project.
+# (Mosquitto, InfluxDB 1.x, VictoriaMetrics; for the tests also Prometheus,
+# systemd-analyze and python3-apt) and a virtualenv with this project.
 #
 #   scripts/setup.sh [run|dev]     run: the project only; dev: also the test tools
 #
@@ -32,6 +33,9 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
 fi
 
 packages=(mosquitto influxdb victoria-metrics)
+# The tests also run the operators' tools: promtool and Prometheus, systemd-analyze,
+# and Ansible's apt module (python3-apt, for the system's Python).
+[ "$EXTRAS" = dev ] && packages+=(prometheus systemd python3-apt)
 # Debian's python3 needs python3-venv for `python3 -m venv` (ensurepip).
 "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
 missing=()

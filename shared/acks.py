@@ -20,6 +20,12 @@ hold one master key; a device's key is derived from it
 list and a device's key tells nothing about another's. An agent with a key
 acts only on acks that verify; any other is ignored (the batch stays and is
 sent again) and counted as ``acks_unverified``.
+
+**The cloud's clock.** An ack may carry ``"ts_ns"``, the ingestor's clock when it
+sent the ack. The agent uses it only to estimate its own clock offset for its
+health report (shared/health.py); it is not covered by the MAC (adding it would
+break the agents that verify acks today), so a forged value can only mislead that
+diagnostic, never delete data.
 """
 
 from __future__ import annotations
@@ -52,9 +58,15 @@ class Ack:
     reason: str = ""
     #: hex HMAC (see the module doc); "" when unsigned
     mac: str = ""
+    #: the cloud's clock when the ack was sent; 0 when not given
+    ts_ns: int = 0
 
     def signed(self, device_id: str, key: bytes) -> Ack:
-        return Ack(self.seq, self.status, self.reason, self._mac(device_id, key))
+        return Ack(self.seq, self.status, self.reason, self._mac(device_id, key), self.ts_ns)
+
+    def at(self, ts_ns: int) -> Ack:
+        """This ack, stamped with the cloud's clock."""
+        return Ack(self.seq, self.status, self.reason, self.mac, ts_ns)
 
     def verify(self, device_id: str, key: bytes) -> bool:
         return hmac.compare_digest(self.mac, self._mac(device_id, key))
@@ -69,6 +81,8 @@ class Ack:
             obj["reason"] = self.reason
         if self.mac:
             obj["mac"] = self.mac
+        if self.ts_ns:
+            obj["ts_ns"] = self.ts_ns
         return json.dumps(obj, separators=(",", ":")).encode()
 
 
@@ -90,4 +104,7 @@ def decode_ack(payload: bytes) -> Ack:
     mac = obj.get("mac", "")
     if not isinstance(mac, str) or len(mac) > 2 * MAC_BYTES:
         raise WireError("bad-ack", f"mac must be a string of at most {2 * MAC_BYTES} characters")
-    return Ack(seq, status, reason, mac)
+    ts_ns = obj.get("ts_ns", 0)
+    if type(ts_ns) is not int or not 0 <= ts_ns < 2**63:
+        raise WireError("bad-ack", "ts_ns must be an integer in [0, 2^63)")
+    return Ack(seq, status, reason, mac, ts_ns)

@@ -47,6 +47,34 @@ class LakeObjectError(TelemetryError):
         super().__init__(f"lake object {key} cannot be read: {message}")
 
 
+#: Every reason cloud-ingest may quarantine a message for (docs/wire-format.md §2.7),
+#: so that each counter can be shown from 0 before its first increase (a counter
+#: that appears at 1 shows no increase to Prometheus). tests/test_prometheus.py
+#: holds the decoders to this list.
+CLOUD_QUARANTINE_REASONS = (
+    "bad-topic",
+    "too-large",
+    "truncated",
+    "bad-magic",
+    "unsupported-version",
+    "unsupported-codec",
+    "bad-compression",
+    "bad-header",
+    "bad-window",
+    "bad-sensor",
+    "bad-column",
+    "bad-sketch",
+    "bad-device-id",
+    "bad-seq",
+    "device-mismatch",
+    "bad-range",
+    "bad-alert",
+    "bad-health",
+    "sink-rejected",
+    "undecodable",
+)
+
+
 class WireError(TelemetryError):
     """A wire message is malformed or invalid.
 

@@ -5,6 +5,7 @@ Cloud link (device → broker → cloud ingest)::
     telemetry/v1/<device_id>/batch     one wire-format batch per message (QoS 1)
     telemetry/v1/<device_id>/ack       cloud → device: a batch is stored, or rejected (QoS 1)
     telemetry/v1/<device_id>/alert     device → cloud: an alert raised or cleared (QoS 1)
+    telemetry/v1/<device_id>/health    device → cloud: the agent's health report (QoS 1)
 
 Device-local broker (sensor nodes → edge agent)::
 
@@ -55,10 +56,27 @@ def alert_filter(prefix: str = DEFAULT_BATCH_PREFIX) -> str:
 
 
 def device_from_alert_topic(topic: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str | None:
-    head = prefix + "/"
-    if not topic.startswith(head) or not topic.endswith("/alert"):
+    return _device_from(topic, prefix, "alert")
+
+
+def health_topic(device_id: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str:
+    return f"{prefix}/{device_id}/health"
+
+
+def health_filter(prefix: str = DEFAULT_BATCH_PREFIX) -> str:
+    return f"{prefix}/+/health"
+
+
+def device_from_health_topic(topic: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str | None:
+    return _device_from(topic, prefix, "health")
+
+
+def _device_from(topic: str, prefix: str, kind: str) -> str | None:
+    """The device id in ``<prefix>/<device_id>/<kind>``, or None if the topic is not one."""
+    head, tail = prefix + "/", "/" + kind
+    if not topic.startswith(head) or not topic.endswith(tail):
         return None
-    device = topic[len(head) : -len("/alert")]
+    device = topic[len(head) : -len(tail)]
     return device if is_valid_id(device) else None
 
 
@@ -69,11 +87,7 @@ def batch_filter(prefix: str = DEFAULT_BATCH_PREFIX) -> str:
 
 def device_from_batch_topic(topic: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str | None:
     """The device id in a batch topic, or None if the topic is not one."""
-    head = prefix + "/"
-    if not topic.startswith(head) or not topic.endswith("/batch"):
-        return None
-    device = topic[len(head) : -len("/batch")]
-    return device if is_valid_id(device) else None
+    return _device_from(topic, prefix, "batch")
 
 
 def sensor_topic(node_id: str, sensor: str, prefix: str = DEFAULT_SENSOR_PREFIX) -> str:

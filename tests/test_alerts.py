@@ -121,7 +121,12 @@ def test_alerts_leave_before_batches(tmp_path: Path) -> None:
     with s.tx():
         alerts.record(s, AlertEngine((rule,), s).evaluate(s, "n", "s", [10**18], [5.0]))
     due = outbox.due(s, 10)
-    assert [(o.seq, o.alert) for o in due] == [(4, True), (1, False), (2, False), (3, False)]
+    assert [(o.seq, o.kind) for o in due] == [
+        (4, "alert"),
+        (1, "batch"),
+        (2, "batch"),
+        (3, "batch"),
+    ]
     assert outbox.acknowledge(s, 4, stored=True) and s.counters()["alerts_acked"] == 1
 
 

@@ -14,6 +14,8 @@ from click.testing import CliRunner, Result
 from edge_agent import alerts, buffer, outbox, quarantine, window
 from edge_agent.alerts import AlertEngine, AlertRule
 from edge_agent.cli import main as agent_main
+from edge_agent.config import AgentConfig
+from edge_agent.health import Clock, Reporter
 from edge_agent.lock import BufferLock
 from edge_agent.repair import schema_tables
 from edge_agent.store import Store
@@ -47,6 +49,7 @@ def fill_every_table(db: Path) -> None:
         alerts.record(s, AlertEngine((rule,), s).evaluate(s, "n", "s0", [T0], [5.0]))
         quarantine.add(s, "sensors/n/x", WireError("bad-json", "nope"), b"{", max_bytes=0)
     outbox.mark_sent(s, [1, 2], timeout_s=30, max_backoff_s=60)
+    Reporter(AgentConfig(), s, Clock()).tick(intake_up=True, forward_up=False)
     empty = [t for t in schema_tables() if not s.conn.execute(f"SELECT 1 FROM [{t}]").fetchone()]
     assert empty == [], f"fill these tables too, so the repair test covers them: {empty}"
     s.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

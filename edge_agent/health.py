@@ -1,0 +1,204 @@
+"""The agent's health report to the cloud: what the technician's ``status`` shows,
+sent so that the cloud can see a fleet (the message: shared/health.py).
+
+A report is made at start, every ``health.interval_s``, at once when the set of
+problems changes, and at a clean stop. Problems (worst first, ``PROBLEMS``):
+
+* ``store-failing``: ``store_errors`` grew within the last interval;
+* ``intake-down``: not subscribed to the local broker;
+* ``dropping``: a ``dropped_*`` counter grew within the last interval;
+* ``near-budget``: the buffer uses more than ``health.near_budget`` of
+  ``storage.max_bytes``;
+* ``link-down``: not connected to the cloud broker;
+* ``behind``: the oldest unsent batch is older than ``health.behind_after_s``.
+
+Reports are stored in the ``health`` table, in a transaction of their own, and
+leave like alerts (after alerts, before batches), acknowledged and resent until
+the cloud has them. At most ``health.max_unsent`` wait: beyond that the oldest is
+deleted and counted as ``dropped_health`` (a day of reports at the default
+interval; the newest say more about the device than the oldest).
+
+The clock offset comes from the cloud's time in its acks (shared/acks.py): for a
+batch published once, the ack's ``ts_ns`` against the midpoint of publish and
+receipt, within ± half the round trip; of the last :data:`CLOCK_SAMPLES` such
+acks the one with the shortest round trip is reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from importlib import metadata
+
+from edge_agent import budget, outbox, quarantine
+from edge_agent.config import AgentConfig
+from edge_agent.store import STORE_ERRORS, Store, crc
+from shared.health import PROBLEMS, HealthReport
+
+CHECK_EVERY_S = 1.0  # the problems are checked at most this often
+CLOCK_SAMPLES = 64
+PUBLISHED_KEPT = 4096  # publish times remembered, for the acks that follow them
+DROPPED = "dropped_health"
+
+
+def agent_version() -> str:
+    try:
+        return metadata.version("iot-telemetry")[:32]
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class ClockSample:
+    offset_s: float
+    rtt_s: float
+
+
+class Clock:
+    """The device clock against the cloud's, from acks (see the module doc). Used
+    from the agent's thread only (the forwarder's pump)."""
+
+    def __init__(self) -> None:
+        self._published: OrderedDict[int, tuple[int, int]] = OrderedDict()  # seq -> (ns, count)
+        self._samples: deque[ClockSample] = deque(maxlen=CLOCK_SAMPLES)
+
+    def published(self, seq: int, now_ns: int) -> None:
+        count = self._published.pop(seq, (0, 0))[1] + 1
+        self._published[seq] = (now_ns, count)
+        while len(self._published) > PUBLISHED_KEPT:
+            self._published.popitem(last=False)
+
+    def acked(self, seq: int, cloud_ns: int, received_ns: int) -> None:
+        sent = self._published.pop(seq, None)
+        if not cloud_ns or sent is None or sent[1] != 1 or received_ns < sent[0]:
+            return  # a resend: which publish the ack answers is not known
+        rtt = received_ns - sent[0]
+        offset = cloud_ns - (sent[0] + received_ns) // 2
+        self._samples.append(ClockSample(offset / 1e9, rtt / 1e9))
+
+    def estimate(self) -> ClockSample | None:
+        return min(self._samples, key=lambda s: s.rtt_s, default=None)
+
+
+class Reporter:
+    def __init__(self, cfg: AgentConfig, store: Store, clock: Clock) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.clock = clock
+        self.version = agent_version()
+        self._started = time.monotonic()
+        self._next_report = 0.0
+        self._next_check = 0.0
+        self._problems: frozenset[str] | None = None  # as last reported
+        self._drops = self._errors = -1
+        self._drops_grew = self._errors_grew = float("-inf")
+
+    def tick(self, *, intake_up: bool, forward_up: bool, stopping: bool = False) -> bool:
+        """Make a report if one is due; True if one was made."""
+        if not self.cfg.health.interval_s:
+            return False  # reports are off
+        now = time.monotonic()
+        if now < self._next_check and not stopping:
+            return False
+        self._next_check = now + CHECK_EVERY_S
+        problems = self._check(now, intake_up=intake_up, forward_up=forward_up)
+        if stopping:
+            reason = "stop"
+        elif self._problems is None:
+            reason = "start"
+        elif problems != self._problems:
+            reason = "change"
+        elif now >= self._next_report:
+            reason = "interval"
+        else:
+            return False
+        self._store(self._report(reason, problems, intake_up, forward_up))
+        self._problems = problems
+        self._next_report = now + self.cfg.health.interval_s
+        return True
+
+    def _check(self, now: float, *, intake_up: bool, forward_up: bool) -> frozenset[str]:
+        h, counters = self.cfg.health, self.store.counters()
+        drops = sum(v for k, v in counters.items() if k.startswith("dropped_"))
+        errors = counters.get(STORE_ERRORS, 0)
+        if self._drops >= 0 and drops > self._drops:
+            self._drops_grew = now
+        if self._errors >= 0 and errors > self._errors:
+            self._errors_grew = now
+        self._drops, self._errors = drops, errors
+        oldest = self.store.conn.execute(
+            "SELECT created_ns FROM outbox ORDER BY seq LIMIT 1"
+        ).fetchone()
+        max_bytes = self.cfg.storage.max_bytes
+        found = {
+            "store-failing": now - self._errors_grew < h.interval_s,
+            "intake-down": not intake_up,
+            "dropping": now - self._drops_grew < h.interval_s,
+            "near-budget": bool(max_bytes)
+            and budget.used_bytes(self.store) > h.near_budget * max_bytes,
+            "link-down": not forward_up,
+            "behind": oldest is not None
+            and time.time_ns() - int(oldest[0]) > h.behind_after_s * 1e9,
+        }
+        return frozenset(p for p in PROBLEMS if found[p])
+
+    def _report(
+        self, reason: str, problems: frozenset[str], intake_up: bool, forward_up: bool
+    ) -> HealthReport:
+        c, now_ns = self.store.conn, time.time_ns()
+        counters = self.store.counters()
+        n, readings, size, oldest = c.execute(
+            "SELECT count(*), coalesce(sum(readings), 0), coalesce(sum(length(payload)), 0), "
+            "min(created_ns) FROM outbox"
+        ).fetchone()
+        last_ack = self.store.get_state(outbox.LAST_ACK)
+        clock = self.clock.estimate()
+        return HealthReport(
+            seq=0,  # given when stored
+            ts_ns=now_ns,
+            version=self.version,
+            reason=reason,
+            problems=tuple(p for p in PROBLEMS if p in problems),
+            uptime_s=round(time.monotonic() - self._started, 3),
+            intake_up=intake_up,
+            forward_up=forward_up,
+            backlog_batches=int(n),
+            backlog_readings=int(readings),
+            backlog_bytes=int(size),
+            quarantined=int(c.execute("SELECT count(*) FROM quarantine").fetchone()[0]),
+            quarantine_bytes=quarantine.total_bytes(self.store),
+            disk_used_bytes=budget.used_bytes(self.store),
+            disk_budget_bytes=self.cfg.storage.max_bytes,
+            store_errors=counters.get(STORE_ERRORS, 0),
+            readings_stored=counters.get("readings_stored", 0),
+            alerts_open=int(
+                c.execute("SELECT count(*) FROM alert_state WHERE raised = 1").fetchone()[0]
+            ),
+            alerts_unsent=int(c.execute("SELECT count(*) FROM alerts").fetchone()[0]),
+            oldest_unsent_age_s=(now_ns - int(oldest)) / 1e9 if oldest is not None else None,
+            last_ack_age_s=(now_ns - last_ack) / 1e9 if last_ack else None,
+            clock_offset_s=clock.offset_s if clock else None,
+            clock_rtt_s=clock.rtt_s if clock else None,
+            drops={k: v for k, v in sorted(counters.items()) if k.startswith("dropped_") and v},
+        )
+
+    def _store(self, report: HealthReport) -> None:
+        """Give the report its seq and keep it; drop the oldest beyond ``max_unsent``."""
+        with self.store.tx():
+            seq = outbox.next_seq(self.store)
+            payload = dataclasses.replace(report, seq=seq).encode()
+            self.store.conn.execute(
+                "INSERT INTO health(seq, created_ns, payload, state, crc) "
+                "VALUES (?, ?, ?, 'pending', ?)",
+                (seq, report.ts_ns, payload, crc(payload)),
+            )
+            self.store.add_counter("health_reports", 1)
+            over = self.store.conn.execute(
+                "DELETE FROM health WHERE seq IN (SELECT seq FROM health ORDER BY seq DESC "
+                "LIMIT -1 OFFSET ?)",
+                (self.cfg.health.max_unsent,),
+            ).rowcount
+            if over:
+                self.store.add_counter(DROPPED, over)

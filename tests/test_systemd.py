@@ -52,10 +52,10 @@ MAX_EXPOSURE = 1.5
 
 
 def role_defaults(*roles: str) -> dict[str, Any]:
-    """The defaults of ``roles`` (and telemetry_common), each resolved the way
+    """The defaults of ``roles`` (and telemetry), each resolved the way
     Ansible would resolve them for a host named ``dev-1``."""
     raw: dict[str, Any] = {"inventory_hostname_short": "dev-1", "playbook_dir": "/srv/ansible"}
-    for role in ("telemetry_common", *roles):
+    for role in ("telemetry", *roles):
         raw.update(yaml.safe_load((ROLES / role / "defaults" / "main.yml").read_text()))
     env = jinja2.Environment(undefined=jinja2.StrictUndefined)
     for _ in range(5):  # a value may name another that names another

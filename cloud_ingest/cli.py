@@ -382,6 +382,32 @@ def broker_conf(
     )
 
 
+@main.command("dashboards")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the dashboards' JSON (one file per dashboard).",
+)
+def dashboards_cmd(out: str) -> None:
+    """Write the Grafana dashboards (fleet, device, alerts, cloud ingest) as JSON.
+
+    Built with Grafana's foundation SDK (pip install 'iot-telemetry[dashboards]').
+    The same files are in ansible/roles/monitoring/files/grafana/dashboards, which
+    the monitoring role provisions; docs/deploy.md says which Grafana versions.
+    """
+    from pathlib import Path
+
+    try:
+        from cloud_ingest.dashboards import write_all
+    except ImportError as exc:
+        raise click.ClickException(
+            f"{exc}: install the SDK with pip install 'iot-telemetry[dashboards]'"
+        ) from None
+    for path in write_all(Path(out)):
+        click.echo(str(path))
+
+
 @main.command("device-key")
 @config_option("TOML config file with [acks] key_file (the ingestors' master key).")
 @click.option("--device", "devices", multiple=True, required=True, help="Device id. Repeatable.")

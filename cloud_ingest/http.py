@@ -61,6 +61,29 @@ from cloud_ingest.fleet import Fleet
 from cloud_ingest.writer import Stats
 from shared.errors import CLOUD_QUARANTINE_REASONS
 
+#: Events shown from 0 before their first increase, like the quarantine reasons: the
+#: alert rules take rate() of them, which cannot see a counter appear at 1.
+KNOWN_EVENTS = (
+    "received",
+    "alerts_received",
+    "health_received",
+    "batches_written",
+    "points_written",
+    "alerts_written",
+    "health_written",
+    "duplicates",
+    "acks_stored",
+    "acks_rejected",
+    "acks_not_sent",
+    "influx_retries",
+    "archive_retries",
+    "influx_rejected",
+    "archive_rejected",
+    "mqtt_reconnects",
+    "revisions_superseded",
+    "abandoned_at_shutdown",
+)
+
 
 class Health:
     def __init__(self) -> None:
@@ -82,10 +105,10 @@ class _StatsCollector(Collector):
         quarantined = CounterMetricFamily(
             "cloud_ingest_quarantined", "Input sent to quarantine", labels=["reason"]
         )
-        counters = dict(self.stats.counters)
-        # every known reason from 0, so that the first quarantine shows as an increase
+        # every known event and reason from 0, so that the first one is an increase
+        counts = {**dict.fromkeys(KNOWN_EVENTS, 0), **dict(self.stats.counters)}
         reasons = dict.fromkeys(CLOUD_QUARANTINE_REASONS, 0)
-        for name, value in sorted(counters.items()):
+        for name, value in sorted(counts.items()):
             if name.startswith("quarantined_"):
                 reasons[name[len("quarantined_") :]] = value
             else:

@@ -84,10 +84,13 @@ def health_to_line(device_id: str, report: HealthReport, measurement: str = "age
         f"drops_total={report.dropped_total}i",
     ]
     fields += [f"{name}={getattr(report, name)}i" for name in INT_FIELDS]
+    # nothing unsent is an age of 0 (a graph of it stays a line); the other nullable
+    # numbers are unknown when null, and left out
+    fields.append(f"oldest_unsent_age_s={report.oldest_unsent_age_s or 0.0!r}")
     fields += [
         f"{name}={value!r}"
         for name in OPTIONAL_FLOAT_FIELDS
-        if (value := getattr(report, name)) is not None
+        if name != "oldest_unsent_age_s" and (value := getattr(report, name)) is not None
     ]
     other = sum(v for k, v in report.drops.items() if k not in KNOWN_DROPS)
     fields += [f"{k}={report.drops.get(k, 0)}i" for k in KNOWN_DROPS]

@@ -128,6 +128,8 @@ class Deployment:
             "cloud_broker_key_src": str(issued / "127.0.0.1.key"),
             "cloud_broker_crl_src": str(pki / "crl.pem"),
             "monitoring_prometheus_dir": str(p("/etc/prometheus")),
+            "monitoring_grafana_provisioning_dir": str(p("/etc/grafana/provisioning")),
+            "monitoring_grafana_dashboards_dir": str(p("/var/lib/grafana/dashboards")),
             "edge_broker_conf_dir": str(p("/etc/mosquitto-edge/conf.d")),
             "edge_broker_port": self.ports["edge_mqtt"],
             "edge_agent_device_id": DEVICE,
@@ -239,6 +241,16 @@ def test_the_playbook_deploys_twice_and_what_it_deployed_runs(
         [analyze, "verify", *map(str, units)], capture_output=True, text=True, check=False
     )
     assert res.returncode == 0 and res.stderr == "", res.stderr
+    # Grafana's provisioning: the datasources, the folder, the four dashboards
+    grafana = dep.path("/etc/grafana/provisioning")
+    assert (grafana / "datasources" / "iot-telemetry.yml").exists()
+    assert (grafana / "dashboards" / "iot-telemetry.yml").exists()
+    assert sorted(p.name for p in dep.path("/var/lib/grafana/dashboards").glob("*.json")) == [
+        "iot-alerts.json",
+        "iot-cloud-ingest.json",
+        "iot-device.json",
+        "iot-fleet.json",
+    ]
     databases = influxq.influxql(influx.url, "SHOW DATABASES")["results"][0]["series"][0]
     assert ["telemetry"] in databases["values"]  # the influxdb role created it
 

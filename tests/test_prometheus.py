@@ -80,6 +80,22 @@ def test_every_quarantine_reason_is_shown_from_zero() -> None:
     )
 
 
+def test_every_event_is_shown_from_zero() -> None:
+    """The events the ingestor counts are in KNOWN_EVENTS (shown from 0), so that the
+    rules' rate() sees their first increase."""
+    import re
+
+    from cloud_ingest.http import KNOWN_EVENTS
+
+    root = Path(__file__).resolve().parent.parent / "cloud_ingest"
+    text = "".join(p.read_text() for p in sorted(root.glob("*.py")))
+    counted = set(re.findall(r'stats\.inc\(\s*"([a-z_]+)"', text))
+    counted |= {f"{s}_retries" for s in ("influx", "archive")}
+    counted |= {f"acks_{s}" for s in ("stored", "rejected")}
+    counted |= {"received", "alerts_received", "health_received", "health_written"}
+    assert counted <= set(KNOWN_EVENTS), counted - set(KNOWN_EVENTS)
+
+
 def api(prom: Service, path: str, **params: str) -> Any:
     url = f"{prom.url}/api/v1/{path}"
     if params:

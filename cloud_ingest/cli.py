@@ -186,21 +186,15 @@ def rollup(
     overwrites it (after late data, say). Prints one JSON line per period.
     """
     import json
-    import time
 
     from cloud_ingest.rollup import rollup_lines
     from cloud_ingest.sinks.archive import open_archive
     from cloud_ingest.sinks.influx import make_point_sink
     from shared.errors import LakeObjectError, RetryableSinkError, SinkError
-    from shared.timefmt import parse_time
 
     cfg = load_or_exit(IngestConfig, config_path)
     setup_logging("WARNING" if cfg.log_level == "INFO" else cfg.log_level, cfg.log_format)
-    try:
-        since_ns = parse_time(since)
-        until_ns = time.time_ns() if until is None else parse_time(until)
-    except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
+    since_ns, until_ns = _time_range(since, until)
     store = open_archive(_lake_config(cfg, source, s3_endpoint_url))
     points = make_point_sink(cfg.influx)
     try:
@@ -379,6 +373,107 @@ def broker_conf(
             Path(crl_file) if crl_file else None,
         ),
         nl=False,
+    )
+
+
+def _time_range(since: str, until: str | None) -> tuple[int, int]:
+    """--since and --until (default now) in ns, or a usage error naming the problem."""
+    import time
+
+    from shared.timefmt import parse_time
+
+    try:
+        since_ns = parse_time(since)
+        until_ns = time.time_ns() if until is None else parse_time(until)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    return since_ns, until_ns
+
+
+@main.command("report")
+@config_option("TOML config file: [influx] says which InfluxDB to read.")
+@click.option(
+    "--since", required=True, help="Start: ISO 8601 (UTC), ns, or a time before now (-7d)."
+)
+@click.option("--until", help="End (exclusive), same forms; default now.")
+@click.option(
+    "--out",
+    default="fleet-report.html",
+    show_default=True,
+    type=click.Path(dir_okay=False),
+    help="The HTML file to write.",
+)
+@click.option(
+    "--silent-after",
+    default=3600.0,
+    show_default=True,
+    type=click.FloatRange(min=1),
+    help="Seconds without a message after which a device counts as silent.",
+)
+def report_cmd(
+    config_path: str | None, since: str, until: str | None, out: str, silent_after: float
+) -> None:
+    """Write the fleet report: one self-contained HTML file with plots.
+
+    Data completeness per device and day and each sensor's daily range and p99
+    (from the daily roll-ups: run `cloud-ingest rollup` first, or let its timer),
+    alerts over time, silent devices, and ingest lag (from the agents' health
+    reports). The plots are images inside the file, so it can be mailed. Needs
+    matplotlib (pip install 'iot-telemetry[report]').
+    """
+    import json
+    import time
+    from pathlib import Path
+
+    from shared.errors import SinkError
+
+    cfg = load_or_exit(IngestConfig, config_path)
+    setup_logging("WARNING" if cfg.log_level == "INFO" else cfg.log_level, cfg.log_format)
+    since_ns, until_ns = _time_range(since, until)
+    if until_ns <= since_ns:
+        raise click.UsageError("--until must be after --since")
+    try:
+        from cloud_ingest.influxql import InfluxQLReader
+        from cloud_ingest.report import gather, render_html
+    except ImportError as exc:
+        raise click.ClickException(
+            f"{exc}: install matplotlib with pip install 'iot-telemetry[report]'"
+        ) from None
+    reader = InfluxQLReader(cfg.influx)
+    try:
+        rep = gather(
+            reader,
+            since_ns,
+            until_ns,
+            measurement=cfg.influx.measurement,
+            health_measurement=cfg.influx.health_measurement,
+            alert_measurement=cfg.influx.alert_measurement,
+            silent_after_s=silent_after,
+            now_ns=time.time_ns(),
+        )
+    except SinkError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILURE)
+    finally:
+        reader.close()
+    path = Path(out)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        tmp.write_text(render_html(rep))
+        tmp.replace(path)
+    except OSError as exc:
+        click.echo(f"error: cannot write {path}: {exc.strerror}", err=True)
+        sys.exit(EXIT_FAILURE)
+    click.echo(
+        json.dumps(
+            {
+                "out": str(path),
+                "devices": len(rep.last_heard),
+                "silent": len(rep.silent()),
+                "sensors": len(rep.daily),
+                "alerts": sum(n for pts in rep.alerts.values() for _, n in pts),
+            }
+        )
     )
 
 

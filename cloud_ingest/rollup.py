@@ -13,8 +13,9 @@ with the same tags as the windows and the period start as its time:
 * ``first`` / ``last``: of the earliest / latest window;
 * ``p50``, ``p90``, ``p99``: from the merge of the windows' DDSketches
   (shared/sketch.py), within 1 % relative of the exact quantile of all readings
-  of the period. Averaging the windows' p99 instead can be far off: a spike in
-  one window is the hour's p99 but moves the average p99 a little. Without a
+  of the period, clamped to [min, max]. Averaging the windows' p99 instead can be
+  far off: a spike in one window is the hour's p99 but moves the average p99 a
+  little. Without a
   sketch in every window of a group, the quantile fields are left out.
 
 Only tumbling windows whose width divides the period are rolled up (hopping
@@ -110,7 +111,9 @@ class _Group:
         )
         if self.sketch is not None and not self.sketch_missing:
             for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
-                out[name] = self.sketch.quantile(q)
+                # the sketch is within 1 % relative; the true quantile is within
+                # [min, max], so clamping only ever brings it closer
+                out[name] = min(max(self.sketch.quantile(q), self.vmin), self.vmax)
         return out
 
 

@@ -8,15 +8,21 @@ see each other's data.
 
 from __future__ import annotations
 
+import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
 import pytest
 
 from devstack import influxq, services
-from devstack.services import S3_ENV, Service
+from devstack.pipeline import BIN, IngestTarget, Pipeline, PipelineSpec, toml_dumps
+from devstack.publish import publish_all
+from devstack.services import S3_ENV, Service, free_port, wait_until
+from shared.readings import encode_chunk
 
 
 def _started(svc: Service) -> Iterator[Service]:
@@ -92,3 +98,100 @@ def fresh(tmp_path: Path) -> Iterator[Callable[[str], Service]]:
     yield make
     for svc in made:
         svc.stop()
+
+
+S = 10**9
+
+
+@dataclass(frozen=True)
+class FleetRun:
+    influx: Service
+    prom_port: int
+    db: str
+    #: the lake (file://), and a cloud-ingest config that reads InfluxDB and the lake
+    lake: Path
+    ingest_config: Path
+
+
+FLEET_RUN_DEVICE = "dev-dash"
+
+
+@pytest.fixture
+def fleet_run(fresh: Callable[[str], Service], tmp_path: Path) -> Iterator[FleetRun]:
+    """A pipeline run: an agent with an alert rule, two sensors, a late reading that
+    revises a window; cloud-ingest with /metrics, scraped by a real Prometheus."""
+    broker, influx = fresh("mosquitto"), fresh("influxdb")
+    db = "dash"
+    influxq.create_database(influx.url, db)
+    metrics = free_port()
+    pipe = Pipeline(
+        PipelineSpec(
+            workdir=tmp_path / "run",
+            local_port=broker.port,
+            cloud_port=broker.port,
+            device_id=FLEET_RUN_DEVICE,
+            agent_extra=(
+                '[[alerts]]\nname = "hot"\nsensor = "env-1/temp"\nkind = "threshold"\n'
+                "above = 30.0\nhysteresis = 1.0\n"
+            ),
+            agent_tables={"health": {"interval_s": 1}},
+            targets=[
+                IngestTarget(
+                    "i1",
+                    {"url": influx.url, "database": db},
+                    {"url": f"file://{tmp_path / 'lake'}"},
+                    http={"listen": f"127.0.0.1:{metrics}"},
+                )
+            ],
+        )
+    )
+    prom = services.prometheus(tmp_path / "prometheus", [f"127.0.0.1:{metrics}"], [])
+    try:
+        pipe.start_ingestors()
+        pipe.start_agent()
+        prom.start()
+        t0 = (time.time_ns() // (10 * S) - 30) * 10 * S
+        temps = [25.0 + (k % 9) for k in range(200)]  # crosses 30 and back: alerts
+        msgs = [
+            ("sensors/env-1/temp", encode_chunk("C", [t0 + k * S for k in range(200)], temps)),
+            (
+                "sensors/env-1/hum",
+                encode_chunk("%", [t0 + k * S for k in range(200)], [40.0] * 200),
+            ),
+        ]
+        publish_all(broker.port, msgs)
+        cfg = str(pipe.dir / "edge-agent.toml")
+
+        def flushed(n: int) -> bool:
+            subprocess.run(
+                [str(BIN / "edge-agent"), "flush", "--timeout", "5", "-c", cfg],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            return influxq.total_count(influxq.v1_windows(influx.url, db)) == n
+
+        wait_until(lambda: flushed(400), 60, "the windows in InfluxDB")
+        late = encode_chunk("C", [t0 + 5 * S], [99.0])  # revises the first window
+        publish_all(broker.port, [("sensors/env-1/temp", late)])
+        wait_until(lambda: flushed(401), 60, "the revised window in InfluxDB")
+
+        def reports() -> int:
+            q = f"SELECT count(\"seq\") FROM agent_health WHERE device_id = '{FLEET_RUN_DEVICE}'"
+            rows = influxq.rows(influx.url, q, db)
+            return int(rows[0]["count"]) if rows else 0
+
+        wait_until(lambda: reports() >= 4, 60, "health reports a second apart")
+        cfg = tmp_path / "read.toml"
+        cfg.write_text(
+            toml_dumps(
+                {
+                    "influx": {"url": influx.url, "database": db},
+                    "archive": {"url": f"file://{tmp_path / 'lake'}"},
+                }
+            )
+        )
+        yield FleetRun(influx, prom.port, db, tmp_path / "lake", cfg)
+    finally:
+        prom.stop()
+        pipe.stop_all()

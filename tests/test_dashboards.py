@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +22,9 @@ import pytest
 import yaml
 
 from cloud_ingest import dashboards
-from devstack import influxq, services
-from devstack.pipeline import BIN, IngestTarget, Pipeline, PipelineSpec
-from devstack.publish import publish_all
-from devstack.services import Service, free_port, wait_until
-from shared.readings import encode_chunk
+from devstack import influxq
+from devstack.services import wait_until
+from tests.conftest import FLEET_RUN_DEVICE, FleetRun
 
 ROLE = Path(__file__).resolve().parent.parent / "ansible" / "roles" / "monitoring"
 SHIPPED = ROLE / "files" / "grafana" / "dashboards"
@@ -76,7 +71,7 @@ def test_every_query_has_its_expectation_and_a_provisioned_datasource() -> None:
 
 # ---- every query against real data ----
 
-VARIABLES = {"device": DEVICE, "sensor": "temp"}
+VARIABLES = {"device": FLEET_RUN_DEVICE, "sensor": "temp"}
 
 
 def influxql_as_grafana_sends_it(query: str) -> str:
@@ -116,83 +111,9 @@ def check_prom(port: int, expr: str, expect: dashboards.Expect) -> bool:
     return bool(result) and all(set(expect.tags) <= set(r["metric"]) for r in result)
 
 
-@pytest.fixture
-def fleet_data(
-    fresh: Callable[[str], Service], tmp_path: Path
-) -> Iterator[tuple[Service, int, str]]:
-    """A pipeline run: an agent with an alert rule, two sensors, a late reading that
-    revises a window; cloud-ingest with /metrics, scraped by a real Prometheus."""
-    broker, influx = fresh("mosquitto"), fresh("influxdb")
-    db = "dash"
-    influxq.create_database(influx.url, db)
-    metrics = free_port()
-    pipe = Pipeline(
-        PipelineSpec(
-            workdir=tmp_path / "run",
-            local_port=broker.port,
-            cloud_port=broker.port,
-            device_id=DEVICE,
-            agent_extra=(
-                '[[alerts]]\nname = "hot"\nsensor = "env-1/temp"\nkind = "threshold"\n'
-                "above = 30.0\nhysteresis = 1.0\n"
-            ),
-            agent_tables={"health": {"interval_s": 1}},
-            targets=[
-                IngestTarget(
-                    "i1",
-                    {"url": influx.url, "database": db},
-                    {"url": f"file://{tmp_path / 'lake'}"},
-                    http={"listen": f"127.0.0.1:{metrics}"},
-                )
-            ],
-        )
-    )
-    prom = services.prometheus(tmp_path / "prometheus", [f"127.0.0.1:{metrics}"], [])
-    try:
-        pipe.start_ingestors()
-        pipe.start_agent()
-        prom.start()
-        t0 = (time.time_ns() // (10 * S) - 30) * 10 * S
-        temps = [25.0 + (k % 9) for k in range(200)]  # crosses 30 and back: alerts
-        msgs = [
-            ("sensors/env-1/temp", encode_chunk("C", [t0 + k * S for k in range(200)], temps)),
-            (
-                "sensors/env-1/hum",
-                encode_chunk("%", [t0 + k * S for k in range(200)], [40.0] * 200),
-            ),
-        ]
-        publish_all(broker.port, msgs)
-        cfg = str(pipe.dir / "edge-agent.toml")
-
-        def flushed(n: int) -> bool:
-            subprocess.run(
-                [str(BIN / "edge-agent"), "flush", "--timeout", "5", "-c", cfg],
-                capture_output=True,
-                timeout=60,
-                check=False,
-            )
-            return influxq.total_count(influxq.v1_windows(influx.url, db)) == n
-
-        wait_until(lambda: flushed(400), 60, "the windows in InfluxDB")
-        late = encode_chunk("C", [t0 + 5 * S], [99.0])  # revises the first window
-        publish_all(broker.port, [("sensors/env-1/temp", late)])
-        wait_until(lambda: flushed(401), 60, "the revised window in InfluxDB")
-
-        def reports() -> int:
-            q = f"SELECT count(\"seq\") FROM agent_health WHERE device_id = '{DEVICE}'"
-            rows = influxq.rows(influx.url, q, db)
-            return int(rows[0]["count"]) if rows else 0
-
-        wait_until(lambda: reports() >= 4, 60, "health reports a second apart")
-        yield influx, prom.port, db
-    finally:
-        prom.stop()
-        pipe.stop_all()
-
-
 @pytest.mark.integration
-def test_every_panel_query_returns_its_series(fleet_data: tuple[Service, int, str]) -> None:
-    influx, prom_port, db = fleet_data
+def test_every_panel_query_returns_its_series(fleet_run: FleetRun) -> None:
+    influx, prom_port, db = fleet_run.influx, fleet_run.prom_port, fleet_run.db
     prom_queries = []
     for uid, board in shipped().items():
         for title, target in dashboards.targets(board):

@@ -213,7 +213,6 @@ def daily_png(rep: Report) -> str | None:
         ax.set_xticks([t + 0.5 for t in ticks], [_day(first + t * DAY_NS)[5:] for t in ticks])
         ax.set_title("/".join(key), fontsize=9)
         ax.tick_params(labelsize=7)
-    fig.suptitle("bar: the day's min to max; dot: its p99", fontsize=9)
     fig.tight_layout()
     return _png(fig)
 

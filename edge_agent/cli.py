@@ -188,6 +188,10 @@ def status(config_path: str | None, as_json: bool) -> None:
             or "none",
         ),
         ("unsent alerts", st["unsent_alerts"]),
+        (
+            "health reports",
+            f"{st['counters'].get('health_reports', 0):,} made, {st['unsent_health']:,} unsent",
+        ),
     ]
     table(rows)
     drops = st["drops"] or {"(none)": 0}

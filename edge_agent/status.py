@@ -83,6 +83,7 @@ def read_status(path: str | Path, now_ns: int | None = None) -> dict[str, Any]:
                 )
             ],
             "unsent_alerts": int(c.execute("SELECT count(*) FROM alerts").fetchone()[0]),
+            "unsent_health": int(c.execute("SELECT count(*) FROM health").fetchone()[0]),
             "used_bytes": budget.used_bytes(store),
             "file_bytes": sum(
                 p.stat().st_size for p in (Path(path), Path(f"{path}-wal")) if p.exists()

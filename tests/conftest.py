@@ -119,7 +119,8 @@ FLEET_RUN_DEVICE = "dev-dash"
 @pytest.fixture
 def fleet_run(fresh: Callable[[str], Service], tmp_path: Path) -> Iterator[FleetRun]:
     """A pipeline run: an agent with an alert rule, two sensors, a late reading that
-    revises a window; cloud-ingest with /metrics, scraped by a real Prometheus."""
+    revises a window, and five simulated devices (firmware-sim fleet, ten sensors
+    each); cloud-ingest with /metrics, scraped by a real Prometheus."""
     broker, influx = fresh("mosquitto"), fresh("influxdb")
     db = "dash"
     influxq.create_database(influx.url, db)
@@ -175,6 +176,14 @@ def fleet_run(fresh: Callable[[str], Service], tmp_path: Path) -> Iterator[Fleet
         late = encode_chunk("C", [t0 + 5 * S], [99.0])  # revises the first window
         publish_all(broker.port, [("sensors/env-1/temp", late)])
         wait_until(lambda: flushed(401), 60, "the revised window in InfluxDB")
+
+        # and a fleet of five simulated devices beside it (windows only, no agent)
+        fleet = pipe.start_fleet(
+            "--devices", "5", "--batches", "3", "--speed", "0",
+            "--ack-timeout", "20", "--timeout", "120", "--device-prefix", "sim",
+        )  # fmt: skip
+        summary = pipe.finish_fleet(fleet, 150)
+        assert summary["acked"] == 15, summary
 
         def reports() -> int:
             q = f"SELECT count(\"seq\") FROM agent_health WHERE device_id = '{FLEET_RUN_DEVICE}'"

@@ -129,6 +129,13 @@ def test_every_panel_query_returns_its_series(fleet_run: FleetRun) -> None:
             got = [v[1] for s in values["results"][0]["series"] for v in s["values"]]
             assert VARIABLES[variable["name"]] in got, (variable["name"], got)
     assert len(prom_queries) >= 8
+    # a fleet panel shows the whole fleet: the agent's device and the five simulated
+    (arrived,) = [
+        t for title, t in dashboards.targets(shipped()["iot-fleet"]) if title.startswith("Readings")
+    ]
+    res = influxq.influxql(influx.url, influxql_as_grafana_sends_it(arrived["query"]), db)
+    devices = {s["tags"]["device_id"] for s in res["results"][0]["series"]}
+    assert devices == {FLEET_RUN_DEVICE, *(f"sim-{k:05d}" for k in range(5))}
     # Prometheus needs a few scrapes (1 s apart) before rate() has two samples
     for expr, expect in prom_queries:
         wait_until(lambda e=expr, x=expect: check_prom(prom_port, e, x), 30, expr)

@@ -238,3 +238,23 @@ def test_metrics_show_each_device(tmp_path: Path) -> None:
     assert 'edge_agent_ok{device_id="dev-3"}' not in text  # its report is too old
     assert 'cloud_ingest_device_last_heard_timestamp_seconds{device_id="dev-3"}' in text
     assert "cloud_ingest_fleet_devices 3.0" in text
+
+
+def test_the_technician_sees_the_reports_in_status(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edge_agent.cli import main as agent_main
+    from edge_agent.status import read_status
+
+    db = tmp_path / "buf.db"
+    s = Store(db)
+    rep = Reporter(cfg_with(), s, Clock())
+    rep.tick(intake_up=True, forward_up=False)
+    rep.tick(intake_up=True, forward_up=False, stopping=True)
+    s.close()
+    assert read_status(db)["unsent_health"] == 2
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[storage]\npath = "{db}"\n')
+    res = CliRunner().invoke(agent_main, ["status", "-c", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "2 made, 2 unsent" in res.output

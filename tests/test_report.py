@@ -60,8 +60,9 @@ def test_the_report_is_one_file_with_plots_that_chromium_renders(
     res = cli("report", "-c", cfg, "--since", "-1d", "--out", str(out))
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
-    assert summary["devices"] == 1 and summary["silent"] == 0 and summary["alerts"] >= 1
-    assert summary["sensors"] == 2
+    # the agent's device and the five simulated ones; two sensors and five times ten
+    assert summary["devices"] == 6 and summary["silent"] == 0 and summary["alerts"] >= 1
+    assert summary["sensors"] == 2 + 5 * 10
 
     page = out.read_text()
     # self-contained: nothing to fetch when it is opened (or mailed)

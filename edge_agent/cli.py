@@ -8,10 +8,12 @@ and prints a table for people or JSON (``--json``) for scripts.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -42,6 +44,17 @@ def config_option(f: F) -> F:
 
 def json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
+
+
+def finite_or_null(obj: Any) -> Any:
+    """``obj`` with every NaN or infinity replaced by None, for strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_or_null(v) for v in obj]
+    return obj
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
@@ -212,8 +225,9 @@ def sensors(config_path: str | None, as_json: bool, windows: int) -> None:
         views = read_sensors(cfg.storage.path, width_ns=cfg.window.width_ns, windows=windows)
     except BUFFER_ERRORS as exc:
         buffer_failed(exc)
-    if as_json:
-        click.echo(json.dumps([{**v.__dict__, "sparkline": v.sparkline} for v in views], indent=2))
+    if as_json:  # strict JSON: a window without readings is null, not NaN
+        rows = [{**v.__dict__, "sparkline": v.sparkline} for v in views]
+        click.echo(json.dumps(finite_or_null(rows), indent=2, allow_nan=False))
         return
     table(
         [
@@ -292,6 +306,8 @@ def flush(config_path: str | None, timeout_s: float) -> None:
     from edge_agent.store import Store
 
     cfg = load_or_exit(AgentConfig, config_path)
+    if not Path(cfg.storage.path).exists():  # not a new, empty buffer by mistake
+        fail(f"no agent buffer at {cfg.storage.path}: nothing to flush (see storage.path)")
     lock = BufferLock(cfg.storage.path, "cannot flush")
     try:
         lock.try_acquire()  # taken: no agent runs on this buffer; else ask the agent
@@ -340,8 +356,12 @@ def flush(config_path: str | None, timeout_s: float) -> None:
 
 @main.command()
 @config_option
-@click.option("--since", required=True, help="Start, ISO 8601 (UTC) or ns since the epoch.")
-@click.option("--until", required=True, help="End (exclusive), same forms.")
+@click.option(
+    "--since",
+    required=True,
+    help="Start: ISO 8601 (UTC), ns since the epoch, or a time before now (-2h, -1d).",
+)
+@click.option("--until", help="End (exclusive), same forms; default now.")
 @click.option(
     "--kind",
     type=click.Choice(["raw", "windows"]),
@@ -361,15 +381,22 @@ def flush(config_path: str | None, timeout_s: float) -> None:
     "-o", "--output", required=True, type=click.Path(dir_okay=False), help="File to write."
 )
 def export(
-    config_path: str | None, since: str, until: str, kind: str, fmt: str, output: str
+    config_path: str | None, since: str, until: str | None, kind: str, fmt: str, output: str
 ) -> None:
     """Export a time range of raw readings or windows to CSV or Parquet."""
-    from edge_agent.export import ExportError, parse_time
+    from edge_agent.export import ExportError
     from edge_agent.export import export as do_export
+    from shared.timefmt import parse_time
 
     cfg = load_or_exit(AgentConfig, config_path)
     try:
-        a, b = parse_time(since), parse_time(until)
+        a = parse_time(since)
+        b = time.time_ns() if until is None else parse_time(until)
+    except ValueError as exc:  # a usage error: exit 2, like every other bad option
+        raise click.BadParameter(str(exc), param_hint="--since/--until") from None
+    if b <= a:
+        raise click.BadParameter("--until must be after --since", param_hint="--until")
+    try:
         with click.progressbar(
             length=max(1, b - a), label=f"exporting {kind}", file=sys.stderr
         ) as bar:

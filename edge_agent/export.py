@@ -19,7 +19,6 @@ from typing import Any, Literal
 from edge_agent import buffer
 from edge_agent.kernels import segment_windows, window_stats
 from edge_agent.status import open_readonly
-from shared.timefmt import parse_time as shared_parse_time
 from shared.wire import EXTRA_FIELDS, STAT_FIELDS
 
 Kind = Literal["raw", "windows"]
@@ -150,11 +149,3 @@ def export(
     if out.exists():
         out.replace(final)
     return rows
-
-
-def parse_time(value: str) -> int:
-    """``2026-11-26T10:00:00Z`` (ISO 8601, UTC when no zone) or integer ns since the epoch."""
-    try:
-        return shared_parse_time(value)
-    except ValueError as exc:
-        raise ExportError(str(exc)) from None

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from pathlib import Path
 
 import click
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -191,3 +194,86 @@ def test_replay_of_a_damaged_lake_object_is_counted_and_exit_1(tmp_path: Path) -
     assert res.exit_code == 1, res.output
     summary = json.loads(res.output.strip().splitlines()[-1])
     assert summary["damaged"] == 1 and summary["objects"] == 0
+
+
+def _buffer(tmp_path: Path) -> Path:
+    """A config for an empty buffer in ``tmp_path``."""
+    from edge_agent.store import Store
+
+    Store(tmp_path / "buf.sqlite").close()
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'[storage]\npath = "{tmp_path / "buf.sqlite"}"\n')
+    return cfg
+
+
+@pytest.mark.parametrize(
+    ("since", "until"),
+    [("yesterday", "2026-01-02"), ("2026-01-01", "soon"), ("2026-01-02", "2026-01-01")],
+)
+def test_a_bad_export_time_is_a_usage_error_exit_2(tmp_path: Path, since: str, until: str) -> None:
+    cfg = _buffer(tmp_path)
+    args = ["export", "--since", since, "--until", until, "-o", str(tmp_path / "x.csv")]
+    res = CliRunner().invoke(agent_main, [*args, "-c", str(cfg)])
+    assert res.exit_code == 2, res.output
+    assert "--since/--until" in res.output or "--until" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "x.csv").exists()
+
+
+def test_export_takes_times_before_now_and_until_defaults_to_now(tmp_path: Path) -> None:
+    from edge_agent import buffer
+    from edge_agent.store import Store
+    from shared.readings import ReadingChunk
+
+    cfg = _buffer(tmp_path)
+    s = Store(tmp_path / "buf.sqlite")
+    now = time.time_ns()
+    ts = np.array([now - 3600 * 10**9, now - 60 * 10**9])  # an hour ago, a minute ago
+    late = buffer.LatePolicy(width_ns=10**10, max_age_ns=10**13)
+    buffer.store_chunk(
+        s, buffer.SensorRegistry(s), ReadingChunk("n", "t", "C", ts, np.array([1.0, 2.0])),
+        b"m", late=late,
+    )  # fmt: skip
+    s.close()
+    out = tmp_path / "x.csv"
+    res = CliRunner().invoke(
+        agent_main, ["export", "--kind", "raw", "--since", "-10m", "-o", str(out), "-c", str(cfg)]
+    )
+    assert res.exit_code == 0, res.output
+    assert "wrote 1 rows" in res.output  # the minute-old reading, not the hour-old one
+
+
+def test_flush_on_a_missing_buffer_creates_nothing(tmp_path: Path) -> None:
+    cfg = tmp_path / "a.toml"
+    missing = tmp_path / "none.sqlite"
+    cfg.write_text(f'[storage]\npath = "{missing}"\n')
+    res = CliRunner().invoke(agent_main, ["flush", "--timeout", "1", "-c", str(cfg)])
+    assert res.exit_code == 1, res.output
+    assert res.output.strip() == (
+        f"error: no agent buffer at {missing}: nothing to flush (see storage.path)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.toml"]
+
+
+def test_sensors_json_is_strict_json(tmp_path: Path) -> None:
+    from edge_agent import buffer
+    from edge_agent.store import Store
+    from shared.readings import ReadingChunk
+
+    cfg = _buffer(tmp_path)
+    s = Store(tmp_path / "buf.sqlite")
+    t0 = 1_800_000_000 * 10**9
+    ts = np.array([t0, t0 + 50 * 10**9])  # windows between them hold nothing: NaN means
+    late = buffer.LatePolicy(width_ns=10**10, max_age_ns=10**13)
+    buffer.store_chunk(
+        s, buffer.SensorRegistry(s), ReadingChunk("n", "t", "C", ts, np.array([1.0, 2.0])),
+        b"m", late=late,
+    )  # fmt: skip
+    s.close()
+    res = CliRunner().invoke(agent_main, ["sensors", "--json", "-c", str(cfg)])
+    assert res.exit_code == 0, res.output
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"not strict JSON: {name}")
+
+    (view,) = json.loads(res.output, parse_constant=refuse)
+    assert None in view["trend"] and 1.0 in view["trend"] and 2.0 in view["trend"]

@@ -9,7 +9,14 @@ from typing import Any, TypeVar
 import click
 
 from cloud_ingest.config import ArchiveConfig, IngestConfig
-from shared.cli import EXIT_CONFIG, EXIT_FAILURE, config_group, load_or_exit, setup_logging
+from shared.cli import (
+    CONFIG_DIR,
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    config_group,
+    load_or_exit,
+    setup_logging,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -58,10 +65,19 @@ def main() -> None:
     """
 
 
+CONFIG_ENV = "CLOUD_INGEST_CONFIG"
+DEFAULT_CONFIG = CONFIG_DIR / "cloud-ingest.toml"
+
+
 def config_option(help_text: str) -> Callable[[F], F]:
-    """``-c/--config FILE`` with this help."""
+    """``-c/--config FILE`` with this help, and the default every command shares."""
     option: Callable[[F], F] = click.option(
-        "-c", "--config", "config_path", type=click.Path(dir_okay=False), help=help_text
+        "-c",
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        envvar=CONFIG_ENV,
+        help=f"{help_text} Default: ${CONFIG_ENV}, else {DEFAULT_CONFIG} if it exists.",
     )
     return option
 
@@ -76,7 +92,7 @@ def config_option(help_text: str) -> Callable[[F], F]:
 def run(config_path: str | None, ready_file: str | None) -> None:
     """Run until SIGTERM or Ctrl-C; finish the batches in hand (for up to
     retry.shutdown_grace_s), then exit."""
-    cfg = load_or_exit(IngestConfig, config_path)
+    cfg = load_or_exit(IngestConfig, config_path, DEFAULT_CONFIG)
     setup_logging(cfg.log_level, cfg.log_format)
     from cloud_ingest.service import run_service
 
@@ -121,7 +137,7 @@ def replay(
     from shared.errors import SinkError
     from shared.timefmt import parse_time
 
-    cfg = load_or_exit(IngestConfig, config_path)
+    cfg = load_or_exit(IngestConfig, config_path, DEFAULT_CONFIG)
     setup_logging("WARNING" if cfg.log_level == "INFO" else cfg.log_level, cfg.log_format)
     try:
         flt = ReplayFilter(
@@ -192,7 +208,7 @@ def rollup(
     from cloud_ingest.sinks.influx import make_point_sink
     from shared.errors import LakeObjectError, RetryableSinkError, SinkError
 
-    cfg = load_or_exit(IngestConfig, config_path)
+    cfg = load_or_exit(IngestConfig, config_path, DEFAULT_CONFIG)
     setup_logging("WARNING" if cfg.log_level == "INFO" else cfg.log_level, cfg.log_format)
     since_ns, until_ns = _time_range(since, until)
     store = open_archive(_lake_config(cfg, source, s3_endpoint_url))
@@ -255,7 +271,7 @@ def compact(
     from shared.errors import SinkError
     from shared.timefmt import parse_day
 
-    cfg = load_or_exit(IngestConfig, config_path)
+    cfg = load_or_exit(IngestConfig, config_path, DEFAULT_CONFIG)
     setup_logging("WARNING" if cfg.log_level == "INFO" else cfg.log_level, cfg.log_format)
     yesterday = datetime.datetime.now(datetime.UTC).date() - datetime.timedelta(days=1)
     until_day = until_day or yesterday.isoformat()
@@ -427,7 +443,7 @@ def report_cmd(
 
     from shared.errors import SinkError
 
-    cfg = load_or_exit(IngestConfig, config_path)
+    cfg = load_or_exit(IngestConfig, config_path, DEFAULT_CONFIG)
     setup_logging("WARNING" if cfg.log_level == "INFO" else cfg.log_level, cfg.log_format)
     since_ns, until_ns = _time_range(since, until)
     if until_ns <= since_ns:
@@ -517,7 +533,7 @@ def device_key_cmd(config_path: str | None, devices: tuple[str, ...]) -> None:
     from shared.acks import device_key
     from shared.topics import is_valid_id
 
-    cfg = load_or_exit(IngestConfig, config_path)
+    cfg = load_or_exit(IngestConfig, config_path, DEFAULT_CONFIG)
     master = cfg.acks.master_key()
     if master is None:
         click.echo("error: [acks] key_file (or key_env) is not set in the config", err=True)

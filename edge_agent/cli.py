@@ -20,6 +20,7 @@ import click
 
 from edge_agent.config import AgentConfig
 from shared.cli import (
+    CONFIG_DIR,
     EXIT_CONFIG,
     EXIT_FAILURE,
     EXIT_OK,
@@ -29,7 +30,12 @@ from shared.cli import (
 )
 from shared.errors import StorageError
 
-CONFIG_HELP = "TOML config file (see `edge-agent config sample`). Defaults apply without one."
+CONFIG_ENV = "EDGE_AGENT_CONFIG"
+DEFAULT_CONFIG = CONFIG_DIR / "edge-agent.toml"
+CONFIG_HELP = (
+    f"TOML config file (see `edge-agent config sample`). Default: ${CONFIG_ENV}, else "
+    f"{DEFAULT_CONFIG} if it exists, else the built-in defaults."
+)
 #: flush: the windows are closed and queued, but not yet acknowledged by the cloud.
 EXIT_PARTIAL = 3
 
@@ -38,7 +44,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def config_option(f: F) -> F:
     return click.option(
-        "-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP
+        "-c",
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False),
+        envvar=CONFIG_ENV,
+        help=CONFIG_HELP,
     )(f)
 
 
@@ -129,7 +140,7 @@ def run(config_path: str | None, ready_file: str | None) -> None:
     One agent per buffer: a second `run` on the same storage.path exits 2 and
     names the running one's PID. The read-only commands work beside it.
     """
-    cfg = load_or_exit(AgentConfig, config_path)
+    cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
     setup_logging(cfg.log_level, cfg.log_format)
     from edge_agent.agent import run_agent  # imports numba: keep other commands fast
     from edge_agent.lock import BufferBusy
@@ -153,7 +164,7 @@ def status(config_path: str | None, as_json: bool) -> None:
     """
     from edge_agent.status import read_status
 
-    cfg = load_or_exit(AgentConfig, config_path)
+    cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
     try:
         st = read_status(cfg.storage.path)
     except BUFFER_ERRORS as exc:
@@ -220,7 +231,7 @@ def sensors(config_path: str | None, as_json: bool, windows: int) -> None:
     """Every sensor: last value, rate, last seen, and a trend of recent windows."""
     from edge_agent.sensors import read_sensors
 
-    cfg = load_or_exit(AgentConfig, config_path)
+    cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
     try:
         views = read_sensors(cfg.storage.path, width_ns=cfg.window.width_ns, windows=windows)
     except BUFFER_ERRORS as exc:
@@ -255,7 +266,7 @@ def tail(config_path: str | None, count: int | None, timeout_s: float | None) ->
     """
     from edge_agent.tail import tail as tail_readings
 
-    cfg = load_or_exit(AgentConfig, config_path)
+    cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
     seen = 0
     try:
         where = f"{cfg.intake.broker.host}:{cfg.intake.broker.port}"
@@ -305,7 +316,7 @@ def flush(config_path: str | None, timeout_s: float) -> None:
     from edge_agent.lock import BufferLock
     from edge_agent.store import Store
 
-    cfg = load_or_exit(AgentConfig, config_path)
+    cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
     if not Path(cfg.storage.path).exists():  # not a new, empty buffer by mistake
         fail(f"no agent buffer at {cfg.storage.path}: nothing to flush (see storage.path)")
     lock = BufferLock(cfg.storage.path, "cannot flush")
@@ -388,7 +399,7 @@ def export(
     from edge_agent.export import export as do_export
     from shared.timefmt import parse_time
 
-    cfg = load_or_exit(AgentConfig, config_path)
+    cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
     try:
         a = parse_time(since)
         b = time.time_ns() if until is None else parse_time(until)
@@ -447,7 +458,7 @@ def quarantine_cmd(
     from edge_agent import quarantine
     from edge_agent.status import open_readonly
 
-    cfg = load_or_exit(AgentConfig, config_path)
+    cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
     try:
         store = open_readonly(cfg.storage.path)
     except BUFFER_ERRORS as exc:
@@ -502,7 +513,7 @@ def buffer_check(config_path: str | None, as_json: bool) -> None:
     """Check the buffer: SQLite integrity and the agent's own invariants (exit 1 on problems)."""
     from edge_agent.repair import check
 
-    cfg = load_or_exit(AgentConfig, config_path)
+    cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
     try:
         rep = check(cfg.storage.path)
     except BUFFER_ERRORS as exc:
@@ -535,7 +546,7 @@ def buffer_repair(config_path: str | None, as_json: bool) -> None:
     """
     from edge_agent.repair import repair
 
-    cfg = load_or_exit(AgentConfig, config_path)
+    cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
     try:
         with click.progressbar(length=0, label="repairing", file=sys.stderr) as bar:
             rep = repair(cfg.storage.path, progress=bar.update)
@@ -578,7 +589,7 @@ def doctor(config_path: str | None, as_json: bool) -> None:
     """Check brokers, TLS, clock, disk, buffer and config, each with a fix hint."""
     from edge_agent.doctor import run_checks
 
-    cfg = load_or_exit(AgentConfig, config_path)
+    cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
     checks = run_checks(cfg, config_path)
     if as_json:
         click.echo(json.dumps([c.__dict__ for c in checks], indent=2))

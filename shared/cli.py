@@ -21,7 +21,15 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
 
-def load_or_exit(cls: type[T], path: str | Path | None) -> T:
+#: Where the Ansible roles (docs/deploy.md) put each command's config.
+CONFIG_DIR = Path("/etc/iot-telemetry")
+
+
+def load_or_exit(cls: type[T], path: str | Path | None, default: Path | None = None) -> T:
+    """Load ``path``; without one, ``default`` if that file exists, else the built-in
+    defaults. A bad config is one line naming the file and the key, and exit 2."""
+    if path is None and default is not None and default.is_file():
+        path = default
     try:
         return load_config(cls, path)
     except ConfigError as exc:

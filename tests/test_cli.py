@@ -277,3 +277,45 @@ def test_sensors_json_is_strict_json(tmp_path: Path) -> None:
 
     (view,) = json.loads(res.output, parse_constant=refuse)
     assert None in view["trend"] and 1.0 in view["trend"] and 2.0 in view["trend"]
+
+
+def test_the_config_comes_from_c_then_the_environment_then_the_default_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a device the technician types `edge-agent status`: the deployed config at
+    /etc/iot-telemetry/edge-agent.toml (here a file of the test's) is used, or the
+    one $EDGE_AGENT_CONFIG names; -c wins over both."""
+    import edge_agent.cli as agent_cli
+
+    def config(name: str) -> Path:
+        (tmp_path / name).mkdir()
+        cfg = _buffer(tmp_path / name)
+        return cfg
+
+    default, env, explicit = config("default"), config("env"), config("explicit")
+    monkeypatch.setattr(agent_cli, "DEFAULT_CONFIG", default)
+
+    def buffer_of(*args: str, env_var: str | None = None) -> str:
+        envs = {"EDGE_AGENT_CONFIG": env_var} if env_var else {}
+        res = CliRunner(env=envs).invoke(agent_main, ["status", "--json", *args])
+        assert res.exit_code == 0, res.output
+        return str(json.loads(res.output)["buffer"])
+
+    assert buffer_of() == str(tmp_path / "default" / "buf.sqlite")
+    assert buffer_of(env_var=str(env)) == str(tmp_path / "env" / "buf.sqlite")
+    assert buffer_of("-c", str(explicit), env_var=str(env)) == str(
+        tmp_path / "explicit" / "buf.sqlite"
+    )
+    monkeypatch.setattr(agent_cli, "DEFAULT_CONFIG", tmp_path / "none.toml")
+    monkeypatch.chdir(tmp_path)  # the built-in default is a file in the current folder
+    res = CliRunner().invoke(agent_main, ["status", "--json"])
+    assert res.exit_code == 1 and "no agent buffer at edge-agent.sqlite" in res.output
+
+
+def test_cloud_ingest_takes_its_config_from_the_environment(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[influx]\nurl = "http://127.0.0.1:9"\n')
+    res = CliRunner(env={"CLOUD_INGEST_CONFIG": str(cfg)}).invoke(
+        ingest_main, ["report", "--since", "-1d", "--out", str(tmp_path / "r.html")]
+    )
+    assert res.exit_code == 1 and "InfluxDB unreachable at http://127.0.0.1:9" in res.output

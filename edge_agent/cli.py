@@ -57,6 +57,18 @@ def json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
 
 
+def ago(seconds: float | None) -> str:
+    """``42 s ago``, ``5 min ago``, ``3 h ago``, ``2 d ago``; ``-`` for never."""
+    if seconds is None:
+        return "-"
+    if seconds < 0:
+        return "in the future"  # the device clock is behind the newest reading
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds:.0f} s ago"
+
+
 def finite_or_null(obj: Any) -> Any:
     """``obj`` with every NaN or infinity replaced by None, for strict JSON."""
     if isinstance(obj, float):
@@ -247,11 +259,12 @@ def sensors(config_path: str | None, as_json: bool, windows: int) -> None:
                 "-" if v.last_value is None else f"{v.last_value:.6g} {v.unit}".strip(),
                 f"{v.rate_hz:.3g} Hz",
                 when(v.last_seen_ns),
+                ago(v.last_seen_age_s) + ("  STALE" if v.stale else ""),
                 v.sparkline,
             )
             for v in views
         ],
-        headers=("sensor", "last value", "rate", "last seen", f"trend ({windows} windows)"),
+        headers=("sensor", "last value", "rate", "last seen", "age", f"trend ({windows} windows)"),
     )
 
 

@@ -1,4 +1,5 @@
-"""Per-sensor view for the technician: last value, rate, last seen, recent trend.
+"""Per-sensor view for the technician: last value, rate, last seen (and how long ago,
+and whether it stopped), recent trend.
 
 Computed from the raw chunks in the buffer (kept ``storage.raw_retention_s``),
 so it works with the agent stopped and with no network.
@@ -6,6 +7,7 @@ so it works with the agent stopped and with no network.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +27,14 @@ class SensorView:
     unit: str
     last_value: float | None
     last_seen_ns: int | None
+    #: readings per second while it reports: over the readings of the last
+    #: ``rate_window_s`` of event time, (n - 1) / their time span; 0 with fewer than 2
     rate_hz: float
     trend: list[float]  # window means, oldest first (NaN for a window with no reading)
+    #: seconds since its newest reading (device clock); None when it has none
+    last_seen_age_s: float | None = None
+    #: nothing for 3 of its intervals, and at least 3 windows: it stopped sending
+    stale: bool = False
 
     @property
     def sparkline(self) -> str:
@@ -46,8 +54,14 @@ def sparkline(values: list[float]) -> str:
 
 
 def read_sensors(
-    path: str | Path, *, width_ns: int, windows: int = 20, rate_window_s: float = 60.0
+    path: str | Path,
+    *,
+    width_ns: int,
+    windows: int = 20,
+    rate_window_s: float = 60.0,
+    now_ns: int | None = None,
 ) -> list[SensorView]:
+    now_ns = time.time_ns() if now_ns is None else now_ns
     store = open_readonly(path)
     try:
         max_ts = store.get_state(buffer.MAX_TS)
@@ -71,6 +85,11 @@ def read_sensors(
                 means = window_stats(vals[in_range], segs).mean
                 for st, m in zip(starts.tolist(), means.tolist(), strict=True):
                     trend[(st - start) // width_ns] = m
+            span = ts[recent]
+            duration_s = (int(span[-1]) - int(span[0])) / 1e9 if len(span) > 1 else 0.0
+            rate = (len(span) - 1) / duration_s if duration_s > 0 else 0.0
+            age = (now_ns - int(last[0])) / 1e9 if last else None
+            quiet_after = max(3 * width_ns / 1e9, 3 / rate if rate else 0.0)
             out.append(
                 SensorView(
                     node=ref.node,
@@ -78,8 +97,10 @@ def read_sensors(
                     unit=ref.unit,
                     last_value=float(np.frombuffer(last[1], "<f8")[-1]) if last else None,
                     last_seen_ns=int(last[0]) if last else None,
-                    rate_hz=float(recent.sum()) / rate_window_s,
+                    rate_hz=float(rate),
                     trend=trend,
+                    last_seen_age_s=age,
+                    stale=age is not None and age > quiet_after,
                 )
             )
         return out

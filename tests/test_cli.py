@@ -319,3 +319,35 @@ def test_cloud_ingest_takes_its_config_from_the_environment(tmp_path: Path) -> N
         ingest_main, ["report", "--since", "-1d", "--out", str(tmp_path / "r.html")]
     )
     assert res.exit_code == 1 and "InfluxDB unreachable at http://127.0.0.1:9" in res.output
+
+
+def test_sensors_rate_age_and_stale(tmp_path: Path) -> None:
+    """A 1 Hz sensor with 30 s of data reads 1 Hz (not 30/60); one that stopped is
+    flagged stale with its age; the table shows both."""
+    from edge_agent import buffer
+    from edge_agent.sensors import read_sensors
+    from edge_agent.store import Store
+    from shared.readings import ReadingChunk
+
+    cfg = _buffer(tmp_path)
+    db = tmp_path / "buf.sqlite"
+    s = Store(db)
+    now = time.time_ns()
+    late = buffer.LatePolicy(width_ns=10**10, max_age_ns=10**13)
+    reg = buffer.SensorRegistry(s)
+    live = now - np.arange(30, 0, -1) * 10**9  # 30 readings, 1 s apart, to a second ago
+    gone = now - np.arange(200, 170, -1) * 10**9  # the same, stopped 171 s ago
+    for name, ts in (("live", live), ("gone", gone)):
+        chunk = ReadingChunk("n", name, "C", ts.astype(np.int64), np.ones(30))
+        buffer.store_chunk(s, reg, chunk, name.encode(), late=late)
+    s.close()
+    views = {v.sensor: v for v in read_sensors(db, width_ns=10**10, now_ns=now)}
+    assert views["live"].rate_hz == pytest.approx(1.0)
+    assert views["live"].last_seen_age_s == pytest.approx(1.0) and not views["live"].stale
+    assert views["gone"].stale and views["gone"].last_seen_age_s == pytest.approx(171.0)
+    res = CliRunner().invoke(agent_main, ["sensors", "-c", str(cfg)])
+    assert res.exit_code == 0, res.output
+    (gone_row,) = [line for line in res.output.splitlines() if "n/gone" in line]
+    assert "min ago  STALE" in gone_row or "s ago  STALE" in gone_row
+    (live_row,) = [line for line in res.output.splitlines() if "n/live" in line]
+    assert "1 Hz" in live_row and "STALE" not in live_row

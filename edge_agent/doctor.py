@@ -16,7 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent import budget, buffer
 from edge_agent.config import AgentConfig, BrokerConfig
-from edge_agent.status import open_readonly
+from edge_agent.status import open_readonly, read_status
 from edge_agent.store import LAST_STORE_ERROR, STORE_ERRORS
 from shared.auth import apply_paho
 from shared.errors import StorageError
@@ -135,7 +135,8 @@ def check_tls(cfg: BrokerConfig, now_s: float | None = None) -> Check:
     return Check("tls certificate", "ok", f"trusted, expires in {days:.0f} days ({stamp})")
 
 
-def check_clock(cfg: AgentConfig, now_s: float | None = None) -> list[Check]:
+def check_clock(cfg: AgentConfig | None, now_s: float | None = None) -> list[Check]:
+    """The system clock and NTP; with a config, also the newest reading's event time."""
     now_s = time.time() if now_s is None else now_s
     out = []
     if now_s < EARLIEST_SANE:
@@ -174,7 +175,7 @@ def check_clock(cfg: AgentConfig, now_s: float | None = None) -> list[Check]:
             )
         elif res.returncode == 0:
             out.append(Check("ntp", "ok", "NTP synchronised"))
-    if Path(cfg.storage.path).exists():
+    if cfg is not None and Path(cfg.storage.path).exists():
         try:
             store = open_readonly(cfg.storage.path)
             max_ts = store.get_state(buffer.MAX_TS)
@@ -266,6 +267,49 @@ def check_disk(cfg: AgentConfig) -> list[Check]:
     return out
 
 
+#: The cloud has acknowledged nothing for this long while batches wait: warn.
+SILENT_CLOUD_S = 300.0
+
+
+def check_delivery(cfg: AgentConfig, now_ns: int | None = None) -> list[Check]:
+    """Is data leaving? Batches waiting while the cloud acknowledges nothing is a
+    problem even when every broker answers (the ingestor is down, or rejects)."""
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    if not Path(cfg.storage.path).is_file():
+        return []
+    try:
+        st = read_status(cfg.storage.path, now_ns)
+    except StorageError:
+        return []  # check_disk reports the buffer itself
+    waiting, age = st["backlog_batches"], st["last_ack_age_s"]
+    if not waiting:
+        return [Check("delivery", "ok", "nothing waits for the cloud")]
+    oldest = st["oldest_unsent_age_s"] or 0.0
+    if age is None or age > SILENT_CLOUD_S:
+        since = "ever" if age is None else f"{age / 60:.0f} min"
+        return [
+            Check(
+                "delivery",
+                "fail" if oldest > SILENT_CLOUD_S else "warn",  # young: it may just start
+                f"{waiting:,} batches wait (the oldest {oldest / 60:.0f} min); the cloud has "
+                f"acknowledged nothing for {since}",
+                "check the forward.broker check above; if it is ok, the cloud ingestor is "
+                "down or rejects the device (edge-agent status: acks_rejected, acks_unverified)",
+            )
+        ]
+    if oldest > cfg.health.behind_after_s:
+        return [
+            Check(
+                "delivery",
+                "warn",
+                f"{waiting:,} batches wait, the oldest {oldest / 60:.0f} min old; acks arrive "
+                f"(last {age:.0f} s ago): the link is slower than the data",
+                "forward.backfill_bytes_per_s caps the backfill; a slow link catches up later",
+            )
+        ]
+    return [Check("delivery", "ok", f"{waiting:,} batches in flight; last ack {age:.0f} s ago")]
+
+
 def run_checks(cfg: AgentConfig, config_path: str | None) -> list[Check]:
     checks = [Check("config", "ok", f"{config_path or 'defaults'}: valid")]
     checks.append(check_broker("intake.broker", cfg.intake.broker))
@@ -273,4 +317,19 @@ def run_checks(cfg: AgentConfig, config_path: str | None) -> list[Check]:
     checks.append(check_tls(cfg.forward.broker))
     checks += check_clock(cfg)
     checks += check_disk(cfg)
+    checks += check_delivery(cfg)
     return checks
+
+
+def config_checks(error: str) -> list[Check]:
+    """With a config that does not load: say so, and check what needs no config."""
+    return [
+        Check(
+            "config",
+            "fail",
+            error,
+            "fix the key it names (`edge-agent config sample` shows every key), then run "
+            "doctor again for the brokers, the buffer and the disk",
+        ),
+        *check_clock(None),
+    ]

@@ -351,3 +351,47 @@ def test_sensors_rate_age_and_stale(tmp_path: Path) -> None:
     assert "min ago  STALE" in gone_row or "s ago  STALE" in gone_row
     (live_row,) = [line for line in res.output.splitlines() if "n/live" in line]
     assert "1 Hz" in live_row and "STALE" not in live_row
+
+
+def test_doctor_reports_a_broken_config_and_still_checks_the_clock(tmp_path: Path) -> None:
+    cfg = tmp_path / "a.toml"
+    cfg.write_text("[window]\nwidht_s = 10\n")
+    res = CliRunner().invoke(agent_main, ["doctor", "--json", "-c", str(cfg)])
+    assert res.exit_code == 2, res.output
+    checks = {c["name"]: c for c in json.loads(res.output)}
+    assert checks["config"]["level"] == "fail" and "widht_s" in checks["config"]["detail"]
+    assert "config sample" in checks["config"]["hint"]
+    assert checks["clock"]["level"] == "ok"  # what needs no config is still checked
+
+
+def test_doctor_fails_delivery_when_the_cloud_acknowledges_nothing(tmp_path: Path) -> None:
+    """Both brokers may answer while nothing is acknowledged (the ingestor is down):
+    the delivery check says so, where the other checks all say ok."""
+    from edge_agent import outbox
+    from edge_agent.config import AgentConfig, StorageConfig
+    from edge_agent.doctor import check_delivery
+    from edge_agent.store import Store
+
+    db = tmp_path / "buf.sqlite"
+    s = Store(db)
+    now = time.time_ns()
+    with s.tx():
+        seq = outbox.next_seq(s)
+        s.conn.execute(
+            "INSERT INTO outbox(seq, created_ns, windows, readings, payload, state) "
+            "VALUES (?, ?, 1, 10, x'00', 'sent')",
+            (seq, now - 700 * 10**9),
+        )
+    s.close()
+    cfg = AgentConfig(storage=StorageConfig(path=str(db)))
+    (check,) = check_delivery(cfg, now)
+    assert check.level == "fail" and "acknowledged nothing for ever" in check.detail
+    s = Store(db)
+    outbox.acknowledge(s, 999, stored=True, now_ns=now - 30 * 10**9)  # an ack 30 s ago
+    s.close()
+    (check,) = check_delivery(cfg, now)  # acks arrive, but the oldest is over 10 min old
+    assert check.level == "warn" and "slower than the data" in check.detail
+    s = Store(db)
+    s.conn.execute("DELETE FROM outbox")
+    s.close()
+    assert check_delivery(cfg, now)[0].detail == "nothing waits for the cloud"

@@ -270,13 +270,27 @@ def sensors(config_path: str | None, as_json: bool, windows: int) -> None:
 
 @main.command()
 @config_option
+@json_option
 @click.option("--count", type=int, help="Stop after this many readings.")
 @click.option("--timeout", "timeout_s", type=float, help="Stop after this many seconds.")
-def tail(config_path: str | None, count: int | None, timeout_s: float | None) -> None:
+@click.option("--node", "node_glob", default="*", help="Only these nodes (a glob: 'env-*').")
+@click.option("--sensor", "sensor_glob", default="*", help="Only these sensors (a glob).")
+def tail(
+    config_path: str | None,
+    as_json: bool,
+    count: int | None,
+    timeout_s: float | None,
+    node_glob: str,
+    sensor_glob: str,
+) -> None:
     """Print readings live as the sensor nodes publish them (Ctrl-C stops).
 
-    Listens on the device broker beside the agent; the agent still gets every reading.
+    Listens on the device broker beside the agent; the agent still gets every
+    reading. Values are shown with 6 significant digits; --json prints one JSON
+    object per reading (JSON Lines) with the value as sent.
     """
+    from fnmatch import fnmatchcase
+
     from edge_agent.tail import tail as tail_readings
 
     cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
@@ -291,9 +305,16 @@ def tail(config_path: str | None, count: int | None, timeout_s: float | None) ->
             if isinstance(item, Exception):
                 click.echo(f"bad message: {item}", err=True)
                 continue
+            if not (fnmatchcase(item.node, node_glob) and fnmatchcase(item.sensor, sensor_glob)):
+                continue
             ts = time.strftime("%H:%M:%S", time.gmtime(item.ts_ns / 1e9))
             frac = f"{item.ts_ns % 10**9 / 1e9:.3f}"[1:]
-            click.echo(f"{ts}{frac}  {item.node}/{item.sensor}  {item.value!r} {item.unit}")
+            if as_json:
+                day = time.strftime("%Y-%m-%dT", time.gmtime(item.ts_ns / 1e9))
+                row = {**item.__dict__, "time": f"{day}{ts}{frac}Z"}
+                click.echo(json.dumps(finite_or_null(row), allow_nan=False))
+            else:
+                click.echo(f"{ts}{frac}  {item.node}/{item.sensor}  {item.value:.6g} {item.unit}")
             seen += 1
             if count is not None and seen >= count:
                 break

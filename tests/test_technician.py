@@ -81,7 +81,7 @@ def test_commands_with_the_agent_running_then_stopped(
         out, _ = tailer.communicate(timeout=40)
         lines = out.splitlines()
         assert tailer.returncode == 0 and len(lines) == 9
-        assert "env-1/temp  20.0 degC" in lines[0]
+        assert "env-1/temp  20 degC" in lines[0]
 
         # flush: the open windows are closed, sent and acknowledged by the cloud
         wait_until(
@@ -144,3 +144,45 @@ def test_commands_with_the_agent_running_then_stopped(
     assert cli("buffer", "check", "-c", cfg).exit_code == 0
     publish_later = cli("flush", "-c", cfg)
     assert publish_later.exit_code == EXIT_PARTIAL
+
+
+def test_tail_filters_by_node_and_sensor_and_prints_json_lines(
+    mosquitto: Service, tmp_path: Path
+) -> None:
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f"[intake.broker]\nport = {mosquitto.port}\n")
+    t0 = 1_800_000_000 * 10**9
+    msgs = [
+        ("sensors/env-1/temp", encode_chunk("degC", [t0], [21.123456789])),
+        ("sensors/env-1/hum", encode_chunk("%", [t0 + 1], [40.0])),
+        ("sensors/pump-1/temp", encode_chunk("degC", [t0 + 2], [80.0])),
+        ("sensors/env-1/temp", encode_chunk("degC", [t0 + 3], [22.5])),
+    ]
+
+    def tail(*args: str) -> list[str]:
+        proc = subprocess.Popen(
+            [str(BIN / "edge-agent"), "tail", "-c", str(cfg), "--timeout", "30", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stderr is not None
+        assert "listening on" in proc.stderr.readline()  # blocks until subscribed
+        publish_all(mosquitto.port, msgs)
+        out, err = proc.communicate(timeout=40)
+        assert proc.returncode == 0, err
+        return out.splitlines()
+
+    rows = [
+        json.loads(line)
+        for line in tail("--json", "--node", "env-*", "--sensor", "temp", "--count", "2")
+    ]
+    assert [(r["node"], r["sensor"], r["value"]) for r in rows] == [
+        ("env-1", "temp", 21.123456789),  # as sent, in JSON
+        ("env-1", "temp", 22.5),
+    ]
+    assert rows[0]["ts_ns"] == t0 and rows[0]["time"] == "2027-01-15T08:00:00.000Z"
+    (line,) = tail("--sensor", "temp", "--node", "pump-*", "--count", "1")
+    assert line.endswith("pump-1/temp  80 degC")
+    (line,) = tail("--sensor", "temp", "--count", "1")
+    assert line.endswith("env-1/temp  21.1235 degC")  # six significant digits

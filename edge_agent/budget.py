@@ -4,7 +4,8 @@ When the pages in use exceed the budget, the documented policy frees space in
 this order, each step only as far as needed:
 
 0. the quarantine's oldest entries (bad input must never cost good data):
-   counted as ``quarantine_dropped``;
+   counted as ``quarantine_dropped``; then the oldest unsent health reports
+   (edge_agent/health.py), all but the newest: counted as ``dropped_health``;
 1. raw reading chunks whose windows are closed (already summarised and in the
    outbox) and too old to be revised by late readings, oldest first: counted as
    ``budget_pruned_chunks``; no reading is lost to delivery, only the raw detail
@@ -62,6 +63,17 @@ def enforce(store: Store, max_bytes: int, *, keep_raw_after_ns: int | None = Non
     with store.tx():
         while used_bytes(store) > max_bytes and quarantine.free(store, 1):
             pass  # the oldest bad messages first: a few at a time, then measure again
+        reports = 0
+        while used_bytes(store) > max_bytes:  # then old health reports: not data
+            cur = store.conn.execute(
+                "DELETE FROM health WHERE seq IN (SELECT seq FROM health ORDER BY seq LIMIT ?) "
+                "AND seq < (SELECT max(seq) FROM health)",
+                (STEP_ROWS // 8,),
+            )
+            if cur.rowcount == 0:
+                break
+            reports += cur.rowcount
+        store.add_counter("dropped_health", reports)
         closed = store.get_state(buffer.CLOSED_UNTIL)
         if keep_raw_after_ns is not None:
             closed = min(closed, keep_raw_after_ns)

@@ -2,7 +2,8 @@
 sent so that the cloud can see a fleet (the message: shared/health.py).
 
 A report is made at start, every ``health.interval_s``, at once when the set of
-problems changes, and at a clean stop. Problems (worst first, ``PROBLEMS``):
+problems changes (at most one such report every :data:`CHANGE_EVERY_S`, so that
+a flapping state cannot fill the buffer), and at a clean stop. Problems (worst first, ``PROBLEMS``):
 
 * ``store-failing``: ``store_errors`` grew within the last interval;
 * ``intake-down``: not subscribed to the local broker;
@@ -16,7 +17,9 @@ Reports are stored in the ``health`` table, in a transaction of their own, and
 leave like alerts (after alerts, before batches), acknowledged and resent until
 the cloud has them. At most ``health.max_unsent`` wait: beyond that the oldest is
 deleted and counted as ``dropped_health`` (a day of reports at the default
-interval; the newest say more about the device than the oldest).
+interval; the newest say more about the device than the oldest). Under the disk
+budget (edge_agent/budget.py) old reports go before any reading, all but the
+newest.
 
 The clock offset comes from the cloud's time in its acks (shared/acks.py): for a
 batch published once, the ack's ``ts_ns`` against the midpoint of publish and
@@ -38,6 +41,11 @@ from edge_agent.store import STORE_ERRORS, Store, crc
 from shared.health import PROBLEMS, HealthReport
 
 CHECK_EVERY_S = 1.0  # the problems are checked at most this often
+#: at most one report for a change of state this often: a state that flaps (the
+#: buffer near its budget, trimmed, near again) must not fill the buffer with reports
+CHANGE_EVERY_S = 10.0
+#: "near-budget" clears only this far below health.near_budget (hysteresis)
+NEAR_BUDGET_CLEAR = 0.05
 CLOCK_SAMPLES = 64
 PUBLISHED_KEPT = 4096  # publish times remembered, for the acks that follow them
 DROPPED = "dropped_health"
@@ -91,6 +99,7 @@ class Reporter:
         self._started = time.monotonic()
         self._next_report = 0.0
         self._next_check = 0.0
+        self._next_change = 0.0
         self._problems: frozenset[str] | None = None  # as last reported
         self._drops = self._errors = -1
         self._drops_grew = self._errors_grew = float("-inf")
@@ -108,7 +117,7 @@ class Reporter:
             reason = "stop"
         elif self._problems is None:
             reason = "start"
-        elif problems != self._problems:
+        elif problems != self._problems and now >= self._next_change:
             reason = "change"
         elif now >= self._next_report:
             reason = "interval"
@@ -117,6 +126,7 @@ class Reporter:
         self._store(self._report(reason, problems, intake_up, forward_up))
         self._problems = problems
         self._next_report = now + self.cfg.health.interval_s
+        self._next_change = now + CHANGE_EVERY_S
         return True
 
     def _check(self, now: float, *, intake_up: bool, forward_up: bool) -> frozenset[str]:
@@ -132,12 +142,14 @@ class Reporter:
             "SELECT created_ns FROM outbox ORDER BY seq LIMIT 1"
         ).fetchone()
         max_bytes = self.cfg.storage.max_bytes
+        near = h.near_budget
+        if self._problems is not None and "near-budget" in self._problems:
+            near -= NEAR_BUDGET_CLEAR  # raised: it clears only well below the mark
         found = {
             "store-failing": now - self._errors_grew < h.interval_s,
             "intake-down": not intake_up,
             "dropping": now - self._drops_grew < h.interval_s,
-            "near-budget": bool(max_bytes)
-            and budget.used_bytes(self.store) > h.near_budget * max_bytes,
+            "near-budget": bool(max_bytes) and budget.used_bytes(self.store) > near * max_bytes,
             "link-down": not forward_up,
             "behind": oldest is not None
             and time.time_ns() - int(oldest[0]) > h.behind_after_s * 1e9,

@@ -153,6 +153,8 @@ def test_reports_at_start_on_change_on_interval_and_at_stop(store: Store) -> Non
     rep._next_check = 0.0
     assert not rep.tick(intake_up=True, forward_up=True)  # nothing changed, not yet due
     rep._next_check = 0.0
+    assert not rep.tick(intake_up=True, forward_up=False)  # a change, within 10 s of a report
+    rep._next_check = rep._next_change = 0.0
     assert rep.tick(intake_up=True, forward_up=False)  # the link went down
     rep._next_check, rep._next_report = 0.0, 0.0
     assert rep.tick(intake_up=True, forward_up=False)  # due
@@ -181,13 +183,30 @@ def test_drops_store_errors_and_backlog_become_problems(store: Store) -> None:
             "VALUES (?, ?, 1, 10, x'00', 'pending')",
             (seq, time.time_ns() - 61 * 10**9),
         )
-    rep._next_check = 0.0
+    rep._next_check = rep._next_change = 0.0
     assert rep.tick(intake_up=True, forward_up=True)
     last = reports(store)[-1]
     assert last.reason == "change" and last.problems == ("store-failing", "dropping", "behind")
     assert last.drops == {"dropped_late": 2} and last.store_errors == 1
     assert last.backlog_batches == 1 and last.backlog_readings == 10
     assert last.oldest_unsent_age_s is not None and last.oldest_unsent_age_s > 60
+
+
+def test_the_budget_drops_old_reports_before_any_reading(tmp_path: Path) -> None:
+    from edge_agent import budget
+
+    store = Store(tmp_path / "b.db")
+    rep = Reporter(cfg_with(), store, Clock())
+    for _ in range(400):  # a flapping state, before CHANGE_EVERY_S: 400 reports
+        rep._next_check = rep._next_report = 0.0
+        rep.tick(intake_up=True, forward_up=False)
+    before = budget.used_bytes(store)
+    res = budget.enforce(store, before - 64 * 1024)
+    assert res.used_bytes <= before - 64 * 1024
+    kept = reports(store)
+    assert 1 <= len(kept) < 400 and kept[-1].seq == 400  # the newest stays
+    assert store.counters()["dropped_health"] == 400 - len(kept)
+    assert res.dropped_batches == 0 and res.pruned_chunks == 0
 
 
 def test_at_most_max_unsent_reports_wait_and_the_rest_are_counted(store: Store) -> None:

@@ -6,6 +6,10 @@ this order, each step only as far as needed:
 0. the quarantine's oldest entries (bad input must never cost good data):
    counted as ``quarantine_dropped``; then the oldest unsent health reports
    (edge_agent/health.py), all but the newest: counted as ``dropped_health``;
+   then the message digests that recognise redeliveries beyond the newest
+   :data:`MIN_DIGESTS` (a broker redelivers at most its in-flight window, 20
+   messages by Mosquitto's default; the rest are kept only for convenience):
+   counted as ``budget_pruned_digests``, not a loss;
 1. raw reading chunks whose windows are closed (already summarised and in the
    outbox) and too old to be revised by late readings, oldest first: counted as
    ``budget_pruned_chunks``; no reading is lost to delivery, only the raw detail
@@ -30,6 +34,8 @@ from edge_agent.store import Store
 log = logging.getLogger("edge_agent.budget")
 
 STEP_ROWS = 64  # rows deleted per step before the size is checked again
+#: digests always kept, whatever the budget (buffer.KEEP_DIGESTS without pressure)
+MIN_DIGESTS = 1_000
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,17 @@ def enforce(store: Store, max_bytes: int, *, keep_raw_after_ns: int | None = Non
                 break
             reports += cur.rowcount
         store.add_counter("dropped_health", reports)
+        digests = 0
+        while used_bytes(store) > max_bytes:  # then digests beyond the redelivery window
+            cur = store.conn.execute(
+                "DELETE FROM received WHERE rowid IN (SELECT rowid FROM received "
+                "WHERE rowid <= (SELECT max(rowid) FROM received) - ? ORDER BY rowid LIMIT ?)",
+                (MIN_DIGESTS, STEP_ROWS * 4),
+            )
+            if cur.rowcount == 0:
+                break
+            digests += cur.rowcount
+        store.add_counter("budget_pruned_digests", digests)
         closed = store.get_state(buffer.CLOSED_UNTIL)
         if keep_raw_after_ns is not None:
             closed = min(closed, keep_raw_after_ns)

@@ -163,7 +163,9 @@ def test_disk_budget_holds_while_the_uplink_is_down(
     st = pipe.agent_status()
     c = st["counters"]
     assert c["readings_stored"] == produced  # intake never stopped
-    assert c["budget_pruned_chunks"] > 0 and c["dropped_budget_batches"] > 0
+    # the budget freed room: old raw chunks and old digests first (no loss); batches
+    # only if that was not enough (tests/test_budget.py drops batches for sure)
+    assert c["budget_pruned_chunks"] > 0 and c["budget_pruned_digests"] > 0
     assert st["used_bytes"] <= 1048576 + 65536  # the last tick's data may still be on top
     # every closed reading is either in a batch still waiting, or counted as dropped
-    assert st["backlog_readings"] + c["dropped_budget_readings"] == produced
+    assert st["backlog_readings"] + c.get("dropped_budget_readings", 0) == produced

@@ -30,6 +30,7 @@ from edge_agent.health import Reporter
 from edge_agent.intake import Intake
 from edge_agent.lock import BufferLock
 from edge_agent.mqtt import network_thread_alive
+from edge_agent.sources.http import HttpIntake
 from edge_agent.store import Store
 from shared.cli import write_ready_file
 from shared.errors import StorageError
@@ -48,6 +49,8 @@ class Agent:
         try:
             self.store = Store(cfg.storage.path, synchronous=cfg.storage.synchronous)
             self.intake = Intake(cfg)
+            http = cfg.intake.http
+            self.http = HttpIntake(http, self.intake) if http.enabled else None
             self.forwarder = Forwarder(cfg, self.store)
             self.health = Reporter(cfg, self.store, self.forwarder.clock)
         except BaseException:
@@ -90,7 +93,7 @@ class Agent:
     def dead_threads(self) -> list[str]:
         """The agent's worker threads that have died (intake's and the forwarder's
         MQTT network threads; the main loop is this thread)."""
-        return [
+        dead = [
             name
             for name, client in (
                 ("intake", self.intake.client),
@@ -98,6 +101,9 @@ class Agent:
             )
             if not network_thread_alive(client)
         ]
+        if self.http is not None and not self.http.thread.is_alive():
+            dead.append("HTTP intake")
+        return dead
 
     def stalled(self, limit_s: float) -> str | None:
         """Why the agent should not feed the watchdog now, or None. The main loop
@@ -120,6 +126,12 @@ class Agent:
 
     def tick(self) -> None:
         self.intake.flush()  # the last messages of a burst: do not wait for more
+        if self.http is not None:
+            counts = self.http.take_counts()
+            if counts:
+                with self.store.tx():
+                    for name, n in counts.items():
+                        self.store.add_counter(name, n)
         req = control.pending_flush(self.store)
         self.send_ready(flush=req is not None)
         if req is not None:
@@ -180,6 +192,8 @@ class Agent:
         log.info("agent: device %s, buffer %s", self.cfg.device_id, self.cfg.storage.path)
         log.info("agent: %s window kernels ready in %.2f s", kernels.BACKEND, kernels.warm_up())
         self.intake.start()
+        if self.http is not None:
+            self.http.start()
         self.forwarder.start()
         ready_pending = True
         notifier = Notifier()  # systemd: READY=1 and the watchdog (shared/sdnotify.py)
@@ -226,6 +240,8 @@ class Agent:
             )
         except (sqlite3.Error, StorageError) as exc:
             log.error("agent: could not store the last health report: %s", exc)
+        if self.http is not None:
+            self.http.stop()  # no write is answered 204 after this
         self.intake.stop()
         try:
             if self.cfg.window.flush_on_shutdown:

@@ -78,6 +78,16 @@ def message_digest(topic: str, payload: bytes) -> bytes:
     return hashlib.blake2b(topic.encode() + b"\0" + payload, digest_size=16).digest()
 
 
+def seen_before(store: Store, digest: bytes) -> bool:
+    """True if a message with this digest was stored already (a redelivery); else
+    remember it (inside the caller's transaction) and return False."""
+    cur = store.conn.execute(
+        "INSERT OR IGNORE INTO received(digest, received_ns) VALUES (?, ?)",
+        (digest, time.time_ns()),
+    )
+    return cur.rowcount == 0
+
+
 @dataclass(frozen=True)
 class LatePolicy:
     """What to do with a reading whose window is already closed.
@@ -122,14 +132,9 @@ def store_one(
     the caller's transaction commits the outcome is durable, and the message may be
     acknowledged to the node's broker.
     """
-    if digest is not None:
-        cur = store.conn.execute(
-            "INSERT OR IGNORE INTO received(digest, received_ns) VALUES (?, ?)",
-            (digest, time.time_ns()),
-        )
-        if cur.rowcount == 0:
-            store.add_counter("duplicates_ignored", len(chunk))
-            return StoreResult(stored=0, late=0, duplicate=len(chunk))
+    if digest is not None and seen_before(store, digest):
+        store.add_counter("duplicates_ignored", len(chunk))
+        return StoreResult(stored=0, late=0, duplicate=len(chunk))
     closed = store.get_state(CLOSED_UNTIL)
     is_late = chunk.ts < closed
     keep = ~is_late

@@ -156,10 +156,11 @@ def run(config_path: str | None, ready_file: str | None) -> None:
     setup_logging(cfg.log_level, cfg.log_format)
     from edge_agent.agent import run_agent  # imports numba: keep other commands fast
     from edge_agent.lock import BufferBusy
+    from edge_agent.sources.http import ListenError
 
     try:
         sys.exit(run_agent(cfg, ready_file))
-    except BufferBusy as exc:
+    except (BufferBusy, ListenError) as exc:
         fail(str(exc), EXIT_CONFIG)
     except StorageError as exc:
         fail(str(exc))

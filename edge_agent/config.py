@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from edge_agent.alerts import AlertRule
+from edge_agent.sources.config import HttpConfig, SourceConfig
+from edge_agent.sources.transform import TransformRule
 from shared import backoff
 from shared.auth import AuthConfig, read_key
 from shared.config import Invalid, port, positive
@@ -131,7 +133,27 @@ class WindowConfig:
 @dataclass(frozen=True)
 class IntakeConfig:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
+    #: with no [[intake.sources]]: one source of the chunk format on
+    #: <topic_prefix>/{node}/{sensor}
     topic_prefix: str = DEFAULT_SENSOR_PREFIX
+    sources: tuple[SourceConfig, ...] = ()
+    http: HttpConfig = field(default_factory=HttpConfig)
+    transforms: tuple[TransformRule, ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.sources]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise Invalid("sources", f"two sources are named {dup!r}: names must be unique")
+        if "http" in names or any(n.startswith("http-") for n in names):
+            raise Invalid("sources", "the names http and http-* are the HTTP intake's")
+
+    @property
+    def mqtt_sources(self) -> tuple[SourceConfig, ...]:
+        """The configured sources, or the one default chunk source."""
+        if self.sources:
+            return self.sources
+        return (SourceConfig(name="sensors", topic=f"{self.topic_prefix}/{{node}}/{{sensor}}"),)
 
 
 @dataclass(frozen=True)

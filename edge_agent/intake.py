@@ -1,12 +1,16 @@
-"""Intake: readings from the sensor nodes' local broker into the durable buffer.
+"""Intake: readings from the sensor nodes' local broker (and the HTTP intake) into
+the durable buffer.
 
-Subscribes to ``<prefix>/+/+`` at QoS 1 with a persistent session, so the broker
-keeps readings while the agent is down. Acknowledgement is manual: messages are
-committed to SQLite in groups (``storage.group_commit_max`` per transaction, one
-fsync) and each PUBACK goes to the broker only after its group's commit, in
-arrival order, so a reading the broker saw acknowledged is on disk. A message
-that cannot be parsed is stored in the ``quarantine`` table with its reason, in
-its place in the group, counted, and acknowledged (resending it cannot fix it).
+Subscribes to each source's topic (``[[intake.sources]]``, by default
+``<prefix>/+/+`` in the chunk format) with a persistent session, so the broker
+keeps readings while the agent is down; the source's decoder
+(:mod:`edge_agent.sources`) turns each message into readings and rejects.
+Acknowledgement is manual: messages are committed to SQLite in groups
+(``storage.group_commit_max`` per transaction, one fsync) and each PUBACK goes
+to the broker only after its group's commit, in arrival order, so a reading the
+broker saw acknowledged is on disk. A message that cannot be parsed is stored in
+the ``quarantine`` table with its reason, in its place in the group, counted,
+and acknowledged (resending it cannot fix it).
 
 When the file cannot take a group (a full disk, an I/O error), nothing of it is
 acknowledged and nothing of it is forgotten: the group stays in hand, later
@@ -15,6 +19,14 @@ messages queue behind it, and the commit is tried again with a backoff (up to
 A group that fails for any other reason is stored message by message, and a
 message that still fails is quarantined as ``store-failed``, so one bad message
 cannot stop intake.
+
+A message whose readings all carry their own time is recognised when the broker
+redelivers it (its digest is kept). One stamped on arrival is not: after a crash
+between its commit and its PUBACK it is stored again, at its new arrival time.
+
+Counters per source: ``source_<name>_messages``, ``_readings`` (decoded, before
+the late and future policies), ``_rejected`` (quarantined messages and lines);
+readings a transform drops are ``readings_filtered``.
 """
 
 from __future__ import annotations
@@ -23,7 +35,9 @@ import logging
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -32,10 +46,12 @@ from edge_agent import alerts, buffer, quarantine
 from edge_agent.alerts import AlertEngine
 from edge_agent.config import AgentConfig
 from edge_agent.mqtt import connect_async, make_client
+from edge_agent.sources.contract import Decoded
+from edge_agent.sources.router import MqttSources
+from edge_agent.sources.transform import Transforms
 from edge_agent.store import Store
 from shared.errors import StorageError, WireError
-from shared.readings import ReadingChunk, decode_chunk
-from shared.topics import sensor_filter
+from shared.readings import ReadingChunk
 
 log = logging.getLogger("edge_agent.intake")
 
@@ -45,8 +61,38 @@ log = logging.getLogger("edge_agent.intake")
 MAX_HELD = 10_000
 RETRY_MAX_S = 10.0  # the longest wait between two attempts to commit a failed group
 
-#: A message in hand: decoded, or why it cannot be.
-Pending = tuple[mqtt.MQTTMessage, ReadingChunk | WireError]
+
+@dataclass(frozen=True)
+class Arrival:
+    """A message in hand: decoded, or why it cannot be."""
+
+    topic: str
+    payload: bytes
+    source: str
+    item: Decoded | WireError
+    #: the MQTT message to acknowledge after the commit (None: from the HTTP intake)
+    msg: mqtt.MQTTMessage | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one message's readings."""
+
+    stored: int = 0
+    late: int = 0
+    future: int = 0
+    duplicate: int = 0
+    rejected: int = 0
+
+
+def _outcome(results: list[buffer.StoreResult], rejected: int) -> Outcome:
+    return Outcome(
+        stored=sum(r.stored for r in results),
+        late=sum(r.late for r in results),
+        future=sum(r.future for r in results),
+        duplicate=sum(r.duplicate for r in results),
+        rejected=rejected,
+    )
 
 
 class Intake:
@@ -61,10 +107,12 @@ class Intake:
             cfg.window.width_ns, cfg.window.max_age_ns, cfg.window.hop_ns
         )
         self.alerts = AlertEngine(cfg.alerts, self.store)
+        self.transforms = Transforms(cfg.intake.transforms)
+        self.sources = MqttSources(cfg.intake.mqtt_sources, self.transforms)
         # Group commit: messages wait here (unacknowledged) until their transaction.
         # The lock also serialises this thread's and the agent tick's use of self.store.
         self._lock = threading.Lock()
-        self._pending: list[Pending] = []
+        self._pending: list[Arrival] = []
         self._first_pending = 0.0
         self._failures = 0  # consecutive failed commits
         self._retry_at = 0.0  # monotonic time of the next attempt after a failure
@@ -103,7 +151,7 @@ class Intake:
         if rc.is_failure:
             log.warning("intake: connect refused: %s", rc)
             return
-        client.subscribe(sensor_filter(self.cfg.intake.topic_prefix), qos=1)
+        client.subscribe([(f, qos) for f, qos in self.sources.subscriptions()])
         self.connected.set()
         log.info(
             "intake: connected to %s:%s", self.cfg.intake.broker.host, self.cfg.intake.broker.port
@@ -121,23 +169,20 @@ class Intake:
         log.warning("intake: disconnected (%s); paho reconnects", rc)
 
     def _on_message(self, _client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        item: ReadingChunk | WireError
-        try:
-            item = decode_chunk(msg.topic, bytes(msg.payload), self.cfg.intake.topic_prefix)
-        except WireError as exc:
-            item = exc
-        except Exception as exc:  # noqa: BLE001 (a decoder bug must not end paho's thread)
-            item = WireError("undecodable", f"{type(exc).__name__}: {exc}"[:500])
+        payload = bytes(msg.payload)
+        source, item = self.sources.decode(msg.topic, payload, time.time_ns())
+        arrival = Arrival(msg.topic, payload, source, item, msg)
         with self._lock:
             if len(self._pending) >= MAX_HELD and msg.qos == 0:
                 self._dropped_held += 1  # nothing to redeliver it: counted at the next commit
                 return
             if not self._pending:
                 self._first_pending = time.monotonic()
-            self._pending.append((msg, item))
+            self._pending.append(arrival)
             st = self.cfg.storage
             if (
                 isinstance(item, WireError)  # quarantine (and acknowledge) it at once
+                or len(item.chunks) > 1  # a big message is a group of its own
                 or len(self._pending) >= st.group_commit_max
                 or time.monotonic() - self._first_pending >= st.group_commit_ms / 1000
             ):
@@ -147,6 +192,29 @@ class Intake:
         """Commit and acknowledge what waits for its group (the agent's tick calls this)."""
         with self._lock:
             self._flush_locked()
+
+    def commit_now(self, arrival: Arrival) -> Outcome:
+        """Store one message now, in a transaction of its own, after what waits
+        (for the HTTP intake, which answers only once its body is durable). Raises
+        ``sqlite3.Error``/``StorageError`` when the file cannot take it."""
+        with self._lock:
+            self._retry_at = 0.0
+            self._flush_locked()
+            if self._pending:
+                raise StorageError("the buffer cannot take messages now")
+            self._busy_since = time.monotonic()
+            try:
+                try:
+                    results = self._commit([arrival])
+                except (sqlite3.Error, StorageError):
+                    raise
+                except Exception:
+                    log.exception("intake: cannot store the body from %s", arrival.topic)
+                    (arrival,), results = self._store_alone(arrival)
+            finally:
+                self._busy_since = 0.0
+            self._done([arrival], results)
+            return results[0]
 
     def _flush_locked(self) -> None:
         if not self._pending or time.monotonic() < self._retry_at:
@@ -169,58 +237,77 @@ class Intake:
     def _commit_one_by_one(self) -> None:
         while self._pending:
             try:
-                one, results = self._store_alone(*self._pending[0])
+                one, results = self._store_alone(self._pending[0])
             except (sqlite3.Error, StorageError) as exc:
                 self._storage_failed(exc, len(self._pending))
                 return
             self._done(one, results)
 
-    def _store_alone(
-        self, msg: mqtt.MQTTMessage, item: ReadingChunk | WireError
-    ) -> tuple[list[Pending], list[buffer.StoreResult | None]]:
+    def _store_alone(self, arrival: Arrival) -> tuple[list[Arrival], list[Outcome]]:
         """One message in a transaction of its own; quarantined as ``store-failed`` if
         storing it fails for a reason other than the file."""
         try:
-            return [(msg, item)], self._commit([(msg, item)])
+            return [arrival], self._commit([arrival])
         except (sqlite3.Error, StorageError):
             raise  # the file: the caller waits and tries again
         except Exception as exc:
-            log.exception("intake: cannot store the message on %s; quarantined", msg.topic)
+            log.exception("intake: cannot store the message on %s; quarantined", arrival.topic)
             bad = WireError("store-failed", f"{type(exc).__name__}: {exc}"[:500])
-            return [(msg, bad)], self._commit([(msg, bad)])
+            failed = Arrival(arrival.topic, arrival.payload, arrival.source, bad, arrival.msg)
+            return [failed], self._commit([failed])
 
-    def _commit(self, group: list[Pending]) -> list[buffer.StoreResult | None]:
-        """Store the group in one transaction: chunks, quarantined messages, alert events."""
+    def _commit(self, group: list[Arrival]) -> list[Outcome]:
+        """Store the group in one transaction: readings, quarantined messages and
+        lines, alert events, and the counters of each source."""
         future_limit = time.time_ns() + self.cfg.window.max_future_ns
+        counts: Counter[str] = Counter()
         with self.store.tx():
             dropped, self._dropped_held = self._dropped_held, 0
             if dropped:
                 self.store.add_counter("dropped_store_unavailable", dropped)
                 self.store.on_rollback(lambda: self._add_dropped(dropped))
-            out: list[buffer.StoreResult | None] = []
-            for msg, item in group:
-                if isinstance(item, WireError):
-                    quarantine.add(
-                        self.store,
-                        msg.topic,
-                        item,
-                        bytes(msg.payload),
-                        max_bytes=self.cfg.storage.quarantine_max_bytes,
-                    )
-                    out.append(None)
-                    continue
-                out.append(
-                    buffer.store_one(
-                        self.store,
-                        self.registry,
-                        item,
-                        buffer.message_digest(msg.topic, bytes(msg.payload)),
-                        future_limit_ns=future_limit,
-                        late=self.late_policy,
-                        after_store=self._alert_hook(item.node, item.sensor),
-                    )
-                )
+            out = [self._store_arrival(a, future_limit, counts) for a in group]
+            for name, n in counts.items():
+                self.store.add_counter(name, n)
             return out
+
+    def _store_arrival(self, a: Arrival, future_limit: int, counts: Counter[str]) -> Outcome:
+        counts[f"source_{a.source}_messages"] += 1
+        qmax = self.cfg.storage.quarantine_max_bytes
+        item = a.item
+        if isinstance(item, WireError):
+            quarantine.add(self.store, a.topic, item, a.payload, max_bytes=qmax)
+            counts[f"source_{a.source}_rejected"] += 1
+            return Outcome(rejected=1)
+        for rej in item.rejects:
+            quarantine.add(
+                self.store, a.topic, WireError(rej.reason, rej.message), rej.payload, max_bytes=qmax
+            )
+        if item.rejects_not_kept:
+            counts["quarantine_not_kept"] += item.rejects_not_kept
+        counts[f"source_{a.source}_rejected"] += item.rejected
+        counts[f"source_{a.source}_readings"] += item.readings
+        counts["readings_filtered"] += item.filtered
+        if not item.stamped and item.chunks:
+            digest = buffer.message_digest(a.topic, a.payload)
+            if buffer.seen_before(self.store, digest):
+                self.store.add_counter("duplicates_ignored", item.readings)
+                return Outcome(duplicate=item.readings, rejected=item.rejected)
+        results = [
+            buffer.store_one(
+                self.store,
+                self.registry,
+                chunk,
+                future_limit_ns=future_limit,
+                late=self.late_policy,
+                after_store=self._alert_hook(chunk.node, chunk.sensor),
+            )
+            for chunk in item.chunks
+        ]
+        outcome = _outcome(results, item.rejected)
+        for chunk, res in zip(item.chunks, results, strict=True):
+            self._log_drops(chunk, res)
+        return outcome
 
     def _add_dropped(self, n: int) -> None:
         self._dropped_held += n
@@ -238,20 +325,29 @@ class Intake:
             self._failures,
         )
 
-    def _done(self, group: list[Pending], results: list[buffer.StoreResult | None]) -> None:
+    def _done(self, group: list[Arrival], results: list[Outcome]) -> None:
         """After the commit: forget the group, log, and PUBACK in arrival order."""
-        del self._pending[: len(group)]
+        if group and group[0].msg is not None:
+            del self._pending[: len(group)]
         if self._failures:
             log.info("intake: the buffer takes messages again after %d failures", self._failures)
         self._failures = 0
         self._retry_at = 0.0
-        for (msg, item), res in zip(group, results, strict=True):
-            if isinstance(item, WireError):
-                log.warning("intake: quarantined message on %s: %s", msg.topic, item)
-            elif res is not None:
-                self._log_drops(item, res)
-            # Only after the commit above: now the broker may forget the message.
-            self.client.ack(msg.mid, msg.qos)
+        for a in group:
+            if isinstance(a.item, WireError):
+                log.warning("intake: quarantined message on %s: %s", a.topic, a.item)
+            elif a.item.rejects:
+                first = a.item.rejects[0]
+                log.warning(
+                    "intake: quarantined %d parts of the message on %s, the first: %s: %s",
+                    a.item.rejected,
+                    a.topic,
+                    first.reason,
+                    first.message,
+                )
+            if a.msg is not None:
+                # Only after the commit above: now the broker may forget the message.
+                self.client.ack(a.msg.mid, a.msg.qos)
 
     def _log_drops(self, chunk: ReadingChunk, res: buffer.StoreResult) -> None:
         if res.future:

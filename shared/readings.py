@@ -60,6 +60,11 @@ def parse_sensor_topic(topic: str, prefix: str) -> tuple[str, str]:
 def decode_chunk(topic: str, payload: bytes, prefix: str) -> ReadingChunk:
     """Parse one local message; raise :class:`WireError` with a reason if bad."""
     node, sensor = parse_sensor_topic(topic, prefix)
+    return decode_chunk_payload(node, sensor, payload)
+
+
+def decode_chunk_payload(node: str, sensor: str, payload: bytes) -> ReadingChunk:
+    """Parse a chunk's payload for a node and sensor named elsewhere (the topic)."""
     obj: Any = jsonwire.loads(
         payload, reason="bad-json", what="a reading chunk", max_bytes=MAX_CHUNK_BYTES
     )

@@ -86,7 +86,7 @@ def _sample_keys(data: dict[str, Any], prefix: str = "") -> set[str]:
 def test_sample_documents_every_key(package: str, cls: type) -> None:
     path = sample_path(package)
     # arrays of tables with no default (alert rules) are documented as a commented example
-    commented = set(re.findall(r"^# \[\[(\w+)\]\]", path.read_text(), re.M))
+    commented = set(re.findall(r"^# \[\[([\w.]+)\]\]", path.read_text(), re.M))
     assert _sample_keys(tomllib.loads(path.read_text())) | commented == _keys(cls)
     # every key line is preceded by a comment line or another key of the same block
     lines = path.read_text().splitlines()

@@ -1,0 +1,148 @@
+"""The config of input sources: ``[[intake.sources]]`` (MQTT subscriptions),
+``[intake.http]`` (the InfluxDB-compatible HTTP intake) and ``[[intake.transforms]]``.
+``edge_agent/sample.toml`` documents every key."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from edge_agent.sources.template import TopicTemplate
+from edge_agent.sources.timestamps import TimeFormat, TimeUnit, zone
+from shared.auth import check_secret, read_secret
+from shared.config import Invalid, port, positive
+from shared.topics import is_valid_id, is_valid_unit
+
+Format = Literal["chunk", "value", "json", "influx", "csv"]
+MAX_PAYLOAD_BYTES = 4 << 20  # a chunk of 100,000 readings in JSON fits in about 4 MB
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One MQTT subscription and how to read what arrives on it."""
+
+    #: the source's name in counters and `edge-agent status`
+    name: str
+    #: topic template: levels may be {node}, {sensor}, + or (last) #
+    topic: str
+    format: Format = "chunk"
+    qos: int = 1
+    #: the node when the topic does not name one (influx: when a line has no node_tag)
+    node: str = ""
+    #: value and csv formats: the sensor when the topic does not name one
+    sensor: str = ""
+    #: the unit of every reading of this source (a transform can set one per sensor)
+    unit: str = ""
+    #: json: globs on field paths (dots between levels: BME280.Temperature) to take
+    #: (empty = all numeric fields) and to leave
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    #: json: the field holding the reading's time ("" = stamped on arrival)
+    time_field: str = ""
+    #: json time_field and csv time column: rfc3339, s, ms, us, ns, or local (local
+    #: time without a zone, in `timezone`)
+    time_format: TimeFormat = "rfc3339"
+    timezone: str = ""
+    #: influx: the unit of line timestamps
+    precision: TimeUnit = "ns"
+    #: influx: the tag naming the node
+    node_tag: str = "host"
+    #: influx: tags whose values become part of the sensor name, in this order
+    sensor_tags: tuple[str, ...] = ()
+    max_bytes: int = MAX_PAYLOAD_BYTES
+
+    def __post_init__(self) -> None:
+        if not is_valid_id(self.name):
+            raise Invalid("name", "must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        tpl = TopicTemplate.parse(self.topic)
+        if self.qos not in (0, 1, 2):
+            raise Invalid("qos", "must be 0, 1 or 2")
+        for key, value in (("node", self.node), ("sensor", self.sensor)):
+            if value and not is_valid_id(value):
+                raise Invalid(key, "must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        if not is_valid_unit(self.unit):
+            raise Invalid("unit", "must be at most 32 printable characters")
+        if self.format == "chunk" and not (tpl.names_node and tpl.names_sensor):
+            raise Invalid("topic", "the chunk format needs {node} and {sensor} in the topic")
+        if self.format != "influx" and not tpl.names_node and not self.node:
+            raise Invalid("node", "the topic has no {node}: set node")
+        if self.format in ("value",) and not tpl.names_sensor and not self.sensor:
+            raise Invalid("sensor", "the topic has no {sensor}: set sensor")
+        if self.time_format == "local" and not self.timezone:
+            raise Invalid("timezone", "time_format 'local' needs a timezone (e.g. 'Europe/Berlin')")
+        zone(self.timezone)
+        if not 1 <= self.max_bytes <= 64 << 20:
+            raise Invalid("max_bytes", "must be 1 to 67108864 (64 MiB)")
+
+    @property
+    def template(self) -> TopicTemplate:
+        return TopicTemplate.parse(self.topic)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP intake: InfluxDB's v1 and v2 write endpoints, plus JSON and CSV."""
+
+    enabled: bool = False
+    #: loopback by default: devices on the LAN need host = "0.0.0.0" and a token
+    host: str = "127.0.0.1"
+    port: int = 8086
+    #: the node for lines without node_tag, and for JSON and CSV bodies without ?node=
+    node: str = "http"
+    node_tag: str = "host"
+    sensor_tags: tuple[str, ...] = ()
+    #: json bodies: as the same keys of [[intake.sources]]
+    time_field: str = ""
+    time_format: TimeFormat = "rfc3339"
+    timezone: str = ""
+    max_body_bytes: int = 32 << 20
+    #: requests served at once; more wait for the operating system's backlog
+    max_connections: int = 16
+    #: a request that sends nothing for this long is closed
+    timeout_s: float = 30.0
+    #: a token the clients must send (`Authorization: Token …` or `Bearer …`, or
+    #: v1's `u`/`p` parameters with p = the token); unset = no authentication
+    token_file: str = ""
+    token_env: str = ""
+
+    def __post_init__(self) -> None:
+        port("port", self.port)
+        if not is_valid_id(self.node):
+            raise Invalid("node", "must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        if not 1024 <= self.max_body_bytes <= 1 << 30:
+            raise Invalid("max_body_bytes", "must be 1024 to 1073741824")
+        positive("max_connections", self.max_connections)
+        if not math.isfinite(self.timeout_s):
+            raise Invalid("timeout_s", "must be a finite number")
+        positive("timeout_s", self.timeout_s)
+        zone(self.timezone)
+        self.token()
+
+    def token(self) -> str | None:
+        """The token clients must send, or None (no authentication). Read at start."""
+        check_secret("token", "", self.token_file, self.token_env)
+        if not (self.token_file or self.token_env):
+            return None
+        value = read_secret("", self.token_file, self.token_env).strip()
+        if len(value) < 16:
+            raise Invalid(
+                "token_file" if self.token_file else "token_env",
+                "a token of at least 16 characters",
+            )
+        return value
+
+    def source(self, fmt: Format, name: str) -> SourceConfig:
+        """The settings of one endpoint as a source (for the decoders and counters)."""
+        return SourceConfig(
+            name=name,
+            topic="{node}/{sensor}",
+            format=fmt,
+            node=self.node,
+            node_tag=self.node_tag,
+            sensor_tags=self.sensor_tags,
+            time_field=self.time_field,
+            time_format=self.time_format,
+            timezone=self.timezone,
+            max_bytes=min(self.max_body_bytes, 64 << 20),
+        )

@@ -31,6 +31,7 @@ from edge_agent.intake import Intake
 from edge_agent.lock import BufferLock
 from edge_agent.mqtt import network_thread_alive
 from edge_agent.sources.http import HttpIntake
+from edge_agent.sources.modbus import ModbusPoller
 from edge_agent.store import Store
 from shared.cli import write_ready_file
 from shared.errors import StorageError
@@ -51,6 +52,7 @@ class Agent:
             self.intake = Intake(cfg)
             http = cfg.intake.http
             self.http = HttpIntake(http, self.intake) if http.enabled else None
+            self.pollers = [ModbusPoller(m, self.intake) for m in cfg.intake.modbus]
             self.forwarder = Forwarder(cfg, self.store)
             self.health = Reporter(cfg, self.store, self.forwarder.clock)
         except BaseException:
@@ -103,6 +105,7 @@ class Agent:
         ]
         if self.http is not None and not self.http.thread.is_alive():
             dead.append("HTTP intake")
+        dead += [f"Modbus {p.cfg.name}" for p in self.pollers if not p.thread.is_alive()]
         return dead
 
     def stalled(self, limit_s: float) -> str | None:
@@ -116,6 +119,18 @@ class Agent:
         dead = self.dead_threads()
         return f"the {' and '.join(dead)} thread died" if dead else None
 
+    def store_adapter_counts(self) -> None:
+        """The counters the HTTP intake and the Modbus pollers gathered since the last tick."""
+        counts = [p.counts for p in self.pollers]
+        if self.http is not None:
+            counts.append(self.http.counts)
+        taken = [c.take() for c in counts]
+        if any(taken):
+            with self.store.tx():
+                for batch in taken:
+                    for name, n in batch.items():
+                        self.store.add_counter(name, n)
+
     def send_ready(self, *, flush: bool = False) -> None:
         """Close and revise what the watermark (or a flush) allows (window.send_ready)."""
         closed, revised = window.send_ready(self.store, self.cfg, flush=flush)
@@ -126,12 +141,7 @@ class Agent:
 
     def tick(self) -> None:
         self.intake.flush()  # the last messages of a burst: do not wait for more
-        if self.http is not None:
-            counts = self.http.take_counts()
-            if counts:
-                with self.store.tx():
-                    for name, n in counts.items():
-                        self.store.add_counter(name, n)
+        self.store_adapter_counts()
         req = control.pending_flush(self.store)
         self.send_ready(flush=req is not None)
         if req is not None:
@@ -194,6 +204,8 @@ class Agent:
         self.intake.start()
         if self.http is not None:
             self.http.start()
+        for poller in self.pollers:
+            poller.start()
         self.forwarder.start()
         ready_pending = True
         notifier = Notifier()  # systemd: READY=1 and the watchdog (shared/sdnotify.py)
@@ -242,6 +254,12 @@ class Agent:
             log.error("agent: could not store the last health report: %s", exc)
         if self.http is not None:
             self.http.stop()  # no write is answered 204 after this
+        for poller in self.pollers:
+            poller.stop()
+        try:
+            self.store_adapter_counts()
+        except (sqlite3.Error, StorageError) as exc:
+            log.error("agent: could not store the adapters' counters: %s", exc)
         self.intake.stop()
         try:
             if self.cfg.window.flush_on_shutdown:

@@ -61,8 +61,9 @@ def ago(seconds: float | None) -> str:
     """``42 s ago``, ``5 min ago``, ``3 h ago``, ``2 d ago``; ``-`` for never."""
     if seconds is None:
         return "-"
-    if seconds < 0:
+    if seconds < -1.0:
         return "in the future"  # the device clock is behind the newest reading
+    seconds = max(seconds, 0.0)  # a reading stored while this command read the file
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
             return f"{seconds / size:.0f} {unit} ago"
@@ -231,6 +232,17 @@ def status(config_path: str | None, as_json: bool) -> None:
         ),
     ]
     table(rows)
+    if st["sources"]:
+        click.echo("\nintake by source (messages, readings, rejected, errors)")
+        table(
+            [
+                (
+                    f"  {name}",
+                    f"{c['messages']:,}, {c['readings']:,}, {c['rejected']:,}, {c['errors']:,}",
+                )
+                for name, c in st["sources"].items()
+            ]
+        )
     drops = st["drops"] or {"(none)": 0}
     click.echo("\ndrops")
     table([(f"  {k}", f"{v:,}") for k, v in drops.items()])

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from edge_agent.alerts import AlertRule
-from edge_agent.sources.config import HttpConfig, SourceConfig
+from edge_agent.sources.config import HttpConfig, ModbusConfig, SourceConfig
 from edge_agent.sources.transform import TransformRule
 from shared import backoff
 from shared.auth import AuthConfig, read_key
@@ -138,13 +138,16 @@ class IntakeConfig:
     topic_prefix: str = DEFAULT_SENSOR_PREFIX
     sources: tuple[SourceConfig, ...] = ()
     http: HttpConfig = field(default_factory=HttpConfig)
+    modbus: tuple[ModbusConfig, ...] = ()
     transforms: tuple[TransformRule, ...] = ()
 
     def __post_init__(self) -> None:
-        names = [s.name for s in self.sources]
+        names = [s.name for s in self.sources] + [m.name for m in self.modbus]
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup is not None:
-            raise Invalid("sources", f"two sources are named {dup!r}: names must be unique")
+            raise Invalid(
+                "sources", f"two sources (or Modbus devices) are named {dup!r}: names are unique"
+            )
         if "http" in names or any(n.startswith("http-") for n in names):
             raise Invalid("sources", "the names http and http-* are the HTTP intake's")
 

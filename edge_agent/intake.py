@@ -339,7 +339,7 @@ class Intake:
             elif a.item.rejects:
                 first = a.item.rejects[0]
                 log.warning(
-                    "intake: quarantined %d parts of the message on %s, the first: %s: %s",
+                    "intake: quarantined %d lines or parts of the message on %s, the first: %s: %s",
                     a.item.rejected,
                     a.topic,
                     first.reason,

@@ -28,6 +28,22 @@ def open_readonly(path: str | Path) -> Store:
     return store
 
 
+SOURCE_COUNTS = ("messages", "readings", "rejected", "errors")
+
+
+def source_counts(counters: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Intake per source (``source_<name>_<messages|readings|rejected|errors>``
+    counters, edge_agent/intake.py; errors are failed Modbus polls), by source name."""
+    out: dict[str, dict[str, int]] = {}
+    for key, value in counters.items():
+        if not key.startswith("source_"):
+            continue
+        name, _, kind = key[len("source_") :].rpartition("_")
+        if name and kind in SOURCE_COUNTS:
+            out.setdefault(name, dict.fromkeys(SOURCE_COUNTS, 0))[kind] = value
+    return dict(sorted(out.items()))
+
+
 def read_status(path: str | Path, now_ns: int | None = None) -> dict[str, Any]:
     now_ns = time.time_ns() if now_ns is None else now_ns
     store = open_readonly(path)
@@ -69,6 +85,7 @@ def read_status(path: str | Path, now_ns: int | None = None) -> dict[str, Any]:
             "outbox": states,
             "counters": counters,
             "drops": {k: v for k, v in sorted(counters.items()) if k.startswith("dropped_")},
+            "sources": source_counts(counters),
             "closed_until_ns": store.get_state(buffer.CLOSED_UNTIL),
             "max_event_ns": store.get_state(buffer.MAX_TS),
             "sensors": int(c.execute("SELECT count(*) FROM sensors").fetchone()[0]),

@@ -38,7 +38,7 @@ packages=(mosquitto influxdb victoria-metrics)
 # Ansible's apt module (python3-apt, for the system's Python), and what the
 # playbook test installs (so that it finds it installed).
 if [ "$EXTRAS" = dev ]; then
-  packages+=(prometheus systemd python3-apt python3-venv mosquitto-clients influxdb-client
+  packages+=(prometheus systemd python3-apt python3-venv mosquitto-clients influxdb-client curl
     chromium)
 fi
 # Debian's python3 needs python3-venv for `python3 -m venv` (ensurepip).

@@ -429,3 +429,48 @@ def test_line_protocol_regressions(payload: bytes) -> None:
         d = decoder_for(FORMATS[4], Transforms())("i/n", payload, NOW)
         if d.rejects:
             raise WireError("x", "rejected")
+
+
+# -- modbus register maps
+
+
+def test_modbus_plan_and_decoding() -> None:
+    import struct
+
+    from edge_agent.sources.config import ModbusConfig, Register
+    from edge_agent.sources.modbus import plan, value_of
+
+    regs = (
+        Register(sensor="a", address=0, kind="input", type="float32"),
+        Register(sensor="b", address=2, kind="input", type="int16", scale=0.1),
+        Register(sensor="c", address=10, kind="input", type="uint32", word_order="little"),
+        Register(sensor="d", address=0, kind="holding", type="int64"),
+    )
+    assert [(b.kind, b.address, b.count) for b in plan(regs)] == [
+        ("holding", 0, 4),
+        ("input", 0, 3),
+        ("input", 10, 2),
+    ]
+    assert [(b.kind, b.address, b.count) for b in plan(regs, gap=8)] == [
+        ("holding", 0, 4),
+        ("input", 0, 12),
+    ]
+    hi, lo = struct.unpack(">2H", struct.pack(">f", 230.5))
+    assert value_of(regs[0], [hi, lo]) == 230.5
+    assert value_of(regs[1], [0xFFF6]) == pytest.approx(-1.0)
+    assert value_of(regs[2], [0x0002, 0x0001]) == 0x00010002
+    cfg = ModbusConfig(
+        name="m",
+        node="n",
+        host="127.0.0.1",
+        register_map=str(
+            __import__("pathlib").Path(__file__).parent.parent / "docs/examples/modbus-sdm120.toml"
+        ),
+    )
+    assert len(cfg.all_registers()) == 10
+    with pytest.raises(Invalid):
+        ModbusConfig(name="m", node="n", host="h", serial_port="/dev/ttyUSB0", registers=regs)
+    with pytest.raises(Invalid):
+        ModbusConfig(name="m", node="n", host="h")
+    with pytest.raises(Invalid):
+        ModbusConfig(name="m", node="n", host="h", register_map="/nonexistent.toml")

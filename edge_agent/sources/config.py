@@ -146,3 +146,130 @@ class HttpConfig:
             timezone=self.timezone,
             max_bytes=min(self.max_body_bytes, 64 << 20),
         )
+
+
+RegisterKind = Literal["holding", "input"]
+RegisterType = Literal[
+    "int16", "uint16", "int32", "uint32", "float32", "int64", "uint64", "float64"
+]
+#: 16-bit registers per value of each type
+REGISTER_WORDS = {
+    "int16": 1,
+    "uint16": 1,
+    "int32": 2,
+    "uint32": 2,
+    "float32": 2,
+    "int64": 4,
+    "uint64": 4,
+    "float64": 4,
+}
+
+
+@dataclass(frozen=True)
+class Register:
+    """One value in a Modbus device's register map."""
+
+    sensor: str
+    #: the first register's address (0-based, as on the wire: 30001 is input 0)
+    address: int
+    kind: RegisterKind = "holding"
+    type: RegisterType = "uint16"
+    #: for values of two or four registers: "big" = the first register holds the
+    #: most significant word (Modbus's usual order), "little" = the least
+    word_order: Literal["big", "little"] = "big"
+    #: stored value = raw * scale + offset
+    scale: float = 1.0
+    offset: float = 0.0
+    unit: str = ""
+
+    def __post_init__(self) -> None:
+        if not is_valid_id(self.sensor):
+            raise Invalid("sensor", "must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        if not 0 <= self.address <= 65535 - REGISTER_WORDS[self.type] + 1:
+            raise Invalid("address", "must be 0-65535 (0-based)")
+        if not (math.isfinite(self.scale) and math.isfinite(self.offset)) or self.scale == 0:
+            raise Invalid("scale", "scale (not 0) and offset must be finite numbers")
+        if not is_valid_unit(self.unit):
+            raise Invalid("unit", "must be at most 32 printable characters")
+
+    @property
+    def words(self) -> int:
+        return REGISTER_WORDS[self.type]
+
+
+@dataclass(frozen=True)
+class RegisterMap:
+    """A register map file: ``[[registers]]`` tables (docs/examples/modbus-sdm120.toml)."""
+
+    registers: tuple[Register, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModbusConfig:
+    """A Modbus device polled by the agent: over TCP (host) or RTU (serial_port)."""
+
+    #: the source's name in counters and `edge-agent status`
+    name: str
+    #: the node its readings belong to
+    node: str
+    #: Modbus TCP: the device's (or gateway's) address and port
+    host: str = ""
+    port: int = 502
+    #: Modbus RTU: the serial port (/dev/ttyUSB0) and its settings
+    serial_port: str = ""
+    baudrate: int = 9600
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: int = 1
+    #: the device's unit id (slave address), 0-247
+    unit_id: int = 1
+    #: seconds between polls
+    interval_s: float = 10.0
+    #: a request without an answer after this long counts as an error
+    timeout_s: float = 1.0
+    #: the register map: these tables, and/or a file of [[registers]] tables
+    registers: tuple[Register, ...] = ()
+    register_map: str = ""
+    #: unmapped registers one read may span between two values (fewer requests;
+    #: 0 = only contiguous values share a read, for devices that refuse the gaps)
+    read_gap: int = 0
+
+    def __post_init__(self) -> None:
+        if not is_valid_id(self.name) or self.name.startswith("http"):
+            raise Invalid("name", "must be 1-64 characters of A-Z a-z 0-9 _ . -, not http*")
+        if not is_valid_id(self.node):
+            raise Invalid("node", "must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        if bool(self.host) == bool(self.serial_port):
+            raise Invalid("host", "give host (Modbus TCP) or serial_port (RTU), not both")
+        port("port", self.port)
+        if not 0 <= self.unit_id <= 247:
+            raise Invalid("unit_id", "must be 0-247")
+        if not math.isfinite(self.interval_s) or self.interval_s < 0.1:
+            raise Invalid("interval_s", "must be at least 0.1")
+        positive("timeout_s", self.timeout_s)
+        if self.timeout_s >= self.interval_s:
+            raise Invalid("timeout_s", "must be shorter than interval_s")
+        if not 0 <= self.read_gap <= 100:
+            raise Invalid("read_gap", "must be 0-100")
+        if self.stopbits not in (1, 2):
+            raise Invalid("stopbits", "must be 1 or 2")
+        positive("baudrate", self.baudrate)
+        regs = self.all_registers()
+        if not regs:
+            raise Invalid("registers", "a Modbus source needs registers or a register_map")
+        names = [r.sensor for r in regs]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise Invalid("registers", f"two registers are the sensor {dup!r}")
+
+    def all_registers(self) -> tuple[Register, ...]:
+        """The tables here, then the map file's."""
+        if not self.register_map:
+            return self.registers
+        from shared.config import load_config
+        from shared.errors import ConfigError
+
+        try:
+            loaded = load_config(RegisterMap, self.register_map)
+        except ConfigError as exc:
+            raise Invalid("register_map", str(exc)) from None
+        return self.registers + loaded.registers

@@ -7,7 +7,8 @@ Endpoints (``[intake.http]``):
   ``outputs.influxdb``/``influxdb_v2``, every InfluxDB client library and Node-RED
   send them; ``db``, ``bucket``, ``org`` and ``rp`` are accepted and ignored;
 * ``POST /api/v1/json?node=N``: a JSON object, read as the ``json`` format reads it;
-* ``POST /api/v1/csv?node=N&sensor=S``: CSV, read as the ``csv`` format reads it;
+* ``POST /api/v1/csv?node=N&sensor=S``: CSV, read as the ``csv`` format reads it
+  (``?precision=s`` etc. for epoch times, else ``[intake.http] time_format``);
 * ``GET /ping`` (204) and ``GET /health`` (200), as InfluxDB answers them.
 
 A write is answered **204 only after its readings are committed** to the buffer
@@ -44,6 +45,7 @@ from edge_agent.intake import Arrival, Intake, Outcome
 from edge_agent.sources import csvrows
 from edge_agent.sources.config import HttpConfig, SourceConfig
 from edge_agent.sources.contract import Decoded, guard
+from edge_agent.sources.counts import PendingCounts
 from edge_agent.sources.jsonfields import decoder as json_decoder
 from edge_agent.sources.lineproto import PRECISIONS, LineDecoder
 from edge_agent.sources.naming import joined
@@ -119,8 +121,7 @@ class HttpIntake:
         self.json_src = cfg.source("json", "http-json")
         self.csv_src = cfg.source("csv", "http-csv")
         self.transforms: Transforms = transforms
-        self._counts: dict[str, int] = {}
-        self._counts_lock = threading.Lock()
+        self.counts = PendingCounts()
         try:
             self.server = _Server((cfg.host, cfg.port), _Handler, self)
         except OSError as exc:
@@ -147,14 +148,7 @@ class HttpIntake:
         self.server.server_close()
 
     def count(self, name: str) -> None:
-        with self._counts_lock:
-            self._counts[name] = self._counts.get(name, 0) + 1
-
-    def take_counts(self) -> dict[str, int]:
-        """Counters gathered outside a transaction, for the agent's tick to store."""
-        with self._counts_lock:
-            out, self._counts = self._counts, {}
-        return out
+        self.counts.add(name)
 
     def authorized(self, headers: Any, query: dict[str, list[str]]) -> bool:
         if self.token is None:
@@ -195,14 +189,19 @@ class HttpIntake:
                         "[intake.http] time_format",
                     )
                 )
-                return "http-json", dec(f"{node}/", body, now_ns)
+                return "http-json", dec("http", body, now_ns)
             sensor = joined(first.get("sensor", "")) or ""
             src = _with_node(self.csv_src, node)
+            setting = "[intake.http] time_format (or ?precision=s|ms|us|ns)"
+            if "precision" in first:
+                unit = PRECISIONS.get(first["precision"])
+                if unit is None:
+                    raise WireError("bad-precision", "precision: use ns, us, ms or s")
+                src = dataclasses.replace(src, time_format=unit)  # type: ignore[arg-type]
+                setting = "the precision parameter"
 
             def rows(_t: str, b: bytes, n: int) -> Decoded:
-                return csvrows.decode_rows(
-                    src, self.transforms, node, sensor, b, n, "[intake.http] time_format"
-                )
+                return csvrows.decode_rows(src, self.transforms, node, sensor, b, n, setting)
 
             return "http-csv", guard(rows)("", body, now_ns)
         except WireError as exc:
@@ -212,7 +211,7 @@ class HttpIntake:
 
 
 def _with_node(src: SourceConfig, node: str) -> SourceConfig:
-    return dataclasses.replace(src, node=node, topic="{sensor}")
+    return dataclasses.replace(src, node=node, topic="http")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -306,15 +305,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, item: Decoded | WireError, outcome: Outcome) -> None:
         if isinstance(item, WireError):
-            self._error(400, "invalid", f"{item.reason}: {item}")
+            self._error(400, "invalid", str(item))
         elif item.rejected:
             first = item.rejects[0] if item.rejects else None
             why = f"; the first: {first.reason}: {first.message}" if first else ""
             self._error(
                 400,
                 "invalid",
-                f"partial write: {item.rejected} lines quarantined, {outcome.stored} "
-                f"readings stored{why}",
+                f"partial write: {outcome.stored} readings stored, lines or rows "
+                f"quarantined: {item.rejected}{why}",
             )
         else:
             self._reply(204)

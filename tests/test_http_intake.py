@@ -1,0 +1,237 @@
+"""The HTTP intake with real clients: influxdb-client (the library every InfluxDB
+tool is built on), plain HTTP for CSV, gzip and chunked bodies, a token, limits,
+and hostile requests; the agent answers 204 only after the readings are committed."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import os
+import random
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from influxdb_client import InfluxDBClient, Point, WritePrecision
+from influxdb_client.client.write_api import SYNCHRONOUS
+from influxdb_client.rest import ApiException
+
+from devstack.pipeline import BIN, Pipeline, PipelineSpec, Proc
+from devstack.services import Service, free_port, wait_until
+from edge_agent.status import read_status
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "s3cret-token-for-tests"
+
+
+class Agent:
+    def __init__(self, pipe: Pipeline, proc: Proc, port: int) -> None:
+        self.pipe, self.proc, self.port = pipe, proc, port
+
+    def counters(self) -> dict[str, int]:
+        return {k: int(v) for k, v in read_status(self.pipe.agent_db)["counters"].items()}
+
+    def request(
+        self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes, dict[str, str]]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            conn.request(
+                method,
+                path,
+                body=body,
+                headers={"Authorization": f"Token {TOKEN}", **(headers or {})},
+            )
+            resp = conn.getresponse()
+            return resp.status, resp.read(), dict(resp.getheaders())
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def agent(fresh: Callable[[str], Service], tmp_path: Path) -> Iterator[Agent]:
+    broker = fresh("mosquitto")
+    port = free_port()
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    os.chmod(token_file, 0o600)
+    pipe = Pipeline(
+        PipelineSpec(
+            workdir=tmp_path / "run",
+            local_port=broker.port,
+            cloud_port=broker.port,
+            targets=[],
+            agent_tables={
+                "intake": {
+                    "http": {
+                        "enabled": True,
+                        "port": port,
+                        "max_connections": 3,
+                        "max_body_bytes": 65536,
+                        "timeout_s": 5.0,
+                        "token_file": str(token_file),
+                    }
+                },
+                "health": {"interval_s": 0},
+            },
+        )
+    )
+    try:
+        proc = pipe.start_agent()
+        yield Agent(pipe, proc, port)
+        assert proc.popen.poll() is None, "the agent died"
+    finally:
+        pipe.stop_all()
+
+
+def test_influxdb_client_writes_are_durable_when_it_returns(agent: Agent) -> None:
+    now = time.time_ns()
+    points = [
+        Point("climate").tag("host", "n1").field("temperature", 21.5 + i).time(
+            now + i * 10**9, WritePrecision.NS
+        )
+        for i in range(100)
+    ]
+    with InfluxDBClient(url=f"http://127.0.0.1:{agent.port}", token=TOKEN, org="o") as client:
+        write = client.write_api(write_options=SYNCHRONOUS)
+        write.write(bucket="b", record=points)
+        # no polling: the 204 came after the commit, so the file already holds them
+        c = agent.counters()
+        assert c["source_http-v2_readings"] == 100 and c["readings_stored"] == 100
+        # the same body again (a client's retry after a lost answer) is stored once
+        write.write(bucket="b", record=points)
+        c = agent.counters()
+        assert c["readings_stored"] == 100 and c["duplicates_ignored"] == 100
+        # a bad line: InfluxDB's "partial write" 400, the good lines stored
+        with pytest.raises(ApiException) as exc:
+            write.write(bucket="b", record=f"m,host=n1 f=1 {now}\nm,host=n1 f=abc\n")
+        assert exc.value.status == 400 and b"partial write" in exc.value.body.encode()
+        assert agent.counters()["readings_stored"] == 101
+    # the wrong token
+    with InfluxDBClient(url=f"http://127.0.0.1:{agent.port}", token="wrong", org="o") as client:
+        with pytest.raises(ApiException) as exc:
+            client.write_api(write_options=SYNCHRONOUS).write(bucket="b", record="m f=1")
+        assert exc.value.status == 401
+    assert agent.counters()["readings_stored"] == 101
+
+
+def test_csv_json_v1_gzip_and_chunked_over_plain_http(agent: Agent) -> None:
+    t = time.time_ns() // 10**9
+    status, body, _ = agent.request(
+        "POST", "/api/v1/csv?node=logger&precision=s",
+        f"ts,level,temp\n{t},1.5,9.5\n{t + 1},1.75,\n".encode(),
+    )  # fmt: skip
+    assert status == 204, body
+    status, body, _ = agent.request(
+        "POST", "/api/v1/csv?node=logger&sensor=flow&precision=s", f"{t},3.5\n".encode()
+    )
+    assert status == 204, body
+    status, body, _ = agent.request(
+        "POST", "/api/v1/json?node=plc", b'{"pressure": 2.5, "valve": "ON", "label": "x"}'
+    )
+    assert status == 204, body
+    status, body, _ = agent.request(
+        "POST", "/write?db=x&precision=ms&u=any&p=" + TOKEN, f"m,host=v1 f=1 {t}000".encode(),
+        headers={"Authorization": ""},
+    )  # fmt: skip
+    assert status == 204, body
+    status, body, _ = agent.request(
+        "POST", "/api/v2/write?precision=s", gzip.compress(f"g,host=gz f=2 {t}".encode()),
+        headers={"Content-Encoding": "gzip"},
+    )  # fmt: skip
+    assert status == 204, body
+    # chunked transfer encoding, as Telegraf streams a gzip body
+    conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=10)
+    conn.request(
+        "POST",
+        "/api/v2/write?precision=s",
+        body=iter([f"c,host=ch f=1 {t}\n".encode(), f"c,host=ch f=2 {t + 1}\n".encode()]),
+        headers={"Authorization": f"Token {TOKEN}", "Transfer-Encoding": "chunked"},
+        encode_chunked=True,
+    )
+    resp = conn.getresponse()
+    assert resp.status == 204, resp.read()
+    conn.close()
+    c = agent.counters()
+    assert c["source_http-csv_readings"] == 4
+    assert c["source_http-json_readings"] == 2
+    assert c["source_http-v1_readings"] == 1
+    assert c["source_http-v2_readings"] == 3
+    assert c["readings_stored"] == 10
+
+
+def test_limits_and_hostile_requests(agent: Agent) -> None:
+    # over max_body_bytes, plain and after gzip: 413, nothing kept
+    status, _, _ = agent.request("POST", "/api/v2/write", b"m f=1\n" * 20000)
+    assert status == 413
+    bomb = gzip.compress(b"m f=1\n" * 200_000)
+    status, _, _ = agent.request("POST", "/api/v2/write", bomb, {"Content-Encoding": "gzip"})
+    assert status == 413
+    status, _, _ = agent.request("POST", "/api/v2/write", b"x", {"Content-Encoding": "br"})
+    assert status == 415
+    status, _, _ = agent.request("POST", "/nowhere", b"x")
+    assert status == 404
+    status, _, headers = agent.request("GET", "/ping")
+    assert status == 204 and "X-Influxdb-Version" in headers
+    status, body, _ = agent.request("GET", "/health")
+    assert status == 200 and json.loads(body)["status"] == "pass"
+    status, _, _ = agent.request("POST", "/api/v2/write?precision=h", b"m f=1")
+    assert status == 400
+    # bodies that are not line protocol: each answered 400 and quarantined with a reason
+    rng = random.Random(5)
+    before = agent.counters().get("source_http-v2_rejected", 0)
+    for _ in range(40):
+        junk = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
+        status, _, _ = agent.request("POST", "/api/v2/write", junk)
+        assert status == 400
+    assert agent.counters()["source_http-v2_rejected"] - before >= 40
+    # raw garbage on the socket: the server answers or closes, and stays up
+    for raw in (
+        b"\x00\xff garbage\r\n\r\n",
+        b"POST /write HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+        b"POST /api/v2/write HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ):
+        with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as s:
+            s.sendall(raw)
+            s.recv(4096)
+    # more connections than max_connections (3): the fourth is answered 503 at once
+    idle = [socket.create_connection(("127.0.0.1", agent.port), timeout=10) for _ in range(3)]
+    try:
+        wait_until(lambda: busy_answer(agent.port) == 503, 10, "a 503 for the 4th connection")
+    finally:
+        for s in idle:
+            s.close()
+    wait_until(lambda: agent.request("GET", "/ping")[0] == 204, 10, "the slots to free")
+    assert agent.counters().get("readings_stored", 0) == 0
+
+
+def busy_answer(port: int) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/ping")
+        return conn.getresponse().status
+    except (ConnectionError, http.client.HTTPException):
+        return 0
+    finally:
+        conn.close()
+
+
+def test_a_port_in_use_stops_the_start_with_the_key(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "agent.toml"
+        cfg.write_text(
+            f'[storage]\npath = "{tmp_path}/b.sqlite"\n[intake.http]\nenabled = true\n'
+            f"port = {port}\n[health]\ninterval_s = 0\n"
+        )
+        res = subprocess.run([str(BIN / "edge-agent"), "run", "-c", str(cfg)],
+                             capture_output=True, timeout=60, check=False)  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert b"intake.http" in res.stderr and b"port" in res.stderr

@@ -11,6 +11,7 @@ from typing import Literal
 from shared import backoff
 from shared.auth import AuthConfig, check_secret, read_key, read_secret
 from shared.config import Invalid, port, positive
+from shared.tags import RESERVED, TAG_KEY
 from shared.tls import TlsConfig, require_tls
 from shared.topics import DEFAULT_BATCH_PREFIX
 from shared.wire import MAX_BODY_BYTES, MAX_PAYLOAD_BYTES
@@ -68,6 +69,9 @@ class InfluxConfig:
     timeout_s: float = 10.0
     #: Points of concurrently handled batches go out together, up to this many per request.
     max_lines_per_write: int = 5000
+    #: the sensors' static tags (the agents' `tags`/`node_tags`) written as tags: only
+    #: these keys, so that the series count stays the operator's choice
+    tag_keys: tuple[str, ...] = ("site", "building", "room")
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
@@ -77,8 +81,15 @@ class InfluxConfig:
             raise Invalid("max_lines_per_write", "must be at least 1")
         if not self.measurement:
             raise Invalid("measurement", "must not be empty")
+        for key in self.tag_keys:
+            if not TAG_KEY.match(key) or key in RESERVED:
+                raise Invalid("tag_keys", f"{key!r} cannot be a tag key (shared/tags.py)")
         check_secret("password", self.password, self.password_file, self.password_env)
         check_secret("token", self.token, self.token_file, self.token_env)
+
+    @property
+    def allowed_tags(self) -> frozenset[str]:
+        return frozenset(self.tag_keys)
 
     def password_value(self) -> str:
         return read_secret(self.password, self.password_file, self.password_env)

@@ -177,7 +177,7 @@ def plan_group(decoded: Sequence[Decoded], cfg: IngestConfig) -> list[Planned]:
             continue
         seen[key] = i
         if msg.batch is not None:
-            lines = batch_to_lines(msg.batch, cfg.influx.measurement)
+            lines = batch_to_lines(msg.batch, cfg.influx.measurement, cfg.influx.allowed_tags)
             out.append(Planned(msg, tuple(lines)))
             batches.append((i, msg.batch))
         elif msg.alert is not None:

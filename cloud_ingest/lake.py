@@ -47,7 +47,8 @@ DAY_NS: Final = 86_400 * 10**9
 #: DuckDB: the aggregates as InfluxDB holds them (latest revision of each window).
 #: ``{root}`` is the archive directory (a local copy, or ``s3://…`` with httpfs).
 LATEST_AGGREGATES_SQL: Final = """
-SELECT * FROM read_parquet('{root}/aggregates/**/*.parquet', hive_partitioning = true)
+SELECT * FROM read_parquet('{root}/aggregates/**/*.parquet', hive_partitioning = true,
+                           union_by_name = true)
 QUALIFY row_number() OVER (
     PARTITION BY device_id, node, sensor, window_kind, window_width_ns, window_hop_ns,
                  window_start
@@ -97,8 +98,16 @@ def _schema() -> Any:
         *[(name, pa.float64()) for name in _float_columns()],
         ("revision", pa.uint32()),
         ("sketch", pa.binary()),
+        # the sensor's static tags from the agent's config (added within lake v1:
+        # read_table gives older objects an empty column)
+        ("tags", _tags_type()),
     ]
     return pa.schema(fields, metadata={"telemetry.lake_version": LAKE_VERSION})
+
+
+def _tags_type() -> Any:
+    pa, _ = _pa()
+    return pa.map_(pa.string(), pa.string())
 
 
 @functools.cache
@@ -201,6 +210,7 @@ def group_tables(batches: Sequence[Batch]) -> list[list[tuple[str, Any]]]:
             *[cat(name) for name in _float_columns()],
             cat("revision"),
             pa.array([s for b in batches for s in (b.sketch or (None,) * b.rows)], pa.binary()),
+            pa.array([list(r.tags) if r.tags else None for r in refs], _tags_type()).take(ref_idx),
         ],
         schema=_schema(),
     )
@@ -301,8 +311,16 @@ def reading(key: str) -> Iterator[None]:
 
 
 def read_table(data: bytes) -> Any:
-    _, pq = _pa()
-    return pq.read_table(io.BytesIO(data))
+    """A lake object's rows; an aggregates object from before the ``tags`` column
+    gets an empty one, so that old and new objects concatenate (compaction)."""
+    pa, pq = _pa()
+    table = pq.read_table(io.BytesIO(data))
+    names = table.column_names
+    if "window_start" in names and "tags" not in names:
+        table = table.append_column(
+            pa.field("tags", _tags_type()), pa.nulls(table.num_rows, _tags_type())
+        )
+    return table
 
 
 def table_to_batches(device_id: str, table: Any) -> Iterator[Batch]:
@@ -320,7 +338,9 @@ def table_to_batches(device_id: str, table: Any) -> Iterator[Batch]:
         sensors: dict[SensorRef, int] = {}
         sidx = []
         for i in rows:
-            ref = SensorRef(cols["node"][i], cols["sensor"][i], cols["unit"][i])
+            ref = SensorRef(
+                cols["node"][i], cols["sensor"][i], cols["unit"][i], tuple(cols["tags"][i] or ())
+            )
             sidx.append(sensors.setdefault(ref, len(sensors)))
         starts = table.column("window_start").cast("int64").to_numpy()
         sketches = [cols["sketch"][i] for i in rows]

@@ -99,7 +99,11 @@ def health_to_line(device_id: str, report: HealthReport, measurement: str = "age
     return f"{meas},device_id={device_id.translate(_TAG_ESCAPES)} {','.join(fields)} {report.ts_ns}"
 
 
-def batch_to_lines(batch: Batch, measurement: str = "window") -> list[str]:
+def batch_to_lines(
+    batch: Batch, measurement: str = "window", tag_keys: frozenset[str] = frozenset()
+) -> list[str]:
+    """The batch's windows as points; a sensor's static tags are tags too, those
+    whose keys ``tag_keys`` allows (``[influx] tag_keys``: the cardinality bound)."""
     meas = measurement.translate(_MEAS_ESCAPES)
     win = window_label(batch.window.width_ns)
     if batch.window.kind == "hopping":
@@ -109,6 +113,7 @@ def batch_to_lines(batch: Batch, measurement: str = "window") -> list[str]:
         f",node={s.node.translate(_TAG_ESCAPES)},sensor={s.name.translate(_TAG_ESCAPES)}"
         + (f",unit={s.unit.translate(_TAG_ESCAPES)}" if s.unit else "")
         + f",window={win}"
+        + "".join(f",{k}={v.translate(_TAG_ESCAPES)}" for k, v in s.tags if k in tag_keys)
         for s in batch.sensors
     ]
     stats = {name: getattr(batch, name).tolist() for name in FLOAT_FIELDS}

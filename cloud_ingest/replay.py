@@ -141,7 +141,7 @@ async def replay(
                     progress(1)
                     continue
                 for batch in batches:
-                    lines = batch_to_lines(batch, cfg.influx.measurement)
+                    lines = batch_to_lines(batch, cfg.influx.measurement, cfg.influx.allowed_tags)
                     ok = await write(f"replay {key}", lines)
                     res.batches += 1
                     res.points += batch.rows if ok else 0

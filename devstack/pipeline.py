@@ -28,7 +28,8 @@ BIN = Path(sys.executable).parent
 
 
 def toml_dumps(data: dict[str, Any], prefix: str = "") -> str:
-    """Tiny TOML writer for nested tables of scalars (all our configs need)."""
+    """Tiny TOML writer for nested tables of scalars and arrays of strings (all our
+    configs need)."""
     lines: list[str] = []
     tables: list[tuple[str, dict[str, Any]]] = []
     for key, value in data.items():
@@ -38,7 +39,9 @@ def toml_dumps(data: dict[str, Any], prefix: str = "") -> str:
             lines.append(f"{key} = {'true' if value else 'false'}")
         elif isinstance(value, int | float):
             lines.append(f"{key} = {value!r}")
-        elif isinstance(value, str):
+        elif isinstance(value, str) or (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)
+        ):
             lines.append(f"{key} = {json.dumps(value)}")
         else:
             raise TypeError(f"cannot write {type(value).__name__} for {key}")

@@ -6,6 +6,8 @@ lists every key that exists here.
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -13,6 +15,7 @@ from edge_agent.alerts import AlertRule
 from edge_agent.sources.config import HttpConfig, ModbusConfig, SourceConfig
 from edge_agent.sources.transform import TransformRule
 from shared import backoff
+from shared import tags as tags_mod
 from shared.auth import AuthConfig, read_key
 from shared.config import Invalid, port, positive
 from shared.tls import TlsConfig, require_tls
@@ -226,6 +229,22 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class NodeTags:
+    """Static tags for the sensors of the nodes that ``match`` (a glob on the node)."""
+
+    match: str
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.match:
+            raise Invalid("match", "must be a glob on the node, e.g. 'kitchen-*'")
+        try:
+            tags_mod.parse(self.tags)
+        except ValueError as exc:
+            raise Invalid("tags", str(exc)) from None
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str = "device-1"
     tick_s: float = 0.2
@@ -237,10 +256,21 @@ class AgentConfig:
     forward: ForwardConfig = field(default_factory=ForwardConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     alerts: tuple[AlertRule, ...] = ()
+    #: static tags of every sensor of this device: "key=value" (site, building …)
+    tags: tuple[str, ...] = ()
+    #: more tags for the sensors of some nodes: the first table whose match fits
+    node_tags: tuple[NodeTags, ...] = ()
 
     def __post_init__(self) -> None:
         if not is_valid_id(self.device_id):
             raise Invalid("device_id", "must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        try:
+            base = tags_mod.parse(self.tags)
+        except ValueError as exc:
+            raise Invalid("tags", str(exc)) from None
+        for i, rule in enumerate(self.node_tags):
+            if len(tags_mod.merge(base, tags_mod.parse(rule.tags))) > tags_mod.MAX_TAGS:
+                raise Invalid(f"node_tags[{i}].tags", f"with tags, more than {tags_mod.MAX_TAGS}")
         positive("tick_s", self.tick_s)
         names = [r.name for r in self.alerts]
         if len(set(names)) != len(names):
@@ -251,3 +281,18 @@ class AgentConfig:
                 "must be <= storage.raw_retention_s: a revision "
                 "is computed from the raw readings, which must still be there",
             )
+
+
+def sensor_tags(cfg: AgentConfig) -> Callable[[str], tags_mod.Tags]:
+    """The tags of a node's sensors: the device's, then the first matching
+    ``node_tags`` table's (which win)."""
+    base = tags_mod.parse(cfg.tags)
+    rules = [(r.match, tags_mod.parse(r.tags)) for r in cfg.node_tags]
+
+    def of(node: str) -> tags_mod.Tags:
+        for match, extra in rules:
+            if fnmatch.fnmatchcase(node, match):
+                return tags_mod.merge(base, extra)
+        return base
+
+    return of

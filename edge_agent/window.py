@@ -12,19 +12,19 @@ one transaction: a crash leaves either all of it or none of it.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import numpy as np
 
 from edge_agent import buffer, outbox
+from edge_agent.config import AgentConfig, sensor_tags
 from edge_agent.kernels import hopping_windows, window_stats
 from edge_agent.store import Store
 from shared.sketch import DDSketch
+from shared.tags import Tags
 from shared.wire import SensorRef, WindowSpec, make_batch
-
-if TYPE_CHECKING:
-    from edge_agent.config import AgentConfig
 
 
 def close_boundary(max_ts: int, lateness_ns: int, step_ns: int) -> int:
@@ -98,6 +98,7 @@ def _emit(
     merged: dict[str, np.ndarray],
     sketches: list[bytes],
     prev_seq: np.ndarray | None = None,
+    tags: Callable[[str], Tags] | None = None,
 ) -> list[int]:
     """Write the rows as batches of at most ``max_rows`` to the outbox; call in a transaction.
 
@@ -107,6 +108,8 @@ def _emit(
     cloud never receives a window's versions out of order.
     """
     sensors = buffer.load_sensors(store)
+    if tags is not None:
+        sensors = {i: dataclasses.replace(r, tags=tags(r.node)) for i, r in sensors.items()}
     starts = merged["start_ns"]
     revs = merged.get("revision", np.zeros(len(sid_all), dtype=np.int64))
     seqs = []
@@ -155,8 +158,10 @@ def close_until(
     max_rows: int,
     sketches: bool = True,
     hop_ns: int | None = None,
+    tags: Callable[[str], Tags] | None = None,
 ) -> list[int]:
-    """Close every window ending at or before ``upto_ns``; return the new batch seqs."""
+    """Close every window ending at or before ``upto_ns``; return the new batch seqs.
+    ``tags``: a node's sensors' static tags (edge_agent.config.sensor_tags)."""
     spec = _spec(width_ns, hop_ns)
     step = spec.step_ns
     upto_ns = (upto_ns // step) * step
@@ -169,7 +174,7 @@ def close_until(
         lo, hi = closed - width_ns + step, upto_ns - width_ns
         rows = _summarise(buffer.read_range(store, lo, upto_ns), spec, lo, hi, sketches)
         if rows is not None:
-            seqs = _emit(store, device_id, spec, max_rows, *rows)
+            seqs = _emit(store, device_id, spec, max_rows, *rows, tags=tags)
         store.set_state(buffer.CLOSED_UNTIL, upto_ns)
     return seqs
 
@@ -184,6 +189,7 @@ def revise(
     limit: int = 1000,
     sketches: bool = True,
     hop_ns: int | None = None,
+    tags: Callable[[str], Tags] | None = None,
 ) -> list[int]:
     """Send a new version of every closed window that late readings changed and that
     ends at or before ``ready_until_ns`` (the watermark, or a flush's boundary).
@@ -242,6 +248,7 @@ def revise(
                 merged,
                 sketch_rows,
                 np.array(prevs, dtype=np.int64),
+                tags=tags,
             )
             store.add_counter("windows_revised", sum(1 for r in revs if r > 0))
         store.conn.executemany("DELETE FROM dirty WHERE sensor_id = ? AND start_ns = ?", dirty)
@@ -259,6 +266,7 @@ def send_ready(
     if max_ts == 0:
         return [], []
     w = cfg.window
+    tags = sensor_tags(cfg) if cfg.tags or cfg.node_tags else None
     if flush:
         upto = flush_boundary(max_ts, w.width_ns, w.hop_ns)
     else:
@@ -271,6 +279,7 @@ def send_ready(
         max_rows=cfg.forward.max_windows_per_batch,
         sketches=w.sketches,
         hop_ns=w.hop_ns,
+        tags=tags,
     )
     revised = revise(
         store,
@@ -280,5 +289,6 @@ def send_ready(
         ready_until_ns=upto,
         sketches=w.sketches,
         hop_ns=w.hop_ns,
+        tags=tags,
     )
     return closed, revised

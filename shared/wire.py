@@ -14,7 +14,6 @@ Layout::
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import struct
@@ -28,6 +27,7 @@ import numpy.typing as npt
 import zstandard
 
 from shared import jsonwire
+from shared import tags as tags_mod
 from shared.errors import WireError
 from shared.topics import is_valid_id, is_valid_unit
 
@@ -72,13 +72,19 @@ def _int64(value: object) -> bool:
 
 @dataclass(frozen=True)
 class SensorRef:
-    """A sensor as the device knows it: the node it is wired to, its name, its unit."""
+    """A sensor as the device knows it: the node it is wired to, its name, its unit,
+    and static tags from the agent's config (shared/tags.py), as sorted pairs."""
 
     node: str
     name: str
     unit: str = ""
+    tags: tags_mod.Tags = ()
 
     def __post_init__(self) -> None:
+        if self.tags:
+            why = tags_mod.check(self.tags)
+            if why is not None:
+                raise WireError("bad-sensor", why)
         for key in ("node", "name"):
             if not is_valid_id(getattr(self, key)):
                 raise WireError(
@@ -247,7 +253,7 @@ def encode_batch(batch: Batch, *, compress: bool = True, level: int = 3) -> byte
         "created_ns": batch.created_ns,
         "window": {"kind": batch.window.kind, "width_ns": batch.window.width_ns}
         | ({"hop_ns": batch.window.hop_ns} if batch.window.kind == "hopping" else {}),
-        "sensors": [dataclasses.asdict(s) for s in batch.sensors],
+        "sensors": [_sensor_obj(s) for s in batch.sensors],
         "rows": batch.rows,
         "columns": col_meta,
     }
@@ -384,9 +390,12 @@ def _decode_body(body: bytes) -> Batch:
     if len(sensors_raw) > 65536:
         raise WireError("bad-header", "more than 65536 sensors")
     sensors = tuple(
-        _sensor_ref(_field(s, "node", str), _field(s, "name", str), str(s.get("unit", "")))
+        _sensor_ref(
+            _field(s, "node", str), _field(s, "name", str), str(s.get("unit", "")),
+            _tags(s.get("tags")),
+        )
         for s in sensors_raw
-    )
+    )  # fmt: skip
     kind = _field(window, "kind", str)
     spec = WindowSpec(
         kind=kind,
@@ -444,11 +453,31 @@ def _decode_body(body: bytes) -> Batch:
     )
 
 
+def _sensor_obj(s: SensorRef) -> dict[str, Any]:
+    """A sensor in the header: ``tags`` only when it has some (added within v1)."""
+    obj: dict[str, Any] = {"node": s.node, "name": s.name, "unit": s.unit}
+    if s.tags:
+        obj["tags"] = dict(s.tags)
+    return obj
+
+
+def _tags(raw: object) -> tags_mod.Tags:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise WireError("bad-header", "a sensor's tags must be an object of strings")
+    tags = tuple(sorted(raw.items()))
+    why = tags_mod.check(tags)
+    if why is not None:
+        raise WireError("bad-header", why)
+    return tags
+
+
 @functools.lru_cache(maxsize=65536)
-def _sensor_ref(node: str, name: str, unit: str) -> SensorRef:
+def _sensor_ref(node: str, name: str, unit: str, tags: tags_mod.Tags = ()) -> SensorRef:
     """Validated once per distinct sensor: a fleet sends the same ones in every
     batch, and their validation was a tenth of the decode."""
-    return SensorRef(node, name, unit)
+    return SensorRef(node, name, unit, tags)
 
 
 #: the wire's little-endian dtype of each column type (built once: it showed in profiles)

@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,6 +71,30 @@ def text_sensors(block: str) -> set[str]:
         for line in block.splitlines()
         if line.strip() and not line.startswith(("sensor ", "---"))
     }
+
+
+def tag_counts(url: str, db: str, device: str) -> set[tuple[str, str, str]]:
+    """(site, room, node) of every series of the device's windows in InfluxDB."""
+    res = influxq.influxql(
+        url,
+        f'SELECT count("count") FROM "window" WHERE device_id = \'{device}\' '
+        "GROUP BY site, room, node",
+        db,
+    )
+    return {
+        (s["tags"]["site"], s["tags"]["room"], s["tags"]["node"])
+        for s in res["results"][0].get("series", [])
+    }
+
+
+def archived_batches(root: Path) -> list[Any]:
+    from cloud_ingest.lake import read_table, table_to_batches
+
+    return [
+        b
+        for p in sorted(root.glob("aggregates/**/*.parquet"))
+        for b in table_to_batches("dev-x", read_table(p.read_bytes()))
+    ]
 
 
 def test_the_page_has_a_recipe_for_every_family_and_every_source_type() -> None:
@@ -148,6 +173,7 @@ def test_every_recipe_reaches_influxdb_exactly(
                 )
             ],
             agent_extra="\n" + agent_toml(rs, http_port, meter_port),
+            agent_tables={"tags": ["site=test-lab"]},  # docs/devices.md, "Tags"
         )
     )
     try:
@@ -236,6 +262,19 @@ def test_every_recipe_reaches_influxdb_exactly(
             )
         finally:
             got = in_influx()
+        # the static tags: every point has the device's, the kitchen nodes' the room too
+        tagged = tag_counts(influxdb.url, influx_db, device)
+        assert {site for site, _, _ in tagged} == {"test-lab"}
+        assert {node for _, room, node in tagged if room == "kitchen"} == {
+            n for n, _ in want if n.startswith("kitchen")
+        }
+        lake = {
+            (r.node, tuple(r.tags))
+            for b in archived_batches(tmp_path / "archive")
+            for r in b.sensors
+        }
+        assert ("kitchen_th", (("room", "kitchen"), ("site", "test-lab"))) in lake
+        assert all(("site", "test-lab") in t for _, t in lake)
         # exactly: no reading of a recipe missing, none twice, no sensor that was not sent
         assert {k: v for k, v in got.items() if k in want} == want
         meter_sensors = {k for k in got if k[0] == modbus.modbus_node}

@@ -92,9 +92,10 @@ def agent(fresh: Callable[[str], Service], tmp_path: Path) -> Iterator[Agent]:
 def test_influxdb_client_writes_are_durable_when_it_returns(agent: Agent) -> None:
     now = time.time_ns()
     points = [
-        Point("climate").tag("host", "n1").field("temperature", 21.5 + i).time(
-            now + i * 10**9, WritePrecision.NS
-        )
+        Point("climate")
+        .tag("host", "n1")
+        .field("temperature", 21.5 + i)
+        .time(now + i * 10**9, WritePrecision.NS)
         for i in range(100)
     ]
     with InfluxDBClient(url=f"http://127.0.0.1:{agent.port}", token=TOKEN, org="o") as client:

@@ -22,7 +22,7 @@ import numpy as np
 from devstack import influxq
 from devstack.services import wait_until
 from edge_agent.status import read_status
-from firmware_sim.truth import truth_by_sensor
+from firmware_sim.truth import read_truth, truth_by_sensor
 
 BIN = Path(sys.executable).parent
 
@@ -374,13 +374,41 @@ class Pipeline:
 
 
 def truth_window_counts(truth: Path, width_ns: int) -> dict[tuple[str, str, int], int]:
-    """Readings per (node, sensor, window start), straight from the ground truth."""
+    """Readings per (node, sensor, window start), straight from the ground truth; for
+    the readings the agent stamps on arrival (``stamped``) see :func:`stamped_counts`."""
     out: dict[tuple[str, str, int], int] = {}
+    stamped = set(stamped_counts(truth))
     for (node, sensor), (ts, _vals) in truth_by_sensor(truth).items():
+        if (node, sensor) in stamped:
+            continue
         starts, counts = np.unique((ts // width_ns) * width_ns, return_counts=True)
         for st, n in zip(starts.tolist(), counts.tolist(), strict=True):
             out[(node, sensor, int(st))] = int(n)
     return out
+
+
+def stamped_counts(truth: Path) -> dict[tuple[str, str], int]:
+    """Readings per (node, sensor) of the sensors whose readings the agent stamps on
+    arrival: only their total is exact, not their windows."""
+    out: dict[tuple[str, str], int] = {}
+    for c in read_truth(truth):
+        if c.stamped:
+            out[(c.node, c.sensor)] = out.get((c.node, c.sensor), 0) + len(c.ts)
+    return out
+
+
+def lost_stamped(
+    counts: dict[tuple[str, str], int],
+    device_id: str,
+    windows: dict[tuple[str, str, str, int], dict[str, Any]],
+) -> int:
+    """Readings stamped on arrival that InfluxDB's windows do not hold, per sensor."""
+    have: dict[tuple[str, str], int] = {}
+    for (dev, node, sensor, _), w in windows.items():
+        if dev == device_id and (node, sensor) in counts:
+            n = int(w.get("count") or 0) + int(w.get("invalid") or 0)
+            have[(node, sensor)] = have.get((node, sensor), 0) + n
+    return sum(max(0, n - have.get(k, 0)) for k, n in counts.items())
 
 
 def fleet_window_counts(truth: Path) -> dict[tuple[str, str, str, int], int]:

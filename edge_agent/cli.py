@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+from humanize import naturalsize
 
 from edge_agent.config import AgentConfig
 from shared.cli import (
@@ -97,16 +99,41 @@ def buffer_failed(exc: BaseException, hint: str = "run `edge-agent buffer check`
     fail(str(exc))
 
 
+#: colours of the words a technician must not miss (click strips them when the
+#: output is not a terminal, and NO_COLOR turns them off: https://no-color.org)
+STYLES: dict[str, dict[str, Any]] = {
+    "ok": {"fg": "green"},
+    "warn": {"fg": "yellow", "bold": True},
+    "fail": {"fg": "red", "bold": True},
+}
+
+
+def paint(text: str, level: str) -> str:
+    """``text`` in the colour of ``level`` (ok, warn, fail); as it is for others."""
+    style = STYLES.get(level)
+    return click.style(text, **style) if style else text
+
+
+def say(text: str = "") -> None:
+    click.echo(text, color=False if os.environ.get("NO_COLOR") else None)
+
+
 def table(rows: Sequence[Sequence[object]], headers: Sequence[str] | None = None) -> None:
-    """Print rows as aligned columns."""
+    """Print rows as aligned columns (cells may be coloured with :func:`paint`)."""
     cells = [[str(c) for c in r] for r in ([headers] if headers else []) + list(rows)]
     if not cells:
         return
-    widths = [max(len(r[i]) for r in cells if i < len(r)) for i in range(len(cells[0]))]
+    widths = [
+        max(len(click.unstyle(r[i])) for r in cells if i < len(r)) for i in range(len(cells[0]))
+    ]
     for n, r in enumerate(cells):
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
+        say(
+            "  ".join(
+                c + " " * (w - len(click.unstyle(c))) for c, w in zip(r, widths, strict=False)
+            ).rstrip()
+        )
         if headers and n == 0:
-            click.echo("  ".join("-" * w for w in widths))
+            say("  ".join("-" * w for w in widths))
 
 
 def age(seconds: float | None) -> str:
@@ -187,15 +214,23 @@ def status(config_path: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return
-    link = {True: "connected", False: "not connected"}
-    budget = f" of {cfg.storage.max_bytes:,}" if cfg.storage.max_bytes else " (no budget)"
+    link = {True: paint("connected", "ok"), False: paint("not connected", "fail")}
+    budget = (
+        f" of {cfg.storage.max_bytes:,} ({naturalsize(cfg.storage.max_bytes, binary=True)})"
+        if cfg.storage.max_bytes
+        else " (no budget)"
+    )
     oldest = st["oldest_unsent_age_s"]
-    agent = "not running"
+    agent = paint("not running", "warn")
     if st["running"]:
-        agent = f"running (pid {st['agent_pid']})"
+        agent = paint(f"running (pid {st['agent_pid']})", "ok")
         if not st["healthy"]:
             beat = st["heartbeat_age_s"]
-            agent += f", but no heartbeat for {beat:.0f} s" if beat else ", but no heartbeat yet"
+            agent = paint(
+                f"running (pid {st['agent_pid']}), "
+                + (f"but no heartbeat for {beat:.0f} s" if beat else "but no heartbeat yet"),
+                "fail",
+            )
     errors = f"{st['store_errors']:,}"
     if st["last_store_error_ns"]:
         errors += f", the last at {when(st['last_store_error_ns'])}"
@@ -210,7 +245,11 @@ def status(config_path: str | None, as_json: bool) -> None:
             f"{st['backlog_bytes']:,} bytes",
         ),
         ("oldest unsent", "-" if oldest is None else age(oldest).replace(" ago", " old")),
-        ("disk", f"{st['used_bytes']:,} bytes in use{budget}"),
+        (
+            "disk",
+            f"{st['used_bytes']:,} bytes ({naturalsize(st['used_bytes'], binary=True)}) "
+            f"in use{budget}",
+        ),
         ("buffer", st["buffer"]),
         ("store errors", errors),
         ("sensors", st["sensors"]),
@@ -272,7 +311,7 @@ def sensors(config_path: str | None, as_json: bool, windows: int) -> None:
                 "-" if v.last_value is None else f"{v.last_value:.6g} {v.unit}".strip(),
                 f"{v.rate_hz:.3g} Hz",
                 when(v.last_seen_ns),
-                ago(v.last_seen_age_s) + ("  STALE" if v.stale else ""),
+                ago(v.last_seen_age_s) + (paint("  STALE", "warn") if v.stale else ""),
                 v.sparkline,
             )
             for v in views
@@ -464,7 +503,7 @@ def export(
                 "raw" if kind == "raw" else "windows",
                 a,
                 b,
-                width_ns=cfg.window.width_ns,
+                spec=cfg.window.spec,
                 fmt="parquet" if fmt == "parquet" else "csv",
                 progress=bar.update,
             )
@@ -653,10 +692,13 @@ def doctor(config_path: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([c.__dict__ for c in checks], indent=2))
     else:
-        table([(c.level.upper(), c.name, c.detail) for c in checks], headers=("", "check", "found"))
+        table(
+            [(paint(c.level.upper(), c.level), c.name, c.detail) for c in checks],
+            headers=("", "check", "found"),
+        )
         for c in checks:
             if c.hint and c.level != "ok":
-                click.echo(f"{c.name}: {c.hint}")
+                say(f"{paint(c.name, c.level)}: {c.hint}")
     if cfg is None:
         sys.exit(EXIT_CONFIG)
     sys.exit(EXIT_FAILURE if any(c.level == "fail" for c in checks) else EXIT_OK)

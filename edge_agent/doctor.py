@@ -11,16 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-
 from edge_agent import budget, buffer
 from edge_agent.config import AgentConfig, BrokerConfig
+from edge_agent.mqtt import make_client
 from edge_agent.status import open_readonly, read_status
 from edge_agent.store import LAST_STORE_ERROR, STORE_ERRORS
-from shared.auth import apply_paho
 from shared.errors import StorageError
-from shared.tls import server_certificate_expiry, ssl_context
+from shared.tls import server_certificate_expiry
 
 Level = Literal["ok", "warn", "fail"]
 #: The project's first release: a clock before it is certainly wrong.
@@ -36,9 +33,7 @@ class Check:
 
 
 def check_broker(name: str, cfg: BrokerConfig, timeout_s: float = 3.0) -> Check:
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2, client_id="", protocol=mqtt.MQTTv5
-    )
+    client = make_client(cfg, "")  # the broker names the throw-away session
     where = f"{cfg.host}:{cfg.port}"
     if cfg.tls.enabled:
         # Handshake on our own socket first: paho leaks its socket when TLS fails.
@@ -51,10 +46,6 @@ def check_broker(name: str, cfg: BrokerConfig, timeout_s: float = 3.0) -> Check:
                 f"{where}: TLS: {exc}",
                 f"check [{name}.tls] ca_file, and that {where} is the TLS port",
             )
-    ctx = ssl_context(cfg.tls)
-    if ctx is not None:
-        client.tls_set_context(ctx)
-    apply_paho(client, cfg.auth)
     refused: list[str] = []  # the CONNACK's reason, when the broker says no
 
     def on_connect(_c: object, _u: object, _f: object, reason: Any, _p: object) -> None:

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edge_agent import buffer
-from edge_agent.kernels import segment_windows, window_stats
 from edge_agent.status import open_readonly
-from shared.wire import EXTRA_FIELDS, STAT_FIELDS
+from edge_agent.window import sensor_windows
+from shared.wire import EXTRA_FIELDS, STAT_FIELDS, WindowSpec
 
 Kind = Literal["raw", "windows"]
 RAW_COLUMNS = ("node", "sensor", "unit", "ts_ns", "value")
@@ -34,18 +34,28 @@ class ExportError(Exception):
 
 
 def iter_rows(
-    path: str | Path, kind: Kind, since_ns: int, until_ns: int, *, width_ns: int, slice_ns: int
+    path: str | Path,
+    kind: Kind,
+    since_ns: int,
+    until_ns: int,
+    *,
+    spec: WindowSpec,
+    slice_ns: int,
 ) -> Iterator[tuple[int, dict[str, list[Any]]]]:
     """Yield ``(slice end, columns)`` per time slice of ``[since_ns, until_ns)``.
 
-    For windows, the range is widened to whole windows and slices are whole windows.
+    For windows (tumbling or hopping, as ``spec`` says, computed by the agent's own
+    :func:`edge_agent.window.sensor_windows`), the range is widened to whole steps,
+    a slice holds the windows starting in it, and a window's readings are read up
+    to its end.
     """
     if until_ns <= since_ns:
         raise ExportError("--until must be after --since")
+    step = spec.step_ns
     if kind == "windows":
-        since_ns = (since_ns // width_ns) * width_ns
-        until_ns = -(-until_ns // width_ns) * width_ns
-        slice_ns = max(width_ns, (slice_ns // width_ns) * width_ns)
+        since_ns = (since_ns // step) * step
+        until_ns = -(-until_ns // step) * step
+        slice_ns = max(step, (slice_ns // step) * step)
     store = open_readonly(path)
     try:
         sensors = buffer.load_sensors(store)
@@ -55,18 +65,18 @@ def iter_rows(
             cols: dict[str, list[Any]] = {
                 c: [] for c in (RAW_COLUMNS if kind == "raw" else WINDOW_COLUMNS)
             }
-            for sid, (ts, vals) in sorted(buffer.read_range(store, a, b).items()):
+            read_until = b if kind == "raw" else b - step + spec.width_ns
+            for sid, (ts, vals) in sorted(buffer.read_range(store, a, read_until).items()):
                 ref = sensors[sid]
                 if kind == "raw":
                     n = len(ts)
                     cols["ts_ns"] += ts.tolist()
                     cols["value"] += vals.tolist()
                 else:
-                    starts, segs = segment_windows(ts, width_ns)
-                    st = window_stats(vals, segs)
+                    starts, st, _, _ = sensor_windows(ts, vals, spec, a, b - step)
                     n = len(starts)
                     cols["start_ns"] += starts.tolist()
-                    cols["width_ns"] += [width_ns] * n
+                    cols["width_ns"] += [spec.width_ns] * n
                     for name, arr in st.columns().items():
                         cols[name] += arr.tolist()
                 cols["node"] += [ref.node] * n
@@ -85,7 +95,7 @@ def export(
     since_ns: int,
     until_ns: int,
     *,
-    width_ns: int,
+    spec: WindowSpec,
     fmt: Literal["csv", "parquet"],
     slice_ns: int = 3600 * 10**9,
     progress: Callable[[int], None] | None = None,
@@ -119,9 +129,7 @@ def export(
     last = since_ns
     done = False
     try:
-        for end, cols in iter_rows(
-            path, kind, since_ns, until_ns, width_ns=width_ns, slice_ns=slice_ns
-        ):
+        for end, cols in iter_rows(path, kind, since_ns, until_ns, spec=spec, slice_ns=slice_ns):
             n = len(cols["node"])
             rows += n
             if fmt == "parquet":

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent import buffer
-from edge_agent.kernels import segment_windows, window_stats
 from edge_agent.status import open_readonly
+from edge_agent.window import sensor_windows, spec_of
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -81,8 +81,10 @@ def read_sensors(
             trend = [float("nan")] * windows
             in_range = ts >= start
             if in_range.any():
-                starts, segs = segment_windows(ts[in_range], width_ns)
-                means = window_stats(vals[in_range], segs).mean
+                starts, stats, _, _ = sensor_windows(
+                    ts[in_range], vals[in_range], spec_of(width_ns, None), start, end - 1
+                )
+                means = stats.mean
                 for st, m in zip(starts.tolist(), means.tolist(), strict=True):
                     trend[(st - start) // width_ns] = m
             span = ts[recent]

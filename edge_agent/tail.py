@@ -2,7 +2,10 @@
 
 Subscribes to the device broker with its own throw-away session (a plain, not
 shared, subscription: the agent still gets every message), so it works whether
-or not the agent runs.
+or not the agent runs. It subscribes to every MQTT source of the config and reads
+each message with that source's decoder (edge_agent/sources), so it shows
+ESPHome's values, Tasmota's JSON or Telegraf's lines as the agent will store them
+(the HTTP intake and Modbus polls are not on the broker: `sensors` shows those).
 """
 
 from __future__ import annotations
@@ -14,14 +17,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.config import AgentConfig
-from shared.auth import apply_paho
+from edge_agent.mqtt import make_client
+from edge_agent.sources.router import MqttSources
+from edge_agent.sources.transform import Transforms
 from shared.errors import WireError
-from shared.readings import decode_chunk
-from shared.tls import ssl_context
-from shared.topics import sensor_filter
 
 
 @dataclass(frozen=True)
@@ -42,18 +43,16 @@ def tail(
 ) -> Iterator[Reading | WireError]:
     """Yield readings (and errors for bad messages) until ``timeout_s`` passes, if given.
     ``on_subscribed`` is called once the broker has confirmed the subscription."""
-    q: queue.SimpleQueue[mqtt.MQTTMessage] = queue.SimpleQueue()
-    prefix = cfg.intake.topic_prefix
-    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    subscribed = threading.Event()
-    client.on_message = lambda _c, _u, msg: q.put(msg)
-    client.on_subscribe = lambda _c, _u, _m, _rc, _p: subscribed.set()
-    client.on_connect = lambda c, _u, _f, _rc, _p: c.subscribe(sensor_filter(prefix), qos=0)
+    q: queue.SimpleQueue[tuple[mqtt.MQTTMessage, int]] = queue.SimpleQueue()
+    sources = MqttSources(cfg.intake.mqtt_sources, Transforms(cfg.intake.transforms))
     b = cfg.intake.broker
-    ctx = ssl_context(b.tls)
-    if ctx is not None:
-        client.tls_set_context(ctx)
-    apply_paho(client, b.auth)
+    client = make_client(b, "")  # the broker names the throw-away session
+    subscribed = threading.Event()
+    client.on_message = lambda _c, _u, msg: q.put((msg, time.time_ns()))
+    client.on_subscribe = lambda _c, _u, _m, _rc, _p: subscribed.set()
+    client.on_connect = lambda c, _u, _f, _rc, _p: c.subscribe(
+        [(f, 0) for f, _ in sources.subscriptions()]
+    )
     client.connect(b.host, b.port, keepalive=30)
     client.loop_start()
     try:
@@ -68,16 +67,18 @@ def tail(
         while end is None or time.monotonic() < end:
             wait = 0.5 if end is None else max(0.0, min(0.5, end - time.monotonic()))
             try:
-                msg = q.get(timeout=wait)
+                msg, arrived = q.get(timeout=wait)
             except queue.Empty:
                 continue
-            try:
-                chunk = decode_chunk(msg.topic, bytes(msg.payload), prefix)
-            except WireError as exc:
-                yield exc
+            _, item = sources.decode(msg.topic, bytes(msg.payload), arrived)
+            if isinstance(item, WireError):
+                yield item
                 continue
-            for t, v in zip(chunk.ts.tolist(), chunk.values.tolist(), strict=True):
-                yield Reading(chunk.node, chunk.sensor, chunk.unit, t, v)
+            for rej in item.rejects:
+                yield WireError(rej.reason, rej.message)
+            for chunk in item.chunks:
+                for t, v in zip(chunk.ts.tolist(), chunk.values.tolist(), strict=True):
+                    yield Reading(chunk.node, chunk.sensor, chunk.unit, t, v)
     finally:
         client.disconnect()
         client.loop_stop()

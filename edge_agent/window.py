@@ -20,7 +20,7 @@ import numpy as np
 
 from edge_agent import buffer, outbox
 from edge_agent.config import AgentConfig, sensor_tags
-from edge_agent.kernels import hopping_windows, window_stats
+from edge_agent.kernels import WindowStats, hopping_windows, window_stats
 from edge_agent.store import Store
 from shared.sketch import DDSketch
 from shared.tags import Tags
@@ -39,13 +39,26 @@ def flush_boundary(max_ts: int, width_ns: int, hop_ns: int | None = None) -> int
     return (max_ts // step) * step + width_ns
 
 
-def _spec(width_ns: int, hop_ns: int | None) -> WindowSpec:
+def spec_of(width_ns: int, hop_ns: int | None) -> WindowSpec:
     if hop_ns and hop_ns != width_ns:
         return WindowSpec("hopping", width_ns, hop_ns)
     return WindowSpec("tumbling", width_ns)
 
 
 Rows = tuple[np.ndarray, dict[str, np.ndarray], list[bytes]]
+
+
+def sensor_windows(
+    ts: np.ndarray, vals: np.ndarray, spec: WindowSpec, lo_start: int, hi_start: int
+) -> tuple[np.ndarray, WindowStats, np.ndarray, np.ndarray]:
+    """One sensor's windows starting in ``[lo_start, hi_start]`` (tumbling or hopping,
+    as ``spec`` says): (starts, statistics, segment starts, the windowed values).
+    The one place window statistics are computed: the agent's batches, ``edge-agent
+    export --kind windows`` and the ``sensors`` trend all call it."""
+    starts, segs, windowed = hopping_windows(
+        ts, vals, spec.width_ns, spec.step_ns, lo_start, hi_start
+    )
+    return starts, window_stats(windowed, segs), segs, windowed
 
 
 def _summarise(
@@ -61,12 +74,9 @@ def _summarise(
     sids: list[np.ndarray] = []
     sketches: list[bytes] = []
     for sid, (ts, vals) in sorted(data.items()):
-        starts, segs, vals = hopping_windows(
-            ts, vals, spec.width_ns, spec.step_ns, lo_start, hi_start
-        )
+        starts, stats, segs, vals = sensor_windows(ts, vals, spec, lo_start, hi_start)
         if len(starts) == 0:
             continue
-        stats = window_stats(vals, segs)
         if sketches_on:
             ends = np.append(segs[1:], len(vals))
             sketches += [
@@ -162,7 +172,7 @@ def close_until(
 ) -> list[int]:
     """Close every window ending at or before ``upto_ns``; return the new batch seqs.
     ``tags``: a node's sensors' static tags (edge_agent.config.sensor_tags)."""
-    spec = _spec(width_ns, hop_ns)
+    spec = spec_of(width_ns, hop_ns)
     step = spec.step_ns
     upto_ns = (upto_ns // step) * step
     seqs: list[int] = []
@@ -204,7 +214,7 @@ def revise(
     while it fills. Returns the new batch seqs.
     """
     seqs: list[int] = []
-    spec = _spec(width_ns, hop_ns)
+    spec = spec_of(width_ns, hop_ns)
     with store.tx():
         dirty = store.conn.execute(
             "SELECT sensor_id, start_ns FROM dirty WHERE start_ns + ? <= ? "

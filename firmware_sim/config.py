@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from shared import backoff
 from shared.auth import AuthConfig
@@ -12,6 +13,9 @@ from shared.tls import TlsConfig
 from shared.topics import DEFAULT_SENSOR_PREFIX, is_valid_id
 
 SensorKind = Literal["temperature", "humidity", "vibration"]
+#: How a node publishes (firmware_sim/families.py; docs/devices.md has the agent's
+#: side of each): the agent's own chunks, or as a real device family does.
+Family = Literal["native", "esphome", "tasmota", "zigbee2mqtt", "telegraf", "influx-http"]
 
 
 @dataclass(frozen=True)
@@ -38,10 +42,15 @@ class SensorSpec:
 class NodeSpec:
     id: str
     sensors: tuple[SensorSpec, ...] = ()
+    family: Family = "native"
 
     def __post_init__(self) -> None:
         if not is_valid_id(self.id):
             raise Invalid("id", "must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        if self.family == "tasmota" and any(
+            s.rate_hz > 1 or 1e9 / s.rate_hz % 1e9 for s in self.sensors
+        ):
+            raise Invalid("sensors", "a tasmota node's readings are whole seconds apart")
         if not self.sensors:
             raise Invalid("sensors", "a node needs at least one sensor")
         names = [s.name for s in self.sensors]
@@ -86,12 +95,22 @@ class SimConfig:
     topic_prefix: str = DEFAULT_SENSOR_PREFIX
     broker: SimBrokerConfig = field(default_factory=SimBrokerConfig)
     nodes: tuple[NodeSpec, ...] = DEFAULT_NODES
+    #: influx-http nodes post line protocol to this agent's HTTP intake
+    http_url: str = "http://127.0.0.1:8086"
+    #: tasmota nodes send local time without a zone, in this IANA zone
+    timezone: str = "Europe/Berlin"
 
     def __post_init__(self) -> None:
         positive("duration_s", self.duration_s)
         positive("speed", self.speed)
         if self.start_ns < 0:
             raise Invalid("start_ns", "must be >= 0 (0 = now)")
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise Invalid("timezone", f"unknown time zone {self.timezone!r}") from None
+        if not self.http_url.startswith(("http://", "https://")):
+            raise Invalid("http_url", "must start with http:// or https://")
         ids = [n.id for n in self.nodes]
         if not ids:
             raise Invalid("nodes", "at least one node is needed")

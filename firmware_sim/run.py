@@ -2,8 +2,9 @@
 
 Event time starts at ``start_ns`` (now, by default) and advances ``speed``
 times faster than wall time; a chunk is published once event time reaches its
-last reading. Every chunk is published at QoS 1 to the local broker and written
-to the ground-truth file.
+last reading. Every chunk is published at QoS 1 to the local broker (or posted
+to the agent's HTTP intake), as its node's device family does
+(firmware_sim/families.py), and written to the ground-truth file.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from firmware_sim.config import SensorSpec, SimConfig
+from firmware_sim.families import STAMPED, post, publication
 from firmware_sim.sensors import chunk_times, chunk_values, period_ns
 from firmware_sim.truth import TruthWriter
 from shared import backoff
 from shared.auth import apply_paho
-from shared.readings import encode_chunk
 from shared.tls import ssl_context
-from shared.topics import sensor_topic
 
 log = logging.getLogger("firmware_sim")
 
@@ -81,7 +81,7 @@ def run_sim(cfg: SimConfig) -> SimResult:
     client = _connect(cfg)
     truth = TruthWriter(cfg.truth_path)
     infos: list[mqtt.MQTTMessageInfo] = []
-    readings = 0
+    readings = posts = 0
     wall0 = time.monotonic()
     try:
         while heap:
@@ -94,13 +94,13 @@ def run_sim(cfg: SimConfig) -> SimResult:
             ts = chunk_times(spec, start_ns, k)
             vals = chunk_values(spec, ts, cfg.seed, ni, si, k)
             ts_l, v_l = ts.tolist(), vals.tolist()
-            info = client.publish(
-                sensor_topic(node.id, spec.name, cfg.topic_prefix),
-                encode_chunk(spec.unit, ts_l, v_l),
-                qos=1,
-            )
-            infos.append(info)
-            truth.write(node.id, spec.name, spec.unit, ts_l, v_l)
+            pub = publication(cfg, node, spec, ts_l, v_l)
+            for topic, payload in pub.messages:
+                infos.append(client.publish(topic, payload, qos=1))
+            if pub.http_body is not None:
+                post(cfg, pub.http_body)  # 204 only once the agent has committed it
+                posts += 1
+            truth.write(node.id, spec.name, spec.unit, pub.ts, v_l, stamped=node.family in STAMPED)
             readings += len(ts_l)
             nxt = due + spec.chunk * period_ns(spec)  # (due includes the delay)
             if nxt - delay_ns(spec) < end_ns:
@@ -115,5 +115,12 @@ def run_sim(cfg: SimConfig) -> SimResult:
         truth.close()
         client.disconnect()
         client.loop_stop()
-    log.info("firmware-sim: published %d readings in %d messages", readings, len(infos))
-    return SimResult(readings=readings, messages=len(infos), start_ns=start_ns, end_ns=end_ns)
+    log.info(
+        "firmware-sim: published %d readings in %d messages and %d HTTP posts",
+        readings,
+        len(infos),
+        posts,
+    )
+    return SimResult(
+        readings=readings, messages=len(infos) + posts, start_ns=start_ns, end_ns=end_ns
+    )

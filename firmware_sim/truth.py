@@ -4,6 +4,10 @@ A JSON Lines file, one object per published chunk::
 
     {"node": "env-1", "sensor": "temperature", "unit": "degC", "ts": [...], "values": [...]}
 
+``"stamped": true`` marks readings whose payload carried no time (ESPHome's, say):
+the agent stamps them on arrival, so their windows depend on arrival and only their
+counts per sensor are exact; ``ts`` is then the simulator's event time.
+
 Floats are written with Python's shortest round-tripping repr, so reading the
 file back gives bit-identical float64 values.
 """
@@ -27,20 +31,28 @@ class TruthChunk:
     unit: str
     ts: npt.NDArray[np.int64]
     values: npt.NDArray[np.float64]
+    stamped: bool = False
 
 
 class TruthWriter:
     def __init__(self, path: str | Path) -> None:
         self._fh: IO[str] = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
-    def write(self, node: str, sensor: str, unit: str, ts: list[int], values: list[float]) -> None:
-        self._fh.write(
-            json.dumps(
-                {"node": node, "sensor": sensor, "unit": unit, "ts": ts, "values": values},
-                separators=(",", ":"),
-            )
-            + "\n"
-        )
+    def write(
+        self,
+        node: str,
+        sensor: str,
+        unit: str,
+        ts: list[int],
+        values: list[float],
+        *,
+        stamped: bool = False,
+    ) -> None:
+        rec: dict[str, object] = {"node": node, "sensor": sensor, "unit": unit, "ts": ts}
+        rec["values"] = values
+        if stamped:
+            rec["stamped"] = True
+        self._fh.write(json.dumps(rec, separators=(",", ":")) + "\n")
 
     def close(self) -> None:
         self._fh.flush()
@@ -57,6 +69,7 @@ def read_truth(path: str | Path) -> Iterator[TruthChunk]:
                 obj["unit"],
                 np.array(obj["ts"], dtype=np.int64),
                 np.array(obj["values"], dtype=np.float64),
+                bool(obj.get("stamped", False)),
             )
 
 

@@ -395,3 +395,19 @@ def test_doctor_fails_delivery_when_the_cloud_acknowledges_nothing(tmp_path: Pat
     s.conn.execute("DELETE FROM outbox")
     s.close()
     assert check_delivery(cfg, now)[0].detail == "nothing waits for the cloud"
+
+
+def test_doctor_colours_fail_and_warn_on_a_terminal_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tmp_path / "a.toml"
+    cfg.write_text("[intake]\nbroker = 5\n")  # a broken config: a FAIL line
+    red = "\x1b[31m"
+    coloured = CliRunner().invoke(agent_main, ["doctor", "-c", str(cfg)], color=True)
+    assert coloured.exit_code == 2 and red in coloured.output, coloured.output
+    assert "FAIL" in click.unstyle(coloured.output)
+    plain = CliRunner().invoke(agent_main, ["doctor", "-c", str(cfg)])  # not a terminal
+    assert "\x1b[" not in plain.output and "FAIL" in plain.output
+    monkeypatch.setenv("NO_COLOR", "1")
+    no_color = CliRunner().invoke(agent_main, ["doctor", "-c", str(cfg)], color=True)
+    assert "\x1b[" not in no_color.output

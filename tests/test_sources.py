@@ -474,3 +474,44 @@ def test_modbus_plan_and_decoding() -> None:
         ModbusConfig(name="m", node="n", host="h")
     with pytest.raises(Invalid):
         ModbusConfig(name="m", node="n", host="h", register_map="/nonexistent.toml")
+
+
+# -- firmware-sim's device families read back by the agent's own sources
+
+
+@pytest.mark.parametrize(
+    "family", ["native", "esphome", "tasmota", "zigbee2mqtt", "telegraf", "influx-http"]
+)
+def test_each_simulated_family_reads_back_exactly(family: str) -> None:
+    import tomllib
+
+    from edge_agent.sources.lineproto import LineDecoder
+    from firmware_sim.config import NodeSpec, SensorSpec, SimConfig
+    from firmware_sim.families import STAMPED, agent_sources, publication
+    from firmware_sim.sensors import chunk_times, chunk_values
+
+    spec = SensorSpec("temp", "temperature", rate_hz=1.0, chunk=5, unit="degC")
+    node = NodeSpec("n-1", (spec,), family)  # type: ignore[arg-type]
+    sim = SimConfig(nodes=(node,))
+    ts = chunk_times(spec, T0 + 123_456_789, 0)
+    vals = chunk_values(spec, ts, 42, 0, 0, 0)
+    pub = publication(sim, node, spec, ts.tolist(), vals.tolist())
+    cfg = from_dict(AgentConfig, tomllib.loads(agent_sources(sim, http_port=8086)))
+    router = MqttSources(cfg.intake.mqtt_sources, Transforms())
+    got_ts: list[int] = []
+    got_vals: list[float] = []
+    decoded = [router.decode(t, p, NOW)[1] for t, p in pub.messages]
+    if pub.http_body is not None:
+        decoded.append(LineDecoder(Transforms(), node="http").decode(pub.http_body, NOW, "ns", "p"))
+    for d in decoded:
+        assert isinstance(d, Decoded) and not d.rejects, d
+        for c in d.chunks:
+            assert (c.node, c.sensor) == ("n-1", "temp")
+            got_ts += c.ts.tolist()
+            got_vals += c.values.tolist()
+    assert got_vals == vals.tolist()  # bit for bit
+    if family in STAMPED:
+        assert got_ts == [NOW] * 5
+    else:
+        assert got_ts == pub.ts
+        assert got_ts == (ts if family != "tasmota" else ts // 10**9 * 10**9).tolist()

@@ -1,0 +1,39 @@
+"""`edge-agent export --kind windows` computes windows as the agent does, hopping ones too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge_agent import buffer
+from edge_agent.export import iter_rows
+from edge_agent.store import Store
+from shared.readings import ReadingChunk
+from shared.wire import WindowSpec
+
+S = 10**9
+T0 = 1_800_000_000 * S
+
+
+def test_hopping_windows_are_exported_as_the_agent_sends_them(tmp_path: Path) -> None:
+    path = tmp_path / "b.sqlite"
+    store = Store(path)
+    ts = T0 + np.arange(0, 120 * S, S // 2, dtype=np.int64)  # 2 Hz for 2 minutes
+    vals = np.sin(np.arange(len(ts)) / 7.0)
+    buffer.store_chunk(store, buffer.SensorRegistry(store), ReadingChunk("n", "s", "", ts, vals))
+    store.close()
+    spec = WindowSpec("hopping", 60 * S, 10 * S)
+    rows: dict[int, tuple[int, float]] = {}
+    for _, cols in iter_rows(path, "windows", T0, T0 + 120 * S, spec=spec, slice_ns=30 * S):
+        for st, n, mean in zip(cols["start_ns"], cols["count"], cols["mean"], strict=True):
+            assert st not in rows, "a window in two slices"
+            rows[st] = (n, mean)
+    # every window [s, s + 60 s) with s a multiple of 10 s in the range, from numpy
+    want = {}
+    for st in range(T0, T0 + 120 * S, 10 * S):
+        sel = (ts >= st) & (ts < st + 60 * S)
+        want[st] = (int(sel.sum()), float(vals[sel].mean()))
+    assert rows.keys() == want.keys()
+    for st, (n, mean) in want.items():
+        assert rows[st][0] == n and abs(rows[st][1] - mean) < 1e-12

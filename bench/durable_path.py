@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent import buffer, kernels, window
+from edge_agent.pipeline import buffer, kernels, window
 from edge_agent.store import Store
 from shared.readings import ReadingChunk, decode_chunk, encode_chunk
 

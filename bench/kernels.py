@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from edge_agent import kernels
+from edge_agent.pipeline import kernels
 
 
 def baseline(values: np.ndarray, seg: np.ndarray) -> None:

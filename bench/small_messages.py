@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import kernels, window
 from edge_agent.config import AgentConfig
-from edge_agent.intake import Intake
+from edge_agent.pipeline import kernels, window
+from edge_agent.pipeline.intake import Intake
 from edge_agent.sources.config import HttpConfig
 from edge_agent.sources.http import HttpIntake
 from shared.config import from_dict

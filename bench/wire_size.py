@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from cloud_ingest.lineproto import batch_to_lines
-from edge_agent.kernels import segment_windows, window_stats
+from edge_agent.pipeline.kernels import segment_windows, window_stats
 from firmware_sim.config import DEFAULT_NODES
 from firmware_sim.sensors import chunk_times, chunk_values
 from shared.sketch import DDSketch

@@ -21,7 +21,7 @@ import numpy as np
 
 from devstack import influxq
 from devstack.services import wait_until
-from edge_agent.status import read_status
+from edge_agent.technician.status import read_status
 from firmware_sim.truth import read_truth, truth_by_sensor
 
 BIN = Path(sys.executable).parent

@@ -23,13 +23,14 @@ import threading
 import time
 from types import FrameType
 
-from edge_agent import alerts, budget, buffer, control, kernels, outbox, quarantine, window
+from edge_agent import control
 from edge_agent.config import AgentConfig
-from edge_agent.forward import Forwarder
-from edge_agent.health import Reporter
-from edge_agent.intake import Intake
 from edge_agent.lock import BufferLock
 from edge_agent.mqtt import network_thread_alive
+from edge_agent.pipeline import alerts, budget, buffer, kernels, outbox, quarantine, window
+from edge_agent.pipeline.forward import Forwarder
+from edge_agent.pipeline.health import Reporter
+from edge_agent.pipeline.intake import Intake
 from edge_agent.sources.http import HttpIntake
 from edge_agent.sources.modbus import ModbusPoller
 from edge_agent.store import Store

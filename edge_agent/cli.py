@@ -203,7 +203,7 @@ def status(config_path: str | None, as_json: bool) -> None:
     Reads the SQLite buffer directly, so it works with no network and whether
     or not the agent is running.
     """
-    from edge_agent.status import read_status
+    from edge_agent.technician.status import read_status
 
     cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
     try:
@@ -293,7 +293,7 @@ def status(config_path: str | None, as_json: bool) -> None:
 @click.option("--windows", default=20, show_default=True, help="Windows in the trend.")
 def sensors(config_path: str | None, as_json: bool, windows: int) -> None:
     """Every sensor: last value, rate, last seen, and a trend of recent windows."""
-    from edge_agent.sensors import read_sensors
+    from edge_agent.technician.sensors import read_sensors
 
     cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
     try:
@@ -343,7 +343,7 @@ def tail(
     """
     from fnmatch import fnmatchcase
 
-    from edge_agent.tail import tail as tail_readings
+    from edge_agent.technician.tail import tail as tail_readings
 
     cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
     seen = 0
@@ -398,8 +398,9 @@ def flush(config_path: str | None, timeout_s: float) -> None:
     and readings stamped later inside those windows, are sent as one revision
     of each window when the window would have closed by itself.
     """
-    from edge_agent import control, outbox
+    from edge_agent import control
     from edge_agent.lock import BufferLock
+    from edge_agent.pipeline import outbox
     from edge_agent.store import Store
 
     cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
@@ -427,18 +428,10 @@ def flush(config_path: str | None, timeout_s: float) -> None:
                 time.sleep(0.1)  # the agent picks the request up on its next tick
             bar.update(30)
             last_seq = store.get_state(outbox.NEXT_SEQ, 1) - 1
-
-            def unacked() -> int:
-                return int(
-                    store.conn.execute(
-                        "SELECT count(*) FROM outbox WHERE seq <= ?", (last_seq,)
-                    ).fetchone()[0]
-                )
-
-            left = unacked()
+            left = outbox.count_unacked_upto(store, last_seq)
             while left and time.monotonic() < deadline:
                 time.sleep(0.2)  # the forwarder sends; the cloud acks
-                left = unacked()
+                left = outbox.count_unacked_upto(store, last_seq)
             bar.update(70)
         if control.pending_flush(store) == req:
             fail(f"the agent did not pick up the flush within {timeout_s:g} s", EXIT_PARTIAL)
@@ -481,8 +474,8 @@ def export(
     config_path: str | None, since: str, until: str | None, kind: str, fmt: str, output: str
 ) -> None:
     """Export a time range of raw readings or windows to CSV or Parquet."""
-    from edge_agent.export import ExportError
-    from edge_agent.export import export as do_export
+    from edge_agent.technician.export import ExportError
+    from edge_agent.technician.export import export as do_export
     from shared.timefmt import parse_time
 
     cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
@@ -541,8 +534,8 @@ def quarantine_cmd(
     payload for storage.quarantine_max_age_s; older entries are dropped and
     counted. Reads the buffer directly: works with the agent running or not.
     """
-    from edge_agent import quarantine
-    from edge_agent.status import open_readonly
+    from edge_agent.pipeline import quarantine
+    from edge_agent.technician.status import open_readonly
 
     cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
     try:
@@ -597,7 +590,7 @@ def buffer() -> None:
 @json_option
 def buffer_check(config_path: str | None, as_json: bool) -> None:
     """Check the buffer: SQLite integrity and the agent's own invariants (exit 1 on problems)."""
-    from edge_agent.repair import check
+    from edge_agent.technician.repair import check
 
     cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
     try:
@@ -630,7 +623,7 @@ def buffer_repair(config_path: str | None, as_json: bool) -> None:
     dropped (unreadable or invalid, with the reasons) and missing (on pages that
     could not be read at all).
     """
-    from edge_agent.repair import repair
+    from edge_agent.technician.repair import repair
 
     cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
     try:
@@ -678,7 +671,7 @@ def doctor(config_path: str | None, as_json: bool) -> None:
     minutes is a problem even when both brokers answer. A config that does not
     load is reported as the first check (exit 2), with the checks that need none.
     """
-    from edge_agent.doctor import config_checks, run_checks
+    from edge_agent.technician.doctor import config_checks, run_checks
     from shared.config import load_config
     from shared.errors import ConfigError
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from edge_agent.alerts import AlertRule
+from edge_agent.pipeline.alerts import AlertRule
 from edge_agent.sources.config import HttpConfig, ModbusConfig, SourceConfig
 from edge_agent.sources.transform import TransformRule
 from shared import backoff
@@ -205,7 +205,7 @@ class ForwardConfig:
 
 @dataclass(frozen=True)
 class HealthConfig:
-    """The agent's health report to the cloud (edge_agent/health.py)."""
+    """The agent's health report to the cloud (edge_agent/pipeline/health.py)."""
 
     #: a report every this many seconds, and at once when a problem starts or ends;
     #: 0 = no reports (for a cloud broker whose ACL does not allow …/health yet)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import time
 
-from edge_agent import window
 from edge_agent.config import AgentConfig
+from edge_agent.pipeline import window
 from edge_agent.store import Store
 
 HEARTBEAT = "heartbeat_ns"

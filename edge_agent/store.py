@@ -1,8 +1,8 @@
 """The agent's SQLite file: connection, schema migrations, state and counters.
 
 One file holds everything the agent must not lose: raw reading chunks
-(:mod:`edge_agent.buffer`), the outbox of encoded batches
-(:mod:`edge_agent.outbox`), small integer state (watermarks, the next seq) and
+(:mod:`edge_agent.pipeline.buffer`), the outbox of encoded batches
+(:mod:`edge_agent.pipeline.outbox`), small integer state (watermarks, the next seq) and
 counters (readings stored, drops by kind). Each thread opens its own
 :class:`Store`; writers take ``BEGIN IMMEDIATE`` so that SQLite serialises
 them, which is what makes "close windows up to T" and "store a chunk that might
@@ -147,7 +147,7 @@ def _v5(db: sqlite_utils.Database) -> None:
 
 
 def _v6(db: sqlite_utils.Database) -> None:
-    """Health reports waiting for the cloud's ack (edge_agent/health.py): the same
+    """Health reports waiting for the cloud's ack (edge_agent/pipeline/health.py): the same
     life, and the same columns, as alerts."""
     db.table("health").create({**_SENT_LIKE_BATCHES, "crc": int}, pk="seq", defaults=_SENT_DEFAULTS)
 

@@ -1,5 +1,5 @@
 """The alert message (device → cloud on ``telemetry/v1/<device_id>/alert``), decoded
-and checked at the boundary. The device side builds it in ``edge_agent.alerts``.
+and checked at the boundary. The device side builds it in ``edge_agent.pipeline.alerts``.
 
 A UTF-8 JSON object::
 

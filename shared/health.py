@@ -1,5 +1,5 @@
 """The health report (device → cloud on ``telemetry/v1/<device_id>/health``), built
-by ``edge_agent.health`` and decoded and checked here, at the boundary.
+by ``edge_agent.pipeline.health`` and decoded and checked here, at the boundary.
 
 A UTF-8 JSON object, at most 4 KiB::
 

@@ -14,9 +14,9 @@ from devstack import influxq
 from devstack.pipeline import IngestTarget, Pipeline, PipelineSpec
 from devstack.publish import publish_all
 from devstack.services import Service, wait_until
-from edge_agent import alerts, buffer, outbox, window
-from edge_agent.alerts import AlertEngine, AlertRule
 from edge_agent.config import AgentConfig
+from edge_agent.pipeline import alerts, buffer, outbox, window
+from edge_agent.pipeline.alerts import AlertEngine, AlertRule
 from edge_agent.store import Store
 from shared.config import load_config
 from shared.errors import ConfigError

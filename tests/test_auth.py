@@ -115,7 +115,7 @@ def test_firmware_sim_and_doctor_authenticate_and_a_wrong_password_is_refused(
 @pytest.mark.integration
 def test_tail_authenticates(broker: Service, tmp_path: Path) -> None:
     from edge_agent.config import AgentConfig
-    from edge_agent.tail import tail
+    from edge_agent.technician.tail import tail
     from shared.config import from_dict
 
     auth = {"username": "dev-a", "password_file": _secret(tmp_path, "dev-a")}

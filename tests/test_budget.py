@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent import budget, buffer, outbox, window
+from edge_agent.pipeline import budget, buffer, outbox, window
 from edge_agent.store import Store
 from shared.readings import ReadingChunk
 
@@ -92,7 +92,7 @@ def test_an_impossible_budget_is_reported_not_fatal(tmp_path: Path) -> None:
 
 
 def bad(s: Store, k: int, size: int = 100_000, cap: int = 0) -> None:
-    from edge_agent import quarantine
+    from edge_agent.pipeline import quarantine
     from shared.errors import WireError
 
     with s.tx():
@@ -102,7 +102,7 @@ def bad(s: Store, k: int, size: int = 100_000, cap: int = 0) -> None:
 
 def test_the_quarantine_goes_first_then_raw_then_batches(tmp_path: Path) -> None:
     """The documented order: bad input never costs good data while there is any left."""
-    from edge_agent import quarantine
+    from edge_agent.pipeline import quarantine
 
     s, _total, closed_until = closed_store(tmp_path)
     for k in range(60):  # 60 x 64 KiB kept of 100 KB each
@@ -128,7 +128,7 @@ def test_the_quarantine_goes_first_then_raw_then_batches(tmp_path: Path) -> None
 
 
 def test_the_quarantine_keeps_to_its_own_cap_and_age(tmp_path: Path) -> None:
-    from edge_agent import quarantine
+    from edge_agent.pipeline import quarantine
 
     s = Store(tmp_path / "a.sqlite")
     cap = 10 * quarantine.KEEP_BYTES

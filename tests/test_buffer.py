@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent import buffer, outbox, window
-from edge_agent.status import read_status
+from edge_agent.pipeline import buffer, outbox, window
 from edge_agent.store import SCHEMA_VERSION, Store
+from edge_agent.technician.status import read_status
 from shared.errors import StorageError, WireError
 from shared.readings import ReadingChunk, decode_chunk, encode_chunk
 from shared.wire import decode_batch

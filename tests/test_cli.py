@@ -220,7 +220,7 @@ def test_a_bad_export_time_is_a_usage_error_exit_2(tmp_path: Path, since: str, u
 
 
 def test_export_takes_times_before_now_and_until_defaults_to_now(tmp_path: Path) -> None:
-    from edge_agent import buffer
+    from edge_agent.pipeline import buffer
     from edge_agent.store import Store
     from shared.readings import ReadingChunk
 
@@ -255,7 +255,7 @@ def test_flush_on_a_missing_buffer_creates_nothing(tmp_path: Path) -> None:
 
 
 def test_sensors_json_is_strict_json(tmp_path: Path) -> None:
-    from edge_agent import buffer
+    from edge_agent.pipeline import buffer
     from edge_agent.store import Store
     from shared.readings import ReadingChunk
 
@@ -324,9 +324,9 @@ def test_cloud_ingest_takes_its_config_from_the_environment(tmp_path: Path) -> N
 def test_sensors_rate_age_and_stale(tmp_path: Path) -> None:
     """A 1 Hz sensor with 30 s of data reads 1 Hz (not 30/60); one that stopped is
     flagged stale with its age; the table shows both."""
-    from edge_agent import buffer
-    from edge_agent.sensors import read_sensors
+    from edge_agent.pipeline import buffer
     from edge_agent.store import Store
+    from edge_agent.technician.sensors import read_sensors
     from shared.readings import ReadingChunk
 
     cfg = _buffer(tmp_path)
@@ -367,10 +367,10 @@ def test_doctor_reports_a_broken_config_and_still_checks_the_clock(tmp_path: Pat
 def test_doctor_fails_delivery_when_the_cloud_acknowledges_nothing(tmp_path: Path) -> None:
     """Both brokers may answer while nothing is acknowledged (the ingestor is down):
     the delivery check says so, where the other checks all say ok."""
-    from edge_agent import outbox
     from edge_agent.config import AgentConfig, StorageConfig
-    from edge_agent.doctor import check_delivery
+    from edge_agent.pipeline import outbox
     from edge_agent.store import Store
+    from edge_agent.technician.doctor import check_delivery
 
     db = tmp_path / "buf.sqlite"
     s = Store(db)

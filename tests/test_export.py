@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent import buffer
-from edge_agent.export import iter_rows
+from edge_agent.pipeline import buffer
 from edge_agent.store import Store
+from edge_agent.technician.export import iter_rows
 from shared.readings import ReadingChunk
 from shared.wire import WindowSpec
 

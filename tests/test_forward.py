@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from edge_agent import buffer, window
 from edge_agent.config import AgentConfig
-from edge_agent.forward import Forwarder
+from edge_agent.pipeline import buffer, window
+from edge_agent.pipeline.forward import Forwarder
 from edge_agent.store import Store
 from shared.config import from_dict
 from shared.readings import ReadingChunk

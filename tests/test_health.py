@@ -1,4 +1,4 @@
-"""Fleet health: the agent's report (edge_agent/health.py), its wire form
+"""Fleet health: the agent's report (edge_agent/pipeline/health.py), its wire form
 (shared/health.py), and what the ingestor makes of it (lineproto, decode, fleet,
 /metrics). The pipeline test is in tests/test_fleet.py."""
 
@@ -21,9 +21,9 @@ from cloud_ingest.http import Health, MetricsServer
 from cloud_ingest.lineproto import health_to_line
 from cloud_ingest.writer import Stats
 from devstack import hostile
-from edge_agent import outbox
 from edge_agent.config import AgentConfig, HealthConfig, StorageConfig
-from edge_agent.health import Clock, Reporter
+from edge_agent.pipeline import outbox
+from edge_agent.pipeline.health import Clock, Reporter
 from edge_agent.store import Store
 from shared.acks import Ack, decode_ack
 from shared.errors import WireError
@@ -193,7 +193,7 @@ def test_drops_store_errors_and_backlog_become_problems(store: Store) -> None:
 
 
 def test_the_budget_drops_old_reports_before_any_reading(tmp_path: Path) -> None:
-    from edge_agent import budget
+    from edge_agent.pipeline import budget
 
     store = Store(tmp_path / "b.db")
     rep = Reporter(cfg_with(), store, Clock())
@@ -263,7 +263,7 @@ def test_the_technician_sees_the_reports_in_status(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from edge_agent.cli import main as agent_main
-    from edge_agent.status import read_status
+    from edge_agent.technician.status import read_status
 
     db = tmp_path / "buf.db"
     s = Store(db)

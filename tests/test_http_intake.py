@@ -22,7 +22,7 @@ from influxdb_client.rest import ApiException
 
 from devstack.pipeline import BIN, Pipeline, PipelineSpec, Proc
 from devstack.services import Service, free_port, wait_until
-from edge_agent.status import read_status
+from edge_agent.technician.status import read_status
 
 pytestmark = pytest.mark.integration
 

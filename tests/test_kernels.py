@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent import kernels
-from edge_agent.kernels import segment_windows, window_stats_numba, window_stats_numpy
+from edge_agent.pipeline import kernels
+from edge_agent.pipeline.kernels import segment_windows, window_stats_numba, window_stats_numpy
 
 IMPLS = [pytest.param(window_stats_numpy, id="numpy")]
 if kernels.BACKEND == "numba":
@@ -148,7 +148,7 @@ def test_property_segments_partition_sorted_times(ts: list[int], width: int) -> 
 
 
 def test_numba_is_used_when_available_and_fallback_otherwise() -> None:
-    code = "from edge_agent import kernels; print(kernels.BACKEND)"
+    code = "from edge_agent.pipeline import kernels; print(kernels.BACKEND)"
     env = {**os.environ, "TELEMETRY_NO_NUMBA": "1"}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True

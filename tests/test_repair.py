@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 from click.testing import CliRunner, Result
 
-from edge_agent import alerts, buffer, outbox, quarantine, window
-from edge_agent.alerts import AlertEngine, AlertRule
 from edge_agent.cli import main as agent_main
 from edge_agent.config import AgentConfig
-from edge_agent.health import Clock, Reporter
 from edge_agent.lock import BufferLock
-from edge_agent.repair import schema_tables
+from edge_agent.pipeline import alerts, buffer, outbox, quarantine, window
+from edge_agent.pipeline.alerts import AlertEngine, AlertRule
+from edge_agent.pipeline.health import Clock, Reporter
 from edge_agent.store import Store
+from edge_agent.technician.repair import schema_tables
 from shared.errors import WireError
 from shared.readings import ReadingChunk
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent import buffer, control, outbox, window
+from edge_agent import control
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig
+from edge_agent.pipeline import buffer, outbox, window
 from edge_agent.store import Store
 from shared.config import from_dict
 from shared.readings import ReadingChunk

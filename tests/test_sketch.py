@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent import buffer, window
+from edge_agent.pipeline import buffer, window
 from edge_agent.store import Store
 from shared.errors import WireError
 from shared.readings import ReadingChunk

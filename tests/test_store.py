@@ -13,10 +13,10 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from edge_agent import alerts, buffer
-from edge_agent.alerts import AlertEngine, AlertRule
 from edge_agent.config import AgentConfig
-from edge_agent.intake import Intake
+from edge_agent.pipeline import alerts, buffer
+from edge_agent.pipeline.alerts import AlertEngine, AlertRule
+from edge_agent.pipeline.intake import Intake
 from edge_agent.store import STORE_ERRORS, Store
 from shared.config import from_dict
 from shared.readings import ReadingChunk, encode_chunk

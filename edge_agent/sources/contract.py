@@ -3,7 +3,7 @@
 A decoder turns the bytes of one message into a :class:`Decoded`: chunks of
 readings (one per node and sensor) plus :class:`Reject` entries for the parts it
 could not read. Bad input is never an exception past a decoder: the adapters'
-callers (:mod:`edge_agent.intake`, :mod:`edge_agent.sources.http`) turn a
+callers (:mod:`edge_agent.pipeline.intake`, :mod:`edge_agent.sources.http`) turn a
 ``WireError`` raised for the whole message into a quarantine entry too.
 
 A reading without a timestamp of its own is stamped with the agent's clock on

@@ -12,7 +12,7 @@ Endpoints (``[intake.http]``):
 * ``GET /ping`` (204) and ``GET /health`` (200), as InfluxDB answers them.
 
 A write is answered **204 only after its readings are committed** to the buffer
-(one transaction per body, :meth:`edge_agent.intake.Intake.commit_now`). Lines
+(one transaction per body, :meth:`edge_agent.pipeline.intake.Intake.commit_now`). Lines
 that cannot be read are quarantined and the others stored; the answer is then
 400 with ``partial write: …``, as InfluxDB answers, so that a client does not
 send the body again. A body that cannot be read at all is quarantined and
@@ -41,7 +41,7 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from edge_agent.intake import Arrival, Intake, Outcome
+from edge_agent.pipeline.intake import Arrival, Intake, Outcome
 from edge_agent.sources import csvrows
 from edge_agent.sources.config import HttpConfig, SourceConfig
 from edge_agent.sources.contract import Decoded, guard

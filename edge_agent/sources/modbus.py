@@ -31,7 +31,7 @@ from edge_agent.sources.counts import PendingCounts
 from shared.errors import StorageError, WireError
 
 if TYPE_CHECKING:
-    from edge_agent.intake import Intake
+    from edge_agent.pipeline.intake import Intake
 
 log = logging.getLogger("edge_agent.modbus")
 
@@ -209,7 +209,7 @@ class ModbusPoller:
             log.info("modbus %s: the device answers again", name)
             self._failing = False
         payload = struct.pack(f">{sum(len(a) for a in answers)}H", *(w for a in answers for w in a))
-        from edge_agent.intake import Arrival
+        from edge_agent.pipeline.intake import Arrival
 
         item: Decoded | WireError
         try:

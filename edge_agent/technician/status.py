@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_agent import budget, buffer, control, outbox, quarantine
+from edge_agent import control
 from edge_agent.lock import holder_pid, is_locked, lock_path
+from edge_agent.pipeline import budget, buffer, outbox, quarantine
 from edge_agent.store import LAST_STORE_ERROR, SCHEMA_VERSION, STORE_ERRORS, Store
 
 
@@ -33,7 +34,7 @@ SOURCE_COUNTS = ("messages", "readings", "rejected", "errors")
 
 def source_counts(counters: dict[str, int]) -> dict[str, dict[str, int]]:
     """Intake per source (``source_<name>_<messages|readings|rejected|errors>``
-    counters, edge_agent/intake.py; errors are failed Modbus polls), by source name."""
+    counters, edge_agent/pipeline/intake.py; errors are failed Modbus polls), by source name."""
     out: dict[str, dict[str, int]] = {}
     for key, value in counters.items():
         if not key.startswith("source_"):

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from edge_agent import budget, buffer
 from edge_agent.config import AgentConfig, BrokerConfig
 from edge_agent.mqtt import make_client
-from edge_agent.status import open_readonly, read_status
+from edge_agent.pipeline import budget, buffer
 from edge_agent.store import LAST_STORE_ERROR, STORE_ERRORS
+from edge_agent.technician.status import open_readonly, read_status
 from shared.errors import StorageError
 from shared.tls import server_certificate_expiry
 

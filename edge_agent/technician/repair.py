@@ -40,10 +40,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent import outbox, quarantine
 from edge_agent.lock import BufferLock
-from edge_agent.status import open_readonly
+from edge_agent.pipeline import outbox, quarantine
 from edge_agent.store import ROW_COUNTS, Store, crc, data_tables
+from edge_agent.technician.status import open_readonly
 from shared.errors import StorageError, WireError
 from shared.wire import decode_batch
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent import buffer
-from edge_agent.status import open_readonly
-from edge_agent.window import sensor_windows, spec_of
+from edge_agent.pipeline import buffer
+from edge_agent.pipeline.window import sensor_windows, spec_of
+from edge_agent.technician.status import open_readonly
 
 SPARK = "▁▂▃▄▅▆▇█"
 

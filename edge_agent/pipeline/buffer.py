@@ -7,7 +7,7 @@ BLOBs, so writing and reading back costs one row per chunk, not one per reading
 
 Readings older than the ``closed_until`` watermark belong to windows that are
 already closed and sent. They are stored all the same and their windows marked
-*dirty* (:class:`LatePolicy`); :func:`edge_agent.window.revise` sends a revised
+*dirty* (:class:`LatePolicy`); :func:`edge_agent.pipeline.window.revise` sends a revised
 version of each dirty window. Readings too old for that (``window.max_age_s``)
 are dropped and counted.
 """

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from edge_agent import buffer
-from edge_agent.status import open_readonly
-from edge_agent.window import sensor_windows
+from edge_agent.pipeline import buffer
+from edge_agent.pipeline.window import sensor_windows
+from edge_agent.technician.status import open_readonly
 from shared.wire import EXTRA_FIELDS, STAT_FIELDS, WindowSpec
 
 Kind = Literal["raw", "windows"]
@@ -45,7 +45,7 @@ def iter_rows(
     """Yield ``(slice end, columns)`` per time slice of ``[since_ns, until_ns)``.
 
     For windows (tumbling or hopping, as ``spec`` says, computed by the agent's own
-    :func:`edge_agent.window.sensor_windows`), the range is widened to whole steps,
+    :func:`edge_agent.pipeline.window.sensor_windows`), the range is widened to whole steps,
     a slice holds the windows starting in it, and a window's readings are read up
     to its end.
     """

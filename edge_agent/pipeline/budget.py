@@ -5,7 +5,7 @@ this order, each step only as far as needed:
 
 0. the quarantine's oldest entries (bad input must never cost good data):
    counted as ``quarantine_dropped``; then the oldest unsent health reports
-   (edge_agent/health.py), all but the newest: counted as ``dropped_health``;
+   (edge_agent/pipeline/health.py), all but the newest: counted as ``dropped_health``;
    then the message digests that recognise redeliveries beyond the newest
    :data:`MIN_DIGESTS` (a broker redelivers at most its in-flight window, 20
    messages by Mosquitto's default; the rest are kept only for convenience):
@@ -28,10 +28,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from edge_agent import buffer, quarantine
+from edge_agent.pipeline import buffer, quarantine
 from edge_agent.store import Store
 
-log = logging.getLogger("edge_agent.budget")
+log = logging.getLogger("edge_agent.pipeline.budget")
 
 STEP_ROWS = 64  # rows deleted per step before the size is checked again
 #: digests always kept, whatever the budget (buffer.KEEP_DIGESTS without pressure)

@@ -1,7 +1,7 @@
 """Forwarder: outbox batches to the cloud broker over MQTT v5, QoS 1, until the cloud acks.
 
 At most ``max_in_flight`` batches await a PUBACK at once; the oldest due seq
-goes first (see :mod:`edge_agent.outbox` for the states and the resend
+goes first (see :mod:`edge_agent.pipeline.outbox` for the states and the resend
 backoff). The same connection subscribes to ``<prefix>/<device_id>/ack``, where
 cloud ingest says that a batch is stored (InfluxDB and the archive) or rejected.
 After a reconnect, every batch still in flight is published again; duplicates
@@ -23,10 +23,10 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edge_agent import outbox
 from edge_agent.config import AgentConfig
-from edge_agent.health import Clock
 from edge_agent.mqtt import connect_async, make_client
+from edge_agent.pipeline import outbox
+from edge_agent.pipeline.health import Clock
 from edge_agent.store import Store
 from shared.acks import CONTENT_TYPE as JSON_CONTENT_TYPE
 from shared.acks import decode_ack
@@ -36,7 +36,7 @@ from shared.mqttprops import publish_properties
 from shared.topics import ack_topic, alert_topic, batch_topic, health_topic
 from shared.wire import CONTENT_TYPE, FORMAT_VERSION
 
-log = logging.getLogger("edge_agent.forward")
+log = logging.getLogger("edge_agent.pipeline.forward")
 
 
 class Forwarder:
@@ -60,7 +60,7 @@ class Forwarder:
             "health": health_topic(cfg.device_id, prefix),
         }
         self._in_flight: dict[int, int] = {}  # mid -> seq
-        #: the device clock against the cloud's, from the acks (edge_agent/health.py)
+        #: the device clock against the cloud's, from the acks (edge_agent/pipeline/health.py)
         self.clock = Clock()
         self._ack_times: queue.SimpleQueue[tuple[int, int, int]] = queue.SimpleQueue()
         # acts only on acks that verify under this key, if set (shared/acks.py)

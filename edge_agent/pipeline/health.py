@@ -18,7 +18,7 @@ leave like alerts (after alerts, before batches), acknowledged and resent until
 the cloud has them. At most ``health.max_unsent`` wait: beyond that the oldest is
 deleted and counted as ``dropped_health`` (a day of reports at the default
 interval; the newest say more about the device than the oldest). Under the disk
-budget (edge_agent/budget.py) old reports go before any reading, all but the
+budget (edge_agent/pipeline/budget.py) old reports go before any reading, all but the
 newest.
 
 The clock offset comes from the cloud's time in its acks (shared/acks.py): for a
@@ -35,8 +35,8 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from importlib import metadata
 
-from edge_agent import budget, outbox, quarantine
 from edge_agent.config import AgentConfig
+from edge_agent.pipeline import budget, outbox, quarantine
 from edge_agent.store import STORE_ERRORS, Store, crc
 from shared.health import PROBLEMS, HealthReport
 

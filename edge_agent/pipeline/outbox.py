@@ -10,7 +10,7 @@ A batch's life::
        ▲                                          │   └─cloud ack "rejected"─▶ deleted, counted
        └────────── next_try_ns passes, no ack ────┘
 
-Alerts (:mod:`edge_agent.alerts`) and health reports (:mod:`edge_agent.health`)
+Alerts (:mod:`edge_agent.pipeline.alerts`) and health reports (:mod:`edge_agent.pipeline.health`)
 live the same life in tables of their own, ``alerts`` and ``health``, and share
 the seq counter, so the cloud acknowledges all three the same way.
 
@@ -102,8 +102,8 @@ def due(
 ) -> list[Outgoing]:
     """Batches to publish now: pending ones, and sent ones whose ack is overdue.
 
-    Drain order: alerts first (:mod:`edge_agent.alerts`), then health reports
-    (:mod:`edge_agent.health`); then the *live* batches
+    Drain order: alerts first (:mod:`edge_agent.pipeline.alerts`), then health reports
+    (:mod:`edge_agent.pipeline.health`); then the *live* batches
     (created at or after ``live_since_ns``, oldest first), so that dashboards come
     back to life at once after an outage;
     then the *backfill* (older batches, oldest first). Without ``live_since_ns``
@@ -231,6 +231,12 @@ def drop_damaged(store: Store, item: Outgoing) -> None:
 def count_unacked(store: Store) -> int:
     """Batches, alerts and health reports not yet acknowledged by the cloud."""
     return sum(int(store.conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in _WORD)
+
+
+def count_unacked_upto(store: Store, seq: int) -> int:
+    """Batches up to ``seq`` not yet acknowledged by the cloud (what a flush waits for)."""
+    row = store.conn.execute("SELECT count(*) FROM outbox WHERE seq <= ?", (seq,)).fetchone()
+    return int(row[0])
 
 
 def count_pending(store: Store) -> int:

@@ -42,10 +42,10 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edge_agent import alerts, buffer, quarantine
-from edge_agent.alerts import AlertEngine
 from edge_agent.config import AgentConfig
 from edge_agent.mqtt import connect_async, make_client
+from edge_agent.pipeline import alerts, buffer, quarantine
+from edge_agent.pipeline.alerts import AlertEngine
 from edge_agent.sources.contract import Decoded
 from edge_agent.sources.router import MqttSources
 from edge_agent.sources.transform import Transforms
@@ -53,7 +53,7 @@ from edge_agent.store import Store
 from shared.errors import StorageError, WireError
 from shared.readings import ReadingChunk
 
-log = logging.getLogger("edge_agent.intake")
+log = logging.getLogger("edge_agent.pipeline.intake")
 
 #: Messages held while the file cannot take them. QoS 1 messages are bounded by
 #: the broker's in-flight limit for the agent's session (they are not acknowledged);

@@ -4,7 +4,7 @@ Bad input must never cost good data, so the quarantine has a cap of its own:
 ``storage.quarantine_max_bytes`` (payload bytes kept) and
 ``storage.quarantine_max_age_s``. Over either, the oldest entries go first,
 counted as ``quarantine_dropped`` (and ``quarantine_dropped_bytes``). The disk
-budget (:mod:`edge_agent.budget`) frees the quarantine before anything else, too.
+budget (:mod:`edge_agent.pipeline.budget`) frees the quarantine before anything else, too.
 A message's first 64 KiB are kept, for a technician to look at with
 ``edge-agent quarantine``.
 

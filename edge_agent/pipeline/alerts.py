@@ -39,7 +39,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-from edge_agent import outbox
+from edge_agent.pipeline import outbox
 from edge_agent.store import Store, crc
 from shared.alerts import is_valid_rule
 from shared.config import Invalid, positive

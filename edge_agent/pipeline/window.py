@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from edge_agent import buffer, outbox
 from edge_agent.config import AgentConfig, sensor_tags
-from edge_agent.kernels import WindowStats, hopping_windows, window_stats
+from edge_agent.pipeline import buffer, outbox
+from edge_agent.pipeline.kernels import WindowStats, hopping_windows, window_stats
 from edge_agent.store import Store
 from shared.sketch import DDSketch
 from shared.tags import Tags

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_agent.pipeline import buffer, outbox, window
 from edge_agent.store import SCHEMA_VERSION, Store
@@ -315,3 +317,49 @@ def test_status_of_a_file_from_an_older_agent(tmp_path: Path) -> None:
     conn.close()
     st = read_status(db)
     assert st["open_alerts"] == [] and st["outbox"] == {}
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 100), st.floats(allow_nan=True, allow_infinity=False)),
+        min_size=1,
+        max_size=30,
+    ),
+    st.sampled_from([None, 0, 15]),
+    st.booleans(),
+)
+def test_one_reading_path_equals_the_array_path(
+    readings: list[tuple[int, float]], max_age_s: int | None, with_future: bool
+) -> None:
+    """buffer._store_single (no numpy, for one-reading messages) leaves the same rows,
+    dirty marks and counters as buffer._store_many."""
+    import tempfile
+
+    from edge_agent.pipeline.buffer import _store_many, _store_single
+
+    s0, S = 10**18, 10**9
+    out = []
+    with tempfile.TemporaryDirectory() as d:
+        for fn in (_store_single, _store_many):
+            store = Store(Path(d) / f"{fn.__name__}.sqlite")
+            reg = buffer.SensorRegistry(store)
+            late = None if max_age_s is None else buffer.LatePolicy(10 * S, max_age_s * S)
+            results = []
+            newest = 0
+            for i, (sec, v) in enumerate(readings):
+                newest = max(newest, sec)
+                chunk = ReadingChunk("n", "s", "", np.array([s0 + sec * S]), np.array([v]))
+                with store.tx():
+                    results.append(
+                        fn(store, reg, chunk, s0 + 30 * S if with_future else None, late, None)
+                    )
+                    if i % 3 == 2:  # windows close now and then: later readings are late
+                        store.set_state(buffer.CLOSED_UNTIL, s0 + (newest // 10) * 10 * S)
+            rows = store.conn.execute(
+                "SELECT sensor_id, t_min, t_max, n, ts, vals, crc FROM chunks ORDER BY id"
+            ).fetchall()
+            dirty = store.conn.execute("SELECT * FROM dirty ORDER BY 1, 2").fetchall()
+            out.append((results, rows, dirty, store.counters()))
+            store.close()
+    assert out[0] == out[1]

@@ -15,6 +15,7 @@ are dropped and counted.
 from __future__ import annotations
 
 import hashlib
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,6 +136,81 @@ def store_one(
     if digest is not None and seen_before(store, digest):
         store.add_counter("duplicates_ignored", len(chunk))
         return StoreResult(stored=0, late=0, duplicate=len(chunk))
+    if len(chunk) == 1:
+        return _store_single(store, registry, chunk, future_limit_ns, late, after_store)
+    return _store_many(store, registry, chunk, future_limit_ns, late, after_store)
+
+
+_TS = struct.Struct("<q")
+_VAL = struct.Struct("<d")
+
+
+def _store_single(
+    store: Store,
+    registry: SensorRegistry,
+    chunk: ReadingChunk,
+    future_limit_ns: int | None,
+    late: LatePolicy | None,
+    after_store: Callable[[npt.NDArray[np.int64], npt.NDArray[np.float64]], None] | None,
+) -> StoreResult:
+    """:func:`_store_many` for one reading, without numpy: what real devices send
+    (ESPHome's one value per message) spent most of its time in numpy's per-call
+    cost. ``tests/test_buffer.py`` holds the two to the same rows and counters."""
+    t = int(chunk.ts[0])
+    closed = store.get_state(CLOSED_UNTIL)
+    is_late = t < closed
+    keep = not is_late
+    dropped_late = too_old = 0
+    if late is None or late.max_age_ns <= 0:
+        dropped_late = int(is_late)
+    elif is_late:
+        if t < store.get_state(MAX_TS) - late.max_age_ns:
+            too_old = 1
+        else:
+            keep = True
+    future = 0
+    if future_limit_ns is not None and t > future_limit_ns:
+        future = 1
+        keep = False
+    stored = accepted_late = 0
+    if keep:
+        stored = 1
+        sid = registry.id_for(chunk.node, chunk.sensor, chunk.unit)
+        ts_blob, vals_blob = _TS.pack(t), _VAL.pack(float(chunk.values[0]))
+        store.conn.execute(
+            "INSERT INTO chunks(sensor_id, t_min, t_max, n, ts, vals, received_ns, crc) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (sid, t, t, 1, ts_blob, vals_blob, time.time_ns(), crc(ts_blob, vals_blob)),
+        )
+        if t > store.get_state(MAX_TS):
+            store.set_state(MAX_TS, t)
+        if after_store is not None:  # same transaction: alerts and readings together
+            after_store(chunk.ts, chunk.values)
+        if is_late and late is not None:
+            accepted_late = 1
+            starts = late.closed_windows_of(chunk.ts, closed)
+            store.conn.executemany(
+                "INSERT OR IGNORE INTO dirty(sensor_id, start_ns) VALUES (?, ?)",
+                [(sid, int(st)) for st in starts.tolist()],
+            )
+    store.add_counter("readings_stored", stored)
+    store.add_counter("readings_late_accepted", accepted_late)
+    store.add_counter("dropped_late", dropped_late)
+    store.add_counter("dropped_too_old", too_old)
+    store.add_counter("dropped_future", future)
+    return StoreResult(
+        stored=stored, late=dropped_late + too_old, future=future, revised=accepted_late
+    )
+
+
+def _store_many(
+    store: Store,
+    registry: SensorRegistry,
+    chunk: ReadingChunk,
+    future_limit_ns: int | None,
+    late: LatePolicy | None,
+    after_store: Callable[[npt.NDArray[np.int64], npt.NDArray[np.float64]], None] | None,
+) -> StoreResult:
     closed = store.get_state(CLOSED_UNTIL)
     is_late = chunk.ts < closed
     keep = ~is_late

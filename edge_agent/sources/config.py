@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -75,7 +76,7 @@ class SourceConfig:
         if not 1 <= self.max_bytes <= 64 << 20:
             raise Invalid("max_bytes", "must be 1 to 67108864 (64 MiB)")
 
-    @property
+    @functools.cached_property
     def template(self) -> TopicTemplate:
         return TopicTemplate.parse(self.topic)
 

@@ -1,9 +1,11 @@
 """A simulated Modbus TCP energy meter (pymodbus's own server) for tests and the demo.
 
 Serves the input registers of docs/examples/modbus-sdm120.toml with the values
-in ``METER`` (float32, high word first) as unit 1, on a loopback port::
+in ``METER`` (float32, high word first) as unit 1, over Modbus TCP on a loopback
+port, or over Modbus RTU on a serial line (a pty of ``socat``'s in the tests)::
 
     python -m devstack.modbus_meter --port 5020 --ready-file /tmp/meter.ready
+    python -m devstack.modbus_meter --serial /tmp/ttyMeter --ready-file /tmp/meter.ready
 """
 
 from __future__ import annotations
@@ -36,19 +38,23 @@ def registers() -> list[int]:
     return words
 
 
-async def serve(port: int, ready: Path | None) -> None:
+async def serve(port: int | None, serial: str | None, ready: Path | None) -> None:
     from pymodbus.datastore import (
         ModbusDeviceContext,
         ModbusSequentialDataBlock,
         ModbusServerContext,
     )
-    from pymodbus.server import ModbusTcpServer
+    from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
     # pymodbus's device context maps request address a to block address a + 1
     block = ModbusSequentialDataBlock(1, registers())  # type: ignore[no-untyped-call]
     device = ModbusDeviceContext(ir=block, hr=block)
     context = ModbusServerContext(devices={1: device}, single=False)
-    server = ModbusTcpServer(context, address=("127.0.0.1", port))
+    server: ModbusTcpServer | ModbusSerialServer
+    if serial is not None:
+        server = ModbusSerialServer(context, port=serial, baudrate=19200)
+    else:
+        server = ModbusTcpServer(context, address=("127.0.0.1", port or 0))
     task = asyncio.create_task(server.serve_forever())
     while not server.is_active():
         await asyncio.sleep(0.01)
@@ -59,10 +65,12 @@ async def serve(port: int, ready: Path | None) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--port", type=int, required=True)
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", type=int, help="Modbus TCP on this loopback port")
+    where.add_argument("--serial", help="Modbus RTU on this serial device, 19200 8N1")
     ap.add_argument("--ready-file", type=Path)
     args = ap.parse_args()
-    asyncio.run(serve(args.port, args.ready_file))
+    asyncio.run(serve(args.port, args.serial, args.ready_file))
 
 
 if __name__ == "__main__":

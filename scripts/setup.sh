@@ -35,11 +35,13 @@ fi
 packages=(mosquitto influxdb victoria-metrics)
 # The tests also run the operators' tools: promtool and Prometheus, systemd-analyze,
 # Chromium (headless, for the fleet report),
-# Ansible's apt module (python3-apt, for the system's Python), and what the
-# playbook test installs (so that it finds it installed).
+# Ansible's apt module (python3-apt, for the system's Python), what the
+# playbook test installs (so that it finds it installed), the clients that
+# docs/devices.md's recipes use (mosquitto_pub, curl), and socat (a serial line
+# for the Modbus RTU test).
 if [ "$EXTRAS" = dev ]; then
-  packages+=(prometheus systemd python3-apt python3-venv mosquitto-clients influxdb-client curl
-    chromium)
+  packages+=(prometheus systemd python3-apt python3-venv mosquitto-clients influxdb-client
+    curl socat chromium)
 fi
 # Debian's python3 needs python3-venv for `python3 -m venv` (ensurepip).
 "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)

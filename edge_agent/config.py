@@ -133,11 +133,15 @@ class WindowConfig:
         return round(self.lateness_s * 1e9)
 
 
+#: the name of the agent's own chunk source in counters and `edge-agent status`
+NATIVE_SOURCE = "sensors"
+
+
 @dataclass(frozen=True)
 class IntakeConfig:
     broker: BrokerConfig = field(default_factory=BrokerConfig)
-    #: with no [[intake.sources]]: one source of the chunk format on
-    #: <topic_prefix>/{node}/{sensor}
+    #: the agent's own chunk format is always read on <topic_prefix>/{node}/{sensor}
+    #: (the source "sensors"); "" = not at all
     topic_prefix: str = DEFAULT_SENSOR_PREFIX
     sources: tuple[SourceConfig, ...] = ()
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -146,20 +150,34 @@ class IntakeConfig:
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.sources] + [m.name for m in self.modbus]
+        if self.topic_prefix:
+            names.append(NATIVE_SOURCE)
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup is not None:
             raise Invalid(
-                "sources", f"two sources (or Modbus devices) are named {dup!r}: names are unique"
+                "sources",
+                f"two sources (or Modbus devices) are named {dup!r}: names are unique"
+                + (" (sensors is the agent's own chunk source)" if dup == NATIVE_SOURCE else ""),
             )
         if "http" in names or any(n.startswith("http-") for n in names):
             raise Invalid("sources", "the names http and http-* are the HTTP intake's")
+        if not (self.topic_prefix or self.sources or self.http.enabled or self.modbus):
+            raise Invalid(
+                "topic_prefix",
+                "the agent has no input: set topic_prefix, [[intake.sources]], "
+                "[intake.http] enabled or [[intake.modbus]]",
+            )
 
     @property
     def mqtt_sources(self) -> tuple[SourceConfig, ...]:
-        """The configured sources, or the one default chunk source."""
-        if self.sources:
-            return self.sources
-        return (SourceConfig(name="sensors", topic=f"{self.topic_prefix}/{{node}}/{{sensor}}"),)
+        """The agent's own chunk source (unless ``topic_prefix`` is ""), then the
+        configured ones, in the order a message's topic is matched."""
+        native = (
+            (SourceConfig(name=NATIVE_SOURCE, topic=f"{self.topic_prefix}/{{node}}/{{sensor}}"),)
+            if self.topic_prefix
+            else ()
+        )
+        return native + self.sources
 
 
 @dataclass(frozen=True)

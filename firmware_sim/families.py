@@ -87,14 +87,15 @@ def post(cfg: SimConfig, body: bytes, timeout_s: float = 30.0) -> None:
 
 
 def agent_sources(cfg: SimConfig, http_port: int | None = None) -> str:
-    """The agent's TOML for the families ``cfg`` uses (sources, and [intake.http])."""
+    """The agent's TOML for the families ``cfg`` uses besides the native one (sources,
+    and [intake.http]), to append to its config."""
     families = {n.family for n in cfg.nodes}
-    out = [
-        "[[intake.sources]]",
-        'name = "sensors"',
-        f'topic = "{cfg.topic_prefix}/{{node}}/{{sensor}}"',
-        "",
-    ]
+    # the native nodes' chunks: the agent's own source, on intake.topic_prefix
+    out = (
+        []
+        if cfg.topic_prefix == "sensors"
+        else [f'[intake]\ntopic_prefix = "{cfg.topic_prefix}"\n']
+    )
     if "esphome" in families:
         out += [
             "[[intake.sources]]",

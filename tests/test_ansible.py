@@ -142,6 +142,12 @@ class Deployment:
             "edge_agent_tls_key_src": str(issued / f"{DEVICE}.key"),
             "edge_agent_ack_key": device_key(self.master, DEVICE).hex(),
             "edge_agent_health_interval_s": 5,
+            # docs/devices.md's ESPHome recipe, and a static tag, through the role
+            "edge_agent_tags": ["site=lab"],
+            "edge_agent_config_extra": (
+                '[[intake.sources]]\nname = "esphome"\n'
+                'topic = "esphome/{node}/+/{sensor}/state"\nformat = "value"\n'
+            ),
         }
         return {
             "all": {
@@ -315,6 +321,15 @@ def test_the_playbook_deploys_twice_and_what_it_deployed_runs(
         check=True,
         timeout=30,
     )  # fmt: skip
+    subprocess.run(
+        [
+            shutil.which("mosquitto_pub") or "mosquitto_pub",
+            "-h", "127.0.0.1", "-p", str(p["edge_mqtt"]), "-q", "1",
+            "-t", "esphome/esp-1/sensor/temperature/state", "-m", "21.5",
+        ],
+        check=True,
+        timeout=30,
+    )  # fmt: skip
     edge_agent = str(dep.path("/opt/iot-telemetry/edge/bin/edge-agent"))
 
     def readings_in_influx() -> int:
@@ -326,7 +341,11 @@ def test_the_playbook_deploys_twice_and_what_it_deployed_runs(
         )
         return influxq.total_count(influxq.v1_windows(influx.url, "telemetry"))
 
-    wait_until(lambda: readings_in_influx() == 30, 120, "the readings in InfluxDB")
+    wait_until(lambda: readings_in_influx() == 31, 120, "the readings in InfluxDB")
+    tagged = influxq.rows(
+        influx.url, 'SELECT sum("count") FROM "window" WHERE site = \'lab\'', "telemetry"
+    )
+    assert tagged and tagged[0]["sum"] == 31  # every window has the device's tag
     health = influxq.rows(
         influx.url, f"SELECT state FROM agent_health WHERE device_id = '{DEVICE}'", "telemetry"
     )

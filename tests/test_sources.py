@@ -342,7 +342,15 @@ def test_sources_config_errors_name_the_key(tmp_path: Any) -> None:
         [{"name": "a", "topic": "x/{node}/{sensor}"}, {"name": "a", "topic": "y/{node}/{sensor}"}],
         "intake.sources",
     )
+    bad([{"name": "sensors", "topic": "x/{node}/{sensor}"}], "intake.sources")
+    with pytest.raises(ConfigError) as exc:
+        from_dict(AgentConfig, {"intake": {"topic_prefix": ""}}, "agent.toml")
+    assert exc.value.key == "intake.topic_prefix" and "no input" in str(exc.value)
     assert IntakeConfig().mqtt_sources[0].topic == "sensors/{node}/{sensor}"
+    both = from_dict(
+        AgentConfig, {"intake": {"sources": [{"name": "e", "topic": "e/{node}", "format": "json"}]}}
+    )
+    assert [s.name for s in both.intake.mqtt_sources] == ["sensors", "e"]
 
 
 def test_router_first_match_and_unmatched() -> None:

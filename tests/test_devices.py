@@ -240,6 +240,7 @@ def test_every_recipe_reaches_influxdb_exactly(
             assert c[f"source_{name}_rejected"] == 0, name
         assert c["readings_stored"] == sum(expected.values()) + polls * 10
         assert not {k: v for k, v in c.items() if k.startswith("dropped_") and v}
+        assert c["readings_filtered"] == 1  # Home Assistant's "unavailable", ignored
         for sensor in modbus.modbus:
             expected[(modbus.modbus_node, sensor)] = polls
 

@@ -84,6 +84,8 @@ def test_value_esphome() -> None:
     for text, want in ((b"ON", 1.0), (b"off", 0.0), (b"true", 1.0), (b" 7 ", 7.0)):
         assert readings(decode(s, "esphome/e/sensor/x/state", text))[("e", "x")][0][1] == want
     assert math.isnan(readings(decode(s, "esphome/e/sensor/x/state", b"nan"))[("e", "x")][0][1])
+    ha = src(topic="ha/{sensor}", format="value", node="ha", ignore=("Unavailable",))
+    assert decode(ha, "ha/t", b"unavailable").filtered == 1
     for bad in (b"inf", b"", b"1_000", b"warm", b"\xff", b"1" * 100):
         with pytest.raises(WireError) as exc:
             decode(s, "esphome/e/sensor/x/state", bad)

@@ -35,6 +35,9 @@ class SourceConfig:
     sensor: str = ""
     #: the unit of every reading of this source (a transform can set one per sensor)
     unit: str = ""
+    #: value format: payloads that are not readings and not errors either (Home
+    #: Assistant's "unavailable"), matched without case; counted, not quarantined
+    ignore: tuple[str, ...] = ()
     #: json: globs on field paths (dots between levels: BME280.Temperature) to take
     #: (empty = all numeric fields) and to leave
     include: tuple[str, ...] = ()
@@ -97,9 +100,9 @@ class HttpConfig:
     time_field: str = ""
     time_format: TimeFormat = "rfc3339"
     timezone: str = ""
-    max_body_bytes: int = 32 << 20
+    max_body_bytes: int = 8 << 20
     #: requests served at once; more wait for the operating system's backlog
-    max_connections: int = 16
+    max_connections: int = 8
     #: a request that sends nothing for this long is closed
     timeout_s: float = 30.0
     #: a token the clients must send (`Authorization: Token …` or `Bearer …`, or
@@ -111,8 +114,8 @@ class HttpConfig:
         port("port", self.port)
         if not is_valid_id(self.node):
             raise Invalid("node", "must be 1-64 characters of A-Z a-z 0-9 _ . -")
-        if not 1024 <= self.max_body_bytes <= 1 << 30:
-            raise Invalid("max_body_bytes", "must be 1024 to 1073741824")
+        if not 1024 <= self.max_body_bytes <= 64 << 20:
+            raise Invalid("max_body_bytes", "must be 1024 to 67108864 (64 MiB)")
         positive("max_connections", self.max_connections)
         if not math.isfinite(self.timeout_s):
             raise Invalid("timeout_s", "must be a finite number")
@@ -145,7 +148,7 @@ class HttpConfig:
             time_field=self.time_field,
             time_format=self.time_format,
             timezone=self.timezone,
-            max_bytes=min(self.max_body_bytes, 64 << 20),
+            max_bytes=self.max_body_bytes,
         )
 
 

@@ -20,8 +20,9 @@ answered 400. When the buffer cannot take the body the answer is 503 with
 ``Retry-After``, and nothing of it is kept: the client sends it again.
 
 Bounded: at most ``max_connections`` requests are served at once (more get 503),
-a body over ``max_body_bytes`` (also after gzip) gets 413, and a client that
-sends nothing for ``timeout_s`` is disconnected.
+a body over ``max_body_bytes`` (also after gzip) gets 413, two bodies at most are
+decoded and committed at once, and a client that sends nothing for ``timeout_s``
+is disconnected.
 """
 
 from __future__ import annotations
@@ -122,6 +123,9 @@ class HttpIntake:
         self.csv_src = cfg.source("csv", "http-csv")
         self.transforms: Transforms = transforms
         self.counts = PendingCounts()
+        #: bodies decoded and committed at once: the decoded lines take several times
+        #: a body's bytes, and the commits queue for the buffer anyway
+        self.decoding = threading.BoundedSemaphore(2)
         try:
             self.server = _Server((cfg.host, cfg.port), _Handler, self)
         except OSError as exc:
@@ -291,11 +295,12 @@ class _Handler(BaseHTTPRequestHandler):
                 exc.status, "invalid" if exc.status != 413 else "request too large", str(exc)
             )
             return
-        now = time.time_ns()
-        source, item = app.decode(url.path, query, body, now)
-        arrival = Arrival(f"http {url.path}?{url.query}"[:1024], body, source, item)
         try:
-            outcome = app.intake.commit_now(arrival)
+            with app.decoding:
+                now = time.time_ns()
+                source, item = app.decode(url.path, query, body, now)
+                arrival = Arrival(f"http {url.path}?{url.query}"[:1024], body, source, item)
+                outcome = app.intake.commit_now(arrival)
         except (sqlite3.Error, StorageError) as exc:
             app.count("http_store_unavailable")
             log.error("http: the buffer cannot take a body now (%s); answered 503", exc)

@@ -28,11 +28,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from devstack.services import free_port
+from devstack.stubs import StubPahoClient
 from edge_agent.config import AgentConfig
 from edge_agent.pipeline import kernels, window
 from edge_agent.pipeline.intake import Intake
@@ -54,18 +54,6 @@ for b in bodies:
     assert r.status == 204, r.status
 print(time.perf_counter() - t)
 """
-
-
-class StubClient:
-    """The paho client's part that Intake uses, doing nothing (no network here)."""
-
-    on_connect: Any = None
-    on_disconnect: Any = None
-    on_message: Any = None
-    on_subscribe: Any = None
-
-    def ack(self, mid: int, qos: int) -> None:
-        pass
 
 
 @dataclasses.dataclass
@@ -95,7 +83,7 @@ def agent_config(folder: Path, group: int) -> AgentConfig:
 def drive(cfg: AgentConfig, msgs: list[Msg]) -> float:
     """Feed the messages to a real Intake; readings stored per second, until all are
     committed and windows closed."""
-    intake = Intake(cfg, client=StubClient())  # type: ignore[arg-type]
+    intake = Intake(cfg, client=StubPahoClient())  # type: ignore[arg-type]
     close_every = 2000
     t = time.perf_counter()
     for i, m in enumerate(msgs):
@@ -153,7 +141,7 @@ def bodies(n_bodies: int, lines: int) -> bytes:
 
 
 def http_run(cfg: AgentConfig, data: bytes, n_bodies: int) -> float:
-    intake = Intake(cfg, client=StubClient())  # type: ignore[arg-type]
+    intake = Intake(cfg, client=StubPahoClient())  # type: ignore[arg-type]
     http = HttpIntake(dataclasses.replace(HttpConfig(), enabled=True, port=free_port()), intake)
     http.start()
     try:

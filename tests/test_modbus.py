@@ -9,12 +9,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from devstack.modbus_meter import METER
 from devstack.services import wait_until
+from devstack.stubs import StubPahoClient
 from edge_agent.config import AgentConfig
 from edge_agent.pipeline import buffer
 from edge_agent.pipeline.intake import Intake
@@ -29,18 +29,6 @@ pytestmark = [
 
 ROOT = Path(__file__).resolve().parent.parent
 SDM120 = {0: "voltage", 6: "current", 12: "active_power", 70: "frequency", 342: "total_energy"}
-
-
-class StubClient:
-    """The part of paho's client that Intake uses; no broker in this test."""
-
-    on_connect: Any = None
-    on_disconnect: Any = None
-    on_message: Any = None
-    on_subscribe: Any = None
-
-    def ack(self, mid: int, qos: int) -> None:
-        pass
 
 
 @pytest.fixture
@@ -75,7 +63,7 @@ def test_rtu_polls_count_exactly_and_a_silent_meter_is_an_error(
 ) -> None:
     meter_tty, agent_tty = serial_pair
     cfg = from_dict(AgentConfig, {"storage": {"path": str(tmp_path / "b.sqlite")}})
-    intake = Intake(cfg, client=StubClient())  # type: ignore[arg-type]
+    intake = Intake(cfg, client=StubPahoClient())  # type: ignore[arg-type]
     poller = ModbusPoller(
         ModbusConfig(
             name="meter", node="meter-rtu", serial_port=str(agent_tty), baudrate=19200,

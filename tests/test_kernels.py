@@ -182,3 +182,60 @@ def test_property_hopping_windows_match_brute_force(
         if inside:
             want[s] = inside
     assert got == want
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    shape=st.sampled_from(
+        ["normal", "few-values", "outlier", "tiny-range", "huge-range", "subnormal", "with-nan"]
+    ),
+    sizes=st.lists(st.integers(1, 3000), min_size=1, max_size=6),
+)
+def test_property_large_windows_select_the_exact_ranks(
+    seed: int, shape: str, sizes: list[int]
+) -> None:
+    """Windows over SMALL_WINDOW readings take the bucket selection path: the order
+    statistics must be exact whatever the distribution (duplicates, one far outlier,
+    a range of a few ulps, a range that overflows, subnormals, NaN among them)."""
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    if shape == "normal":
+        v = rng.normal(20.0, 3.0, n)
+    elif shape == "few-values":
+        v = rng.choice([-1.5, 0.0, 2.25, 7.0], n)
+    elif shape == "outlier":
+        v = rng.normal(0.0, 1.0, n)
+        v[rng.integers(0, n)] = 1e300
+    elif shape == "tiny-range":
+        v = 1.0 + rng.integers(0, 5, n) * np.finfo(float).eps
+    elif shape == "huge-range":
+        v = rng.choice([-1.7e308, 1.7e308, 0.0, 1.0], n)
+    elif shape == "subnormal":
+        v = rng.integers(-50, 50, n) * 5e-324
+    else:
+        v = rng.normal(0.0, 1.0, n)
+        v[rng.random(n) < 0.2] = np.nan
+    seg_starts = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
+    for impl in (p.values[0] for p in IMPLS):
+        before = v.copy()
+        with np.errstate(over="ignore", invalid="ignore"):  # stddev of 1e300 overflows
+            got = impl(v, seg_starts)
+        np.testing.assert_array_equal(v, before)  # the input is read, never sorted in place
+        ends = np.append(seg_starts[1:], n)
+        for i, (a, b) in enumerate(zip(seg_starts, ends, strict=True)):
+            fin = v[a:b][np.isfinite(v[a:b])]
+            if not len(fin):
+                assert np.isnan(got.p50[i])
+                continue
+            srt = np.sort(fin)
+            for q, name in ((0.5, "p50"), (0.9, "p90"), (0.99, "p99")):
+                idx = q * (len(fin) - 1)
+                lo = int(np.floor(idx))
+                hi = min(lo + 1, len(fin) - 1)
+                with np.errstate(over="ignore", invalid="ignore"):  # a range over 1.7e308
+                    want = np.quantile(fin, q)
+                g = getattr(got, name)[i]
+                assert srt[lo] <= g <= srt[hi] or g == want, (shape, name, g, srt[lo], srt[hi])
+                with np.errstate(over="ignore", invalid="ignore"):
+                    assert g == want or abs(g - want) <= 1e-12 * abs(want), (shape, name, g, want)

@@ -15,7 +15,8 @@ Statistics per segment, over *finite* values only:
   sort by event time first)
 * ``sum``
 * ``p50``, ``p90``, ``p99``  exact quantiles of the finite values, by linear
-  interpolation between closest ranks (numpy's default ``method="linear"``)
+  interpolation between closest ranks (numpy's default ``method="linear"``); the
+  numba kernel finds the ranks by bucket selection, not a sort (``_stats_loop``)
 
 A segment with no finite value has count 0 and NaN for every float statistic.
 
@@ -124,9 +125,22 @@ def window_stats_numpy(values: F64, seg_starts: I64) -> WindowStats:
     return WindowStats(count, invalid, vmin, vmax, mean, std, first, last, total, *quantiles)
 
 
+#: Windows with at most this many finite readings sort them for the quantiles; larger
+#: ones select (below).
+SMALL_WINDOW = 64
+
+
 def _stats_loop(values: Any, seg_starts: Any) -> Any:
-    """Single pass over each segment for count/sum/min/max/first/last, then a
-    second pass for the squared deviations. Plain Python; numba compiles it."""
+    """Per window: one pass for count/sum/min/max (the finite values are copied into
+    a buffer reused across windows only when the window has NaN or infinities), one
+    pass over the finite values for the
+    squared deviations from the mean (the stable two-pass variance) and a histogram
+    of the values in ``nb`` equal-width buckets between min and max, and one pass
+    that copies out only the values of the buckets holding the six ranks the
+    quantiles need. Those few are sorted and read. Bucketing is monotone (IEEE
+    rounding is), so a rank's value is exact, as numpy's full sort gives it; a
+    window whose values crowd into one bucket costs one sort of them, as before.
+    Plain Python; numba compiles it."""
     nseg = seg_starts.shape[0]
     n = values.shape[0]
     count = np.zeros(nseg, dtype=np.int64)
@@ -138,9 +152,23 @@ def _stats_loop(values: Any, seg_starts: Any) -> Any:
     first = np.full(nseg, np.nan)
     last = np.full(nseg, np.nan)
     total = np.full(nseg, np.nan)
-    p50 = np.full(nseg, np.nan)
-    p90 = np.full(nseg, np.nan)
-    p99 = np.full(nseg, np.nan)
+    quant = np.full((3, nseg), np.nan)
+    longest = 0
+    for k in range(nseg):
+        b = seg_starts[k + 1] if k + 1 < nseg else n
+        longest = max(longest, b - seg_starts[k])
+    buf = np.empty(longest)  # the window's finite values
+    cand = np.empty(longest)  # the values of the buckets that hold a needed rank
+    hist = np.zeros(4096, dtype=np.int64)
+    slot_of = np.full(4096, -1, dtype=np.int64)  # bucket -> its region in cand
+    ranks = np.empty(6, dtype=np.int64)
+    rank_val = np.empty(6)
+    rank_bucket = np.empty(6, dtype=np.int64)
+    rank_off = np.empty(6, dtype=np.int64)
+    region_start = np.empty(6, dtype=np.int64)
+    region_fill = np.empty(6, dtype=np.int64)
+    region_bucket = np.empty(6, dtype=np.int64)
+    qs = np.array([0.5, 0.9, 0.99])
     for k in range(nseg):
         a = seg_starts[k]
         b = seg_starts[k + 1] if k + 1 < nseg else n
@@ -148,58 +176,102 @@ def _stats_loop(values: Any, seg_starts: Any) -> Any:
         s = 0.0
         lo = np.inf
         hi = -np.inf
-        f = np.nan
-        la = np.nan
         for i in range(a, b):
             x = values[i]
             if np.isfinite(x):
-                if c == 0:
-                    f = x
-                la = x
                 c += 1
                 s += x
                 lo = min(lo, x)
                 hi = max(hi, x)
         count[k] = c
         invalid[k] = (b - a) - c
-        if c > 0:
-            m = s / c
-            ss = 0.0
-            for i in range(a, b):
-                x = values[i]
-                if np.isfinite(x):
-                    d = x - m
-                    ss += d * d
-            vmin[k] = lo
-            vmax[k] = hi
-            mean[k] = m
-            std[k] = np.sqrt(ss / c)
-            first[k] = f
-            last[k] = la
-            total[k] = s
-            fin = np.empty(c)
+        if c == 0:
+            continue
+        if c == b - a:  # all finite (the usual case): read the values where they are
+            fin = values[a:b]
+        else:
             j = 0
             for i in range(a, b):
                 if np.isfinite(values[i]):
-                    fin[j] = values[i]
+                    buf[j] = values[i]
                     j += 1
-            fin.sort()
-            for qi in range(3):
-                q = 0.5 if qi == 0 else (0.9 if qi == 1 else 0.99)
-                idx = q * (c - 1)
-                lo = int(np.floor(idx))
-                hi = min(lo + 1, c - 1)
-                t = idx - lo
-                x0 = fin[lo]
-                x1 = fin[hi]
-                v = x0 + (x1 - x0) * t if t < 0.5 else x1 - (x1 - x0) * (1 - t)
-                if qi == 0:
-                    p50[k] = v
-                elif qi == 1:
-                    p90[k] = v
-                else:
-                    p99[k] = v
-    return count, invalid, vmin, vmax, mean, std, first, last, total, p50, p90, p99
+            fin = buf[:c]
+        m = s / c
+        vmin[k] = lo
+        vmax[k] = hi
+        mean[k] = m
+        first[k] = fin[0]
+        last[k] = fin[c - 1]
+        total[k] = s
+        for qi in range(3):  # the ranks: floor and ceiling of q * (c - 1)
+            r = int(np.floor(qs[qi] * (c - 1)))
+            ranks[2 * qi] = r
+            ranks[2 * qi + 1] = min(r + 1, c - 1)
+        nb = min(4096, c // 4)
+        scale = nb / (hi - lo) if hi > lo else 0.0
+        ss = 0.0
+        if c <= SMALL_WINDOW or not (np.isfinite(scale) and scale > 0.0):
+            for j in range(c):
+                d = fin[j] - m
+                ss += d * d
+            part = cand[:c]  # a copy: the input is not ours to sort
+            part[:] = fin
+            part.sort()
+            for t in range(6):
+                rank_val[t] = part[ranks[t]]
+        else:
+            hist[:nb] = 0
+            for j in range(c):
+                x = fin[j]
+                d = x - m
+                ss += d * d
+                f = (x - lo) * scale
+                hist[nb - 1 if f >= nb else int(f)] += 1
+            # the bucket of each rank (ranks ascend), and its place in the bucket
+            t = 0
+            below = 0
+            for bk in range(nb):
+                upto = below + hist[bk]
+                while t < 6 and ranks[t] < upto:
+                    rank_bucket[t] = bk
+                    rank_off[t] = ranks[t] - below
+                    t += 1
+                if t == 6:
+                    break
+                below = upto
+            regions = 0
+            used = 0
+            for t in range(6):
+                bk = rank_bucket[t]
+                if slot_of[bk] < 0:
+                    slot_of[bk] = regions
+                    region_bucket[regions] = bk
+                    region_start[regions] = used
+                    region_fill[regions] = 0
+                    used += hist[bk]
+                    regions += 1
+            for j in range(c):
+                x = fin[j]
+                f = (x - lo) * scale
+                sl = slot_of[nb - 1 if f >= nb else int(f)]
+                if sl >= 0:
+                    cand[region_start[sl] + region_fill[sl]] = x
+                    region_fill[sl] += 1
+            for g in range(regions):
+                cand[region_start[g] : region_start[g] + region_fill[g]].sort()
+            for t in range(6):
+                g = slot_of[rank_bucket[t]]
+                rank_val[t] = cand[region_start[g] + rank_off[t]]
+            for g in range(regions):
+                slot_of[region_bucket[g]] = -1
+        std[k] = np.sqrt(ss / c)
+        for qi in range(3):
+            idx = qs[qi] * (c - 1)
+            t = idx - np.floor(idx)
+            x0 = rank_val[2 * qi]
+            x1 = rank_val[2 * qi + 1]
+            quant[qi, k] = x0 + (x1 - x0) * t if t < 0.5 else x1 - (x1 - x0) * (1 - t)
+    return (count, invalid, vmin, vmax, mean, std, first, last, total, quant[0], quant[1], quant[2])
 
 
 def _load_numba() -> Any:

@@ -93,3 +93,32 @@ def test_every_window_carries_a_sketch_that_merges_into_longer_periods(tmp_path:
     for sk in sketches[1:]:
         hour = hour.merge(sk)
     assert_within_alpha(hour, values)  # the minute's p99 from six 10 s sketches
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    shape=st.sampled_from(["normal", "zeros-and-signs", "with-nan", "collapsing"]),
+    sizes=st.lists(st.integers(1, 2000), min_size=1, max_size=6),
+)
+def test_encode_windows_gives_each_windows_own_bytes(
+    seed: int, shape: str, sizes: list[int]
+) -> None:
+    """The agent's batched sketch encoder equals DDSketch.from_values(window).encode(),
+    byte for byte, window by window (a window whose bins collapse included)."""
+    from shared.sketch import encode_windows
+
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    if shape == "normal":
+        v = rng.normal(20.0, 3.0, n)
+    elif shape == "zeros-and-signs":
+        v = rng.choice([0.0, 1e-12, -3.0, 5.0, -0.0], n)
+    elif shape == "with-nan":
+        v = np.where(rng.random(n) < 0.2, np.nan, rng.normal(0.0, 1e6, n))
+    else:
+        v = rng.choice([1e-300, 1e300, -1e300, 2.0], n)
+    seg = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
+    ends = np.append(seg[1:], n)
+    want = [DDSketch.from_values(v[a:b]).encode() for a, b in zip(seg, ends, strict=True)]
+    assert encode_windows(v, seg) == want

@@ -22,7 +22,7 @@ from edge_agent.config import AgentConfig, sensor_tags
 from edge_agent.pipeline import buffer, outbox
 from edge_agent.pipeline.kernels import WindowStats, hopping_windows, window_stats
 from edge_agent.store import Store
-from shared.sketch import DDSketch
+from shared.sketch import encode_windows
 from shared.tags import Tags
 from shared.wire import SensorRef, WindowSpec, make_batch
 
@@ -78,11 +78,7 @@ def _summarise(
         if len(starts) == 0:
             continue
         if sketches_on:
-            ends = np.append(segs[1:], len(vals))
-            sketches += [
-                DDSketch.from_values(vals[a:b]).encode()
-                for a, b in zip(segs.tolist(), ends.tolist(), strict=True)
-            ]
+            sketches += encode_windows(vals, segs)
         sids.append(np.full(len(starts), sid, dtype=np.int64))
         cols.setdefault("start_ns", []).append(starts)
         for name, arr in stats.columns().items():

@@ -169,7 +169,7 @@ def main() -> None:
 
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cpus, python "
-        f"{platform.python_version()}, kernel backend {kernels.BACKEND}, files in {folder}"
+        f"{platform.python_version()}, kernel backend {kernels.backend()}, files in {folder}"
     )
     print(
         f"{n:,} readings in chunks of {args.chunk} ({len(chunks):,} messages), "

@@ -50,7 +50,7 @@ def main() -> None:
         "numpy reduceat baseline (5 stats)": baseline,
         "numpy fallback kernel (12 stats)": kernels.window_stats_numpy,
     }
-    if kernels.BACKEND == "numba":
+    if kernels.numba_available():
         cases["numba kernel (12 stats)"] = kernels.window_stats_numba
         kernels.window_stats_numba(values[:10], seg[:1])  # compile / load from cache
     best = dict.fromkeys(cases, float("inf"))
@@ -62,7 +62,7 @@ def main() -> None:
     print(
         f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
         f"python {platform.python_version()}, numpy {np.__version__}, "
-        f"kernel backend {kernels.BACKEND}"
+        f"kernel backend {kernels.backend()}"
     )
     print(f"{args.readings:,} readings, windows of {args.window}, best of {args.repeat}")
     base = best["numpy reduceat baseline (5 stats)"]
@@ -131,7 +131,7 @@ def quantile_report(values: np.ndarray, seg: np.ndarray, repeat: int) -> None:
         kernels.window_stats(values, seg)
         best["kernel, all 12 stats"] = min(best["kernel, all 12 stats"], time.perf_counter() - t)
     base = best["pandas groupby().quantile(3 q)"]
-    print(f"quantiles ({kernels.BACKEND} kernel vs pandas {pd.__version__}):")
+    print(f"quantiles ({kernels.backend()} kernel vs pandas {pd.__version__}):")
     for name, secs in best.items():
         print(
             f"  {name:<36} {len(values) / secs / 1e6:8.1f} M readings/s"

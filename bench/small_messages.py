@@ -183,7 +183,7 @@ def main() -> None:
         best_http = max(best_http, http_run(agent_config(folder, args.group), data, args.bodies))
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cpus, python "
-        f"{platform.python_version()}, kernel backend {kernels.BACKEND}, files in {folder}, "
+        f"{platform.python_version()}, kernel backend {kernels.backend()}, files in {folder}, "
         f"synchronous=full, group commit of {args.group}, best of {args.repeat}"
     )
     print(f"  MQTT, one reading per message (value):  {best_small:10,.0f} messages/s")

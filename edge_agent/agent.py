@@ -201,7 +201,8 @@ class Agent:
         signal.signal(signal.SIGINT, on_signal)
         previous_hook, threading.excepthook = threading.excepthook, on_thread_death
         log.info("agent: device %s, buffer %s", self.cfg.device_id, self.cfg.storage.path)
-        log.info("agent: %s window kernels ready in %.2f s", kernels.BACKEND, kernels.warm_up())
+        kernels.configure(self.cfg.window.kernel)
+        log.info("agent: %s window kernels ready in %.2f s", kernels.backend(), kernels.warm_up())
         self.intake.start()
         if self.http is not None:
             self.http.start()

@@ -149,6 +149,15 @@ def when(ns: int | None) -> str:
     return "-" if not ns else time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ns / 1e9))
 
 
+def _load(config_path: str | None) -> AgentConfig:
+    """The agent's config (exit 2 with a one-line error), its kernel choice applied."""
+    from edge_agent.pipeline import kernels
+
+    cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
+    kernels.configure(cfg.window.kernel)
+    return cfg
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Edge agent: store sensor readings durably, window them, forward batches.
@@ -180,7 +189,7 @@ def run(config_path: str | None, ready_file: str | None) -> None:
     One agent per buffer: a second `run` on the same storage.path exits 2 and
     names the running one's PID. The read-only commands work beside it.
     """
-    cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
+    cfg = _load(config_path)
     setup_logging(cfg.log_level, cfg.log_format)
     from edge_agent.agent import run_agent  # imports numba: keep other commands fast
     from edge_agent.lock import BufferBusy
@@ -205,7 +214,7 @@ def status(config_path: str | None, as_json: bool) -> None:
     """
     from edge_agent.technician.status import read_status
 
-    cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
+    cfg = _load(config_path)
     try:
         st = read_status(cfg.storage.path)
     except BUFFER_ERRORS as exc:
@@ -295,7 +304,7 @@ def sensors(config_path: str | None, as_json: bool, windows: int) -> None:
     """Every sensor: last value, rate, last seen, and a trend of recent windows."""
     from edge_agent.technician.sensors import read_sensors
 
-    cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
+    cfg = _load(config_path)
     try:
         views = read_sensors(cfg.storage.path, width_ns=cfg.window.width_ns, windows=windows)
     except BUFFER_ERRORS as exc:
@@ -345,7 +354,7 @@ def tail(
 
     from edge_agent.technician.tail import tail as tail_readings
 
-    cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
+    cfg = _load(config_path)
     seen = 0
     try:
         where = f"{cfg.intake.broker.host}:{cfg.intake.broker.port}"
@@ -403,7 +412,7 @@ def flush(config_path: str | None, timeout_s: float) -> None:
     from edge_agent.pipeline import outbox
     from edge_agent.store import Store
 
-    cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
+    cfg = _load(config_path)
     if not Path(cfg.storage.path).exists():  # not a new, empty buffer by mistake
         fail(f"no agent buffer at {cfg.storage.path}: nothing to flush (see storage.path)")
     lock = BufferLock(cfg.storage.path, "cannot flush")
@@ -478,7 +487,7 @@ def export(
     from edge_agent.technician.export import export as do_export
     from shared.timefmt import parse_time
 
-    cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
+    cfg = _load(config_path)
     try:
         a = parse_time(since)
         b = time.time_ns() if until is None else parse_time(until)
@@ -537,7 +546,7 @@ def quarantine_cmd(
     from edge_agent.pipeline import quarantine
     from edge_agent.technician.status import open_readonly
 
-    cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
+    cfg = _load(config_path)
     try:
         store = open_readonly(cfg.storage.path)
     except BUFFER_ERRORS as exc:
@@ -592,7 +601,7 @@ def buffer_check(config_path: str | None, as_json: bool) -> None:
     """Check the buffer: SQLite integrity and the agent's own invariants (exit 1 on problems)."""
     from edge_agent.technician.repair import check
 
-    cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
+    cfg = _load(config_path)
     try:
         rep = check(cfg.storage.path)
     except BUFFER_ERRORS as exc:
@@ -625,7 +634,7 @@ def buffer_repair(config_path: str | None, as_json: bool) -> None:
     """
     from edge_agent.technician.repair import repair
 
-    cfg = load_or_exit(AgentConfig, config_path, DEFAULT_CONFIG)
+    cfg = _load(config_path)
     try:
         with click.progressbar(length=0, label="repairing", file=sys.stderr) as bar:
             rep = repair(cfg.storage.path, progress=bar.update)

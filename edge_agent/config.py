@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from edge_agent.pipeline.alerts import AlertRule
+from edge_agent.pipeline.kernels import KERNELS
 from edge_agent.sources.config import HttpConfig, ModbusConfig, SourceConfig
 from edge_agent.sources.transform import TransformRule
 from shared import backoff
@@ -82,9 +83,12 @@ class WindowConfig:
     hop_s: float = 0.0
     flush_on_shutdown: bool = False
     sketches: bool = True
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
         positive("width_s", self.width_s)
+        if self.kernel not in KERNELS:
+            raise Invalid("kernel", f"must be one of {', '.join(KERNELS)}")
         if self.width_s * 1e9 != int(self.width_s * 1e9):
             raise Invalid("width_s", "must be a whole number of nanoseconds")
         if self.lateness_s < 0:

@@ -6,10 +6,10 @@ functions (np.min, np.mean, np.std ...), so it shares no code with the kernels.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +20,7 @@ from edge_agent.pipeline import kernels
 from edge_agent.pipeline.kernels import segment_windows, window_stats_numba, window_stats_numpy
 
 IMPLS = [pytest.param(window_stats_numpy, id="numpy")]
-if kernels.BACKEND == "numba":
+if kernels.numba_available():
     IMPLS.append(pytest.param(window_stats_numba, id="numba"))
 
 FIELDS = ("min", "max", "mean", "stddev", "first", "last", "sum", "p50", "p90", "p99")
@@ -147,15 +147,74 @@ def test_property_segments_partition_sorted_times(ts: list[int], width: int) -> 
         assert s % width == 0
 
 
-def test_numba_is_used_when_available_and_fallback_otherwise() -> None:
-    code = "from edge_agent.pipeline import kernels; print(kernels.BACKEND)"
-    env = {**os.environ, "TELEMETRY_NO_NUMBA": "1"}
+PROBE = """
+import sys
+import numpy as np
+from edge_agent.pipeline import kernels
+n = kernels.NUMBA_MIN_READINGS
+def step(mode):
+    if mode != "-":
+        kernels.configure(mode)
+    kernels.warm_up()
+    out = kernels.window_stats(np.arange(10.0), np.array([0, 5]))
+    print(kernels.backend(), "numba" in sys.modules, int(out.count.sum()), end=" / ")
+    out = kernels.window_stats(np.arange(float(n)), np.arange(0, n, 1000))
+    print(kernels.backend(), "numba" in sys.modules, int(out.count.sum()), end=" / ")
+for mode in sys.argv[1:]:
+    step(mode)
+"""
+
+
+@pytest.mark.parametrize(
+    ("modes", "no_numba", "expect"),
+    [
+        # auto (the default): numba is not even imported until a call is large enough
+        # to pay for it; from then on it serves every call
+        (
+            ["-", "auto"],
+            False,
+            "numpy (numba on demand) False 10 / numba True 500000 / "
+            "numba True 10 / numba True 500000 /",
+        ),
+        # numpy: never loaded; numba: loaded at once (warm_up)
+        (
+            ["numpy", "numba"],
+            False,
+            "numpy False 10 / numpy False 500000 / numba True 10 / numba True 500000 /",
+        ),
+        # without numba (TELEMETRY_NO_NUMBA, or no wheel), every mode runs numpy
+        (
+            ["-", "numba"],
+            True,
+            "numpy False 10 / numpy False 500000 / numpy False 10 / numpy False 500000 /",
+        ),
+    ],
+)
+def test_kernel_choice_and_when_numba_is_loaded(
+    modes: list[str], no_numba: bool, expect: str
+) -> None:
+    assert kernels.numba_available(), "the dev install has numba: this test needs it"
+    env = {k: v for k, v in os.environ.items() if k != "TELEMETRY_NO_NUMBA"}
+    if no_numba:
+        env["TELEMETRY_NO_NUMBA"] = "1"
     out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", PROBE, *modes], env=env, capture_output=True, text=True, check=True
     )
-    assert out.stdout.strip() == "numpy"
-    has_numba = importlib.util.find_spec("numba") is not None
-    assert ("numba" if has_numba else "numpy") == kernels.BACKEND
+    assert out.stdout.strip() == expect
+
+
+def test_a_bad_kernel_choice_names_the_key(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('device_id = "d"\n[window]\nkernel = "fast"\n')
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("edge-agent")), "config", "check", str(cfg)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert "window.kernel" in out.stderr and str(cfg) in out.stderr, out.stderr
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        kernels.configure("fast")
 
 
 @settings(max_examples=100, deadline=None)

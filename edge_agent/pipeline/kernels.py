@@ -20,16 +20,26 @@ Statistics per segment, over *finite* values only:
 
 A segment with no finite value has count 0 and NaN for every float statistic.
 
-numba is used when it can be imported (``cache=True``, so a restart loads the
-compiled kernel from ``__pycache__`` instead of recompiling). Where numba has no
-wheel (32-bit ARM) or ``TELEMETRY_NO_NUMBA=1`` is set, the numpy implementation
-runs instead. Both give the same results up to floating-point rounding
-(relative differences of the order of 1e-15; the tests hold them to 1e-12).
+numba is loaded when a call is large enough to pay for it (``kernel = "auto"``,
+the agent's default): a call with fewer than :data:`NUMBA_MIN_READINGS` readings
+runs the numpy implementation, and the first larger one imports numba and loads
+the compiled kernel (``cache=True``: from ``__pycache__`` after the first start,
+about 0.1 s; compiling it takes seconds). numba and LLVM cost about 110 MB of
+RSS once loaded (docs/benchmarks.md, "Agent memory"), while a steady stream of
+readings closes windows of a few thousand readings each, which numpy handles at
+millions of readings per second; the large calls are a backlog after a restart
+and ``edge-agent export``. ``configure("numba")`` loads it at once,
+``configure("numpy")`` never. Where numba has no wheel (32-bit ARM) or
+``TELEMETRY_NO_NUMBA=1`` is set, the numpy implementation always runs. Both give
+the same results up to floating-point rounding (relative differences of the
+order of 1e-15; the tests hold them to 1e-9 of the window's scale).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import threading
 import time
 from dataclasses import dataclass, fields
 from typing import Any
@@ -274,25 +284,61 @@ def _stats_loop(values: Any, seg_starts: Any) -> Any:
     return (count, invalid, vmin, vmax, mean, std, first, last, total, quant[0], quant[1], quant[2])
 
 
-def _load_numba() -> Any:
+#: How the agent picks an implementation: "auto" (numpy below NUMBA_MIN_READINGS,
+#: numba from the first larger call on), "numba" (at once) or "numpy" (always).
+KERNELS = ("auto", "numba", "numpy")
+#: "auto": the smallest call that loads numba. numpy's kernel takes ~0.2 s for
+#: this many readings here, about what loading numba from its cache costs once.
+NUMBA_MIN_READINGS = 500_000
+
+_lock = threading.Lock()
+_mode = "auto"
+_numba_kernel: Any = None
+
+
+def numba_available() -> bool:
+    """numba can be imported here (without importing it: that costs ~80 MB)."""
     if os.environ.get("TELEMETRY_NO_NUMBA") == "1":
-        return None
-    try:
-        import numba
-    except ImportError:
-        return None
-    return numba.njit(cache=True, nogil=True)(_stats_loop)
+        return False
+    return importlib.util.find_spec("numba") is not None
 
 
-_numba_kernel = _load_numba()
-#: "numba" or "numpy": which implementation :func:`window_stats` uses.
-BACKEND = "numba" if _numba_kernel is not None else "numpy"
+def _load_numba() -> Any:
+    """The compiled kernel, importing numba on the first call; None without numba."""
+    global _numba_kernel
+    with _lock:
+        if _numba_kernel is None and numba_available():
+            try:
+                import numba
+            except ImportError:  # a broken install: numpy it is
+                return None
+            _numba_kernel = numba.njit(cache=True, nogil=True)(_stats_loop)
+        return _numba_kernel
+
+
+def configure(kernel: str) -> None:
+    """Choose how :func:`window_stats` picks its implementation (:data:`KERNELS`)."""
+    global _mode
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, not {kernel!r}")
+    _mode = kernel
+
+
+def backend() -> str:
+    """What :func:`window_stats` runs now: "numba", "numpy", or, in "auto" mode
+    before the first large call, "numpy (numba on demand)"."""
+    if _numba_kernel is not None and _mode != "numpy":
+        return "numba"
+    if _mode == "auto" and numba_available():
+        return "numpy (numba on demand)"
+    return "numpy"
 
 
 def window_stats_numba(values: F64, seg_starts: I64) -> WindowStats:
-    if _numba_kernel is None:
+    kernel = _load_numba()
+    if kernel is None:
         raise RuntimeError("numba is not available")
-    out = _numba_kernel(
+    out = kernel(
         np.ascontiguousarray(values, dtype=np.float64),
         np.ascontiguousarray(seg_starts, dtype=np.int64),
     )
@@ -300,18 +346,21 @@ def window_stats_numba(values: F64, seg_starts: I64) -> WindowStats:
 
 
 def warm_up() -> float:
-    """Compile (first start) or load from the cache (later starts) the numba kernel now,
-    so that the first window close, or a technician's ``flush``, does not wait for it.
-    Returns the seconds it took; a no-op on the numpy fallback."""
+    """In "numba" mode, compile (first start) or load from the cache (later starts)
+    the numba kernel now, so that the first window close, or a technician's
+    ``flush``, does not wait for it. Returns the seconds it took; a no-op otherwise."""
     started = time.monotonic()
-    if _numba_kernel is not None:
+    if _mode == "numba" and _load_numba() is not None:
         window_stats_numba(np.array([1.0, 2.0]), np.array([0], dtype=np.int64))
     return time.monotonic() - started
 
 
 def window_stats(values: F64, seg_starts: I64) -> WindowStats:
-    """Statistics per segment, with the fastest available implementation."""
-    if _numba_kernel is not None:
+    """Statistics per segment, with the implementation :func:`configure` chose."""
+    if _mode == "numpy":
+        return window_stats_numpy(values, seg_starts)
+    wanted = _numba_kernel is not None or _mode == "numba" or len(values) >= NUMBA_MIN_READINGS
+    if wanted and _load_numba() is not None:
         return window_stats_numba(values, seg_starts)
     return window_stats_numpy(values, seg_starts)
 

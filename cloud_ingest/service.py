@@ -60,6 +60,7 @@ async def serve(
     points = make_point_sink(cfg.influx)
     archive = open_archive(cfg.archive)
     proc = Processor(cfg, points, archive, stop)
+    log.info("decoders and encoders ready in %.2f s", await asyncio.to_thread(proc.warm_up))
     health = Health()
     health.in_hand_limit = cfg.mqtt.receive_maximum
     died = died if died is not None else []

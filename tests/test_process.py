@@ -237,3 +237,14 @@ def test_replay_shares_the_write_path_and_leaves_the_lake_alone() -> None:
     replayed = sorted(ln for r in ok for ln in r)
     assert replayed == sorted(ln for ln in written if "device_id=b," not in ln)
     assert store.objects == before
+
+
+def test_warm_up_runs_the_decode_and_encode_path_and_writes_nothing() -> None:
+    points, store = FakePoints(), FakeStore()
+    proc = processor(points, store)
+    try:
+        assert proc.warm_up() > 0
+        assert points.requests == [] and store.objects == {}
+        assert proc.stats.counters == {}
+    finally:
+        proc.close()

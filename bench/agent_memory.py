@@ -19,6 +19,7 @@ minutes), and readings produced against readings stored (must be equal).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -82,7 +83,9 @@ def stored(db: Path) -> int:
         s.close()
 
 
-def run_one(work: Path, agent_bin: Path, kernel: str, args: argparse.Namespace) -> dict[str, object]:
+def run_one(
+    work: Path, agent_bin: Path, kernel: str, args: argparse.Namespace
+) -> dict[str, object]:
     broker = services.mosquitto(work / f"mq-{kernel}").start()
     floor = None
     agent = None
@@ -102,16 +105,28 @@ def run_one(work: Path, agent_bin: Path, kernel: str, args: argparse.Namespace) 
         )
         ready = pipe.dir / "floor.ready"
         floor = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "mqtt_floor.py"), "--port", str(broker.port)]
-            + ["--ready-file", str(ready)],
+            [
+                sys.executable,
+                str(ROOT / "bench" / "mqtt_floor.py"),
+                "--port",
+                str(broker.port),
+                "--ready-file",
+                str(ready),
+            ],
             cwd=ROOT,
         )
         services.wait_until(ready.exists, 30, "the MQTT floor to subscribe")
         agent_ready = pipe.dir / "agent.ready"
         log = (pipe.dir / "edge-agent.log").open("wb")
         agent = subprocess.Popen(
-            [str(agent_bin), "run", "-c", str(pipe.agent_config(False))]
-            + ["--ready-file", str(agent_ready)],
+            [
+                str(agent_bin),
+                "run",
+                "-c",
+                str(pipe.agent_config(False)),
+                "--ready-file",
+                str(agent_ready),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -125,10 +140,8 @@ def run_one(work: Path, agent_bin: Path, kernel: str, args: argparse.Namespace) 
         sim = pipe.start_sim()
         while sim.poll() is None:
             samples.append((time.monotonic() - started, rss_mb(agent.pid)))
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 sim.wait(timeout=args.every_s)  # the sampling period, not a wait for a result
-            except subprocess.TimeoutExpired:
-                pass
         produced = int(pipe.finish_sim(sim, timeout_s=60)["produced"])
         services.wait_until(
             lambda: stored(pipe.agent_db) >= produced, 120, "the agent to store every reading"
@@ -139,8 +152,7 @@ def run_one(work: Path, agent_bin: Path, kernel: str, args: argparse.Namespace) 
         first_min = [r for t, r in samples if t <= 60] or [samples[0][1]]
         status = json.loads(
             subprocess.run(
-                [str(agent_bin.with_name("edge-agent")), "status", "--json", "-c"]
-                + [str(pipe.dir / "edge-agent.toml")],
+                [str(agent_bin), "status", "--json", "-c", str(pipe.dir / "edge-agent.toml")],
                 capture_output=True,
                 text=True,
                 check=True,

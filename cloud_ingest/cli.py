@@ -242,21 +242,20 @@ def rollup(
     "--since-day", required=True, help="First day (YYYY-MM-DD, UTC, or -2d: two days ago)."
 )
 @click.option("--until-day", help="Last day (inclusive); default yesterday (UTC).")
-@click.option("--device", help="Only this device.")
 def compact(
     config_path: str | None,
     source: str | None,
     since_day: str,
     until_day: str | None,
-    device: str | None,
     s3_endpoint_url: str | None,
 ) -> None:
-    """Compact the lake: one object per day and device, current versions only.
+    """Compact the lake: one aggregates object per day, current versions only.
 
-    The ingestor writes one object per batch; a window revised by late data is
-    then in two. This rewrites each (day, device) partition as one object with
-    the highest revision of every window (exactly what InfluxDB holds) and each
-    alert once, then deletes the objects it read. Safe to run while ingesting and
+    The ingestor writes one object per group of batches; a window revised by late
+    data is then in two, and a batch delivered twice may be too. This rewrites
+    each day as one object with the highest revision of every window (exactly
+    what InfluxDB holds), and each day's alerts of a device as one object with
+    each alert once, then deletes the objects it read. Safe to run while ingesting and
     to run again. Run it for closed days (the default ends yesterday). Prints one
     JSON line: partitions, objects_in, rows_in, rows_out, damaged. A partition with
     an object that cannot be read is left as it is, its key listed in damaged,
@@ -285,7 +284,7 @@ def compact(
         raise click.UsageError(f"--until-day: {exc}") from None
     store = open_archive(_lake_config(cfg, source, s3_endpoint_url))
     try:
-        res = run_compact(store, since_day, until_day, device)
+        res = run_compact(store, since_day, until_day)
     except SinkError as exc:
         click.echo(f"error: {exc} (run it again: compaction resumes)", err=True)
         sys.exit(EXIT_FAILURE)

@@ -5,9 +5,11 @@ Each stage hands the next an immutable value:
 - :class:`Decoded`: one message as read from the wire. Exactly one of ``batch``,
   ``alert``, ``health`` and ``error`` is set. A message that fails to decode still names its
   device and seq when they can be read, so that the device gets a ``rejected`` ack.
-- :class:`Planned`: one message and what it writes: its InfluxDB lines and its lake
-  objects (Arrow rows here; :func:`encode` turns them into Parquet bytes), or the
-  earlier message of the group that it repeats.
+- :class:`Planned`: one message and what it writes: its InfluxDB lines and, for an
+  alert, its lake object, or the earlier message of the group that it repeats.
+- :class:`GroupPlan`: the group's messages planned, and the Arrow rows of all its
+  batches, one :class:`~cloud_ingest.lake.GroupRows` per day, which become one
+  lake object each (:func:`encode_rows` turns them into Parquet bytes).
 
 Nothing here raises: a message that a decoder cannot take is quarantined with a
 reason (``undecodable`` if a decoder ever raised something other than WireError;
@@ -23,8 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
+
 from cloud_ingest.config import IngestConfig
-from cloud_ingest.lake import alert_object, group_tables, to_parquet
+from cloud_ingest.lake import GroupRows, alert_object, group_rows, to_parquet
 from cloud_ingest.lineproto import alert_to_line, batch_to_lines, health_to_line
 from shared import jsonwire
 from shared.alerts import Alert, decode_alert
@@ -40,8 +44,8 @@ from shared.wire import Batch, check_ranges_many, decode_batch, peek_seq
 log = logging.getLogger("cloud_ingest.decode")
 
 Kind = Literal["batch", "alert", "health"]
-#: A lake object: its key and its rows (an Arrow record batch) or Parquet bytes.
-LakeObject = tuple[str, Any]
+#: A lake object: its key and its Parquet bytes.
+LakeObject = tuple[str, bytes]
 
 
 @dataclass(frozen=True)
@@ -160,7 +164,14 @@ def _json_seq(payload: bytes) -> int | None:
     return seq if type(seq) is int and 0 <= seq < 2**63 else None
 
 
-def plan_group(decoded: Sequence[Decoded], cfg: IngestConfig) -> list[Planned]:
+@dataclass(frozen=True)
+class GroupPlan:
+    planned: list[Planned]
+    #: the rows of the batches to write, per day; ``which`` holds indexes of ``planned``
+    rows: list[GroupRows]
+
+
+def plan_group(decoded: Sequence[Decoded], cfg: IngestConfig) -> GroupPlan:
     """What each message writes. A message with the (device, seq) of an earlier one
     of the group (alerts and batches share the device's seqs) repeats it and writes
     nothing. The Arrow rows of all the group's batches are built at once."""
@@ -187,20 +198,11 @@ def plan_group(decoded: Sequence[Decoded], cfg: IngestConfig) -> list[Planned]:
             assert msg.health is not None
             line = health_to_line(msg.device, msg.health, cfg.influx.health_measurement)
             out.append(Planned(msg, (line,)))
-    tables = group_tables([b for _, b in batches])
-    for (i, _), objects in zip(batches, tables, strict=True):
-        out[i] = Planned(out[i].msg, out[i].lines, tuple(objects))
-    return out
+    at = np.array([i for i, _ in batches], dtype=np.int64)
+    rows = [dataclasses.replace(g, which=at[g.which]) for g in group_rows([b for _, b in batches])]
+    return GroupPlan(out, rows)
 
 
-def encode(planned: Sequence[Planned]) -> list[Planned]:
-    """Arrow rows → Parquet bytes (Arrow's encoder runs without the GIL, so several
-    threads overlap)."""
-    return [_encoded(p) if p.objects else p for p in planned]
-
-
-def _encoded(p: Planned) -> Planned:
-    objects = tuple(
-        (key, data if isinstance(data, bytes) else to_parquet(data)) for key, data in p.objects
-    )
-    return Planned(p.msg, p.lines, objects, p.repeat_of)
+def encode_rows(rows: Any) -> bytes:
+    """Arrow rows → Parquet bytes (Arrow's encoder runs without the GIL)."""
+    return to_parquet(rows)

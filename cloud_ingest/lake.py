@@ -1,25 +1,30 @@
-"""The data lake: Parquet tables with Hive-style partitions, one object per
-(table, day, device, seq).
+"""The data lake: Parquet tables with Hive-style day partitions.
 
 Layout under the archive root (``s3://bucket/prefix`` or a directory)::
 
-    aggregates/dt=YYYY-MM-DD/device_id=<id>/seq=<seq, 20 digits>.parquet
-    alerts/dt=YYYY-MM-DD/device_id=<id>/seq=<seq, 20 digits>.parquet
+    aggregates/dt=YYYY-MM-DD/part-<ns, 20 digits>-<writer>-<n>.parquet   one per group and day
+    aggregates/dt=YYYY-MM-DD/compacted.parquet                            cloud-ingest compact
+    alerts/dt=YYYY-MM-DD/device_id=<id>/seq=<seq, 20 digits>.parquet     one per alert
 
-``dt`` is the UTC day of the window start (of the alert's event time), so a batch
-whose windows cross midnight becomes two objects. Every key is a function of the
-batch alone: a resend or a replay writes the same keys with the same content and
-overwrites, never duplicates. Objects appear whole or not at all (S3 PutObject;
-the directory backend writes a temporary file and renames it).
+``dt`` is the UTC day of the window start (of the alert's event time), so a group
+whose windows cross midnight becomes two objects. The ingestor writes the rows of
+all the batches of a group (up to ``mqtt.receive_maximum`` messages, from many
+devices) as one ``aggregates`` object per day, with the device in a
+``device_id`` column: one object per batch cost more than every other step of a
+batch together (pyarrow's fixed cost per file, and one PUT request each: at
+S3's prices, 8.6 million PUTs a day for a fleet of 1,000 devices). Objects appear
+whole or not at all (S3 PutObject; the directory backend writes a temporary file
+and renames it).
 
-``dt`` and ``device_id`` live in the path only, as Hive, Athena, Spark and DuckDB
-expect (``read_parquet(..., hive_partitioning = true)``). A revised window (a
-late reading changed it, see docs/wire-format.md) arrives in a later batch with
-a higher ``revision``; the lake keeps both versions, and :data:`LATEST_AGGREGATES_SQL`
-is the query that returns what InfluxDB holds: the highest revision of each
-window. The raw batch is not kept beside the Parquet object: every field of it,
-sketches included, is in the row, and :func:`table_to_batches` rebuilds it for a
-replay.
+A batch is in the lake once, unless it was delivered again after it was written
+(a lost ack, a reconnect): then it is in two objects, row for row the same.
+:data:`LATEST_AGGREGATES_SQL`, the query that returns what InfluxDB holds (the
+highest revision of each window, see docs/wire-format.md), shows it once, and so
+do ``cloud-ingest compact`` (which rewrites a day as one object holding only that),
+``replay`` and ``rollup``. The raw batch is not kept beside the Parquet object:
+every field of it, sketches included, is in the rows, and :func:`table_to_batches`
+rebuilds it for a replay. Alerts are rare: they keep one object per alert, whose
+key is a function of the alert alone, so that a resend overwrites it.
 """
 
 from __future__ import annotations
@@ -27,19 +32,21 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
+import numpy.typing as npt
 
 from cloud_ingest.sinks.base import ObjectStore
 from shared.alerts import Alert
 from shared.errors import LakeObjectError, PermanentSinkError
 from shared.wire import COLUMNS, Batch, SensorRef, WindowSpec, make_batch
 
-LAKE_VERSION: Final = "1"
+LAKE_VERSION: Final = "2"
 AGGREGATES: Final = "aggregates"
 ALERTS: Final = "alerts"
 DAY_NS: Final = 86_400 * 10**9
@@ -47,7 +54,7 @@ DAY_NS: Final = 86_400 * 10**9
 #: DuckDB: the aggregates as InfluxDB holds them (latest revision of each window).
 #: ``{root}`` is the archive directory (a local copy, or ``s3://…`` with httpfs).
 LATEST_AGGREGATES_SQL: Final = """
-SELECT * FROM read_parquet('{root}/aggregates/**/*.parquet', hive_partitioning = true,
+SELECT * FROM read_parquet('{root}/aggregates/*/*.parquet', hive_partitioning = true,
                            union_by_name = true)
 QUALIFY row_number() OVER (
     PARTITION BY device_id, node, sensor, window_kind, window_width_ns, window_hop_ns,
@@ -72,7 +79,31 @@ def day(ts_ns: int) -> str:
 
 
 def object_key(table: str, dt: str, device_id: str, seq: int) -> str:
+    """An alert's object."""
     return f"{table}/dt={dt}/device_id={device_id}/seq={seq:020d}.parquet"
+
+
+def part_key(dt: str, name: str) -> str:
+    """A group's ``aggregates`` object of day ``dt``; ``name`` is unique to the group
+    (:class:`PartNames`), the same for every day's object of it and for its retries."""
+    return f"{AGGREGATES}/dt={dt}/part-{name}.parquet"
+
+
+#: a compacted day's object: ``compacted`` (or ``compacted-<b>-of-<n>`` when split)
+COMPACTED_NAME: Final = "compacted"
+
+
+class PartNames:
+    """Names for a writer's group objects: the group's time, this writer's random id
+    (two ingestors never collide) and a counter (nor do two groups of one)."""
+
+    def __init__(self) -> None:
+        self.writer = secrets.token_hex(4)
+        self.n = 0
+
+    def next(self) -> str:
+        self.n += 1
+        return f"{time.time_ns():020d}-{self.writer}-{self.n:06d}"
 
 
 @functools.cache
@@ -84,6 +115,7 @@ def _float_columns() -> list[str]:
 def _schema() -> Any:
     pa, _ = _pa()
     fields = [
+        ("device_id", pa.string()),
         ("seq", pa.int64()),
         ("batch_created_ns", pa.int64()),
         ("window_kind", pa.string()),
@@ -129,8 +161,10 @@ def _alert_schema() -> Any:
     )
 
 
-_DICT_COLUMNS: Final = ("window_kind", "node", "sensor", "unit", "rule", "kind", "state")
-_STATS_COLUMNS: Final = ("seq", "window_start", "ts")
+_DICT_COLUMNS: Final = (
+    "device_id", "window_kind", "node", "sensor", "unit", "rule", "kind", "state"
+)  # fmt: skip
+_STATS_COLUMNS: Final = ("device_id", "seq", "window_start", "ts")
 
 
 def to_parquet(table: Any) -> bytes:
@@ -158,23 +192,40 @@ def to_parquet(table: Any) -> bytes:
     return data
 
 
-def batch_objects(batch: Batch) -> list[tuple[str, bytes]]:
-    """The batch as Parquet objects, one per UTC day its windows start on."""
-    return [(key, to_parquet(rows)) for key, rows in group_tables([batch])[0]]
+def batch_objects(batch: Batch, name: str = "0") -> list[tuple[str, bytes]]:
+    """The objects of a group of one batch (one per UTC day its windows start on),
+    named ``name``."""
+    return [(part_key(g.dt, name), to_parquet(g.rows)) for g in group_rows([batch])]
 
 
-def group_tables(batches: Sequence[Batch]) -> list[list[tuple[str, Any]]]:
-    """For each batch, its objects' keys and rows (Arrow record batches, to be
-    encoded with :func:`to_parquet`), one object per UTC day its windows start on.
+@dataclass(frozen=True)
+class GroupRows:
+    """A group's rows of one day (an Arrow record batch, to be encoded with
+    :func:`to_parquet`) and, for each row, the index of its batch in the group."""
 
-    The rows of all the batches are converted to Arrow at once: per column, one
-    conversion for the group instead of one per batch (which cost more than the
-    Parquet encoding)."""
+    dt: str
+    rows: Any
+    which: npt.NDArray[np.int64]
+
+    def without(self, batches: Collection[int]) -> Any | None:
+        """The rows less those of ``batches``; None if no row is left."""
+        pa, _ = _pa()
+        keep = ~np.isin(self.which, np.fromiter(batches, dtype=np.int64))
+        if keep.all():
+            return self.rows
+        return self.rows.filter(pa.array(keep)) if keep.any() else None
+
+
+def group_rows(batches: Sequence[Batch]) -> list[GroupRows]:
+    """The rows of all the batches, one :class:`GroupRows` per UTC day their windows
+    start on, in day order.
+
+    Converted to Arrow at once: per column, one conversion for the group instead
+    of one per batch (which cost more than the Parquet encoding)."""
     pa, _ = _pa()
     if not batches:
         return []
     rows = np.array([b.rows for b in batches], dtype=np.int64)
-    first = np.concatenate([[0], np.cumsum(rows)])
     which = np.repeat(np.arange(len(batches)), rows)  # the batch of each row
 
     def per_batch(values: list[Any], dtype: Any) -> Any:
@@ -183,6 +234,7 @@ def group_tables(batches: Sequence[Batch]) -> list[list[tuple[str, Any]]]:
     def cat(name: str) -> Any:
         return pa.array(np.concatenate([getattr(b, name) for b in batches]))
 
+    devices = sorted({b.device_id for b in batches})
     refs = [r for b in batches for r in b.sensors]
     ref_first = np.cumsum([0] + [len(b.sensors) for b in batches[:-1]])
     ref_idx = pa.array(
@@ -194,6 +246,9 @@ def group_tables(batches: Sequence[Batch]) -> list[list[tuple[str, Any]]]:
     starts = np.concatenate([b.start_ns for b in batches])
     table = pa.RecordBatch.from_arrays(
         [
+            pa.array(devices, pa.string()).take(
+                per_batch([devices.index(b.device_id) for b in batches], np.int32)
+            ),
             per_batch([b.seq for b in batches], np.int64),
             per_batch([b.created_ns for b in batches], np.int64),
             pa.array(kinds, pa.string()).take(
@@ -215,18 +270,12 @@ def group_tables(batches: Sequence[Batch]) -> list[list[tuple[str, Any]]]:
         schema=_schema(),
     )
     days = starts // DAY_NS
-    out: list[list[tuple[str, Any]]] = []
-    for i, b in enumerate(batches):
-        lo, hi = int(first[i]), int(first[i + 1])
-        own = days[lo:hi]
-        objects = []
-        for d in np.unique(own).tolist():
-            key = object_key(AGGREGATES, day(d * DAY_NS), b.device_id, b.seq)
-            if own[0] == own[-1]:  # one day: the batch's rows as they are
-                objects.append((key, table.slice(lo, hi - lo)))
-            else:
-                objects.append((key, table.take(pa.array(lo + np.flatnonzero(own == d)))))
-        out.append(objects)
+    if len(days) and days.min() == days.max():  # one day: the rows as they are
+        return [GroupRows(day(int(days[0]) * DAY_NS), table, which)]
+    out = []
+    for d in np.unique(days).tolist():
+        at = np.flatnonzero(days == d)
+        out.append(GroupRows(day(d * DAY_NS), table.take(pa.array(at)), which[at]))
     return out
 
 
@@ -253,35 +302,48 @@ def alert_object(device_id: str, alert: Alert) -> tuple[str, bytes]:
 class LakeKey:
     table: str
     dt: str
-    device_id: str
-    seq: int
-    #: == seq for a batch's object; the last seq of a compacted one (``seq=<a>-<b>``)
-    seq_last: int
+    #: an alert's device; "" for an aggregates object (its rows name their devices)
+    device_id: str = ""
+    #: an alert's seq (the first of a compacted alerts object); 0 for aggregates
+    seq: int = 0
+    #: == seq for one alert's object; the last seq of a compacted one (``seq=<a>-<b>``)
+    seq_last: int = 0
+    #: an aggregates object's name: ``part-…`` (a group's) or ``compacted``
+    name: str = ""
 
     @property
     def compacted(self) -> bool:
-        return self.seq_last != self.seq
+        return self.seq_last != self.seq or _is_compacted(self.name)
+
+
+def _is_compacted(name: str) -> bool:
+    if name == COMPACTED_NAME:
+        return True
+    b, of, n = name[len(COMPACTED_NAME) + 1 :].partition("-of-")
+    return name.startswith(COMPACTED_NAME + "-") and b.isdigit() and bool(of) and n.isdigit()
 
 
 def parse_key(key: str) -> LakeKey | None:
-    """``aggregates/dt=…/device_id=…/seq=<n>.parquet`` (a batch) or ``seq=<a>-<b>.parquet``
+    """``aggregates/dt=…/part-<name>.parquet`` (a group's) or ``…/compacted.parquet``,
+    and ``alerts/dt=…/device_id=…/seq=<n>.parquet`` (an alert) or ``seq=<a>-<b>.parquet``
     (compacted, cloud_ingest/compact.py) → its parts; None for other keys."""
     parts = key.split("/")
-    if len(parts) != 4 or parts[0] not in (AGGREGATES, ALERTS):
+    if len(parts) < 3 or not parts[1].startswith("dt=") or not parts[-1].endswith(".parquet"):
         return None
-    dt, dev, name = parts[1:]
-    if not (
-        dt.startswith("dt=")
-        and dev.startswith("device_id=")
-        and name.startswith("seq=")
-        and name.endswith(".parquet")
-    ):
+    dt, name = parts[1][3:], parts[-1][: -len(".parquet")]
+    if parts[0] == AGGREGATES and len(parts) == 3:
+        if _is_compacted(name) or (name.startswith("part-") and len(name) > len("part-")):
+            return LakeKey(AGGREGATES, dt, name=name)
         return None
-    first, _, last = name[4 : -len(".parquet")].partition("-")
+    if parts[0] != ALERTS or len(parts) != 4 or not parts[2].startswith("device_id="):
+        return None
+    if not name.startswith("seq="):
+        return None
+    first, _, last = name[4:].partition("-")
     if not first.isdigit() or not (last.isdigit() or not last):
         return None
     seq = int(first)
-    return LakeKey(parts[0], dt[3:], dev[len("device_id=") :], seq, int(last) if last else seq)
+    return LakeKey(ALERTS, dt, parts[2][len("device_id=") :], seq, int(last) if last else seq)
 
 
 def pycolumns(table: Any) -> dict[str, list[Any]]:
@@ -316,6 +378,11 @@ def read_table(data: bytes) -> Any:
     pa, pq = _pa()
     table = pq.read_table(io.BytesIO(data))
     names = table.column_names
+    if "window_start" in names and "device_id" not in names:
+        raise ValueError(
+            "an aggregates object of lake version 1 (one per batch, no device_id column); "
+            "this version reads lake version 2"
+        )
     if "window_start" in names and "tags" not in names:
         table = table.append_column(
             pa.field("tags", _tags_type()), pa.nulls(table.num_rows, _tags_type())
@@ -323,14 +390,15 @@ def read_table(data: bytes) -> Any:
     return table
 
 
-def table_to_batches(device_id: str, table: Any) -> Iterator[Batch]:
-    """Rebuild the batches (one per seq) whose rows an aggregates object holds."""
+def table_to_batches(table: Any) -> Iterator[Batch]:
+    """Rebuild the batches (one per device and seq, in the order of their first rows)
+    whose rows an aggregates table holds."""
     cols = pycolumns(table)
     n = table.num_rows
-    by_seq: dict[int, list[int]] = {}
-    for i, seq in enumerate(cols["seq"]):
-        by_seq.setdefault(seq, []).append(i)
-    for seq, rows in by_seq.items():
+    by_seq: dict[tuple[str, int], list[int]] = {}
+    for i, key in enumerate(zip(cols["device_id"], cols["seq"], strict=True)):
+        by_seq.setdefault(key, []).append(i)
+    for (device_id, seq), rows in by_seq.items():
         first = rows[0]
         window = WindowSpec(
             cols["window_kind"][first], cols["window_width_ns"][first], cols["window_hop_ns"][first]
@@ -391,12 +459,15 @@ def list_objects(
     since_dt: str | None = None,
     until_dt: str | None = None,
 ) -> list[tuple[LakeKey, str]]:
-    """The lake's objects of ``table``, optionally of one device and of days in
-    ``[since_dt, until_dt]`` (``YYYY-MM-DD``; the partition names order as dates)."""
+    """The lake's objects of ``table``, of days in ``[since_dt, until_dt]``
+    (``YYYY-MM-DD``; the partition names order as dates), and for alerts optionally
+    of one device (an aggregates object holds many devices: filter its rows)."""
     out = []
     for key in store.list(f"{table}/"):
         k = parse_key(key)
-        if k is None or k.table != table or (device is not None and k.device_id != device):
+        if k is None or k.table != table:
+            continue
+        if device is not None and table == ALERTS and k.device_id != device:
             continue
         if (since_dt is not None and k.dt < since_dt) or (until_dt is not None and k.dt > until_dt):
             continue
@@ -404,11 +475,41 @@ def list_objects(
     return out
 
 
-def archived_seqs(store: ObjectStore, table: str = AGGREGATES) -> dict[str, set[int]]:
-    """device_id → the seqs that have an object of their own in ``table`` (compacted
-    objects are not counted: their seqs are in their rows)."""
+#: Columns that identify a window.
+WINDOW_KEY: Final = (
+    "device_id", "node", "sensor", "window_kind", "window_width_ns", "window_hop_ns",
+    "window_start",
+)  # fmt: skip
+
+
+def current_rows(table: Any) -> Any:
+    """The rows of an aggregates table that InfluxDB holds: per window its highest
+    (revision, seq), once (a batch written twice is in two objects). Ordered by
+    window key. Arrow all the way: no Python object per row."""
+    pa, _ = _pa()
+    import pyarrow.compute as pc
+
+    keys = list(WINDOW_KEY)
+    order = table.sort_by([*[(k, "ascending") for k in keys], ("revision", "descending"),
+                           ("seq", "descending")])  # fmt: skip
+    n = order.num_rows
+    first = np.ones(n, dtype=bool)
+    if n > 1:
+        changed = np.zeros(n - 1, dtype=bool)
+        for k in keys:
+            col = order.column(k)
+            changed |= pc.not_equal(col.slice(1), col.slice(0, n - 1)).to_numpy()
+        first[1:] = changed
+    return order.filter(pa.array(first))
+
+
+def archived_seqs(store: ObjectStore) -> dict[str, set[int]]:
+    """device_id → the seqs of its batches that the lake's aggregates hold."""
+    _, pq = _pa()
     seqs: dict[str, set[int]] = {}
-    for k, _ in list_objects(store, table):
-        if not k.compacted:
-            seqs.setdefault(k.device_id, set()).add(k.seq)
+    for _, key in list_objects(store, AGGREGATES):
+        with reading(key):
+            cols = pq.read_table(io.BytesIO(store.get(key)), columns=["device_id", "seq"])
+            for dev, seq in zip(*pycolumns(cols).values(), strict=True):
+                seqs.setdefault(dev, set()).add(seq)
     return seqs

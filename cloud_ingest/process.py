@@ -16,11 +16,13 @@ reason.
 The stages and what they hand on, each immutable:
 
 1. decode (a worker thread): ``(topic, payload)`` → :class:`~cloud_ingest.decode.Decoded`
-2. plan (the same thread): → :class:`~cloud_ingest.decode.Planned` (lines, Arrow rows)
-3. encode (the encoder threads): Arrow rows → Parquet bytes
+2. plan (the same thread): → :class:`~cloud_ingest.decode.GroupPlan` (each message's
+   lines; the Arrow rows of all the group's batches, per day)
+3. encode (an encoder thread): the rows → one Parquet object per day
 4. when the group before has been written: recognise resends, leave out window
-   versions older than ones written, → :class:`~cloud_ingest.writer.Write` and
-   :class:`~cloud_ingest.writer.Quarantine` for :meth:`Writer.write`
+   versions older than ones written, → :class:`~cloud_ingest.writer.Write`,
+   :class:`~cloud_ingest.writer.SharedObject` (the day's rows of the batches
+   written now) and :class:`~cloud_ingest.writer.Quarantine` for :meth:`Writer.write`
 5. the writer's verdicts → one :class:`Outcome` per message, counted in :class:`Stats`
 """
 
@@ -30,7 +32,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -38,11 +40,12 @@ from typing import Literal
 import numpy as np
 
 from cloud_ingest.config import IngestConfig
-from cloud_ingest.decode import Planned, decode_group, encode, plan_group
+from cloud_ingest.decode import GroupPlan, Planned, decode_group, encode_rows, plan_group
 from cloud_ingest.fleet import Fleet
+from cloud_ingest.lake import GroupRows, PartNames, part_key
 from cloud_ingest.revisions import RevisionMemory, WindowKey
 from cloud_ingest.sinks.base import ObjectStore, PointSink
-from cloud_ingest.writer import Quarantine, ShuttingDown, Stats, Write, Writer
+from cloud_ingest.writer import Quarantine, SharedObject, ShuttingDown, Stats, Write, Writer
 from shared.acks import Ack
 from shared.errors import WireError
 from shared.sketch import DDSketch
@@ -97,6 +100,7 @@ class Processor:
         self._encoders = ThreadPoolExecutor(cfg.worker_threads, thread_name_prefix="encode")
         self._recent: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._revisions = RevisionMemory()
+        self._names = PartNames()
 
     def close(self) -> None:
         self.writer.close()
@@ -123,16 +127,19 @@ class Processor:
         failing: then no message of the group counts as handled.
         """
         try:
-            planned = await asyncio.to_thread(self._decode_and_plan, messages)
+            plan = await asyncio.to_thread(self._decode_and_plan, messages)
         finally:
             if decoded is not None:
                 decoded.set()  # the next group may be decoded while this one encodes
-        planned = await self._encode(planned)
-        for p in planned:
+        loop = asyncio.get_running_loop()
+        encoded = await asyncio.gather(
+            *(loop.run_in_executor(self._encoders, encode_rows, g.rows) for g in plan.rows)
+        )
+        for p in plan.planned:
             self.stats.inc(_RECEIVED[p.msg.kind])
         if after is not None:
             await asyncio.wait([asyncio.ensure_future(after)])
-        return await self._write(planned)
+        return await self._write(plan, encoded)
 
     def warm_up(self) -> float:
         """Decode, plan and encode a made-up batch, writing nothing: the imports and
@@ -157,35 +164,19 @@ class Processor:
             sketch=(DDSketch.from_values(np.array([1.0, 1.0])).encode(),),
         )
         topic = batch_topic("warm-up", self.cfg.mqtt.topic_prefix)
-        (planned,) = encode(self._decode_and_plan([(topic, encode_batch(batch))]))
-        if planned.msg.error is not None:  # a bug, not input: say so at start
-            raise RuntimeError(f"the warm-up batch did not decode: {planned.msg.error}")
+        plan = self._decode_and_plan([(topic, encode_batch(batch))])
+        if plan.planned[0].msg.error is not None:  # a bug, not input: say so at start
+            raise RuntimeError(f"the warm-up batch did not decode: {plan.planned[0].msg.error}")
+        for g in plan.rows:
+            encode_rows(g.rows)
         return time.monotonic() - started
 
-    def _decode_and_plan(self, messages: Sequence[tuple[str, bytes]]) -> list[Planned]:
+    def _decode_and_plan(self, messages: Sequence[tuple[str, bytes]]) -> GroupPlan:
         return plan_group(decode_group(messages, self.cfg), self.cfg)
 
-    async def _encode(self, planned: list[Planned]) -> list[Planned]:
-        """Parquet encoding, the costliest step, in threads of its own: Arrow's
-        encoder runs without the GIL, so they overlap each other and the next decode."""
-        at = [i for i, p in enumerate(planned) if p.objects]
-        n = min(self.cfg.worker_threads, len(at))
-        loop = asyncio.get_running_loop()
-        parts = [at[k::n] for k in range(n)]
-        done = await asyncio.gather(
-            *(
-                loop.run_in_executor(self._encoders, encode, [planned[i] for i in part])
-                for part in parts
-            )
-        )
-        out = list(planned)
-        for part, encoded in zip(parts, done, strict=True):
-            for i, p in zip(part, encoded, strict=True):
-                out[i] = p
-        return out
-
-    async def _write(self, planned: list[Planned]) -> list[Outcome]:
+    async def _write(self, plan: GroupPlan, encoded: Sequence[bytes]) -> list[Outcome]:
         # Resends are recognised here, not when decoding: the group before may hold them.
+        planned = plan.planned
         steps = self._steps(planned)
         writes = [(i, s.write) for i, s in enumerate(steps) if s.write is not None]
         quarantine = [
@@ -193,11 +184,35 @@ class Processor:
             for p in planned
             if p.msg.error is not None
         ]
-        verdicts = await self.writer.write([w for _, w in writes], quarantine)
+        shared = await self._shared_objects(plan.rows, encoded, [i for i, _ in writes])
+        verdicts = await self.writer.write([w for _, w in writes], quarantine, shared)
         errors: list[WireError | None] = [p.msg.error for p in planned]
         for (i, _), verdict in zip(writes, verdicts, strict=True):
             errors[i] = verdict
         return [self._outcome(planned, steps, errors, i) for i in range(len(planned))]
+
+    async def _shared_objects(
+        self, rows: Sequence[GroupRows], encoded: Sequence[bytes], writing: list[int]
+    ) -> list[SharedObject]:
+        """The group's lake objects, one per day, holding the rows of the batches that
+        are written now (a resend of a batch written before is left out)."""
+        index = {m: j for j, m in enumerate(writing)}  # message → its index in writes
+        name = self._names.next()
+        out = []
+        for g, data in zip(rows, encoded, strict=True):
+            members = sorted({index[m] for m in g.which.tolist() if m in index})
+            if not members:
+                continue
+            left_out = frozenset(m for m in g.which.tolist() if m not in index)
+            rebuild = _rebuilder(g, left_out, writing)
+            if left_out:
+                again = await asyncio.get_running_loop().run_in_executor(
+                    self._encoders, rebuild, frozenset()
+                )
+                assert again is not None  # members is not empty
+                data = again
+            out.append(SharedObject(part_key(g.dt, name), data, tuple(members), rebuild))
+        return out
 
     def _steps(self, planned: list[Planned]) -> list[_Step]:
         """Recognise resends of what was written before, and leave out the InfluxDB
@@ -275,3 +290,16 @@ class Processor:
         self._recent.move_to_end((device, seq))
         if len(self._recent) > RECENT_BATCHES:
             self._recent.popitem(last=False)
+
+
+def _rebuilder(
+    g: GroupRows, left_out: frozenset[int], writing: Sequence[int]
+) -> Callable[[frozenset[int]], bytes | None]:
+    """The bytes of a group's object of one day without the rows of the batches left
+    out (not written now) and of the writes refused (indexes in ``writing``)."""
+
+    def rebuild(refused: frozenset[int]) -> bytes | None:
+        kept = g.without(left_out | {writing[j] for j in refused})
+        return None if kept is None else encode_rows(kept)
+
+    return rebuild

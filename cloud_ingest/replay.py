@@ -9,9 +9,12 @@ keyed by series and window start, so a replay overwrites what is there with the
 same values: running it twice, or over a database that already has the data,
 changes nothing.
 
-A device's objects are replayed in key order (day, then seq), so a revised
-window (higher seq) is written after the version it replaces. Devices are
-replayed concurrently, and their points share InfluxDB requests.
+The aggregates are replayed a day at a time: the day's objects are read
+together and only the current version of each window (its highest revision,
+once, as in :func:`~cloud_ingest.lake.current_rows`) is written, so a revised
+window never overwrites its later version, and a batch that is in the lake twice
+is written once. A day's batches, and the devices' alerts, are written
+concurrently, and their points share InfluxDB requests.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from cloud_ingest.lake import (
     AGGREGATES,
     ALERTS,
     LakeKey,
+    current_rows,
     day,
     list_objects,
     read_table,
@@ -40,6 +44,7 @@ from cloud_ingest.lineproto import alert_to_line, batch_to_lines
 from cloud_ingest.sinks.base import ObjectStore, PointSink
 from cloud_ingest.writer import Stats, Write, Writer
 from shared.errors import LakeObjectError
+from shared.wire import Batch
 
 log = logging.getLogger("cloud_ingest.replay")
 
@@ -72,17 +77,18 @@ class ReplayResult:
 
 
 def plan(source: ObjectStore, flt: ReplayFilter) -> dict[str, list[tuple[LakeKey, str]]]:
-    """device → its objects to replay, in order."""
+    """What to replay, in order: day → its aggregates objects (key ``aggregates/<day>``),
+    and device → its alert objects."""
     since_dt, until_dt = flt.days()
-    per_device: dict[str, list[tuple[LakeKey, str]]] = {}
-    for table in (ALERTS, AGGREGATES):
-        for k, key in list_objects(source, table, since_dt=since_dt, until_dt=until_dt):
-            if flt.devices and k.device_id not in flt.devices:
-                continue
-            per_device.setdefault(k.device_id, []).append((k, key))
-    for objs in per_device.values():
-        objs.sort(key=lambda o: (o[0].dt, o[0].seq, o[0].table))
-    return per_device
+    out: dict[str, list[tuple[LakeKey, str]]] = {}
+    for k, key in list_objects(source, AGGREGATES, since_dt=since_dt, until_dt=until_dt):
+        out.setdefault(f"{AGGREGATES}/{k.dt}", []).append((k, key))
+    for k, key in list_objects(source, ALERTS, since_dt=since_dt, until_dt=until_dt):
+        if not flt.devices or k.device_id in flt.devices:
+            out.setdefault(f"{ALERTS}/{k.device_id}", []).append((k, key))
+    for objs in out.values():
+        objs.sort(key=lambda o: (o[0].dt, o[0].seq, o[1]))
+    return out
 
 
 def _in_range(table: Any, column: str, flt: ReplayFilter) -> Any:
@@ -119,43 +125,76 @@ async def replay(
             log.warning("replay: %s refused: %s", what, verdict)
         return verdict is None
 
-    per_device = plan(source, flt)
+    work = plan(source, flt)
     slots = asyncio.Semaphore(CONCURRENT_DEVICES)
+
+    async def read(key: str) -> Any | None:
+        """An object's rows; None (counted, logged) if it cannot be read."""
+        data = await asyncio.to_thread(source.get, key)
+        try:
+            with reading(key):
+                return read_table(data)
+        except LakeObjectError as exc:
+            log.warning("replay: %s; skipped", exc)
+            res.damaged += 1
+            return None
+        finally:
+            progress(1)
+
+    async def one_batch(batch: Batch, what: str) -> None:
+        async with slots:
+            lines = batch_to_lines(batch, cfg.influx.measurement, cfg.influx.allowed_tags)
+            ok = await write(what, lines)
+        res.batches += 1
+        res.points += batch.rows if ok else 0
+        res.rejected += not ok
+
+    async def one_day(what: str, objs: Iterable[tuple[LakeKey, str]]) -> None:
+        tables = []
+        for _, key in objs:
+            table = await read(key)
+            if table is not None:
+                tables.append(table)
+                res.objects += 1
+        if not tables:
+            return
+        import pyarrow as pa
+
+        try:
+            with reading(what):  # objects with other schemas do not concatenate
+                data = pa.concat_tables(tables, promote_options="default")
+        except LakeObjectError as exc:
+            log.warning("replay: %s; day skipped", exc)
+            res.damaged += len(tables)
+            return
+        if flt.devices:
+            data = data.filter(pa.array(np.isin(data.column("device_id"), list(flt.devices))))
+        data = current_rows(_in_range(data, "window_start", flt))
+        await asyncio.gather(
+            *(one_batch(b, f"replay {what}") for b in table_to_batches(data) if b.rows)
+        )
 
     async def one_device(device: str, objs: Iterable[tuple[LakeKey, str]]) -> None:
         async with slots:
-            for k, key in objs:
-                data = await asyncio.to_thread(source.get, key)
-                try:
-                    with reading(key):
-                        if k.table == AGGREGATES:
-                            table = _in_range(read_table(data), "window_start", flt)
-                            batches = [b for b in table_to_batches(device, table) if b.rows]
-                            alerts = []
-                        else:
-                            batches = []
-                            alerts = list(table_to_alerts(_in_range(read_table(data), "ts", flt)))
-                except LakeObjectError as exc:
-                    log.warning("replay: %s; skipped", exc)
-                    res.damaged += 1
-                    progress(1)
+            for _, key in objs:
+                table = await read(key)
+                if table is None:
                     continue
-                for batch in batches:
-                    lines = batch_to_lines(batch, cfg.influx.measurement, cfg.influx.allowed_tags)
-                    ok = await write(f"replay {key}", lines)
-                    res.batches += 1
-                    res.points += batch.rows if ok else 0
-                    res.rejected += not ok
-                for alert in alerts:
+                for alert in table_to_alerts(_in_range(table, "ts", flt)):
                     line = alert_to_line(device, alert, cfg.influx.alert_measurement)
                     ok = await write(f"replay {key}", [line])
                     res.alerts += ok
                     res.rejected += not ok
                 res.objects += 1
-                progress(1)
+
+    async def one(what: str, objs: list[tuple[LakeKey, str]]) -> None:
+        if what.startswith(f"{AGGREGATES}/"):
+            await one_day(what, objs)
+        else:
+            await one_device(what[len(ALERTS) + 1 :], objs)
 
     try:
-        await asyncio.gather(*(one_device(d, objs) for d, objs in sorted(per_device.items())))
+        await asyncio.gather(*(one(what, objs) for what, objs in sorted(work.items())))
     finally:
         writer.close()
     return res

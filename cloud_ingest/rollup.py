@@ -131,8 +131,8 @@ def latest_windows(
     """(device_id, row) of every tumbling window starting in [since, until), at its
     latest revision."""
     best: dict[tuple[str, str, str, int, int], tuple[tuple[int, int], dict[str, Any]]] = {}
-    for k, key in list_objects(
-        store, AGGREGATES, device=device, since_dt=day(since_ns), until_dt=day(until_ns - 1)
+    for _, key in list_objects(
+        store, AGGREGATES, since_dt=day(since_ns), until_dt=day(until_ns - 1)
     ):
         data = store.get(key)
         with reading(key):  # a damaged object stops the roll-up: it would be wrong
@@ -140,9 +140,12 @@ def latest_windows(
             for i, start in enumerate(cols["window_start"]):
                 if not since_ns <= start < until_ns or cols["window_kind"][i] != "tumbling":
                     continue
+                dev = cols["device_id"][i]
+                if device is not None and dev != device:
+                    continue
                 row = {name: values[i] for name, values in cols.items()}
                 row["start_ns"] = start
-                wkey = (k.device_id, row["node"], row["sensor"], row["window_width_ns"], start)
+                wkey = (dev, row["node"], row["sensor"], row["window_width_ns"], start)
                 rank = (int(row["revision"]), int(row["seq"]))
                 have = best.get(wkey)
                 if have is None or rank > have[0]:

@@ -9,12 +9,15 @@ sinks hold it, or the ``sink-rejected`` error when a sink refused it for good.
   up to ``influx.max_lines_per_write`` lines; a request refused for good (HTTP 400)
   is tried again write by write, so that only the writes at fault are refused.
 - The lake: objects are put concurrently (``archive.max_concurrent_puts``); only
-  the ones that failed retryably are tried again.
+  the ones that failed retryably are tried again. A :class:`SharedObject` holds
+  the rows of several writes (a group's batches of one day): the store refusing
+  it for good refuses them all (the refusal is the object's, not a batch's).
 - Retryable failures back off exponentially with ±20 % jitter (honouring
   Retry-After), for ever while the service runs; once ``stop`` is set, for at most
   ``retry.shutdown_grace_s``, then :class:`ShuttingDown` is raised.
 - A write that a sink refused goes to the quarantine, and its lake objects are
-  deleted: the lake holds what InfluxDB holds, so that a replay never meets it.
+  deleted, or rewritten without its rows where shared: the lake holds what
+  InfluxDB holds, so that a replay never meets it.
 
 The sinks raise only the shared errors (RetryableSinkError, PermanentSinkError);
 each backend translates its library's exceptions in one place (sinks/).
@@ -61,6 +64,18 @@ class Write:
 
 
 @dataclass(frozen=True)
+class SharedObject:
+    """A lake object that holds the rows of several writes."""
+
+    key: str
+    data: bytes
+    #: the indexes (in :meth:`Writer.write`'s ``writes``) of the writes it holds
+    members: tuple[int, ...]
+    #: its bytes without the rows of some members; None if no row is left
+    rebuild: Callable[[frozenset[int]], bytes | None]
+
+
+@dataclass(frozen=True)
 class Quarantine:
     """A message that is not written: kept in the lake's quarantine with its reason."""
 
@@ -101,7 +116,10 @@ class Writer:
         self._puts.shutdown(wait=True)
 
     async def write(
-        self, writes: Sequence[Write], quarantine: Sequence[Quarantine] = ()
+        self,
+        writes: Sequence[Write],
+        quarantine: Sequence[Quarantine] = (),
+        shared: Sequence[SharedObject] = (),
     ) -> list[WireError | None]:
         """Write to both sinks, and put ``quarantine`` in the lake's quarantine at the
         same time. Both sinks run to their end (success or final failure) before the
@@ -110,8 +128,9 @@ class Writer:
         results = await asyncio.gather(
             self._write_influx(writes, verdicts),
             self._put_objects(
-                [(i, obj) for i, w in enumerate(writes) for obj in w.objects]
-                + [(-1, obj) for q in quarantine for obj in self._quarantine_objects(q)],
+                [((i,), obj) for i, w in enumerate(writes) for obj in w.objects]
+                + [(o.members, (o.key, o.data)) for o in shared]
+                + [((), obj) for q in quarantine for obj in self._quarantine_objects(q)],
                 verdicts,
             ),
             return_exceptions=True,
@@ -119,20 +138,47 @@ class Writer:
         for res in results:
             if isinstance(res, BaseException):
                 raise res  # ShuttingDown, or a bug
-        refused = [(writes[i], v) for i, v in enumerate(verdicts) if v is not None]
+        refused_keys = results[1]
+        assert isinstance(refused_keys, set)
+        refused = {i: v for i, v in enumerate(verdicts) if v is not None}
         if refused and self.archive is not None:
             await self._put_objects(
                 [
-                    (-1, obj)
-                    for w, error in refused
-                    for obj in self._quarantine_objects(Quarantine(w.topic, w.payload, error))
+                    ((), obj)
+                    for i, error in refused.items()
+                    for obj in self._quarantine_objects(
+                        Quarantine(writes[i].topic, writes[i].payload, error)
+                    )
                 ],
                 verdicts,
             )
             # The lake holds what InfluxDB holds: a write InfluxDB refused for good
             # leaves it (it is in the quarantine), so that a replay never meets it.
-            await self._delete_objects([key for w, _ in refused for key, _ in w.objects])
+            await self._delete_objects([key for i in refused for key, _ in writes[i].objects])
+            await self._rewrite_shared(
+                [o for o in shared if o.key not in refused_keys], frozenset(refused)
+            )
         return verdicts
+
+    async def _rewrite_shared(
+        self, shared: Sequence[SharedObject], refused: frozenset[int]
+    ) -> None:
+        """Put the shared objects that hold refused writes again without their rows
+        (or delete them, if nothing is left)."""
+        loop = asyncio.get_running_loop()
+        puts: list[tuple[tuple[int, ...], tuple[str, bytes]]] = []
+        deletes = []
+        for o in shared:
+            out = refused & frozenset(o.members)
+            if not out:
+                continue
+            data = await loop.run_in_executor(self._puts, o.rebuild, out)
+            if data is None:
+                deletes.append(o.key)
+            else:
+                puts.append(((), (o.key, data)))
+        await self._put_objects(puts, [])
+        await self._delete_objects(deletes)
 
     async def _write_influx(
         self, writes: Sequence[Write], verdicts: list[WireError | None]
@@ -164,14 +210,18 @@ class Writer:
         await asyncio.gather(*(one(chunk) for chunk in chunks if chunk))
 
     async def _put_objects(
-        self, objects: list[tuple[int, tuple[str, bytes]]], verdicts: list[WireError | None]
-    ) -> None:
-        """Put objects concurrently, retrying the ones that fail retryably; a write one
-        of whose objects the store refuses for good gets that as its verdict (index
-        -1: a quarantine entry, only counted)."""
+        self,
+        objects: list[tuple[tuple[int, ...], tuple[str, bytes]]],
+        verdicts: list[WireError | None],
+    ) -> set[str]:
+        """Put objects concurrently, retrying the ones that fail retryably; the writes
+        of an object the store refuses for good (its indexes in ``writes``; none for
+        a quarantine entry, only counted) get that as their verdict. Returns the keys
+        refused for good."""
         archive = self.archive
+        refused: set[str] = set()
         if archive is None:
-            return
+            return refused
         pending = objects
         loop = asyncio.get_running_loop()
 
@@ -184,16 +234,18 @@ class Writer:
                 ),
                 return_exceptions=True,
             )
-            again: list[tuple[int, tuple[str, bytes]]] = []
+            again: list[tuple[tuple[int, ...], tuple[str, bytes]]] = []
             first: RetryableSinkError | None = None
-            for (i, obj), res in zip(pending, results, strict=True):
+            for (members, obj), res in zip(pending, results, strict=True):
                 if isinstance(res, RetryableSinkError):
-                    again.append((i, obj))
+                    again.append((members, obj))
                     first = first or res
                 elif isinstance(res, PermanentSinkError):
                     self.stats.inc("archive_rejected")
-                    if i >= 0 and verdicts[i] is None:
-                        verdicts[i] = WireError("sink-rejected", str(res))
+                    refused.add(obj[0])
+                    for i in members:
+                        if verdicts[i] is None:
+                            verdicts[i] = WireError("sink-rejected", str(res))
                 elif isinstance(res, BaseException):
                     raise res
             pending = again
@@ -202,6 +254,7 @@ class Writer:
 
         if pending:
             await self._with_retry("archive", attempt)
+        return refused
 
     async def _delete_objects(self, keys: list[str]) -> None:
         archive = self.archive

@@ -187,7 +187,7 @@ def test_a_bad_firmware_sim_option_is_a_usage_error(args: list[str], message: st
 def test_replay_of_a_damaged_lake_object_is_counted_and_exit_1(tmp_path: Path) -> None:
     import json
 
-    key = "aggregates/dt=2026-01-01/device_id=d1/seq=00000000000000000001.parquet"
+    key = "aggregates/dt=2026-01-01/part-1-ab-000001.parquet"
     (tmp_path / key).parent.mkdir(parents=True)
     (tmp_path / key).write_bytes(b"PAR1 not really")
     res = CliRunner().invoke(ingest_main, ["replay", "--quiet", "--from", f"file://{tmp_path}"])

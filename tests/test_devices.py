@@ -92,8 +92,8 @@ def archived_batches(root: Path) -> list[Any]:
 
     return [
         b
-        for p in sorted(root.glob("aggregates/**/*.parquet"))
-        for b in table_to_batches("dev-x", read_table(p.read_bytes()))
+        for p in sorted(root.glob("aggregates/*/*.parquet"))
+        for b in table_to_batches(read_table(p.read_bytes()))
     ]
 
 

@@ -108,7 +108,7 @@ def test_the_ingestor_decodes_plans_and_quarantines_reports() -> None:
     cfg = IngestConfig()
     ok = decode_message("telemetry/v1/dev-1/health", hostile.valid_health(7), cfg)
     assert ok.kind == "health" and ok.health is not None and ok.seq == 7
-    (planned,) = plan_group([ok], cfg)
+    (planned,) = plan_group([ok], cfg).planned
     assert planned.lines[0].startswith("agent_health,device_id=dev-1 ") and not planned.objects
     bad = decode_message("telemetry/v1/dev-1/health", hostile.poison_health(8)[0], cfg)
     assert bad.error is not None and bad.error.reason == "bad-health" and bad.device == "dev-1"

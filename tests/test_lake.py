@@ -16,10 +16,12 @@ from cloud_ingest.compact import compact
 from cloud_ingest.lake import (
     DAY_NS,
     LATEST_AGGREGATES_SQL,
+    LakeKey,
     alert_object,
     batch_objects,
-    group_tables,
+    group_rows,
     parse_key,
+    part_key,
     read_table,
     reading,
     table_to_alerts,
@@ -31,7 +33,7 @@ from devstack import hostile
 from shared.alerts import Alert
 from shared.errors import LakeObjectError
 from shared.sketch import DDSketch
-from shared.wire import COLUMNS, SensorRef, WindowSpec, make_batch
+from shared.wire import COLUMNS, Batch, SensorRef, WindowSpec, make_batch
 
 W = 10 * 10**9
 MIDNIGHT = 20_000 * DAY_NS  # 2024-10-04T00:00Z
@@ -66,19 +68,28 @@ def _batch(seq: int, starts: list[int], revision: int = 0, mean: float = 1.5):
     )
 
 
+def put(arc: LocalArchive, name: str, *batches: Batch) -> list[str]:
+    """Put the objects of a group of ``batches``, as the ingestor does; their keys."""
+    keys = []
+    for g in group_rows(batches):
+        keys.append(part_key(g.dt, name))
+        arc.put(keys[-1], to_parquet(g.rows))
+    return keys
+
+
 def test_a_batch_across_midnight_is_two_objects_and_round_trips() -> None:
     b = _batch(7, [MIDNIGHT - W, MIDNIGHT - W, MIDNIGHT, MIDNIGHT + W])
-    objs = batch_objects(b)
+    objs = batch_objects(b, "g1")
     assert [k for k, _ in objs] == [
-        f"aggregates/dt=2024-10-03/device_id=dev-1/seq={7:020d}.parquet",
-        f"aggregates/dt=2024-10-04/device_id=dev-1/seq={7:020d}.parquet",
+        "aggregates/dt=2024-10-03/part-g1.parquet",
+        "aggregates/dt=2024-10-04/part-g1.parquet",
     ]
-    assert batch_objects(b) == objs, "the same batch gives the same bytes: a resend overwrites"
     rows = []
     for key, data in objs:
         k = parse_key(key)
-        assert k is not None and (k.table, k.device_id, k.seq) == ("aggregates", "dev-1", 7)
-        (back,) = table_to_batches("dev-1", read_table(data))
+        assert k is not None and (k.table, k.name, k.compacted) == ("aggregates", "part-g1", False)
+        (back,) = table_to_batches(read_table(data))
+        assert (back.device_id, back.seq) == ("dev-1", 7)
         rows.append(back)
     assert [r.rows for r in rows] == [2, 2]
     for name in COLUMNS:
@@ -92,18 +103,32 @@ def test_a_batch_across_midnight_is_two_objects_and_round_trips() -> None:
     assert sum((r.sketch for r in rows), ()) == b.sketch
 
 
-def test_a_group_gives_each_batch_the_objects_it_has_alone() -> None:
-    """The ingestor converts a group's rows to Arrow at once and slices them: each
-    batch's objects are byte for byte those of the batch alone, so a resend that
-    arrives in another group overwrites with the same bytes."""
+def test_a_group_is_one_object_per_day_holding_every_batch_row_for_row() -> None:
+    import pyarrow as pa
+
     a = _batch(1, [MIDNIGHT - W, MIDNIGHT, MIDNIGHT + W], mean=2.0)
     b = dataclasses.replace(_batch(2, [MIDNIGHT, MIDNIGHT + W]), device_id="dev-2", sketch=())
     c = _batch(3, [MIDNIGHT + 2 * W])
-    tables = group_tables([a, b, c])
-    assert [[(k, to_parquet(t)) for k, t in objs] for objs in tables] == [
-        batch_objects(x) for x in (a, b, c)
+    days = group_rows([a, b, c])
+    assert [(g.dt, g.which.tolist()) for g in days] == [
+        ("2024-10-03", [0]),
+        ("2024-10-04", [0, 0, 1, 1, 2]),
     ]
-    assert [len(objs) for objs in tables] == [2, 1, 1]
+    both = pa.concat_tables([read_table(to_parquet(g.rows)) for g in days]).sort_by(
+        [("device_id", "ascending"), ("seq", "ascending"), ("window_start", "ascending")]
+    )
+    back = list(table_to_batches(both))
+    assert [(x.device_id, x.seq, x.rows) for x in back] == [("dev-1", 1, 3), ("dev-1", 3, 1),
+                                                              ("dev-2", 2, 2)]  # fmt: skip
+    for got, want in zip(back, (a, c, b), strict=True):
+        for name in COLUMNS:
+            if name != "sensor":
+                np.testing.assert_array_equal(getattr(got, name), getattr(want, name), name)
+        assert got.sketch == want.sketch
+    # a group's object without some of its batches (a resend, a refused write)
+    kept = days[1].without({0, 2})
+    assert kept is not None and kept.num_rows == 2
+    assert days[0].without({0}) is None and days[0].without(set()) is days[0].rows
 
 
 def test_alert_round_trip() -> None:
@@ -117,27 +142,34 @@ def test_alert_round_trip() -> None:
 
 def test_parse_key_ignores_other_objects() -> None:
     assert parse_key("quarantine/reason=x/abc.bin") is None
-    assert parse_key("aggregates/dt=2024-01-01/device_id=d/seq=x.parquet") is None
-    assert parse_key("aggregates/dt=2024-01-01/device_id=d/.tmp-1.part") is None
+    assert parse_key("aggregates/dt=2024-01-01/device_id=d/seq=1.parquet") is None  # lake v1
+    assert parse_key("aggregates/dt=2024-01-01/part-.parquet") is None
+    assert parse_key("aggregates/dt=2024-01-01/.tmp-1.part") is None
+    assert parse_key("alerts/dt=2024-01-01/device_id=d/seq=x.parquet") is None
+    assert parse_key("aggregates/dt=2024-01-01/compacted.parquet") == LakeKey(
+        "aggregates", "2024-01-01", name="compacted"
+    )
+    k = parse_key(f"alerts/dt=2024-01-01/device_id=d/seq={3:020d}-{5:020d}.parquet")
+    assert k is not None and (k.device_id, k.seq, k.seq_last, k.compacted) == ("d", 3, 5, True)
 
 
 def test_duckdb_reads_the_latest_revision_of_each_window(tmp_path: Path) -> None:
     arc = LocalArchive(tmp_path)
-    for key, data in batch_objects(_batch(1, [MIDNIGHT, MIDNIGHT, MIDNIGHT + W])):
-        arc.put(key, data)
-    # seq 2 revises the first window (a late reading), seq 1 is sent again (resend)
-    for b in (
+    put(arc, "g1", _batch(1, [MIDNIGHT, MIDNIGHT, MIDNIGHT + W]))
+    # seq 2 revises the first window (a late reading); seq 1 is delivered again after
+    # it was written (a lost ack), into another group's object
+    put(
+        arc,
+        "g2",
         _batch(2, [MIDNIGHT], revision=1, mean=9.0),
         _batch(1, [MIDNIGHT] * 2 + [MIDNIGHT + W]),
-    ):
-        for key, data in batch_objects(b):
-            arc.put(key, data)
+    )
     con = duckdb.connect()
     total = con.execute(
-        f"SELECT count(*) FROM read_parquet('{tmp_path}/aggregates/**/*.parquet',"
+        f"SELECT count(*) FROM read_parquet('{tmp_path}/aggregates/*/*.parquet',"
         " hive_partitioning = true)"
     ).fetchone()
-    assert total == (4,), "3 rows of seq 1 (once, despite the resend) + 1 of seq 2"
+    assert total == (7,), "3 rows of seq 1, twice, + 1 of seq 2"
     rows = con.execute(
         "SELECT device_id, dt, sensor, epoch_ns(window_start), revision, mean FROM ("
         + LATEST_AGGREGATES_SQL.format(root=tmp_path)
@@ -152,13 +184,9 @@ def test_duckdb_reads_the_latest_revision_of_each_window(tmp_path: Path) -> None
 
 def test_compaction_keeps_the_current_version_of_each_window_once(tmp_path: Path) -> None:
     arc = LocalArchive(tmp_path)
-    for b in (
-        _batch(1, [MIDNIGHT, MIDNIGHT, MIDNIGHT + W]),
-        _batch(2, [MIDNIGHT], revision=1, mean=9.0),  # revises seq 1's first window
-        _batch(3, [MIDNIGHT - W]),  # the day before
-    ):
-        for key, data in batch_objects(b):
-            arc.put(key, data)
+    put(arc, "g1", _batch(1, [MIDNIGHT, MIDNIGHT, MIDNIGHT + W]))
+    put(arc, "g2", _batch(2, [MIDNIGHT], revision=1, mean=9.0))  # revises seq 1's first window
+    put(arc, "g3", _batch(3, [MIDNIGHT - W]))  # the day before
     for a in (7, 7, 8):  # alert 7 twice (a resend), 8 once
         arc.put(
             *alert_object(
@@ -170,14 +198,14 @@ def test_compaction_keeps_the_current_version_of_each_window_once(tmp_path: Path
     res = compact(arc, "2024-10-03", "2024-10-04")
     assert (res.partitions, res.objects_in, res.rows_in, res.rows_out) == (3, 5, 7, 6)
     assert arc.list("") == [
-        f"aggregates/dt=2024-10-03/device_id=dev-1/seq={3:020d}-{3:020d}.parquet",
-        f"aggregates/dt=2024-10-04/device_id=dev-1/seq={1:020d}-{2:020d}.parquet",
+        "aggregates/dt=2024-10-03/compacted.parquet",
+        "aggregates/dt=2024-10-04/compacted.parquet",
         f"alerts/dt=2024-10-04/device_id=dev-1/seq={7:020d}-{8:020d}.parquet",
     ]
     con = duckdb.connect()
     rows = con.execute(
         f"SELECT sensor, epoch_ns(window_start), revision, mean FROM read_parquet("
-        f"'{tmp_path}/aggregates/**/*.parquet', hive_partitioning = true) ORDER BY 2, 1"
+        f"'{tmp_path}/aggregates/*/*.parquet', hive_partitioning = true) ORDER BY 2, 1"
     ).fetchall()
     assert rows == [
         ("temp", MIDNIGHT - W, 0, 1.5),
@@ -212,7 +240,7 @@ def test_nanosecond_window_starts_survive_the_lake(tmp_path: Path) -> None:
     arc = LocalArchive(tmp_path)
     for key, data in batch_objects(b):
         arc.put(key, data)
-        (back,) = table_to_batches("dev-1", read_table(data))
+        (back,) = table_to_batches(read_table(data))
         assert back.start_ns.tolist() == [MIDNIGHT + 3, MIDNIGHT + 6]
     res = compact(arc, "2024-10-04", "2024-10-04")
     assert res.rows_out == 2
@@ -232,7 +260,7 @@ def _read_all(key: str, data: bytes) -> int:
         table = read_table(data)
         if key.startswith("alerts/"):
             return len(list(table_to_alerts(table)))
-        return sum(b.rows for b in table_to_batches("dev-1", table))
+        return sum(b.rows for b in table_to_batches(table))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -260,6 +288,13 @@ def test_a_parquet_file_of_another_schema_is_a_damaged_object() -> None:
         _read_all("aggregates/x.parquet", buf.getvalue())
 
 
+def test_an_object_of_lake_version_1_is_named_as_such() -> None:
+    """Lake version 1 had one object per batch, the device in its path only."""
+    table = read_table(GOOD_OBJECT).drop_columns(["device_id"])
+    with pytest.raises(LakeObjectError, match="lake version 1"):
+        _read_all("aggregates/x.parquet", to_parquet(table))
+
+
 class _Points:
     def __init__(self) -> None:
         self.lines: list[str] = []
@@ -283,10 +318,9 @@ def test_replay_compact_and_rollup_meet_a_damaged_object(tmp_path: Path) -> None
     from shared.config import from_dict
 
     arc = LocalArchive(tmp_path)
-    for b in (_batch(1, [MIDNIGHT, MIDNIGHT]), _batch(2, [MIDNIGHT + W])):
-        for key, data in batch_objects(b):
-            arc.put(key, data)
-    damaged_key, data = batch_objects(_batch(3, [MIDNIGHT - W]))[0]  # the day before
+    put(arc, "g1", _batch(1, [MIDNIGHT, MIDNIGHT]))
+    put(arc, "g2", _batch(2, [MIDNIGHT + W]))
+    damaged_key, data = batch_objects(_batch(3, [MIDNIGHT - W]), "g3")[0]  # the day before
     arc.put(damaged_key, data[: len(data) // 2])
 
     points = _Points()
@@ -319,3 +353,30 @@ def test_the_local_lake_is_not_world_readable(tmp_path: Path) -> None:
     for path in made:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode & 0o007 == 0, (path, oct(mode))
+
+
+def test_a_large_day_is_compacted_in_buckets_by_device(tmp_path: Path) -> None:
+    """A day too large for one bucket is split by a hash of the device: each device's
+    windows in one bucket, each bucket compacted alone; the result is the same rows."""
+    arc = LocalArchive(tmp_path)
+    devices = [f"dev-{i}" for i in range(12)]
+    for g, dev in enumerate(devices):
+        first = dataclasses.replace(_batch(1, [MIDNIGHT, MIDNIGHT, MIDNIGHT + W]), device_id=dev)
+        revised = dataclasses.replace(_batch(2, [MIDNIGHT], 1, mean=9.0), device_id=dev)
+        put(arc, f"g{g}", first, revised, first)  # a resend of seq 1 in the same object
+    before = influxq_lake(tmp_path)
+    assert len(before) == 12 * 3
+
+    res = compact(arc, "2024-10-04", "2024-10-04", bucket_bytes=20_000)
+    keys = arc.list("aggregates/")
+    assert len(keys) > 1 and all(
+        k.startswith("aggregates/dt=2024-10-04/compacted-")
+        and k.endswith(f"-of-{len(keys):04d}.parquet")
+        for k in keys
+    ), keys
+    assert (res.partitions, res.objects_in, res.rows_in, res.rows_out) == (1, 12, 12 * 7, 12 * 3)
+    assert influxq_lake(tmp_path) == before
+    per_key = [{b.device_id for b in table_to_batches(read_table(arc.get(k)))} for k in keys]
+    assert sorted(d for ds in per_key for d in ds) == sorted(devices), "each device in one bucket"
+    again = compact(arc, "2024-10-04", "2024-10-04", bucket_bytes=20_000)
+    assert again.rows_out == 12 * 3 and influxq_lake(tmp_path) == before

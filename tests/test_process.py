@@ -9,7 +9,7 @@ import threading
 import numpy as np
 
 from cloud_ingest.config import IngestConfig
-from cloud_ingest.lake import parse_key
+from cloud_ingest.lake import archived_seqs, parse_key, read_table, table_to_batches
 from cloud_ingest.process import Processor
 from shared.config import from_dict
 from shared.errors import PermanentSinkError
@@ -85,6 +85,21 @@ def message(device: str, seq: int, rows: int = 2) -> tuple[str, bytes]:
     return f"{PREFIX}/{device}/batch", encode_batch(b)
 
 
+def aggregates(store: FakeStore) -> list[str]:
+    keys = [k for k in store.objects if k.startswith("aggregates/")]
+    assert all(parse_key(k) is not None for k in keys), keys
+    return keys
+
+
+def lake_rows(store: FakeStore) -> dict[tuple[str, int], int]:
+    """(device, seq) → its rows in the lake, over every object."""
+    out: dict[tuple[str, int], int] = {}
+    for key in aggregates(store):
+        for b in table_to_batches(read_table(store.objects[key])):
+            out[(b.device_id, b.seq)] = out.get((b.device_id, b.seq), 0) + b.rows
+    return out
+
+
 def processor(points: FakePoints, store: FakeStore) -> Processor:
     return Processor(from_dict(IngestConfig, {"retry": {"initial_s": 0.01}}), points, store)
 
@@ -105,8 +120,9 @@ def test_a_group_shares_requests_and_gives_each_message_its_outcome() -> None:
         None,  # not even the seq can be read
     ]
     assert len(points.requests) == 1 and len(points.requests[0]) == 6  # 3 batches x 2
-    keys = [parse_key(k) for k in store.objects if k.startswith("aggregates/")]
-    assert sorted((k.device_id, k.seq) for k in keys if k) == [("a", 1), ("a", 2), ("b", 1)]
+    # one lake object for the group, holding the three batches once
+    assert len(aggregates(store)) == 1
+    assert lake_rows(store) == {("a", 1): 2, ("a", 2): 2, ("b", 1): 2}
     assert sum(k.startswith("quarantine/reason=bad-magic/") for k in store.objects) == 2
     c = proc.stats.counters
     assert c["received"] == 5 and c["batches_written"] == 3 and c["duplicates"] == 1
@@ -126,16 +142,29 @@ def test_a_permanent_influx_failure_is_pinned_on_its_batch() -> None:
     assert proc.stats.counters["batches_written"] == 2
     # the lake holds what InfluxDB holds: the refused batch is only in the quarantine,
     # so that a replay of the lake never meets it
-    lake = [parse_key(k) for k in store.objects if k.startswith("aggregates/")]
-    assert sorted(k.device_id for k in lake if k) == ["a", "c"]
+    # (the group's object is written again without its rows)
+    assert len(aggregates(store)) == 1
+    assert lake_rows(store) == {("a", 1): 2, ("c", 1): 2}
 
 
-def test_a_refused_object_quarantines_only_its_batch() -> None:
-    points, store = FakePoints(), FakeStore(refuse="device_id=b/")
+def test_a_group_whose_batches_influx_refuses_all_leaves_no_object() -> None:
+    points, store = FakePoints(bad_device="bad"), FakeStore()
+    proc = processor(points, store)
+    out = asyncio.run(proc.handle_group([message("bad", 1), message("bad", 2)]))
+    proc.close()
+    assert [o.result for o in out] == ["quarantined", "quarantined"]
+    assert aggregates(store) == []
+
+
+def test_a_refused_group_object_quarantines_the_batches_it_holds() -> None:
+    """The store refusing an object for good (access denied, a bad key) is not about
+    one batch in it: every batch it holds is refused, and the device told so."""
+    points, store = FakePoints(), FakeStore(refuse="aggregates/")
     proc = processor(points, store)
     out = asyncio.run(proc.handle_group([message("a", 1), message("b", 1)]))
     proc.close()
-    assert [o.result for o in out] == ["written", "quarantined"]
+    assert [o.result for o in out] == ["quarantined", "quarantined"]
+    assert [o.ack.reason for o in out if o.ack] == ["sink-rejected", "sink-rejected"]
     assert proc.stats.counters["archive_rejected"] == 1
 
 
@@ -159,6 +188,22 @@ def test_a_resend_in_the_next_group_is_a_duplicate_once_the_first_is_written() -
     assert asyncio.run(main()) == (["written"], ["duplicate"])
     proc.close()
     assert len(points.requests) == 1
+    assert lake_rows(store) == {("a", 1): 2} and len(aggregates(store)) == 1
+
+
+def test_a_resend_beside_new_batches_is_left_out_of_the_groups_object() -> None:
+    points, store = FakePoints(), FakeStore()
+    proc = processor(points, store)
+
+    async def main() -> list[str]:
+        out = await proc.handle_group([message("a", 1)])
+        out += await proc.handle_group([message("a", 1), message("a", 2, rows=3)])
+        return [o.result for o in out]
+
+    assert asyncio.run(main()) == ["written", "duplicate", "written"]
+    proc.close()
+    assert len(aggregates(store)) == 2
+    assert lake_rows(store) == {("a", 1): 2, ("a", 2): 3}  # a:1 once
 
 
 def revised(device: str, seq: int, revisions: list[int], count: int) -> tuple[str, bytes]:
@@ -206,13 +251,7 @@ def test_an_older_window_version_is_not_written_over_a_newer_one() -> None:
     ]
     assert "revision=3i" in lines[0] and "count=20i" in lines[0]
     assert proc.stats.counters["revisions_superseded"] == 2
-    keys = [parse_key(k) for k in store.objects if k.startswith("aggregates/")]
-    assert sorted((k.device_id, k.seq) for k in keys if k) == [
-        ("a", 5),
-        ("a", 7),
-        ("b", 1),
-        ("b", 2),
-    ]
+    assert archived_seqs(store) == {"a": {5, 7}, "b": {1, 2}}
 
 
 def test_replay_shares_the_write_path_and_leaves_the_lake_alone() -> None:
@@ -231,7 +270,7 @@ def test_replay_shares_the_write_path_and_leaves_the_lake_alone() -> None:
     again = FakePoints(bad_device="b")
     cfg = from_dict(IngestConfig, {"retry": {"initial_s": 0.01}})
     res = asyncio.run(replay(cfg, store, again, ReplayFilter()))
-    assert (res.objects, res.batches, res.points, res.rejected) == (3, 3, 5, 1)
+    assert (res.objects, res.batches, res.points, res.rejected) == (1, 3, 5, 1)
     # the requests InfluxDB took (a refused one is tried again write by write)
     ok = [r for r in again.requests if not any("device_id=b," in ln for ln in r)]
     replayed = sorted(ln for r in ok for ln in r)

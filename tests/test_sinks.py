@@ -142,7 +142,7 @@ def test_every_backend_method_raises_only_the_shared_errors(tmp_path: Path) -> N
         LocalArchive(tmp_path / "not-a-dir"),
         S3Archive("bucket", "lake", endpoint_url=closed, region="us-east-1"),
     ]
-    key = "aggregates/dt=2026-01-01/device_id=d/seq=00000000000000000001.parquet"
+    key = "aggregates/dt=2026-01-01/part-1-ab-000001.parquet"
     calls: list[tuple[str, Callable[[], object]]] = []
     for a in archives:
         calls += [

@@ -95,13 +95,13 @@ def test_the_lake_keeps_every_tag_and_reads_old_objects() -> None:
 
     b = batch(REFS)
     ((_, data),) = batch_objects(b)
-    (back,) = table_to_batches("dev-1", read_table(data))
+    (back,) = table_to_batches(read_table(data))
     assert back.sensors == REFS
     # an object written before the column: read with empty tags
     table = pq.read_table(io.BytesIO(data)).drop_columns(["tags"])
     out = io.BytesIO()
     pq.write_table(table, out)
-    (old,) = table_to_batches("dev-1", read_table(out.getvalue()))
+    (old,) = table_to_batches(read_table(out.getvalue()))
     assert [s.tags for s in old.sensors] == [(), (), ()]
     np.testing.assert_array_equal(old.mean, b.mean)
 

@@ -10,12 +10,12 @@ Two backends with the same layout:
 
 Keys (see ``docs/cloud-ingest.md``)::
 
-    aggregates/dt=<day>/device_id=<id>/seq=<seq, 20 digits>.parquet   windows
+    aggregates/dt=<day>/part-<group>.parquet                          windows of a group of batches
     alerts/dt=<day>/device_id=<id>/seq=<seq, 20 digits>.parquet       alert events
     quarantine/reason=<reason>/<sha256 of payload>.bin                rejected input
     quarantine/reason=<reason>/<sha256 of payload>.json               why, where from, when
 
-A resend of the same (device_id, seq) overwrites the same keys.
+A resend of an alert, or of a quarantined message, overwrites the same keys.
 """
 
 from __future__ import annotations

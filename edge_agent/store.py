@@ -32,10 +32,12 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-
-import sqlite_utils
+from typing import TYPE_CHECKING
 
 from shared.errors import StorageError
+
+if TYPE_CHECKING:  # imported by _migrate only: a running agent never needs it
+    import sqlite_utils
 
 
 def _v1(db: sqlite_utils.Database) -> None:
@@ -236,7 +238,6 @@ class Store:
                 self.conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self.conn.execute("PRAGMA foreign_keys=ON")
             self.conn.execute("PRAGMA recursive_triggers=ON")  # see count_rows
-            self.db = sqlite_utils.Database(self.conn)
             self._undo: list[Callable[[], object]] | None = None  # set inside tx()
             # Inside tx(): counter increments and state values, written once, just
             # before COMMIT (a message's five counters and two states were seven
@@ -260,8 +261,14 @@ class Store:
                     f"{self.path} has schema version {version}; this agent knows up to "
                     f"{SCHEMA_VERSION}. Refusing to touch a file from a newer agent."
                 )
+            if version < SCHEMA_VERSION:
+                # sqlite-utils only here: it imports pandas (and pandas pyarrow,
+                # 100 MB) wherever they are installed, and only a migration needs it
+                import sqlite_utils
+
+                db = sqlite_utils.Database(self.conn)
             for i in range(version, SCHEMA_VERSION):
-                MIGRATIONS[i](self.db)
+                MIGRATIONS[i](db)
             if version < SCHEMA_VERSION:
                 count_rows(self.conn)
             self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")

@@ -298,3 +298,20 @@ def test_property_large_windows_select_the_exact_ranks(
                 assert srt[lo] <= g <= srt[hi] or g == want, (shape, name, g, srt[lo], srt[hi])
                 with np.errstate(over="ignore", invalid="ignore"):
                     assert g == want or abs(g - want) <= 1e-12 * abs(want), (shape, name, g, want)
+
+
+def test_numba_is_ready_for_read_only_input_once_loaded() -> None:
+    """The buffer's readings are read-only arrays (np.frombuffer), a type of their own
+    to numba: loading the kernel prepares both, so no window close compiles."""
+    code = (
+        "import numpy as np\n"
+        "from edge_agent.pipeline import kernels\n"
+        "kernels.configure('numba'); kernels.warm_up()\n"
+        "before = len(kernels._numba_kernel.signatures)\n"
+        "v = np.frombuffer(np.arange(10.0).tobytes())\n"
+        "kernels.window_stats(v, np.array([0, 5]))\n"
+        "kernels.window_stats(np.arange(10.0), np.array([0, 5]))\n"
+        "print(before, len(kernels._numba_kernel.signatures))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["2", "2"]

@@ -312,7 +312,16 @@ def _load_numba() -> Any:
                 import numba
             except ImportError:  # a broken install: numpy it is
                 return None
-            _numba_kernel = numba.njit(cache=True, nogil=True)(_stats_loop)
+            kernel = numba.njit(cache=True, nogil=True)(_stats_loop)
+            # Compile (first start) or load from the cache both kinds of input now:
+            # a read-only array (np.frombuffer over the buffer's blobs) is a type of
+            # its own to numba, and met first in a window close it was compiled
+            # there, seconds and ~60 MB later than the warm-up.
+            v, segs = np.array([1.0, 2.0]), np.array([0], dtype=np.int64)
+            kernel(v, segs)
+            v.flags.writeable = False
+            kernel(v, segs)
+            _numba_kernel = kernel
         return _numba_kernel
 
 
@@ -350,8 +359,8 @@ def warm_up() -> float:
     the numba kernel now, so that the first window close, or a technician's
     ``flush``, does not wait for it. Returns the seconds it took; a no-op otherwise."""
     started = time.monotonic()
-    if _mode == "numba" and _load_numba() is not None:
-        window_stats_numba(np.array([1.0, 2.0]), np.array([0], dtype=np.int64))
+    if _mode == "numba":
+        _load_numba()
     return time.monotonic() - started
 
 

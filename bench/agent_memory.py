@@ -56,7 +56,9 @@ def edge_venv(work: Path) -> Path:
     subprocess.run(pip, check=True)
     # fill numba's cache, as an earlier start of the agent would have
     warm = "from edge_agent.pipeline import kernels; kernels.configure('numba'); kernels.warm_up()"
-    subprocess.run([str(venv / "bin" / "python"), "-c", warm], check=True)
+    # (from the work folder: `-c` puts the current folder first on sys.path, and from
+    # the repository it would import, and cache, the repository's copy)
+    subprocess.run([str(venv / "bin" / "python"), "-c", warm], check=True, cwd=work)
     return venv / "bin" / "edge-agent"
 
 

@@ -1,11 +1,14 @@
 """From the broker to :meth:`Processor.handle_group` and back: groups, PUBACKs, device acks.
 
 :class:`GroupConsumer` takes the messages of one connection in groups. A group is
-every message waiting (up to what ``mqtt.receive_maximum`` leaves room for) once
-the previous group has been decoded, at most one other group is unfinished, and
-at most half of ``receive_maximum`` is in hand. While one group is being written,
-the next one is decoded; writes run one group after the other, so a device's
-batches are written in order.
+every message waiting, up to half of ``mqtt.receive_maximum``, once the previous
+group has been decoded, at most one other group is unfinished, and at most half
+of ``receive_maximum`` is in hand. While one group is being written, the next
+one is decoded; writes run one group after the other, so a device's batches are
+written in order. (A group that took all of ``receive_maximum`` left nothing for
+the next one until it was written: under load the stages ran one after the
+other, decode, write, PUBACK, receive, 14,300 points/s in bench/ingest.py against
+15,400 with half-size groups that overlap; CPU per batch the same.)
 
 PUBACKs go out in arrival order, as MQTT requires: a group's messages are
 acknowledged once it and every group before it are done. Then its devices are
@@ -152,7 +155,10 @@ class GroupConsumer:
         # 2.0.11 sends more once PUBACKs flow (eclipse/mosquitto#2301), so the limit
         # is kept here too: the rest waits in the client's queue (which stops reading
         # the socket when full, see mqttclient.py).
-        take = self.receive_maximum - (self.client.in_hand - 1)
+        take = min(
+            self.receive_maximum - (self.client.in_hand - 1),
+            max(1, self.receive_maximum // GROUPS_IN_HAND),  # room for the next group
+        )
         while len(msgs) < take and self.client.waiting():
             msgs.append(self.client.take_nowait())
         if self.on_group is not None:

@@ -27,17 +27,34 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from shared.errors import StorageError
 
 if TYPE_CHECKING:  # imported by _migrate only: a running agent never needs it
     import sqlite_utils
+
+
+def _sqlite_utils() -> ModuleType:
+    """sqlite-utils, imported only to migrate, and without pandas: it imports pandas
+    wherever pandas is installed (for DataFrame inserts, which the agent never
+    makes), and pandas brings pyarrow, 100 MB of a device's memory for good."""
+    hide = "pandas" not in sys.modules
+    if hide:
+        sys.modules["pandas"] = None  # type: ignore[assignment]  # import pandas fails
+    try:
+        import sqlite_utils
+    finally:
+        if hide:
+            del sys.modules["pandas"]
+    return sqlite_utils
 
 
 def _v1(db: sqlite_utils.Database) -> None:
@@ -262,11 +279,7 @@ class Store:
                     f"{SCHEMA_VERSION}. Refusing to touch a file from a newer agent."
                 )
             if version < SCHEMA_VERSION:
-                # sqlite-utils only here: it imports pandas (and pandas pyarrow,
-                # 100 MB) wherever they are installed, and only a migration needs it
-                import sqlite_utils
-
-                db = sqlite_utils.Database(self.conn)
+                db = _sqlite_utils().Database(self.conn)
             for i in range(version, SCHEMA_VERSION):
                 MIGRATIONS[i](db)
             if version < SCHEMA_VERSION:

@@ -143,3 +143,33 @@ def test_the_buffer_and_its_wal_are_private(tmp_path: Path) -> None:
             assert stat.S_IMODE(p.stat().st_mode) == 0o600, (p, oct(p.stat().st_mode))
     finally:
         store.close()
+
+
+def test_the_buffer_does_not_import_pandas(tmp_path: Path) -> None:
+    """sqlite-utils imports pandas wherever it is installed; the agent migrates its
+    buffer with sqlite-utils, and must not carry pandas (and pyarrow) for good. A
+    stand-in pandas on the path says whether anything imported it."""
+    import os
+    import subprocess
+    import sys
+
+    fake = tmp_path / "site" / "pandas"
+    fake.mkdir(parents=True)
+    marker = tmp_path / "pandas-imported"
+    (fake / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+
+    def buffer_code(name: str) -> str:
+        return (
+            "from edge_agent.store import Store\n"
+            f"Store({str(tmp_path / name)!r}).close()\n"  # creates and migrates
+            "import sqlite_utils.db\n"
+            "assert sqlite_utils.db.pd is None\n"
+        )
+
+    subprocess.run([sys.executable, "-c", buffer_code("a.db")], env=env, check=True)
+    assert not marker.exists(), "the buffer imported pandas"
+    # the stand-in is what `import pandas` finds, also after the buffer hid it
+    code = buffer_code("b.db") + "import pandas\n"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    assert marker.exists()

@@ -55,11 +55,11 @@ def main() -> None:
 
     `run` subscribes to every device's batch and alert topics, decodes and
     validates each message, writes one InfluxDB point per (device, sensor,
-    window) and Parquet objects to the lake (S3 or a local directory) under keys
-    made of day, device_id and seq, then acks the device. Invalid input goes to
-    the archive's quarantine/ folder with its reason. `replay` rebuilds InfluxDB
-    from the lake; `rollup` writes hourly and daily roll-ups; `compact` folds a
-    day's per-batch objects into one per device.
+    window) and the rows of each group of batches as one Parquet object per day
+    to the lake (S3 or a local directory), then acks the devices. Invalid input
+    goes to the archive's quarantine/ folder with its reason. `replay` rebuilds
+    InfluxDB from the lake; `rollup` writes hourly and daily roll-ups; `compact`
+    folds a day's objects into one, current window versions only.
 
     Exit codes: 0 ok, 1 failure, 2 bad config or usage.
     """

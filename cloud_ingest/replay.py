@@ -168,7 +168,10 @@ async def replay(
             res.damaged += len(tables)
             return
         if flt.devices:
-            data = data.filter(pa.array(np.isin(data.column("device_id"), list(flt.devices))))
+            import pyarrow.compute as pc
+
+            wanted = pa.array(sorted(flt.devices), pa.string())
+            data = data.filter(pc.is_in(data.column("device_id"), value_set=wanted))
         data = current_rows(_in_range(data, "window_start", flt))
         await asyncio.gather(
             *(one_batch(b, f"replay {what}") for b in table_to_batches(data) if b.rows)

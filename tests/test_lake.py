@@ -380,3 +380,20 @@ def test_a_large_day_is_compacted_in_buckets_by_device(tmp_path: Path) -> None:
     assert sorted(d for ds in per_key for d in ds) == sorted(devices), "each device in one bucket"
     again = compact(arc, "2024-10-04", "2024-10-04", bucket_bytes=20_000)
     assert again.rows_out == 12 * 3 and influxq_lake(tmp_path) == before
+
+
+def test_replay_of_some_devices_takes_their_rows_of_shared_objects(tmp_path: Path) -> None:
+    import asyncio
+
+    from cloud_ingest.config import IngestConfig
+    from cloud_ingest.replay import ReplayFilter, replay
+    from shared.config import from_dict
+
+    arc = LocalArchive(tmp_path)
+    other = dataclasses.replace(_batch(2, [MIDNIGHT, MIDNIGHT + W]), device_id="dev-2")
+    put(arc, "g1", _batch(1, [MIDNIGHT]), other)
+    points = _Points()
+    flt = ReplayFilter(devices=frozenset({"dev-2"}))
+    res = asyncio.run(replay(from_dict(IngestConfig, {}), arc, points, flt))
+    assert (res.objects, res.batches, res.points) == (1, 1, 2)
+    assert len(points.lines) == 2 and all("device_id=dev-2," in ln for ln in points.lines)

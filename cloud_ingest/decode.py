@@ -9,7 +9,7 @@ Each stage hands the next an immutable value:
   alert, its lake object, or the earlier message of the group that it repeats.
 - :class:`GroupPlan`: the group's messages planned, and the Arrow rows of all its
   batches, one :class:`~cloud_ingest.lake.GroupRows` per day, which become one
-  lake object each (:func:`encode_rows` turns them into Parquet bytes).
+  lake object each (:func:`~cloud_ingest.lake.to_parquet` encodes them).
 
 Nothing here raises: a message that a decoder cannot take is quarantined with a
 reason (``undecodable`` if a decoder ever raised something other than WireError;
@@ -23,12 +23,12 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
 from cloud_ingest.config import IngestConfig
-from cloud_ingest.lake import GroupRows, alert_object, group_rows, to_parquet
+from cloud_ingest.lake import GroupRows, alert_object, group_rows
 from cloud_ingest.lineproto import alert_to_line, batch_to_lines, health_to_line
 from shared import jsonwire
 from shared.alerts import Alert, decode_alert
@@ -201,8 +201,3 @@ def plan_group(decoded: Sequence[Decoded], cfg: IngestConfig) -> GroupPlan:
     at = np.array([i for i, _ in batches], dtype=np.int64)
     rows = [dataclasses.replace(g, which=at[g.which]) for g in group_rows([b for _, b in batches])]
     return GroupPlan(out, rows)
-
-
-def encode_rows(rows: Any) -> bytes:
-    """Arrow rows → Parquet bytes (Arrow's encoder runs without the GIL)."""
-    return to_parquet(rows)

@@ -455,19 +455,15 @@ def list_objects(
     store: ObjectStore,
     table: str,
     *,
-    device: str | None = None,
     since_dt: str | None = None,
     until_dt: str | None = None,
 ) -> list[tuple[LakeKey, str]]:
     """The lake's objects of ``table``, of days in ``[since_dt, until_dt]``
-    (``YYYY-MM-DD``; the partition names order as dates), and for alerts optionally
-    of one device (an aggregates object holds many devices: filter its rows)."""
+    (``YYYY-MM-DD``; the partition names order as dates)."""
     out = []
     for key in store.list(f"{table}/"):
         k = parse_key(key)
         if k is None or k.table != table:
-            continue
-        if device is not None and table == ALERTS and k.device_id != device:
             continue
         if (since_dt is not None and k.dt < since_dt) or (until_dt is not None and k.dt > until_dt):
             continue

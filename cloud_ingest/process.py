@@ -40,9 +40,9 @@ from typing import Literal
 import numpy as np
 
 from cloud_ingest.config import IngestConfig
-from cloud_ingest.decode import GroupPlan, Planned, decode_group, encode_rows, plan_group
+from cloud_ingest.decode import GroupPlan, Planned, decode_group, plan_group
 from cloud_ingest.fleet import Fleet
-from cloud_ingest.lake import GroupRows, PartNames, part_key
+from cloud_ingest.lake import GroupRows, PartNames, part_key, to_parquet
 from cloud_ingest.revisions import RevisionMemory, WindowKey
 from cloud_ingest.sinks.base import ObjectStore, PointSink
 from cloud_ingest.writer import Quarantine, SharedObject, ShuttingDown, Stats, Write, Writer
@@ -133,7 +133,7 @@ class Processor:
                 decoded.set()  # the next group may be decoded while this one encodes
         loop = asyncio.get_running_loop()
         encoded = await asyncio.gather(
-            *(loop.run_in_executor(self._encoders, encode_rows, g.rows) for g in plan.rows)
+            *(loop.run_in_executor(self._encoders, to_parquet, g.rows) for g in plan.rows)
         )
         for p in plan.planned:
             self.stats.inc(_RECEIVED[p.msg.kind])
@@ -168,7 +168,7 @@ class Processor:
         if plan.planned[0].msg.error is not None:  # a bug, not input: say so at start
             raise RuntimeError(f"the warm-up batch did not decode: {plan.planned[0].msg.error}")
         for g in plan.rows:
-            encode_rows(g.rows)
+            to_parquet(g.rows)
         return time.monotonic() - started
 
     def _decode_and_plan(self, messages: Sequence[tuple[str, bytes]]) -> GroupPlan:
@@ -300,6 +300,6 @@ def _rebuilder(
 
     def rebuild(refused: frozenset[int]) -> bytes | None:
         kept = g.without(left_out | {writing[j] for j in refused})
-        return None if kept is None else encode_rows(kept)
+        return None if kept is None else to_parquet(kept)
 
     return rebuild

@@ -150,16 +150,22 @@ async def replay(
         res.rejected += not ok
 
     async def one_day(what: str, objs: Iterable[tuple[LakeKey, str]]) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        wanted = pa.array(sorted(flt.devices), pa.string())
         tables = []
         for _, key in objs:
             table = await read(key)
-            if table is not None:
-                tables.append(table)
-                res.objects += 1
+            if table is None:
+                continue
+            res.objects += 1
+            # narrowed at once: a day of a large fleet is held in memory together
+            if flt.devices:
+                table = table.filter(pc.is_in(table.column("device_id"), value_set=wanted))
+            tables.append(_in_range(table, "window_start", flt))
         if not tables:
             return
-        import pyarrow as pa
-
         try:
             with reading(what):  # objects with other schemas do not concatenate
                 data = pa.concat_tables(tables, promote_options="default")
@@ -167,12 +173,7 @@ async def replay(
             log.warning("replay: %s; day skipped", exc)
             res.damaged += len(tables)
             return
-        if flt.devices:
-            import pyarrow.compute as pc
-
-            wanted = pa.array(sorted(flt.devices), pa.string())
-            data = data.filter(pc.is_in(data.column("device_id"), value_set=wanted))
-        data = current_rows(_in_range(data, "window_start", flt))
+        data = current_rows(data)
         await asyncio.gather(
             *(one_batch(b, f"replay {what}") for b in table_to_batches(data) if b.rows)
         )

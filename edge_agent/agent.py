@@ -27,7 +27,16 @@ from edge_agent import control
 from edge_agent.config import AgentConfig
 from edge_agent.lock import BufferLock
 from edge_agent.mqtt import network_thread_alive
-from edge_agent.pipeline import alerts, budget, buffer, kernels, outbox, quarantine, window
+from edge_agent.pipeline import (
+    alerts,
+    budget,
+    buffer,
+    held,
+    kernels,
+    outbox,
+    quarantine,
+    window,
+)
 from edge_agent.pipeline.forward import Forwarder
 from edge_agent.pipeline.health import Reporter
 from edge_agent.pipeline.intake import Intake
@@ -55,6 +64,8 @@ class Agent:
             self.http = HttpIntake(http, self.intake) if http.enabled else None
             self.pollers = [ModbusPoller(m, self.intake) for m in cfg.intake.modbus]
             self.forwarder = Forwarder(cfg, self.store)
+            # readings stamped ahead of a clock known to be behind are not held
+            self.intake.offset_ns = self.forwarder.clock.offset_ns
             self.health = Reporter(cfg, self.store, self.forwarder.clock)
         except BaseException:
             self.lock.release()
@@ -142,6 +153,7 @@ class Agent:
 
     def tick(self) -> None:
         self.intake.flush()  # the last messages of a burst: do not wait for more
+        self.intake.release_held()  # what the clock allows now (edge_agent/pipeline/held.py)
         self.store_adapter_counts()
         req = control.pending_flush(self.store)
         self.send_ready(flush=req is not None)
@@ -166,6 +178,7 @@ class Agent:
                 self.store,
                 intake_up=self.intake.subscribed.is_set(),
                 forward_up=self.forwarder.connected.is_set(),
+                clock=self.forwarder.clock.estimate(),
             )
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_EVERY_S
@@ -176,6 +189,11 @@ class Agent:
                 age_ns = int(self.cfg.storage.quarantine_max_age_s * 1e9)
                 with self.store.tx():
                     quarantine.free(self.store, older_than_ns=time.time_ns() - age_ns)
+            held.expire(
+                self.store,
+                max_bytes=self.cfg.storage.held_max_bytes,
+                max_age_s=self.cfg.storage.held_max_age_s,
+            )
         self.health.tick(
             intake_up=self.intake.subscribed.is_set(),
             forward_up=self.forwarder.connected.is_set(),

@@ -57,6 +57,10 @@ class StorageConfig:
     max_bytes: int = 1 << 30
     quarantine_max_bytes: int = 8 << 20
     quarantine_max_age_s: float = 7 * 24 * 3600.0
+    #: readings stamped ahead of the clock, held until it allows them
+    #: (edge_agent/pipeline/held.py); beyond either bound the oldest are dropped
+    held_max_bytes: int = 64 << 20
+    held_max_age_s: float = 7 * 24 * 3600.0
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -72,6 +76,10 @@ class StorageConfig:
             raise Invalid("quarantine_max_bytes", "must be >= 0 (0 = no cap of its own)")
         if self.quarantine_max_age_s < 0:
             raise Invalid("quarantine_max_age_s", "must be >= 0 (0 = kept until the cap)")
+        if self.held_max_bytes < 0:
+            raise Invalid("held_max_bytes", "must be >= 0 (0 = no cap of its own)")
+        if self.held_max_age_s < 0:
+            raise Invalid("held_max_age_s", "must be >= 0 (0 = kept until the cap)")
 
 
 @dataclass(frozen=True)

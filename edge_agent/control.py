@@ -12,12 +12,21 @@ from __future__ import annotations
 import os
 import time
 
+from edge_agent.clock import ClockSample, boot_id, mono_ns
 from edge_agent.config import AgentConfig
 from edge_agent.pipeline import window
 from edge_agent.store import Store
 
-HEARTBEAT = "heartbeat_ns"
+HEARTBEAT = "heartbeat_ns"  # the wall clock at the last beat (for people)
+HEARTBEAT_MONO = "heartbeat_mono_ns"  # the monotonic clock at the last beat
+HEARTBEAT_BOOT = "heartbeat_boot_id"  # ... of this boot (edge_agent/clock.py)
 PID = "agent_pid"
+#: the agent's clock against the cloud's at the last beat (edge_agent/clock.py):
+#: milliseconds, cloud minus device, within ± half the round trip; the monotonic
+#: time it was measured at (0: not known)
+CLOCK_OFFSET_MS = "clock_offset_ms"
+CLOCK_RTT_MS = "clock_rtt_ms"
+CLOCK_MEASURED_MONO = "clock_measured_mono_ns"
 INTAKE_UP = "intake_connected"
 FORWARD_UP = "forward_connected"
 FLUSH_REQUESTED = "flush_requested_ns"
@@ -28,12 +37,24 @@ HEARTBEAT_EVERY_S = 2.0
 STALE_AFTER_S = 10.0
 
 
-def beat(store: Store, *, intake_up: bool, forward_up: bool) -> None:
+def beat(
+    store: Store,
+    *,
+    intake_up: bool,
+    forward_up: bool,
+    clock: ClockSample | None = None,
+) -> None:
     with store.tx():
         store.set_state(HEARTBEAT, time.time_ns())
+        store.set_state(HEARTBEAT_MONO, mono_ns())
+        store.set_state(HEARTBEAT_BOOT, boot_id())
         store.set_state(PID, os.getpid())
         store.set_state(INTAKE_UP, int(intake_up))
         store.set_state(FORWARD_UP, int(forward_up))
+        if clock is not None:
+            store.set_state(CLOCK_OFFSET_MS, round(clock.offset_s * 1000))
+            store.set_state(CLOCK_RTT_MS, round(clock.rtt_s * 1000))
+            store.set_state(CLOCK_MEASURED_MONO, mono_ns())
 
 
 def stopped(store: Store) -> None:
@@ -44,10 +65,38 @@ def stopped(store: Store) -> None:
         store.set_state(FORWARD_UP, 0)
 
 
-def agent_running(store: Store, now_ns: int | None = None) -> bool:
-    now_ns = time.time_ns() if now_ns is None else now_ns
+def heartbeat_age_s(store: Store, now_ns: int | None = None) -> float | None:
+    """Seconds since the agent's last heartbeat; None if it stopped cleanly or never
+    beat. On the monotonic clock when the beat is of this boot, so that a step of the
+    wall clock (NTP at boot) does not make a live agent look dead, or a dead one
+    alive; on the wall clock otherwise (``now_ns``, for tests)."""
     beat_ns = store.get_state(HEARTBEAT)
-    return beat_ns > 0 and now_ns - beat_ns < STALE_AFTER_S * 1e9
+    if beat_ns <= 0:
+        return None
+    boot = boot_id()
+    if now_ns is None and boot and store.get_state(HEARTBEAT_BOOT) == boot:
+        return (mono_ns() - store.get_state(HEARTBEAT_MONO)) / 1e9
+    return ((time.time_ns() if now_ns is None else now_ns) - beat_ns) / 1e9
+
+
+def agent_running(store: Store, now_ns: int | None = None) -> bool:
+    age = heartbeat_age_s(store, now_ns)
+    return age is not None and age < STALE_AFTER_S
+
+
+def clock_offset(store: Store) -> tuple[float, float, float] | None:
+    """(offset s, round trip s, age s of the measurement) as the running agent last
+    measured its clock against the cloud's (the cloud's minus the device's); None
+    if never measured in this boot."""
+    at = store.get_state(CLOCK_MEASURED_MONO)
+    boot = boot_id()
+    if not at or not boot or store.get_state(HEARTBEAT_BOOT) != boot:
+        return None
+    return (
+        store.get_state(CLOCK_OFFSET_MS) / 1000,
+        store.get_state(CLOCK_RTT_MS) / 1000,
+        (mono_ns() - at) / 1e9,
+    )
 
 
 def request_flush(store: Store) -> int:

@@ -26,6 +26,7 @@ disk, an I/O error) is counted, and the count becomes the durable counter
 from __future__ import annotations
 
 import os
+import secrets
 import sqlite3
 import sys
 import time
@@ -171,8 +172,56 @@ def _v6(db: sqlite_utils.Database) -> None:
     db.table("health").create({**_SENT_LIKE_BATCHES, "crc": int}, pk="seq", defaults=_SENT_DEFAULTS)
 
 
+#: state: the buffer's generation (docs/wire-format.md §2.3), drawn when it is made
+GENERATION = "generation"
+
+
+def new_generation() -> int:
+    """A random generation in [1, 2^63): a buffer made again (a new SD card, a
+    repair) never shares one with the buffer before it."""
+    return secrets.randbelow(2**63 - 1) + 1
+
+
+def _v7(db: sqlite_utils.Database) -> None:
+    """Generations: the buffer's own (state ``generation``), and each unacknowledged
+    message's (0 in rows from before it), which its ack must name. And ``held``:
+    readings stamped further ahead than the device's clock allows, kept until it
+    does (edge_agent/pipeline/held.py) instead of being dropped."""
+    for table in ("outbox", "alerts", "health"):
+        db.table(table).add_column("generation", int, not_null_default=0)
+    db.conn.execute(
+        "INSERT OR IGNORE INTO state(key, value) VALUES (?, ?)", (GENERATION, new_generation())
+    )
+    db.table("held").create(
+        {
+            "id": int,
+            "node": str,
+            "sensor": str,
+            "unit": str,
+            "n": int,
+            "t_min": int,
+            "t_max": int,
+            "ts": bytes,
+            "vals": bytes,
+            "received_ns": int,
+            "crc": int,
+        },
+        pk="id",
+        not_null={"node", "sensor", "unit", "n", "t_min", "t_max", "ts", "vals"},
+    )
+    db.table("held").create_index(["t_max"])
+
+
 #: MIGRATIONS[i] upgrades schema version i to i + 1.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _v1,
+    _v2,
+    _v3,
+    _v4,
+    _v5,
+    _v6,
+    _v7,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 ROW_COUNTS = "row_counts"
 STORE_ERRORS = "store_errors"  # counter: transactions that SQLite failed

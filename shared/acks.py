@@ -21,15 +21,23 @@ list and a device's key tells nothing about another's. An agent with a key
 acts only on acks that verify; any other is ignored (the batch stays and is
 sent again) and counted as ``acks_unverified``.
 
+**Generations.** A batch from an agent whose buffer has a generation (a random
+number drawn when the buffer was made, docs/wire-format.md §2.3) is answered
+with that ``"generation"`` in the ack, and the MAC covers it: an ack meant for
+seq 5 of a buffer that has since been re-created cannot delete the new buffer's
+seq 5. Such an ack's MAC covers ``generation`` and ``ts_ns`` as well; an ack
+without ``generation`` (for a batch without one) has the MAC it always had.
+
 **The cloud's clock.** An ack may carry ``"ts_ns"``, the ingestor's clock when it
-sent the ack. The agent uses it only to estimate its own clock offset for its
-health report (shared/health.py); it is not covered by the MAC (adding it would
-break the agents that verify acks today), so a forged value can only mislead that
-diagnostic, never delete data.
+sent the ack. The agent estimates its own clock offset from it (shared/health.py),
+and uses that offset to place readings stamped ahead of its own clock only when
+the value is authenticated (the MAC covers it, or the agent verifies no acks at
+all); an ack without ``generation`` does not cover it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -60,25 +68,37 @@ class Ack:
     mac: str = ""
     #: the cloud's clock when the ack was sent; 0 when not given
     ts_ns: int = 0
+    #: the generation of the batch it answers (the module doc); 0 when it had none
+    generation: int = 0
 
     def signed(self, device_id: str, key: bytes) -> Ack:
-        return Ack(self.seq, self.status, self.reason, self._mac(device_id, key), self.ts_ns)
+        return dataclasses.replace(self, mac=self._mac(device_id, key))
 
     def at(self, ts_ns: int) -> Ack:
         """This ack, stamped with the cloud's clock."""
-        return Ack(self.seq, self.status, self.reason, self.mac, ts_ns)
+        return dataclasses.replace(self, ts_ns=ts_ns)
 
     def verify(self, device_id: str, key: bytes) -> bool:
         return hmac.compare_digest(self.mac, self._mac(device_id, key))
 
+    @property
+    def covers_time(self) -> bool:
+        """The MAC covers ``ts_ns`` too (an ack with a generation): a device may then
+        trust the cloud's clock as much as the ack itself."""
+        return bool(self.generation)
+
     def _mac(self, device_id: str, key: bytes) -> str:
-        msg = f"{device_id}\n{self.seq}\n{self.status}\n{self.reason}".encode()
-        return hmac.new(key, msg, hashlib.sha256).digest()[:MAC_BYTES].hex()
+        text = f"{device_id}\n{self.seq}\n{self.status}\n{self.reason}"
+        if self.generation:
+            text += f"\n{self.generation}\n{self.ts_ns}"
+        return hmac.new(key, text.encode(), hashlib.sha256).digest()[:MAC_BYTES].hex()
 
     def encode(self) -> bytes:
         obj: dict[str, Any] = {"seq": self.seq, "status": self.status}
         if self.reason:
             obj["reason"] = self.reason
+        if self.generation:
+            obj["generation"] = self.generation
         if self.mac:
             obj["mac"] = self.mac
         if self.ts_ns:
@@ -104,7 +124,9 @@ def decode_ack(payload: bytes) -> Ack:
     mac = obj.get("mac", "")
     if not isinstance(mac, str) or len(mac) > 2 * MAC_BYTES:
         raise WireError("bad-ack", f"mac must be a string of at most {2 * MAC_BYTES} characters")
-    ts_ns = obj.get("ts_ns", 0)
+    ts_ns, generation = obj.get("ts_ns", 0), obj.get("generation", 0)
     if type(ts_ns) is not int or not 0 <= ts_ns < 2**63:
         raise WireError("bad-ack", "ts_ns must be an integer in [0, 2^63)")
-    return Ack(seq, status, reason, mac, ts_ns)
+    if type(generation) is not int or not 0 <= generation < 2**63:
+        raise WireError("bad-ack", "generation must be an integer in [0, 2^63)")
+    return Ack(seq, status, reason, mac, ts_ns, generation)

@@ -7,7 +7,8 @@ A UTF-8 JSON object::
      "sensor": "temperature", "state": "raised", "ts_ns": 1732600000000000000,
      "value": 61.2, "message": "value 61.2 above 60"}
 
-``seq`` shares the device's counter with batches; ``value`` may be null (a
+``seq`` shares the device's counter with batches (and ``generation``, optional,
+is the device's buffer generation, docs/wire-format.md §2.3); ``value`` may be null (a
 ``silent`` rule has no reading); ``ts_ns`` is the event time of the reading that
 changed the rule's state (the device clock for ``silent``).
 """
@@ -39,6 +40,9 @@ class Alert:
     ts_ns: int
     value: float | None
     message: str
+    #: the device's buffer generation (docs/wire-format.md §2.3); 0 = none. Optional
+    #: on the wire, so not in :data:`FIELDS`.
+    generation: int = 0
 
 
 def decode_alert(payload: bytes) -> Alert:
@@ -64,6 +68,9 @@ def decode_alert(payload: bytes) -> Alert:
     seq, ts = get("seq", int), get("ts_ns", int)
     if not (0 <= seq < 2**63 and 0 <= ts < 2**63):
         raise WireError("bad-alert", "seq and ts_ns must be integers in [0, 2^63)")
+    generation = obj.get("generation", 0)
+    if type(generation) is not int or not 0 <= generation < 2**63:
+        raise WireError("bad-alert", "generation must be an integer in [0, 2^63)")
     value = obj.get("value")
     if value is not None and (
         isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
@@ -79,6 +86,7 @@ def decode_alert(payload: bytes) -> Alert:
         ts,
         None if value is None else float(value),
         get("message", str),
+        generation,
     )
     if alert.kind not in KINDS:
         raise WireError("bad-alert", f"kind {alert.kind!r} is not one of {KINDS}")

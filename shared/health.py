@@ -114,6 +114,9 @@ class HealthReport:
     clock_offset_s: float | None = None
     clock_rtt_s: float | None = None
     drops: dict[str, int] = field(default_factory=dict)
+    #: the device's buffer generation (docs/wire-format.md §2.3); 0 = none, and then
+    #: not on the wire (optional: not in :data:`FIELDS`)
+    generation: int = 0
 
     @property
     def state(self) -> str:
@@ -132,10 +135,12 @@ class HealthReport:
         obj = asdict(self)
         obj["problems"] = list(self.problems)
         obj["state"] = self.state
+        if not self.generation:
+            del obj["generation"]
         return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
 
-FIELDS = (*(f.name for f in fields(HealthReport)), "state")
+FIELDS = (*(f.name for f in fields(HealthReport) if f.name != "generation"), "state")
 
 
 def state_of(problems: tuple[str, ...] | set[str] | frozenset[str]) -> str:
@@ -202,6 +207,9 @@ def decode_health(payload: bytes) -> HealthReport:
             raise bad("'drops' must map names of [a-z0-9_] to integers in [0, 2^63)")
     uptime = number("uptime_s")
     assert uptime is not None
+    generation = obj.get("generation", 0)
+    if type(generation) is not int or not 0 <= generation < 2**63:
+        raise bad("'generation' must be an integer in [0, 2^63)")
     report = HealthReport(
         seq=integer("seq"),
         ts_ns=integer("ts_ns"),
@@ -212,6 +220,7 @@ def decode_health(payload: bytes) -> HealthReport:
         intake_up=flag("intake_up"),
         forward_up=flag("forward_up"),
         drops=dict(drops),
+        generation=generation,
         **{k: integer(k) for k in INT_FIELDS},
         **{k: number(k, optional=True) for k in OPTIONAL_FLOAT_FIELDS},  # type: ignore[arg-type]
     )

@@ -161,6 +161,10 @@ class Batch:
     revision: npt.NDArray[np.uint32]
     #: One encoded DDSketch (shared/sketch.py) per row, or () when the encoder sent none.
     sketch: tuple[bytes, ...] = ()
+    #: The device's buffer generation (docs/wire-format.md §2.3): a random number
+    #: drawn when the agent's buffer was created, so that the seqs of a re-created
+    #: buffer (which start at 1 again) are never taken for the old one's. 0 = none.
+    generation: int = 0
 
     def __post_init__(self) -> None:
         if not is_valid_id(self.device_id):
@@ -169,6 +173,8 @@ class Batch:
             raise WireError("bad-seq", f"seq must be an integer in [0, 2^63), got {self.seq!r}")
         if not _int64(self.created_ns) or self.created_ns < 0:
             raise WireError("bad-header", "created_ns must be an integer in [0, 2^63)")
+        if not _int64(self.generation) or self.generation < 0:
+            raise WireError("bad-header", "generation must be an integer in [0, 2^63)")
         n = len(self.sensor)
         for name, (dtype, _) in COLUMNS.items():
             col = getattr(self, name)
@@ -204,6 +210,7 @@ def make_batch(
     sensors: tuple[SensorRef, ...],
     columns: Mapping[str, npt.ArrayLike],
     sketch: tuple[bytes, ...] = (),
+    generation: int = 0,
 ) -> Batch:
     """Build a batch from loosely typed columns (converted to the wire dtypes);
     optional columns that are absent are filled with NaN, but ``sum`` with
@@ -226,6 +233,7 @@ def make_batch(
         window=window,
         sensors=sensors,
         sketch=sketch,
+        generation=generation,
         **cols,
     )
 
@@ -257,6 +265,8 @@ def encode_batch(batch: Batch, *, compress: bool = True, level: int = 3) -> byte
         "rows": batch.rows,
         "columns": col_meta,
     }
+    if batch.generation:
+        header["generation"] = batch.generation
     hbytes = json.dumps(header, separators=(",", ":")).encode()
     body = _U32.pack(len(hbytes)) + hbytes + b"".join(blobs)
     if compress:
@@ -337,18 +347,26 @@ def _inflate(raw: bytes, body_len: int) -> bytes:
 def peek_seq(payload: bytes, *, max_body_bytes: int = MAX_BODY_BYTES) -> int | None:
     """Best effort: the ``seq`` in the header of a payload that failed to decode,
     so that the sender can be told it was rejected. None if it cannot be read."""
+    return peek_ids(payload, max_body_bytes=max_body_bytes)[0]
+
+
+def peek_ids(payload: bytes, *, max_body_bytes: int = MAX_BODY_BYTES) -> tuple[int | None, int]:
+    """Best effort: (``seq``, ``generation``) from the header of a payload that failed
+    to decode; seq None if it cannot be read, generation 0 if absent or unreadable."""
     try:
         magic, version, codec, body_len = _PREAMBLE.unpack_from(payload)
         if magic != MAGIC or version != FORMAT_VERSION or body_len > max_body_bytes:
-            return None
+            return None, 0
         raw = payload[_PREAMBLE.size :]
         body = _inflate(raw, body_len) if codec == CODEC_ZSTD else raw
         (hlen,) = _U32.unpack_from(body)
         header = body[_U32.size : _U32.size + hlen]
-        seq = jsonwire.loads(header, reason="bad-header", what="header", max_bytes=hlen)["seq"]
-    except (struct.error, WireError, KeyError, TypeError):
-        return None
-    return seq if type(seq) is int and 0 <= seq < 2**63 else None
+        obj = jsonwire.loads(header, reason="bad-header", what="header", max_bytes=hlen)
+        seq, gen = obj["seq"], obj.get("generation", 0)
+    except (struct.error, WireError, KeyError, TypeError, AttributeError):
+        return None, 0
+    gen = gen if type(gen) is int and 0 <= gen < 2**63 else 0
+    return (seq if type(seq) is int and 0 <= seq < 2**63 else None), gen
 
 
 def _encode_blobs(blobs: tuple[bytes, ...]) -> bytes:
@@ -442,6 +460,9 @@ def _decode_body(body: bytes) -> Batch:
         # a batch from before the sum column: its sum is count x mean (NaN when empty)
         with np.errstate(over="ignore", invalid="ignore"):
             found["sum"] = found["mean"] * found["count"]
+    generation = header.get("generation", 0)
+    if type(generation) is not int:
+        raise WireError("bad-header", "header field 'generation' must be int")
     return Batch(
         device_id=_field(header, "device_id", str),
         seq=_field(header, "seq", int),
@@ -450,6 +471,7 @@ def _decode_body(body: bytes) -> Batch:
         sensors=sensors,
         **found,
         sketch=sketches,
+        generation=generation,
     )
 
 

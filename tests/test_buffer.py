@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.pipeline import buffer, outbox, window
+from edge_agent.pipeline import buffer, held, outbox, window
 from edge_agent.store import SCHEMA_VERSION, Store
 from edge_agent.technician.status import read_status
 from shared.errors import StorageError, WireError
@@ -191,15 +191,39 @@ def test_digests_are_bounded(tmp_path: Path) -> None:
     assert s.conn.execute("SELECT count(*) FROM received").fetchone()[0] == 10
 
 
-def test_readings_from_the_future_are_dropped_and_counted(tmp_path: Path) -> None:
+def test_readings_from_the_future_are_held_until_the_clock_allows_them(tmp_path: Path) -> None:
     s = Store(tmp_path / "a.sqlite")
     reg = buffer.SensorRegistry(s)
     res = buffer.store_chunk(
-        s, reg, chunk("a", [T0, T0 + 10 * W], [1.0, 2.0]), future_limit_ns=T0 + W
+        s, reg, chunk("a", [T0, T0 + 10 * W, T0 + 11 * W], [1.0, 2.0, 3.0]), future_limit_ns=T0 + W
     )
-    assert (res.stored, res.future) == (1, 1)
+    assert (res.stored, res.future) == (1, 2)
     assert s.get_state(buffer.MAX_TS) == T0  # the watermark did not jump ahead
-    assert s.counters()["dropped_future"] == 1
+    c = s.counters()
+    assert c["readings_held"] == 2 and "dropped_future" not in c
+    assert held.count(s) == 2
+    # the limit moves (the clock was stepped, or its offset to the cloud is known)
+    assert held.release(s, reg, limit_ns=T0 + 10 * W, late=None) == 0  # not all of it yet
+    assert held.release(s, reg, limit_ns=T0 + 11 * W, late=None) == 2
+    assert held.count(s) == 0 and s.get_state(buffer.MAX_TS) == T0 + 11 * W
+    got = buffer.read_range(s, T0, T0 + 12 * W)
+    assert [v.tolist() for _, v in got.values()] == [[1.0, 2.0, 3.0]]
+    assert s.counters()["readings_released"] == 2 and "dropped_future" not in s.counters()
+
+
+def test_held_readings_are_bounded_and_their_drops_counted(tmp_path: Path) -> None:
+    s = Store(tmp_path / "a.sqlite")
+    reg = buffer.SensorRegistry(s)
+    for k in range(10):  # ten chunks of 100 readings, 1,600 bytes each
+        ts = [T0 + 100 * W + k * 1000 + j for j in range(100)]
+        buffer.store_chunk(s, reg, chunk("a", ts, [1.0] * 100), future_limit_ns=T0)
+    assert held.count(s) == 1000 and s.get_state(buffer.HELD_BYTES) == 16_000
+    assert held.expire(s, max_bytes=8_000, max_age_s=0) == 500  # the oldest five chunks
+    assert held.count(s) == 500 and s.counters()["dropped_future"] == 500
+    later = s.conn.execute("SELECT max(received_ns) FROM held").fetchone()[0] + 10**9
+    assert held.expire(s, max_bytes=0, max_age_s=0.5, now_ns=later) == 500
+    assert held.count(s) == 0 and s.get_state(buffer.HELD_BYTES) == 0
+    assert s.counters()["dropped_future"] == 1000
 
 
 def test_drain_order_live_first_then_backfill_oldest_first(tmp_path: Path) -> None:

@@ -21,9 +21,10 @@ from cloud_ingest.http import Health, MetricsServer
 from cloud_ingest.lineproto import health_to_line
 from cloud_ingest.writer import Stats
 from devstack import hostile
+from edge_agent.clock import Clock, wall_minus_mono_ns
 from edge_agent.config import AgentConfig, HealthConfig, StorageConfig
 from edge_agent.pipeline import outbox
-from edge_agent.pipeline.health import Clock, Reporter
+from edge_agent.pipeline.health import Reporter
 from edge_agent.store import Store
 from shared.acks import Ack, decode_ack
 from shared.errors import WireError
@@ -129,17 +130,50 @@ def test_acks_carry_the_cloud_clock_outside_the_mac() -> None:
 
 def test_the_clock_offset_takes_the_shortest_round_trip_and_ignores_resends() -> None:
     c = Clock()
-    assert c.estimate() is None
+    d = wall_minus_mono_ns()  # the wall clock against the monotonic one, now
+
+    def ack(seq: int, cloud_ns: int, at_mono: int, trusted: bool = True, step: int = 0) -> None:
+        c.acked(
+            seq,
+            cloud_ns,
+            received_wall_ns=d + step + at_mono,
+            received_mono_ns=at_mono,
+            trusted=trusted,
+        )
+
+    assert c.estimate() is None and c.offset_ns() == 0
     c.published(1, 1_000)
-    c.acked(1, cloud_ns=5_000 + 10_000, received_ns=2_000)  # rtt 1000 ns, cloud 13.5 µs ahead
+    ack(1, cloud_ns=d + 5_000 + 10_000, at_mono=2_000)  # rtt 1000 ns, cloud 13.5 µs ahead
     c.published(2, 10_000)
-    c.acked(2, cloud_ns=1, received_ns=30_000)  # a longer round trip: not the estimate
+    ack(2, cloud_ns=1, at_mono=30_000)  # a longer round trip: not the estimate
     c.published(3, 40_000)
     c.published(3, 41_000)  # resent: which publish the ack answers is not known
-    c.acked(3, cloud_ns=99, received_ns=41_001)
+    ack(3, cloud_ns=99, at_mono=41_001)
     est = c.estimate()
     assert est is not None and est.rtt_s == pytest.approx(1e-6)
     assert est.offset_s == pytest.approx((15_000 - 1_500) / 1e9)
+    assert c.offset_ns() == 13_500
+
+
+def test_a_step_of_the_wall_clock_voids_the_offset_measured_before_it() -> None:
+    c = Clock()
+    d = wall_minus_mono_ns()
+    hour = 3600 * 10**9
+    # measured while the wall clock was an hour behind (it has been stepped since):
+    # the shortest round trip, but not the clock as it is now
+    c.published(1, 1_000)
+    c.acked(1, d - hour + 2 * hour, received_wall_ns=d - hour + 2_000, received_mono_ns=2_000)
+    assert c.estimate() is None and c.offset_ns() == 0
+    # after the step: the next ack counts at once, whatever its round trip
+    c.published(2, 10_000)
+    c.acked(2, d + 110_000, received_wall_ns=d + 110_000, received_mono_ns=110_000)
+    est = c.estimate()
+    assert est is not None and abs(est.offset_s) < 1e-4
+    # an ack whose MAC does not cover its clock is shown, but not acted on
+    c2 = Clock()
+    c2.published(1, 1_000)
+    c2.acked(1, d + hour, received_wall_ns=d + 2_000, received_mono_ns=2_000, trusted=False)
+    assert c2.estimate() is not None and c2.offset_ns() == 0
 
 
 def cfg_with(**health: Any) -> AgentConfig:

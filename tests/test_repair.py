@@ -12,11 +12,12 @@ import numpy as np
 from click.testing import CliRunner, Result
 
 from edge_agent.cli import main as agent_main
+from edge_agent.clock import Clock
 from edge_agent.config import AgentConfig
 from edge_agent.lock import BufferLock
 from edge_agent.pipeline import alerts, buffer, outbox, quarantine, window
 from edge_agent.pipeline.alerts import AlertEngine, AlertRule
-from edge_agent.pipeline.health import Clock, Reporter
+from edge_agent.pipeline.health import Reporter
 from edge_agent.store import Store
 from edge_agent.technician.repair import schema_tables
 from shared.errors import WireError
@@ -44,6 +45,8 @@ def fill_every_table(db: Path) -> None:
     window.revise(s, device_id="d", width_ns=W, max_rows=50, ready_until_ns=T0 + 2000 * W)
     late2 = ReadingChunk("n", "s1", "u", np.array([T0 + 6]), np.array([8.0]))
     buffer.store_chunk(s, reg, late2, b"late-2", late=LATE)  # stays dirty
+    ahead = ReadingChunk("n", "s2", "u", np.array([T0 + 10**15]), np.array([9.0]))
+    buffer.store_chunk(s, reg, ahead, b"ahead", future_limit_ns=T0 + 2000 * W)  # held
     rule = AlertRule(name="r", sensor="n/s0", kind="threshold", above=1.0)
     with s.tx():
         alerts.record(s, AlertEngine((rule,), s).evaluate(s, "n", "s0", [T0], [5.0]))

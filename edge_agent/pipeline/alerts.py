@@ -92,8 +92,11 @@ class AlertEvent:
     value: float | None
     message: str
 
-    def payload(self, seq: int) -> bytes:
-        return json.dumps({"seq": seq, **self.__dict__}, separators=(",", ":")).encode()
+    def payload(self, seq: int, generation: int = 0) -> bytes:
+        obj = {"seq": seq, **self.__dict__}
+        if generation:
+            obj["generation"] = generation
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 @dataclass
@@ -271,13 +274,14 @@ class AlertEngine:
 def record(store: Store, events: list[AlertEvent]) -> list[int]:
     """Store events for sending (call inside the transaction of their readings)."""
     seqs = []
+    generation = outbox.generation(store)
     for ev in events:
         seq = outbox.next_seq(store)
-        payload = ev.payload(seq)
+        payload = ev.payload(seq, generation)
         store.conn.execute(
-            "INSERT INTO alerts(seq, created_ns, payload, state, crc) "
-            "VALUES (?, ?, ?, 'pending', ?)",
-            (seq, time.time_ns(), payload, crc(payload)),
+            "INSERT INTO alerts(seq, created_ns, payload, state, crc, generation) "
+            "VALUES (?, ?, ?, 'pending', ?, ?)",
+            (seq, time.time_ns(), payload, crc(payload), generation),
         )
         store.conn.execute(
             "INSERT INTO alert_state(rule, raised, since_ns) VALUES (?, ?, ?) "

@@ -14,7 +14,9 @@ this order, each step only as far as needed:
    outbox) and too old to be revised by late readings, oldest first: counted as
    ``budget_pruned_chunks``; no reading is lost to delivery, only the raw detail
    kept for inspection and export;
-2. the oldest unacknowledged batches in the outbox: counted as
+2. readings held for being stamped ahead of the clock (edge_agent/pipeline/held.py),
+   oldest first: counted as ``dropped_future``;
+3. the oldest unacknowledged batches in the outbox: counted as
    ``dropped_budget_batches``, ``dropped_budget_windows`` and
    ``dropped_budget_readings``: these readings will never reach the cloud.
 
@@ -28,7 +30,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from edge_agent.pipeline import buffer, quarantine
+from edge_agent.pipeline import buffer, held, quarantine
 from edge_agent.store import Store
 
 log = logging.getLogger("edge_agent.pipeline.budget")
@@ -103,6 +105,8 @@ def enforce(store: Store, max_bytes: int, *, keep_raw_after_ns: int | None = Non
             if cur.rowcount == 0:
                 break
             pruned += cur.rowcount
+        while used_bytes(store) > max_bytes and held.drop_oldest(store, STEP_ROWS // 4):
+            pass
         while used_bytes(store) > max_bytes:
             rows = store.conn.execute(
                 "SELECT seq, windows, readings FROM outbox ORDER BY seq LIMIT ?", (STEP_ROWS // 8,)

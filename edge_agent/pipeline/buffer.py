@@ -9,7 +9,9 @@ Readings older than the ``closed_until`` watermark belong to windows that are
 already closed and sent. They are stored all the same and their windows marked
 *dirty* (:class:`LatePolicy`); :func:`edge_agent.pipeline.window.revise` sends a revised
 version of each dirty window. Readings too old for that (``window.max_age_s``)
-are dropped and counted.
+are dropped and counted. Readings stamped further ahead than the device's clock
+allows are *held* (the ``held`` table, :mod:`edge_agent.pipeline.held`) until it
+does: the device's clock may be the one that is wrong.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ MAX_TS = "max_ts"  # state key: newest event time stored
 class StoreResult:
     stored: int
     late: int  # dropped: late with no revisions, or too old for one
-    future: int = 0
+    future: int = 0  # held: stamped beyond the future limit (edge_agent/pipeline/held.py)
     duplicate: int = 0
     revised: int = 0  # stored, for windows already closed: they will be revised
 
@@ -125,10 +127,11 @@ def store_one(
     the late-data and future policies.
 
     Returns how many readings were stored, how many of those were late (for a
-    closed window, which is then marked for revision), and how many were dropped:
-    late with no revisions, too old for a revision, or from the future (timestamp
-    beyond ``future_limit_ns``: a node with a broken clock must not drag the
-    watermark ahead and make everyone else late). A redelivery of a message
+    closed window, which is then marked for revision), how many were dropped
+    (late with no revisions, or too old for a revision), and how many were held
+    (stamped beyond ``future_limit_ns``: a node with a broken clock must not drag
+    the watermark ahead and make everyone else late, but the clock that is wrong
+    may be the device's own; :mod:`edge_agent.pipeline.held`). A redelivery of a message
     already stored (same ``digest``, see :func:`message_digest`) is ignored. Once
     the caller's transaction commits the outcome is durable, and the message may be
     acknowledged to the node's broker.
@@ -172,6 +175,7 @@ def _store_single(
     if future_limit_ns is not None and t > future_limit_ns:
         future = 1
         keep = False
+        hold(store, chunk.node, chunk.sensor, chunk.unit, chunk.ts, chunk.values)
     stored = accepted_late = 0
     if keep:
         stored = 1
@@ -197,7 +201,6 @@ def _store_single(
     store.add_counter("readings_late_accepted", accepted_late)
     store.add_counter("dropped_late", dropped_late)
     store.add_counter("dropped_too_old", too_old)
-    store.add_counter("dropped_future", future)
     return StoreResult(
         stored=stored, late=dropped_late + too_old, future=future, revised=accepted_late
     )
@@ -225,7 +228,9 @@ def _store_many(
     if future_limit_ns is not None:
         ahead = chunk.ts > future_limit_ns
         future = int(ahead.sum())
-        keep &= ~ahead
+        if future:
+            keep &= ~ahead
+            hold(store, chunk.node, chunk.sensor, chunk.unit, chunk.ts[ahead], chunk.values[ahead])
     ts, vals = chunk.ts[keep], chunk.values[keep]
     if len(ts):
         order = np.argsort(ts, kind="stable")
@@ -262,10 +267,45 @@ def _store_many(
     store.add_counter("readings_late_accepted", accepted_late)
     store.add_counter("dropped_late", dropped_late)
     store.add_counter("dropped_too_old", too_old)
-    store.add_counter("dropped_future", future)
     return StoreResult(
         stored=len(ts), late=dropped_late + too_old, future=future, revised=accepted_late
     )
+
+
+HELD_BYTES = "held_bytes"  # state: the BLOB bytes in the held table
+
+
+def hold(
+    store: Store,
+    node: str,
+    sensor: str,
+    unit: str,
+    ts: npt.NDArray[np.int64],
+    vals: npt.NDArray[np.float64],
+) -> None:
+    """Keep readings stamped beyond the future limit in ``held`` (inside the caller's
+    transaction), counted as ``readings_held``: released into the buffer once the
+    device's clock (or its known offset to the cloud's) allows them
+    (:func:`edge_agent.pipeline.held.release`)."""
+    ts_blob, vals_blob = ts.astype("<i8").tobytes(), vals.astype("<f8").tobytes()
+    store.conn.execute(
+        "INSERT INTO held(node, sensor, unit, n, t_min, t_max, ts, vals, received_ns, crc) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            node,
+            sensor,
+            unit,
+            len(ts),
+            int(ts.min()),
+            int(ts.max()),
+            ts_blob,
+            vals_blob,
+            time.time_ns(),
+            crc(ts_blob, vals_blob),
+        ),
+    )
+    store.set_state(HELD_BYTES, store.get_state(HELD_BYTES) + len(ts_blob) + len(vals_blob))
+    store.add_counter("readings_held", len(ts))
 
 
 def store_chunk(

@@ -19,17 +19,18 @@ import queue
 import random
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from edge_agent.clock import Clock, mono_ns
 from edge_agent.config import AgentConfig
 from edge_agent.mqtt import connect_async, make_client
 from edge_agent.pipeline import outbox
-from edge_agent.pipeline.health import Clock
 from edge_agent.store import Store
 from shared.acks import CONTENT_TYPE as JSON_CONTENT_TYPE
-from shared.acks import decode_ack
+from shared.acks import Ack, decode_ack
 from shared.auth import read_key
 from shared.errors import WireError
 from shared.mqttprops import publish_properties
@@ -37,6 +38,17 @@ from shared.topics import ack_topic, alert_topic, batch_topic, health_topic
 from shared.wire import CONTENT_TYPE, FORMAT_VERSION
 
 log = logging.getLogger("edge_agent.pipeline.forward")
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    """An ack that verified, as paho's thread hands it to :meth:`Forwarder.pump`."""
+
+    ack: Ack
+    wall_ns: int
+    mono_ns: int
+    #: its ``ts_ns`` may correct the device's clock (edge_agent/clock.py)
+    trusted: bool
 
 
 class Forwarder:
@@ -49,6 +61,7 @@ class Forwarder:
         # paho's network thread only puts events here; all bookkeeping happens in
         # pump() on the agent's thread, so no lock is shared with paho's callbacks.
         self._events: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
+        self._acks: queue.SimpleQueue[_Verdict] = queue.SimpleQueue()
         self._rng = random.Random()
         self._tokens = 0.0  # backfill byte budget
         self._refilled_ns = 0
@@ -62,9 +75,10 @@ class Forwarder:
         self._in_flight: dict[int, int] = {}  # mid -> seq
         #: the device clock against the cloud's, from the acks (edge_agent/pipeline/health.py)
         self.clock = Clock()
-        self._ack_times: queue.SimpleQueue[tuple[int, int, int]] = queue.SimpleQueue()
         # acts only on acks that verify under this key, if set (shared/acks.py)
         self._ack_key = read_key("ack_key", cfg.forward.ack_key_file, cfg.forward.ack_key_env)
+        # a resend is timed on the monotonic clock; times from another boot are void
+        outbox.resume(store)
         client_id = cfg.forward.broker.client_id or f"edge-agent-{cfg.device_id}-forward"
         self.client = client or make_client(cfg.forward.broker, client_id)
         self.client.max_inflight_messages_set(cfg.forward.max_in_flight)
@@ -123,15 +137,21 @@ class Forwarder:
             return
         if ack.status == "rejected":
             log.error("forward: the cloud rejected batch %d: %s", ack.seq, ack.reason)
-        if ack.ts_ns:
-            self._ack_times.put((ack.seq, ack.ts_ns, time.time_ns()))
-        self._events.put(("stored" if ack.status == "stored" else "rejected", ack.seq))
+        elif ack.reason:
+            log.warning(
+                "forward: the cloud stored batch %d in part: %s (docs/cloud-ingest.md, "
+                "'What one device can cost the fleet')",
+                ack.seq,
+                ack.reason,
+            )
+        # the cloud's clock counts for placing readings only if the MAC covers it
+        trusted = key is None or ack.covers_time
+        self._acks.put(_Verdict(ack, time.time_ns(), mono_ns(), trusted))
 
     def pump(self) -> int:
         """Apply PUBACKs and acks, then publish due batches; returns batches newly acked."""
         f = self.cfg.forward
         broker_acked: list[int] = []
-        verdicts: list[tuple[int, bool]] = []
         bad_acks = unverified = 0
         while True:
             try:
@@ -144,12 +164,16 @@ class Forwarder:
                 seq = self._in_flight.pop(num, None)
                 if seq is not None and kind == "puback":
                     broker_acked.append(seq)
-            elif kind in ("stored", "rejected"):
-                verdicts.append((num, kind == "stored"))
             elif kind == "unverified":
                 unverified += 1
             else:
                 bad_acks += 1
+        verdicts: list[_Verdict] = []
+        while True:
+            try:
+                verdicts.append(self._acks.get_nowait())
+            except queue.Empty:
+                break
         if f.end_to_end_ack:
             outbox.mark_sent(
                 self.store,
@@ -158,11 +182,25 @@ class Forwarder:
                 max_backoff_s=f.max_backoff_s,
                 rng=self._rng,
             )
-        else:
-            verdicts += [(seq, True) for seq in broker_acked]
-        done = sum(outbox.acknowledge(self.store, seq, stored=ok) for seq, ok in verdicts)
-        while not self._ack_times.empty():
-            self.clock.acked(*self._ack_times.get_nowait())
+            done = 0
+        else:  # the broker's PUBACK is the verdict
+            done = sum(outbox.acknowledge(self.store, seq, stored=True) for seq in broker_acked)
+        for v in verdicts:
+            done += outbox.acknowledge(
+                self.store,
+                v.ack.seq,
+                stored=v.ack.status == "stored",
+                generation=v.ack.generation,
+                partly=bool(v.ack.reason) and v.ack.status == "stored",
+            )
+            if v.ack.ts_ns:
+                self.clock.acked(
+                    v.ack.seq,
+                    v.ack.ts_ns,
+                    received_wall_ns=v.wall_ns,
+                    received_mono_ns=v.mono_ns,
+                    trusted=v.trusted,
+                )
         if bad_acks or unverified:
             with self.store.tx():
                 if bad_acks:
@@ -179,8 +217,8 @@ class Forwarder:
         if room <= 0:
             return
         busy = set(self._in_flight.values())
-        now = time.time_ns()
-        live_since = now - int(f.live_window_s * 1e9)
+        now = mono_ns()  # resends are timed on the monotonic clock
+        live_since = time.time_ns() - int(f.live_window_s * 1e9)  # created_ns: wall clock
         self._refill(now)
         for item in outbox.due(
             self.store, room, exclude=busy, now_ns=now, live_since_ns=live_since
@@ -217,7 +255,8 @@ class Forwarder:
             self.clock.published(item.seq, now)
 
     def _refill(self, now_ns: int) -> None:
-        """Token bucket for the backfill: ``backfill_bytes_per_s``, bursts up to one second."""
+        """Token bucket for the backfill: ``backfill_bytes_per_s``, bursts up to one
+        second (``now_ns``: the monotonic clock)."""
         rate = self.cfg.forward.backfill_bytes_per_s
         if rate:
             elapsed = (now_ns - self._refilled_ns) / 1e9 if self._refilled_ns else 1.0

@@ -21,20 +21,19 @@ interval; the newest say more about the device than the oldest). Under the disk
 budget (edge_agent/pipeline/budget.py) old reports go before any reading, all but the
 newest.
 
-The clock offset comes from the cloud's time in its acks (shared/acks.py): for a
-batch published once, the ack's ``ts_ns`` against the midpoint of publish and
-receipt, within ± half the round trip; of the last :data:`CLOCK_SAMPLES` such
-acks the one with the shortest round trip is reported.
+The clock offset comes from the cloud's time in its acks (edge_agent/clock.py):
+for a message published once, the ack's ``ts_ns`` against the midpoint of
+publish and receipt, within ± half the round trip; of the last samples taken
+since the wall clock last stepped, the one with the shortest round trip.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass
 from importlib import metadata
 
+from edge_agent.clock import Clock
 from edge_agent.config import AgentConfig
 from edge_agent.pipeline import budget, outbox, quarantine
 from edge_agent.store import STORE_ERRORS, Store, crc
@@ -46,8 +45,6 @@ CHECK_EVERY_S = 1.0  # the problems are checked at most this often
 CHANGE_EVERY_S = 10.0
 #: "near-budget" clears only this far below health.near_budget (hysteresis)
 NEAR_BUDGET_CLEAR = 0.05
-CLOCK_SAMPLES = 64
-PUBLISHED_KEPT = 4096  # publish times remembered, for the acks that follow them
 DROPPED = "dropped_health"
 
 
@@ -56,38 +53,6 @@ def agent_version() -> str:
         return metadata.version("iot-telemetry")[:32]
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-@dataclass(frozen=True)
-class ClockSample:
-    offset_s: float
-    rtt_s: float
-
-
-class Clock:
-    """The device clock against the cloud's, from acks (see the module doc). Used
-    from the agent's thread only (the forwarder's pump)."""
-
-    def __init__(self) -> None:
-        self._published: OrderedDict[int, tuple[int, int]] = OrderedDict()  # seq -> (ns, count)
-        self._samples: deque[ClockSample] = deque(maxlen=CLOCK_SAMPLES)
-
-    def published(self, seq: int, now_ns: int) -> None:
-        count = self._published.pop(seq, (0, 0))[1] + 1
-        self._published[seq] = (now_ns, count)
-        while len(self._published) > PUBLISHED_KEPT:
-            self._published.popitem(last=False)
-
-    def acked(self, seq: int, cloud_ns: int, received_ns: int) -> None:
-        sent = self._published.pop(seq, None)
-        if not cloud_ns or sent is None or sent[1] != 1 or received_ns < sent[0]:
-            return  # a resend: which publish the ack answers is not known
-        rtt = received_ns - sent[0]
-        offset = cloud_ns - (sent[0] + received_ns) // 2
-        self._samples.append(ClockSample(offset / 1e9, rtt / 1e9))
-
-    def estimate(self) -> ClockSample | None:
-        return min(self._samples, key=lambda s: s.rtt_s, default=None)
 
 
 class Reporter:
@@ -200,11 +165,12 @@ class Reporter:
         """Give the report its seq and keep it; drop the oldest beyond ``max_unsent``."""
         with self.store.tx():
             seq = outbox.next_seq(self.store)
-            payload = dataclasses.replace(report, seq=seq).encode()
+            generation = outbox.generation(self.store)
+            payload = dataclasses.replace(report, seq=seq, generation=generation).encode()
             self.store.conn.execute(
-                "INSERT INTO health(seq, created_ns, payload, state, crc) "
-                "VALUES (?, ?, ?, 'pending', ?)",
-                (seq, report.ts_ns, payload, crc(payload)),
+                "INSERT INTO health(seq, created_ns, payload, state, crc, generation) "
+                "VALUES (?, ?, ?, 'pending', ?, ?)",
+                (seq, report.ts_ns, payload, crc(payload), generation),
             )
             self.store.add_counter("health_reports", 1)
             over = self.store.conn.execute(

@@ -44,7 +44,7 @@ import paho.mqtt.client as mqtt
 
 from edge_agent.config import AgentConfig
 from edge_agent.mqtt import connect_async, make_client
-from edge_agent.pipeline import alerts, buffer, quarantine
+from edge_agent.pipeline import alerts, buffer, held, quarantine
 from edge_agent.pipeline.alerts import AlertEngine
 from edge_agent.sources.contract import Decoded
 from edge_agent.sources.router import MqttSources
@@ -60,6 +60,7 @@ log = logging.getLogger("edge_agent.pipeline.intake")
 #: QoS 0 messages beyond this are dropped and counted as ``dropped_store_unavailable``.
 MAX_HELD = 10_000
 RETRY_MAX_S = 10.0  # the longest wait between two attempts to commit a failed group
+HELD_LOG_EVERY_S = 30.0  # readings held for a wrong clock: a log line at most this often
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,13 @@ class Intake:
         self._retry_at = 0.0  # monotonic time of the next attempt after a failure
         self._dropped_held = 0  # QoS 0 messages dropped while the file failed, not yet counted
         self._busy_since = 0.0  # monotonic start of the commit in progress; 0 when none
+        #: the correction to the device's wall clock that the agent may act on (the
+        #: forwarder's Clock sets it: edge_agent/clock.py); 0 = none known
+        self.offset_ns: Callable[[], int] = lambda: 0
+        #: readings may be waiting in ``held`` (edge_agent/pipeline/held.py)
+        self._held_waiting = held.count(self.store) > 0
+        self._held_unlogged = 0
+        self._held_log_at = 0.0
         client_id = cfg.intake.broker.client_id or f"edge-agent-{cfg.device_id}-intake"
         self.client = client or make_client(cfg.intake.broker, client_id, manual_ack=True)
         self.client.on_connect = self._on_connect
@@ -256,20 +264,53 @@ class Intake:
             failed = Arrival(arrival.topic, arrival.payload, arrival.source, bad, arrival.msg)
             return [failed], self._commit([failed])
 
+    def future_limit_ns(self) -> int:
+        """Readings stamped after this are held (edge_agent/pipeline/held.py): the
+        device's clock, corrected by its known offset to the cloud's, plus
+        ``window.max_future_s``."""
+        return time.time_ns() + self.offset_ns() + self.cfg.window.max_future_ns
+
+    def release_held(self) -> int:
+        """Move held readings that the clock now allows into the buffer (the agent's
+        tick calls this); returns how many."""
+        with self._lock:
+            if not self._held_waiting:
+                return 0
+            moved = held.release(
+                self.store,
+                self.registry,
+                limit_ns=self.future_limit_ns(),
+                late=self.late_policy,
+                after_store=self._alert_hook,
+            )
+            self._held_waiting = held.count(self.store) > 0
+            return moved
+
     def _commit(self, group: list[Arrival]) -> list[Outcome]:
         """Store the group in one transaction: readings, quarantined messages and
-        lines, alert events, and the counters of each source."""
-        future_limit = time.time_ns() + self.cfg.window.max_future_ns
+        lines, alert events, and the counters of each source. Held readings that the
+        clock now allows go first (before newer readings move the watermark)."""
+        future_limit = self.future_limit_ns()
         counts: Counter[str] = Counter()
         with self.store.tx():
             dropped, self._dropped_held = self._dropped_held, 0
             if dropped:
                 self.store.add_counter("dropped_store_unavailable", dropped)
                 self.store.on_rollback(lambda: self._add_dropped(dropped))
+            if self._held_waiting:
+                held.release_some(
+                    self.store,
+                    self.registry,
+                    limit_ns=future_limit,
+                    late=self.late_policy,
+                    after_store=self._alert_hook,
+                )
             out = [self._store_arrival(a, future_limit, counts) for a in group]
             for name, n in counts.items():
                 self.store.add_counter(name, n)
-            return out
+        if any(o.future for o in out):
+            self._held_waiting = True
+        return out
 
     def _store_arrival(self, a: Arrival, future_limit: int, counts: Counter[str]) -> Outcome:
         counts[f"source_{a.source}_messages"] += 1
@@ -351,13 +392,23 @@ class Intake:
 
     def _log_drops(self, chunk: ReadingChunk, res: buffer.StoreResult) -> None:
         if res.future:
-            log.warning(
-                "intake: dropped %d readings of %s/%s stamped more than %.0f s ahead",
-                res.future,
-                chunk.node,
-                chunk.sensor,
-                self.cfg.window.max_future_s,
-            )
+            # a wrong clock holds every message: one line per HELD_LOG_EVERY_S
+            self._held_unlogged += res.future
+            now = time.monotonic()
+            if now >= self._held_log_at:
+                self._held_log_at = now + HELD_LOG_EVERY_S
+                offset = self.offset_ns()
+                log.warning(
+                    "intake: held %d readings (the last of %s/%s) stamped more than %.0f s "
+                    "ahead of the clock%s, until it allows them (edge-agent status: "
+                    "held_readings; is the device's clock behind?)",
+                    self._held_unlogged,
+                    chunk.node,
+                    chunk.sensor,
+                    self.cfg.window.max_future_s,
+                    f" corrected by {offset / 1e9:+.1f} s" if offset else "",
+                )
+                self._held_unlogged = 0
         if res.late:
             log.warning(
                 "intake: dropped %d late readings of %s/%s (windows closed, and too old "

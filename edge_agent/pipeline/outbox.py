@@ -18,7 +18,10 @@ the seq counter, so the cloud acknowledges all three the same way.
 ingestor says InfluxDB and the archive hold it (``forward.end_to_end_ack``). A
 sent batch without an ack is due again after ``ack_timeout_s`` × 2^(attempts−1),
 capped at ``max_backoff_s``, with ±20 % jitter so a fleet coming back online
-does not resend in lockstep.
+does not resend in lockstep. ``next_try_ns`` is on the monotonic clock of the
+boot in the state ``boot_id`` (edge_agent/clock.py): a step of the wall clock
+never delays a resend, and after a reboot every sent batch is due at once
+(:func:`resume`).
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from edge_agent.store import Store, crc
+from edge_agent.clock import boot_id, mono_ns
+from edge_agent.store import GENERATION, Store, crc
 from shared.wire import Batch, encode_batch
 
 NEXT_SEQ = "next_seq"
 LAST_ACK = "last_ack_ns"
+BOOT_ID = "boot_id"  # state: the boot whose monotonic clock next_try_ns is on
 
 Kind = Literal["batch", "alert", "health"]
 #: The table of each kind, and the word its counters use (``batches_sent``, …).
@@ -62,6 +67,24 @@ class Outgoing:
 _WORD = dict(TABLES.values())
 
 
+def resume(store: Store) -> None:
+    """At the agent's start: if the resend times were set during another boot (their
+    monotonic clock is gone), every sent message is due now."""
+    this = boot_id()
+    if store.get_state(BOOT_ID) == this and this:
+        return
+    with store.tx():
+        for table in _WORD:
+            store.conn.execute(f"UPDATE {table} SET next_try_ns = 0 WHERE state = 'sent'")
+        store.set_state(BOOT_ID, this)
+
+
+def generation(store: Store) -> int:
+    """The buffer's generation (docs/wire-format.md §2.3); every message made now
+    carries it, and its ack must name it."""
+    return store.get_state(GENERATION)
+
+
 def next_seq(store: Store) -> int:
     """Reserve the next seq; call inside a transaction."""
     seq = store.get_state(NEXT_SEQ, 1)
@@ -73,9 +96,17 @@ def add(store: Store, batch: Batch) -> None:
     """Append an encoded batch; call inside the transaction that reserved its seq."""
     payload = encode_batch(batch)
     store.conn.execute(
-        "INSERT INTO outbox(seq, created_ns, windows, readings, payload, state, crc) "
-        "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
-        (batch.seq, batch.created_ns, batch.rows, batch.readings, payload, crc(payload)),
+        "INSERT INTO outbox(seq, created_ns, windows, readings, payload, state, crc, generation) "
+        "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+        (
+            batch.seq,
+            batch.created_ns,
+            batch.rows,
+            batch.readings,
+            payload,
+            crc(payload),
+            batch.generation,
+        ),
     )
     store.add_counter("batches_created", 1)
     first = int((batch.revision == 0).sum())
@@ -100,7 +131,8 @@ def due(
     now_ns: int | None = None,
     live_since_ns: int | None = None,
 ) -> list[Outgoing]:
-    """Batches to publish now: pending ones, and sent ones whose ack is overdue.
+    """Batches to publish now: pending ones, and sent ones whose ack is overdue
+    (``now_ns``: the monotonic clock, see the module doc).
 
     Drain order: alerts first (:mod:`edge_agent.pipeline.alerts`), then health reports
     (:mod:`edge_agent.pipeline.health`); then the *live* batches
@@ -111,7 +143,7 @@ def due(
     (:func:`add_wait`: it holds a later version of one of its windows) is not due
     until that one is acknowledged or dropped, whatever the order above.
     """
-    now_ns = time.time_ns() if now_ns is None else now_ns
+    now_ns = mono_ns() if now_ns is None else now_ns
     skip = set(exclude)
     out: list[Outgoing] = []
     # alerts, then health reports, before every batch
@@ -166,9 +198,11 @@ def mark_sent(
     rng: random.Random | None = None,
     now_ns: int | None = None,
 ) -> int:
-    """Record PUBACKs and schedule the resend in case no ack follows; returns rows changed."""
+    """Record PUBACKs and schedule the resend in case no ack follows (``now_ns``: the
+    monotonic clock); returns rows changed."""
     rng = rng or random.Random()
-    now_ns = time.time_ns() if now_ns is None else now_ns
+    now_ns = mono_ns() if now_ns is None else now_ns
+    wall_ns = time.time_ns()
     changed = 0
     with store.tx():
         for seq in seqs:
@@ -180,7 +214,7 @@ def mark_sent(
                 f"UPDATE {table} SET state = 'sent', sent_ns = ?, attempts = ?, next_try_ns = ? "
                 "WHERE seq = ?",
                 (
-                    now_ns,
+                    wall_ns,
                     attempts,
                     now_ns + backoff_ns(attempts, timeout_s, max_backoff_s, rng),
                     seq,
@@ -194,15 +228,33 @@ def mark_sent(
     return changed
 
 
-def acknowledge(store: Store, seq: int, *, stored: bool, now_ns: int | None = None) -> bool:
-    """The cloud's verdict on a batch: delete it; returns False if it was already gone."""
+def acknowledge(
+    store: Store,
+    seq: int,
+    *,
+    stored: bool,
+    generation: int | None = None,
+    partly: bool = False,
+    now_ns: int | None = None,
+) -> bool:
+    """The cloud's verdict on a batch: delete it; returns False if it was already gone,
+    or if the ack names another generation than the message's (an ack meant for a
+    buffer this one replaced: counted as ``acks_other_generation`` and ignored).
+    ``generation`` None: not checked (the broker's PUBACK as the verdict).
+    ``partly``: stored, but some of its windows were refused by a quota of the
+    cloud (counted as ``batches_stored_partly`` besides ``batches_acked``)."""
     now_ns = time.time_ns() if now_ns is None else now_ns
     with store.tx():
-        table, row = _find(store, seq, "seq")
+        table, row = _find(store, seq, "generation")
         store.set_state(LAST_ACK, now_ns)
         if row is None:
             store.add_counter("acks_duplicate", 1)
             return False
+        if generation is not None and row[0] != generation:
+            store.add_counter("acks_other_generation", 1)
+            return False
+        if partly:
+            store.add_counter(f"{_WORD[table]}_stored_partly", 1)
         store.conn.execute(f"DELETE FROM {table} WHERE seq = ?", (seq,))
         what = _WORD[table]
         store.add_counter(f"{what}_acked" if stored else f"{what}_rejected", 1)

@@ -118,6 +118,7 @@ def _emit(
         sensors = {i: dataclasses.replace(r, tags=tags(r.node)) for i, r in sensors.items()}
     starts = merged["start_ns"]
     revs = merged.get("revision", np.zeros(len(sid_all), dtype=np.int64))
+    generation = outbox.generation(store)
     seqs = []
     for a in range(0, len(sid_all), max_rows):
         part = slice(a, a + max_rows)
@@ -135,6 +136,7 @@ def _emit(
             sensors=refs,
             columns=columns,
             sketch=tuple(sketches[part]) if sketches else (),
+            generation=generation,
         )
         outbox.add(store, batch)
         store.conn.executemany(

@@ -19,9 +19,10 @@ repair: copies every row that can still be read, and that passes the checks
         unreadable in part or invalid) and *missing* (counted by the file, but on
         pages that could not be read at all). The damaged file and its WAL are
         kept beside it as ``<name>.damaged-<time>``; nothing is deleted. The agent
-        must be stopped (the buffer's lock is taken for the whole repair). If the
-        seq counter itself was lost, it restarts from the clock in milliseconds,
-        so that no seq the cloud has already seen is ever reused.
+        must be stopped (the buffer's lock is taken for the whole repair). The
+        repaired buffer starts a new generation (docs/wire-format.md §2.3), so
+        that the cloud never takes its batches for the damaged one's even if the
+        seq counter was lost (it then restarts from the clock in milliseconds).
 
 SQLite's own ``.recover`` (in its command-line shell) would also read rows from
 pages that the table's b-tree no longer reaches, but Debian 12's ``sqlite3``
@@ -42,7 +43,7 @@ import numpy as np
 
 from edge_agent.lock import BufferLock
 from edge_agent.pipeline import outbox, quarantine
-from edge_agent.store import ROW_COUNTS, Store, crc, data_tables
+from edge_agent.store import GENERATION, ROW_COUNTS, Store, crc, data_tables, new_generation
 from edge_agent.technician.status import open_readonly
 from shared.errors import StorageError, WireError
 from shared.wire import decode_batch
@@ -85,6 +86,7 @@ CRC_OF = {
     "outbox": ("payload",),
     "alerts": ("payload",),
     "health": ("payload",),
+    "held": ("ts", "vals"),
 }
 
 
@@ -92,19 +94,20 @@ def _row_problem(table: str, row: dict[str, Any]) -> str | None:
     if table in CRC_OF and row.get("crc") is not None:
         blobs = [row[c] for c in CRC_OF[table]]
         if not all(isinstance(b, bytes) for b in blobs) or crc(*blobs) != row["crc"]:
-            key = "id" if table == "chunks" else "seq"
+            key = "id" if table in ("chunks", "held") else "seq"
             return f"{table} {key} {row[key]}: checksum mismatch (damaged data)"
-    if table == "chunks":
+    if table in ("chunks", "held"):
+        what = "chunk" if table == "chunks" else "held chunk"
         n = row["n"]
         if not isinstance(n, int) or n < 0:
-            return f"chunk {row['id']}: bad row count {n!r}"
+            return f"{what} {row['id']}: bad row count {n!r}"
         if not isinstance(row["ts"], bytes) or len(row["ts"]) != 8 * n:
-            return f"chunk {row['id']}: ts BLOB does not hold {n} timestamps"
+            return f"{what} {row['id']}: ts BLOB does not hold {n} timestamps"
         if not isinstance(row["vals"], bytes) or len(row["vals"]) != 8 * n:
-            return f"chunk {row['id']}: values BLOB does not hold {n} values"
+            return f"{what} {row['id']}: values BLOB does not hold {n} values"
         ts = np.frombuffer(row["ts"], "<i8")
         if n and (int(ts.min()) != row["t_min"] or int(ts.max()) != row["t_max"]):
-            return f"chunk {row['id']}: t_min/t_max do not match its timestamps"
+            return f"{what} {row['id']}: t_min/t_max do not match its timestamps"
     if table == "outbox":
         try:
             b = decode_batch(bytes(row["payload"]))
@@ -332,6 +335,9 @@ def repair(path: str | Path, progress: Callable[[int], None] | None = None) -> R
             dst = Store(fresh_path)
             tables = {t: TableRepair(counted.get(t)) for t in schema_tables()}
             with dst.tx():
+                # the copy's state comes from the damaged file; its generation is new
+                # (below), so that the repaired buffer's seqs are its own
+                dst.conn.execute("DELETE FROM state WHERE key = ?", (GENERATION,))
                 for table, rep in tables.items():
                     _copy_table(src, dst, table, rep, progress)
                 max_seq = dst.conn.execute("SELECT max(seq) FROM outbox").fetchone()[0] or 0
@@ -344,6 +350,11 @@ def repair(path: str | Path, progress: Callable[[int], None] | None = None) -> R
                     # used is below.
                     next_seq = max(max_seq + 1, time.time_ns() // 1_000_000)
                 dst.set_state(outbox.NEXT_SEQ, max(next_seq, max_seq + 1))
+                # A new generation (docs/wire-format.md §2.3): whatever the copy kept
+                # of the counter, the cloud never takes the repaired buffer's batches
+                # for resends of the damaged one's. Messages kept in the outbox keep
+                # theirs, and are acknowledged under it.
+                dst.set_state(GENERATION, new_generation())
                 dst.add_counter("repair_lost_rows", sum(r.lost for r in tables.values()))
                 dst.set_state(quarantine.BYTES, -1)  # recounted from what was kept
             dst.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

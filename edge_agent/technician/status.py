@@ -12,7 +12,7 @@ from typing import Any
 
 from edge_agent import control
 from edge_agent.lock import holder_pid, is_locked, lock_path
-from edge_agent.pipeline import budget, buffer, outbox, quarantine
+from edge_agent.pipeline import budget, buffer, held, outbox, quarantine
 from edge_agent.store import LAST_STORE_ERROR, SCHEMA_VERSION, STORE_ERRORS, Store
 
 
@@ -46,7 +46,9 @@ def source_counts(counters: dict[str, int]) -> dict[str, dict[str, int]]:
 
 
 def read_status(path: str | Path, now_ns: int | None = None) -> dict[str, Any]:
-    now_ns = time.time_ns() if now_ns is None else now_ns
+    """``now_ns``: the wall clock to measure ages against (tests); by default ages of
+    the agent's own clock readings are on the monotonic clock (edge_agent/clock.py)."""
+    given_now, now_ns = now_ns, time.time_ns() if now_ns is None else now_ns
     store = open_readonly(path)
     try:
         c = store.conn
@@ -60,9 +62,10 @@ def read_status(path: str | Path, now_ns: int | None = None) -> dict[str, Any]:
         ).fetchone()
         # The lock says whether an agent runs; the heartbeat whether it is healthy
         # (a tick that cannot write the file, on a full disk say, stops beating).
-        beating = control.agent_running(store, now_ns)
+        beating = control.agent_running(store, given_now)
         running = is_locked(path) or beating
-        beat = store.get_state(control.HEARTBEAT)
+        beat_age = control.heartbeat_age_s(store, given_now)
+        clock = control.clock_offset(store) if beating else None
         last_ack = store.get_state(outbox.LAST_ACK)
         last_error = store.get_state(LAST_STORE_ERROR)
         counters = store.counters()
@@ -72,7 +75,12 @@ def read_status(path: str | Path, now_ns: int | None = None) -> dict[str, Any]:
             "running": running,
             "healthy": beating,
             "agent_pid": pid if running else None,
-            "heartbeat_age_s": (now_ns - beat) / 1e9 if running and beat else None,
+            "heartbeat_age_s": beat_age if running else None,
+            # the cloud's clock minus this device's, as the running agent measured it
+            "clock_offset_s": clock[0] if clock else None,
+            "clock_rtt_s": clock[1] if clock else None,
+            "clock_measured_age_s": clock[2] if clock else None,
+            "held_readings": held.count(store),
             "intake_connected": beating and bool(store.get_state(control.INTAKE_UP)),
             "forward_connected": beating and bool(store.get_state(control.FORWARD_UP)),
             "store_errors": counters.get(STORE_ERRORS, 0),

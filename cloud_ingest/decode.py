@@ -39,7 +39,7 @@ from shared.topics import (
     device_from_batch_topic,
     device_from_health_topic,
 )
-from shared.wire import Batch, check_ranges_many, decode_batch, peek_seq
+from shared.wire import Batch, check_ranges_many, decode_batch, peek_ids
 
 log = logging.getLogger("cloud_ingest.decode")
 
@@ -60,6 +60,15 @@ class Decoded:
     health: HealthReport | None = None
     #: why it is quarantined
     error: WireError | None = None
+    #: the device's buffer generation (docs/wire-format.md §2.3); 0 = none
+    generation: int = 0
+
+    @property
+    def key(self) -> tuple[str, int, int] | None:
+        """(device, generation, seq): what identifies the message, when known."""
+        if self.device is None or self.seq is None:
+            return None
+        return (self.device, self.generation, self.seq)
 
 
 @dataclass(frozen=True)
@@ -122,9 +131,11 @@ def _decode_batch(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
                 f"payload device_id {batch.device_id!r} on the topic of {device!r}",
             )
     except WireError as exc:
-        seq = peek_seq(payload, max_body_bytes=cfg.limits.max_body_bytes)
-        return Decoded(topic, payload, "batch", device, seq, error=exc)
-    return Decoded(topic, payload, "batch", device, batch.seq, batch=batch)
+        seq, gen = peek_ids(payload, max_body_bytes=cfg.limits.max_body_bytes)
+        return Decoded(topic, payload, "batch", device, seq, error=exc, generation=gen)
+    return Decoded(
+        topic, payload, "batch", device, batch.seq, batch=batch, generation=batch.generation
+    )
 
 
 def _decode_alert(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
@@ -148,20 +159,26 @@ def _decode_json(topic: str, payload: bytes, kind: Kind, device: str | None) -> 
             decode_alert(payload) if kind == "alert" else decode_health(payload)
         )
     except WireError as exc:
-        return Decoded(topic, payload, kind, device, _json_seq(payload), error=exc)
+        seq, gen = _json_ids(payload)
+        return Decoded(topic, payload, kind, device, seq, error=exc, generation=gen)
     if isinstance(value, Alert):
-        return Decoded(topic, payload, kind, device, value.seq, alert=value)
-    return Decoded(topic, payload, kind, device, value.seq, health=value)
+        return Decoded(
+            topic, payload, kind, device, value.seq, alert=value, generation=value.generation
+        )
+    return Decoded(
+        topic, payload, kind, device, value.seq, health=value, generation=value.generation
+    )
 
 
-def _json_seq(payload: bytes) -> int | None:
-    """Best effort: the seq of a JSON message that failed validation."""
+def _json_ids(payload: bytes) -> tuple[int | None, int]:
+    """Best effort: the (seq, generation) of a JSON message that failed validation."""
     try:
-        seq = jsonwire.loads(payload, reason="bad-json", what="a message", max_bytes=1 << 20)
-        seq = seq.get("seq")
+        obj = jsonwire.loads(payload, reason="bad-json", what="a message", max_bytes=1 << 20)
+        seq, gen = obj.get("seq"), obj.get("generation", 0)
     except (WireError, AttributeError):
-        return None
-    return seq if type(seq) is int and 0 <= seq < 2**63 else None
+        return None, 0
+    gen = gen if type(gen) is int and 0 <= gen < 2**63 else 0
+    return (seq if type(seq) is int and 0 <= seq < 2**63 else None), gen
 
 
 @dataclass(frozen=True)
@@ -172,17 +189,17 @@ class GroupPlan:
 
 
 def plan_group(decoded: Sequence[Decoded], cfg: IngestConfig) -> GroupPlan:
-    """What each message writes. A message with the (device, seq) of an earlier one
-    of the group (alerts and batches share the device's seqs) repeats it and writes
-    nothing. The Arrow rows of all the group's batches are built at once."""
-    seen: dict[tuple[str, int], int] = {}
+    """What each message writes. A message with the (device, generation, seq) of an
+    earlier one of the group (alerts and batches share the device's seqs) repeats it
+    and writes nothing. The Arrow rows of all the group's batches are built at once."""
+    seen: dict[tuple[str, int, int], int] = {}
     out: list[Planned] = []
     batches: list[tuple[int, Batch]] = []  # the batches to write, and their indexes
     for i, msg in enumerate(decoded):
-        if msg.error is not None or msg.device is None or msg.seq is None:
+        key = msg.key
+        if msg.error is not None or key is None or msg.device is None:
             out.append(Planned(msg))
             continue
-        key = (msg.device, msg.seq)
         if key in seen:
             out.append(Planned(msg, repeat_of=seen[key]))
             continue

@@ -133,6 +133,9 @@ def _schema() -> Any:
         # the sensor's static tags from the agent's config (added within lake v1:
         # read_table gives older objects an empty column)
         ("tags", _tags_type()),
+        # the device's buffer generation (docs/wire-format.md §2.3; 0 = none): a batch
+        # is (device_id, generation, seq). Older objects read as 0 (read_table).
+        ("generation", pa.int64()),
     ]
     return pa.schema(fields, metadata={"telemetry.lake_version": LAKE_VERSION})
 
@@ -266,6 +269,7 @@ def group_rows(batches: Sequence[Batch]) -> list[GroupRows]:
             cat("revision"),
             pa.array([s for b in batches for s in (b.sketch or (None,) * b.rows)], pa.binary()),
             pa.array([list(r.tags) if r.tags else None for r in refs], _tags_type()).take(ref_idx),
+            per_batch([b.generation for b in batches], np.int64),
         ],
         schema=_schema(),
     )
@@ -387,18 +391,23 @@ def read_table(data: bytes) -> Any:
         table = table.append_column(
             pa.field("tags", _tags_type()), pa.nulls(table.num_rows, _tags_type())
         )
+    if "window_start" in names and "generation" not in names:
+        table = table.append_column(
+            pa.field("generation", pa.int64()), pa.array(np.zeros(table.num_rows, np.int64))
+        )
     return table
 
 
 def table_to_batches(table: Any) -> Iterator[Batch]:
-    """Rebuild the batches (one per device and seq, in the order of their first rows)
-    whose rows an aggregates table holds."""
+    """Rebuild the batches (one per device, generation and seq, in the order of their
+    first rows) whose rows an aggregates table holds."""
     cols = pycolumns(table)
     n = table.num_rows
-    by_seq: dict[tuple[str, int], list[int]] = {}
-    for i, key in enumerate(zip(cols["device_id"], cols["seq"], strict=True)):
+    gens = cols.get("generation") or [0] * n
+    by_seq: dict[tuple[str, int, int], list[int]] = {}
+    for i, key in enumerate(zip(cols["device_id"], gens, cols["seq"], strict=True)):
         by_seq.setdefault(key, []).append(i)
-    for (device_id, seq), rows in by_seq.items():
+    for (device_id, generation, seq), rows in by_seq.items():
         first = rows[0]
         window = WindowSpec(
             cols["window_kind"][first], cols["window_width_ns"][first], cols["window_hop_ns"][first]
@@ -431,6 +440,7 @@ def table_to_batches(table: Any) -> Iterator[Batch]:
             sensors=tuple(sensors),
             columns=columns,
             sketch=tuple(sketches) if all(s is not None for s in sketches) else (),
+            generation=generation or 0,
         )
 
 

@@ -56,9 +56,10 @@ __all__ = ["Outcome", "Processor", "ShuttingDown", "Stats"]
 
 log = logging.getLogger("cloud_ingest.process")
 
-#: (device_id, seq) of the batches and alerts written most recently (they share
-#: the device's seq counter), to answer a resend with an ack at once. The sinks
-#: are idempotent anyway; this saves the rewrite.
+#: (device_id, generation, seq) of the batches and alerts written most recently
+#: (they share the device's seq counter; a re-created buffer has a new generation
+#: and counts from 1 again), to answer a resend with an ack at once. The sinks are
+#: idempotent anyway; this saves the rewrite.
 RECENT_BATCHES = 100_000
 
 
@@ -98,7 +99,7 @@ class Processor:
         #: last heard, and latest health, per device (cloud_ingest/fleet.py)
         self.fleet = Fleet(cfg.fleet.max_devices, cfg.fleet.health_fresh_s)
         self._encoders = ThreadPoolExecutor(cfg.worker_threads, thread_name_prefix="encode")
-        self._recent: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._recent: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         self._revisions = RevisionMemory()
         self._names = PartNames()
 
@@ -225,8 +226,8 @@ class Processor:
             if not p.writes:
                 steps.append(_Step())
                 continue
-            assert msg.device is not None and msg.seq is not None
-            if (msg.device, msg.seq) in self._recent:
+            assert msg.key is not None
+            if msg.key in self._recent:
                 steps.append(_Step(resent=True))
                 continue
             lines: Sequence[str] = p.lines
@@ -267,15 +268,16 @@ class Processor:
             self.stats.inc(f"quarantined_{error.reason}")
             ack = None
             if msg.device is not None and msg.seq is not None:
-                ack = Ack(msg.seq, "rejected", error.reason)
+                ack = Ack(msg.seq, "rejected", error.reason, generation=msg.generation)
             return Outcome("quarantined", msg.device, ack)
-        assert msg.device is not None and msg.seq is not None
-        self._remember(msg.device, msg.seq)
+        assert msg.device is not None and msg.seq is not None and msg.key is not None
+        self._remember(msg.key)
         self.fleet.heard(msg.device, msg.health)
+        stored = Ack(msg.seq, "stored", generation=msg.generation)
         if repeat_of is not None or step.resent:
             if step.resent:
                 self.stats.inc("duplicates")
-            return Outcome("duplicate", msg.device, Ack(msg.seq, "stored"))
+            return Outcome("duplicate", msg.device, stored)
         assert step.write is not None
         if msg.kind == "batch":
             self.stats.inc("batches_written")
@@ -283,11 +285,11 @@ class Processor:
             self._revisions.remember(step.versions or {})
         else:
             self.stats.inc("alerts_written" if msg.kind == "alert" else "health_written")
-        return Outcome("written", msg.device, Ack(msg.seq, "stored"))
+        return Outcome("written", msg.device, stored)
 
-    def _remember(self, device: str, seq: int) -> None:
-        self._recent[(device, seq)] = None
-        self._recent.move_to_end((device, seq))
+    def _remember(self, key: tuple[str, int, int]) -> None:
+        self._recent[key] = None
+        self._recent.move_to_end(key)
         if len(self._recent) > RECENT_BATCHES:
             self._recent.popitem(last=False)
 

@@ -22,8 +22,10 @@ import numpy as np
 
 from shared.wire import Batch
 
-#: (device_id, node, sensor, width_ns, hop_ns, window start): one InfluxDB point.
-WindowKey = tuple[str, str, str, int, int, int]
+#: (device_id, generation, node, sensor, width_ns, hop_ns, window start): one
+#: InfluxDB point as one buffer of the device sent it (a re-created buffer, a new
+#: generation, numbers its revisions afresh: docs/wire-format.md §2.3).
+WindowKey = tuple[str, int, str, str, int, int, int]
 
 MAX_WINDOWS = 100_000
 
@@ -53,7 +55,15 @@ class RevisionMemory:
             zip(batch.sensor.tolist(), batch.start_ns.tolist(), revs.tolist(), strict=True)
         ):
             ref = batch.sensors[sidx]
-            key = (batch.device_id, ref.node, ref.name, w.width_ns, w.hop_ns, start)
+            key = (
+                batch.device_id,
+                batch.generation,
+                ref.node,
+                ref.name,
+                w.width_ns,
+                w.hop_ns,
+                start,
+            )
             newest = max(self._newest.get(key, -1), written.get(key, -1))
             if rev < newest:
                 keep[i] = False

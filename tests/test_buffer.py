@@ -94,7 +94,16 @@ def test_outbox_lifecycle_resend_and_ack(tmp_path: Path) -> None:
     outbox.mark_sent(s, [2], now_ns=now + 12 * 10**9, **kw)
     nxt = s.conn.execute("SELECT next_try_ns FROM outbox WHERE seq = 2").fetchone()[0]
     assert 16 * 10**9 <= nxt - (now + 12 * 10**9) <= 24 * 10**9
-    assert outbox.acknowledge(s, 2, stored=True) is True
+    gen = outbox.generation(s)
+    assert gen > 0  # every buffer has one (docs/wire-format.md §2.3)
+    assert (
+        decode_batch(bytes(s.conn.execute("SELECT payload FROM outbox").fetchone()[0])).generation
+        == gen
+    )
+    # an ack for seq 2 of a buffer this one replaced is not this buffer's seq 2
+    assert outbox.acknowledge(s, 2, stored=True, generation=gen + 1) is False
+    assert s.counters()["acks_other_generation"] == 1
+    assert outbox.acknowledge(s, 2, stored=True, generation=gen) is True
     assert outbox.acknowledge(s, 2, stored=True) is False  # a duplicate ack
     assert outbox.acknowledge(s, 3, stored=False) is True  # rejected by the cloud
     c = s.counters()

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import urllib.request
@@ -126,6 +127,18 @@ def test_acks_carry_the_cloud_clock_outside_the_mac() -> None:
     assert decode_ack(b'{"seq":5,"status":"stored"}').ts_ns == 0
     with pytest.raises(WireError):
         decode_ack(b'{"seq":5,"status":"stored","ts_ns":-1}')
+
+
+def test_an_ack_with_a_generation_covers_it_and_the_cloud_clock_with_its_mac() -> None:
+    key = b"k" * 32
+    ack = Ack(5, "stored", generation=77).at(123).signed("dev-1", key)
+    back = decode_ack(ack.encode())
+    assert (back.generation, back.ts_ns) == (77, 123) and back.verify("dev-1", key)
+    assert back.covers_time
+    for field, value in (("generation", 78), ("ts_ns", 124), ("seq", 6)):
+        assert not dataclasses.replace(back, **{field: value}).verify("dev-1", key), field
+    with pytest.raises(WireError):
+        decode_ack(b'{"seq":5,"status":"stored","generation":-1}')
 
 
 def test_the_clock_offset_takes_the_shortest_round_trip_and_ignores_resends() -> None:

@@ -67,8 +67,9 @@ class FakeStore:
         pass
 
 
-def message(device: str, seq: int, rows: int = 2) -> tuple[str, bytes]:
+def message(device: str, seq: int, rows: int = 2, generation: int = 0) -> tuple[str, bytes]:
     b = make_batch(
+        generation=generation,
         device_id=device,
         seq=seq,
         created_ns=0,
@@ -127,6 +128,25 @@ def test_a_group_shares_requests_and_gives_each_message_its_outcome() -> None:
     c = proc.stats.counters
     assert c["received"] == 5 and c["batches_written"] == 3 and c["duplicates"] == 1
     assert c["points_written"] == 6 and c["quarantined_bad-magic"] == 1
+
+
+def test_a_new_generation_of_a_device_is_never_taken_for_a_resend_of_the_old() -> None:
+    """A device whose buffer was re-created (new SD card, re-flash) counts its seqs
+    from 1 again, under a new generation: its batches are written, not answered as
+    duplicates of the old buffer's, and each ack names the generation it answers."""
+    points, store = FakePoints(), FakeStore()
+    proc = processor(points, store)
+
+    async def main() -> list[tuple[str, int]]:
+        out = await proc.handle_group([message("a", 1, generation=111)])
+        out += await proc.handle_group([message("a", 1, rows=3, generation=222)])
+        out += await proc.handle_group([message("a", 1, rows=3, generation=222)])  # resent
+        return [(o.result, o.ack.generation if o.ack else -1) for o in out]
+
+    assert asyncio.run(main()) == [("written", 111), ("written", 222), ("duplicate", 222)]
+    proc.close()
+    assert proc.stats.counters["batches_written"] == 2
+    assert sum(len(r) for r in points.requests) == 5  # 2 + 3 points: nothing lost
 
 
 def test_a_permanent_influx_failure_is_pinned_on_its_batch() -> None:

@@ -8,10 +8,10 @@ to ``max_lines``). So an idle ingestor writes at once (no added latency) and a
 busy one writes in large requests.
 
 Failures come back to every waiting caller: a retryable one (InfluxDB down) to
-all of them, to retry as they would alone. A permanent one (HTTP 400) may be
-caused by one batch's lines only, so a combined write that fails permanently is
-tried again batch by batch, and only the batch that fails on its own is
-rejected. Writes are idempotent (same series, same time), so writing a line
+all of them, to retry as they would alone. A permanent one (HTTP 400), or one
+for the server's state (a series limit: sinks/influx.py), may be caused by one
+batch's lines only, so such a combined write is tried again batch by batch, and
+only the batch that fails on its own gets the error. Writes are idempotent (same series, same time), so writing a line
 twice is harmless.
 """
 
@@ -21,7 +21,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
-from shared.errors import PermanentSinkError
+from shared.errors import PermanentSinkError, SinkLimitError
 
 
 class Coalescer:
@@ -63,7 +63,7 @@ class Coalescer:
                 self.lines += len(combined)
                 for _, fut in group:
                     _resolve(fut, None)
-            except PermanentSinkError as exc:
+            except (PermanentSinkError, SinkLimitError) as exc:
                 if len(group) == 1:
                     _resolve(group[0][1], exc)
                     continue

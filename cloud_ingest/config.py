@@ -185,6 +185,56 @@ class FleetConfig:
 
 
 @dataclass(frozen=True)
+class QuotasConfig:
+    """What one device may cost the fleet (cloud_ingest/quotas.py, and
+    docs/cloud-ingest.md "What one device can cost the fleet")."""
+
+    #: a window or alert may start at most this long before the ingestor's clock:
+    #: set it to the retention of InfluxDB's retention policy (90 days by default)
+    max_past_s: float = 90 * 86400.0
+    #: ... and at most this long after it
+    max_future_s: float = 86400.0
+    #: the windows of one batch may span at most this much (2 UTC days of the lake)
+    max_batch_span_s: float = 86400.0
+    max_sensors_per_batch: int = 1000
+    max_series_per_device: int = 2000
+    max_new_series_per_day: int = 500
+    #: distinct values of a device's unit, and of each static tag written as a tag
+    max_tag_values: int = 64
+    #: a series not seen this long is forgotten (0: max_past_s)
+    series_expiry_s: float = 0.0
+    max_messages_per_s: float = 200.0
+    burst_messages: int = 2000
+    #: quarantine entries kept per device a minute (the rest are counted)
+    max_quarantined_per_min: int = 60
+    #: where each device's series are remembered across restarts ("" = memory only)
+    state_file: str = ""
+    #: series of all devices together; beyond it, new series are deferred
+    max_tracked_series: int = 2_000_000
+
+    def __post_init__(self) -> None:
+        positive("max_past_s", self.max_past_s)
+        positive("max_future_s", self.max_future_s)
+        positive("max_batch_span_s", self.max_batch_span_s)
+        for name in (
+            "max_sensors_per_batch",
+            "max_series_per_device",
+            "max_new_series_per_day",
+            "max_tag_values",
+            "burst_messages",
+            "max_quarantined_per_min",
+            "max_tracked_series",
+        ):
+            if getattr(self, name) < 1:
+                raise Invalid(name, "must be at least 1")
+        positive("max_messages_per_s", self.max_messages_per_s)
+        if self.series_expiry_s < 0:
+            raise Invalid("series_expiry_s", "must be >= 0 (0 = max_past_s)")
+        if self.max_sensors_per_batch > 65536:
+            raise Invalid("max_sensors_per_batch", "must be <= 65536 (a batch's own bound)")
+
+
+@dataclass(frozen=True)
 class IngestConfig:
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
@@ -198,6 +248,7 @@ class IngestConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     acks: AcksConfig = field(default_factory=AcksConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
+    quotas: QuotasConfig = field(default_factory=QuotasConfig)
 
     def __post_init__(self) -> None:
         if not 1 <= self.worker_threads <= 64:

@@ -2,9 +2,11 @@
 
 Each stage hands the next an immutable value:
 
-- :class:`Decoded`: one message as read from the wire. Exactly one of ``batch``,
-  ``alert``, ``health`` and ``error`` is set. A message that fails to decode still names its
-  device and seq when they can be read, so that the device gets a ``rejected`` ack.
+- :class:`Decoded`: one message as read from the wire, within its device's quotas
+  (cloud_ingest/quotas.py). Exactly one of ``batch``, ``alert``, ``health``,
+  ``error`` and ``defer`` is set; a batch taken in part has ``partial`` too. A
+  message that fails to decode still names its device and seq when they can be
+  read, so that the device gets a ``rejected`` ack.
 - :class:`Planned`: one message and what it writes: its InfluxDB lines and, for an
   alert, its lake object, or the earlier message of the group that it repeats.
 - :class:`GroupPlan`: the group's messages planned, and the Arrow rows of all its
@@ -30,6 +32,7 @@ import numpy as np
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.lake import GroupRows, alert_object, group_rows
 from cloud_ingest.lineproto import alert_to_line, batch_to_lines, health_to_line
+from cloud_ingest.quotas import DEFER_RATE, Quotas
 from shared import jsonwire
 from shared.alerts import Alert, decode_alert
 from shared.errors import WireError
@@ -62,6 +65,13 @@ class Decoded:
     error: WireError | None = None
     #: the device's buffer generation (docs/wire-format.md §2.3); 0 = none
     generation: int = 0
+    #: why it is deferred (not written, not answered: the device sends it again;
+    #: CLOUD_DEFER_REASONS), None if it is not
+    defer: str | None = None
+    #: the batch is written in part: why the rest is quarantined (a quota)
+    partial: WireError | None = None
+    #: windows of it left out (partial)
+    refused_rows: int = 0
 
     @property
     def key(self) -> tuple[str, int, int] | None:
@@ -81,20 +91,72 @@ class Planned:
 
     @property
     def writes(self) -> bool:
-        """True if this message is to be written (not quarantined, not a repeat)."""
-        return self.msg.error is None and self.repeat_of is None
+        """True if this message is to be written (not quarantined, deferred or a repeat)."""
+        return self.msg.error is None and self.msg.defer is None and self.repeat_of is None
 
 
-def decode_group(messages: Sequence[tuple[str, bytes]], cfg: IngestConfig) -> list[Decoded]:
+def decode_group(
+    messages: Sequence[tuple[str, bytes]], cfg: IngestConfig, quotas: Quotas | None = None
+) -> list[Decoded]:
     """Decode each (topic, payload), then check the ranges of every batch at once
-    (a group of batches costs about what one did)."""
-    out = [decode_message(topic, payload, cfg) for topic, payload in messages]
+    (a group of batches costs about what one did), then each device's quotas
+    (cloud_ingest/quotas.py). A message over its device's rate is deferred before
+    it is decoded: a flood costs a topic split per message."""
+    out: list[Decoded] = []
+    for topic, payload in messages:
+        kind, device = route(topic, cfg.mqtt.topic_prefix)
+        if quotas is not None and device is not None and not quotas.admit(device):
+            out.append(Decoded(topic, payload, kind, device, None, defer=DEFER_RATE))
+        else:
+            out.append(decode_message(topic, payload, cfg))
+    now = time.time_ns()
     at = [(i, d.batch) for i, d in enumerate(out) if d.batch is not None]
-    verdicts = check_ranges_many([b for _, b in at], time.time_ns())
+    verdicts = check_ranges_many([b for _, b in at])
     for (i, _), verdict in zip(at, verdicts, strict=True):
         if verdict is not None:
             out[i] = dataclasses.replace(out[i], batch=None, error=verdict)
+    if quotas is not None:
+        out = [_within_quotas(d, quotas, now) for d in out]
     return out
+
+
+def _within_quotas(d: Decoded, quotas: Quotas, now_ns: int) -> Decoded:
+    try:
+        return _quotas(d, quotas, now_ns)
+    except Exception as exc:  # a bug must not stop the ingestor (as in decode_message)
+        log.exception("quotas: %s on %s", type(exc).__name__, d.topic)
+        error = WireError("undecodable", f"{type(exc).__name__}: {exc}"[:500])
+        return dataclasses.replace(d, batch=None, alert=None, health=None, error=error)
+
+
+def _quotas(d: Decoded, quotas: Quotas, now_ns: int) -> Decoded:
+    """The message within its device's quotas, in part, deferred or quarantined."""
+    if d.batch is not None:
+        c = quotas.check_batch(d.batch, now_ns)
+        if c.defer is not None:
+            return dataclasses.replace(d, batch=None, defer=c.defer)
+        if c.batch is None:
+            return dataclasses.replace(d, batch=None, error=c.error)
+        if c.error is not None:
+            return dataclasses.replace(
+                d, batch=c.batch, partial=c.error, refused_rows=c.refused_rows
+            )
+        return d
+    when = d.alert.ts_ns if d.alert else d.health.ts_ns if d.health else None
+    if when is not None:
+        error = quotas.check_time(when, when, now_ns, f"the {d.kind}")
+        if error is not None:
+            return dataclasses.replace(d, alert=None, health=None, error=error)
+    return d
+
+
+def route(topic: str, prefix: str) -> tuple[Kind, str | None]:
+    """A message's kind and device, from its topic alone (None: not a valid one)."""
+    if topic.endswith("/alert"):
+        return "alert", device_from_alert_topic(topic, prefix)
+    if topic.endswith("/health"):
+        return "health", device_from_health_topic(topic, prefix)
+    return "batch", device_from_batch_topic(topic, prefix)
 
 
 def decode_message(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
@@ -197,7 +259,7 @@ def plan_group(decoded: Sequence[Decoded], cfg: IngestConfig) -> GroupPlan:
     batches: list[tuple[int, Batch]] = []  # the batches to write, and their indexes
     for i, msg in enumerate(decoded):
         key = msg.key
-        if msg.error is not None or key is None or msg.device is None:
+        if msg.error is not None or msg.defer is not None or key is None or msg.device is None:
             out.append(Planned(msg))
             continue
         if key in seen:

@@ -9,7 +9,12 @@ Metrics (all counters end in ``_total``):
   ``received``, ``batches_written``, ``points_written``, ``duplicates``,
   ``alerts_received``, ``alerts_written``, ``acks_stored``, ``acks_rejected``,
   ``influx_retries``, ``archive_retries``, ``mqtt_reconnects``, …
-* ``cloud_ingest_quarantined_total{reason=…}``: rejected input, by reason
+* ``cloud_ingest_quarantined_total{reason=…}``: rejected input, by reason (the
+  per-device quotas' reasons among them: cloud_ingest/quotas.py)
+* ``cloud_ingest_deferred_total{reason=…}``: messages acknowledged to the broker
+  and not answered, which their devices send again: ``rate`` (a device over its
+  message rate), ``series-table-full``, ``sink-limit`` (InfluxDB's state refused
+  the batch: a series limit, a field type conflict) and ``archive-refused``
 * ``cloud_ingest_sink_seconds{sink="influx"|"archive"}``: a histogram of the time
   each successful write took, retries included
 * ``cloud_ingest_up``: 1 while subscribed to the broker
@@ -59,7 +64,7 @@ from prometheus_client.registry import Collector
 
 from cloud_ingest.fleet import Fleet
 from cloud_ingest.writer import Stats
-from shared.errors import CLOUD_QUARANTINE_REASONS
+from shared.errors import CLOUD_DEFER_REASONS, CLOUD_QUARANTINE_REASONS
 
 #: Events shown from 0 before their first increase, like the quarantine reasons: the
 #: alert rules take rate() of them, which cannot see a counter appear at 1.
@@ -82,6 +87,9 @@ KNOWN_EVENTS = (
     "mqtt_reconnects",
     "revisions_superseded",
     "abandoned_at_shutdown",
+    "influx_limited",
+    "quarantine_not_kept",
+    "quota_windows_refused",
 )
 
 
@@ -105,18 +113,30 @@ class _StatsCollector(Collector):
         quarantined = CounterMetricFamily(
             "cloud_ingest_quarantined", "Input sent to quarantine", labels=["reason"]
         )
+        deferred = CounterMetricFamily(
+            "cloud_ingest_deferred",
+            "Messages deferred: acknowledged to the broker, not answered; the device "
+            "sends them again (a quota, or a sink's state)",
+            labels=["reason"],
+        )
         # every known event and reason from 0, so that the first one is an increase
         counts = {**dict.fromkeys(KNOWN_EVENTS, 0), **dict(self.stats.counters)}
         reasons = dict.fromkeys(CLOUD_QUARANTINE_REASONS, 0)
+        defers = dict.fromkeys(CLOUD_DEFER_REASONS, 0)
         for name, value in sorted(counts.items()):
             if name.startswith("quarantined_"):
                 reasons[name[len("quarantined_") :]] = value
+            elif name.startswith("deferred_"):
+                defers[name[len("deferred_") :]] = value
             else:
                 events.add_metric([name], value)
         for reason, value in sorted(reasons.items()):
             quarantined.add_metric([reason], value)
+        for reason, value in sorted(defers.items()):
+            deferred.add_metric([reason], value)
         yield events
         yield quarantined
+        yield deferred
         up = GaugeMetricFamily("cloud_ingest_up", "1 while subscribed to the broker")
         up.add_metric([], 1.0 if self.health.subscribed.is_set() else 0.0)
         yield up

@@ -43,9 +43,19 @@ from cloud_ingest.config import IngestConfig
 from cloud_ingest.decode import GroupPlan, Planned, decode_group, plan_group
 from cloud_ingest.fleet import Fleet
 from cloud_ingest.lake import GroupRows, PartNames, part_key, to_parquet
+from cloud_ingest.quotas import Quotas
 from cloud_ingest.revisions import RevisionMemory, WindowKey
 from cloud_ingest.sinks.base import ObjectStore, PointSink
-from cloud_ingest.writer import Quarantine, SharedObject, ShuttingDown, Stats, Write, Writer
+from cloud_ingest.writer import (
+    Deferral,
+    Quarantine,
+    SharedObject,
+    ShuttingDown,
+    Stats,
+    Verdict,
+    Write,
+    Writer,
+)
 from shared.acks import Ack
 from shared.errors import WireError
 from shared.sketch import DDSketch
@@ -64,11 +74,16 @@ RECENT_BATCHES = 100_000
 
 
 _RECEIVED = {"batch": "received", "alert": "alerts_received", "health": "health_received"}
+NOT_KEPT_LOG_EVERY_S = 60.0  # quarantine entries not kept: one summary line this often
 
 
 @dataclass(frozen=True)
 class Outcome:
-    result: Literal["written", "duplicate", "quarantined"]
+    """``deferred``: not written and not answered (a quota of the ingestor, or a
+    sink's state refused it): acknowledged to the broker all the same, so that the
+    device, which keeps every batch until it is answered, sends it again later."""
+
+    result: Literal["written", "duplicate", "quarantined", "deferred"]
     device: str | None
     ack: Ack | None
 
@@ -102,10 +117,15 @@ class Processor:
         self._recent: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         self._revisions = RevisionMemory()
         self._names = PartNames()
+        #: what one device may cost the fleet (cloud_ingest/quotas.py)
+        self.quotas = Quotas(cfg.quotas, cfg.influx.allowed_tags)
+        self._not_kept: dict[str, int] = {}  # quarantine entries not kept, per device
+        self._not_kept_logged = 0.0
 
     def close(self) -> None:
         self.writer.close()
         self._encoders.shutdown(wait=True)
+        self.quotas.close()
 
     async def handle_group(
         self,
@@ -165,32 +185,60 @@ class Processor:
             sketch=(DDSketch.from_values(np.array([1.0, 1.0])).encode(),),
         )
         topic = batch_topic("warm-up", self.cfg.mqtt.topic_prefix)
-        plan = self._decode_and_plan([(topic, encode_batch(batch))])
+        plan = self._decode_and_plan([(topic, encode_batch(batch))], quotas=False)
         if plan.planned[0].msg.error is not None:  # a bug, not input: say so at start
             raise RuntimeError(f"the warm-up batch did not decode: {plan.planned[0].msg.error}")
         for g in plan.rows:
             to_parquet(g.rows)
         return time.monotonic() - started
 
-    def _decode_and_plan(self, messages: Sequence[tuple[str, bytes]]) -> GroupPlan:
-        return plan_group(decode_group(messages, self.cfg), self.cfg)
+    def _decode_and_plan(
+        self, messages: Sequence[tuple[str, bytes]], quotas: bool = True
+    ) -> GroupPlan:
+        return plan_group(
+            decode_group(messages, self.cfg, self.quotas if quotas else None), self.cfg
+        )
 
     async def _write(self, plan: GroupPlan, encoded: Sequence[bytes]) -> list[Outcome]:
         # Resends are recognised here, not when decoding: the group before may hold them.
         planned = plan.planned
         steps = self._steps(planned)
         writes = [(i, s.write) for i, s in enumerate(steps) if s.write is not None]
-        quarantine = [
-            Quarantine(p.msg.topic, p.msg.payload, p.msg.error)
-            for p in planned
-            if p.msg.error is not None
-        ]
+        quarantine = self._quarantine(planned)
         shared = await self._shared_objects(plan.rows, encoded, [i for i, _ in writes])
         verdicts = await self.writer.write([w for _, w in writes], quarantine, shared)
-        errors: list[WireError | None] = [p.msg.error for p in planned]
+        errors: list[Verdict] = [p.msg.error for p in planned]
         for (i, _), verdict in zip(writes, verdicts, strict=True):
             errors[i] = verdict
         return [self._outcome(planned, steps, errors, i) for i in range(len(planned))]
+
+    def _quarantine(self, planned: Sequence[Planned]) -> list[Quarantine]:
+        """The group's quarantine entries (refused messages, and batches taken in part),
+        at most ``quotas.max_quarantined_per_min`` a minute per device: a device that
+        floods the ingestor with bad messages costs a counter, not a lake object each."""
+        out = []
+        for p in planned:
+            error = p.msg.error or p.msg.partial
+            if error is None:
+                continue
+            if self.quotas.keep_quarantined(p.msg.device):
+                out.append(Quarantine(p.msg.topic, p.msg.payload, error))
+                continue
+            self.stats.inc("quarantine_not_kept")
+            device = p.msg.device or "?"
+            self._not_kept[device] = self._not_kept.get(device, 0) + 1
+        now = time.monotonic()
+        if self._not_kept and now >= self._not_kept_logged + NOT_KEPT_LOG_EVERY_S:
+            self._not_kept_logged = now
+            worst = sorted(self._not_kept.items(), key=lambda kv: -kv[1])[:5]
+            log.warning(
+                "quarantine: %d entries not kept (over quotas.max_quarantined_per_min), "
+                "counted only: %s",
+                sum(self._not_kept.values()),
+                ", ".join(f"{d} {n}" for d, n in worst),
+            )
+            self._not_kept.clear()
+        return out
 
     async def _shared_objects(
         self, rows: Sequence[GroupRows], encoded: Sequence[bytes], writing: list[int]
@@ -256,7 +304,7 @@ class Processor:
         self,
         planned: list[Planned],
         steps: list[_Step],
-        errors: list[WireError | None],
+        errors: list[Verdict],
         i: int,
     ) -> Outcome:
         msg, step, error = planned[i].msg, steps[i], errors[i]
@@ -264,7 +312,11 @@ class Processor:
         if repeat_of is not None:  # a repeat within the group: the first copy's fate
             error = errors[repeat_of]
             self.stats.inc("duplicates")
-        if error is not None:
+        defer = msg.defer or (error.reason if isinstance(error, Deferral) else None)
+        if defer is not None:
+            self.stats.inc(f"deferred_{defer}")
+            return Outcome("deferred", msg.device, None)
+        if isinstance(error, WireError):
             self.stats.inc(f"quarantined_{error.reason}")
             ack = None
             if msg.device is not None and msg.seq is not None:
@@ -273,7 +325,12 @@ class Processor:
         assert msg.device is not None and msg.seq is not None and msg.key is not None
         self._remember(msg.key)
         self.fleet.heard(msg.device, msg.health)
-        stored = Ack(msg.seq, "stored", generation=msg.generation)
+        # taken in part: stored, and the reason the rest was not (cloud_ingest/quotas.py)
+        partly = msg.partial.reason if msg.partial is not None else ""
+        stored = Ack(msg.seq, "stored", partly, generation=msg.generation)
+        if msg.partial is not None and repeat_of is None and not step.resent:
+            self.stats.inc(f"quarantined_{msg.partial.reason}")
+            self.stats.inc("quota_windows_refused", msg.refused_rows)
         if repeat_of is not None or step.resent:
             if step.resent:
                 self.stats.inc("duplicates")

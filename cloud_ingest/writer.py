@@ -3,21 +3,29 @@
 A :class:`Write` is what one message (or one batch rebuilt from the lake) puts in
 the sinks: InfluxDB lines and lake objects. :meth:`Writer.write` runs both sinks
 to their end for a list of them and returns one verdict each: ``None`` when both
-sinks hold it, or the ``sink-rejected`` error when a sink refused it for good.
+sinks hold it, the ``sink-rejected`` error when InfluxDB refused it for its own
+fault, or a :class:`Deferral` when a sink's state refused it (the device keeps it
+and sends it again; never its loss).
 
 - InfluxDB: the lines of concurrent callers share requests (:class:`Coalescer`) of
-  up to ``influx.max_lines_per_write`` lines; a request refused for good (HTTP 400)
-  is tried again write by write, so that only the writes at fault are refused.
+  up to ``influx.max_lines_per_write`` lines; a request refused (HTTP 400, 413) is
+  tried again write by write, so that only the writes at fault are refused, and
+  each refusal is classified once (sinks/influx.py): the write's own fault
+  (``PermanentSinkError``: quarantined) or the server's state (``SinkLimitError``:
+  a series limit another device filled, a field type another writer set;
+  deferred).
 - The lake: objects are put concurrently (``archive.max_concurrent_puts``); only
   the ones that failed retryably are tried again. A :class:`SharedObject` holds
   the rows of several writes (a group's batches of one day): the store refusing
-  it for good refuses them all (the refusal is the object's, not a batch's).
+  it for good defers them all (the refusal is the object's, not a batch's).
 - Retryable failures back off exponentially with ±20 % jitter (honouring
   Retry-After), for ever while the service runs; once ``stop`` is set, for at most
   ``retry.shutdown_grace_s``, then :class:`ShuttingDown` is raised.
-- A write that a sink refused goes to the quarantine, and its lake objects are
-  deleted, or rewritten without its rows where shared: the lake holds what
-  InfluxDB holds, so that a replay never meets it.
+- A write that a sink refused or deferred has its lake objects deleted, or
+  rewritten without its rows where shared: the lake holds what InfluxDB holds,
+  so that a replay never meets it. A refused one goes to the quarantine.
+- The quarantine keeps the first :data:`QUARANTINE_KEEP_BYTES` of a payload,
+  with its size and SHA-256: a huge message never sits in the lake whole.
 
 The sinks raise only the shared errors (RetryableSinkError, PermanentSinkError);
 each backend translates its library's exceptions in one place (sinks/).
@@ -40,9 +48,25 @@ from dataclasses import dataclass, field
 from cloud_ingest.coalesce import Coalescer
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.sinks.base import ObjectStore, PointSink
-from shared.errors import PermanentSinkError, RetryableSinkError, WireError
+from shared.errors import PermanentSinkError, RetryableSinkError, SinkLimitError, WireError
 
 log = logging.getLogger("cloud_ingest.writer")
+
+#: of a quarantined payload, the bytes kept (its size and digest are in the .json)
+QUARANTINE_KEEP_BYTES = 65536
+
+
+@dataclass(frozen=True)
+class Deferral:
+    """A write a sink's state refused (CLOUD_DEFER_REASONS): not written, not
+    quarantined, not answered; the device sends it again."""
+
+    reason: str
+    message: str
+
+
+#: one write's verdict: written (None), refused for its own fault, or deferred
+Verdict = WireError | Deferral | None
 
 
 @dataclass
@@ -120,11 +144,11 @@ class Writer:
         writes: Sequence[Write],
         quarantine: Sequence[Quarantine] = (),
         shared: Sequence[SharedObject] = (),
-    ) -> list[WireError | None]:
+    ) -> list[Verdict]:
         """Write to both sinks, and put ``quarantine`` in the lake's quarantine at the
         same time. Both sinks run to their end (success or final failure) before the
         verdicts are given."""
-        verdicts: list[WireError | None] = [None] * len(writes)
+        verdicts: list[Verdict] = [None] * len(writes)
         results = await asyncio.gather(
             self._write_influx(writes, verdicts),
             self._put_objects(
@@ -146,6 +170,7 @@ class Writer:
                 [
                     ((), obj)
                     for i, error in refused.items()
+                    if isinstance(error, WireError)
                     for obj in self._quarantine_objects(
                         Quarantine(writes[i].topic, writes[i].payload, error)
                     )
@@ -180,11 +205,10 @@ class Writer:
         await self._put_objects(puts, [])
         await self._delete_objects(deletes)
 
-    async def _write_influx(
-        self, writes: Sequence[Write], verdicts: list[WireError | None]
-    ) -> None:
+    async def _write_influx(self, writes: Sequence[Write], verdicts: list[Verdict]) -> None:
         """Requests of up to max_lines_per_write lines; a write whose lines InfluxDB
-        refuses for good (HTTP 400) gets that as its verdict, the others are written."""
+        refuses (for its own fault, or for the server's state) gets that as its
+        verdict, the others are written."""
         chunks: list[list[int]] = [[]]
         n = 0
         for i, w in enumerate(writes):
@@ -200,9 +224,20 @@ class Writer:
             lines = [line for i in chunk for line in writes[i].lines]
             try:
                 await self._with_retry("influx", lambda: self.influx.write(lines))
-            except PermanentSinkError as exc:
+            except (PermanentSinkError, SinkLimitError) as exc:
                 if len(chunk) == 1:
-                    verdicts[chunk[0]] = WireError("sink-rejected", str(exc))
+                    if isinstance(exc, SinkLimitError):
+                        self.stats.inc("influx_limited")
+                        log.error(
+                            "influx: %s; the batch from %s is deferred (its device sends "
+                            "it again); raise the server's limit or fix its state",
+                            exc,
+                            writes[chunk[0]].topic,
+                            extra={"stage": "influx", "topic": writes[chunk[0]].topic},
+                        )
+                        verdicts[chunk[0]] = Deferral("sink-limit", str(exc))
+                    else:
+                        verdicts[chunk[0]] = WireError("sink-rejected", str(exc))
                     return
                 for i in chunk:  # find the writes at fault
                     await one([i])
@@ -212,12 +247,12 @@ class Writer:
     async def _put_objects(
         self,
         objects: list[tuple[tuple[int, ...], tuple[str, bytes]]],
-        verdicts: list[WireError | None],
+        verdicts: list[Verdict],
     ) -> set[str]:
         """Put objects concurrently, retrying the ones that fail retryably; the writes
         of an object the store refuses for good (its indexes in ``writes``; none for
-        a quarantine entry, only counted) get that as their verdict. Returns the keys
-        refused for good."""
+        a quarantine entry, only counted and logged) are deferred: a store that will
+        not take an object is not one batch's fault. Returns the keys refused."""
         archive = self.archive
         refused: set[str] = set()
         if archive is None:
@@ -240,12 +275,18 @@ class Writer:
                 if isinstance(res, RetryableSinkError):
                     again.append((members, obj))
                     first = first or res
-                elif isinstance(res, PermanentSinkError):
+                elif isinstance(res, PermanentSinkError | SinkLimitError):
                     self.stats.inc("archive_rejected")
                     refused.add(obj[0])
+                    log.error(
+                        "archive: %s (%d writes deferred; their devices send them again)",
+                        res,
+                        len(members),
+                        extra={"stage": "archive"},
+                    )
                     for i in members:
                         if verdicts[i] is None:
-                            verdicts[i] = WireError("sink-rejected", str(res))
+                            verdicts[i] = Deferral("archive-refused", str(res))
                 elif isinstance(res, BaseException):
                     raise res
             pending = again
@@ -279,17 +320,20 @@ class Writer:
             extra={"reason": reason, "topic": q.topic, "bytes": len(q.payload)},
         )
         digest = hashlib.sha256(q.payload).hexdigest()
+        kept = q.payload[:QUARANTINE_KEEP_BYTES]
         meta = json.dumps(
             {
-                "topic": q.topic,
+                "topic": q.topic[:1024],
                 "reason": reason,
-                "message": message,
+                "message": message[:2000],
                 "received_ns": time.time_ns(),
                 "bytes": len(q.payload),
+                "sha256": digest,
+                "kept_bytes": len(kept),
             }
         ).encode()
         base = f"quarantine/reason={reason}/{digest}"
-        return [(base + ".bin", q.payload), (base + ".json", meta)]
+        return [(base + ".bin", kept), (base + ".json", meta)]
 
     async def _with_retry(self, stage: str, op: Callable[[], Awaitable[None]]) -> None:
         """Await ``op()`` until it succeeds or fails permanently (see the module doc)."""

@@ -10,8 +10,15 @@
     │                          (permanent: resending the same bytes will fail again);
     │                          carries a short machine-readable ``reason`` for counters
     └── SinkError              a sink (InfluxDB, archive) could not take a batch
-        ├── RetryableSinkError outage, 5xx, 429, timeout: try again after ``retry_after``
-        └── PermanentSinkError the sink refuses this batch for good (4xx): quarantine it
+        ├── RetryableSinkError outage, 5xx, 429, timeout: the sink takes nothing now;
+        │                      hold everything and try again after ``retry_after``
+        ├── SinkLimitError     the sink's state refuses this write (a series limit
+        │                      reached, a schema conflict another writer made, an
+        │                      object the store will not take): not the batch's
+        │                      fault, so it is deferred (the device keeps it and
+        │                      sends it again) while the rest is written
+        └── PermanentSinkError the batch itself is at fault (line protocol InfluxDB
+                               cannot parse, points beyond its retention): quarantine it
 
 Third-party exceptions (paho, influxdb-client, urllib3, botocore) are translated
 into these at one place per sink, never further up.
@@ -72,6 +79,23 @@ CLOUD_QUARANTINE_REASONS = (
     "bad-health",
     "sink-rejected",
     "undecodable",
+    # per-device quotas (cloud_ingest/quotas.py)
+    "time-too-old",
+    "time-too-new",
+    "time-span",
+    "quota-sensors",
+    "quota-series",
+    "quota-new-series",
+    "quota-tag-values",
+)
+
+#: Why cloud-ingest defers a message: acknowledged to the broker, not answered, so
+#: that the device sends it again later. Never the device's loss.
+CLOUD_DEFER_REASONS = (
+    "rate",  # the device's message rate (cloud_ingest/quotas.py)
+    "series-table-full",  # every device's series together: quotas.max_tracked_series
+    "sink-limit",  # InfluxDB's state refused it (a series limit, a schema conflict)
+    "archive-refused",  # the object store refused the object that holds it
 )
 
 
@@ -101,3 +125,9 @@ class RetryableSinkError(SinkError):
 
 class PermanentSinkError(SinkError):
     """The sink rejected the batch itself; retrying the same write cannot help."""
+
+
+class SinkLimitError(SinkError):
+    """The sink refuses this write because of its own state (a limit reached, a
+    schema conflict made by another writer, a store that will not take the object),
+    not because of the write: other writes still go through, and this one may later."""

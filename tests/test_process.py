@@ -12,7 +12,7 @@ from cloud_ingest.config import IngestConfig
 from cloud_ingest.lake import archived_seqs, parse_key, read_table, table_to_batches
 from cloud_ingest.process import Processor
 from shared.config import from_dict
-from shared.errors import PermanentSinkError
+from shared.errors import PermanentSinkError, SinkLimitError
 from shared.wire import STAT_FIELDS, SensorRef, WindowSpec, encode_batch, make_batch
 
 W = 10_000_000_000
@@ -22,11 +22,13 @@ PREFIX = "telemetry/v1"
 
 class FakePoints:
     """InfluxDB: keeps each request; a request with a line of ``bad_device`` fails for
-    good (HTTP 400); ``gate`` holds requests."""
+    good (HTTP 400), one with a line of ``limited_device`` for the server's state (a
+    series limit); ``gate`` holds requests."""
 
-    def __init__(self, bad_device: str = "") -> None:
+    def __init__(self, bad_device: str = "", limited_device: str = "") -> None:
         self.requests: list[list[str]] = []
         self.bad_device = bad_device
+        self.limited_device = limited_device
         self.gate = threading.Event()
         self.gate.set()
 
@@ -35,6 +37,8 @@ class FakePoints:
         self.requests.append(list(lines))
         if self.bad_device and any(f"device_id={self.bad_device}," in ln for ln in lines):
             raise PermanentSinkError("400: unable to parse")
+        if self.limited_device and any(f"device_id={self.limited_device}," in ln for ln in lines):
+            raise SinkLimitError("400: partial write: max-values-per-tag limit exceeded")
 
     def close(self) -> None:
         pass
@@ -176,16 +180,38 @@ def test_a_group_whose_batches_influx_refuses_all_leaves_no_object() -> None:
     assert aggregates(store) == []
 
 
-def test_a_refused_group_object_quarantines_the_batches_it_holds() -> None:
-    """The store refusing an object for good (access denied, a bad key) is not about
-    one batch in it: every batch it holds is refused, and the device told so."""
+def test_a_refused_group_object_defers_the_batches_it_holds() -> None:
+    """The store refusing an object for good (a size or key it will not take) is not
+    about one batch in it: no device is told "rejected" (which would make it drop the
+    batch); they are deferred, unanswered, and their devices send them again."""
     points, store = FakePoints(), FakeStore(refuse="aggregates/")
     proc = processor(points, store)
     out = asyncio.run(proc.handle_group([message("a", 1), message("b", 1)]))
     proc.close()
-    assert [o.result for o in out] == ["quarantined", "quarantined"]
-    assert [o.ack.reason for o in out if o.ack] == ["sink-rejected", "sink-rejected"]
+    assert [(o.result, o.ack) for o in out] == [("deferred", None), ("deferred", None)]
     assert proc.stats.counters["archive_rejected"] == 1
+    assert proc.stats.counters["deferred_archive-refused"] == 2
+    assert not [k for k in store.objects if k.startswith("quarantine/")]
+
+
+def test_a_refusal_for_influxdbs_state_defers_only_the_batch_it_concerns() -> None:
+    """InfluxDB refusing a batch for its own state (a series limit that another device
+    filled) is not the batch's fault: it is deferred, never answered "rejected", and
+    the other batches of the request are written. The lake holds what InfluxDB holds."""
+    points, store = FakePoints(limited_device="new"), FakeStore()
+    proc = processor(points, store)
+    out = asyncio.run(proc.handle_group([message("a", 1), message("new", 1), message("c", 1)]))
+    proc.close()
+    assert [(o.result, o.ack and o.ack.status) for o in out] == [
+        ("written", "stored"),
+        ("deferred", None),
+        ("written", "stored"),
+    ]
+    c = proc.stats.counters
+    assert c["deferred_sink-limit"] == 1 and c["influx_limited"] == 1
+    assert "influx_rejected" not in c and not any(k.startswith("quarantined_") for k in c)
+    assert lake_rows(store) == {("a", 1): 2, ("c", 1): 2}
+    assert not [k for k in store.objects if k.startswith("quarantine/")]
 
 
 def test_a_resend_in_the_next_group_is_a_duplicate_once_the_first_is_written() -> None:

@@ -12,7 +12,7 @@ from cloud_ingest.sinks.archive import LocalArchive, S3Archive, open_archive
 from cloud_ingest.sinks.influx import InfluxV1Sink, InfluxV2Sink, classify_status
 from devstack import influxq
 from devstack.services import Service, free_port, wait_until
-from shared.errors import PermanentSinkError, RetryableSinkError
+from shared.errors import PermanentSinkError, RetryableSinkError, SinkLimitError
 
 pytestmark = pytest.mark.integration
 
@@ -59,8 +59,34 @@ def test_status_classification() -> None:
     e = classify_status(429, "", "7")
     assert isinstance(e, RetryableSinkError) and e.retry_after == 7.0
     assert isinstance(classify_status(400, "bad", None), PermanentSinkError)
-    assert isinstance(classify_status(413, "big", None), PermanentSinkError)
     assert isinstance(classify_status(401, "auth", None), RetryableSinkError)
+    # over the server's request size (max-body-size): its setting, not the batch's fault
+    assert isinstance(classify_status(413, "big", None), SinkLimitError)
+
+
+# InfluxDB 1.x's own answers (the messages of tsdb/shard.go and tsdb/index.go, as
+# its shard tests expect them; tests/test_sinks.py checks one against a real server)
+SERVER_STATE = [
+    '{"error":"partial write: max-values-per-tag limit exceeded (100000/100000): '
+    'measurement=\\"window\\" tag=\\"sensor\\" value=\\"s-100001\\" dropped=1"}',
+    '{"error":"partial write: max-series-per-database limit exceeded: (1000000) dropped=1"}',
+    '{"error":"partial write: field type conflict: input field \\"count\\" on measurement '
+    '\\"window\\" is type float, already exists as type integer dropped=1"}',
+]
+BATCH_FAULT = [
+    '{"error":"unable to parse \'window,device_id=a count=1i 1x\': bad timestamp"}',
+    '{"error":"partial write: points beyond retention policy dropped=1"}',
+]
+
+
+@pytest.mark.parametrize("body", SERVER_STATE)
+def test_a_refusal_for_the_servers_state_is_not_the_batchs_fault(body: str) -> None:
+    assert isinstance(classify_status(400, body, None), SinkLimitError)
+
+
+@pytest.mark.parametrize("body", BATCH_FAULT)
+def test_a_refusal_for_the_batch_itself_is_permanent(body: str) -> None:
+    assert type(classify_status(400, body, None)) is PermanentSinkError
 
 
 def test_v2_write_through_influxdb_client(victoria: Service, unique: str) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from cloud_ingest.config import ArchiveConfig
-from shared.errors import PermanentSinkError, RetryableSinkError
+from shared.errors import PermanentSinkError, RetryableSinkError, SinkLimitError
 
 
 def _private_dirs(folder: Path) -> None:
@@ -143,7 +143,9 @@ class S3Archive:
         if isinstance(exc, ClientError):
             code = exc.response.get("Error", {}).get("Code", "")
             if code in ("EntityTooLarge", "InvalidArgument", "KeyTooLongError"):
-                return PermanentSinkError(f"S3 {what} rejected: {code}")
+                # the store will not take this object: its keys and sizes are ours, and
+                # it holds the rows of many devices, so it is not one batch's fault
+                return SinkLimitError(f"S3 {what} refused: {code}")
             # 5xx, throttling, but also NoSuchBucket/AccessDenied: operator problems that
             # are fixed outside this process; retrying keeps the data instead of dropping it.
             return RetryableSinkError(f"S3 {what} failed: {code or exc}")

@@ -1,9 +1,20 @@
 """InfluxDB sinks: the v2 write API via influxdb-client, and the v1 ``/write`` API.
 
-``classify_status`` is the one switch that decides between retry and reject:
-429, 5xx and the operator errors 401/403/404 are retryable (honouring
-Retry-After); other 4xx (400 bad line protocol, 413 too large) are permanent.
-Connection errors and timeouts are retryable.
+``classify_status`` is the one switch on InfluxDB's answer, and it asks whose
+fault a refusal is:
+
+* the server takes nothing now (connection errors, timeouts, 429, 5xx, and the
+  operator errors 401/403/404): retryable, everything waits;
+* the server's state refuses this write (a series or tag-value limit reached,
+  which any device may have filled; a field whose type another writer set; a
+  request over the server's size limit, 413): :class:`SinkLimitError`, the write
+  is deferred and its device sends it again, while other writes go through;
+* the write itself is at fault (line protocol the server cannot parse, points
+  beyond the retention policy): permanent, quarantined.
+
+InfluxDB 1.x answers a write that breaks a limit with HTTP 400 and a body such as
+``partial write: max-values-per-tag limit exceeded (100000/100000): …``; 2.x and
+Cloud with 400, 413 or 422 and a JSON body. The phrases below are theirs.
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ import urllib.parse
 import urllib3
 
 from cloud_ingest.config import InfluxConfig
-from shared.errors import PermanentSinkError, RetryableSinkError, SinkError
+from shared.errors import PermanentSinkError, RetryableSinkError, SinkError, SinkLimitError
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -29,10 +40,26 @@ def _retry_after(value: str | None) -> float | None:
 OPERATOR_STATUSES = frozenset({401, 403, 404})
 
 
+#: a refusal for the server's state, not the write's: InfluxDB 1.x
+#: (tsdb/index and coordinator errors) and 2.x/Cloud (cardinality and quota limits)
+SERVER_STATE_PHRASES = (
+    "max-values-per-tag",
+    "max-series-per-database",
+    "field type conflict",
+    "series cardinality",
+    "cardinality limit",
+    "limit exceeded",
+    "quota",
+)
+
+
 def classify_status(status: int, body: str, retry_after: str | None) -> SinkError:
     msg = f"InfluxDB answered HTTP {status}: {body[:300]}"
     if status == 429 or status >= 500 or status in OPERATOR_STATUSES:
         return RetryableSinkError(msg, _retry_after(retry_after))
+    text = body.lower()
+    if status == 413 or any(p in text for p in SERVER_STATE_PHRASES):
+        return SinkLimitError(msg)
     return PermanentSinkError(msg)
 
 

@@ -11,8 +11,8 @@ Failures come back to every waiting caller: a retryable one (InfluxDB down) to
 all of them, to retry as they would alone. A permanent one (HTTP 400), or one
 for the server's state (a series limit: sinks/influx.py), may be caused by one
 batch's lines only, so such a combined write is tried again batch by batch, and
-only the batch that fails on its own gets the error. Writes are idempotent (same series, same time), so writing a line
-twice is harmless.
+only the batch that fails on its own gets the error. Writes are idempotent
+(same series, same time), so writing a line twice is harmless.
 """
 
 from __future__ import annotations

@@ -198,6 +198,10 @@ class ForwardConfig:
     topic_prefix: str = DEFAULT_BATCH_PREFIX
     max_in_flight: int = 16
     max_windows_per_batch: int = 5000
+    #: a batch's bounds, within what the cloud takes from a device (its quotas and
+    #: limits.max_payload_bytes): larger closes become several batches
+    max_sensors_per_batch: int = 1000
+    max_batch_bytes: int = 1_000_000
     message_expiry_s: int = 0
     drain_timeout_s: float = 10.0
     end_to_end_ack: bool = True
@@ -220,6 +224,10 @@ class ForwardConfig:
         positive("max_windows_per_batch", self.max_windows_per_batch)
         if self.max_windows_per_batch > 65535:
             raise Invalid("max_windows_per_batch", "must be <= 65535")
+        if not 1 <= self.max_sensors_per_batch <= 65535:
+            raise Invalid("max_sensors_per_batch", "must be 1-65535")
+        if self.max_batch_bytes < 4096:
+            raise Invalid("max_batch_bytes", "must be at least 4096")
         if self.message_expiry_s < 0:
             raise Invalid("message_expiry_s", "must be >= 0 (0 = never expires)")
         if self.drain_timeout_s < 0:

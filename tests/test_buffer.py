@@ -396,3 +396,40 @@ def test_one_reading_path_equals_the_array_path(
             out.append((results, rows, dirty, store.counters()))
             store.close()
     assert out[0] == out[1]
+
+
+def test_batches_stay_within_a_day_their_sensors_and_their_bytes(tmp_path: Path) -> None:
+    """What the cloud takes from a device (docs/cloud-ingest.md, "What one device can
+    cost the fleet"): a batch never spans two UTC days, names at most max_sensors
+    sensors, and is at most max_bytes encoded; seqs stay without gaps."""
+    s = Store(tmp_path / "a.sqlite")
+    reg = buffer.SensorRegistry(s)
+    day = 86_400 * 10**9
+    midnight = (T0 // day + 1) * day
+    for i in range(12):  # 12 sensors with a reading either side of midnight
+        buffer.store_chunk(s, reg, chunk(f"s{i}", [midnight - W, midnight + 1], [1.0, 2.0]))
+    limits = window.Limits(max_rows=1000, max_sensors=5, max_bytes=1_000_000)
+    seqs = window.close_until(
+        s, device_id="dev", width_ns=W, upto_ns=midnight + 2 * W, max_rows=limits
+    )
+    got = [decode_batch(bytes(p)) for (p,) in s.conn.execute("SELECT payload FROM outbox")]
+    assert seqs == list(range(1, len(got) + 1))
+    assert all(len({b.start_ns.min() // day, b.start_ns.max() // day}) == 1 for b in got)
+    assert all(len(set(b.sensor.tolist())) <= 5 for b in got)
+    assert sum(b.rows for b in got) == 24
+    small = window.Limits(max_rows=1000, max_sensors=1000, max_bytes=4096)
+    rng = np.random.default_rng(0)
+    for i in range(300):  # one window of 300 sensors: tens of KB with their sketches
+        vals = rng.normal(0, 1000, 50).tolist()
+        ts = [midnight + 3 * W + j for j in range(50)]
+        buffer.store_chunk(s, reg, chunk(f"t{i}", ts, vals))
+    more = window.close_until(
+        s, device_id="dev", width_ns=W, upto_ns=midnight + 5 * W, max_rows=small
+    )
+    sizes = [
+        len(bytes(p))
+        for (p,) in s.conn.execute("SELECT payload FROM outbox WHERE seq >= ?", (more[0],))
+    ]
+    assert len(sizes) > 1 and max(sizes) <= 4096
+    assert more == list(range(seqs[-1] + 1, seqs[-1] + 1 + len(more)))  # no gaps
+    assert s.counters()["batches_split_for_size"] >= 1

@@ -92,9 +92,10 @@ def next_seq(store: Store) -> int:
     return seq
 
 
-def add(store: Store, batch: Batch) -> None:
-    """Append an encoded batch; call inside the transaction that reserved its seq."""
-    payload = encode_batch(batch)
+def add(store: Store, batch: Batch, payload: bytes | None = None) -> None:
+    """Append a batch (``payload``: its encoding, if already made); call inside the
+    transaction that reserved its seq."""
+    payload = encode_batch(batch) if payload is None else payload
     store.conn.execute(
         "INSERT INTO outbox(seq, created_ns, windows, readings, payload, state, crc, generation) "
         "VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",

@@ -13,8 +13,10 @@ one transaction: a crash leaves either all of it or none of it.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,7 +26,7 @@ from edge_agent.pipeline.kernels import WindowStats, hopping_windows, window_sta
 from edge_agent.store import Store
 from shared.sketch import encode_windows
 from shared.tags import Tags
-from shared.wire import SensorRef, WindowSpec, make_batch
+from shared.wire import SensorRef, WindowSpec, encode_batch, make_batch
 
 
 def close_boundary(max_ts: int, lateness_ns: int, step_ns: int) -> int:
@@ -95,23 +97,57 @@ def _summarise(
     )
 
 
+#: a batch's windows stay within one UTC day: the lake keeps a day per object, and
+#: the cloud bounds the span of a batch (quotas.max_batch_span_s)
+DAY_NS = 86_400 * 10**9
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one batch may hold: what the cloud accepts from a device
+    (docs/cloud-ingest.md, "What one device can cost the fleet")."""
+
+    max_rows: int
+    max_sensors: int = 1000
+    max_bytes: int = 1_000_000
+
+
+def _parts(sid_all: np.ndarray, starts: np.ndarray, limits: Limits) -> list[slice]:
+    """Rows (sorted by window start) cut into batches: never across a UTC day, at most
+    ``max_rows`` rows and ``max_sensors`` sensors each."""
+    days = starts // DAY_NS
+    bounds = [0, *(np.flatnonzero(np.diff(days)) + 1).tolist(), len(sid_all)]
+    out = []
+    for lo, hi in itertools.pairwise(bounds):
+        for a in range(lo, hi, limits.max_rows):
+            b = min(a + limits.max_rows, hi)
+            if len(np.unique(sid_all[a:b])) <= limits.max_sensors:
+                out.append(slice(a, b))
+            else:  # rows of one window start are distinct sensors: this many fit
+                step = limits.max_sensors
+                out += [slice(x, min(x + step, b)) for x in range(a, b, step)]
+    return out
+
+
 def _emit(
     store: Store,
     device_id: str,
     spec: WindowSpec,
-    max_rows: int,
+    limits: Limits,
     sid_all: np.ndarray,
     merged: dict[str, np.ndarray],
     sketches: list[bytes],
     prev_seq: np.ndarray | None = None,
     tags: Callable[[str], Tags] | None = None,
 ) -> list[int]:
-    """Write the rows as batches of at most ``max_rows`` to the outbox; call in a transaction.
+    """Write the rows as batches within ``limits`` to the outbox; call in a transaction.
 
-    Each row's version is recorded in ``revisions`` with the seq of its batch. Where
-    ``prev_seq`` names the batch that carried a row's previous version and that batch
-    is still unacknowledged, the new batch waits for it (``outbox_after``), so that the
-    cloud never receives a window's versions out of order.
+    A batch whose encoding is over ``limits.max_bytes`` (sketches of many bins) is
+    cut in two, until each fits or holds one window. Each row's version is recorded
+    in ``revisions`` with the seq of its batch. Where ``prev_seq`` names the batch
+    that carried a row's previous version and that batch is still unacknowledged,
+    the new batch waits for it (``outbox_after``), so that the cloud never receives
+    a window's versions out of order.
     """
     sensors = buffer.load_sensors(store)
     if tags is not None:
@@ -120,8 +156,9 @@ def _emit(
     revs = merged.get("revision", np.zeros(len(sid_all), dtype=np.int64))
     generation = outbox.generation(store)
     seqs = []
-    for a in range(0, len(sid_all), max_rows):
-        part = slice(a, a + max_rows)
+    todo = _parts(sid_all, starts, limits)[::-1]
+    while todo:
+        part = todo.pop()
         used = sorted(set(sid_all[part].tolist()))
         index = {s: i for i, s in enumerate(used)}
         refs: tuple[SensorRef, ...] = tuple(sensors[s] for s in used)
@@ -138,7 +175,15 @@ def _emit(
             sketch=tuple(sketches[part]) if sketches else (),
             generation=generation,
         )
-        outbox.add(store, batch)
+        payload = encode_batch(batch)
+        rows = part.stop - part.start
+        if len(payload) > limits.max_bytes and rows > 1:
+            store.set_state(outbox.NEXT_SEQ, seq)  # not used: seqs stay without gaps
+            half = part.start + rows // 2
+            todo += [slice(half, part.stop), slice(part.start, half)]
+            store.add_counter("batches_split_for_size", 1)
+            continue
+        outbox.add(store, batch, payload)
         store.conn.executemany(
             "INSERT INTO revisions(sensor_id, start_ns, revision, seq) VALUES (?, ?, ?, ?) "
             "ON CONFLICT(sensor_id, start_ns) DO UPDATE SET "
@@ -163,13 +208,15 @@ def close_until(
     device_id: str,
     width_ns: int,
     upto_ns: int,
-    max_rows: int,
+    max_rows: int | Limits,
     sketches: bool = True,
     hop_ns: int | None = None,
     tags: Callable[[str], Tags] | None = None,
 ) -> list[int]:
     """Close every window ending at or before ``upto_ns``; return the new batch seqs.
-    ``tags``: a node's sensors' static tags (edge_agent.config.sensor_tags)."""
+    ``max_rows``: a batch's limits (or only its rows); ``tags``: a node's sensors'
+    static tags (edge_agent.config.sensor_tags)."""
+    limits = max_rows if isinstance(max_rows, Limits) else Limits(max_rows)
     spec = spec_of(width_ns, hop_ns)
     step = spec.step_ns
     upto_ns = (upto_ns // step) * step
@@ -182,7 +229,7 @@ def close_until(
         lo, hi = closed - width_ns + step, upto_ns - width_ns
         rows = _summarise(buffer.read_range(store, lo, upto_ns), spec, lo, hi, sketches)
         if rows is not None:
-            seqs = _emit(store, device_id, spec, max_rows, *rows, tags=tags)
+            seqs = _emit(store, device_id, spec, limits, *rows, tags=tags)
         store.set_state(buffer.CLOSED_UNTIL, upto_ns)
     return seqs
 
@@ -192,7 +239,7 @@ def revise(
     *,
     device_id: str,
     width_ns: int,
-    max_rows: int,
+    max_rows: int | Limits,
     ready_until_ns: int,
     limit: int = 1000,
     sketches: bool = True,
@@ -213,6 +260,7 @@ def revise(
     """
     seqs: list[int] = []
     spec = spec_of(width_ns, hop_ns)
+    limits = max_rows if isinstance(max_rows, Limits) else Limits(max_rows)
     with store.tx():
         dirty = store.conn.execute(
             "SELECT sensor_id, start_ns FROM dirty WHERE start_ns + ? <= ? "
@@ -251,7 +299,7 @@ def revise(
                 store,
                 device_id,
                 spec,
-                max_rows,
+                limits,
                 sid_all,
                 merged,
                 sketch_rows,
@@ -279,12 +327,17 @@ def send_ready(
         upto = flush_boundary(max_ts, w.width_ns, w.hop_ns)
     else:
         upto = close_boundary(max_ts, w.lateness_ns, w.hop_ns)
+    limits = Limits(
+        cfg.forward.max_windows_per_batch,
+        cfg.forward.max_sensors_per_batch,
+        cfg.forward.max_batch_bytes,
+    )
     closed = close_until(
         store,
         device_id=cfg.device_id,
         width_ns=w.width_ns,
         upto_ns=upto,
-        max_rows=cfg.forward.max_windows_per_batch,
+        max_rows=limits,
         sketches=w.sketches,
         hop_ns=w.hop_ns,
         tags=tags,
@@ -293,7 +346,7 @@ def send_ready(
         store,
         device_id=cfg.device_id,
         width_ns=w.width_ns,
-        max_rows=cfg.forward.max_windows_per_batch,
+        max_rows=limits,
         ready_until_ns=upto,
         sketches=w.sketches,
         hop_ns=w.hop_ns,

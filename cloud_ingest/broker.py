@@ -15,6 +15,11 @@ What :func:`mosquitto_acl` and :func:`mosquitto_conf` give a Mosquitto 2.x:
   through a ``$share`` group) and publish acks. Nothing else: not ``<prefix>/#``, not ``$SYS``.
 - **No retained messages** (``retain_available false``): a fake ack cannot wait
   on a topic for the next subscriber.
+- **Bounded packets** (``max_packet_size``, :data:`CLOUD_MAX_PACKET`): a client
+  that sends a larger one is disconnected as soon as its length is read, before
+  the broker buffers it, so that a device cannot park hundreds of megabytes in
+  the ingestors' sessions. A batch is at most ``limits.max_payload_bytes``
+  (1 MiB), an alert or health report 4 KiB.
 
 Device ids are the ids of docs/wire-format.md (no ``/``, ``+``, ``#``), so ``%u``
 in a pattern cannot widen it. An ingestor identity must not be a device id.
@@ -25,7 +30,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from shared.mqttprops import PACKET_OVERHEAD
 from shared.topics import DEFAULT_BATCH_PREFIX
+from shared.wire import MAX_PAYLOAD_BYTES
+
+#: the cloud broker's largest packet: the largest batch cloud-ingest takes
+#: (limits.max_payload_bytes, by default) and the packet's topic and properties
+CLOUD_MAX_PACKET = MAX_PAYLOAD_BYTES + PACKET_OVERHEAD
 
 
 def mosquitto_acl(ingestors: Sequence[str], prefix: str = DEFAULT_BATCH_PREFIX) -> str:
@@ -56,13 +67,16 @@ def mosquitto_conf(
     acl_file: Path,
     tls: tuple[Path, Path, Path] | None = None,
     crl_file: Path | None = None,
+    max_packet_size: int = CLOUD_MAX_PACKET,
 ) -> str:
     """The security part of the cloud broker's mosquitto.conf, for one listener
     (``"8883 0.0.0.0"``). ``tls``: (CA, server certificate, key); with ``crl_file``
     every client must present a certificate (``cloud-ingest pki``), its CN is its
-    identity, and the certificates the CRL lists are refused."""
+    identity, and the certificates the CRL lists are refused. ``max_packet_size``:
+    the largest packet any client may send (0: no limit)."""
     out = [
         "per_listener_settings false",
+        *([f"max_packet_size {max_packet_size}"] if max_packet_size else []),
         f"listener {listener}",
         "allow_anonymous false",
         "use_username_as_clientid true",

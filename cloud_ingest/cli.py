@@ -345,6 +345,13 @@ def broker_acl(ingestors: tuple[str, ...], prefix: str) -> None:
 @click.option("--cert-file", type=click.Path(), help="TLS: the broker's certificate.")
 @click.option("--key-file", type=click.Path(), help="TLS: the broker's key.")
 @click.option(
+    "--max-packet-size",
+    type=click.IntRange(min=0),
+    default=None,
+    help="The largest MQTT packet a client may send, bytes (0: no limit). Default: "
+    "the largest batch cloud-ingest takes (1 MiB) and 64 KiB for topic and properties.",
+)
+@click.option(
     "--crl-file",
     type=click.Path(),
     help="With TLS: require client certificates (CN = identity) and refuse those listed.",
@@ -356,18 +363,19 @@ def broker_conf(
     ca_file: str | None,
     cert_file: str | None,
     key_file: str | None,
+    max_packet_size: int | None,
     crl_file: str | None,
 ) -> None:
     """Print the cloud broker's listener settings (a Mosquitto conf.d file).
 
     No anonymous clients, the client id bound to the identity, no retained
-    messages, the ACL; with --ca-file, --cert-file and --key-file, TLS; with
-    --crl-file as well, a client certificate from `cloud-ingest pki` for every
-    client.
+    messages, the ACL, a bound on packets; with --ca-file, --cert-file and
+    --key-file, TLS; with --crl-file as well, a client certificate from
+    `cloud-ingest pki` for every client.
     """
     from pathlib import Path
 
-    from cloud_ingest.broker import mosquitto_conf
+    from cloud_ingest.broker import CLOUD_MAX_PACKET, mosquitto_conf
 
     tls_files = (ca_file, cert_file, key_file)
     if any(tls_files) and not all(tls_files):
@@ -386,6 +394,7 @@ def broker_conf(
             Path(acl_file),
             tls,
             Path(crl_file) if crl_file else None,
+            CLOUD_MAX_PACKET if max_packet_size is None else max_packet_size,
         ),
         nl=False,
     )
@@ -586,20 +595,51 @@ def pki_init(folder: str) -> None:
 @click.option("--server", is_flag=True, help="A broker certificate for host or IP NAME.")
 @click.option("--host", default="broker.example.com", show_default=True, help="Cloud broker host.")
 @click.option("--port", type=int, default=8883, show_default=True, help="Cloud broker TLS port.")
-def pki_issue(folder: str, name: str, server: bool, host: str, port: int) -> None:
-    """Issue NAME (a device id) a certificate and key, and print its agent's config lines."""
+@click.option(
+    "--ack-master-key",
+    "ack_master_key",
+    type=click.Path(dir_okay=False),
+    help="The ingestors' master key file ([acks] key_file): also write the device's "
+    "ack key, issued/NAME.ackkey, which the printed config names.",
+)
+def pki_issue(
+    folder: str, name: str, server: bool, host: str, port: int, ack_master_key: str | None
+) -> None:
+    """Issue NAME (a device id) a certificate and key, and print its agent's config lines.
+
+    The lines turn ack verification on (forward.ack_key_file = issued/NAME.ackkey):
+    with --ack-master-key that file is written too; without it, write it with
+    `cloud-ingest device-key -c ingest.toml --device NAME` (the agent's config
+    check fails until it is there)."""
     from pathlib import Path
 
     from cloud_ingest import pki as ca
+    from shared.auth import read_key
+    from shared.config import Invalid
 
+    try:
+        master = read_key("ack_master_key", ack_master_key or "", "") if not server else None
+    except Invalid as exc:
+        click.echo(f"error: --ack-master-key: {exc.message}", err=True)
+        sys.exit(EXIT_CONFIG)
     try:
         issued = ca.issue(Path(folder), name, server=server)
     except ca.PkiError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_FAILURE)
     click.echo(f"# {issued.cert} and {issued.key} (serial {issued.serial})", err=True)
-    if not server:
-        click.echo(ca.agent_config_lines(Path(folder), name, host, port), nl=False)
+    if server:
+        return
+    if master is not None:
+        click.echo(f"# {ca.write_ack_key(Path(folder), name, master)} (its ack key)", err=True)
+    else:
+        click.echo(
+            f"# write the device's ack key to {Path(folder) / 'issued' / (name + '.ackkey')}: "
+            f"cloud-ingest device-key -c <ingest.toml> --device {name} (or pass "
+            "--ack-master-key)",
+            err=True,
+        )
+    click.echo(ca.agent_config_lines(Path(folder), name, host, port), nl=False)
 
 
 @pki.command("revoke")

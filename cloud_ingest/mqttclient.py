@@ -15,6 +15,9 @@ needs, so this module reaches into it, each time for a reason written beside it:
   ("Message queue full") and the connection was dropped. At most
   ``MAX_ACKS_PENDING`` (16,384) wait; beyond that an ack is not sent (see :meth:`tell`).
 * **TCP_NODELAY** on paho's socket.
+* **Maximum Packet Size**: announced at CONNECT (``limits.max_payload_bytes`` and
+  the packet's overhead), and enforced while reading, since paho would read a
+  larger packet whole into memory before anyone could look at it.
 * **the received-message queue**, to take every message waiting at once (a group).
 * **a bound on memory, whatever the broker does.** Mosquitto 2.0.11 ignores
   Receive Maximum once PUBACKs flow, and aiomqtt queues whatever arrives: under a
@@ -42,7 +45,7 @@ import paho.mqtt.client as mqtt
 
 from cloud_ingest.config import IngestConfig
 from shared.acks import CONTENT_TYPE as ACK_CONTENT_TYPE
-from shared.mqttprops import connect_properties, publish_properties
+from shared.mqttprops import PACKET_OVERHEAD, connect_properties, publish_properties
 from shared.tls import ssl_context
 
 log = logging.getLogger("cloud_ingest.mqtt")
@@ -59,6 +62,8 @@ class IngestClient:
 
     def __init__(self, cfg: IngestConfig, max_held: int) -> None:
         self.max_held = max_held
+        #: the Maximum Packet Size announced to the broker, and enforced in _read
+        self.max_packet = cfg.limits.max_payload_bytes + PACKET_OVERHEAD
         self.max_acks_pending = MAX_ACKS_PENDING
         self.client = aiomqtt.Client(
             cfg.mqtt.host,
@@ -66,7 +71,11 @@ class IngestClient:
             identifier=cfg.mqtt.client_id,
             protocol=aiomqtt.ProtocolVersion.V5,
             clean_start=False,
-            properties=connect_properties(cfg.mqtt.session_expiry_s, cfg.mqtt.receive_maximum),
+            properties=connect_properties(
+                cfg.mqtt.session_expiry_s,
+                cfg.mqtt.receive_maximum,
+                cfg.limits.max_payload_bytes + PACKET_OVERHEAD,
+            ),
             keepalive=cfg.mqtt.keepalive_s,
             tls_context=ssl_context(cfg.mqtt.tls),
             username=cfg.mqtt.auth.username or None,
@@ -214,6 +223,7 @@ class IngestClient:
                 if paho._sock is None:  # internal: closed by the packet before
                     return
                 rc = paho._packet_read()  # internal: one packet
+                self._refuse_oversized()
                 if rc == mqtt.MQTT_ERR_AGAIN:
                     pending = getattr(paho._sock, "pending", None)  # internal: TLS
                     if pending is not None and pending() > 0:
@@ -228,6 +238,20 @@ class IngestClient:
                 disconnected.set_exception(exc)
             return
         self._pause_if_full()
+
+    def _refuse_oversized(self) -> None:
+        """A broker must not send a packet over the Maximum Packet Size this client
+        announced (MQTT 5.0 §3.1.2.11.4), but paho would read one whole into memory
+        (a 64 MiB message took the ingestor from 106 to 626 MB). Once a packet's
+        length is known, a larger one ends the connection before it is read."""
+        packet = self._paho._in_packet  # internal: the packet being read
+        size = packet["remaining_length"] if packet["have_remaining"] else 0
+        if size > self.max_packet:
+            raise aiomqtt.MqttError(
+                f"the broker sent a packet of {size} bytes, over the Maximum Packet Size "
+                f"{self.max_packet} this client announced (limits.max_payload_bytes); set "
+                "the broker's max_packet_size to refuse such messages at its door"
+            )
 
     def _full(self) -> bool:
         return self.bounded and self.held >= self.max_held

@@ -5,7 +5,9 @@ One folder holds it::
     <dir>/ca.pem  ca.key            the CA (the key 0600: keep this folder off the broker)
     <dir>/crl.pem                   revoked certificates (Mosquitto ``crlfile``)
     <dir>/issued/<name>.pem .key    a device's (or the broker's) certificate and key
-    <dir>/issued/<name>.serial      its serial number, for revocation
+    <dir>/issued/<name>.serial      its serial number
+    <dir>/issued/<name>.serials     every serial ever issued to the name, for revocation
+    <dir>/issued/<name>.ackkey      the device's ack key (``issue --ack-master-key``)
 
 A device's certificate has CN = its device id: with ``use_identity_as_username``
 the broker takes that as the client's identity, which the ACL's patterns use
@@ -132,23 +134,48 @@ def issue(folder: Path, name: str, *, server: bool = False) -> Issued:
         ca_key, hashes.SHA256()
     )
     out = folder / "issued"
+    earlier = _serials(folder, name)  # every certificate issued to the name stays valid
     _write(out / f"{name}.key", _key_pem(key), private=True)
     _write(out / f"{name}.pem", cert.public_bytes(serialization.Encoding.PEM))
     _write(out / f"{name}.serial", f"{serial}\n".encode())
+    _write(out / f"{name}.serials", "".join(f"{n}\n" for n in [*earlier, serial]).encode())
     return Issued(out / f"{name}.pem", out / f"{name}.key", serial)
 
 
+def _serials(folder: Path, name: str) -> list[int]:
+    """Every serial issued to ``name``: ``.serials``, and ``.serial`` (the newest;
+    the only record of folders from before ``.serials``)."""
+    out: list[int] = []
+    for suffix in (".serials", ".serial"):
+        try:
+            text = (folder / "issued" / f"{name}{suffix}").read_text()
+        except FileNotFoundError:
+            continue
+        out += [int(line) for line in text.split() if line.strip()]
+    return list(dict.fromkeys(out))
+
+
 def revoke(folder: Path, name: str) -> Path:
-    """Add ``name``'s certificate to the CRL; the broker refuses it once it has
-    re-read the CRL (Mosquitto: restart, or SIGHUP on versions that reload it)."""
-    try:
-        serial = int((folder / "issued" / f"{name}.serial").read_text())
-    except FileNotFoundError:
-        raise PkiError(f"no certificate issued to {name!r} in {folder}") from None
+    """Add every certificate ever issued to ``name`` to the CRL (an issue again, to
+    replace a lost key, must not leave the old one valid); the broker refuses them
+    once it has re-read the CRL (Mosquitto: restart, or SIGHUP on versions that
+    reload it)."""
+    serials = _serials(folder, name)
+    if not serials:
+        raise PkiError(f"no certificate issued to {name!r} in {folder}")
     revoked = _revoked(folder)
-    if serial not in revoked:
-        revoked.append(serial)
+    revoked += [n for n in serials if n not in revoked]
     return _write_crl(folder, revoked)
+
+
+def write_ack_key(folder: Path, name: str, master: bytes) -> Path:
+    """The device's ack key (shared/acks.py), derived from the ingestors' master key,
+    as the hex file its agent's ``forward.ack_key_file`` names (0600)."""
+    from shared.acks import device_key
+
+    path = folder / "issued" / f"{name}.ackkey"
+    _write(path, (device_key(master, name).hex() + "\n").encode(), private=True)
+    return path
 
 
 def _revoked(folder: Path) -> list[int]:
@@ -180,10 +207,14 @@ def _write_crl(folder: Path, serials: list[int]) -> Path:
 
 
 def agent_config_lines(folder: Path, device: str, host: str, port: int) -> str:
-    """The lines an agent's config needs to reach the cloud broker as ``device``."""
+    """The lines an agent's config needs to reach the cloud broker as ``device``, and
+    to act only on acks the ingestors signed (``ack_key_file``: the device's key,
+    ``issue --ack-master-key`` writes it)."""
     issued = folder / "issued"
     return (
         f'device_id = "{device}"\n\n'
+        "[forward]\n"
+        f'ack_key_file = "{(issued / f"{device}.ackkey").resolve()}"\n\n'
         "[forward.broker]\n"
         f'host = "{host}"\nport = {port}\n\n'
         "[forward.broker.tls]\n"

@@ -137,6 +137,11 @@ class Service:
             self._log = None
 
 
+#: the device broker's largest packet as shipped (the Ansible role's default): the
+#: largest payload the agent's sources take by default (4 MiB) and 64 KiB
+DEVICE_MAX_PACKET = (4 << 20) + (64 << 10)
+
+
 def mosquitto(
     workdir: Path,
     port: int | None = None,
@@ -144,12 +149,16 @@ def mosquitto(
     passwords: dict[str, str] | None = None,
     ingestors: list[str] | None = None,
     crl: Path | None = None,
+    max_packet_size: int | None = None,
 ) -> Service:
     """``tls``: (CA, server certificate, server key) PEM files for a TLS listener.
     ``passwords``: username → password; then only those users may connect.
     ``ingestors``: the cloud broker's shipped access rules (cloud_ingest/broker.py),
     with these ingestor identities; every other user is a device. ``crl``: with
-    ``tls`` and ``ingestors``, clients authenticate by certificate (CN = identity)."""
+    ``tls`` and ``ingestors``, clients authenticate by certificate (CN = identity).
+    ``max_packet_size``: the largest packet a client may send (0: no limit); by
+    default the shipped cloud broker's with ``ingestors``, else the device broker's
+    (a broker of the tests plays both)."""
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "mosquitto.conf"
@@ -170,7 +179,16 @@ def mosquitto(
         acl = workdir / "acl"
         acl.write_text(mosquitto_acl(ingestors))
         pw = workdir / "passwords" if passwords is not None else None
-        listener = mosquitto_conf(f"{port} {LOOPBACK}", pw, acl, tls, crl)
+        listener = mosquitto_conf(
+            f"{port} {LOOPBACK}",
+            pw,
+            acl,
+            tls,
+            crl,
+            **({"max_packet_size": max_packet_size} if max_packet_size is not None else {}),
+        )
+    elif max_packet_size != 0:
+        listener += f"max_packet_size {max_packet_size or DEVICE_MAX_PACKET}\n"
     # As root, Mosquitto would switch to the user "mosquitto", which can read neither
     # the certificates nor the persistence folder in a test's private temp folder.
     run_as = "user root\n" if os.geteuid() == 0 else ""

@@ -5,14 +5,27 @@ from __future__ import annotations
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+#: What an MQTT packet carries beside its payload, at most, in this project: a fixed
+#: header, a topic of at most a few hundred bytes and the properties we set.
+PACKET_OVERHEAD = 64 * 1024
 
-def connect_properties(session_expiry_s: int, receive_maximum: int | None = None) -> Properties:
+
+def connect_properties(
+    session_expiry_s: int,
+    receive_maximum: int | None = None,
+    max_packet_size: int | None = None,
+) -> Properties:
     """CONNECT properties for a persistent session that outlives the connection;
-    ``receive_maximum`` caps the QoS 1 messages the broker sends before our PUBACKs."""
+    ``receive_maximum`` caps the QoS 1 messages the broker sends before our PUBACKs;
+    ``max_packet_size`` (MQTT v5 Maximum Packet Size) is the largest packet the
+    client takes: a broker must not send it a larger one (MQTT 5.0 §3.1.2.11.4;
+    Mosquitto drops such a message for that client)."""
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = session_expiry_s
     if receive_maximum is not None:
         props.ReceiveMaximum = receive_maximum
+    if max_packet_size is not None:
+        props.MaximumPacketSize = max_packet_size
     return props
 
 

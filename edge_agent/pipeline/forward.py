@@ -30,14 +30,17 @@ from edge_agent.mqtt import connect_async, make_client
 from edge_agent.pipeline import outbox
 from edge_agent.store import Store
 from shared.acks import CONTENT_TYPE as JSON_CONTENT_TYPE
-from shared.acks import Ack, decode_ack
+from shared.acks import MAX_ACK_BYTES, Ack, decode_ack
 from shared.auth import read_key
 from shared.errors import WireError
-from shared.mqttprops import publish_properties
+from shared.mqttprops import PACKET_OVERHEAD, publish_properties
 from shared.topics import ack_topic, alert_topic, batch_topic, health_topic
 from shared.wire import CONTENT_TYPE, FORMAT_VERSION
 
 log = logging.getLogger("edge_agent.pipeline.forward")
+
+#: the largest packet the forwarder takes from the cloud broker: acks (shared/acks.py)
+ACK_MAX_PACKET = MAX_ACK_BYTES + PACKET_OVERHEAD
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,8 @@ class Forwarder:
         self.client.on_message = self._on_message
 
     def start(self) -> None:
-        connect_async(self.client, self.cfg.forward.broker)
+        # the cloud sends this connection acks only (at most 1 KiB each)
+        connect_async(self.client, self.cfg.forward.broker, ACK_MAX_PACKET)
 
     def stop(self) -> None:
         self.client.disconnect()

@@ -51,6 +51,7 @@ from edge_agent.sources.router import MqttSources
 from edge_agent.sources.transform import Transforms
 from edge_agent.store import Store
 from shared.errors import StorageError, WireError
+from shared.mqttprops import PACKET_OVERHEAD
 from shared.readings import ReadingChunk
 
 log = logging.getLogger("edge_agent.pipeline.intake")
@@ -146,7 +147,15 @@ class Intake:
         return self._failures > 0
 
     def start(self) -> None:
-        connect_async(self.client, self.cfg.intake.broker)
+        # nothing larger than the largest payload a source takes: the broker keeps
+        # (and drops) a larger message instead of handing it to paho, which would
+        # read it whole into memory first (a 250 MB one took the agent past its
+        # unit's MemoryMax)
+        connect_async(
+            self.client,
+            self.cfg.intake.broker,
+            self.sources.max_payload_bytes() + PACKET_OVERHEAD,
+        )
 
     def stop(self) -> None:
         self._retry_at = 0.0  # one last attempt

@@ -25,8 +25,9 @@ from shared.errors import WireError
 from shared.readings import ReadingChunk
 from shared.topics import ID_PATTERN
 
-#: Distinct sensors one message may carry (a hostile body cannot create more).
-MAX_SENSORS_PER_MESSAGE = 10_000
+#: Distinct sensors one message may carry (a hostile body cannot create more): the
+#: cloud's own bound on a batch (quotas.max_sensors_per_batch, 1,000 by default).
+MAX_SENSORS_PER_MESSAGE = 1_000
 #: Readings one message may carry.
 MAX_READINGS_PER_MESSAGE = 1_000_000
 #: Rejected parts of one message kept as quarantine entries; the rest are counted.

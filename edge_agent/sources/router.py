@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edge_agent.sources import chunk, csvrows, jsonfields, value
-from edge_agent.sources.config import SourceConfig
+from edge_agent.sources.config import MAX_PAYLOAD_BYTES, SourceConfig
 from edge_agent.sources.contract import Decoded, Decoder, guard
 from edge_agent.sources.lineproto import LineDecoder
 from edge_agent.sources.naming import node_and_sensor
@@ -88,6 +88,11 @@ class MqttSources:
 
     def names(self) -> list[str]:
         return [r.source.name for r in self.routes]
+
+    def max_payload_bytes(self) -> int:
+        """The largest payload any source takes (``max_bytes``): the agent announces
+        it (with the packet's overhead) as its MQTT Maximum Packet Size."""
+        return max((r.source.max_bytes for r in self.routes), default=MAX_PAYLOAD_BYTES)
 
     def decode(self, topic: str, payload: bytes, now_ns: int) -> tuple[str, Decoded | WireError]:
         """(the source's name, what it decoded or why not)."""

@@ -17,6 +17,7 @@ from edge_agent.pipeline import budget, buffer
 from edge_agent.store import LAST_STORE_ERROR, STORE_ERRORS
 from edge_agent.technician.status import open_readonly, read_status
 from shared.errors import StorageError
+from shared.mqttprops import connect_properties
 from shared.tls import server_certificate_expiry
 
 Level = Literal["ok", "warn", "fail"]
@@ -32,8 +33,15 @@ class Check:
     hint: str = ""
 
 
-def check_broker(name: str, cfg: BrokerConfig, timeout_s: float = 3.0) -> Check:
-    client = make_client(cfg, "")  # the broker names the throw-away session
+def check_broker(
+    name: str, cfg: BrokerConfig, timeout_s: float = 3.0, session: str | None = None
+) -> Check:
+    """Connect to the broker and say how it went. ``session``: connect as that
+    (stopped) agent's persistent session, and leave it as it was: not a clean start,
+    the same expiry, nothing acknowledged (a broker that binds the client id to the
+    username, as the cloud broker does, would otherwise give doctor the agent's
+    session and end it). Without it, the broker names a throw-away session."""
+    client = make_client(cfg, session or "", manual_ack=session is not None)
     where = f"{cfg.host}:{cfg.port}"
     if cfg.tls.enabled:
         # Handshake on our own socket first: paho leaks its socket when TLS fails.
@@ -54,7 +62,16 @@ def check_broker(name: str, cfg: BrokerConfig, timeout_s: float = 3.0) -> Check:
 
     client.on_connect = on_connect
     try:
-        client.connect(cfg.host, cfg.port, keepalive=10)
+        if session is None:
+            client.connect(cfg.host, cfg.port, keepalive=10)
+        else:
+            client.connect(
+                cfg.host,
+                cfg.port,
+                keepalive=10,
+                clean_start=False,
+                properties=connect_properties(cfg.session_expiry_s),
+            )
         client.loop_start()
         deadline = time.monotonic() + timeout_s
         while not client.is_connected() and not refused and time.monotonic() < deadline:
@@ -179,8 +196,8 @@ def check_clock(cfg: AgentConfig | None, now_s: float | None = None) -> list[Che
                     "event clock",
                     "fail",
                     f"newest reading is {max_ts / 1e9 - now_s:.0f} s ahead of this clock",
-                    "a sensor node or this device has a wrong clock; fix it, then "
-                    "readings will stop being dropped as dropped_future",
+                    "a sensor node or this device has a wrong clock; fix it: readings "
+                    "stamped further ahead are held meanwhile (edge-agent status)",
                 )
             )
     return out
@@ -301,12 +318,87 @@ def check_delivery(cfg: AgentConfig, now_ns: int | None = None) -> list[Check]:
     return [Check("delivery", "ok", f"{waiting:,} batches in flight; last ack {age:.0f} s ago")]
 
 
+def check_acks(cfg: AgentConfig) -> Check:
+    """Does the agent act only on acks the ingestors signed?"""
+    f = cfg.forward
+    if f.ack_key_file or f.ack_key_env:
+        return Check("ack verification", "ok", "acts only on acks signed with this device's key")
+    return Check(
+        "ack verification",
+        "warn",
+        "off: any ack the cloud broker delivers can make the agent delete a batch",
+        "set [forward] ack_key_file to this device's key (cloud-ingest device-key, or "
+        "cloud-ingest pki issue --ack-master-key)",
+    )
+
+
+def agent_status(cfg: AgentConfig) -> dict[str, Any] | None:
+    """The running agent's own view (edge-agent status), or None if it is not running."""
+    if not Path(cfg.storage.path).is_file():
+        return None
+    try:
+        st = read_status(cfg.storage.path)
+    except StorageError:
+        return None
+    return st if st["running"] else None
+
+
+def check_forward(cfg: AgentConfig, status: dict[str, Any] | None) -> Check:
+    """The cloud broker. While the agent runs, its own connection says it: connecting
+    as the device would take over its session (the cloud broker binds the client id
+    to the device's identity) and cost it its acks."""
+    if status is None:
+        session = cfg.forward.broker.client_id or f"edge-agent-{cfg.device_id}-forward"
+        return check_broker("forward.broker", cfg.forward.broker, session=session)
+    where = f"{cfg.forward.broker.host}:{cfg.forward.broker.port}"
+    if status["forward_connected"]:
+        return Check("forward.broker", "ok", f"{where}: the running agent is connected")
+    return Check(
+        "forward.broker",
+        "fail" if status["healthy"] else "warn",
+        f"{where}: the running agent is not connected"
+        + ("" if status["healthy"] else " (and its heartbeat is late)"),
+        "see the agent's log (journalctl -u edge-agent) for why; stop the agent to let "
+        "doctor try the connection itself",
+    )
+
+
+def check_clock_offset(cfg: AgentConfig, status: dict[str, Any] | None) -> list[Check]:
+    """The device's clock against the cloud's, as the running agent measured it from
+    the acks (edge_agent/clock.py)."""
+    if status is None or status.get("clock_offset_s") is None:
+        return []
+    offset, rtt = status["clock_offset_s"], status["clock_rtt_s"] or 0.0
+    held = status.get("held_readings", 0)
+    error = max(0.0, abs(offset) - rtt / 2)
+    side = "behind" if offset > 0 else "ahead of"
+    detail = (
+        f"this device's clock is {abs(offset):.1f} s {side} the cloud's "
+        f"(± {rtt / 2:.2f} s, measured {status['clock_measured_age_s']:.0f} s ago)"
+        + (f"; {held:,} readings held for it" if held else "")
+    )
+    if error < 2.0:
+        return [Check("clock offset", "ok", detail)]
+    return [
+        Check(
+            "clock offset",
+            "fail" if error > cfg.window.max_future_s else "warn",
+            detail,
+            "enable NTP (timedatectl set-ntp true) and check that UDP 123 is reachable; "
+            "readings stamped ahead of this clock are held until it is right",
+        )
+    ]
+
+
 def run_checks(cfg: AgentConfig, config_path: str | None) -> list[Check]:
     checks = [Check("config", "ok", f"{config_path or 'defaults'}: valid")]
+    status = agent_status(cfg)
     checks.append(check_broker("intake.broker", cfg.intake.broker))
-    checks.append(check_broker("forward.broker", cfg.forward.broker))
+    checks.append(check_forward(cfg, status))
     checks.append(check_tls(cfg.forward.broker))
+    checks.append(check_acks(cfg))
     checks += check_clock(cfg)
+    checks += check_clock_offset(cfg, status)
     checks += check_disk(cfg)
     checks += check_delivery(cfg)
     return checks

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -12,7 +13,7 @@ from shared import backoff
 from shared.auth import AuthConfig, check_secret, read_key, read_secret
 from shared.config import Invalid, port, positive
 from shared.tags import RESERVED, TAG_KEY
-from shared.tls import TlsConfig, require_tls
+from shared.tls import TlsConfig, is_loopback, require_tls
 from shared.topics import DEFAULT_BATCH_PREFIX
 from shared.wire import MAX_BODY_BYTES, MAX_PAYLOAD_BYTES
 
@@ -72,10 +73,22 @@ class InfluxConfig:
     #: the sensors' static tags (the agents' `tags`/`node_tags`) written as tags: only
     #: these keys, so that the series count stays the operator's choice
     tag_keys: tuple[str, ...] = ("site", "building", "room")
+    #: credentials over plain http:// to another machine only if true (as [mqtt])
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
             raise Invalid("url", f"must start with http:// or https://, got {self.url!r}")
+        host = urllib.parse.urlsplit(self.url).hostname or ""
+        secret = self.password or self.password_file or self.password_env
+        secret = secret or self.token or self.token_file or self.token_env or self.username
+        plain = self.url.startswith("http://") and not is_loopback(host)
+        if plain and secret and not self.insecure:
+            raise Invalid(
+                "insecure",
+                f"credentials over plain http:// to {host}: use an https:// url, or "
+                "insecure = true to send them in clear",
+            )
         positive("timeout_s", self.timeout_s)
         if self.max_lines_per_write < 1:
             raise Invalid("max_lines_per_write", "must be at least 1")

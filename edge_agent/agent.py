@@ -291,16 +291,30 @@ class Agent:
             )
         except (sqlite3.Error, StorageError) as exc:
             log.error("agent: could not close the windows or keep the budget at shutdown: %s", exc)
-        drained = self.forwarder.drain(self.cfg.forward.drain_timeout_s)
+        # A stop on a full disk (or a failing SD card) is a clean stop too: what could
+        # not be written stays where it was (unacknowledged at the device broker, or
+        # in the outbox), for the next start.
+        try:
+            drained = self.forwarder.drain(self.cfg.forward.drain_timeout_s)
+        except (sqlite3.Error, StorageError) as exc:
+            log.error("agent: could not drain the outbox (%s); kept for the next start", exc)
+            drained = False
         self.forwarder.stop()
-        control.stopped(self.store)
+        try:
+            control.stopped(self.store)
+            unacked = outbox.count_unacked(self.store)
+        except (sqlite3.Error, StorageError) as exc:
+            log.error("agent: could not record the stop in the buffer: %s", exc)
+            unacked = -1
         if drained:
             log.info("agent: stopped; outbox drained")
-        else:
+        elif unacked >= 0:
             log.warning(
                 "agent: stopped with %d batches not yet acknowledged (kept for the next start)",
-                outbox.count_unacked(self.store),
+                unacked,
             )
+        else:
+            log.warning("agent: stopped; the buffer could not be read, nothing was dropped")
         self.store.close()
         self.lock.release()
         return 0

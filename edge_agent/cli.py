@@ -203,6 +203,22 @@ def run(config_path: str | None, ready_file: str | None) -> None:
         fail(str(exc))
 
 
+def clock_line(st: dict[str, Any], max_future_s: float) -> str:
+    """The device's clock against the cloud's, as the running agent last measured it."""
+    offset = st.get("clock_offset_s")
+    if offset is None:
+        return "-" if not st["running"] else "not measured yet (no ack with the cloud's time)"
+    rtt = st["clock_rtt_s"] or 0.0
+    side = "behind" if offset > 0 else "ahead of"
+    text = (
+        f"{abs(offset):.1f} s {side} the cloud's (± {rtt / 2:.2f} s, "
+        f"{st['clock_measured_age_s']:.0f} s ago)"
+    )
+    error = abs(offset) - rtt / 2
+    level = "ok" if error < 2.0 else "fail" if error > max_future_s else "warn"
+    return paint(text if level == "ok" else f"off: {text}", level)
+
+
 @main.command()
 @config_option
 @json_option
@@ -220,6 +236,9 @@ def status(config_path: str | None, as_json: bool) -> None:
     except BUFFER_ERRORS as exc:
         buffer_failed(exc)
     st["max_bytes"] = cfg.storage.max_bytes
+    st["intake_client_id"] = cfg.intake.broker.client_id or (
+        f"edge-agent-{cfg.device_id}-intake-{st['intake_session']:016x}"
+    )
     if as_json:
         click.echo(json.dumps(st, indent=2, sort_keys=True))
         return
@@ -247,6 +266,7 @@ def status(config_path: str | None, as_json: bool) -> None:
         ("agent", agent),
         ("device broker", link[st["intake_connected"]] if st["running"] else "-"),
         ("cloud broker", link[st["forward_connected"]] if st["running"] else "-"),
+        ("clock", clock_line(st, cfg.window.max_future_s)),
         ("last ack", f"{when(st['last_ack_ns'])} ({age(st['last_ack_age_s'])})"),
         (
             "backlog",
@@ -262,6 +282,13 @@ def status(config_path: str | None, as_json: bool) -> None:
         ("buffer", st["buffer"]),
         ("store errors", errors),
         ("sensors", st["sensors"]),
+        (
+            "held readings",
+            f"{st['held_readings']:,} (stamped ahead of the clock; released when it allows)"
+            if st["held_readings"]
+            else "none",
+        ),
+        ("intake session", st["intake_client_id"]),
         (
             "quarantined",
             f"{st['quarantined']:,} messages, {st['quarantine_bytes']:,} bytes kept"

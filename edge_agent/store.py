@@ -174,6 +174,9 @@ def _v6(db: sqlite_utils.Database) -> None:
 
 #: state: the buffer's generation (docs/wire-format.md §2.3), drawn when it is made
 GENERATION = "generation"
+#: state: a random number in the intake's default client id, so that no other local
+#: client can take over its persistent session (and the readings queued in it)
+INTAKE_SESSION = "intake_session"
 
 
 def new_generation() -> int:
@@ -184,14 +187,16 @@ def new_generation() -> int:
 
 def _v7(db: sqlite_utils.Database) -> None:
     """Generations: the buffer's own (state ``generation``), and each unacknowledged
-    message's (0 in rows from before it), which its ack must name. And ``held``:
+    message's (0 in rows from before it), which its ack must name. The intake's
+    session name (state ``intake_session``, edge_agent/pipeline/intake.py). And ``held``:
     readings stamped further ahead than the device's clock allows, kept until it
     does (edge_agent/pipeline/held.py) instead of being dropped."""
     for table in ("outbox", "alerts", "health"):
         db.table(table).add_column("generation", int, not_null_default=0)
-    db.conn.execute(
-        "INSERT OR IGNORE INTO state(key, value) VALUES (?, ?)", (GENERATION, new_generation())
-    )
+    for key in (GENERATION, INTAKE_SESSION):
+        db.conn.execute(
+            "INSERT OR IGNORE INTO state(key, value) VALUES (?, ?)", (key, new_generation())
+        )
     db.table("held").create(
         {
             "id": int,

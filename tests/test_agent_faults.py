@@ -128,6 +128,51 @@ def test_a_full_disk_costs_no_reading_and_no_alert(
         pipe.stop_all()
 
 
+def test_a_stop_on_a_full_disk_is_a_clean_stop_and_loses_nothing(
+    fresh: Callable[[str], Service], small_fs: Path, tmp_path: Path
+) -> None:
+    """SIGTERM while the disk is full once ended the agent with an uncaught
+    sqlite3.OperationalError (exit 1). Now it stops cleanly (exit 0), and what it could
+    not store waits at the device broker, unacknowledged, for the next start."""
+    broker = fresh("mosquitto")
+    pipe = Pipeline(
+        PipelineSpec(
+            workdir=tmp_path / "run",
+            local_port=broker.port,
+            cloud_port=broker.port,
+            targets=[],
+            drain_timeout_s=0.2,
+            agent_tables={"storage": {"path": str(small_fs / "buffer.sqlite")}},
+        )
+    )
+    agent = pipe.start_agent(flush_on_shutdown=True)
+    cfg = pipe.dir / "edge-agent.toml"
+    log = pipe.dir / "edge-agent.log"
+    try:
+        t0 = (time.time_ns() // W - 6) * W
+        publish_all(broker.port, [("sensors/n1/temp", encode_chunk("C", [t0], [20.0]))])
+        wait_until(lambda: status(cfg)["counters"].get("readings_stored") == 1, 30, "a reading")
+        filler = small_fs / "filler"
+        fill(filler)
+        ts = [t0 + 10**9 + i for i in range(500)]
+        publish_all(broker.port, [("sensors/n1/temp", encode_chunk("C", ts, [1.0] * 500))])
+        wait_until(
+            lambda: b"cannot take" in log.read_bytes(), 30, "the agent to meet the full disk"
+        )
+        assert agent.terminate() == 0
+        assert b"Traceback" not in log.read_bytes()
+        filler.unlink()
+        pipe.start_agent(flush_on_shutdown=False)
+        wait_until(
+            lambda: status(cfg)["counters"].get("readings_stored") == 501,
+            30,
+            "the reading the broker kept, stored at the next start",
+        )
+        assert status(cfg)["counters"].get("duplicates_ignored", 0) == 0
+    finally:
+        pipe.stop_all()
+
+
 def test_a_second_agent_on_the_same_buffer_refuses_to_start(
     mosquitto: Service, tmp_path: Path
 ) -> None:

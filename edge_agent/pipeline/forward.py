@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import random
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from edge_agent.store import Store
 from shared.acks import CONTENT_TYPE as JSON_CONTENT_TYPE
 from shared.acks import MAX_ACK_BYTES, Ack, decode_ack
 from shared.auth import read_key
-from shared.errors import WireError
+from shared.errors import StorageError, WireError
 from shared.mqttprops import PACKET_OVERHEAD, publish_properties
 from shared.topics import ack_topic, alert_topic, batch_topic, health_topic
 from shared.wire import CONTENT_TYPE, FORMAT_VERSION
@@ -81,7 +82,10 @@ class Forwarder:
         # acts only on acks that verify under this key, if set (shared/acks.py)
         self._ack_key = read_key("ack_key", cfg.forward.ack_key_file, cfg.forward.ack_key_env)
         # a resend is timed on the monotonic clock; times from another boot are void
-        outbox.resume(store)
+        try:
+            outbox.resume(store)
+        except (sqlite3.Error, StorageError) as exc:  # a full disk at start: not fatal
+            log.error("forward: could not reset the resend times of another boot: %s", exc)
         client_id = cfg.forward.broker.client_id or f"edge-agent-{cfg.device_id}-forward"
         self.client = client or make_client(cfg.forward.broker, client_id)
         self.client.max_inflight_messages_set(cfg.forward.max_in_flight)

@@ -49,7 +49,7 @@ from edge_agent.pipeline.alerts import AlertEngine
 from edge_agent.sources.contract import Decoded
 from edge_agent.sources.router import MqttSources
 from edge_agent.sources.transform import Transforms
-from edge_agent.store import Store
+from edge_agent.store import INTAKE_SESSION, Store
 from shared.errors import StorageError, WireError
 from shared.mqttprops import PACKET_OVERHEAD
 from shared.readings import ReadingChunk
@@ -97,6 +97,17 @@ def _outcome(results: list[buffer.StoreResult], rejected: int) -> Outcome:
     )
 
 
+def default_client_id(cfg: AgentConfig, store: Store) -> str:
+    """``edge-agent-<device>-intake-<16 hex digits>``: the digits are drawn when the
+    buffer is made and kept in it, so that the id is stable across restarts (the
+    broker keeps the agent's persistent session, and the readings queued while it
+    is down, under it) and no other client on the device broker can guess it and
+    take that session over (a client that took the documented id stole 1,292
+    readings queued for the agent)."""
+    secret = store.get_state(INTAKE_SESSION)
+    return f"edge-agent-{cfg.device_id}-intake-{secret:016x}"
+
+
 class Intake:
     def __init__(self, cfg: AgentConfig, client: mqtt.Client | None = None) -> None:
         """``client``: a paho client to use instead of a new one (tests inject a fake)."""
@@ -127,7 +138,7 @@ class Intake:
         self._held_waiting = held.count(self.store) > 0
         self._held_unlogged = 0
         self._held_log_at = 0.0
-        client_id = cfg.intake.broker.client_id or f"edge-agent-{cfg.device_id}-intake"
+        client_id = cfg.intake.broker.client_id or default_client_id(cfg, self.store)
         self.client = client or make_client(cfg.intake.broker, client_id, manual_ack=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect

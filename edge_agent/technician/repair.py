@@ -43,7 +43,15 @@ import numpy as np
 
 from edge_agent.lock import BufferLock
 from edge_agent.pipeline import outbox, quarantine
-from edge_agent.store import GENERATION, ROW_COUNTS, Store, crc, data_tables, new_generation
+from edge_agent.store import (
+    GENERATION,
+    INTAKE_SESSION,
+    ROW_COUNTS,
+    Store,
+    crc,
+    data_tables,
+    new_generation,
+)
 from edge_agent.technician.status import open_readonly
 from shared.errors import StorageError, WireError
 from shared.wire import decode_batch
@@ -337,9 +345,18 @@ def repair(path: str | Path, progress: Callable[[int], None] | None = None) -> R
             with dst.tx():
                 # the copy's state comes from the damaged file; its generation is new
                 # (below), so that the repaired buffer's seqs are its own
-                dst.conn.execute("DELETE FROM state WHERE key = ?", (GENERATION,))
+                fresh = {
+                    k: dst.get_state(k) for k in (GENERATION, INTAKE_SESSION)
+                }  # the copy's own, unless the damaged file's can be read
+                dst.conn.execute(
+                    "DELETE FROM state WHERE key IN (?, ?)", (GENERATION, INTAKE_SESSION)
+                )
                 for table, rep in tables.items():
                     _copy_table(src, dst, table, rep, progress)
+                if not dst.get_state(INTAKE_SESSION):
+                    # the intake's session name was lost: a new one (the readings the
+                    # broker queued under the old name wait there until it expires)
+                    dst.set_state(INTAKE_SESSION, fresh[INTAKE_SESSION])
                 max_seq = dst.conn.execute("SELECT max(seq) FROM outbox").fetchone()[0] or 0
                 next_seq = dst.get_state(outbox.NEXT_SEQ, 0)
                 if next_seq == 0:

@@ -13,7 +13,14 @@ from typing import Any
 from edge_agent import control
 from edge_agent.lock import holder_pid, is_locked, lock_path
 from edge_agent.pipeline import budget, buffer, held, outbox, quarantine
-from edge_agent.store import LAST_STORE_ERROR, SCHEMA_VERSION, STORE_ERRORS, Store
+from edge_agent.store import (
+    GENERATION,
+    INTAKE_SESSION,
+    LAST_STORE_ERROR,
+    SCHEMA_VERSION,
+    STORE_ERRORS,
+    Store,
+)
 
 
 def open_readonly(path: str | Path) -> Store:
@@ -81,6 +88,8 @@ def read_status(path: str | Path, now_ns: int | None = None) -> dict[str, Any]:
             "clock_rtt_s": clock[1] if clock else None,
             "clock_measured_age_s": clock[2] if clock else None,
             "held_readings": held.count(store),
+            "intake_session": store.get_state(INTAKE_SESSION),
+            "generation": store.get_state(GENERATION),
             "intake_connected": beating and bool(store.get_state(control.INTAKE_UP)),
             "forward_connected": beating and bool(store.get_state(control.FORWARD_UP)),
             "store_errors": counters.get(STORE_ERRORS, 0),

@@ -115,7 +115,7 @@ class Agent:
             )
             if not network_thread_alive(client)
         ]
-        if self.http is not None and not self.http.thread.is_alive():
+        if self.http is not None and not self.http.alive():
             dead.append("HTTP intake")
         dead += [f"Modbus {p.cfg.name}" for p in self.pollers if not p.thread.is_alive()]
         return dead

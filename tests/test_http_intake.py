@@ -22,6 +22,7 @@ from influxdb_client.rest import ApiException
 
 from devstack.pipeline import BIN, Pipeline, PipelineSpec, Proc
 from devstack.services import Service, free_port, wait_until
+from edge_agent.store import Store
 from edge_agent.technician.status import read_status
 
 pytestmark = pytest.mark.integration
@@ -72,12 +73,15 @@ def agent(fresh: Callable[[str], Service], tmp_path: Path) -> Iterator[Agent]:
                         "enabled": True,
                         "port": port,
                         "max_connections": 3,
+                        "max_pending": 20,
+                        "head_timeout_s": 2.0,
                         "max_body_bytes": 65536,
                         "timeout_s": 5.0,
                         "token_file": str(token_file),
                     }
                 },
                 "health": {"interval_s": 0},
+                "log_level": "DEBUG",  # request lines are logged: the token must not be
             },
         )
     )
@@ -200,15 +204,96 @@ def test_limits_and_hostile_requests(agent: Agent) -> None:
         with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as s:
             s.sendall(raw)
             s.recv(4096)
-    # more connections than max_connections (3): the fourth is answered 503 at once
-    idle = [socket.create_connection(("127.0.0.1", agent.port), timeout=10) for _ in range(3)]
+    # more connections still reading their head than max_pending (20): answered 503
+    idle = [socket.create_connection(("127.0.0.1", agent.port), timeout=10) for _ in range(20)]
     try:
-        wait_until(lambda: busy_answer(agent.port) == 503, 10, "a 503 for the 4th connection")
+        wait_until(lambda: busy_answer(agent.port) == 503, 10, "a 503 for the 21st connection")
     finally:
         for s in idle:
             s.close()
     wait_until(lambda: agent.request("GET", "/ping")[0] == 204, 10, "the slots to free")
+    # many query parameters: 400, not a traceback
+    many = "&".join(f"k{i}=v" for i in range(50))
+    status, body, _ = agent.request("POST", f"/api/v2/write?{many}", b"m f=1")
+    assert status == 400 and b"query parameters" in body
     assert agent.counters().get("readings_stored", 0) == 0
+    log = (agent.pipe.dir / "edge-agent.log").read_text()
+    assert "Traceback" not in log and "ERROR" not in log
+
+
+def test_slow_and_idle_clients_do_not_stop_a_legitimate_one(agent: Agent) -> None:
+    """Slowloris: 8 clients that send their request head a byte at a time (each byte
+    well within the socket timeout), and 8 that connect and send nothing. None of
+    them holds a request slot; each is closed at the one deadline of its head
+    (head_timeout_s = 2 s), and a real client's writes go through meanwhile."""
+    head = b"POST /api/v2/write HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+    slow = [socket.create_connection(("127.0.0.1", agent.port), timeout=10) for _ in range(8)]
+    idle = [socket.create_connection(("127.0.0.1", agent.port), timeout=10) for _ in range(8)]
+    started = time.monotonic()
+    closed_at: dict[int, float] = {}
+    try:
+        t0 = time.time_ns() // 10**9 * 10**9
+        for k in range(3):  # the legitimate client, while they hold on
+            status, _, _ = agent.request(
+                "POST", "/api/v2/write", f"m,host=n1 f={k} {t0 + k}".encode()
+            )
+            assert status == 204
+        deadline = started + 15
+        i = 0
+        while len(closed_at) < len(slow) and time.monotonic() < deadline:
+            for j, sock in enumerate(slow):  # a byte to each, every 0.2 s
+                if j in closed_at:
+                    continue
+                try:
+                    sock.sendall(head[i % len(head) : i % len(head) + 1])
+                except OSError:
+                    closed_at[j] = time.monotonic() - started
+            i += 1
+            time.sleep(0.2)  # the slowloris's own pace, bounded by the deadline above
+        assert len(closed_at) == len(slow), "a byte-a-time client kept its connection"
+        assert max(closed_at.values()) < 8, closed_at  # the 2 s deadline, not per byte
+        for sock in idle:  # closed too: the server answers EOF
+            sock.settimeout(10)
+            assert sock.recv(1) == b""
+    finally:
+        for sock in slow + idle:
+            sock.close()
+    assert agent.counters()["readings_stored"] == 3
+
+
+def test_the_token_is_never_kept_or_logged(agent: Agent) -> None:
+    """InfluxDB 1.x clients send the password as ?p=; the quarantine keeps where a
+    bad body came from, and the debug log the request line: neither the token."""
+    conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=10)
+    conn.request("POST", f"/write?db=x&u=telegraf&p={TOKEN}", body=b"not line protocol")
+    assert conn.getresponse().status == 400
+    conn.close()
+    # a client that hangs up before its body: a DEBUG line, not an ERROR traceback
+    with socket.create_connection(("127.0.0.1", agent.port), timeout=10) as sock:
+        sock.sendall(f"POST /write?p={TOKEN} HTTP/1.1\r\nContent-Length: 100\r\n\r\nab".encode())
+    wait_until(
+        lambda: agent.counters().get("source_http-v1_rejected", 0) == 1, 10, "the quarantine"
+    )
+    store = Store(agent.pipe.agent_db, readonly=True)
+    topics = [t for (t,) in store.conn.execute("SELECT topic FROM quarantine")]
+    store.close()
+    assert topics and all(TOKEN not in t for t in topics), topics
+    assert any("p=***" in t for t in topics)
+    log = (agent.pipe.dir / "edge-agent.log").read_text()
+    assert "p=***" in log and TOKEN not in log
+    assert "Traceback" not in log and "ERROR" not in log
+
+
+def test_a_network_listener_without_a_token_is_a_config_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        f'[storage]\npath = "{tmp_path}/b.sqlite"\n[intake.http]\nenabled = true\n'
+        'host = "0.0.0.0"\n'
+    )
+    res = subprocess.run([str(BIN / "edge-agent"), "config", "check", str(cfg)],
+                         capture_output=True, timeout=60, check=False)  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert b"intake.http.token_file" in res.stderr and str(cfg).encode() in res.stderr
 
 
 def busy_answer(port: int) -> int:

@@ -13,6 +13,7 @@ from edge_agent.sources.template import TopicTemplate
 from edge_agent.sources.timestamps import TimeFormat, TimeUnit, zone
 from shared.auth import check_secret, read_secret
 from shared.config import Invalid, port, positive
+from shared.tls import is_loopback
 from shared.topics import is_valid_id, is_valid_unit
 
 Format = Literal["chunk", "value", "json", "influx", "csv"]
@@ -101,14 +102,22 @@ class HttpConfig:
     time_format: TimeFormat = "rfc3339"
     timezone: str = ""
     max_body_bytes: int = 8 << 20
-    #: requests served at once; more wait for the operating system's backlog
+    #: requests served at once (a request takes one once its head is in and
+    #: authenticated); more are answered 503 with Retry-After
     max_connections: int = 8
-    #: a request that sends nothing for this long is closed
+    #: connections whose request head is still coming in; more are answered 503
+    max_pending: int = 32
+    #: a connection's whole request head (request line and headers) must be in
+    #: within this, or the connection is closed (a slow client cannot hold it)
+    head_timeout_s: float = 10.0
+    #: a body that sends nothing for this long is closed
     timeout_s: float = 30.0
     #: a token the clients must send (`Authorization: Token …` or `Bearer …`, or
     #: v1's `u`/`p` parameters with p = the token); unset = no authentication
     token_file: str = ""
     token_env: str = ""
+    #: without a token, a host other than loopback is refused unless this is true
+    allow_unauthenticated: bool = False
 
     def __post_init__(self) -> None:
         port("port", self.port)
@@ -117,11 +126,19 @@ class HttpConfig:
         if not 1024 <= self.max_body_bytes <= 64 << 20:
             raise Invalid("max_body_bytes", "must be 1024 to 67108864 (64 MiB)")
         positive("max_connections", self.max_connections)
-        if not math.isfinite(self.timeout_s):
-            raise Invalid("timeout_s", "must be a finite number")
-        positive("timeout_s", self.timeout_s)
+        positive("max_pending", self.max_pending)
+        for key in ("timeout_s", "head_timeout_s"):
+            if not math.isfinite(getattr(self, key)):
+                raise Invalid(key, "must be a finite number")
+            positive(key, getattr(self, key))
         zone(self.timezone)
-        self.token()
+        token = self.token()
+        if token is None and not self.allow_unauthenticated and not is_loopback(self.host):
+            raise Invalid(
+                "token_file",
+                f"host {self.host} takes writes from the network: give it a token "
+                "(token_file or token_env), or allow_unauthenticated = true",
+            )
 
     def token(self) -> str | None:
         """The token clients must send, or None (no authentication). Read at start."""

@@ -19,10 +19,22 @@ send the body again. A body that cannot be read at all is quarantined and
 answered 400. When the buffer cannot take the body the answer is 503 with
 ``Retry-After``, and nothing of it is kept: the client sends it again.
 
-Bounded: at most ``max_connections`` requests are served at once (more get 503),
-a body over ``max_body_bytes`` (also after gzip) gets 413, two bodies at most are
-decoded and committed at once, and a client that sends nothing for ``timeout_s``
-is disconnected.
+Bounded, so that slow, idle or hostile clients cannot stop the others:
+
+* at most ``max_pending`` connections may be reading their request head (request
+  line and headers) at once, each within one deadline for the whole head
+  (``head_timeout_s``, not per byte: a client sending a byte a second is closed
+  like an idle one); more are answered 503;
+* a request takes one of ``max_connections`` slots only once its head is in and
+  its token checked; more are answered 503 with Retry-After;
+* a body over ``max_body_bytes`` (also after gzip) gets 413, two bodies at most are
+  decoded and committed at once, and a body that sends nothing for ``timeout_s``
+  is disconnected.
+
+The token is never kept or logged: the ``p``, ``u``, ``token`` and ``password``
+parameters are masked in every topic the buffer or a log line shows, and the
+``Authorization`` header is read, never written anywhere. A client that hangs up
+early is a DEBUG line.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ import json
 import logging
 import socket
 import sqlite3
+import sys
 import threading
 import time
 import urllib.parse
@@ -56,6 +69,7 @@ from shared.errors import StorageError, TelemetryError, WireError
 log = logging.getLogger("edge_agent.http")
 
 VERSION = "edge-agent"  # X-Influxdb-Version: clients only check that it is there
+MAX_PARAMS = 20  # query parameters of a request; more get 400
 WRITE_PATHS = {"/write": "http-v1", "/api/v2/write": "http-v2"}
 CHUNK_LINE_MAX = 1024
 
@@ -70,36 +84,101 @@ class BodyError(Exception):
         self.status = status
 
 
+#: query parameters whose values are secrets (InfluxDB 1.x's u and p carry them)
+SECRET_PARAMS = frozenset({"p", "u", "token", "password"})
+BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
+    b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+)
+#: a client gone before the answer: its business, not the agent's error
+HANGUPS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, TimeoutError)
+
+
+def redact(query: str) -> str:
+    """A query string with the values of :data:`SECRET_PARAMS` masked."""
+    if not query:
+        return query
+    out = []
+    for part in query.split("&"):
+        key, eq, _ = part.partition("=")
+        out.append(f"{key}=***" if eq and urllib.parse.unquote_plus(key) in SECRET_PARAMS else part)
+    return "&".join(out)
+
+
+class HeadDeadlines:
+    """One thread that closes the connections whose request head is not in by its
+    deadline (monotonic clock): a socket timeout is per read, so a client sending a
+    byte at a time would otherwise hold its connection for ever."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._due: dict[socket.socket, float] = {}
+        self._stopped = False
+        self.expired = 0
+        self.thread = threading.Thread(target=self._run, name="http-deadlines", daemon=True)
+
+    def arm(self, sock: socket.socket, seconds: float) -> None:
+        with self._cv:
+            self._due[sock] = time.monotonic() + seconds
+            self._cv.notify()
+
+    def disarm(self, sock: socket.socket) -> None:
+        with self._cv:
+            self._due.pop(sock, None)
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+
+    def _run(self) -> None:
+        with self._cv:
+            while not self._stopped:
+                now = time.monotonic()
+                late = [s for s, t in self._due.items() if t <= now]
+                for sock in late:
+                    del self._due[sock]
+                    self.expired += 1
+                    with contextlib.suppress(OSError):  # it may be closed already
+                        sock.shutdown(socket.SHUT_RDWR)
+                wait = min(self._due.values(), default=now + 60.0) - now
+                self._cv.wait(max(0.01, wait))
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
     def __init__(self, addr: tuple[str, int], handler: type[_Handler], intake: HttpIntake) -> None:
         self.app = intake
+        #: requests being served (taken once the head is in and authenticated)
         self.slots = threading.BoundedSemaphore(intake.cfg.max_connections)
+        #: connections reading a request head (taken at accept, and again for each
+        #: further request of a kept-alive connection)
+        self.heads = threading.BoundedSemaphore(intake.cfg.max_pending)
+        self.deadlines = HeadDeadlines()
+        # the listen backlog: room for every connection the bounds above take, so
+        # that they are accepted (and answered 503 beyond them) rather than left
+        # unanswered in the kernel's queue (socketserver's default is 5)
+        self.request_queue_size = intake.cfg.max_pending + intake.cfg.max_connections + 16
         family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         self.address_family = family
         super().__init__(addr, handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
+        if not self.heads.acquire(blocking=False):
             self.app.count("http_refused_busy")
             with contextlib.suppress(OSError):
-                request.sendall(
-                    b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
-                    b"Content-Length: 0\r\nConnection: close\r\n\r\n"
-                )
+                request.sendall(BUSY)
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
-
     def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, HANGUPS):
+            log.debug("http: %s went away: %s", client_address[0], exc)
+            return
         log.exception("http: a request from %s failed", client_address[0])
 
 
@@ -143,12 +222,18 @@ class HttpIntake:
         return int(self.server.server_address[1])
 
     def start(self) -> None:
+        self.server.deadlines.thread.start()
         self.thread.start()
         log.info("http: serving InfluxDB-compatible writes on %s:%d", self.cfg.host, self.port)
+
+    def alive(self) -> bool:
+        """Its threads run: the server's, and the one that enforces head deadlines."""
+        return self.thread.is_alive() and self.server.deadlines.thread.is_alive()
 
     def stop(self) -> None:
         if self.thread.is_alive():
             self.server.shutdown()
+        self.server.deadlines.stop()
         self.server.server_close()
 
     def count(self, name: str) -> None:
@@ -214,6 +299,15 @@ class HttpIntake:
             return "http", WireError("undecodable", f"{type(exc).__name__}: {exc}"[:500])
 
 
+def redact_line(line: str) -> str:
+    """A request line (``POST /write?db=x&p=secret HTTP/1.1``) with its secrets masked."""
+    head, sep, rest = line.partition("?")
+    if not sep:
+        return line
+    query, space, tail = rest.partition(" ")
+    return f"{head}?{redact(query)}{space}{tail}"
+
+
 def _with_node(src: SourceConfig, node: str) -> SourceConfig:
     return dataclasses.replace(src, node=node, topic="http")
 
@@ -224,11 +318,72 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "edge-agent"
 
     def setup(self) -> None:
-        super().setup()
-        self.connection.settimeout(self.server.app.cfg.timeout_s)
+        self._head_slot = True  # taken in _Server.process_request
+        self._slot = False
+        self._requests = 0
+        try:
+            super().setup()
+            self.connection.settimeout(self.server.app.cfg.timeout_s)
+        except BaseException:
+            self._head_done()  # finish() is not called when setup() fails
+            raise
+
+    def handle_one_request(self) -> None:
+        """One request: its head within ``head_timeout_s`` (one deadline for all of
+        it, from the connection's start or, on a kept-alive connection, from the
+        next request's first byte, which may take ``timeout_s``), holding a head
+        slot; then its handler. A kept-alive connection takes a head slot again for
+        its next request, or is closed if none is free."""
+        server = self.server
+        self._requests += 1
+        if self._requests > 1:
+            if not server.heads.acquire(blocking=False):
+                self.close_connection = True
+                return
+            self._head_slot = True
+            try:
+                if not self.rfile.peek(1):  # type: ignore[attr-defined]  # a BufferedReader
+                    self.close_connection = True  # the client closed it
+                    return
+            except OSError:  # idle for timeout_s, or reset
+                self.close_connection = True
+                return
+        server.deadlines.arm(self.connection, server.app.cfg.head_timeout_s)
+        try:
+            super().handle_one_request()
+        finally:
+            self._head_done()
+            if self._slot:
+                self._slot = False
+                server.slots.release()
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self._head_done()
+
+    def _head_done(self) -> None:
+        """The head is in (or the connection is done): no deadline, no head slot."""
+        self.server.deadlines.disarm(self.connection)
+        if self._head_slot:
+            self._head_slot = False
+            self.server.heads.release()
+
+    def _take_slot(self) -> bool:
+        """A request slot for a request whose head is in and authenticated."""
+        if self.server.slots.acquire(blocking=False):
+            self._slot = True
+            return True
+        self.server.app.count("http_refused_busy")
+        self.close_connection = True
+        self._error(503, "unavailable", "too many requests at once", Retry_After="1")
+        return False
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http: %s " + format, self.client_address[0], *args)
+        # args hold the request line, whose query may carry v1's u and p: masked
+        shown = [redact_line(a) if isinstance(a, str) else a for a in args]
+        log.debug("http: %s " + format, self.client_address[0], *shown)
 
     # -- replies
 
@@ -253,6 +408,7 @@ class _Handler(BaseHTTPRequestHandler):
     # -- GET
 
     def do_GET(self) -> None:
+        self._head_done()
         path = urllib.parse.urlsplit(self.path).path
         if path == "/ping":
             self._reply(204)
@@ -274,9 +430,16 @@ class _Handler(BaseHTTPRequestHandler):
     # -- POST
 
     def do_POST(self) -> None:
+        self._head_done()
         app = self.server.app
         url = urllib.parse.urlsplit(self.path)
-        query = urllib.parse.parse_qs(url.query, max_num_fields=20)
+        try:
+            query = urllib.parse.parse_qs(url.query, max_num_fields=MAX_PARAMS)
+        except ValueError:  # more fields than that
+            app.count("http_refused_body")
+            self._discard_body()
+            self._error(400, "invalid", f"more than {MAX_PARAMS} query parameters")
+            return
         if url.path not in (*WRITE_PATHS, "/api/v1/json", "/api/v1/csv"):
             self._discard_body()
             self._error(404, "not found", f"no such endpoint: {url.path[:100]}")
@@ -285,6 +448,8 @@ class _Handler(BaseHTTPRequestHandler):
             app.count("http_unauthorized")
             self._discard_body()
             self._error(401, "unauthorized", "unauthorized access")
+            return
+        if not self._take_slot():
             return
         try:
             body = self._read_body()
@@ -299,7 +464,8 @@ class _Handler(BaseHTTPRequestHandler):
             with app.decoding:
                 now = time.time_ns()
                 source, item = app.decode(url.path, query, body, now)
-                arrival = Arrival(f"http {url.path}?{url.query}"[:1024], body, source, item)
+                where = f"http {url.path}?{redact(url.query)}"[:1024]  # no token kept
+                arrival = Arrival(where, body, source, item)
                 outcome = app.intake.commit_now(arrival)
         except (sqlite3.Error, StorageError) as exc:
             app.count("http_store_unavailable")

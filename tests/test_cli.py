@@ -55,9 +55,16 @@ def test_sample_passes_check(main: click.Group, tmp_path: Path) -> None:
     sample = CliRunner().invoke(main, ["config", "sample"])
     assert sample.exit_code == 0
     p = tmp_path / "s.toml"
-    p.write_text(sample.output)
+    key = tmp_path / "ack.key"  # the agent's sample verifies acks with the device's key
+    key.write_text("ab" * 32 + "\n")
+    key.chmod(0o600)
+    p.write_text(sample.output.replace("/etc/iot-telemetry/edge-agent-ack.key", str(key)))
     res = CliRunner().invoke(main, ["config", "check", str(p)])
     assert res.exit_code == 0 and "ok" in res.output
+    if main is agent_main:  # as shipped, without the key: one line naming it
+        p.write_text(sample.output)
+        res = CliRunner().invoke(main, ["config", "check", str(p)])
+        assert res.exit_code == 2 and "forward.ack_key_file" in res.output
 
 
 def test_run_with_bad_config_stops_before_starting(tmp_path: Path) -> None:

@@ -31,12 +31,22 @@ def write(tmp_path: Path, text: str) -> Path:
     return p
 
 
-#: The sample shows the cloud link with TLS (secure by default, issue 10); the
+#: The sample shows the cloud link with TLS (secure by default, issue 10), and acks
+#: verified with the device's key where the Ansible role puts it (issue 20); the
 #: built-in default stays plain MQTT to this machine, for a first run and the tests.
 SAMPLE_CLOUD_LINK = {"host": "mqtt.example.com", "port": 8883}
+SAMPLE_ACK_KEY = "/etc/iot-telemetry/edge-agent-ack.key"
 
 
-def _with_tls_cloud_link(cfg: Any) -> Any:
+def sample_text(package: str, tmp_path: Path) -> str:
+    """The sample, with its ack key file made (a key of this test's) in ``tmp_path``."""
+    key = tmp_path / "ack.key"
+    key.write_text("ab" * 32 + "\n")
+    key.chmod(0o600)
+    return sample_path(package).read_text().replace(SAMPLE_ACK_KEY, str(key))
+
+
+def _with_tls_cloud_link(cfg: Any, ack_key: str = "") -> Any:
     from shared.tls import TlsConfig
 
     def link(broker: Any) -> Any:
@@ -44,7 +54,10 @@ def _with_tls_cloud_link(cfg: Any) -> Any:
 
     if isinstance(cfg, AgentConfig):
         return dataclasses.replace(
-            cfg, forward=dataclasses.replace(cfg.forward, broker=link(cfg.forward.broker))
+            cfg,
+            forward=dataclasses.replace(
+                cfg.forward, broker=link(cfg.forward.broker), ack_key_file=ack_key
+            ),
         )
     if isinstance(cfg, IngestConfig):
         return dataclasses.replace(cfg, mqtt=link(cfg.mqtt))
@@ -52,10 +65,12 @@ def _with_tls_cloud_link(cfg: Any) -> Any:
 
 
 @pytest.mark.parametrize(("package", "cls"), COMPONENTS)
-def test_sample_loads_and_equals_defaults(package: str, cls: type) -> None:
+def test_sample_loads_and_equals_defaults(package: str, cls: type, tmp_path: Path) -> None:
     """The shipped sample states the defaults (loading it changes nothing), but for
-    the cloud link, which it shows over TLS."""
-    assert load_config(cls, sample_path(package)) == _with_tls_cloud_link(load_config(cls, None))
+    the cloud link, which it shows over TLS, and the agent's verified acks."""
+    p = write(tmp_path, sample_text(package, tmp_path))
+    want = _with_tls_cloud_link(load_config(cls, None), str(tmp_path / "ack.key"))
+    assert load_config(cls, p) == want
 
 
 def _keys(cls: type, prefix: str = "") -> set[str]:

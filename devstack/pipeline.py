@@ -175,8 +175,15 @@ class Pipeline:
         path.write_text(toml_dumps(cfg) + s.agent_extra)
         return path
 
-    def start_agent(self, timeout_s: float = 60.0, *, flush_on_shutdown: bool = True) -> Proc:
-        """Start the agent and wait until its intake subscription is in place."""
+    def start_agent(
+        self,
+        timeout_s: float = 60.0,
+        *,
+        flush_on_shutdown: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> Proc:
+        """Start the agent and wait until its intake subscription is in place
+        (``env``: more environment, libfaketime's for a wrong clock, say)."""
         ready = self.dir / "edge-agent.ready"
         ready.unlink(missing_ok=True)
         proc = self._spawn(
@@ -189,6 +196,7 @@ class Pipeline:
                 "--ready-file",
                 str(ready),
             ],
+            env,
         )
         self._wait_ready(proc, ready, timeout_s)
         return proc

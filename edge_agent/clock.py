@@ -60,6 +60,8 @@ class ClockSample:
     wall_mono_ns: int = 0
     #: the cloud's time came in an ack whose MAC covers it (or acks are not verified)
     trusted: bool = True
+    #: the monotonic clock when it was taken
+    at_mono_ns: int = 0
 
 
 class Clock:
@@ -102,7 +104,9 @@ class Clock:
             return  # a resend: which publish the ack answers is not known
         rtt = recv_mono - sent[0]
         offset = cloud_ns - (recv_wall - rtt // 2)
-        self._samples.append(ClockSample(offset / 1e9, rtt / 1e9, recv_wall - recv_mono, trusted))
+        self._samples.append(
+            ClockSample(offset / 1e9, rtt / 1e9, recv_wall - recv_mono, trusted, recv_mono)
+        )
         self._trusted = self.estimate(trusted_only=True)
 
     def estimate(self, *, trusted_only: bool = False) -> ClockSample | None:

@@ -54,7 +54,9 @@ def beat(
         if clock is not None:
             store.set_state(CLOCK_OFFSET_MS, round(clock.offset_s * 1000))
             store.set_state(CLOCK_RTT_MS, round(clock.rtt_s * 1000))
-            store.set_state(CLOCK_MEASURED_MONO, mono_ns())
+            store.set_state(CLOCK_MEASURED_MONO, clock.at_mono_ns or mono_ns())
+        else:  # none yet, or the wall clock stepped since: not known until the next ack
+            store.set_state(CLOCK_MEASURED_MONO, 0)
 
 
 def stopped(store: Store) -> None:

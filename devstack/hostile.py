@@ -157,3 +157,75 @@ def mutate(payload: bytes, rng: random.Random) -> bytes:
     else:
         data = bytearray(rng.randbytes(rng.randint(0, 2 * len(data) + 1)))
     return bytes(data)
+
+
+# ---- one authenticated device that costs the fleet (issue 20) ---------------------------
+
+
+def device_batch(
+    device: str,
+    seq: int,
+    starts: list[int],
+    sensors: list[str],
+    *,
+    generation: int = 0,
+    count: int = 3,
+) -> bytes:
+    """A valid batch of ``device``: every sensor in every window of ``starts``."""
+    rows = [(i, st) for st in starts for i in range(len(sensors))]
+    return encode_batch(
+        make_batch(
+            device_id=device,
+            seq=seq,
+            created_ns=max(0, max(starts)),
+            window=WindowSpec("tumbling", W),
+            sensors=tuple(SensorRef("n1", s, "u") for s in sensors),
+            columns={
+                "sensor": [i for i, _ in rows],
+                "start_ns": [st // W * W for _, st in rows],
+                "count": [count] * len(rows),
+                "invalid": [0] * len(rows),
+                **{f: [1.0] * len(rows) for f in STAT_FIELDS},
+            },
+            generation=generation,
+        )
+    )
+
+
+def new_series_batches(
+    device: str, first_seq: int, batches: int, per_batch: int, start_ns: int
+) -> list[bytes]:
+    """Batches whose every sensor name is new (a counter or a MAC in the name): what
+    filled InfluxDB's max-values-per-tag for the whole fleet."""
+    return [
+        device_batch(
+            device,
+            first_seq + b,
+            [start_ns],
+            [f"x-{b:04d}-{i:05d}" for i in range(per_batch)],
+        )
+        for b in range(batches)
+    ]
+
+
+DAY_NS = 86_400 * 10**9
+
+
+def time_attack_batches(device: str, first_seq: int, now_ns: int) -> list[tuple[bytes, str]]:
+    """Batches that made thousands of lake objects and InfluxDB shards, each with the
+    reason the ingestor quarantines it for: windows once a day going back a year, a
+    window in the year 1678, and one a week ahead."""
+    day = now_ns // DAY_NS * DAY_NS
+    return [
+        (device_batch(device, first_seq, [day - k * DAY_NS for k in range(365)], ["t"]),
+         "time-too-old"),
+        (device_batch(device, first_seq + 1, [day, day - 2 * DAY_NS], ["t"]),
+         "time-span"),
+        (device_batch(device, first_seq + 2, [-9_200_000_000 * 10**9], ["t"]), "time-too-old"),
+        (device_batch(device, first_seq + 3, [now_ns + 7 * DAY_NS], ["t"]), "time-too-new"),
+    ]  # fmt: skip
+
+
+def future_alert(seq: int, now_ns: int) -> bytes:
+    """An alert 400 days ahead of the cloud's clock."""
+    return json.dumps({**ALERT, "seq": seq, "ts_ns": now_ns + 400 * DAY_NS}).encode()

@@ -347,3 +347,142 @@ def test_fleet_batches_carry_the_mqtt_v5_properties(mosquitto: Service, tmp_path
         assert props.ContentType == CONTENT_TYPE and props.PayloadFormatIndicator == 0
         user = dict(props.UserProperty)
         assert user["schema"] == "1" and int(user["seq"]) >= 1
+
+
+def metric_values(http_port: int, family: str) -> dict[str, float]:
+    """The samples of one metric family on cloud-ingest's /metrics, by label value."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(family + "{"):
+            label = line.split('"')[1]
+            out[label] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_one_hostile_device_costs_the_fleet_nothing(
+    fresh: Callable[[str], Service], tmp_path: Path
+) -> None:
+    """Issue 20, "Done means": while one authenticated device does each thing that cost
+    the fleet before (thousands of new series, windows across years and one in 1678,
+    an alert 400 days ahead, a message over the size limit, a flood of 1,500 bad
+    messages a second), and another re-creates its buffer (its seqs start at 1 again),
+    every batch of a fleet of 40 devices is acked and stored once, with exact counts,
+    and their acks wait seconds, not minutes."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from devstack import hostile
+    from devstack.services import free_port
+
+    broker, influx = fresh("mosquitto"), fresh("influxdb")
+    influxq.create_database(influx.url, "fleet")
+    lake = tmp_path / "lake"
+    http = free_port()
+    pipe = Pipeline(
+        PipelineSpec(
+            workdir=tmp_path / "run",
+            local_port=broker.port,
+            cloud_port=broker.port,
+            targets=[
+                IngestTarget(
+                    "i1",
+                    {"api": "v1", "url": influx.url, "database": "fleet"},
+                    {"url": f"file://{lake}"},
+                    http={"listen": f"127.0.0.1:{http}"},
+                    top={"quotas": {"state_file": str(tmp_path / "quotas.sqlite")}},
+                )
+            ],
+        )
+    )
+    now = time.time_ns()
+    width = 10 * 10**9
+    evil, reflash = "evil", "reflash"
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    published = threading.Event()
+
+    def attack() -> None:
+        def send(device: str, payload: bytes, kind: str = "batch") -> None:
+            client.publish(f"telemetry/v1/{device}/{kind}", payload, qos=1)
+
+        # a buffer re-created (a new SD card): seqs 1 and 2 again, a new generation
+        start = (now // width - 20) * width
+        for gen, first in ((111, start), (222, start + 5 * width)):
+            for seq in (1, 2):
+                send(reflash, hostile.device_batch(reflash, seq, [first + seq * width],
+                                                   ["t"], generation=gen))  # fmt: skip
+        for payload in hostile.new_series_batches(evil, 1, 3, 1000, start):
+            send(evil, payload)
+        for payload, _reason in hostile.time_attack_batches(evil, 10, now):
+            send(evil, payload)
+        send(evil, hostile.future_alert(20, now), "alert")
+        # over limits.max_payload_bytes (1 MiB), within the Maximum Packet Size the
+        # ingestor announces (what is over that, the broker drops for it)
+        send(evil, b"\0" * ((1 << 20) + 4096))
+        # the flood: 1,500 bad messages a second for 4 s, paced
+        t0 = time.monotonic()
+        for k in range(6000):
+            send(evil, b"junk %06d" % k)
+            if k % 150 == 149:  # 150 every 0.1 s
+                wait = t0 + (k + 1) / 1500 - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)  # the pace of the flood, not a wait for a result
+        published.set()
+
+    try:
+        pipe.start_ingestors()
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        fleet = _fleet(pipe, speed=10.0)  # a round of 40 batches every second
+        attacker = threading.Thread(target=attack)
+        attacker.start()
+        summary = pipe.finish_fleet(fleet, timeout_s=240)
+        attacker.join(60)
+        assert published.is_set()
+        # the fleet: every batch acked and stored once, with exact counts
+        assert summary["acked"] == summary["batches"] == DEVICES * BATCHES, summary
+        assert summary["rejected"] == 0 and summary["unacked"] == 0, summary
+        truth = fleet_window_counts(pipe.fleet_truth)
+        innocent = {k: v for k, v in influx_counts(influx.url, "fleet").items()
+                    if k[0].startswith("fleet-")}  # fmt: skip
+        assert innocent == truth
+        p99 = summary["ack_latency_p99_s"]
+        print(f"[one device] fleet acks under the flood: p50 "
+              f"{summary['ack_latency_p50_s']:.3f} s, p99 {p99:.3f} s")  # fmt: skip
+        assert p99 < 10, summary  # seconds, not the 171 s of before
+
+        def counted() -> bool:
+            q = metric_values(http, "cloud_ingest_quarantined_total")
+            return q.get("bad-magic", 0) >= 1 and q.get("too-large", 0) >= 1
+
+        wait_until(counted, 60, "the ingestor to count the attack")
+        q = metric_values(http, "cloud_ingest_quarantined_total")
+        deferred = metric_values(http, "cloud_ingest_deferred_total")
+        assert q["time-too-old"] >= 2 and q["time-span"] >= 1 and q["time-too-new"] >= 2, q
+        assert q["quota-new-series"] >= 1, q
+        assert deferred["rate"] >= 1, deferred  # most of the flood, before decoding
+        # the series the hostile device has in InfluxDB: its day's allowance, no more
+        evil_sensors = {k[2] for k in influx_counts(influx.url, "fleet") if k[0] == evil}
+        assert 0 < len(evil_sensors) <= 500, len(evil_sensors)
+        # windows across years made no lake partition of their own
+        days = sorted(p.name for p in (lake / "aggregates").iterdir())
+        assert len(days) <= 2, days
+        # the re-created buffer's batches were written, not taken for resends
+        re = {k[3] for k in influx_counts(influx.url, "fleet") if k[0] == reflash}
+        assert len(re) == 4, re
+        # the oversized message is in the quarantine as a 64 KiB prefix and its size
+        big = list((lake / "quarantine" / "reason=too-large").glob("*.bin"))
+        assert big and all(p.stat().st_size <= 65536 for p in big)
+        meta = json.loads(big[0].with_suffix(".json").read_text())
+        assert meta["bytes"] == (1 << 20) + 4096 and meta["kept_bytes"] == 65536
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        pipe.stop_all()

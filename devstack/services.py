@@ -212,8 +212,16 @@ def mosquitto(
     )
 
 
-def influxdb(workdir: Path, port: int | None = None, auth: bool = False) -> Service:
-    """``auth``: HTTP authentication on; create the first (admin) user before use."""
+def influxdb(
+    workdir: Path,
+    port: int | None = None,
+    auth: bool = False,
+    max_values_per_tag: int | None = None,
+) -> Service:
+    """``auth``: HTTP authentication on; create the first (admin) user before use.
+    ``max_values_per_tag``: InfluxDB's own limit (``[data]``; 100,000 by default, 0 =
+    none): a test fills it, and starts the server again on the same data with
+    another to play the operator who raises it."""
     port = port or free_port()
     rpc = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +232,12 @@ def influxdb(workdir: Path, port: int | None = None, auth: bool = False) -> Serv
         f'[meta]\n  dir = "{workdir}/meta"\n'
         f'[data]\n  dir = "{workdir}/data"\n  wal-dir = "{workdir}/wal"\n'
         "  query-log-enabled = false\n"
-        f'[http]\n  bind-address = "{LOOPBACK}:{port}"\n  log-enabled = false\n'
+        + (
+            f"  max-values-per-tag = {max_values_per_tag}\n"
+            if max_values_per_tag is not None
+            else ""
+        )
+        + f'[http]\n  bind-address = "{LOOPBACK}:{port}"\n  log-enabled = false\n'
         "  max-row-limit = 0\n"
         + ("  auth-enabled = true\n" if auth else "")
         + "[monitor]\n  store-enabled = false\n"

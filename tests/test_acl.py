@@ -176,14 +176,18 @@ def test_no_session_can_be_taken_over(broker: Service) -> None:
         ingest.close()
 
 
-def _tls_client(port: int, folder: Path, name: str) -> tuple[mqtt.Client, list[Any]]:
-    """Connect with ``name``'s certificate from ``cloud-ingest pki``; its CONNACKs."""
+def _tls_client(
+    port: int, folder: Path, name: str, issued: Path | None = None
+) -> tuple[mqtt.Client, list[Any]]:
+    """Connect with ``name``'s certificate from ``cloud-ingest pki`` (in ``issued``, by
+    default the folder's); its CONNACKs."""
     got: list[Any] = []
+    issued = issued or folder / "issued"
     c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     c.tls_set(
         ca_certs=str(folder / "ca.pem"),
-        certfile=str(folder / "issued" / f"{name}.pem"),
-        keyfile=str(folder / "issued" / f"{name}.key"),
+        certfile=str(issued / f"{name}.pem"),
+        keyfile=str(issued / f"{name}.key"),
     )
     c.on_connect = lambda _c, _u, _f, rc, _p: got.append(rc)
     c.on_disconnect = lambda *_a: got.append("disconnected")  # e.g. refused after TLS 1.3
@@ -200,13 +204,19 @@ def test_pki_issues_devices_the_broker_admits_and_revocation_shuts_them_out(
     tmp_path: Path,
 ) -> None:
     """`cloud-ingest pki`: a CA, a broker certificate, device certificates whose CN is
-    the identity the ACL uses, the agent's config lines (checked by `edge-agent
-    doctor`), and a revocation the broker honours after it restarts."""
+    the identity the ACL uses, the agent's config lines with its ack key (checked by
+    `edge-agent doctor`), and a revocation the broker honours after it restarts, of
+    every certificate ever issued to the name (a second `issue`, for a lost key,
+    once left the first one valid)."""
+    import shutil
     import subprocess
 
     from devstack.pipeline import BIN
 
     pki = tmp_path / "pki"
+    master = tmp_path / "master.key"
+    master.write_text("cd" * 32 + "\n")
+    master.chmod(0o600)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         res = subprocess.run(
@@ -220,7 +230,16 @@ def test_pki_issues_devices_the_broker_admits_and_revocation_shuts_them_out(
     for name in ("dev-b", "ingest-1"):
         cli("issue", "--dir", str(pki), name)
     port = services.free_port()
-    lines = cli("issue", "--dir", str(pki), "dev-a", "--host", "127.0.0.1", "--port", str(port))
+    cli("issue", "--dir", str(pki), "dev-a")
+    first = tmp_path / "first"  # dev-a's first certificate, kept by the device
+    first.mkdir()
+    for suffix in (".pem", ".key"):
+        shutil.copy(pki / "issued" / f"dev-a{suffix}", first / f"dev-a{suffix}")
+    lines = cli(
+        "issue", "--dir", str(pki), "dev-a", "--host", "127.0.0.1", "--port", str(port),
+        "--ack-master-key", str(master),
+    )  # fmt: skip
+    assert "ack_key_file" in lines.stdout
     tls = (pki / "ca.pem", pki / "issued" / "127.0.0.1.pem", pki / "issued" / "127.0.0.1.key")
     broker = services.mosquitto(
         tmp_path / "mq", port=port, tls=tls, ingestors=["ingest-1"], crl=pki / "crl.pem"
@@ -237,6 +256,8 @@ def test_pki_issues_devices_the_broker_admits_and_revocation_shuts_them_out(
         )
         row = next(ln for ln in doctor.stdout.splitlines() if " forward.broker " in ln)
         assert row.startswith("OK"), doctor.stdout
+        row = next(ln for ln in doctor.stdout.splitlines() if " ack verification " in ln)
+        assert row.startswith("OK"), doctor.stdout
 
         a, got = _tls_client(port, pki, "dev-a")
         until(lambda: bool(got), "dev-a's CONNACK")
@@ -249,10 +270,11 @@ def test_pki_issues_devices_the_broker_admits_and_revocation_shuts_them_out(
         cli("revoke", "--dir", str(pki), "dev-a")
         broker.stop()
         broker.start()  # Mosquitto reads its crlfile at start
-        a, got = _tls_client(port, pki, "dev-a")
-        until(lambda: bool(got), "dev-a refused")
-        assert got[0] == "disconnected" or isinstance(got[0], OSError) or got[0].is_failure
-        a.loop_stop()
+        for issued in (None, first):  # the newest certificate, and the first one
+            a, got = _tls_client(port, pki, "dev-a", issued)
+            until(lambda: bool(got), "dev-a refused")  # noqa: B023 (called at once)
+            assert got[0] == "disconnected" or isinstance(got[0], OSError) or got[0].is_failure
+            a.loop_stop()
         b, got_b = _tls_client(port, pki, "dev-b")
         until(lambda: bool(got_b), "dev-b's CONNACK")
         assert not isinstance(got_b[0], str | OSError) and not got_b[0].is_failure

@@ -15,6 +15,8 @@ import socket
 import threading
 import time
 
+from devstack.services import free_port
+
 
 class FaultProxy:
     def __init__(
@@ -25,10 +27,7 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._listener: socket.socket | None = None
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port: int = probe.getsockname()[1]
-        probe.close()
+        self.port: int = free_port()
         self.up()
 
     @property

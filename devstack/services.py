@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -29,10 +30,29 @@ class ServiceError(RuntimeError):
     pass
 
 
+#: Ports that ``free_port`` hands out: below Linux's ephemeral range (32768-60999),
+#: so that no outgoing connection holds one, and split between the pytest-xdist
+#: workers (gw0, gw1, ...), so that two never hand out the same port between the
+#: check here and the service's own bind.
+PORTS_FIRST, PORTS_PER_WORKER = 20000, 1500
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        with socket.socket() as s:
+            s.bind((LOOPBACK, 0))
+            return int(s.getsockname()[1])
+    lo = PORTS_FIRST + int(worker[2:]) * PORTS_PER_WORKER
+    for _ in range(1000):
+        candidate = lo + random.randrange(PORTS_PER_WORKER)
+        with socket.socket() as s:
+            try:
+                s.bind((LOOPBACK, candidate))
+            except OSError:
+                continue  # in use (or in TIME_WAIT): try another
+            return candidate
+    raise ServiceError(f"no free port in {lo}-{lo + PORTS_PER_WORKER} for worker {worker}")
 
 
 def wait_until(

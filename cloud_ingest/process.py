@@ -43,7 +43,7 @@ from cloud_ingest.config import IngestConfig
 from cloud_ingest.decode import GroupPlan, Planned, decode_group, plan_group
 from cloud_ingest.fleet import Fleet
 from cloud_ingest.lake import GroupRows, PartNames, part_key, to_parquet
-from cloud_ingest.quotas import Quotas
+from cloud_ingest.quotas import DEFER_RATE, Quotas
 from cloud_ingest.revisions import RevisionMemory, WindowKey
 from cloud_ingest.sinks.base import ObjectStore, PointSink
 from cloud_ingest.writer import (
@@ -121,6 +121,8 @@ class Processor:
         self.quotas = Quotas(cfg.quotas, cfg.influx.allowed_tags)
         self._not_kept: dict[str, int] = {}  # quarantine entries not kept, per device
         self._not_kept_logged = 0.0
+        self._throttled: dict[str, int] = {}  # messages deferred over a device's rate
+        self._throttled_logged = 0.0
 
     def close(self) -> None:
         self.writer.close()
@@ -315,6 +317,8 @@ class Processor:
         defer = msg.defer or (error.reason if isinstance(error, Deferral) else None)
         if defer is not None:
             self.stats.inc(f"deferred_{defer}")
+            if defer == DEFER_RATE:
+                self._note_throttled(msg.device or "?")
             return Outcome("deferred", msg.device, None)
         if isinstance(error, WireError):
             self.stats.inc(f"quarantined_{error.reason}")
@@ -343,6 +347,22 @@ class Processor:
         else:
             self.stats.inc("alerts_written" if msg.kind == "alert" else "health_written")
         return Outcome("written", msg.device, stored)
+
+    def _note_throttled(self, device: str) -> None:
+        """One summary line a minute of the devices over their message rate."""
+        self._throttled[device] = self._throttled.get(device, 0) + 1
+        now = time.monotonic()
+        if now >= self._throttled_logged + NOT_KEPT_LOG_EVERY_S:
+            self._throttled_logged = now
+            worst = sorted(self._throttled.items(), key=lambda kv: -kv[1])[:5]
+            log.warning(
+                "quotas: %d messages deferred over quotas.max_messages_per_s (their devices "
+                "send them again): %s",
+                sum(self._throttled.values()),
+                ", ".join(f"{d} {n}" for d, n in worst),
+                extra={"device_id": worst[0][0]},
+            )
+            self._throttled.clear()
 
     def _remember(self, key: tuple[str, int, int]) -> None:
         self._recent[key] = None

@@ -366,3 +366,45 @@ def test_the_playbook_deploys_twice_and_what_it_deployed_runs(
     )
     counters = json.loads(status.stdout)["counters"]
     assert counters["batches_acked"] >= 1 and "acks_unverified" not in counters
+
+
+@pytest.mark.parametrize(
+    ("role", "extra", "words"),
+    [
+        (
+            "edge_broker",
+            {"edge_broker_bind": "0.0.0.0"},
+            "edge_broker_bind is 0.0.0.0 and edge_broker_password_file is empty",
+        ),
+        ("edge_agent", {}, "edge_agent_ack_key is empty"),
+        ("cloud_ingest", {}, "cloud_ingest_ack_master_key is empty"),
+    ],
+)
+def test_the_roles_refuse_an_open_broker_and_unverified_acks(
+    tmp_path: Path, role: str, extra: dict[str, str], words: str
+) -> None:
+    """A device broker anonymous beyond loopback, an agent that would act on any ack,
+    an ingestor that would not sign them: each role stops at its first task (after
+    the shared `telemetry` role it depends on) with one message naming the variable."""
+    play = tmp_path / "play.yml"
+    play.write_text(f"- hosts: all\n  gather_facts: false\n  roles: [{role}]\n")
+    prefix = tmp_path / "root"
+    variables = {
+        "ansible_python_interpreter": "/usr/bin/python3",
+        "telemetry_root": str(prefix / "opt"),
+        "telemetry_etc": str(prefix / "etc"),
+        "telemetry_systemd": False,
+        "telemetry_docs_src": str(ROOT / "docs"),
+        "edge_broker_conf_dir": str(prefix / "conf.d"),
+        **extra,
+    }
+    res = subprocess.run(
+        [tool("ansible-playbook"), "-i", "localhost,", "-c", "local", str(play),
+         "-e", json.dumps(variables)],
+        cwd=ANSIBLE, env={**ansible_env(tmp_path), "ANSIBLE_ROLES_PATH": str(ANSIBLE / "roles")},
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert res.returncode != 0
+    out = " ".join(res.stdout.split())
+    assert words in out, res.stdout[-3000:]
+    assert "failed=1" in out and not (prefix / "conf.d").exists()  # the role did nothing

@@ -6,6 +6,7 @@ all arrive once, against the ground truth; the attacker gets nothing through."""
 from __future__ import annotations
 
 import queue
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from devstack import hostile, influxq
 from devstack.pipeline import (
+    BIN,
     IngestTarget,
     Pipeline,
     PipelineSpec,
@@ -87,6 +89,15 @@ def test_a_hostile_device_on_the_shipped_broker_costs_device_b_nothing(
             60,
             "B's first acks",
         )
+        # the technician's doctor beside the running agent: it must not connect as the
+        # device (the broker binds the client id to the identity: that would take over
+        # the agent's session), and says what the agent's own connection sees
+        doctor = subprocess.run(
+            [str(BIN / "edge-agent"), "doctor", "-c", str(pipe.dir / "edge-agent.toml")],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        row = next(ln for ln in doctor.stdout.splitlines() if " forward.broker " in ln)
+        assert "the running agent is connected" in row, doctor.stdout
         spy, seen = _evil(cloud)
         evil.append(spy)
         spy.subscribe(f"{P}/#", qos=1)  # attack 1 (and $SYS)
@@ -118,6 +129,8 @@ def test_a_hostile_device_on_the_shipped_broker_costs_device_b_nothing(
         secrets = [cloud.master_key.read_text().strip(), cloud.device_keys[device].read_text()]
         secrets.append((cloud.folder / "issued" / f"{device}.key").read_text().splitlines()[1])
         assert "DEBUG" in logs  # both run at DEBUG (the agent has no DEBUG lines of its own)
+        agent_log = (pipe.dir / "edge-agent.log").read_text()
+        assert agent_log.count("forward: connected to") == 1  # no session taken from it
         assert not [s for s in secrets if s.strip() in logs]
     finally:
         for c in evil:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import tomllib
 import typing
@@ -196,3 +197,31 @@ def test_plain_mqtt_to_another_machine_needs_insecure(
     inner["insecure"] = True
     path.write_text(toml_dumps(table))
     load_config(config_cls, path)
+
+
+@pytest.mark.parametrize(
+    ("influx", "ok"),
+    [
+        ({"url": "http://influx.example.com:8086", "username": "u", "password_env": "P"}, False),
+        ({"api": "v2", "url": "http://10.0.0.5:8086", "token_env": "T"}, False),
+        ({"url": "http://influx.example.com:8086", "username": "u", "password_env": "P",
+          "insecure": True}, True),
+        ({"url": "https://influx.example.com:8086", "username": "u", "password_env": "P"}, True),
+        ({"url": "http://127.0.0.1:8086", "username": "u", "password_env": "P"}, True),
+        ({"url": "http://influx.example.com:8086"}, True),  # no credentials to leak
+    ],
+)  # fmt: skip
+def test_influx_credentials_over_plain_http_to_another_host_are_refused(
+    tmp_path: Path, influx: dict[str, Any], ok: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for MQTT: a password or token in clear only to this machine, or when asked."""
+    monkeypatch.setenv("P", "a-password")
+    monkeypatch.setenv("T", "a-token")
+    lines = [f"{k} = {json.dumps(v)}" for k, v in influx.items()]
+    p = write(tmp_path, "[influx]\n" + "\n".join(lines) + "\n")
+    if ok:
+        load_config(IngestConfig, p)
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config(IngestConfig, p)
+    assert "influx.insecure" in str(e.value) and "https://" in str(e.value)

@@ -28,6 +28,7 @@ from shared.wire import (
     decode_batch,
     encode_batch,
     make_batch,
+    peek_ids,
     peek_seq,
 )
 
@@ -116,7 +117,10 @@ huge_ints = st.integers(-(2**80), 2**80) | st.sampled_from(
 
 
 @FUZZ
-@given(st.sampled_from(["created_ns", "seq", "rows", "width_ns", "hop_ns", "bytes"]), huge_ints)
+@given(
+    st.sampled_from(["created_ns", "seq", "rows", "width_ns", "hop_ns", "bytes", "generation"]),
+    huge_ints,
+)
 def test_every_integer_of_a_batch_header_is_bounded(field: str, value: int) -> None:
     header = json.loads(json.dumps(HEADER))
     if field in ("width_ns", "hop_ns"):
@@ -127,19 +131,23 @@ def test_every_integer_of_a_batch_header_is_bounded(field: str, value: int) -> N
         header[field] = value
     b = total(decode_batch, with_header(header))
     if b is not None:  # what downstream code stores as int64 fits one
-        for v in (b.seq, b.created_ns, b.window.width_ns, b.window.hop_ns):
+        for v in (b.seq, b.created_ns, b.window.width_ns, b.window.hop_ns, b.generation):
             assert -(2**63) <= v < 2**63
+        assert b.generation >= 0
+    seq, gen = peek_ids(with_header(header))  # what a rejected ack names
+    assert seq is None or 0 <= seq < 2**63
+    assert 0 <= gen < 2**63
 
 
 ALERT = hostile.ALERT
 
 
 @FUZZ
-@given(st.sampled_from(sorted(ALERT)), json_values | st.just(...))
+@given(st.sampled_from([*sorted(ALERT), "generation"]), json_values | st.just(...))
 def test_alerts_with_any_field_decode_or_fail(key: str, value: Any) -> None:
     obj = dict(ALERT)
     if value is ...:
-        del obj[key]
+        obj.pop(key, None)
     else:
         obj[key] = value
     alert = total(decode_alert, json.dumps(obj).encode())
@@ -149,19 +157,27 @@ def test_alerts_with_any_field_decode_or_fail(key: str, value: Any) -> None:
 
 
 @FUZZ
-@given(st.sampled_from(["seq", "ts_ns", "value"]), huge_ints)
+@given(st.sampled_from(["seq", "ts_ns", "value", "generation"]), huge_ints)
 def test_every_integer_of_an_alert_is_bounded(key: str, value: int) -> None:
     alert = total(decode_alert, json.dumps({**ALERT, key: value}).encode())
     if alert is not None:
         assert 0 <= alert.seq < 2**63 and 0 <= alert.ts_ns < 2**63
+        assert 0 <= alert.generation < 2**63
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(["seq", "status", "reason", "x"]), json_values))
+@given(
+    st.dictionaries(
+        st.sampled_from(["seq", "status", "reason", "generation", "ts_ns", "mac", "x"]),
+        json_values | huge_ints,
+    )
+)
 def test_acks_with_any_fields_decode_or_fail(obj: dict[str, Any]) -> None:
     ack = total(decode_ack, json.dumps(obj).encode())
     if ack is not None:
         assert 0 <= ack.seq < 2**63 and ack.status in ("stored", "rejected")
+        assert 0 <= ack.generation < 2**63 and 0 <= ack.ts_ns < 2**63
+        assert not ack.verify("dev-1", b"k" * 32) or ack.mac  # no MAC: never verified
 
 
 @FUZZ
@@ -302,3 +318,84 @@ def test_every_bit_flip_in_a_compressed_batch_is_caught_or_harmless() -> None:
                 for name in ("start_ns", "count", "mean", "sum", "revision"):
                     assert getattr(b, name).tobytes() == getattr(original, name).tobytes(), i
                 assert b.seq == original.seq and b.sketch == original.sketch, i
+
+
+@FUZZ
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["p", "u", "%70", "db", "token", "password", "precision", "p%3D", ""]),
+            st.sampled_from(["=", "", "=="]),
+            st.text(alphabet="ab=&%+ 3D;", max_size=12),
+        ),
+        max_size=6,
+    )
+)
+def test_a_redacted_query_keeps_no_secret(parts: list[tuple[str, str, str]]) -> None:
+    """The HTTP intake masks InfluxDB 1.x's u= and p= (and token=, password=) in every
+    query it keeps or logs (edge_agent/sources/http.py), whatever the query looks like."""
+    import urllib.parse
+
+    from edge_agent.sources.http import SECRET_PARAMS, redact, redact_line
+
+    query = "&".join(f"{k}{eq}{v}" for k, eq, v in parts)
+    masked = redact(query)
+    for key, value in urllib.parse.parse_qsl(masked, keep_blank_values=True):
+        if key in SECRET_PARAMS:
+            assert value in ("***", "")  # masked, or empty: nothing to leak
+    assert redact_line(f"POST /write?{query} HTTP/1.1").endswith(" HTTP/1.1")
+
+
+@FUZZ
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "c", "d", "e"]),  # sensor
+            st.sampled_from(["", "C", "V", "%"]),  # unit
+            st.integers(-(2**62), 2**62),  # window start
+        ),
+        min_size=1,
+        max_size=12,
+        unique_by=lambda t: (t[0], t[2] // W),
+    ),
+    st.integers(1, 4),
+)
+def test_quotas_take_any_batch_whole_in_part_or_not(
+    rows: list[tuple[str, str, int]], limit: int
+) -> None:
+    """Whatever windows a batch holds, the quotas (cloud_ingest/quotas.py) give back
+    all of it, a part of it with a reason, or none of it with one; never an error,
+    and the part is exactly the windows of the series within the bound."""
+    from cloud_ingest.config import QuotasConfig
+    from cloud_ingest.quotas import Quotas
+    from shared.wire import STAT_FIELDS, SensorRef, WindowSpec, make_batch
+
+    refs = sorted({(s, u) for s, u, _ in rows})
+    index = {r: i for i, r in enumerate(refs)}
+    batch = make_batch(
+        device_id="d",
+        seq=1,
+        created_ns=0,
+        window=WindowSpec("tumbling", W),
+        sensors=tuple(SensorRef("n", s, u) for s, u in refs),
+        columns={
+            "sensor": [index[(s, u)] for s, u, _ in rows],
+            "start_ns": [t // W * W for _, _, t in rows],
+            "count": [1] * len(rows),
+            "invalid": [0] * len(rows),
+            **{f: [1.0] * len(rows) for f in STAT_FIELDS},
+        },
+    )
+    now = 1_800_000_000 * 10**9
+    q = Quotas(
+        QuotasConfig(max_series_per_device=limit, max_past_s=1e12, max_batch_span_s=1e12),
+        frozenset(),
+        wall=lambda: now / 1e9,
+    )
+    got = q.check_batch(batch, now)
+    if got.batch is None:
+        assert got.error is not None or got.defer is not None
+        return
+    assert got.batch.rows + got.refused_rows == batch.rows
+    assert len(set(got.batch.sensor.tolist())) <= limit
+    assert (got.error is None) == (got.refused_rows == 0)

@@ -119,10 +119,14 @@ class Processor:
         self._names = PartNames()
         #: what one device may cost the fleet (cloud_ingest/quotas.py)
         self.quotas = Quotas(cfg.quotas, cfg.influx.allowed_tags)
-        self._not_kept: dict[str, int] = {}  # quarantine entries not kept, per device
-        self._not_kept_logged = 0.0
-        self._throttled: dict[str, int] = {}  # messages deferred over a device's rate
-        self._throttled_logged = 0.0
+        self._not_kept = DeviceTally(
+            "quarantine: %d entries not kept (over quotas.max_quarantined_per_min), "
+            "counted only: %s"
+        )
+        self._throttled = DeviceTally(
+            "quotas: %d messages deferred over quotas.max_messages_per_s (their devices "
+            "send them again): %s"
+        )
 
     def close(self) -> None:
         self.writer.close()
@@ -227,19 +231,7 @@ class Processor:
                 out.append(Quarantine(p.msg.topic, p.msg.payload, error))
                 continue
             self.stats.inc("quarantine_not_kept")
-            device = p.msg.device or "?"
-            self._not_kept[device] = self._not_kept.get(device, 0) + 1
-        now = time.monotonic()
-        if self._not_kept and now >= self._not_kept_logged + NOT_KEPT_LOG_EVERY_S:
-            self._not_kept_logged = now
-            worst = sorted(self._not_kept.items(), key=lambda kv: -kv[1])[:5]
-            log.warning(
-                "quarantine: %d entries not kept (over quotas.max_quarantined_per_min), "
-                "counted only: %s",
-                sum(self._not_kept.values()),
-                ", ".join(f"{d} {n}" for d, n in worst),
-            )
-            self._not_kept.clear()
+            self._not_kept.add(p.msg.device)
         return out
 
     async def _shared_objects(
@@ -318,7 +310,7 @@ class Processor:
         if defer is not None:
             self.stats.inc(f"deferred_{defer}")
             if defer == DEFER_RATE:
-                self._note_throttled(msg.device or "?")
+                self._throttled.add(msg.device)
             return Outcome("deferred", msg.device, None)
         if isinstance(error, WireError):
             self.stats.inc(f"quarantined_{error.reason}")
@@ -348,27 +340,37 @@ class Processor:
             self.stats.inc("alerts_written" if msg.kind == "alert" else "health_written")
         return Outcome("written", msg.device, stored)
 
-    def _note_throttled(self, device: str) -> None:
-        """One summary line a minute of the devices over their message rate."""
-        self._throttled[device] = self._throttled.get(device, 0) + 1
-        now = time.monotonic()
-        if now >= self._throttled_logged + NOT_KEPT_LOG_EVERY_S:
-            self._throttled_logged = now
-            worst = sorted(self._throttled.items(), key=lambda kv: -kv[1])[:5]
-            log.warning(
-                "quotas: %d messages deferred over quotas.max_messages_per_s (their devices "
-                "send them again): %s",
-                sum(self._throttled.values()),
-                ", ".join(f"{d} {n}" for d, n in worst),
-                extra={"device_id": worst[0][0]},
-            )
-            self._throttled.clear()
-
     def _remember(self, key: tuple[str, int, int]) -> None:
         self._recent[key] = None
         self._recent.move_to_end(key)
         if len(self._recent) > RECENT_BATCHES:
             self._recent.popitem(last=False)
+
+
+class DeviceTally:
+    """What a few devices do too often, summed up in one log line a minute (the devices
+    that did most of it first), instead of a line each time."""
+
+    def __init__(self, message: str, every_s: float = NOT_KEPT_LOG_EVERY_S) -> None:
+        self.message = message  # with %d (the total) and %s (the devices)
+        self.every_s = every_s
+        self._counts: dict[str, int] = {}
+        self._logged = float("-inf")
+
+    def add(self, device: str | None) -> None:
+        name = device or "?"
+        self._counts[name] = self._counts.get(name, 0) + 1
+        now = time.monotonic()
+        if now >= self._logged + self.every_s:
+            self._logged = now
+            worst = sorted(self._counts.items(), key=lambda kv: -kv[1])[:5]
+            log.warning(
+                self.message,
+                sum(self._counts.values()),
+                ", ".join(f"{d} {n}" for d, n in worst),
+                extra={"device_id": worst[0][0]},
+            )
+            self._counts.clear()
 
 
 def _rebuilder(

@@ -20,7 +20,6 @@ from paho.mqtt.enums import CallbackAPIVersion
 from devstack import hostile, influxq, services
 from devstack.pipeline import (
     BIN,
-    IngestTarget,
     Pipeline,
     PipelineSpec,
     fleet_window_counts,
@@ -29,6 +28,7 @@ from devstack.publish import publish_all
 from devstack.services import Service, free_port, wait_until
 from shared.readings import encode_chunk
 from tests.test_fleet import influx_counts, metric_values
+from tests.test_hostile import one_ingestor
 
 pytestmark = pytest.mark.integration
 
@@ -45,22 +45,9 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def ingestor(tmp_path: Path, broker: Service, influx: Service, db: str, **target: Any) -> Pipeline:
+    """One ingestor (tests/test_hostile.py's) writing to a new database ``db``."""
     influxq.create_database(influx.url, db)
-    return Pipeline(
-        PipelineSpec(
-            workdir=tmp_path / "run",
-            local_port=broker.port,
-            cloud_port=broker.port,
-            targets=[
-                IngestTarget(
-                    "i1",
-                    {"api": "v1", "url": influx.url, "database": db},
-                    {"url": f"file://{tmp_path / 'lake'}"},
-                    **target,
-                )
-            ],
-        )
-    )
+    return one_ingestor(tmp_path, broker, influx, db, **target)
 
 
 def test_a_series_limit_another_device_filled_costs_an_innocent_nothing(
@@ -101,7 +88,7 @@ def test_a_series_limit_another_device_filled_costs_an_innocent_nothing(
         truth = fleet_window_counts(pipe.fleet_truth)
         got = {k: v for k, v in influx_counts(influx.url, "fleet").items() if k[0] != "dev-a"}
         assert got == truth
-        assert influxq.lake_windows(tmp_path / "lake") == influxq.v1_windows(influx.url, "fleet")
+        assert influxq.lake_windows(tmp_path / "archive") == influxq.v1_windows(influx.url, "fleet")
     finally:
         pipe.stop_all()
         influx.stop()

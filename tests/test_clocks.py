@@ -103,6 +103,10 @@ def test_a_clock_an_hour_off_then_stepped_right_loses_and_doubles_nothing(
         # the agent says how far off it is (the cloud's clock minus its own); once it
         # knows, the held readings go into the buffer
         wait_until(lambda: (o := offset()) is not None and abs(o + offset_s) < 2, 20, "offset")
+        # seen from a process with the right time, as a technician's status would be:
+        # healthy, both links up (its heartbeat is on the monotonic clock)
+        st = status(pipe)
+        assert st["healthy"] and st["intake_connected"] and st["forward_connected"], st
         # batches are sent; then the cloud goes away, and batches wait for their acks
         wait_until(lambda: status(pipe)["counters"].get("batches_sent", 0) >= 1, 30, "a batch")
         assert ingestor.terminate() == 0

@@ -104,7 +104,10 @@ def decode_group(
     it is decoded: a flood costs a topic split per message."""
     out: list[Decoded] = []
     for topic, payload in messages:
-        kind, device = route(topic, cfg.mqtt.topic_prefix)
+        try:
+            kind, device = route(topic, cfg.mqtt.topic_prefix)
+        except Exception:  # noqa: BLE001 (decode_message says why, with the traceback)
+            kind, device = "batch", None
         if quotas is not None and device is not None and not quotas.admit(device):
             out.append(Decoded(topic, payload, kind, device, None, defer=DEFER_RATE))
         else:
@@ -161,15 +164,11 @@ def route(topic: str, prefix: str) -> tuple[Kind, str | None]:
 
 def decode_message(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
     """One message, on ``…/<device>/batch``, ``…/<device>/alert`` or ``…/<device>/health``."""
-    kind: Kind = (
-        "alert" if topic.endswith("/alert") else "health" if topic.endswith("/health") else "batch"
-    )
+    kind: Kind = "batch"
     try:
-        prefix = cfg.mqtt.topic_prefix
-        if kind == "alert":
-            return _decode_json(topic, payload, kind, device_from_alert_topic(topic, prefix))
-        if kind == "health":
-            return _decode_json(topic, payload, kind, device_from_health_topic(topic, prefix))
+        kind, device = route(topic, cfg.mqtt.topic_prefix)
+        if kind != "batch":
+            return _decode_json(topic, payload, kind, device)
         return _decode_batch(topic, payload, cfg)
     except Exception as exc:  # a decoder bug must not stop the ingestor
         log.exception("decode: %s on %s", type(exc).__name__, topic)
@@ -197,18 +196,6 @@ def _decode_batch(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
         return Decoded(topic, payload, "batch", device, seq, error=exc, generation=gen)
     return Decoded(
         topic, payload, "batch", device, batch.seq, batch=batch, generation=batch.generation
-    )
-
-
-def _decode_alert(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
-    return _decode_json(
-        topic, payload, "alert", device_from_alert_topic(topic, cfg.mqtt.topic_prefix)
-    )
-
-
-def _decode_health(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
-    return _decode_json(
-        topic, payload, "health", device_from_health_topic(topic, cfg.mqtt.topic_prefix)
     )
 
 

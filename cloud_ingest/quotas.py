@@ -71,6 +71,11 @@ SENSORS, SERIES, NEW_SERIES, TAG_VALUES = (
 #: why a message is deferred (acknowledged to the broker, not answered)
 DEFER_RATE, DEFER_TRACKED = "rate", "series-table-full"
 
+#: devices remembered; beyond it, those without a series (a rate bucket and a
+#: quarantine bucket each) are forgotten. Those with series are bounded by
+#: max_tracked_series.
+MAX_DEVICES = 100_000
+
 #: the tags of a series that have a value bound: the unit, and each static tag
 TagValues = tuple[tuple[str, str], ...]
 
@@ -315,6 +320,10 @@ class Quotas:
     def _device(self, device: str) -> _Device:
         d = self._devices.get(device)
         if d is None:
+            if len(self._devices) >= MAX_DEVICES:
+                # only rate and quarantine buckets: forgetting one refills it, no more
+                for name in [n for n, v in self._devices.items() if not v.series]:
+                    del self._devices[name]
             d = self._devices[device] = _Device()
         return d
 

@@ -303,7 +303,8 @@ class Intake:
                 late=self.late_policy,
                 after_store=self._alert_hook,
             )
-            self._held_waiting = held.count(self.store) > 0
+            if moved:
+                self._held_waiting = held.count(self.store) > 0
             return moved
 
     def _commit(self, group: list[Arrival]) -> list[Outcome]:

@@ -173,3 +173,44 @@ def test_the_buffer_does_not_import_pandas(tmp_path: Path) -> None:
     code = buffer_code("b.db") + "import pandas\n"
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
     assert marker.exists()
+
+
+def test_readings_follow_the_clocks_offset_to_the_cloud(tmp_path: Path) -> None:
+    """An agent whose clock is an hour behind the cloud's (a Pi without a real-time
+    clock, before NTP): once an ack has measured it, a reading stamped right by its
+    node is taken at once, not held, and a reading without a time of its own (an
+    ESPHome value) is stamped with the corrected time. Before that, the node's
+    reading is held (edge_agent/pipeline/held.py), and let go when the offset is known."""
+    cfg = from_dict(
+        AgentConfig,
+        {
+            "storage": {"path": str(tmp_path / "a.sqlite")},
+            "intake": {
+                "sources": [{"name": "esphome", "topic": "esphome/{node}/{sensor}",
+                             "format": "value"}]
+            },
+        },
+    )  # fmt: skip
+    fake = FakeClient()
+    intake = Intake(cfg, client=fake)  # type: ignore[arg-type]
+    hour = 3600 * 10**9
+    right = time.time_ns()  # this clock; the node's (and the cloud's) is an hour ahead
+    try:
+        intake.offset_ns = lambda: 0  # not measured yet: the device's clock alone
+        node = encode_chunk("C", [right + hour], [20.0])  # an hour ahead of this clock
+        intake._on_message(intake.client, None, message(1, "sensors/n1/t", node))
+        intake.flush()
+        assert intake.store.counters()["readings_held"] == 1
+        intake.offset_ns = lambda: hour  # the acks say the cloud is an hour ahead
+        assert intake.release_held() == 1
+        intake._on_message(intake.client, None, message(2, "esphome/n2/v", b"21.5"))
+        intake.flush()
+        stamped = intake.store.conn.execute(
+            "SELECT t_max FROM chunks JOIN sensors ON sensors.id = sensor_id WHERE node = 'n2'"
+        ).fetchone()[0]
+        assert abs(stamped - (time.time_ns() + hour)) < 10 * 10**9
+        intake.offset_ns = lambda: 300_000_000  # 0.3 s: noise, the clock as it is
+        assert abs(intake.stamp_ns() - time.time_ns()) < 10**8
+        assert fake.acks == [1, 2]
+    finally:
+        intake.store.close()

@@ -61,6 +61,7 @@ log = logging.getLogger("edge_agent.pipeline.intake")
 #: QoS 0 messages beyond this are dropped and counted as ``dropped_store_unavailable``.
 MAX_HELD = 10_000
 RETRY_MAX_S = 10.0  # the longest wait between two attempts to commit a failed group
+STAMP_CORRECTION_S = 1.0  # a smaller offset is measurement noise: stamps keep the clock
 HELD_LOG_EVERY_S = 30.0  # readings held for a wrong clock: a log line at most this often
 
 
@@ -198,7 +199,7 @@ class Intake:
 
     def _on_message(self, _client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         payload = bytes(msg.payload)
-        source, item = self.sources.decode(msg.topic, payload, time.time_ns())
+        source, item = self.sources.decode(msg.topic, payload, self.stamp_ns())
         arrival = Arrival(msg.topic, payload, source, item, msg)
         with self._lock:
             if len(self._pending) >= MAX_HELD and msg.qos == 0:
@@ -283,6 +284,14 @@ class Intake:
             bad = WireError("store-failed", f"{type(exc).__name__}: {exc}"[:500])
             failed = Arrival(arrival.topic, arrival.payload, arrival.source, bad, arrival.msg)
             return [failed], self._commit([failed])
+
+    def stamp_ns(self) -> int:
+        """The time a reading without one of its own is stamped with on arrival: the
+        device's clock, corrected by its known offset to the cloud's when that is
+        over :data:`STAMP_CORRECTION_S` (a Pi that booted with a stale clock stamps
+        its ESPHome and Modbus readings right once an ack has measured it)."""
+        offset = self.offset_ns()
+        return time.time_ns() + (offset if abs(offset) > STAMP_CORRECTION_S * 1e9 else 0)
 
     def future_limit_ns(self) -> int:
         """Readings stamped after this are held (edge_agent/pipeline/held.py): the

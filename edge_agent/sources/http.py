@@ -462,7 +462,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             with app.decoding:
-                now = time.time_ns()
+                now = app.intake.stamp_ns()
                 source, item = app.decode(url.path, query, body, now)
                 where = f"http {url.path}?{redact(url.query)}"[:1024]  # no token kept
                 arrival = Arrival(where, body, source, item)

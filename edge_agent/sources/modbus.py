@@ -196,7 +196,7 @@ class ModbusPoller:
 
     def poll_once(self) -> None:
         name = self.cfg.name
-        now = time.time_ns()
+        now = self.intake.stamp_ns()  # the device's clock, corrected when known to be off
         try:
             answers = self.read()
         except ConnectionError as exc:

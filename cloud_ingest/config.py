@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Literal
@@ -245,6 +246,10 @@ class QuotasConfig:
             raise Invalid("series_expiry_s", "must be >= 0 (0 = max_past_s)")
         if self.max_sensors_per_batch > 65536:
             raise Invalid("max_sensors_per_batch", "must be <= 65536 (a batch's own bound)")
+        if self.state_file and not os.path.isdir(os.path.dirname(self.state_file) or "."):
+            raise Invalid(
+                "state_file", f"the folder of {self.state_file} does not exist: create it first"
+            )
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cloud_ingest.config import QuotasConfig
-from shared.errors import WireError
+from shared.errors import StorageError, WireError
 from shared.wire import Batch, SensorRef, WindowSpec, take_rows
 
 log = logging.getLogger("cloud_ingest.quotas")
@@ -163,8 +163,11 @@ class Quotas:
         self._error_logged = float("-inf")
         self._db: sqlite3.Connection | None = None
         if cfg.state_file:
-            self._db = _open_state(cfg.state_file)
-            self._load()
+            try:
+                self._db = _open_state(cfg.state_file)
+                self._load()
+            except sqlite3.Error as exc:
+                raise StorageError(f"quotas.state_file {cfg.state_file}: {exc}") from None
 
     # ---- time and rate --------------------------------------------------------------
 

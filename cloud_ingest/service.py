@@ -45,6 +45,7 @@ from cloud_ingest.sinks.influx import make_point_sink
 from cloud_ingest.watchdog import feed
 from shared import backoff
 from shared.cli import write_ready_file
+from shared.errors import StorageError
 from shared.sdnotify import Notifier
 from shared.topics import alert_filter, batch_filter, health_filter
 
@@ -155,6 +156,9 @@ def run_service(cfg: IngestConfig, ready_file: str | None = None) -> int:
 
     try:
         asyncio.run(main())
+    except StorageError as exc:  # its own state file (quotas.state_file): one line
+        log.critical("cloud-ingest cannot start: %s", exc)
+        return 2
     except Exception:  # a bug: say so in the log, and exit 1 for a restart
         log.critical("cloud-ingest stopped on an unexpected error", exc_info=True)
         return 1

@@ -4,7 +4,8 @@
 
     TelemetryError
     ├── ConfigError            bad config file: names the file and the key; stops start-up
-    ├── StorageError           the edge agent's SQLite file cannot be opened or used
+    ├── StorageError           a SQLite file cannot be opened or used (the edge agent's
+    │                          buffer, cloud-ingest's quotas.state_file)
     ├── LakeObjectError        an object in the lake cannot be read as what its key says
     ├── WireError              a message that cannot be decoded or fails validation
     │                          (permanent: resending the same bytes will fail again);
@@ -43,7 +44,8 @@ class ConfigError(TelemetryError):
 
 
 class StorageError(TelemetryError):
-    """The agent's buffer file cannot be opened, or was written by a newer agent."""
+    """A SQLite file cannot be opened or used: the agent's buffer (or it was written
+    by a newer agent), or cloud-ingest's record of the devices' series."""
 
 
 class LakeObjectError(TelemetryError):

@@ -225,3 +225,19 @@ def test_influx_credentials_over_plain_http_to_another_host_are_refused(
     with pytest.raises(ConfigError) as e:
         load_config(IngestConfig, p)
     assert "influx.insecure" in str(e.value) and "https://" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fragment"),
+    [
+        ('[quotas]\nstate_file = "/nonexistent/x/q.sqlite"\n', "quotas.state_file", "create it"),
+        ("[quotas]\nmax_series_per_device = 0\n", "quotas.max_series_per_device", "at least 1"),
+        ("[quotas]\nmax_past_s = -1\n", "quotas.max_past_s", "must be > 0"),
+    ],
+)
+def test_bad_quotas_name_the_key(tmp_path: Path, text: str, key: str, fragment: str) -> None:
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(IngestConfig, p)
+    assert e.value.key == key
+    assert fragment in str(e.value) and str(p) in str(e.value)

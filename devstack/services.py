@@ -30,28 +30,39 @@ class ServiceError(RuntimeError):
     pass
 
 
-#: Ports that ``free_port`` hands out: below Linux's ephemeral range (32768-60999),
-#: so that no outgoing connection holds one, and split between the pytest-xdist
-#: workers (gw0, gw1, ...), so that two never hand out the same port between the
-#: check here and the service's own bind.
+#: Ports that ``free_port`` hands out under pytest-xdist: below Linux's ephemeral
+#: range (32768-60999), so that no outgoing connection holds one, split between the
+#: workers (gw0, gw1, ...), and each handed out once per process: a port chosen for a
+#: service that has not bound it yet (or that is restarting on it) is never chosen
+#: again for another.
 PORTS_FIRST, PORTS_PER_WORKER = 20000, 1500
+_handed_out: set[int] = set()
 
 
 def free_port() -> int:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    if not worker.startswith("gw"):
-        with socket.socket() as s:
-            s.bind((LOOPBACK, 0))
-            return int(s.getsockname()[1])
-    lo = PORTS_FIRST + int(worker[2:]) * PORTS_PER_WORKER
-    for _ in range(1000):
-        candidate = lo + random.randrange(PORTS_PER_WORKER)
+    lo = PORTS_FIRST + int(worker[2:]) * PORTS_PER_WORKER if worker.startswith("gw") else 0
+    if not lo or lo + PORTS_PER_WORKER > 32768:  # not a worker, or more than 8 of them
+        for _ in range(100):
+            with socket.socket() as s:
+                s.bind((LOOPBACK, 0))
+                port = int(s.getsockname()[1])
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+        raise ServiceError("the kernel keeps handing out ports already given to a service")
+    start = random.randrange(PORTS_PER_WORKER)
+    for k in range(PORTS_PER_WORKER):
+        candidate = lo + (start + k) % PORTS_PER_WORKER
+        if candidate in _handed_out:
+            continue
         with socket.socket() as s:
             try:
                 s.bind((LOOPBACK, candidate))
             except OSError:
                 continue  # in use (or in TIME_WAIT): try another
-            return candidate
+        _handed_out.add(candidate)
+        return candidate
     raise ServiceError(f"no free port in {lo}-{lo + PORTS_PER_WORKER} for worker {worker}")
 
 

@@ -20,14 +20,13 @@ import json
 import platform
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from devstack import influxq, services
+from devstack import hostile, influxq, services
 from devstack.pipeline import IngestTarget, Pipeline, PipelineSpec
 
 OFF = {
@@ -39,28 +38,22 @@ OFF = {
 }
 
 
-def flood(port: int, rate: float, seconds: float, done: threading.Event) -> int:
+def flood(port: int, rate: float, seconds: float) -> None:
     """Bad messages on one device's batch topic, paced at ``rate`` a second."""
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
     client.connect("127.0.0.1", port)
     client.loop_start()
-    sent = 0
-    t0 = time.monotonic()
     try:
-        while time.monotonic() - t0 < seconds:
-            for _ in range(int(rate // 20)):
-                client.publish("telemetry/v1/flooder/batch", b"junk %08d" % sent, qos=1)
-                sent += 1
-            wait = t0 + sent / rate - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)  # the flood's pace
+        hostile.flood(
+            lambda junk: client.publish("telemetry/v1/flooder/batch", junk, qos=1),
+            rate,
+            int(rate * seconds),
+        )
     finally:
         client.disconnect()
         client.loop_stop()
-        done.set()
-    return sent
 
 
 def one_round(work: Path, mode: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -89,9 +82,8 @@ def one_round(work: Path, mode: str, args: argparse.Namespace) -> dict[str, Any]
             "--devices", str(args.devices), "--batches", str(args.batches),
             "--speed", str(args.speed), "--ack-timeout", "600", "--timeout", "900",
         )  # fmt: skip
-        done = threading.Event()
         flooder = threading.Thread(
-            target=lambda: flood(broker.port, args.rate, args.flood_s, done), daemon=True
+            target=lambda: flood(broker.port, args.rate, args.flood_s), daemon=True
         )
         flooder.start()
         summary = pipe.finish_fleet(fleet, 960)

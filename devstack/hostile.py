@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import random
 import struct
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -224,6 +226,19 @@ def time_attack_batches(device: str, first_seq: int, now_ns: int) -> list[tuple[
         (device_batch(device, first_seq + 2, [-9_200_000_000 * 10**9], ["t"]), "time-too-old"),
         (device_batch(device, first_seq + 3, [now_ns + 7 * DAY_NS], ["t"]), "time-too-new"),
     ]  # fmt: skip
+
+
+def flood(publish: Callable[[bytes], object], rate: float, count: int) -> None:
+    """``count`` bad messages through ``publish``, paced at ``rate`` a second (in
+    steps of a twentieth of a second): one device's flood."""
+    step = max(1, int(rate // 20))
+    t0 = time.monotonic()
+    for k in range(count):
+        publish(b"junk %08d" % k)
+        if k % step == step - 1:
+            ahead = t0 + (k + 1) / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)  # the flood's own pace, not a wait for a result
 
 
 def future_alert(seq: int, now_ns: int) -> bytes:

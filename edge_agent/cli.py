@@ -308,15 +308,15 @@ def status(config_path: str | None, as_json: bool) -> None:
     ]
     table(rows)
     if st["sources"]:
-        click.echo("\nintake by source (messages, readings, rejected, errors)")
+        from edge_agent.technician.status import SOURCE_COUNTS
+
+        click.echo("\nintake by source")
         table(
             [
-                (
-                    f"  {name}",
-                    f"{c['messages']:,}, {c['readings']:,}, {c['rejected']:,}, {c['errors']:,}",
-                )
+                (f"  {name}", *(f"{c[k]:,}" for k in SOURCE_COUNTS))
                 for name, c in st["sources"].items()
-            ]
+            ],
+            headers=("  source", *SOURCE_COUNTS),
         )
     drops = st["drops"] or {"(none)": 0}
     click.echo("\ndrops")

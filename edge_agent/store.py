@@ -217,6 +217,17 @@ def _v7(db: sqlite_utils.Database) -> None:
     db.table("held").create_index(["t_max"])
 
 
+def _v8(db: sqlite_utils.Database) -> None:
+    """``inflight``: the packet identifier and digest (topic and payload) of each
+    message stamped on arrival that was committed and may not have been
+    acknowledged yet, so that the broker's redelivery of it (DUP set, the same
+    identifier) after a crash is recognised (edge_agent/pipeline/intake.py). And
+    ``retained``: the digest of the last retained message stored per topic, for
+    sources with ``retained = "once"``."""
+    db.conn.execute("CREATE TABLE inflight (mid INTEGER PRIMARY KEY, digest BLOB NOT NULL)")
+    db.conn.execute("CREATE TABLE retained (topic TEXT PRIMARY KEY, digest BLOB NOT NULL)")
+
+
 #: MIGRATIONS[i] upgrades schema version i to i + 1.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1,
@@ -226,6 +237,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v5,
     _v6,
     _v7,
+    _v8,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 ROW_COUNTS = "row_counts"

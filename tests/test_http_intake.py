@@ -170,6 +170,67 @@ def test_csv_json_v1_gzip_and_chunked_over_plain_http(agent: Agent) -> None:
     assert c["readings_stored"] == 10
 
 
+def curl(agent: Agent, *args: str, stdin: bytes | None = None) -> tuple[int, bytes]:
+    """(HTTP status, body) of a curl request to the agent, with its token."""
+    res = subprocess.run(
+        ["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", "-H", f"Authorization: Token {TOKEN}",
+         *(a.replace("AGENT", f"http://127.0.0.1:{agent.port}") for a in args)],
+        input=stdin, capture_output=True, timeout=30, check=True,
+    )  # fmt: skip
+    body, _, code = res.stdout.rpartition(b"\n")
+    return int(code), body
+
+
+def test_influxdb_1x_compatibility_where_clients_notice(agent: Agent, tmp_path: Path) -> None:
+    """What InfluxDB 1.x clients meet at start and in their writes
+    (https://docs.influxdata.com/influxdb/v1/tools/api/): /query's CREATE DATABASE
+    (Telegraf's outputs.influxdb sends it as a form POST) and SHOW DATABASES
+    (node-influx), precisions m and h, an empty write, and a gzip body of two
+    members (what `cat a.gz b.gz | curl --data-binary @-` sends)."""
+    status, body = curl(agent, "-XPOST", "AGENT/query", "--data-urlencode",
+                        'q=CREATE DATABASE "telegraf"')  # fmt: skip
+    assert (status, json.loads(body)) == (200, {"results": [{"statement_id": 0}]})
+    status, body = curl(agent, "-G", "AGENT/query", "--data-urlencode", "q=SHOW DATABASES")
+    assert status == 200
+    assert json.loads(body)["results"][0]["series"][0] == {
+        "name": "databases", "columns": ["name"], "values": [["telegraf"]],
+    }  # fmt: skip
+    status, body = curl(agent, "-G", "AGENT/query", "--data-urlencode", "q=SELECT * FROM m")
+    assert status == 400 and b"takes writes" in body
+    t_min = time.time_ns() // (60 * 10**9)
+    t_hour = time.time_ns() // (3600 * 10**9)
+    assert curl(agent, "-XPOST", "AGENT/write?db=x&precision=m",
+                "--data-binary", f"p,host=prec f=1 {t_min}")[0] == 204  # fmt: skip
+    assert curl(agent, "-XPOST", "AGENT/write?db=x&precision=h",
+                "--data-binary", f"p,host=prec g=2 {t_hour}")[0] == 204  # fmt: skip
+    # 2.x takes no minutes: refused as InfluxDB 2 refuses them
+    assert curl(agent, "-XPOST", "AGENT/api/v2/write?precision=m",
+                "--data-binary", f"p,host=prec f=1 {t_min}")[0] == 400  # fmt: skip
+    before = agent.counters()
+    assert curl(agent, "-XPOST", "AGENT/write?db=x", "--data-binary", "")[0] == 204
+    assert curl(agent, "-XPOST", "AGENT/api/v2/write?bucket=x", "--data-binary", "")[0] == 204
+    t = time.time_ns()
+    (tmp_path / "a.gz").write_bytes(gzip.compress(f"z,host=gz f=1 {t}\n".encode()))
+    (tmp_path / "b.gz").write_bytes(gzip.compress(f"z,host=gz f=2 {t + 1}\n".encode()))
+    both = subprocess.run(["cat", tmp_path / "a.gz", tmp_path / "b.gz"], capture_output=True,
+                          check=True).stdout  # fmt: skip
+    status, body = curl(agent, "-XPOST", "AGENT/write?db=x", "-H", "Content-Encoding: gzip",
+                        "--data-binary", "@-", stdin=both)  # fmt: skip
+    assert status == 204, body
+    c = agent.counters()
+    assert c["source_http-v1_readings"] - before.get("source_http-v1_readings", 0) == 2
+    assert c["http_empty_writes"] == 2
+    store = Store(agent.pipe.agent_db, readonly=True)
+    try:
+        rows = store.conn.execute(
+            "SELECT s.name, c.t_min FROM chunks c JOIN sensors s ON s.id = c.sensor_id "
+            "WHERE s.node = 'prec' ORDER BY s.name"
+        ).fetchall()
+    finally:
+        store.close()
+    assert rows == [("p.f", t_min * 60 * 10**9), ("p.g", t_hour * 3600 * 10**9)]
+
+
 def test_limits_and_hostile_requests(agent: Agent) -> None:
     # over max_body_bytes, plain and after gzip: 413, nothing kept
     status, _, _ = agent.request("POST", "/api/v2/write", b"m f=1\n" * 20000)

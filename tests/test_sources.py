@@ -81,12 +81,20 @@ def test_value_esphome() -> None:
     d = decode(s, "esphome/esp1/sensor/temperature/state", b"21.5")
     assert readings(d) == {("esp1", "temperature"): [(NOW, 21.5)]}
     assert d.stamped and d.chunks[0].unit == "degC"
-    for text, want in ((b"ON", 1.0), (b"off", 0.0), (b"true", 1.0), (b" 7 ", 7.0)):
+    for text, want in ((b"ON", 1.0), (b"OFF", 0.0), (b"true", 1.0), (b" 7 ", 7.0)):
         assert readings(decode(s, "esphome/e/sensor/x/state", text))[("e", "x")][0][1] == want
-    assert math.isnan(readings(decode(s, "esphome/e/sensor/x/state", b"nan"))[("e", "x")][0][1])
+    # a failed sensor, however the firmware says it: an invalid reading, counted
+    for failed in (b"nan", b"inf", b"None", b"null", b"-inf"):
+        d = decode(s, "esphome/e/sensor/x/state", failed)
+        assert math.isnan(readings(d)[("e", "x")][0][1]) and d.counts["invalid"] == 1
     ha = src(topic="ha/{sensor}", format="value", node="ha", ignore=("Unavailable",))
     assert decode(ha, "ha/t", b"unavailable").filtered == 1
-    for bad in (b"inf", b"", b"1_000", b"warm", b"\xff", b"1" * 100):
+    # states are matched exactly: Home Assistant's lowercase on/off needs them listed
+    with pytest.raises(WireError):
+        decode(ha, "ha/t", b"off")
+    ha_bin = src(topic="ha/{sensor}", format="value", node="ha", states=("on=1", "off=0"))
+    assert readings(decode(ha_bin, "ha/t", b"off"))[("ha", "t")][0][1] == 0.0
+    for bad in (b"", b"1_000", b"warm", b"off", b"\xff", b"1" * 100):
         with pytest.raises(WireError) as exc:
             decode(s, "esphome/e/sensor/x/state", bad)
         assert exc.value.reason == "bad-value"
@@ -202,13 +210,16 @@ def test_line_protocol_telegraf() -> None:
     )
     d = lp(body, sensor_tags=("cpu",))
     assert readings(d) == {
-        ("kitchen", "climate.temperature"): [(T0, 21.5), (T0 + 10**9, 21.75)],
-        ("kitchen", "climate.humidity"): [(T0, 40.0), (T0 + 10**9, 41.0)],
+        ("kitchen", "climate.east.temperature"): [(T0, 21.5), (T0 + 10**9, 21.75)],
+        ("kitchen", "climate.east.humidity"): [(T0, 40.0), (T0 + 10**9, 41.0)],
         ("pi", "cpu.cpu0.usage_idle"): [(T0, 98.5)],
         ("default", "power"): [(NOW, 230.1)],
         ("default", "power.on"): [(NOW, 1.0)],
     }
-    assert d.stamped and not d.rejects
+    assert d.stamped and not d.rejects and d.counts["text"] == 1  # the string field
+    # ignore_tags: a tag that does not tell series apart
+    d = lp(body, ignore_tags=("room",))
+    assert ("kitchen", "climate.temperature") in readings(d)
 
 
 def test_line_protocol_escapes_and_bad_lines() -> None:
@@ -222,7 +233,7 @@ def test_line_protocol_escapes_and_bad_lines() -> None:
     )
     d = lp(body)
     assert readings(d) == {
-        ("n_1", "my_meas.f_1"): [(T0, 1.5)],
+        ("n_1", "my_meas.a_b.f_1"): [(T0, 1.5)],
         ("n", "m.f"): [(T0, 1.5)],
     }
     assert [r.reason for r in d.rejects] == ["bad-timestamp", "bad-line", "bad-line", "bad-line"]
@@ -233,8 +244,15 @@ def test_line_protocol_escapes_and_bad_lines() -> None:
 def test_line_protocol_precision() -> None:
     d = lp(b"m,host=n f=1 1732600000", precision="s")
     assert readings(d) == {("n", "m.f"): [(T0, 1.0)]}
+    # InfluxDB 1.x's minutes and hours (node-influx offers them)
+    assert readings(lp(b"m,host=n f=1 28876666", precision="m")) == {
+        ("n", "m.f"): [(28876666 * 60 * 10**9, 1.0)]
+    }
+    assert readings(lp(b"m,host=n f=1 481277", precision="h")) == {
+        ("n", "m.f"): [(481277 * 3600 * 10**9, 1.0)]
+    }
     with pytest.raises(WireError):
-        lp(b"m f=1", precision="h")
+        lp(b"m f=1", precision="d")
 
 
 line_text = st.text(alphabet="ab ,=\\\"'.-1_ti\n#", max_size=60)
@@ -298,9 +316,10 @@ def test_csv_headerless_and_header() -> None:
     )
     assert readings(d) == {
         ("n1", "temp"): [(T0, 21.5)],
-        ("n1", "hum"): [(T0, 40.0), (T0 + 10**9, 41.0)],
+        ("n1", "hum"): [(T0, 40.0), (T0 + 10**9, 41.0), (T0 + 2 * 10**9, 1.0)],
     }
-    assert [r.reason for r in d.rejects] == ["bad-timestamp", "bad-csv"]
+    # a text cell is counted, its row's numbers stored (the one rule for values)
+    assert [r.reason for r in d.rejects] == ["bad-timestamp"] and d.counts["text"] == 1
 
 
 # -- transforms
@@ -428,7 +447,6 @@ def test_every_format_is_total_on_near_valid_text(index: int, text: str) -> None
         b"m,=v f=1",
         b"\\",
         b"m f=-",
-        b"m f=1e999",
         b"m f=0x10",
         b"m f=\xd9\xa1",  # an Arabic-Indic digit, which float() would take
     ],

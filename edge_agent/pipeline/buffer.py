@@ -397,6 +397,12 @@ def read_range(
 KEEP_DIGESTS = 10_000
 
 
+#: Topics whose last retained value is remembered (``retained = "once"``); the
+#: least recently changed are forgotten beyond this (their value is then stored
+#: once more at the next subscription).
+KEEP_RETAINED = 100_000
+
+
 def prune(store: Store, older_than_ns: int, *, keep_digests: int = KEEP_DIGESTS) -> int:
     """Delete chunks whose newest reading is older than ``older_than_ns`` *and* lies
     in closed windows, and all but the newest ``keep_digests`` message digests.
@@ -408,5 +414,9 @@ def prune(store: Store, older_than_ns: int, *, keep_digests: int = KEEP_DIGESTS)
         store.conn.execute(
             "DELETE FROM received WHERE rowid <= (SELECT max(rowid) FROM received) - ?",
             (keep_digests,),
+        )
+        store.conn.execute(
+            "DELETE FROM retained WHERE rowid <= (SELECT max(rowid) FROM retained) - ?",
+            (KEEP_RETAINED,),
         )
         return int(cur.rowcount)

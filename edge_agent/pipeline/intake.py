@@ -21,12 +21,25 @@ message that still fails is quarantined as ``store-failed``, so one bad message
 cannot stop intake.
 
 A message whose readings all carry their own time is recognised when the broker
-redelivers it (its digest is kept). One stamped on arrival is not: after a crash
-between its commit and its PUBACK it is stored again, at its new arrival time.
+redelivers it (its digest is kept). One stamped on arrival is recognised by what
+MQTT gives: its packet identifier and a digest of its topic and payload are
+committed with its readings (table ``inflight``), and a message that comes
+again with the DUP flag, the same identifier and the same digest is a
+redelivery of one already stored (after a crash between the commit and the
+PUBACK), acknowledged and counted (``source_<name>_redelivered``), not stored
+twice. The entry goes at the first commit after the PUBACK; two equal values
+that a device sends one after the other are two messages, two readings.
+
+A retained message whose readings carry no time of their own is state the
+broker replays at every subscription, not a new reading: by the source's
+``retained`` setting it is skipped (``skip``, the default) or stored the first
+time its value arrives (``once``); counted as ``source_<name>_retained``.
 
 Counters per source: ``source_<name>_messages``, ``_readings`` (decoded, before
-the late and future policies), ``_rejected`` (quarantined messages and lines);
-readings a transform drops are ``readings_filtered``.
+the late and future policies), ``_invalid`` (of those, NaN), ``_text`` (values
+that are not readings), ``_filtered`` (dropped by a transform or ``ignore``),
+``_retained``, ``_redelivered``, ``_rejected`` (quarantined messages and lines);
+``readings_filtered`` is the sum of ``_filtered`` over the sources.
 """
 
 from __future__ import annotations
@@ -139,6 +152,10 @@ class Intake:
         self._held_waiting = held.count(self.store) > 0
         self._held_unlogged = 0
         self._held_log_at = 0.0
+        #: (packet identifier, digest) of stamped messages acknowledged since the last
+        #: commit: their ``inflight`` entries go at the next one
+        self._acked: list[tuple[int, bytes]] = []
+        self._retained_policy = {r.source.name: r.source.retained for r in self.sources.routes}
         client_id = cfg.intake.broker.client_id or default_client_id(cfg, self.store)
         self.client = client or make_client(cfg.intake.broker, client_id, manual_ack=True)
         self.client.on_connect = self._on_connect
@@ -335,14 +352,23 @@ class Intake:
                     late=self.late_policy,
                     after_store=self._alert_hook,
                 )
-            out = [self._store_arrival(a, future_limit, counts) for a in group]
+            acked, self._acked = self._acked, []
+            self.store.on_rollback(lambda: self._acked.extend(acked))
+            kept: set[int] = set()
+            out = [self._store_arrival(a, future_limit, counts, kept) for a in group]
+            self.store.conn.executemany(
+                "DELETE FROM inflight WHERE mid = ? AND digest = ?",
+                [(mid, d) for mid, d in acked if mid not in kept],
+            )
             for name, n in counts.items():
                 self.store.add_counter(name, n)
         if any(o.future for o in out):
             self._held_waiting = True
         return out
 
-    def _store_arrival(self, a: Arrival, future_limit: int, counts: Counter[str]) -> Outcome:
+    def _store_arrival(
+        self, a: Arrival, future_limit: int, counts: Counter[str], kept: set[int]
+    ) -> Outcome:
         counts[f"source_{a.source}_messages"] += 1
         qmax = self.cfg.storage.quarantine_max_bytes
         item = a.item
@@ -357,8 +383,28 @@ class Intake:
         if item.rejects_not_kept:
             counts["quarantine_not_kept"] += item.rejects_not_kept
         counts[f"source_{a.source}_rejected"] += item.rejected
+        replayed = item.stamped and a.msg is not None and a.msg.retain and item.chunks
+        if replayed and (
+            self._retained_policy.get(a.source, "skip") == "skip" or self._retained_seen(a)
+        ):
+            counts[f"source_{a.source}_retained"] += item.readings
+            return Outcome(rejected=item.rejected)
+        if item.stamped and a.msg is not None and a.msg.qos > 0 and item.chunks:
+            digest = buffer.message_digest(a.topic, a.payload)
+            if a.msg.dup and self._stored_before(a.msg.mid, digest):
+                counts[f"source_{a.source}_redelivered"] += item.readings
+                kept.add(a.msg.mid)
+                return Outcome(duplicate=item.readings, rejected=item.rejected)
+            self.store.conn.execute(
+                "INSERT OR REPLACE INTO inflight(mid, digest) VALUES (?, ?)", (a.msg.mid, digest)
+            )
+            kept.add(a.msg.mid)
         counts[f"source_{a.source}_readings"] += item.readings
-        counts["readings_filtered"] += item.filtered
+        for kind, n in item.counts.items():
+            counts[f"source_{a.source}_{kind}"] += n
+        if item.filtered:
+            counts["readings_filtered"] += item.filtered
+            counts[f"source_{a.source}_filtered"] += item.filtered
         if not item.stamped and item.chunks:
             digest = buffer.message_digest(a.topic, a.payload)
             if buffer.seen_before(self.store, digest):
@@ -379,6 +425,27 @@ class Intake:
         for chunk, res in zip(item.chunks, results, strict=True):
             self._log_drops(chunk, res)
         return outcome
+
+    def _stored_before(self, mid: int, digest: bytes) -> bool:
+        """True if the message with this packet identifier and digest was committed
+        and its acknowledgement may not have reached the broker."""
+        sql = "SELECT digest FROM inflight WHERE mid = ?"
+        row = self.store.conn.execute(sql, (mid,)).fetchone()
+        return row is not None and bytes(row[0]) == digest
+
+    def _retained_seen(self, a: Arrival) -> bool:
+        """``retained = "once"``: True if this retained value of the topic was stored
+        already; else remember it (in the caller's transaction)."""
+        digest = buffer.message_digest(a.topic, a.payload)
+        row = self.store.conn.execute(
+            "SELECT digest FROM retained WHERE topic = ?", (a.topic,)
+        ).fetchone()
+        if row is not None and bytes(row[0]) == digest:
+            return True
+        self.store.conn.execute(
+            "INSERT OR REPLACE INTO retained(topic, digest) VALUES (?, ?)", (a.topic, digest)
+        )
+        return False
 
     def _add_dropped(self, n: int) -> None:
         self._dropped_held += n
@@ -419,6 +486,8 @@ class Intake:
             if a.msg is not None:
                 # Only after the commit above: now the broker may forget the message.
                 self.client.ack(a.msg.mid, a.msg.qos)
+                if a.msg.qos > 0 and isinstance(a.item, Decoded) and a.item.stamped:
+                    self._acked.append((a.msg.mid, buffer.message_digest(a.topic, a.payload)))
 
     def _log_drops(self, chunk: ReadingChunk, res: buffer.StoreResult) -> None:
         if res.future:

@@ -11,12 +11,16 @@ from typing import Literal
 
 from edge_agent.sources.template import TopicTemplate
 from edge_agent.sources.timestamps import TimeFormat, TimeUnit, zone
+from edge_agent.sources.values import parse_states
 from shared.auth import check_secret, read_secret
 from shared.config import Invalid, port, positive
 from shared.tls import is_loopback
 from shared.topics import is_valid_id, is_valid_unit
 
-Format = Literal["chunk", "value", "json", "influx", "csv"]
+Format = Literal["chunk", "value", "json", "influx", "telegraf-json", "csv"]
+#: what to do with a retained message whose readings carry no time of their own
+#: (docs/devices.md, "Retained messages")
+Retained = Literal["skip", "once"]
 MAX_PAYLOAD_BYTES = 4 << 20  # a chunk of 100,000 readings in JSON fits in about 4 MB
 
 
@@ -39,10 +43,15 @@ class SourceConfig:
     #: value format: payloads that are not readings and not errors either (Home
     #: Assistant's "unavailable"), matched without case; counted, not quarantined
     ignore: tuple[str, ...] = ()
-    #: json: globs on field paths (dots between levels: BME280.Temperature) to take
-    #: (empty = all numeric fields) and to leave
+    #: texts that are readings, as "text=number" (empty: ON=1, OFF=0, true=1,
+    #: false=0); matched exactly (edge_agent/sources/values.py)
+    states: tuple[str, ...] = ()
+    #: json: globs on field paths (dots between levels: BME280.Temperature, and
+    #: array elements: ENERGY.Power.0) to take (empty = all fields) and to leave
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    #: json: the path of the object to read (Shelly's events: "params"); "" = all
+    root: str = ""
     #: json: the field holding the reading's time ("" = stamped on arrival)
     time_field: str = ""
     #: json time_field and csv time column: rfc3339, s, ms, us, ns, or local (local
@@ -53,8 +62,15 @@ class SourceConfig:
     precision: TimeUnit = "ns"
     #: influx: the tag naming the node
     node_tag: str = "host"
-    #: influx: tags whose values become part of the sensor name, in this order
+    #: influx, telegraf-json: every tag but node_tag and ignore_tags is part of the
+    #: sensor's name (as of an InfluxDB series key); sensor_tags come first, in
+    #: this order, then the others by key
     sensor_tags: tuple[str, ...] = ()
+    ignore_tags: tuple[str, ...] = ()
+    #: a retained message without times of its own: "skip" (not a reading: the
+    #: broker replays it at every subscription) or "once" (each retained value
+    #: stored once, at its first arrival)
+    retained: Retained = "skip"
     max_bytes: int = MAX_PAYLOAD_BYTES
 
     def __post_init__(self) -> None:
@@ -70,7 +86,7 @@ class SourceConfig:
             raise Invalid("unit", "must be at most 32 printable characters")
         if self.format == "chunk" and not (tpl.names_node and tpl.names_sensor):
             raise Invalid("topic", "the chunk format needs {node} and {sensor} in the topic")
-        if self.format != "influx" and not tpl.names_node and not self.node:
+        if self.format not in ("influx", "telegraf-json") and not tpl.names_node and not self.node:
             raise Invalid("node", "the topic has no {node}: set node")
         if self.format in ("value",) and not tpl.names_sensor and not self.sensor:
             raise Invalid("sensor", "the topic has no {sensor}: set sensor")
@@ -79,10 +95,18 @@ class SourceConfig:
         zone(self.timezone)
         if not 1 <= self.max_bytes <= 64 << 20:
             raise Invalid("max_bytes", "must be 1 to 67108864 (64 MiB)")
+        parse_states(self.states)
+        for t in self.sensor_tags:
+            if t in self.ignore_tags or t == self.node_tag:
+                raise Invalid("sensor_tags", f"tag {t!r} is also node_tag or in ignore_tags")
 
     @functools.cached_property
     def template(self) -> TopicTemplate:
         return TopicTemplate.parse(self.topic)
+
+    @functools.cached_property
+    def state_table(self) -> dict[str, float]:
+        return parse_states(self.states)
 
 
 @dataclass(frozen=True)
@@ -96,7 +120,10 @@ class HttpConfig:
     #: the node for lines without node_tag, and for JSON and CSV bodies without ?node=
     node: str = "http"
     node_tag: str = "host"
+    #: as the same keys of [[intake.sources]]
     sensor_tags: tuple[str, ...] = ()
+    ignore_tags: tuple[str, ...] = ()
+    states: tuple[str, ...] = ()
     #: json bodies: as the same keys of [[intake.sources]]
     time_field: str = ""
     time_format: TimeFormat = "rfc3339"
@@ -132,6 +159,7 @@ class HttpConfig:
                 raise Invalid(key, "must be a finite number")
             positive(key, getattr(self, key))
         zone(self.timezone)
+        parse_states(self.states)
         token = self.token()
         if token is None and not self.allow_unauthenticated and not is_loopback(self.host):
             raise Invalid(
@@ -162,6 +190,8 @@ class HttpConfig:
             node=self.node,
             node_tag=self.node_tag,
             sensor_tags=self.sensor_tags,
+            ignore_tags=self.ignore_tags,
+            states=self.states,
             time_field=self.time_field,
             time_format=self.time_format,
             timezone=self.timezone,

@@ -14,7 +14,7 @@ time), see docs/devices.md, "Timestamps".
 
 from __future__ import annotations
 
-import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -54,6 +54,9 @@ class Decoded:
     stamped: bool = False
     #: readings a transform dropped on purpose (``drop = true``): not a loss
     filtered: int = 0
+    #: values by what they became (edge_agent/sources/values.py): ``invalid``
+    #: (stored as NaN, also in ``readings``), ``text`` (not readings)
+    counts: Counter[str] = field(default_factory=Counter)
 
     @property
     def readings(self) -> int:
@@ -105,11 +108,15 @@ class Builder:
         else:
             self.out.rejects_not_kept += 1
 
+    def text(self, n: int = 1) -> None:
+        """Values that are text, not readings (counted: docs/devices.md)."""
+        self.out.counts["text"] += n
+
     def add(
         self, node: str, sensor: str, unit: str, ts: int | None, value: float, part: bytes | str
     ) -> None:
-        """One reading; ``ts`` None = stamped now. ``part`` is quarantined if the
-        reading cannot be taken."""
+        """One reading (NaN: an invalid one); ``ts`` None = stamped now. ``part`` is
+        quarantined if the reading cannot be taken."""
         if ts is None:
             ts = self.now_ns
             self.out.stamped = True
@@ -132,6 +139,8 @@ class Builder:
             self.reject("too-many-readings", f"more than {MAX_READINGS_PER_MESSAGE} readings", part)
             return
         self._n += 1
+        if value != value:
+            self.out.counts["invalid"] += 1
         series[1].append(ts)
         series[2].append(value)
 
@@ -142,35 +151,18 @@ class Builder:
             chunk = ReadingChunk(
                 node, sensor, unit, np.array(ts, dtype=np.int64), np.array(vals, dtype=np.float64)
             )
-            self.add_chunk(chunk)
+            self.add_chunk(chunk, count_invalid=False)
         return self.out
 
-    def add_chunk(self, chunk: ReadingChunk) -> None:
+    def add_chunk(self, chunk: ReadingChunk, *, count_invalid: bool = True) -> None:
         """A whole chunk (decoded elsewhere), transformed."""
+        if count_invalid:
+            self.out.counts["invalid"] += int(np.isnan(chunk.values).sum())
         out = self.transforms.apply(chunk)
         if out is None:
             self.out.filtered += len(chunk)
         else:
             self.out.chunks.append(out)
-
-
-def number(text: str) -> float | None:
-    """A reading from text: a decimal number (``nan`` allowed: an invalid reading,
-    as ESPHome sends for a failed sensor), or ON/OFF, true/false as 1/0. None if
-    it is none of these or infinite."""
-    s = text.strip()
-    low = s.lower()
-    if low in ("on", "true"):
-        return 1.0
-    if low in ("off", "false"):
-        return 0.0
-    if not s or len(s) > 64 or "_" in s:
-        return None
-    try:
-        v = float(s)
-    except ValueError:
-        return None
-    return v if not math.isinf(v) else None
 
 
 def guard(decode: Decoder) -> Decoder:

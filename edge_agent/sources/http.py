@@ -3,13 +3,19 @@
 Endpoints (``[intake.http]``):
 
 * ``POST /write`` (InfluxDB 1.x) and ``POST /api/v2/write`` (2.x): line protocol,
-  ``?precision=`` ns/us/ms/s (1.x: n/u/ms/s), gzip bodies, as Telegraf's
+  ``?precision=`` ns/us/ms/s (1.x: n/u/ms/s/m/h), gzip bodies (all members of a
+  multi-member one), an empty body answered 204, as Telegraf's
   ``outputs.influxdb``/``influxdb_v2``, every InfluxDB client library and Node-RED
   send them; ``db``, ``bucket``, ``org`` and ``rp`` are accepted and ignored;
 * ``POST /api/v1/json?node=N``: a JSON object, read as the ``json`` format reads it;
 * ``POST /api/v1/csv?node=N&sensor=S``: CSV, read as the ``csv`` format reads it
   (``?precision=s`` etc. for epoch times, else ``[intake.http] time_format``);
-* ``GET /ping`` (204) and ``GET /health`` (200), as InfluxDB answers them.
+* ``GET /ping`` (204) and ``GET /health`` (200), as InfluxDB answers them;
+* ``GET|POST /query``: ``CREATE DATABASE`` and ``SHOW DATABASES`` only
+  (:mod:`edge_agent.sources.influxquery`), for clients that send them at start.
+
+docs/devices.md, "Node-RED and InfluxDB clients", has every status code beside
+InfluxDB's.
 
 A write is answered **204 only after its readings are committed** to the buffer
 (one transaction per body, :meth:`edge_agent.pipeline.intake.Intake.commit_now`). Lines
@@ -56,7 +62,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from edge_agent.pipeline.intake import Arrival, Intake, Outcome
-from edge_agent.sources import csvrows
+from edge_agent.sources import csvrows, influxquery, timestamps
 from edge_agent.sources.config import HttpConfig, SourceConfig
 from edge_agent.sources.contract import Decoded, guard
 from edge_agent.sources.counts import PendingCounts
@@ -71,6 +77,10 @@ log = logging.getLogger("edge_agent.http")
 VERSION = "edge-agent"  # X-Influxdb-Version: clients only check that it is there
 MAX_PARAMS = 20  # query parameters of a request; more get 400
 WRITE_PATHS = {"/write": "http-v1", "/api/v2/write": "http-v2"}
+#: the precisions each write endpoint takes, as InfluxDB's do (1.x also takes the
+#: 2.x names; 2.x not 1.x's minutes and hours)
+V1_PRECISIONS = frozenset(("n", "ns", "u", "us", "µ", "ms", "s", "m", "h"))
+V2_PRECISIONS = frozenset(("ns", "us", "ms", "s"))
 CHUNK_LINE_MAX = 1024
 
 
@@ -196,12 +206,14 @@ class HttpIntake:
             node=cfg.node,
             node_tag=cfg.node_tag,
             sensor_tags=cfg.sensor_tags,
+            ignore_tags=cfg.ignore_tags,
             max_bytes=cfg.max_body_bytes,
         )
         self.json_src = cfg.source("json", "http-json")
         self.csv_src = cfg.source("csv", "http-csv")
         self.transforms: Transforms = transforms
         self.counts = PendingCounts()
+        self.databases = influxquery.Databases()
         #: bodies decoded and committed at once: the decoded lines take several times
         #: a body's bytes, and the commits queue for the buffer anyway
         self.decoding = threading.BoundedSemaphore(2)
@@ -262,9 +274,11 @@ class HttpIntake:
         try:
             if path in WRITE_PATHS:
                 precision = first.get("precision", "ns")
-                if precision not in PRECISIONS:
+                if precision not in (V1_PRECISIONS if path == "/write" else V2_PRECISIONS):
                     raise WireError(
-                        "bad-precision", f"precision {precision[:20]!r}: use ns, us, ms or s"
+                        "bad-precision",
+                        f"precision {precision[:20]!r}: /api/v2/write takes ns, us, ms, s; "
+                        "/write n, u, ms, s, m, h",
                     )
                 return WRITE_PATHS[path], self.lines.decode(
                     body, now_ns, precision, "the precision parameter"
@@ -284,7 +298,7 @@ class HttpIntake:
             setting = "[intake.http] time_format (or ?precision=s|ms|us|ns)"
             if "precision" in first:
                 unit = PRECISIONS.get(first["precision"])
-                if unit is None:
+                if unit not in timestamps.NS_PER:
                     raise WireError("bad-precision", "precision: use ns, us, ms or s")
                 src = dataclasses.replace(src, time_format=unit)  # type: ignore[arg-type]
                 setting = "the precision parameter"
@@ -297,6 +311,29 @@ class HttpIntake:
             return (WRITE_PATHS.get(path, "http-" + path.rsplit("/", 1)[-1]), exc)
         except Exception as exc:  # noqa: BLE001 (a decoder bug: quarantined, not a dead thread)
             return "http", WireError("undecodable", f"{type(exc).__name__}: {exc}"[:500])
+
+
+def gunzip(raw: bytes, limit: int) -> bytes:
+    """A gzip body, every member of it (``cat a.gz b.gz`` is one valid gzip stream
+    of two members, RFC 1952 §2.2), at most ``limit`` bytes; :class:`BodyError`."""
+    parts: list[bytes] = []
+    total = 0
+    rest = raw
+    while True:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            out = d.decompress(rest, limit + 1 - total)
+        except zlib.error as exc:
+            raise BodyError(400, f"not gzip: {exc}") from None
+        total += len(out)
+        if total > limit or d.unconsumed_tail:
+            raise BodyError(413, f"the body is over {limit} bytes after gzip")
+        if not d.eof:
+            raise BodyError(400, "not gzip: the body ends inside a member")
+        parts.append(out)
+        rest = d.unused_data
+        if not rest.strip(b"\0"):  # trailing zeros: padding some tools write
+            return b"".join(parts)
 
 
 def redact_line(line: str) -> str:
@@ -409,9 +446,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self._head_done()
-        path = urllib.parse.urlsplit(self.path).path
+        url = urllib.parse.urlsplit(self.path)
+        path = url.path
         if path == "/ping":
             self._reply(204)
+        elif path == "/query":
+            self._query(url.query, b"")
         elif path == "/health":
             self._reply(
                 200,
@@ -440,6 +480,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._discard_body()
             self._error(400, "invalid", f"more than {MAX_PARAMS} query parameters")
             return
+        if url.path == "/query":
+            self._query(url.query, None)
+            return
         if url.path not in (*WRITE_PATHS, "/api/v1/json", "/api/v1/csv"):
             self._discard_body()
             self._error(404, "not found", f"no such endpoint: {url.path[:100]}")
@@ -459,6 +502,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(
                 exc.status, "invalid" if exc.status != 413 else "request too large", str(exc)
             )
+            return
+        if not body and url.path in WRITE_PATHS:
+            app.count("http_empty_writes")
+            self._reply(204)  # as InfluxDB 1.x answers an empty write
             return
         try:
             with app.decoding:
@@ -489,6 +536,34 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._reply(204)
 
+    def _query(self, query_string: str, body: bytes | None) -> None:
+        """``/query`` (GET: ``body`` b""; POST: None, read here): ``q`` from the URL or
+        a form body, as InfluxDB 1.x takes it."""
+        app = self.server.app
+        try:
+            params = urllib.parse.parse_qs(query_string, max_num_fields=MAX_PARAMS)
+            if body is None:
+                body = b""
+                ctype = self.headers.get("Content-Type", "").lower()
+                length = self.headers.get("Content-Length", "0")
+                if not length.isdigit() or int(length) > influxquery.MAX_QUERY * 2:
+                    raise ValueError("a /query body over 8 KiB")
+                body = self.rfile.read(int(length))
+                if ctype.startswith("application/x-www-form-urlencoded"):
+                    form = urllib.parse.parse_qs(body.decode("utf-8"), max_num_fields=MAX_PARAMS)
+                    params = {**form, **params}
+        except (ValueError, UnicodeDecodeError) as exc:
+            self.close_connection = True
+            self._error(400, "invalid", str(exc)[:200])
+            return
+        if not app.authorized(self.headers, params):
+            app.count("http_unauthorized")
+            self._error(401, "unauthorized", "unauthorized access")
+            return
+        status, answer = influxquery.answer(params.get("q", [""])[0], app.databases)
+        app.count("http_queries")
+        self._reply(status, answer)
+
     def _discard_body(self) -> None:
         self.close_connection = True
 
@@ -515,14 +590,7 @@ class _Handler(BaseHTTPRequestHandler):
             return raw
         if enc != "gzip":
             raise BodyError(415, f"Content-Encoding {enc[:40]!r}: identity or gzip")
-        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            out = d.decompress(raw, limit + 1)
-        except zlib.error as exc:
-            raise BodyError(400, f"not gzip: {exc}") from None
-        if len(out) > limit or d.unconsumed_tail:
-            raise BodyError(413, f"the body is over {limit} bytes after gzip")
-        return out
+        return gunzip(raw, limit)
 
     def _read_chunked(self, limit: int) -> bytes:
         parts: list[bytes] = []

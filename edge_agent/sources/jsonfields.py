@@ -1,11 +1,14 @@
-"""``json``: an object whose numeric fields are sensors (Tasmota, Zigbee2MQTT, Shelly).
+"""``json``: an object whose fields are sensors (Tasmota, Zigbee2MQTT, Shelly).
 
 Nested objects give dotted paths (Tasmota's ``{"BME280": {"Temperature": 21.4}}``
-is the sensor ``BME280.Temperature``). Numbers are readings; so are booleans and
-the strings ON/OFF, true/false (as 1/0) and strings holding a number. Other
-strings, arrays and nulls are not readings and are skipped. ``include`` and
-``exclude`` (globs on the path) choose fields. When the topic names a sensor, it
-comes first: ``<sensor>.<path>``.
+is the sensor ``BME280.Temperature``), and arrays one path per element, from 0
+(a two-channel Tasmota meter's ``"ENERGY":{"Power":[23.63,67.17]}`` is
+``ENERGY.Power.0`` and ``ENERGY.Power.1``). Each value is read by the one rule
+of :mod:`edge_agent.sources.values`: numbers, numeric text and states are
+readings, NaN and null invalid readings, other text is counted as ``text``.
+``include`` and ``exclude`` (globs on the path) choose fields; ``root`` reads
+one object inside the message (Shelly's ``params``). When the topic names a
+sensor, it comes first: ``<sensor>.<path>``.
 
 ``time_field`` names the field with the reading time, read by ``time_format``;
 without it (or when a message lacks it) readings are stamped on arrival. A
@@ -19,9 +22,9 @@ import fnmatch
 from collections.abc import Iterator
 from typing import Any
 
-from edge_agent.sources import timestamps
+from edge_agent.sources import timestamps, values
 from edge_agent.sources.config import SourceConfig
-from edge_agent.sources.contract import Builder, Decoded, Decoder, number
+from edge_agent.sources.contract import Builder, Decoded, Decoder
 from edge_agent.sources.naming import joined, node_and_sensor
 from edge_agent.sources.transform import Transforms
 from shared import jsonwire
@@ -31,24 +34,19 @@ MAX_DEPTH = 8
 MAX_FIELDS = 10_000
 
 
-def _fields(obj: dict[str, Any], prefix: str, depth: int) -> Iterator[tuple[str, Any]]:
-    for key, value in obj.items():
-        path = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict):
+def fields(
+    obj: dict[str, Any] | list[Any], prefix: str = "", depth: int = 0
+) -> Iterator[tuple[str, Any]]:
+    """(path, scalar) of every value in an object, depth first: objects by key,
+    arrays by index from 0. Deeper than :data:`MAX_DEPTH` levels is left out."""
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+    for key, value in items:
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict | list):
             if depth < MAX_DEPTH:
-                yield from _fields(value, path, depth + 1)
+                yield from fields(value, path, depth + 1)
         else:
             yield path, value
-
-
-def _reading(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return 1.0 if value else 0.0
-    if isinstance(value, int | float):
-        return float(value) if abs(value) < 1e308 else None
-    if isinstance(value, str):
-        return number(value)
-    return None
 
 
 def lookup(obj: dict[str, Any], path: str) -> Any:
@@ -77,6 +75,8 @@ def read_time(src: SourceConfig, raw: Any, setting: str) -> int:
 
 
 def decoder(src: SourceConfig, transforms: Transforms, setting: str = "time_format") -> Decoder:
+    states = src.state_table
+
     def wanted(path: str) -> bool:
         if src.include and not any(fnmatch.fnmatchcase(path, g) for g in src.include):
             return False
@@ -94,17 +94,22 @@ def decoder(src: SourceConfig, transforms: Transforms, setting: str = "time_form
             raw = lookup(obj, src.time_field)
             if raw is not None:
                 ts = read_time(src, raw, setting)
+        body = lookup(obj, src.root) if src.root else obj
+        if not isinstance(body, dict):
+            raise WireError("no-readings", f"no object at {src.root!r} (the source's root)")
+        skip = src.time_field[len(src.root) + 1 :] if src.root else src.time_field
         b = Builder(transforms, now_ns)
         seen = 0
-        for path, value in _fields(obj, "", 0):
-            if path == src.time_field or not wanted(path):
+        for path, value in fields(body):
+            if path == skip or not wanted(path):
                 continue
-            reading = _reading(value)
-            if reading is None:
+            kind, reading = values.classify(value, states)
+            if kind == "text":
+                b.text()
                 continue
             seen += 1
             if seen > MAX_FIELDS:
-                raise WireError("bad-json", f"more than {MAX_FIELDS} numeric fields")
+                raise WireError("bad-json", f"more than {MAX_FIELDS} fields")
             sensor = joined(topic_sensor, path)
             if sensor is None:
                 b.reject(
@@ -116,9 +121,9 @@ def decoder(src: SourceConfig, transforms: Transforms, setting: str = "time_form
             b.add(node, sensor, src.unit, ts, reading, payload)
         out = b.done()
         if not out.chunks and not out.rejects and not out.filtered:
-            keys = ", ".join(list(obj)[:10])
+            keys = ", ".join(list(body)[:10])
             raise WireError(
-                "no-readings", f"no numeric field (after include/exclude) among: {keys[:300]}"
+                "no-readings", f"no reading (after include/exclude) among: {keys[:300]}"
             )
         return out
 

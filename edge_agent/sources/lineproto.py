@@ -5,12 +5,15 @@ Node-RED write it (https://docs.influxdata.com/influxdb/v2/reference/syntax/line
 
 * the node is the value of the tag ``node_tag`` (default ``host``), else the
   source's ``node``;
-* the sensor is ``<measurement>[.<sensor_tags values>].<field>``, or just the
-  measurement (and tags) for a field named ``value``; other tags are not kept;
-* floats, integers (``1i``), unsigned (``1u``) and booleans are readings; string
-  fields are skipped;
-* the timestamp is in ``precision`` (ns by default); a line without one is
-  stamped on arrival.
+* the sensor is ``<measurement>.<tag values>.<field>``, or just the measurement
+  (and tag values) for a field named ``value``: every tag but the node's and
+  ``ignore_tags`` is part of it, as of InfluxDB's series key
+  (:mod:`edge_agent.sources.series`);
+* floats, integers (``1i``), unsigned (``1u``) and booleans are readings, NaN and
+  ±Inf invalid readings; string fields are counted as ``text``
+  (:mod:`edge_agent.sources.values`);
+* the timestamp is in ``precision`` (ns by default; InfluxDB 1.x's ``m`` and
+  ``h`` too); a line without one is stamped on arrival.
 
 Each line stands alone: a line that cannot be read is quarantined (``bad-line``,
 or ``bad-timestamp`` naming the precision setting) and the others are stored, as
@@ -24,7 +27,8 @@ from __future__ import annotations
 import math
 
 from edge_agent.sources import timestamps
-from edge_agent.sources.contract import Builder, Decoded, clean_id
+from edge_agent.sources.contract import Builder, Decoded
+from edge_agent.sources.series import SeriesNaming, sensor_name
 from edge_agent.sources.transform import Transforms
 from shared.errors import WireError
 
@@ -34,8 +38,20 @@ _ESCAPABLE = ', ="\\'
 #: series (measurement and tags) remembered per message
 _SERIES_CACHE = 10_000
 
-#: InfluxDB's precision names (v1 /write uses n, u, ms, s; v2 ns, us, ms, s).
-PRECISIONS = {"ns": "ns", "n": "ns", "us": "us", "u": "us", "µ": "us", "ms": "ms", "s": "s"}
+#: InfluxDB's precision names (v1 /write uses n, u, ms, s, m, h; v2 ns, us, ms, s).
+PRECISIONS = {
+    "ns": "ns",
+    "n": "ns",
+    "us": "us",
+    "u": "us",
+    "µ": "us",
+    "ms": "ms",
+    "s": "s",
+    "m": "m",
+    "h": "h",
+}
+#: nanoseconds per unit of each precision
+NS_PER_UNIT = {**timestamps.NS_PER, "m": 60 * 10**9, "h": 3600 * 10**9}
 
 
 class BadLine(ValueError):
@@ -86,8 +102,8 @@ def _unescape(text: str) -> str:
 
 
 def field_value(v: str) -> float | None:
-    """A field's value as a reading; None for a string field; :class:`BadLine` if
-    it is not a valid value."""
+    """A field's value as a reading (NaN: an invalid one); None for a string field;
+    :class:`BadLine` if it is not a valid value."""
     if not v:
         raise BadLine("a field without a value")
     if v[0] == '"':
@@ -113,9 +129,7 @@ def field_value(v: str) -> float | None:
         x = float(v)
     except ValueError:
         raise BadLine(f"{v[:40]!r} is not a number") from None
-    if not math.isfinite(x):
-        raise BadLine(f"{v[:40]!r} is not a finite number")
-    return x
+    return x if math.isfinite(x) else math.nan
 
 
 class LineDecoder:
@@ -128,13 +142,14 @@ class LineDecoder:
         node: str,
         node_tag: str = "host",
         sensor_tags: tuple[str, ...] = (),
+        ignore_tags: tuple[str, ...] = (),
         unit: str = "",
         max_bytes: int = 64 << 20,
     ) -> None:
         self.transforms = transforms
         self.node = node
+        self.naming = SeriesNaming(node_tag, sensor_tags, ignore_tags)
         self.node_tag = node_tag
-        self.sensor_tags = sensor_tags
         self.unit = unit
         self.max_bytes = max_bytes
 
@@ -143,8 +158,8 @@ class LineDecoder:
             raise WireError("too-large", f"a body of {len(payload)} bytes, limit {self.max_bytes}")
         unit = PRECISIONS.get(precision)
         if unit is None:
-            raise WireError("bad-precision", f"precision {precision[:20]!r}: ns, us, ms or s")
-        mult = timestamps.NS_PER[unit]
+            raise WireError("bad-precision", f"precision {precision[:20]!r}: ns, us, ms, s, m or h")
+        mult = NS_PER_UNIT[unit]
         try:
             lines = payload.decode("utf-8").split("\n")
         except UnicodeDecodeError:
@@ -204,13 +219,13 @@ class LineDecoder:
                         raise BadLine(f"field {field[:40]!r} is not key=value")
                     reading = field_value(value)
                     if reading is None:
+                        b.text()
                         continue
                     skey = (prefix, key)
                     if skey in sensor_cache:
                         sensor = sensor_cache[skey]
                     else:
-                        name = _unescape(key)
-                        sensor = clean_id(prefix if name == "value" else f"{prefix}.{name}")
+                        sensor = sensor_name(prefix, _unescape(key))
                         if len(sensor_cache) >= _SERIES_CACHE:
                             sensor_cache.clear()
                         sensor_cache[skey] = sensor
@@ -241,27 +256,18 @@ class LineDecoder:
         """(node, sensor prefix) for a series key, or why it is not usable."""
         parts = series.split(",") if fast else _split(series, ",", quotes=False)
         measurement = _unescape(parts[0])
-        if not measurement:
-            return "a line without a measurement"
         tags: dict[str, str] = {}
         for tag in parts[1:]:
             kv = tag.split("=") if fast else _split(tag, "=", quotes=False)
             if len(kv) != 2 or not kv[0] or not kv[1]:
                 return f"tag {tag[:40]!r} is not key=value"
             tags[_unescape(kv[0])] = _unescape(kv[1])
-        raw_node = tags.get(self.node_tag)
-        node = clean_id(raw_node) if raw_node is not None else self.node
-        if not node:
-            if raw_node is None:
-                return f"no tag {self.node_tag!r} names the node, and the source sets no node"
-            return f"tag {self.node_tag}={raw_node[:40]!r} is not a usable node name"
-        prefix = ".".join([measurement, *(tags[t] for t in self.sensor_tags if t in tags)])
-        return (node, prefix)
+        return self.naming.target(measurement, tags, self.node)
 
     @staticmethod
     def _ts_message(raw: int, unit: str, setting: str) -> str:
         try:
-            timestamps.check(raw * timestamps.NS_PER[unit], raw, unit, setting)
+            timestamps.check(raw * NS_PER_UNIT[unit], raw, unit, setting)
         except timestamps.BadTimestamp as exc:
             return str(exc)
         return f"timestamp {raw} is out of range"

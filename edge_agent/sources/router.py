@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edge_agent.sources import chunk, csvrows, jsonfields, value
+from edge_agent.sources import chunk, csvrows, jsonfields, telegrafjson, value
 from edge_agent.sources.config import MAX_PAYLOAD_BYTES, SourceConfig
 from edge_agent.sources.contract import Decoded, Decoder, guard
 from edge_agent.sources.lineproto import LineDecoder
@@ -31,6 +31,8 @@ def decoder_for(src: SourceConfig, transforms: Transforms, index: int = 0) -> De
         return guard(value.decoder(src, transforms))
     if src.format == "json":
         return guard(jsonfields.decoder(src, transforms, _setting(index, "time_format")))
+    if src.format == "telegraf-json":
+        return guard(telegrafjson.decoder(src, transforms, _setting(index, "precision")))
     if src.format == "csv":
 
         def decode_csv(topic: str, payload: bytes, now_ns: int) -> Decoded:
@@ -45,6 +47,7 @@ def decoder_for(src: SourceConfig, transforms: Transforms, index: int = 0) -> De
         node=src.node,
         node_tag=src.node_tag,
         sensor_tags=src.sensor_tags,
+        ignore_tags=src.ignore_tags,
         unit=src.unit,
         max_bytes=src.max_bytes,
     )
@@ -58,6 +61,7 @@ def decoder_for(src: SourceConfig, transforms: Transforms, index: int = 0) -> De
                 node=node,
                 node_tag=src.node_tag,
                 sensor_tags=src.sensor_tags,
+                ignore_tags=src.ignore_tags,
                 unit=src.unit,
                 max_bytes=src.max_bytes,
             ).decode(payload, now_ns, src.precision, _setting(index, "precision"))

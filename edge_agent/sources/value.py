@@ -1,12 +1,16 @@
 """``value``: one reading per message, the payload a plain number (ESPHome's
-``21.5``, ``nan`` for a failed sensor) or ON/OFF, true/false as 1/0. Stamped on
+``21.5``), a state text (``ON``/``OFF``, ``true``/``false``, or the source's
+``states``), or a text saying the sensor has no value (``nan``, ``None``: an
+invalid reading), by the rule of :mod:`edge_agent.sources.values`. Stamped on
 arrival. Payloads in the source's ``ignore`` list (Home Assistant's
-``unavailable``) are counted as ``readings_filtered``, not quarantined."""
+``unavailable``) are counted as ``readings_filtered``; any other text is
+quarantined (``bad-value``): the message holds no reading."""
 
 from __future__ import annotations
 
+from edge_agent.sources import values
 from edge_agent.sources.config import SourceConfig
-from edge_agent.sources.contract import Builder, Decoded, Decoder, number
+from edge_agent.sources.contract import Builder, Decoded, Decoder
 from edge_agent.sources.naming import node_and_sensor
 from edge_agent.sources.transform import Transforms
 from shared.errors import WireError
@@ -16,6 +20,7 @@ MAX_VALUE_BYTES = 64
 
 def decoder(src: SourceConfig, transforms: Transforms) -> Decoder:
     ignored = frozenset(v.strip().lower() for v in src.ignore)
+    states = src.state_table
 
     def decode(topic: str, payload: bytes, now_ns: int) -> Decoded:
         node, sensor = node_and_sensor(src, topic)
@@ -29,9 +34,12 @@ def decoder(src: SourceConfig, transforms: Transforms) -> Decoder:
             out = Decoded(filtered=1)  # not a reading, not an error: counted
             out.stamped = True
             return out
-        value = number(text)
-        if value is None:
-            raise WireError("bad-value", f"{text[:64]!r} is not a number, ON/OFF or true/false")
+        kind, value = values.from_text(text, states)
+        if kind == "text":
+            known = ", ".join(states)
+            raise WireError(
+                "bad-value", f"{text[:64]!r} is not a number, nan or a state ({known[:100]})"
+            )
         b = Builder(transforms, now_ns)
         b.add(node, sensor, src.unit, None, value, payload)
         return b.done()

@@ -36,12 +36,24 @@ def open_readonly(path: str | Path) -> Store:
     return store
 
 
-SOURCE_COUNTS = ("messages", "readings", "rejected", "errors")
+#: what became of each source's messages and values (edge_agent/pipeline/intake.py,
+#: docs/devices.md "What a value becomes"); errors are failed Modbus polls
+SOURCE_COUNTS = (
+    "messages",
+    "readings",
+    "invalid",
+    "text",
+    "filtered",
+    "retained",
+    "redelivered",
+    "rejected",
+    "errors",
+)
 
 
 def source_counts(counters: dict[str, int]) -> dict[str, dict[str, int]]:
-    """Intake per source (``source_<name>_<messages|readings|rejected|errors>``
-    counters, edge_agent/pipeline/intake.py; errors are failed Modbus polls), by source name."""
+    """Intake per source (``source_<name>_<kind>`` counters, kinds as in
+    :data:`SOURCE_COUNTS`), by source name."""
     out: dict[str, dict[str, int]] = {}
     for key, value in counters.items():
         if not key.startswith("source_"):

@@ -15,9 +15,10 @@ import asyncio
 import struct
 from pathlib import Path
 
-#: address -> value, as an SDM120 reports it (exact in float32)
+#: address -> value, as an SDM120 reports it; the voltage is not exact in float32
+#: (the agent stores what the meter's display shows: 229.3, not 229.3000030517578)
 METER = {
-    0: 230.5,  # voltage, V
+    0: 229.3,  # voltage, V
     6: 1.25,  # current, A
     12: 288.125,  # active power, W
     18: 290.0,  # apparent power, VA

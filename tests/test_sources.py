@@ -61,6 +61,12 @@ def test_template_filter_and_match() -> None:
     h = TopicTemplate.parse("shellies/{node}/#")
     assert h.filter == "shellies/+/#"
     assert h.match("shellies/sh1/sensor/temperature") == {"node": "sh1"}
+    # a sensor of several levels (Shelly Gen1's emeter/0/power)
+    m = TopicTemplate.parse("shellies/{node}/{sensor}/{sensor}/{sensor}")
+    assert m.match("shellies/shellyem3-1/emeter/0/power") == {
+        "node": "shellyem3-1",
+        "sensor": "emeter.0.power",
+    }
     for bad in ("a/#/b", "a/b{node}", "a/{node}/{node}", ""):
         with pytest.raises(Invalid):
             TopicTemplate.parse(bad)
@@ -485,7 +491,14 @@ def test_modbus_plan_and_decoding() -> None:
     ]
     hi, lo = struct.unpack(">2H", struct.pack(">f", 230.5))
     assert value_of(regs[0], [hi, lo]) == 230.5
-    assert value_of(regs[1], [0xFFF6]) == pytest.approx(-1.0)
+    # a float32 is widened through its shortest decimal text, and scaling is
+    # decimal: the values a meter's display shows, not their float expansions
+    hi, lo = struct.unpack(">2H", struct.pack(">f", 229.3))
+    assert value_of(regs[0], [hi, lo]) == 229.3
+    assert value_of(regs[1], [2293]) == 229.3  # not 229.29999999999998
+    assert value_of(regs[1], [0xFFF6]) == -1.0
+    hi, lo = struct.unpack(">2H", struct.pack(">f", float("inf")))
+    assert math.isnan(value_of(regs[0], [hi, lo]))
     assert value_of(regs[2], [0x0002, 0x0001]) == 0x00010002
     cfg = ModbusConfig(
         name="m",

@@ -23,6 +23,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from edge_agent.sources.config import ModbusConfig, Register
@@ -79,13 +80,33 @@ def plan(registers: tuple[Register, ...], gap: int = 0) -> list[Block]:
     return blocks
 
 
+def shortest_float32(x: float) -> str:
+    """The shortest decimal text that reads back as the same float32: 229.3 for the
+    float32 nearest 229.3, whose float64 expansion is 229.3000030517578."""
+    if not math.isfinite(x):
+        return repr(x)
+    for digits in range(1, 10):  # 9 significant digits always round-trip a float32
+        text = f"{x:.{digits}g}"
+        if struct.unpack(">f", struct.pack(">f", float(text)))[0] == x:
+            return text
+    return repr(x)
+
+
 def value_of(reg: Register, words: list[int]) -> float:
-    """A register's value from its 16-bit words (``words`` in address order)."""
+    """A register's value from its 16-bit words (``words`` in address order):
+    ``raw * scale + offset`` computed in decimal, so that the value stored is the
+    one the device means (a float32 229.3 stays 229.3, and 2293 × 0.1 is 229.3,
+    not 229.29999999999998)."""
     if reg.word_order == "little":
         words = words[::-1]
     raw = struct.pack(f">{len(words)}H", *words)
     (v,) = struct.unpack(_FORMATS[reg.type], raw)
-    return float(v) * reg.scale + reg.offset
+    if isinstance(v, float) and not math.isfinite(v):
+        return math.nan
+    text = shortest_float32(v) if reg.type == "float32" else repr(v)
+    if reg.scale == 1.0 and reg.offset == 0.0:
+        return float(text)
+    return float(Decimal(text) * Decimal(repr(reg.scale)) + Decimal(repr(reg.offset)))
 
 
 def decode_poll(

@@ -9,6 +9,9 @@ A template is an MQTT topic whose levels may be ``{node}``, ``{sensor}``, ``+``
 
 A level that is only a placeholder matches any one level; the node and sensor
 names a topic gives are cleaned (:func:`~edge_agent.sources.contract.clean_id`).
+``{sensor}`` may name several levels, joined with dots: Shelly's
+``shellies/<id>/emeter/0/power`` read by ``shellies/{node}/{sensor}/{sensor}/{sensor}``
+is the sensor ``emeter.0.power``.
 """
 
 from __future__ import annotations
@@ -39,9 +42,8 @@ class TopicTemplate:
                 raise Invalid(
                     key, f"level {level!r}: a level is text, '+', '#', '{{node}}' or '{{sensor}}'"
                 )
-        for p in PLACEHOLDERS:
-            if levels.count(p) > 1:
-                raise Invalid(key, f"{p} may appear once")
+        if levels.count("{node}") > 1:
+            raise Invalid(key, "{node} may appear once")
         return cls(levels)
 
     @property
@@ -67,11 +69,16 @@ class TopicTemplate:
         elif len(parts) != len(lv):
             return None
         out: dict[str, str] = {}
+        sensor: list[str] = []
         for want, got in zip(lv, parts, strict=False):
             if want == "#":
                 break
-            if want in PLACEHOLDERS:
-                out[want[1:-1]] = got
+            if want == "{sensor}":
+                sensor.append(got)
+            elif want == "{node}":
+                out["node"] = got
             elif want != "+" and want != got:
                 return None
+        if sensor:
+            out["sensor"] = ".".join(sensor)
         return out

@@ -29,17 +29,25 @@ def make_client(cfg: BrokerConfig, client_id: str, *, manual_ack: bool = False) 
     return client
 
 
-def connect_async(client: mqtt.Client, cfg: BrokerConfig, max_packet_size: int) -> None:
+def connect_async(
+    client: mqtt.Client,
+    cfg: BrokerConfig,
+    max_packet_size: int,
+    receive_maximum: int | None = None,
+) -> None:
     """Start connecting in the background; paho's loop thread reconnects on loss.
     ``max_packet_size``: the largest packet this client takes (MQTT v5 Maximum
     Packet Size), so that a broker never hands the agent a message larger than it
-    can use (paho would read it whole into memory first)."""
+    can use (paho would read it whole into memory first). ``receive_maximum``: the
+    QoS 1 and 2 messages the broker may have in flight to this client."""
     client.connect_async(
         cfg.host,
         cfg.port,
         keepalive=cfg.keepalive_s,
         clean_start=False,
-        properties=connect_properties(cfg.session_expiry_s, max_packet_size=max_packet_size),
+        properties=connect_properties(
+            cfg.session_expiry_s, receive_maximum, max_packet_size=max_packet_size
+        ),
     )
     client.loop_start()
 

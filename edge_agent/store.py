@@ -218,13 +218,16 @@ def _v7(db: sqlite_utils.Database) -> None:
 
 
 def _v8(db: sqlite_utils.Database) -> None:
-    """``inflight``: the packet identifier and digest (topic and payload) of each
-    message stamped on arrival that was committed and may not have been
-    acknowledged yet, so that the broker's redelivery of it (DUP set, the same
-    identifier) after a crash is recognised (edge_agent/pipeline/intake.py). And
-    ``retained``: the digest of the last retained message stored per topic, for
-    sources with ``retained = "once"``."""
-    db.conn.execute("CREATE TABLE inflight (mid INTEGER PRIMARY KEY, digest BLOB NOT NULL)")
+    """``inflight``: the packet identifier and digest (topic and payload) of the
+    newest messages stamped on arrival, committed with their readings, so that
+    the broker's redelivery of one (DUP set, the same identifier) after a crash
+    between its commit and its PUBACK is recognised (edge_agent/pipeline/intake.py).
+    And ``retained``: the digest of the last value stored per topic, for sources
+    with ``retained = "once"``."""
+    db.conn.execute(
+        "CREATE TABLE inflight (seq INTEGER PRIMARY KEY, mid INTEGER NOT NULL UNIQUE,"
+        " digest BLOB NOT NULL)"
+    )
     db.conn.execute("CREATE TABLE retained (topic TEXT PRIMARY KEY, digest BLOB NOT NULL)")
 
 

@@ -27,8 +27,10 @@ committed with its readings (table ``inflight``), and a message that comes
 again with the DUP flag, the same identifier and the same digest is a
 redelivery of one already stored (after a crash between the commit and the
 PUBACK), acknowledged and counted (``source_<name>_redelivered``), not stored
-twice. The entry goes at the first commit after the PUBACK; two equal values
-that a device sends one after the other are two messages, two readings.
+twice. The agent announces a Receive Maximum of :data:`RECEIVE_MAXIMUM`, so only
+that many of its newest messages can still lack a PUBACK at the broker: the
+table keeps those. Two equal values a device sends one after the other are two
+messages (the broker does not resend an acknowledged one), two readings.
 
 A retained message whose readings carry no time of their own is state the
 broker replays at every subscription, not a new reading: by the source's
@@ -76,6 +78,11 @@ MAX_HELD = 10_000
 RETRY_MAX_S = 10.0  # the longest wait between two attempts to commit a failed group
 STAMP_CORRECTION_S = 1.0  # a smaller offset is measurement noise: stamps keep the clock
 HELD_LOG_EVERY_S = 30.0  # readings held for a wrong clock: a log line at most this often
+#: QoS 1 and 2 messages the broker may send before it has our PUBACKs (MQTT v5
+#: Receive Maximum, announced at CONNECT). PUBACKs go in arrival order, so a
+#: message that this many later messages followed has had its PUBACK received:
+#: ``inflight`` keeps the newest this many entries and no more.
+RECEIVE_MAXIMUM = 1000
 
 
 @dataclass(frozen=True)
@@ -152,9 +159,6 @@ class Intake:
         self._held_waiting = held.count(self.store) > 0
         self._held_unlogged = 0
         self._held_log_at = 0.0
-        #: (packet identifier, digest) of stamped messages acknowledged since the last
-        #: commit: their ``inflight`` entries go at the next one
-        self._acked: list[tuple[int, bytes]] = []
         self._retained_policy = {r.source.name: r.source.retained for r in self.sources.routes}
         client_id = cfg.intake.broker.client_id or default_client_id(cfg, self.store)
         self.client = client or make_client(cfg.intake.broker, client_id, manual_ack=True)
@@ -184,6 +188,7 @@ class Intake:
             self.client,
             self.cfg.intake.broker,
             self.sources.max_payload_bytes() + PACKET_OVERHEAD,
+            RECEIVE_MAXIMUM,
         )
 
     def stop(self) -> None:
@@ -352,13 +357,10 @@ class Intake:
                     late=self.late_policy,
                     after_store=self._alert_hook,
                 )
-            acked, self._acked = self._acked, []
-            self.store.on_rollback(lambda: self._acked.extend(acked))
-            kept: set[int] = set()
-            out = [self._store_arrival(a, future_limit, counts, kept) for a in group]
-            self.store.conn.executemany(
-                "DELETE FROM inflight WHERE mid = ? AND digest = ?",
-                [(mid, d) for mid, d in acked if mid not in kept],
+            out = [self._store_arrival(a, future_limit, counts) for a in group]
+            self.store.conn.execute(
+                "DELETE FROM inflight WHERE seq <= (SELECT max(seq) FROM inflight) - ?",
+                (RECEIVE_MAXIMUM,),
             )
             for name, n in counts.items():
                 self.store.add_counter(name, n)
@@ -366,9 +368,7 @@ class Intake:
             self._held_waiting = True
         return out
 
-    def _store_arrival(
-        self, a: Arrival, future_limit: int, counts: Counter[str], kept: set[int]
-    ) -> Outcome:
+    def _store_arrival(self, a: Arrival, future_limit: int, counts: Counter[str]) -> Outcome:
         counts[f"source_{a.source}_messages"] += 1
         qmax = self.cfg.storage.quarantine_max_bytes
         item = a.item
@@ -383,22 +383,17 @@ class Intake:
         if item.rejects_not_kept:
             counts["quarantine_not_kept"] += item.rejects_not_kept
         counts[f"source_{a.source}_rejected"] += item.rejected
-        replayed = item.stamped and a.msg is not None and a.msg.retain and item.chunks
-        if replayed and (
-            self._retained_policy.get(a.source, "skip") == "skip" or self._retained_seen(a)
-        ):
+        if item.stamped and a.msg is not None and item.chunks and self._replayed(a):
             counts[f"source_{a.source}_retained"] += item.readings
             return Outcome(rejected=item.rejected)
         if item.stamped and a.msg is not None and a.msg.qos > 0 and item.chunks:
             digest = buffer.message_digest(a.topic, a.payload)
             if a.msg.dup and self._stored_before(a.msg.mid, digest):
                 counts[f"source_{a.source}_redelivered"] += item.readings
-                kept.add(a.msg.mid)
                 return Outcome(duplicate=item.readings, rejected=item.rejected)
             self.store.conn.execute(
                 "INSERT OR REPLACE INTO inflight(mid, digest) VALUES (?, ?)", (a.msg.mid, digest)
             )
-            kept.add(a.msg.mid)
         counts[f"source_{a.source}_readings"] += item.readings
         for kind, n in item.counts.items():
             counts[f"source_{a.source}_{kind}"] += n
@@ -433,18 +428,25 @@ class Intake:
         row = self.store.conn.execute(sql, (mid,)).fetchone()
         return row is not None and bytes(row[0]) == digest
 
-    def _retained_seen(self, a: Arrival) -> bool:
-        """``retained = "once"``: True if this retained value of the topic was stored
-        already; else remember it (in the caller's transaction)."""
+    def _replayed(self, a: Arrival) -> bool:
+        """True if ``a`` (stamped on arrival) is the broker replaying retained state,
+        not a new reading. ``retained = "once"``: the last value of each topic is
+        remembered (in the caller's transaction), and a retained message with that
+        value is a replay; a new value is stored once."""
+        assert a.msg is not None
+        policy = self._retained_policy.get(a.source, "skip")
+        if policy == "skip":
+            return bool(a.msg.retain)
         digest = buffer.message_digest(a.topic, a.payload)
         row = self.store.conn.execute(
             "SELECT digest FROM retained WHERE topic = ?", (a.topic,)
         ).fetchone()
-        if row is not None and bytes(row[0]) == digest:
+        if a.msg.retain and row is not None and bytes(row[0]) == digest:
             return True
-        self.store.conn.execute(
-            "INSERT OR REPLACE INTO retained(topic, digest) VALUES (?, ?)", (a.topic, digest)
-        )
+        if row is None or bytes(row[0]) != digest:
+            self.store.conn.execute(
+                "INSERT OR REPLACE INTO retained(topic, digest) VALUES (?, ?)", (a.topic, digest)
+            )
         return False
 
     def _add_dropped(self, n: int) -> None:
@@ -486,8 +488,6 @@ class Intake:
             if a.msg is not None:
                 # Only after the commit above: now the broker may forget the message.
                 self.client.ack(a.msg.mid, a.msg.qos)
-                if a.msg.qos > 0 and isinstance(a.item, Decoded) and a.item.stamped:
-                    self._acked.append((a.msg.mid, buffer.message_digest(a.topic, a.payload)))
 
     def _log_drops(self, chunk: ReadingChunk, res: buffer.StoreResult) -> None:
         if res.future:

@@ -29,6 +29,14 @@ def connect_properties(
     return props
 
 
+def subscribe_properties(subscription_id: int) -> Properties:
+    """SUBSCRIBE properties: a Subscription Identifier (MQTT 5.0 §3.8.2.1.2), which
+    the broker sends back with each message the subscription brings."""
+    props = Properties(PacketTypes.SUBSCRIBE)
+    props.SubscriptionIdentifier = subscription_id
+    return props
+
+
 def publish_properties(
     content_type: str, user: list[tuple[str, str]], expiry_s: int = 0
 ) -> Properties:

@@ -5,7 +5,8 @@ pymodbus server), and InfluxDB ends with exactly the readings sent, sensor by se
 The recipes are read from the page itself, so the page cannot drift from what
 works: its ``toml`` blocks (not ``toml telegraf.conf``) become the agent's config,
 its ``sh`` and ``python`` blocks run, and its ``<!-- expect: node/sensor=count -->``
-comments are the ground truth. Commands are pointed at the test's ports.
+comments (``=count/invalid`` where some readings are invalid) are the ground
+truth. Commands are pointed at the test's ports.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class Recipe:
     sh: list[str] = field(default_factory=list)
     python: list[str] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
-    expect: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: (node, sensor) -> (readings in the windows' count, invalid readings)
+    expect: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
     modbus: dict[str, float] = field(default_factory=dict)
     modbus_node: str = ""
 
@@ -57,7 +59,8 @@ def recipes() -> list[Recipe]:
             for item in m.group(1).split():
                 name, count = item.rsplit("=", 1)
                 node, sensor = name.split("/", 1)
-                r.expect[(node, sensor)] = int(count)
+                valid, _, invalid = count.partition("/")
+                r.expect[(node, sensor)] = (int(valid), int(invalid or 0))
         for m in re.finditer(r"<!-- expect-modbus: (\S+) (.*?) -->", section):
             r.modbus_node = m.group(1)
             r.modbus = {k: float(v) for k, v in (i.split("=") for i in m.group(2).split())}
@@ -115,7 +118,7 @@ def test_the_page_has_a_recipe_for_every_family_and_every_source_type() -> None:
     for fmt in ("value", "json", "influx", "csv"):
         assert f'format = "{fmt}"' in config
     assert "[intake.http]" in config and "[[intake.modbus]]" in config
-    assert sum(len(r.expect) for r in rs) >= 25
+    assert sum(len(r.expect) for r in rs) >= 80
 
 
 def agent_toml(rs: list[Recipe], http_port: int, meter_port: int) -> str:
@@ -190,9 +193,12 @@ def test_every_recipe_reaches_influxdb_exactly(
                 assert not res.stdout, (r.title, res.stdout)  # curl: a 204 has no body
             for block in r.python:
                 exec(compile(pointed(block, broker.port, http_port), r.title, "exec"), {})
-        expected: Counter[tuple[str, str]] = Counter()
+        expected: dict[tuple[str, str], tuple[int, int]] = {}
         for r in rs:
-            expected.update(r.expect)
+            for key, (valid, invalid) in r.expect.items():
+                old = expected.get(key, (0, 0))
+                expected[key] = (old[0] + valid, old[1] + invalid)
+        total = sum(v + i for v, i in expected.values())
         modbus = next(r for r in rs if r.modbus)
 
         def counters() -> dict[str, int]:
@@ -201,7 +207,7 @@ def test_every_recipe_reaches_influxdb_exactly(
         def taken() -> bool:
             c = counters()
             pushed = c.get("readings_stored", 0) - c.get("source_meter_readings", 0)
-            return pushed >= sum(expected.values()) and c.get("source_meter_messages", 0) >= 3
+            return pushed >= total and c.get("source_meter_messages", 0) >= 3
 
         wait_until(taken, 30, "the agent to store every recipe's readings")
 
@@ -238,18 +244,19 @@ def test_every_recipe_reaches_influxdb_exactly(
         assert c["source_meter_readings"] == polls * 10
         for name in (k[len("source_") : -len("_rejected")] for k in c if k.endswith("_rejected")):
             assert c[f"source_{name}_rejected"] == 0, name
-        assert c["readings_stored"] == sum(expected.values()) + polls * 10
+        assert c["readings_stored"] == total + polls * 10
         assert not {k: v for k, v in c.items() if k.startswith("dropped_") and v}
         assert c["readings_filtered"] == 1  # Home Assistant's "unavailable", ignored
         for sensor in modbus.modbus:
-            expected[(modbus.modbus_node, sensor)] = polls
+            expected[(modbus.modbus_node, sensor)] = (polls, 0)
 
-        def in_influx() -> dict[tuple[str, str], int]:
-            got: Counter[tuple[str, str]] = Counter()
+        def in_influx() -> dict[tuple[str, str], tuple[int, int]]:
+            got: Counter[tuple[str, str, str]] = Counter()
             for (dev, node, sensor, _), w in influxq.v1_windows(influxdb.url, influx_db).items():
                 if dev == device:
-                    got[(node, sensor)] += int(w["count"])
-            return dict(got)
+                    got[(node, sensor, "count")] += int(w["count"])
+                    got[(node, sensor, "invalid")] += int(w["invalid"] or 0)
+            return {(n, s): (got[(n, s, "count")], got[(n, s, "invalid")]) for n, s, _ in got}
 
         want = {
             k: v for k, v in expected.items() if k[0] != modbus.modbus_node or k[1] in modbus.modbus
@@ -279,7 +286,7 @@ def test_every_recipe_reaches_influxdb_exactly(
         # exactly: no reading of a recipe missing, none twice, no sensor that was not sent
         assert {k: v for k, v in got.items() if k in want} == want
         meter_sensors = {k for k in got if k[0] == modbus.modbus_node}
-        assert all(got[k] == polls for k in meter_sensors) and len(meter_sensors) == 10
+        assert all(got[k] == (polls, 0) for k in meter_sensors) and len(meter_sensors) == 10
         assert set(got) - set(want) == meter_sensors - set(want)
     finally:
         if meter.poll() is None:

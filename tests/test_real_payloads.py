@@ -341,3 +341,36 @@ def test_campbell_toa5_file() -> None:
         bad = decode(src(topic="l/{node}", format="csv"), "l/x", TOA5)
         raise WireError(bad.rejects[0].reason, bad.rejects[0].message)
     assert "local" in str(exc.value)
+
+
+# -- the HTTP intake's new readers, fuzzed
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.binary(max_size=200), min_size=1, max_size=3), st.binary(max_size=20))
+def test_gunzip_reads_every_member_and_is_total(members: list[bytes], tail: bytes) -> None:
+    import gzip
+
+    from edge_agent.sources.http import BodyError, gunzip
+
+    body = b"".join(gzip.compress(m) for m in members)
+    assert gunzip(body, 10_000) == b"".join(members)
+    try:
+        gunzip(body + tail, 10_000)
+    except BodyError as exc:
+        assert exc.status in (400, 413)
+    with pytest.raises(BodyError) as too_big:
+        gunzip(gzip.compress(b"x" * 5000) * 3, 10_000)
+    assert too_big.value.status == 413
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_query_answers_every_text_with_200_or_400(q: str) -> None:
+    from edge_agent.sources.influxquery import Databases, answer
+
+    status, body = answer(q, Databases())
+    assert status in (200, 400) and isinstance(body, dict)
+    assert answer('CREATE DATABASE "a b"; SHOW DATABASES', Databases())[1]["results"][1]["series"][
+        0
+    ]["values"] == [["a b"]]

@@ -411,8 +411,11 @@ FORMATS = [
     ),
     src(topic="i/{node}", format="influx", sensor_tags=("room",)),
     src(topic="c/{node}/{sensor}", format="csv", time_format="s"),
+    src(topic="t/{node}", format="telegraf-json", precision="s"),
+    src(topic="c/{node}", format="csv", time_format="local", timezone="UTC"),
+    src(topic="j/{node}", format="json", root="p", time_field="p.ts", time_format="s"),
 ]
-TOPICS = ["sensors/n/s", "v/n/s", "j/n", "j/n", "i/n", "c/n/s"]
+TOPICS = ["sensors/n/s", "v/n/s", "j/n", "j/n", "i/n", "c/n/s", "t/n", "c/n", "j/n"]
 
 
 def check_total(index: int, payload: bytes) -> None:
@@ -442,6 +445,32 @@ def test_every_format_is_total_on_bytes(index: int, payload: bytes) -> None:
 def test_every_format_is_total_on_near_valid_text(index: int, text: str) -> None:
     check_total(index, text.encode())
     check_total(index, b'{"t": 1732600000000, "x": ' + text.encode()[:20] + b"}")
+    # the shapes the newer decoders take: Telegraf metrics, TOA5 headers, a root
+    check_total(index, b'{"metrics":[{"name":"m","tags":{"host":"h"},"fields":{"f":' +
+                text.encode()[:20] + b'},"timestamp":1732600000}]}')  # fmt: skip
+    check_total(index, b'"TOA5","s"\n"TIMESTAMP","RECORD","a"\n"TS","RN","V"\n"","",""\n' +
+                text.encode()[:40])  # fmt: skip
+    check_total(index, b'{"p":{"ts":1732600000,"x":[' + text.encode()[:20] + b"]}}")
+
+
+json_scalar = (
+    st.none() | st.booleans() | st.floats() | st.integers(-(2**70), 2**70) | st.text(max_size=6)
+)
+json_value = st.recursive(
+    json_scalar,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=12,
+)
+
+
+@FUZZ
+@given(st.lists(st.dictionaries(st.sampled_from(["name", "tags", "fields", "timestamp"]),
+                                json_value), max_size=4))  # fmt: skip
+def test_telegraf_json_is_total_on_metric_shapes(metrics: list[dict[str, Any]]) -> None:
+    import json
+
+    for body in ({"metrics": metrics}, *metrics):
+        check_total(6, json.dumps(body).encode())
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge_agent.config import AgentConfig
 from edge_agent.mqtt import connect_async, make_client
@@ -66,7 +67,7 @@ from edge_agent.sources.router import MqttSources
 from edge_agent.sources.transform import Transforms
 from edge_agent.store import INTAKE_SESSION, Store
 from shared.errors import StorageError, WireError
-from shared.mqttprops import PACKET_OVERHEAD
+from shared.mqttprops import PACKET_OVERHEAD, subscribe_properties
 from shared.readings import ReadingChunk
 
 log = logging.getLogger("edge_agent.pipeline.intake")
@@ -83,6 +84,9 @@ HELD_LOG_EVERY_S = 30.0  # readings held for a wrong clock: a log line at most t
 #: message that this many later messages followed has had its PUBACK received:
 #: ``inflight`` keeps the newest this many entries and no more.
 RECEIVE_MAXIMUM = 1000
+#: the source name of a copy of a message that overlapping subscriptions brought
+#: twice: acknowledged, not read (counted as ``intake_overlapping_copies``)
+COPY = "(copy)"
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,7 @@ class Intake:
         self._held_waiting = held.count(self.store) > 0
         self._held_unlogged = 0
         self._held_log_at = 0.0
+        self._suback_due = 0  # SUBACKs awaited before the intake is subscribed
         self._retained_policy = {r.source.name: r.source.retained for r in self.sources.routes}
         client_id = cfg.intake.broker.client_id or default_client_id(cfg, self.store)
         self.client = client or make_client(cfg.intake.broker, client_id, manual_ack=True)
@@ -202,7 +207,16 @@ class Intake:
         if rc.is_failure:
             log.warning("intake: connect refused: %s", rc)
             return
-        client.subscribe([(f, qos) for f, qos in self.sources.subscriptions()])
+        # one SUBSCRIBE per filter, each with its identifier, so that the copies a
+        # broker sends for overlapping filters can be told apart (_on_message)
+        subs = self.sources.subscriptions()
+        self._suback_due = len(subs)
+        for i, (topic_filter, qos) in enumerate(subs):
+            client.subscribe(
+                topic_filter,
+                options=SubscribeOptions(qos=qos),
+                properties=subscribe_properties(i + 1),
+            )
         self.connected.set()
         log.info(
             "intake: connected to %s:%s", self.cfg.intake.broker.host, self.cfg.intake.broker.port
@@ -212,7 +226,9 @@ class Intake:
         if any(rc.is_failure for rc in rcs):
             log.error("intake: subscription refused: %s", rcs)
             return
-        self.subscribed.set()
+        self._suback_due -= 1
+        if self._suback_due <= 0:
+            self.subscribed.set()
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         self.connected.clear()
@@ -221,8 +237,15 @@ class Intake:
 
     def _on_message(self, _client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         payload = bytes(msg.payload)
-        source, item = self.sources.decode(msg.topic, payload, self.stamp_ns())
-        arrival = Arrival(msg.topic, payload, source, item, msg)
+        got = getattr(msg.properties, "SubscriptionIdentifier", None) if msg.properties else None
+        if got and self.sources.subscription_id(msg.topic) not in got:
+            # another subscription's copy of a message read through its own: only
+            # acknowledged (in order, with the group), not read twice
+            arrival = Arrival(msg.topic, payload, COPY, WireError(COPY, ""), msg)
+        else:
+            source, item = self.sources.decode(msg.topic, payload, self.stamp_ns())
+            arrival = Arrival(msg.topic, payload, source, item, msg)
+        item = arrival.item
         with self._lock:
             if len(self._pending) >= MAX_HELD and msg.qos == 0:
                 self._dropped_held += 1  # nothing to redeliver it: counted at the next commit
@@ -232,8 +255,8 @@ class Intake:
             self._pending.append(arrival)
             st = self.cfg.storage
             if (
-                isinstance(item, WireError)  # quarantine (and acknowledge) it at once
-                or len(item.chunks) > 1  # a big message is a group of its own
+                (isinstance(item, WireError) and arrival.source != COPY)  # quarantine it at once
+                or (isinstance(item, Decoded) and len(item.chunks) > 1)  # a group of its own
                 or len(self._pending) >= st.group_commit_max
                 or time.monotonic() - self._first_pending >= st.group_commit_ms / 1000
             ):
@@ -369,6 +392,9 @@ class Intake:
         return out
 
     def _store_arrival(self, a: Arrival, future_limit: int, counts: Counter[str]) -> Outcome:
+        if a.source == COPY:
+            counts["intake_overlapping_copies"] += 1
+            return Outcome()
         counts[f"source_{a.source}_messages"] += 1
         qmax = self.cfg.storage.quarantine_max_bytes
         item = a.item
@@ -474,9 +500,9 @@ class Intake:
         self._failures = 0
         self._retry_at = 0.0
         for a in group:
-            if isinstance(a.item, WireError):
+            if isinstance(a.item, WireError) and a.source != COPY:
                 log.warning("intake: quarantined message on %s: %s", a.topic, a.item)
-            elif a.item.rejects:
+            elif isinstance(a.item, Decoded) and a.item.rejects:
                 first = a.item.rejects[0]
                 log.warning(
                     "intake: quarantined %d lines or parts of the message on %s, the first: %s: %s",

@@ -7,9 +7,10 @@ callers (:mod:`edge_agent.pipeline.intake`, :mod:`edge_agent.sources.http`) turn
 ``WireError`` raised for the whole message into a quarantine entry too.
 
 A reading without a timestamp of its own is stamped with the agent's clock on
-arrival (``now_ns``), and the message is marked ``stamped``: such a message is
-not recognised when a broker redelivers it (its readings get a new arrival
-time), see docs/devices.md, "Timestamps".
+arrival (``now_ns``), and the message is marked ``stamped``: its digest says
+nothing about a redelivery (equal values are new readings), so the intake
+recognises one by MQTT's packet identifier instead
+(:mod:`edge_agent.pipeline.intake`; docs/devices.md, "Timestamps").
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class Decoded:
     rejects: list[Reject] = field(default_factory=list)
     #: rejected parts beyond MAX_REJECTS_KEPT: counted, not kept
     rejects_not_kept: int = 0
-    #: some reading was stamped on arrival (so the message cannot be recognised as
-    #: a redelivery)
+    #: some reading was stamped on arrival (so the message's digest cannot tell a
+    #: redelivery from a new message with the same values)
     stamped: bool = False
     #: readings a transform dropped on purpose (``drop = true``): not a loss
     filtered: int = 0

@@ -9,7 +9,8 @@ Endpoints (``[intake.http]``):
   send them; ``db``, ``bucket``, ``org`` and ``rp`` are accepted and ignored;
 * ``POST /api/v1/json?node=N``: a JSON object, read as the ``json`` format reads it;
 * ``POST /api/v1/csv?node=N&sensor=S``: CSV, read as the ``csv`` format reads it
-  (``?precision=s`` etc. for epoch times, else ``[intake.http] time_format``);
+  (``?precision=s`` etc. for epoch times, ``?timezone=Z`` for local times without
+  a zone, as a TOA5 logger writes them, else ``[intake.http] time_format``);
 * ``GET /ping`` (204) and ``GET /health`` (200), as InfluxDB answers them;
 * ``GET|POST /query``: ``CREATE DATABASE`` and ``SHOW DATABASES`` only
   (:mod:`edge_agent.sources.influxquery`), for clients that send them at start.
@@ -70,6 +71,7 @@ from edge_agent.sources.jsonfields import decoder as json_decoder
 from edge_agent.sources.lineproto import PRECISIONS, LineDecoder
 from edge_agent.sources.naming import joined
 from edge_agent.sources.transform import Transforms
+from shared.config import Invalid
 from shared.errors import StorageError, TelemetryError, WireError
 
 log = logging.getLogger("edge_agent.http")
@@ -302,6 +304,13 @@ class HttpIntake:
                     raise WireError("bad-precision", "precision: use ns, us, ms or s")
                 src = dataclasses.replace(src, time_format=unit)  # type: ignore[arg-type]
                 setting = "the precision parameter"
+            elif "timezone" in first:  # local times without a zone (a TOA5 logger's)
+                try:
+                    timestamps.zone(first["timezone"])
+                except Invalid as exc:
+                    raise WireError("bad-timestamp", f"the timezone parameter: {exc}") from None
+                src = dataclasses.replace(src, time_format="local", timezone=first["timezone"])
+                setting = "the timezone parameter"
 
             def rows(_t: str, b: bytes, n: int) -> Decoded:
                 return csvrows.decode_rows(src, self.transforms, node, sensor, b, n, setting)

@@ -82,13 +82,26 @@ class MqttSources:
         self.routes = [
             Route(s, s.template, decoder_for(s, transforms, i)) for i, s in enumerate(sources)
         ]
+        self._ids = {f: i + 1 for i, (f, _) in enumerate(self.subscriptions())}
 
     def subscriptions(self) -> list[tuple[str, int]]:
-        """(filter, qos) for each source, each filter once."""
+        """(filter, qos) for each source, each filter once. The subscription
+        identifier of the i-th is i + 1 (:meth:`subscription_id`)."""
         seen: dict[str, int] = {}
         for r in self.routes:
             seen[r.template.filter] = max(seen.get(r.template.filter, 0), r.source.qos)
         return list(seen.items())
+
+    def subscription_id(self, topic: str) -> int | None:
+        """The identifier of the subscription whose copy of a message on ``topic``
+        is read: the filter of the first source that matches it. Filters overlap
+        (``shellies/+/sensor/+`` and ``shellies/+/+/+``) and a broker may send a
+        copy per matching subscription (Mosquitto 2 does, MQTT 5.0 §3.3.4 allows
+        it): the other copies are acknowledged, not read."""
+        for r in self.routes:
+            if r.template.match(topic) is not None:
+                return self._ids[r.template.filter]
+        return None
 
     def names(self) -> list[str]:
         return [r.source.name for r in self.routes]

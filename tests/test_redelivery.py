@@ -10,10 +10,12 @@ no time) exactly once, with a real broker and real restarts:
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -176,3 +178,95 @@ def test_arrival_stamped_readings_exactly_once_across_crashes(
     )
     assert c["source_esphome_readings"] == N
     print(f"redelivered after the kills: {redelivered}")
+
+
+def test_array_windows_equal_numpy_and_retained_replays_change_nothing(
+    fresh: Callable[[str], Service],
+    influxdb: Service,
+    influx_db: str,
+    tmp_path: Path,
+    unique: str,
+) -> None:
+    """The oracle check (windows in InfluxDB equal to numpy on the ground truth,
+    tests/test_e2e.py) for readings that arrive as JSON arrays, one element per
+    channel, as a two-channel Tasmota meter sends them; the last message is also
+    published retained and the agent started twice more: its replays are
+    recognised (the message carries its time) and every window stays exact."""
+    import time
+
+    import numpy as np
+
+    from devstack import influxq
+    from devstack.pipeline import IngestTarget
+    from firmware_sim.truth import TruthWriter
+    from tests.test_e2e import WIDTH, WIDTH_S, compare, expected_windows
+
+    broker = fresh("mosquitto")
+    device = f"dev-{unique}"
+    pipe = Pipeline(
+        PipelineSpec(
+            workdir=tmp_path / "run",
+            local_port=broker.port,
+            cloud_port=broker.port,
+            device_id=device,
+            width_s=WIDTH_S,
+            targets=[
+                IngestTarget(
+                    "v1",
+                    {"api": "v1", "url": influxdb.url, "database": influx_db},
+                    {"url": f"file://{tmp_path / 'archive'}"},
+                )
+            ],
+            agent_extra='[[intake.sources]]\nname = "meters"\ntopic = "meters/{node}"\n'
+            'format = "json"\ntime_field = "t"\ntime_format = "ms"\n',
+        )
+    )
+    rng = np.random.default_rng(21)
+    start_ms = (time.time_ns() // WIDTH - 6) * WIDTH // 10**6 + 123
+    n = 400  # 10 Hz for 40 s of event time, in the past
+    t_ms = start_ms + np.arange(n) * 100
+    power = np.round(rng.normal(50, 20, size=(n, 2)), 2)  # W, two channels
+    lines = [
+        json.dumps({"t": int(t), "ENERGY": {"Power": [float(a), float(b)]}})
+        for t, (a, b) in zip(t_ms, power, strict=True)
+    ]
+    truth = tmp_path / "truth.jsonl"
+    tw = TruthWriter(truth)
+    for ch in (0, 1):
+        tw.write("meter-2ch", f"ENERGY.Power.{ch}", "", (t_ms * 10**6).tolist(),
+                 power[:, ch].tolist())  # fmt: skip
+    tw.close()
+    try:
+        pipe.start_ingestors()
+        agent = pipe.start_agent(flush_on_shutdown=False)
+        subprocess.run(
+            ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1",
+             "-t", "meters/meter-2ch", "-l"],
+            input="\n".join(lines).encode(), check=True, timeout=60,
+        )  # fmt: skip
+        pub(broker, "meters/meter-2ch", lines[-1], "-r")  # the last state, retained
+        wait_until(lambda: counters(pipe).get("source_meters_messages", 0) >= n + 1, 30, "all")
+        for _ in range(2):  # two more starts: the broker replays the retained message
+            assert agent.terminate() == 0
+            agent = pipe.start_agent(flush_on_shutdown=False)
+        wait_until(lambda: counters(pipe).get("source_meters_messages", 0) >= n + 3, 30, "replay")
+        agent.terminate()
+        agent = pipe.start_agent()  # flush on its stop: every window closes
+        assert agent.terminate() == 0
+        c = counters(pipe)
+        exp = expected_windows(truth)
+
+        def windows() -> dict[tuple[str, str, str, int], dict[str, Any]]:
+            return {
+                k: v
+                for k, v in influxq.v1_windows(influxdb.url, influx_db).items()
+                if k[0] == device
+            }
+
+        wait_until(lambda: len(windows()) >= len(exp), 60, "the windows in InfluxDB")
+        compare("arrays", device, exp, windows(), rel=1e-12)
+    finally:
+        pipe.stop_all()
+    assert c["source_meters_readings"] == 2 * n
+    # the retained copy, live, then replayed at each of three starts
+    assert c["duplicates_ignored"] == 2 * 4

@@ -420,17 +420,17 @@ class Intake:
             self.store.conn.execute(
                 "INSERT OR REPLACE INTO inflight(mid, digest) VALUES (?, ?)", (a.msg.mid, digest)
             )
+        if not item.stamped and item.chunks:
+            digest = buffer.message_digest(a.topic, a.payload)
+            if buffer.seen_before(self.store, digest):
+                counts["duplicates_ignored"] += item.readings
+                return Outcome(duplicate=item.readings, rejected=item.rejected)
         counts[f"source_{a.source}_readings"] += item.readings
         for kind, n in item.counts.items():
             counts[f"source_{a.source}_{kind}"] += n
         if item.filtered:
             counts["readings_filtered"] += item.filtered
             counts[f"source_{a.source}_filtered"] += item.filtered
-        if not item.stamped and item.chunks:
-            digest = buffer.message_digest(a.topic, a.payload)
-            if buffer.seen_before(self.store, digest):
-                self.store.add_counter("duplicates_ignored", item.readings)
-                return Outcome(duplicate=item.readings, rejected=item.rejected)
         results = [
             buffer.store_one(
                 self.store,

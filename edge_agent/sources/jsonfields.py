@@ -6,7 +6,8 @@ is the sensor ``BME280.Temperature``), and arrays one path per element, from 0
 ``ENERGY.Power.0`` and ``ENERGY.Power.1``). Each value is read by the one rule
 of :mod:`edge_agent.sources.values`: numbers, numeric text and states are
 readings, NaN and null invalid readings, other text is counted as ``text``.
-``include`` and ``exclude`` (globs on the path) choose fields; ``root`` reads
+``include`` and ``exclude`` (globs on the path) choose fields (the others are
+counted as ``excluded``); ``root`` reads
 one object inside the message (Shelly's ``params``). When the topic names a
 sensor, it comes first: ``<sensor>.<path>``.
 
@@ -32,19 +33,24 @@ from shared.errors import WireError
 
 MAX_DEPTH = 8
 MAX_FIELDS = 10_000
+#: stands for an object or array nested deeper than MAX_DEPTH (quarantined, not read)
+TOO_DEEP = object()
 
 
 def fields(
     obj: dict[str, Any] | list[Any], prefix: str = "", depth: int = 0
 ) -> Iterator[tuple[str, Any]]:
     """(path, scalar) of every value in an object, depth first: objects by key,
-    arrays by index from 0. Deeper than :data:`MAX_DEPTH` levels is left out."""
+    arrays by index from 0. An object or array deeper than :data:`MAX_DEPTH`
+    levels is one ``(path, TOO_DEEP)``."""
     items = obj.items() if isinstance(obj, dict) else enumerate(obj)
     for key, value in items:
         path = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, dict | list):
             if depth < MAX_DEPTH:
                 yield from fields(value, path, depth + 1)
+            elif value:
+                yield path, TOO_DEEP
         else:
             yield path, value
 
@@ -101,7 +107,13 @@ def decoder(src: SourceConfig, transforms: Transforms, setting: str = "time_form
         b = Builder(transforms, now_ns)
         seen = 0
         for path, value in fields(body):
-            if path == skip or not wanted(path):
+            if path == skip:
+                continue
+            if not wanted(path):
+                b.out.counts["excluded"] += 1
+                continue
+            if value is TOO_DEEP:
+                b.reject("too-deep", f"{path[:100]!r} nests deeper than {MAX_DEPTH} levels", path)
                 continue
             kind, reading = values.classify(value, states)
             if kind == "text":

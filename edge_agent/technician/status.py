@@ -43,6 +43,7 @@ SOURCE_COUNTS = (
     "readings",
     "invalid",
     "text",
+    "excluded",
     "filtered",
     "retained",
     "redelivered",

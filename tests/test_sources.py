@@ -398,6 +398,27 @@ def test_router_first_match_and_unmatched() -> None:
 # -- fuzz: every format is total
 
 
+def test_overlapping_filters_read_one_copy() -> None:
+    """Mosquitto 2 sends a copy per matching subscription: the copy through the
+    filter of the first matching source is read, the others only acknowledged; a
+    copy queued under an older config's identifier is read."""
+    r = MqttSources(
+        (
+            src(name="a", topic="shellies/{node}/sensor/{sensor}", format="value"),
+            src(name="b", topic="shellies/{node}/{sensor}/{sensor}", format="value"),
+            src(name="c", topic="x/{node}/{sensor}", format="value"),
+        ),
+        Transforms(),
+    )
+    assert r.subscriptions() == [("shellies/+/sensor/+", 1), ("shellies/+/+/+", 1), ("x/+/+", 1)]
+    t = "shellies/ht/sensor/temperature"
+    assert not r.is_extra_copy(t, [1]) and r.is_extra_copy(t, [2])
+    assert not r.is_extra_copy(t, [1, 2])  # one copy carrying both identifiers
+    assert not r.is_extra_copy("shellies/1pm/relay/0", [2])
+    assert not r.is_extra_copy(t, [3]) and not r.is_extra_copy(t, [9])  # stale: read
+    assert not r.is_extra_copy(t, [])
+
+
 FORMATS = [
     src(topic="sensors/{node}/{sensor}"),
     src(topic="v/{node}/{sensor}", format="value"),

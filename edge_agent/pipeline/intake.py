@@ -37,6 +37,13 @@ broker replays at every subscription, not a new reading: by the source's
 ``retained`` setting it is skipped (``skip``, the default) or stored the first
 time its value arrives (``once``); counted as ``source_<name>_retained``.
 
+Each filter is subscribed with its own MQTT v5 Subscription Identifier: where
+two sources' filters overlap, a broker may send a copy per matching
+subscription (Mosquitto 2 does), and only the copy through the filter of the
+source that reads the topic is read; the others are acknowledged in their place
+and counted as ``intake_overlapping_copies``
+(:meth:`~edge_agent.sources.router.MqttSources.is_extra_copy`).
+
 Counters per source: ``source_<name>_messages``, ``_readings`` (decoded, before
 the late and future policies), ``_invalid`` (of those, NaN), ``_text`` (values
 that are not readings), ``_filtered`` (dropped by a transform or ``ignore``),
@@ -238,7 +245,7 @@ class Intake:
     def _on_message(self, _client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         payload = bytes(msg.payload)
         got = getattr(msg.properties, "SubscriptionIdentifier", None) if msg.properties else None
-        if got and self.sources.subscription_id(msg.topic) not in got:
+        if got and self.sources.is_extra_copy(msg.topic, list(got)):
             # another subscription's copy of a message read through its own: only
             # acknowledged (in order, with the group), not read twice
             arrival = Arrival(msg.topic, payload, COPY, WireError(COPY, ""), msg)

@@ -82,26 +82,38 @@ class MqttSources:
         self.routes = [
             Route(s, s.template, decoder_for(s, transforms, i)) for i, s in enumerate(sources)
         ]
-        self._ids = {f: i + 1 for i, (f, _) in enumerate(self.subscriptions())}
+        #: subscription identifier -> filter (the i-th subscription's is i + 1)
+        self._filters = {i + 1: f for i, (f, _) in enumerate(self.subscriptions())}
+        self._filter_tpl = {i: TopicTemplate.parse(f) for i, f in self._filters.items()}
 
     def subscriptions(self) -> list[tuple[str, int]]:
         """(filter, qos) for each source, each filter once. The subscription
-        identifier of the i-th is i + 1 (:meth:`subscription_id`)."""
+        identifier of the i-th is i + 1 (:meth:`is_extra_copy`)."""
         seen: dict[str, int] = {}
         for r in self.routes:
             seen[r.template.filter] = max(seen.get(r.template.filter, 0), r.source.qos)
         return list(seen.items())
 
-    def subscription_id(self, topic: str) -> int | None:
-        """The identifier of the subscription whose copy of a message on ``topic``
-        is read: the filter of the first source that matches it. Filters overlap
-        (``shellies/+/sensor/+`` and ``shellies/+/+/+``) and a broker may send a
-        copy per matching subscription (Mosquitto 2 does, MQTT 5.0 §3.3.4 allows
-        it): the other copies are acknowledged, not read."""
-        for r in self.routes:
-            if r.template.match(topic) is not None:
-                return self._ids[r.template.filter]
-        return None
+    def is_extra_copy(self, topic: str, ids: list[int]) -> bool:
+        """True if a message on ``topic`` that came through the subscriptions
+        ``ids`` (its MQTT v5 Subscription Identifiers) is a copy to acknowledge and
+        not read. Filters overlap (``shellies/+/sensor/+`` and ``shellies/+/+/+``),
+        and a broker may send a copy per matching subscription (Mosquitto 2 does;
+        MQTT 5.0 §3.3.4 allows it): the copy read is the one through the filter of
+        the first source that matches the topic. A copy whose identifier is not
+        one of this config's filters that match the topic (a message queued in the
+        session under an older config) is read."""
+        if not ids:
+            return False
+        want = next((r.template.filter for r in self.routes if r.template.match(topic)), None)
+        if want is None:
+            return False
+        filters = [self._filters.get(i) for i in ids]
+        if want in filters:
+            return False
+        return all(
+            f is not None and TopicTemplate.parse(f).match(topic) is not None for f in filters
+        )
 
     def names(self) -> list[str]:
         return [r.source.name for r in self.routes]

@@ -58,10 +58,15 @@ print(time.perf_counter() - t)
 
 @dataclasses.dataclass
 class Msg:
+    """What the intake reads of paho's MQTTMessage."""
+
     topic: str
     payload: bytes
     mid: int
     qos: int = 1
+    retain: bool = False
+    dup: bool = False
+    properties: object = None
 
 
 def agent_config(folder: Path, group: int) -> AgentConfig:

@@ -218,16 +218,13 @@ def _v7(db: sqlite_utils.Database) -> None:
 
 
 def _v8(db: sqlite_utils.Database) -> None:
-    """``inflight``: the packet identifier and digest (topic and payload) of the
-    newest messages stamped on arrival, committed with their readings, so that
-    the broker's redelivery of one (DUP set, the same identifier) after a crash
-    between its commit and its PUBACK is recognised (edge_agent/pipeline/intake.py).
-    And ``retained``: the digest of the last value stored per topic, for sources
-    with ``retained = "once"``."""
-    db.conn.execute(
-        "CREATE TABLE inflight (seq INTEGER PRIMARY KEY, mid INTEGER NOT NULL UNIQUE,"
-        " digest BLOB NOT NULL)"
-    )
+    """``inflight``: per committed group, the packet identifiers and digests (topic
+    and payload) of its messages stamped on arrival, so that the broker's
+    redelivery of one (DUP set, the same identifier) after a crash between the
+    commit and its PUBACK is recognised (edge_agent/pipeline/intake.py); ``seq``
+    numbers the group's last message. And ``retained``: the digest of the last
+    value stored per topic, for sources with ``retained = "once"``."""
+    db.conn.execute("CREATE TABLE inflight (seq INTEGER PRIMARY KEY, entries BLOB NOT NULL)")
     db.conn.execute("CREATE TABLE retained (topic TEXT PRIMARY KEY, digest BLOB NOT NULL)")
 
 

@@ -52,7 +52,9 @@ def fill_every_table(db: Path) -> None:
         alerts.record(s, AlertEngine((rule,), s).evaluate(s, "n", "s0", [T0], [5.0]))
         quarantine.add(s, "sensors/n/x", WireError("bad-json", "nope"), b"{", max_bytes=0)
         # what the intake keeps for redeliveries and retained values (edge_agent/pipeline/intake.py)
-        s.conn.execute("INSERT INTO inflight(mid, digest) VALUES (7, ?)", (b"d" * 16,))
+        s.conn.execute(
+            "INSERT INTO inflight(seq, entries) VALUES (1, ?)", (b"\x00\x07" + b"d" * 16,)
+        )
         s.conn.execute("INSERT INTO retained(topic, digest) VALUES ('a/b', ?)", (b"r" * 16,))
     outbox.mark_sent(s, [1, 2], timeout_s=30, max_backoff_s=60)
     Reporter(AgentConfig(), s, Clock()).tick(intake_up=True, forward_up=False)

@@ -214,3 +214,41 @@ def test_readings_follow_the_clocks_offset_to_the_cloud(tmp_path: Path) -> None:
         assert fake.acks == [1, 2]
     finally:
         intake.store.close()
+
+
+def test_a_redelivery_is_recognised_in_its_original_group_and_after_it(tmp_path: Path) -> None:
+    """MQTT marks a redelivery (DUP, the same packet identifier). One that comes in
+    the same group as its original (a reconnect while the group waited for its
+    commit), or after the original's commit, is acknowledged, not stored; a new
+    message with an equal value is stored; a DUP whose digest differs is stored."""
+    cfg = from_dict(
+        AgentConfig,
+        {
+            "storage": {"path": str(tmp_path / "a.sqlite"), "group_commit_max": 100},
+            "intake": {
+                "sources": [{"name": "esphome", "topic": "esphome/{node}/{sensor}",
+                             "format": "value"}]
+            },
+        },
+    )  # fmt: skip
+    fake = FakeClient()
+    intake = Intake(cfg, client=fake)  # type: ignore[arg-type]
+
+    def dup(m: mqtt.MQTTMessage) -> mqtt.MQTTMessage:
+        m.dup = True
+        return m
+
+    try:
+        intake._on_message(fake, None, message(1, "esphome/n/t", b"21.5"))
+        intake._on_message(fake, None, dup(message(1, "esphome/n/t", b"21.5")))  # same group
+        intake.flush()
+        intake._on_message(fake, None, dup(message(1, "esphome/n/t", b"21.5")))  # after it
+        intake._on_message(fake, None, message(2, "esphome/n/t", b"21.5"))  # a new one
+        intake._on_message(fake, None, dup(message(3, "esphome/n/t", b"21.6")))  # not seen
+        intake.flush()
+        c = intake.store.counters()
+        assert c["source_esphome_readings"] == 3 and c["readings_stored"] == 3
+        assert c["source_esphome_redelivered"] == 2
+        assert fake.acks == [1, 1, 1, 2, 3]
+    finally:
+        intake.store.close()

@@ -89,8 +89,13 @@ HELD_LOG_EVERY_S = 30.0  # readings held for a wrong clock: a log line at most t
 #: QoS 1 and 2 messages the broker may send before it has our PUBACKs (MQTT v5
 #: Receive Maximum, announced at CONNECT). PUBACKs go in arrival order, so a
 #: message that this many later messages followed has had its PUBACK received:
-#: ``inflight`` keeps the newest this many entries and no more.
+#: ``inflight`` keeps the entries of the newest this many messages, forgetting
+#: older ones every quarter of this many (so none lives past 1.25 times this
+#: many: far short of the 65,535 after which a broker that numbers its packets in
+#: sequence, as Mosquitto does, uses an identifier again).
 RECEIVE_MAXIMUM = 1000
+#: an ``inflight`` entry: a packet identifier (2 bytes) and a 16-byte digest
+_ENTRY = 18
 #: the source name of a copy of a message that overlapping subscriptions brought
 #: twice: acknowledged, not read (counted as ``intake_overlapping_copies``)
 COPY = "(copy)"
@@ -171,6 +176,17 @@ class Intake:
         self._held_unlogged = 0
         self._held_log_at = 0.0
         self._suback_due = 0  # SUBACKs awaited before the intake is subscribed
+        #: the number of the newest message with an ``inflight`` entry
+        self._inflight_seq = int(
+            self.store.conn.execute("SELECT coalesce(max(seq), 0) FROM inflight").fetchone()[0]
+        )
+        #: the newest message number when older entries were last forgotten
+        self._inflight_pruned = self._inflight_seq
+        #: the committed entries (packet identifier -> digest), read once a
+        #: transaction meets a redelivery; None until then
+        self._inflight_known: dict[int, bytes] | None = None
+        #: the group's entries (packet identifier -> digest), written at its end
+        self._inflight_rows: dict[int, bytes] = {}
         self._retained_policy = {r.source.name: r.source.retained for r in self.sources.routes}
         client_id = cfg.intake.broker.client_id or default_client_id(cfg, self.store)
         self.client = client or make_client(cfg.intake.broker, client_id, manual_ack=True)
@@ -387,11 +403,27 @@ class Intake:
                     late=self.late_policy,
                     after_store=self._alert_hook,
                 )
+            seq = self._inflight_seq
+            self.store.on_rollback(lambda: setattr(self, "_inflight_seq", seq))
+            self._inflight_rows, self._inflight_known = {}, None
             out = [self._store_arrival(a, future_limit, counts) for a in group]
-            self.store.conn.execute(
-                "DELETE FROM inflight WHERE seq <= (SELECT max(seq) FROM inflight) - ?",
-                (RECEIVE_MAXIMUM,),
-            )
+            if self._inflight_rows:
+                self._inflight_seq += len(self._inflight_rows)
+                entries = b"".join(
+                    mid.to_bytes(2, "big") + d for mid, d in self._inflight_rows.items()
+                )
+                self.store.conn.execute(
+                    "INSERT INTO inflight(seq, entries) VALUES (?, ?)",
+                    (self._inflight_seq, entries),
+                )
+                if self._inflight_seq - self._inflight_pruned >= RECEIVE_MAXIMUM // 4:
+                    self.store.conn.execute(
+                        "DELETE FROM inflight WHERE seq <= ?",
+                        (self._inflight_seq - RECEIVE_MAXIMUM,),
+                    )
+                    pruned = self._inflight_pruned
+                    self.store.on_rollback(lambda: setattr(self, "_inflight_pruned", pruned))
+                    self._inflight_pruned = self._inflight_seq
             for name, n in counts.items():
                 self.store.add_counter(name, n)
         if any(o.future for o in out):
@@ -424,9 +456,7 @@ class Intake:
             if a.msg.dup and self._stored_before(a.msg.mid, digest):
                 counts[f"source_{a.source}_redelivered"] += item.readings
                 return Outcome(duplicate=item.readings, rejected=item.rejected)
-            self.store.conn.execute(
-                "INSERT OR REPLACE INTO inflight(mid, digest) VALUES (?, ?)", (a.msg.mid, digest)
-            )
+            self._inflight_rows[a.msg.mid] = digest
         if not item.stamped and item.chunks:
             digest = buffer.message_digest(a.topic, a.payload)
             if buffer.seen_before(self.store, digest):
@@ -457,9 +487,18 @@ class Intake:
     def _stored_before(self, mid: int, digest: bytes) -> bool:
         """True if the message with this packet identifier and digest was committed
         and its acknowledgement may not have reached the broker."""
-        sql = "SELECT digest FROM inflight WHERE mid = ?"
-        row = self.store.conn.execute(sql, (mid,)).fetchone()
-        return row is not None and bytes(row[0]) == digest
+        in_group = self._inflight_rows.get(mid)
+        if in_group is not None:  # the original is in this very group (a reconnect)
+            return in_group == digest
+        if self._inflight_known is None:  # redeliveries come in bursts: read them once
+            self._inflight_known = {}
+            for (entries,) in self.store.conn.execute("SELECT entries FROM inflight ORDER BY seq"):
+                raw = bytes(entries)
+                for i in range(0, len(raw) - _ENTRY + 1, _ENTRY):
+                    self._inflight_known[int.from_bytes(raw[i : i + 2], "big")] = raw[
+                        i + 2 : i + _ENTRY
+                    ]
+        return self._inflight_known.get(mid) == digest
 
     def _replayed(self, a: Arrival) -> bool:
         """True if ``a`` (stamped on arrival) is the broker replaying retained state,

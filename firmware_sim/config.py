@@ -77,12 +77,16 @@ class SimBrokerConfig:
     client_id: str = "firmware-sim"
     reconnect_min_s: float = backoff.DEFAULT_MIN_S
     reconnect_max_s: float = backoff.DEFAULT_MAX_S
+    #: the broker may be unreachable (or keep messages unacknowledged at the end)
+    #: this long before the simulator gives up with an error
+    give_up_s: float = 300.0
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
 
     def __post_init__(self) -> None:
         port("port", self.port)
         backoff.check(self.reconnect_min_s, self.reconnect_max_s)
+        positive("give_up_s", self.give_up_s)
 
 
 @dataclass(frozen=True)

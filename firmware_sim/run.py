@@ -4,13 +4,22 @@ Event time starts at ``start_ns`` (now, by default) and advances ``speed``
 times faster than wall time; a chunk is published once event time reaches its
 last reading. Every chunk is published at QoS 1 to the local broker (or posted
 to the agent's HTTP intake), as its node's device family does
-(firmware_sim/families.py), and written to the ground-truth file.
+(firmware_sim/families.py), and written to the ground-truth file once, whatever
+becomes of its publishes.
+
+Like real firmware, the simulator outlives its broker: paho keeps every QoS 1
+message until the broker acknowledges it, queues what is published while the
+connection is down, reconnects with backoff and sends again what was not
+acknowledged. It gives up, with a one-line error naming why, only when the
+broker has been unreachable for ``broker.give_up_s`` or has not acknowledged
+everything within ``give_up_s`` of the last chunk.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -36,7 +45,75 @@ class SimResult:
     end_ns: int
 
 
-def _connect(cfg: SimConfig, timeout_s: float = 30.0) -> mqtt.Client:
+class Acks:
+    """The QoS 1 messages the broker has not acknowledged yet, by packet id.
+
+    paho's ``MQTTMessageInfo.is_published`` raises for a message published while
+    the link was down (its ``rc`` stays "not connected" even after paho has sent
+    it on the reconnect and the broker has acknowledged it): its ``on_publish``
+    callback is what says a message arrived. paho gives an id again only once its
+    message was acknowledged, so a set of ids is exact.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: set[int] = set()
+        self._early: set[int] = set()  # acknowledged before publish() returned its id
+        self.sent = 0
+
+    def on_publish(self, _c: mqtt.Client, _u: object, mid: int, _rc: object, _p: object) -> None:
+        with self._lock:
+            if mid in self._pending:
+                self._pending.remove(mid)
+            else:
+                self._early.add(mid)
+
+    def track(self, info: mqtt.MQTTMessageInfo) -> None:
+        with self._lock:
+            self.sent += 1
+            if info.mid in self._early:
+                self._early.remove(info.mid)
+            else:
+                self._pending.add(info.mid)
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+
+class Link:
+    """Whether the broker connection is up, and since when it is down (monotonic)."""
+
+    def __init__(self) -> None:
+        self.down_since: float | None = time.monotonic()
+        self.losses = 0
+
+    def on_connect(self, _c: mqtt.Client, _u: object, _f: object, rc: object, _p: object) -> None:
+        if not getattr(rc, "is_failure", False):
+            self.down_since = None
+
+    def on_disconnect(
+        self, _c: mqtt.Client, _u: object, _f: object, _rc: object, _p: object
+    ) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            self.losses += 1
+            log.warning(
+                "firmware-sim: lost the broker; reconnecting, keeping what it has not acknowledged"
+            )
+
+    def check(self, cfg: SimConfig, unacked: int) -> None:
+        """Raise ``ConnectionError`` once the broker has been away for ``give_up_s``."""
+        since = self.down_since
+        if since is not None and time.monotonic() - since > cfg.broker.give_up_s:
+            raise ConnectionError(
+                f"the broker at {cfg.broker.host}:{cfg.broker.port} was unreachable for "
+                f"{cfg.broker.give_up_s:g} s (broker.give_up_s); {unacked} messages not "
+                "acknowledged"
+            )
+
+
+def _connect(cfg: SimConfig, link: Link, acks: Acks, timeout_s: float = 30.0) -> mqtt.Client:
     client = mqtt.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=cfg.broker.client_id,
@@ -49,6 +126,9 @@ def _connect(cfg: SimConfig, timeout_s: float = 30.0) -> mqtt.Client:
     if ctx is not None:
         client.tls_set_context(ctx)
     apply_paho(client, cfg.broker.auth)
+    client.on_connect = link.on_connect
+    client.on_disconnect = link.on_disconnect
+    client.on_publish = acks.on_publish
     client.connect_async(cfg.broker.host, cfg.broker.port, keepalive=30)
     client.loop_start()
     deadline = time.monotonic() + timeout_s
@@ -78,9 +158,9 @@ def run_sim(cfg: SimConfig) -> SimResult:
             if due < end_ns:
                 heap.append((due + delay_ns(spec), ni, si, 0))
     heapq.heapify(heap)
-    client = _connect(cfg)
+    link, acks = Link(), Acks()
+    client = _connect(cfg, link, acks)
     truth = TruthWriter(cfg.truth_path)
-    infos: list[mqtt.MQTTMessageInfo] = []
     readings = posts = 0
     wall0 = time.monotonic()
     try:
@@ -89,6 +169,7 @@ def run_sim(cfg: SimConfig) -> SimResult:
             wait = wall0 + (due - start_ns) / 1e9 / cfg.speed - time.monotonic()
             if wait > 0:
                 time.sleep(wait)  # pacing of the simulated clock, not a wait for a service
+            link.check(cfg, acks.pending())
             node = cfg.nodes[ni]
             spec = node.sensors[si]
             ts = chunk_times(spec, start_ns, k)
@@ -96,7 +177,9 @@ def run_sim(cfg: SimConfig) -> SimResult:
             ts_l, v_l = ts.tolist(), vals.tolist()
             pub = publication(cfg, node, spec, ts_l, v_l)
             for topic, payload in pub.messages:
-                infos.append(client.publish(topic, payload, qos=1))
+                # while the link is down paho queues the message (rc NO_CONN) and
+                # sends it after the reconnect, as it resends what was not acknowledged
+                acks.track(client.publish(topic, payload, qos=1))
             if pub.http_body is not None:
                 post(cfg, pub.http_body)  # 204 only once the agent has committed it
                 posts += 1
@@ -105,22 +188,28 @@ def run_sim(cfg: SimConfig) -> SimResult:
             nxt = due + spec.chunk * period_ns(spec)  # (due includes the delay)
             if nxt - delay_ns(spec) < end_ns:
                 heapq.heappush(heap, (nxt, ni, si, k + 1))
-        deadline = time.monotonic() + 60
-        for info in infos:
-            info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
-        unacked = sum(1 for i in infos if not i.is_published())
-        if unacked:
-            raise ConnectionError(f"{unacked} messages were not acknowledged by the broker")
+        deadline = time.monotonic() + cfg.broker.give_up_s
+        while acks.pending():
+            link.check(cfg, acks.pending())
+            if time.monotonic() > deadline:
+                raise ConnectionError(
+                    f"{acks.pending()} messages were not acknowledged by the broker at "
+                    f"{cfg.broker.host}:{cfg.broker.port} within {cfg.broker.give_up_s:g} s "
+                    "(broker.give_up_s)"
+                )
+            time.sleep(0.02)  # polling paho's acknowledgements, with the deadline above
     finally:
         truth.close()
         client.disconnect()
         client.loop_stop()
     log.info(
-        "firmware-sim: published %d readings in %d messages and %d HTTP posts",
+        "firmware-sim: published %d readings in %d messages and %d HTTP posts "
+        "(the broker was lost %d times)",
         readings,
-        len(infos),
+        acks.sent,
         posts,
+        link.losses,
     )
     return SimResult(
-        readings=readings, messages=len(infos) + posts, start_ns=start_ns, end_ns=end_ns
+        readings=readings, messages=acks.sent + posts, start_ns=start_ns, end_ns=end_ns
     )

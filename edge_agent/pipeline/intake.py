@@ -99,6 +99,10 @@ _ENTRY = 18
 #: the source name of a copy of a message that overlapping subscriptions brought
 #: twice: acknowledged, not read (counted as ``intake_overlapping_copies``)
 COPY = "(copy)"
+#: counter: connections on which the broker no longer had the agent's session
+SESSIONS_LOST = "intake_sessions_lost"
+#: state: 1 once the intake has subscribed with this buffer
+SUBSCRIBED = "intake_subscribed"
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,12 @@ class Intake:
         self._held_unlogged = 0
         self._held_log_at = 0.0
         self._suback_due = 0  # SUBACKs awaited before the intake is subscribed
+        #: subscribed once with this buffer (kept in it, so that a session the broker
+        #: forgot while the agent was stopped is seen too), and sessions the broker
+        #: forgot that are not yet counted in the buffer
+        self._subscribed_once = self.store.get_state(SUBSCRIBED) > 0
+        self._note_subscribed = False
+        self._sessions_lost = 0
         #: the number of the newest message with an ``inflight`` entry
         self._inflight_seq = int(
             self.store.conn.execute("SELECT coalesce(max(seq), 0) FROM inflight").fetchone()[0]
@@ -226,10 +236,22 @@ class Intake:
         self.client.loop_stop()
         self.store.close()
 
-    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+    def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, rc: Any, _p: Any) -> None:
         if rc.is_failure:
             log.warning("intake: connect refused: %s", rc)
             return
+        if not flags.session_present and self._subscribed_once:
+            # the broker forgot the agent's session (restarted without it saved):
+            # what the nodes published since went nowhere, and nothing is queued
+            self._sessions_lost += 1
+            log.warning(
+                "intake: the broker at %s:%s did not keep the agent's session (restarted "
+                "without it on disk?); subscribing again. Readings the nodes published "
+                "between its restart and this subscription reached no one "
+                "(docs/edge-agent.md, 'A power cut on the device')",
+                self.cfg.intake.broker.host,
+                self.cfg.intake.broker.port,
+            )
         # one SUBSCRIBE per filter, each with its identifier, so that the copies a
         # broker sends for overlapping filters can be told apart (_on_message)
         subs = self.sources.subscriptions()
@@ -251,6 +273,8 @@ class Intake:
             return
         self._suback_due -= 1
         if self._suback_due <= 0:
+            if not self._subscribed_once:
+                self._subscribed_once = self._note_subscribed = True
             self.subscribed.set()
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
@@ -286,9 +310,21 @@ class Intake:
                 self._flush_locked()
 
     def flush(self) -> None:
-        """Commit and acknowledge what waits for its group (the agent's tick calls this)."""
+        """Commit and acknowledge what waits for its group (the agent's tick calls
+        this); and store the count of sessions the broker forgot."""
         with self._lock:
             self._flush_locked()
+            lost, note = self._sessions_lost, self._note_subscribed
+            if (lost or note) and not self._pending:
+                try:
+                    with self.store.tx():
+                        self.store.add_counter(SESSIONS_LOST, lost)
+                        if note:
+                            self.store.set_state(SUBSCRIBED, 1)
+                except (sqlite3.Error, StorageError):
+                    return  # at a later tick
+                self._sessions_lost -= lost
+                self._note_subscribed = False
 
     def commit_now(self, arrival: Arrival) -> Outcome:
         """Store one message now, in a transaction of its own, after what waits

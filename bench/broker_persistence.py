@@ -1,0 +1,209 @@
+"""What a power cut costs on the device broker, per Mosquitto persistence setting.
+
+For each setting, a real Mosquitto (persistence on, its file in a fresh folder)
+takes --rate one-reading QoS 1 messages per second from a publisher for
+--seconds, while a subscriber with the agent's kind of session (persistent,
+QoS 1, clean start off) either reads them (the agent **running**) or is away
+(the agent **stopped**: the broker queues them for its session). Then the
+broker is SIGKILLed (a power cut: no chance to save) and started again on the
+same file; the publisher goes on (it resends what the broker had not
+acknowledged), the subscriber comes back after --reconnect-s (the agent's
+reconnect delay), and every message the broker acknowledged is looked for.
+
+Reported per setting and mode:
+
+* **lost**: messages the broker acknowledged to the publisher that the
+  subscriber never got (the broker forgot them, or had no session to queue
+  them in after the restart);
+* **writes/hour**: bytes Mosquitto had written to the file system
+  (``write_bytes`` of /proc/<pid>/io, counted as pages are dirtied; the
+  persistence folder is on a disk, not tmpfs) during the --seconds, scaled to
+  an hour: what the SD card takes.
+
+    .venv/bin/python bench/broker_persistence.py [--rate 20] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from devstack.services import free_port, tcp_open, wait_until
+from firmware_sim.run import Acks
+from shared.mqttprops import connect_properties
+
+#: name -> mosquitto.conf lines (persistence is on in all: Debian's default)
+SETTINGS = {
+    "autosave_interval 1800 (Debian's default)": "",
+    "autosave_interval 60": "autosave_interval 60\n",
+    "autosave_interval 5": "autosave_interval 5\n",
+    "autosave_on_changes, every 100": "autosave_on_changes true\nautosave_interval 100\n",
+    "autosave_on_changes, every 1": "autosave_on_changes true\nautosave_interval 1\n",
+}
+TOPIC = "esphome/bench/sensor/t/state"
+
+
+class Broker:
+    def __init__(self, folder: Path, lines: str) -> None:
+        self.port = free_port()
+        self.conf = folder / "mosquitto.conf"
+        run_as = "user root\n" if os.geteuid() == 0 else ""
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{run_as}"
+            f"persistence true\npersistence_location {folder}/\n"
+            f"max_queued_messages 0\n{lines}log_dest none\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.proc = subprocess.Popen([binary, "-c", str(self.conf)])
+        wait_until(lambda: tcp_open(self.port), 20, "mosquitto to listen")
+
+    def written(self) -> int:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/io").read_text().splitlines():
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+        return 0
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+def client(cid: str, port: int) -> mqtt.Client:
+    c = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5
+    )
+    c.reconnect_delay_set(0.2, 1)
+    c.max_queued_messages_set(0)  # never drop a message locally
+    c.connect_async("127.0.0.1", port, clean_start=False, properties=connect_properties(86400))
+    return c
+
+
+def measure(
+    lines: str, running: bool, rate: float, seconds: float, reconnect_s: float
+) -> tuple[int, int, int]:
+    """(messages the broker acknowledged, lost, bytes written per hour)."""
+    folder = Path(tempfile.mkdtemp(prefix="broker-persist-"))
+    broker = Broker(folder, lines)
+    broker.start()
+    got: set[bytes] = set()
+    lock = threading.Lock()
+
+    def on_message(_c: mqtt.Client, _u: object, m: mqtt.MQTTMessage) -> None:
+        with lock:
+            got.add(bytes(m.payload))
+
+    def on_connect(c: mqtt.Client, _u: object, _f: object, rc: object, _p: object) -> None:
+        c.subscribe(TOPIC, qos=1)  # the agent subscribes at every connect
+
+    sub = client("agent", broker.port)
+    sub.on_message = on_message
+    sub.on_connect = on_connect
+    sub.loop_start()
+    wait_until(sub.is_connected, 20, "the subscriber")
+    time.sleep(0.5)  # the SUBACK; pacing, not a wait for a service
+    if not running:
+        sub.disconnect()
+        sub.loop_stop()
+    pub = client("node", broker.port)
+    acks = Acks()
+    pub.on_publish = acks.on_publish
+    pub.loop_start()
+    wait_until(pub.is_connected, 20, "the publisher")
+    sent: dict[int, bytes] = {}  # packet id -> payload, while not acknowledged
+    acked: set[bytes] = set()
+
+    def on_publish(c: mqtt.Client, u: object, mid: int, rc: object, p: object) -> None:
+        acks.on_publish(c, u, mid, rc, p)
+        with lock:
+            acked.add(sent.pop(mid, b""))
+
+    pub.on_publish = on_publish
+
+    def send(payload: bytes) -> None:
+        with lock:  # the id is known before the PUBACK can be handled
+            info = pub.publish(TOPIC, payload, qos=1)
+            sent[info.mid] = payload
+        acks.track(info)
+
+    w0, t0 = broker.written(), time.monotonic()
+    n = 0
+    while time.monotonic() - t0 < seconds:
+        send(f"{n}".encode())
+        n += 1
+        time.sleep(max(0.0, t0 + n / rate - time.monotonic()))  # the publishing rate
+    per_hour = int((broker.written() - w0) / (time.monotonic() - t0) * 3600)
+    broker.kill()  # the power cut
+    broker.start()
+    t1 = time.monotonic()
+    # the nodes go on publishing (and resend what was not acknowledged)
+    while time.monotonic() - t1 < reconnect_s + 2:
+        send(f"{n}".encode())
+        n += 1
+        time.sleep(max(0.0, t1 + (n - rate * seconds) / rate - time.monotonic()))
+        if running and not sub.is_connected() and time.monotonic() - t1 >= reconnect_s:
+            pass  # paho reconnects the subscriber on its own backoff
+        if not running and time.monotonic() - t1 >= reconnect_s and not sub.is_connected():
+            sub.reconnect_delay_set(0.2, 1)
+            sub.connect_async("127.0.0.1", broker.port, clean_start=False,
+                              properties=connect_properties(86400))  # fmt: skip
+            sub.loop_start()
+            running = True
+    wait_until(lambda: acks.pending() == 0, 30, "every PUBACK")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # polling what arrives, bounded
+        with lock:
+            if acked <= got:
+                break
+        time.sleep(0.05)
+    with lock:
+        lost = len(acked - got)
+    for c in (pub, sub):
+        c.disconnect()
+        c.loop_stop()
+    broker.kill()
+    shutil.rmtree(folder, ignore_errors=True)
+    return len(acked - {b""}), lost, per_hour
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rate", type=float, default=20.0, help="messages per second (20)")
+    ap.add_argument("--seconds", type=float, default=20.0, help="before the cut (20)")
+    ap.add_argument("--reconnect-s", type=float, default=1.0,
+                    help="the subscriber's return after the restart (1.0)")  # fmt: skip
+    args = ap.parse_args()
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cpus, mosquitto "
+        f"{subprocess.run(['mosquitto', '-h'], capture_output=True, text=True).stdout.split()[2]},"
+        f" {args.rate:g} messages/s for {args.seconds:g} s, then SIGKILL"
+    )
+    print(f"{'setting':44} {'mode':8} {'acked':>6} {'lost':>5} {'writes/hour':>13}")
+    for name, lines in SETTINGS.items():
+        for running in (True, False):
+            acked, lost, per_hour = measure(
+                lines, running, args.rate, args.seconds, args.reconnect_s
+            )
+            mode = "running" if running else "stopped"
+            print(f"{name:44} {mode:8} {acked:6d} {lost:5d} {per_hour / 1e6:10.2f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -80,9 +80,9 @@ class Broker:
         return 0
 
     def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
 
 
 def client(cid: str, port: int) -> mqtt.Client:
@@ -95,13 +95,10 @@ def client(cid: str, port: int) -> mqtt.Client:
     return c
 
 
-def measure(
-    lines: str, running: bool, rate: float, seconds: float, reconnect_s: float
+def _measure(
+    broker: Broker, lines: str, running: bool, rate: float, seconds: float, reconnect_s: float
 ) -> tuple[int, int, int]:
     """(messages the broker acknowledged, lost, bytes written per hour)."""
-    folder = Path(tempfile.mkdtemp(prefix="broker-persist-"))
-    broker = Broker(folder, lines)
-    broker.start()
     got: set[bytes] = set()
     lock = threading.Lock()
 
@@ -177,9 +174,21 @@ def measure(
     for c in (pub, sub):
         c.disconnect()
         c.loop_stop()
-    broker.kill()
-    shutil.rmtree(folder, ignore_errors=True)
     return len(acked - {b""}), lost, per_hour
+
+
+def measure(
+    lines: str, running: bool, rate: float, seconds: float, reconnect_s: float
+) -> tuple[int, int, int]:
+    """(messages the broker acknowledged, lost, bytes written per hour)."""
+    folder = Path(tempfile.mkdtemp(prefix="broker-persist-"))
+    broker = Broker(folder, lines)
+    broker.start()
+    try:
+        return _measure(broker, lines, running, rate, seconds, reconnect_s)
+    finally:
+        broker.kill()  # also when a measurement fails: no broker left behind
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> int:

@@ -20,7 +20,15 @@ Reported per setting and mode:
   persistence folder is on a disk, not tmpfs) during the --seconds, scaled to
   an hour: what the SD card takes.
 
+Where the cut falls between two saves decides the loss, so each row is run
+--repeats times with the cut moved by a fraction of a save's worth of messages
+(lost: lowest–highest). Each save writes the broker's whole state, so
+--retained-kb preloads retained messages (Zigbee2MQTT's ``bridge/devices`` is
+tens to hundreds of KB) and --seconds sets how long the queue of a stopped
+agent grows; --only picks settings by a word of their name.
+
     .venv/bin/python bench/broker_persistence.py [--rate 20] [--seconds 20]
+        [--repeats 3] [--retained-kb 0] [--only 'every 100']
 """
 
 from __future__ import annotations
@@ -95,8 +103,24 @@ def client(cid: str, port: int) -> mqtt.Client:
     return c
 
 
+def preload(port: int, kb: int) -> None:
+    """``kb`` KB of retained messages, 4 KB each, as a bridge's device lists."""
+    if kb <= 0:
+        return
+    c = client("retainer", port)
+    acks = Acks()
+    c.on_publish = acks.on_publish
+    c.loop_start()
+    wait_until(c.is_connected, 20, "the retainer")
+    for i in range(max(1, kb // 4)):
+        acks.track(c.publish(f"bench/retained/{i}", os.urandom(4096), qos=1, retain=True))
+    wait_until(lambda: acks.pending() == 0, 30, "the retained messages' PUBACKs")
+    c.disconnect()
+    c.loop_stop()
+
+
 def _measure(
-    broker: Broker, lines: str, running: bool, rate: float, seconds: float, reconnect_s: float
+    broker: Broker, running: bool, rate: float, seconds: float, reconnect_s: float
 ) -> tuple[int, int, int]:
     """(messages the broker acknowledged, lost, bytes written per hour)."""
     got: set[bytes] = set()
@@ -124,19 +148,28 @@ def _measure(
     pub.loop_start()
     wait_until(pub.is_connected, 20, "the publisher")
     sent: dict[int, bytes] = {}  # packet id -> payload, while not acknowledged
+    early: set[int] = set()  # acknowledged before publish() returned the id
     acked: set[bytes] = set()
 
     def on_publish(c: mqtt.Client, u: object, mid: int, rc: object, p: object) -> None:
         acks.on_publish(c, u, mid, rc, p)
         with lock:
-            acked.add(sent.pop(mid, b""))
+            if mid in sent:
+                acked.add(sent.pop(mid))
+            else:
+                early.add(mid)
 
     pub.on_publish = on_publish
 
     def send(payload: bytes) -> None:
-        with lock:  # the id is known before the PUBACK can be handled
-            info = pub.publish(TOPIC, payload, qos=1)
-            sent[info.mid] = payload
+        # no lock held across publish(): paho calls on_publish under its own lock
+        info = pub.publish(TOPIC, payload, qos=1)
+        with lock:
+            if info.mid in early:
+                early.remove(info.mid)
+                acked.add(payload)
+            else:
+                sent[info.mid] = payload
         acks.track(info)
 
     w0, t0 = broker.written(), time.monotonic()
@@ -174,18 +207,19 @@ def _measure(
     for c in (pub, sub):
         c.disconnect()
         c.loop_stop()
-    return len(acked - {b""}), lost, per_hour
+    return len(acked), lost, per_hour
 
 
 def measure(
-    lines: str, running: bool, rate: float, seconds: float, reconnect_s: float
+    lines: str, running: bool, rate: float, seconds: float, reconnect_s: float, retained_kb: int
 ) -> tuple[int, int, int]:
     """(messages the broker acknowledged, lost, bytes written per hour)."""
     folder = Path(tempfile.mkdtemp(prefix="broker-persist-"))
     broker = Broker(folder, lines)
     broker.start()
     try:
-        return _measure(broker, lines, running, rate, seconds, reconnect_s)
+        preload(broker.port, retained_kb)
+        return _measure(broker, running, rate, seconds, reconnect_s)
     finally:
         broker.kill()  # also when a measurement fails: no broker left behind
         shutil.rmtree(folder, ignore_errors=True)
@@ -195,22 +229,50 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rate", type=float, default=20.0, help="messages per second (20)")
     ap.add_argument("--seconds", type=float, default=20.0, help="before the cut (20)")
-    ap.add_argument("--reconnect-s", type=float, default=1.0,
-                    help="the subscriber's return after the restart (1.0)")  # fmt: skip
-    args = ap.parse_args()
+    ap.add_argument(
+        "--reconnect-s",
+        type=float,
+        default=1.0,
+        help="the subscriber's return after the restart (1.0)",
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="runs per row, the cut moved between saves (3)"
+    )
+    ap.add_argument(
+        "--retained-kb", type=int, default=0, help="retained messages the broker holds, KB (0)"
+    )
+    ap.add_argument("--only", default="", help="settings whose name has this text")
+    ap.add_argument("--mode", choices=["both", "running", "stopped"], default="both")
+    args = ap.parse_args()  # fmt: skip
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cpus, mosquitto "
         f"{subprocess.run(['mosquitto', '-h'], capture_output=True, text=True).stdout.split()[2]},"
-        f" {args.rate:g} messages/s for {args.seconds:g} s, then SIGKILL"
+        f" {args.rate:g} messages/s for {args.seconds:g} s, then SIGKILL;"
+        f" {args.retained_kb} KB retained; {args.repeats} cuts a row"
     )
-    print(f"{'setting':44} {'mode':8} {'acked':>6} {'lost':>5} {'writes/hour':>13}")
+    print(f"{'setting':44} {'mode':8} {'acked':>6} {'lost':>9} {'writes/hour':>13}")
+    modes = {"both": (True, False), "running": (True,), "stopped": (False,)}[args.mode]
     for name, lines in SETTINGS.items():
-        for running in (True, False):
-            acked, lost, per_hour = measure(
-                lines, running, args.rate, args.seconds, args.reconnect_s
-            )
+        if args.only not in name:
+            continue
+        for running in modes:
+            rows = [
+                measure(
+                    lines,
+                    running,
+                    args.rate,
+                    # the cut moved by a fraction of 100 messages (a save's worth)
+                    args.seconds + (i * 100 / args.repeats) / args.rate,
+                    args.reconnect_s,
+                    args.retained_kb,
+                )
+                for i in range(args.repeats)
+            ]
+            acked = min(r[0] for r in rows)
+            lost = f"{min(r[1] for r in rows)}–{max(r[1] for r in rows)}"
+            per_hour = max(r[2] for r in rows)
             mode = "running" if running else "stopped"
-            print(f"{name:44} {mode:8} {acked:6d} {lost:5d} {per_hour / 1e6:10.2f} MB")
+            print(f"{name:44} {mode:8} {acked:6d} {lost:>9} {per_hour / 1e6:10.2f} MB")
     return 0
 
 

@@ -7,11 +7,13 @@ here, exactly as an operator would run them.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -329,6 +331,19 @@ class Pipeline:
         assert len(health) == c.get("health_reports", 0), (len(health), c)
         return set(range(1, int(c["batches_created"]) + len(health) + 1)) - health
 
+    def agent_raw(self) -> Counter[tuple[str, str, int]]:
+        """Every raw reading in the agent's buffer, (node, sensor, ts_ns) -> how
+        many times it is there, read as a technician would (``edge-agent export
+        --kind raw``)."""
+        out = self.dir / "raw-export.csv"
+        subprocess.run(
+            [str(BIN / "edge-agent"), "export", "-c", str(self.dir / "edge-agent.toml"),
+             "--kind", "raw", "--since", "0", "-o", str(out)],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        with open(out, encoding="utf-8", newline="") as fh:
+            return Counter((r["node"], r["sensor"], int(r["ts_ns"])) for r in csv.DictReader(fh))
+
     def wait_agent_has(self, produced: int, timeout_s: float) -> None:
         """Poll until the agent has stored (or counted as dropped) every produced reading."""
 
@@ -392,6 +407,24 @@ def truth_window_counts(truth: Path, width_ns: int) -> dict[tuple[str, str, int]
         starts, counts = np.unique((ts // width_ns) * width_ns, return_counts=True)
         for st, n in zip(starts.tolist(), counts.tolist(), strict=True):
             out[(node, sensor, int(st))] = int(n)
+    return out
+
+
+def message_fates(truth: Path, held: Counter[tuple[str, str, int]]) -> str:
+    """One letter per message of the simulator's truth, in the order it published
+    them: ``A`` when ``held`` has each of its readings once, ``L`` when none of
+    them, ``P`` when some, ``D`` when one twice."""
+    fates = []
+    for c in read_truth(truth):
+        n = [held.get((c.node, c.sensor, t), 0) for t in c.ts.tolist()]
+        fates.append("D" if max(n) > 1 else "A" if min(n) == 1 else "L" if max(n) == 0 else "P")
+    return "".join(fates)
+
+
+def write_truth_without(truth: Path, out: Path, skip: set[int]) -> Path:
+    """The truth file without its messages numbered ``skip`` (0-based, in order)."""
+    with open(truth, encoding="utf-8") as src, open(out, "w", encoding="utf-8") as dst:
+        dst.writelines(line for i, line in enumerate(src) if i not in skip)
     return out
 
 

@@ -173,6 +173,18 @@ class Service:
 DEVICE_MAX_PACKET = (4 << 20) + (64 << 10)
 
 
+#: Mosquitto's persistence as the device broker ships it (Ansible's
+#: telemetry-edge.conf): the in-memory state saved after every 100 changes
+#: (a message queued for an absent agent, one the agent acknowledged, a
+#: subscription), not every 30 minutes (Debian's default). docs/edge-agent.md,
+#: "A power cut on the device", has the trade-off and the measurements.
+DEVICE_AUTOSAVE_CHANGES = 100
+DEVICE_PERSISTENCE = f"autosave_on_changes true\nautosave_interval {DEVICE_AUTOSAVE_CHANGES}\n"
+#: most devices publish their states with QoS 0 (ESPHome, Zigbee2MQTT, Shelly by
+#: default), which Mosquitto queues for a stopped agent only with this
+DEVICE_QUEUE_QOS0 = "queue_qos0_messages true\n"
+
+
 def mosquitto(
     workdir: Path,
     port: int | None = None,
@@ -230,7 +242,7 @@ def mosquitto(
         # rest for a slow or absent subscriber (see design.md); 0 = no limit here,
         # where the agent and the ingestor hold persistent sessions.
         "max_queued_messages 0\n"
-        "max_inflight_messages 100\n"
+        "max_inflight_messages 100\n" + DEVICE_PERSISTENCE + DEVICE_QUEUE_QOS0 +
         # Small packets (PUBACKs, acks) at once, not after the peer's delayed TCP
         # ACK (~40 ms): docs/cloud-ingest.md, "Broker clusters".
         "set_tcp_nodelay true\n"

@@ -288,7 +288,16 @@ def status(config_path: str | None, as_json: bool) -> None:
             if st["held_readings"]
             else "none",
         ),
-        ("intake session", st["intake_client_id"]),
+        (
+            "intake session",
+            st["intake_client_id"]
+            + (
+                f" (the broker came back without it {lost:,} times: a power cut,"
+                " docs/edge-agent.md)"
+                if (lost := st["counters"].get("intake_sessions_lost", 0))
+                else ""
+            ),
+        ),
         (
             "quarantined",
             f"{st['quarantined']:,} messages, {st['quarantine_bytes']:,} bytes kept"

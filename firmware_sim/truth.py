@@ -36,7 +36,9 @@ class TruthChunk:
 
 class TruthWriter:
     def __init__(self, path: str | Path) -> None:
-        self._fh: IO[str] = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        # line-buffered: a message is in the file once it is published, so a test
+        # can follow the simulator's progress (it polls the file)
+        self._fh: IO[str] = open(path, "w", encoding="utf-8", buffering=1)  # noqa: SIM115
 
     def write(
         self,

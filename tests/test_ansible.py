@@ -28,7 +28,15 @@ import pytest
 
 from devstack import influxq
 from devstack.pipeline import BIN
-from devstack.services import Service, free_port, http_ok, tcp_open, wait_until
+from devstack.services import (
+    DEVICE_PERSISTENCE,
+    DEVICE_QUEUE_QOS0,
+    Service,
+    free_port,
+    http_ok,
+    tcp_open,
+    wait_until,
+)
 from shared.acks import device_key
 
 pytestmark = pytest.mark.integration
@@ -259,6 +267,11 @@ def test_the_playbook_deploys_twice_and_what_it_deployed_runs(
     ]
     databases = influxq.influxql(influx.url, "SHOW DATABASES")["results"][0]["series"][0]
     assert ["telemetry"] in databases["values"]  # the influxdb role created it
+
+    # the device broker saves what it holds as devstack's does (test_power_cut.py)
+    edge_conf = dep.path("/etc/mosquitto-edge/conf.d/telemetry-edge.conf").read_text()
+    want = (DEVICE_PERSISTENCE + DEVICE_QUEUE_QOS0).splitlines()
+    assert set(want) <= set(edge_conf.splitlines()), edge_conf
 
     # now run what it deployed
     p = dep.ports

@@ -37,3 +37,25 @@ def test_hopping_windows_are_exported_as_the_agent_sends_them(tmp_path: Path) ->
     assert rows.keys() == want.keys()
     for st, (n, mean) in want.items():
         assert rows[st][0] == n and abs(rows[st][1] - mean) < 1e-12
+
+
+def test_a_range_from_1970_reads_only_the_slices_the_buffer_has(tmp_path: Path) -> None:
+    """`--since 0` walks the buffer's own span, not one hourly slice per hour since
+    1970 (half a million of them, minutes of CPU); its rows are the tight range's."""
+    path = tmp_path / "b.sqlite"
+    store = Store(path)
+    ts = T0 + 7 * S + np.arange(0, 90 * S, S, dtype=np.int64)
+    buffer.store_chunk(
+        store, buffer.SensorRegistry(store), ReadingChunk("n", "s", "", ts, np.arange(90.0))
+    )
+    store.close()
+    spec = WindowSpec("hopping", 60 * S, 10 * S)
+    for kind in ("raw", "windows"):
+        wide = list(iter_rows(path, kind, 0, T0 * 2, spec=spec, slice_ns=3600 * S))
+        tight = list(iter_rows(path, kind, T0 - 60 * S, T0 + 200 * S, spec=spec, slice_ns=3600 * S))
+        assert len(wide) == 1
+        assert wide[0][1] == tight[0][1] and sum(len(c["node"]) for _, c in tight) == len(
+            wide[0][1]["node"]
+        )
+    Store(tmp_path / "empty.sqlite").close()
+    assert list(iter_rows(tmp_path / "empty.sqlite", "raw", 0, T0, spec=spec, slice_ns=S)) == []

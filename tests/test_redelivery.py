@@ -121,6 +121,33 @@ def test_retained_state_is_not_a_new_reading_at_each_start(
     assert c["source_statestream_retained"] == 2  # start 2 (off) and start 3 (on)
 
 
+def test_qos0_states_published_while_the_agent_is_stopped_wait_for_it(
+    fresh: Callable[[str], Service], tmp_path: Path
+) -> None:
+    """ESPHome publishes its states with QoS 0 (esphome.io, MQTT Client
+    Component: ``qos`` defaults to 0; so do Zigbee2MQTT's devices and Shelly's
+    ``mqtt_qos``). Mosquitto queues QoS 0 for an absent session only with
+    ``queue_qos0_messages true``, which the shipped device broker sets: a restart
+    of the agent (an upgrade) costs none of them."""
+    broker = fresh("mosquitto")
+    pipe = pipeline(broker, tmp_path)
+    try:
+        assert pipe.start_agent(flush_on_shutdown=False).terminate() == 0  # its session
+        lines = "\n".join(f"{20 + i / 10:g}" for i in range(40))
+        subprocess.run(
+            ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "0",
+             "-t", "esphome/esp-hall/sensor/temperature/state", "-l"],
+            input=lines.encode(), check=True, timeout=30,
+        )  # fmt: skip
+        agent = pipe.start_agent(flush_on_shutdown=False)
+        wait_until(lambda: stored(pipe).get("esp-hall/temperature") == 40, 30, "40 readings")
+        assert agent.terminate() == 0
+        c = counters(pipe)
+    finally:
+        pipe.stop_all()
+    assert c["source_esphome_messages"] == c["readings_stored"] == 40
+
+
 N = 50_000
 
 

@@ -59,7 +59,16 @@ def iter_rows(
     store = open_readonly(path)
     try:
         sensors = buffer.load_sensors(store)
-        a = since_ns
+        lo, hi = store.conn.execute("SELECT min(t_min), max(t_max) FROM chunks").fetchone()
+        if lo is None:
+            return
+        # only the slices the buffer can have readings in: `--since 0` is one
+        # slice, not one for each hour since 1970
+        if kind == "raw":
+            a, until_ns = max(since_ns, lo), min(until_ns, hi + 1)
+        else:
+            a = max(since_ns, ((lo - spec.width_ns) // step + 1) * step)
+            until_ns = min(until_ns, -(-(hi + 1) // step) * step)
         while a < until_ns:
             b = min(a + slice_ns, until_ns)
             cols: dict[str, list[Any]] = {

@@ -98,6 +98,8 @@ def wait_agent_has_the_last(pipe: Pipeline) -> None:
 
 def check(pipe: Pipeline, influxdb: Service, db: str, device_id: str, cuts: int) -> None:
     """The accounting of the module's docstring."""
+    keys = [(c.node, c.sensor, t) for c in read_truth(pipe.truth) for t in c.ts.tolist()]
+    assert len(keys) == len(set(keys))  # the truth has each reading once, resends or not
     fates = message_fates(pipe.truth, pipe.agent_raw())
     assert set(fates) <= {"A", "L"}, f"a message partly or twice in the buffer: {fates}"
     runs = re.findall("L+", fates)
@@ -240,3 +242,36 @@ def test_a_broker_back_without_the_session_is_subscribed_again_and_counted(
     finally:
         pipe.stop_all()
     assert "the broker came back without it 2 times" in shown, shown
+
+
+def test_firmware_sim_gives_up_with_one_line_naming_why(
+    fresh: Callable[[str], Service], tmp_path: Path
+) -> None:
+    """A broker gone for good: the simulator waits broker.give_up_s, then ends
+    with one line that names the broker, the key and what it still held; its
+    truth has each reading it published once."""
+    broker = fresh("mosquitto")
+    cfg = tmp_path / "sim.toml"
+    cfg.write_text("[broker]\ngive_up_s = 2.0\n")
+    truth = tmp_path / "truth.jsonl"
+    sim = subprocess.Popen(
+        [str(BIN / "firmware-sim"), "run", "-c", str(cfg), "--port", str(broker.port),
+         "--duration", "60", "--speed", "1", "--truth", str(truth)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: truth.exists() and truth.read_bytes().count(b"\n") >= 20, 30, "20")
+        broker.kill()
+        out, err = sim.communicate(timeout=30)
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+            sim.wait()
+    assert sim.returncode == 1, (out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err
+    assert lines[-1].startswith("error: the broker at 127.0.0.1:") and (
+        "unreachable for 2 s (broker.give_up_s)" in lines[-1]
+    ), err
+    keys = [(c.node, c.sensor, t) for c in read_truth(truth) for t in c.ts.tolist()]
+    assert len(keys) == len(set(keys)) > 0

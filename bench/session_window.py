@@ -160,8 +160,9 @@ def measure(tmp: Path, outage_s: float, agent_max_s: float, period_s: float) -> 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--outage", type=float, action="append", help="seconds (1, 10, 30)")
-    ap.add_argument("--agent-max-s", type=float, action="append",
-                    help="the agent's reconnect_max_s (5, then 1)")
+    ap.add_argument(
+        "--agent-max-s", type=float, action="append", help="the agent's reconnect_max_s (5, then 1)"
+    )
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--period-ms", type=float, default=10.0, help="the node's period (10)")
     args = ap.parse_args()  # fmt: skip

@@ -16,7 +16,7 @@ import pytest
 from edge_agent.config import AgentConfig
 from edge_agent.pipeline import alerts, buffer
 from edge_agent.pipeline.alerts import AlertEngine, AlertRule
-from edge_agent.pipeline.intake import Intake
+from edge_agent.pipeline.intake import INFLIGHT_KEEP, RECEIVE_MAXIMUM, Intake
 from edge_agent.store import STORE_ERRORS, Store
 from shared.config import from_dict
 from shared.readings import ReadingChunk, encode_chunk
@@ -250,5 +250,63 @@ def test_a_redelivery_is_recognised_in_its_original_group_and_after_it(tmp_path:
         assert c["source_esphome_readings"] == 3 and c["readings_stored"] == 3
         assert c["source_esphome_redelivered"] == 2
         assert fake.acks == [1, 1, 1, 2, 3]
+    finally:
+        intake.store.close()
+
+
+def test_a_redelivery_long_after_its_original_is_recognised_across_a_restart(
+    tmp_path: Path,
+) -> None:
+    """Mosquitto 2.0.11 does not hold to the agent's Receive Maximum (1,000): it
+    redelivered messages committed more than 2,000 messages earlier. Those are
+    recognised, also by a restarted agent; a message with the same identifier
+    and payload one identifier cycle later (65,535 messages on) is new."""
+    cfg = from_dict(
+        AgentConfig,
+        {
+            "storage": {"path": str(tmp_path / "a.sqlite"), "group_commit_max": 1000,
+                        "synchronous": "normal"},
+            "intake": {
+                "sources": [{"name": "esphome", "topic": "esphome/{node}/{sensor}",
+                             "format": "value"}]
+            },
+        },
+    )  # fmt: skip
+
+    def dup(m: mqtt.MQTTMessage) -> mqtt.MQTTMessage:
+        m.dup = True
+        return m
+
+    def send(intake: Intake, first: int, n: int) -> None:
+        for mid in range(first, first + n):
+            intake._on_message(intake.client, None, message(mid % 65535 + 1, "esphome/n/t", b"1"))
+        intake.flush()
+
+    fake = FakeClient()
+    intake = Intake(cfg, client=fake)  # type: ignore[arg-type]
+    try:
+        send(intake, 0, 5000)
+        # the first of them, again: 4,999 later messages were committed since
+        intake._on_message(fake, None, dup(message(1, "esphome/n/t", b"1")))
+        intake.flush()
+        assert intake.store.counters()["source_esphome_redelivered"] == 1
+    finally:
+        intake.store.close()
+    intake = Intake(cfg, client=FakeClient())  # type: ignore[arg-type]
+    try:  # a restarted agent reads what the first one committed
+        intake._on_message(intake.client, None, dup(message(2, "esphome/n/t", b"1")))
+        intake.flush()
+        assert intake.store.counters()["source_esphome_redelivered"] == 2
+        send(intake, 5000, 65535 - 5000)  # one identifier cycle on: mid 1 again
+        intake._on_message(intake.client, None, dup(message(1, "esphome/n/t", b"1")))
+        intake.flush()
+        c = intake.store.counters()
+        assert c["source_esphome_redelivered"] == 2  # a new message, not the old mid 1
+        assert c["readings_stored"] == 65535 + 1
+        kept = intake.store.conn.execute(
+            "SELECT sum(length(entries)) / 18 FROM inflight"
+        ).fetchone()[0]
+        # the newest INFLIGHT_KEEP, and those of the last groups since the last pruning
+        assert INFLIGHT_KEEP <= kept <= INFLIGHT_KEEP + RECEIVE_MAXIMUM // 4 + 1000
     finally:
         intake.store.close()

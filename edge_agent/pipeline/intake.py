@@ -27,10 +27,11 @@ committed with its readings (table ``inflight``), and a message that comes
 again with the DUP flag, the same identifier and the same digest is a
 redelivery of one already stored (after a crash between the commit and the
 PUBACK), acknowledged and counted (``source_<name>_redelivered``), not stored
-twice. The agent announces a Receive Maximum of :data:`RECEIVE_MAXIMUM`, so only
-that many of its newest messages can still lack a PUBACK at the broker: the
-table keeps those. Two equal values a device sends one after the other are two
-messages (the broker does not resend an acknowledged one), two readings.
+twice. The table keeps the entries of the newest :data:`INFLIGHT_KEEP`
+messages: more than can lack a PUBACK at the broker, and too few for two of
+them to share an identifier. Two equal values a device sends one after the
+other are two messages (the broker does not resend an acknowledged one), two
+readings.
 
 A retained message whose readings carry no time of their own is state the
 broker replays at every subscription, not a new reading: by the source's
@@ -87,13 +88,22 @@ RETRY_MAX_S = 10.0  # the longest wait between two attempts to commit a failed g
 STAMP_CORRECTION_S = 1.0  # a smaller offset is measurement noise: stamps keep the clock
 HELD_LOG_EVERY_S = 30.0  # readings held for a wrong clock: a log line at most this often
 #: QoS 1 and 2 messages the broker may send before it has our PUBACKs (MQTT v5
-#: Receive Maximum, announced at CONNECT). PUBACKs go in arrival order, so a
-#: message that this many later messages followed has had its PUBACK received:
-#: ``inflight`` keeps the entries of the newest this many messages, forgetting
-#: older ones every quarter of this many (so none lives past 1.25 times this
-#: many: far short of the 65,535 after which a broker that numbers its packets in
-#: sequence, as Mosquitto does, uses an identifier again).
+#: Receive Maximum, announced at CONNECT).
 RECEIVE_MAXIMUM = 1000
+#: ``inflight`` keeps the entries of the newest this many messages (forgetting
+#: older ones every :data:`RECEIVE_MAXIMUM` // 4). Not RECEIVE_MAXIMUM: Mosquitto
+#: 2.0.11 (Debian 12's, Ubuntu 22.04's) does not hold to it (its issue #2301;
+#: "various fixes around inflight quota management" came in 2.0.13): with its
+#: state saved to disk often (docs/edge-agent.md, "A power cut on the device")
+#: and a busy disk, it redelivered 600 to 4,700 messages over four SIGKILLs of
+#: the agent in tests/test_redelivery.py, and a keep of 1,000 stored up to 2,265
+#: of them twice. Half the packet
+#: identifier space: a broker that numbers a session's packets in sequence, as
+#: Mosquitto does, uses an identifier again only 65,535 messages later, so no two
+#: kept entries share one (an older message with the same identifier and the
+#: same payload would be taken for a redelivery), and 32,768 is more than a
+#: broker can have in flight with distinct identifiers and room to spare.
+INFLIGHT_KEEP = 32_768
 #: an ``inflight`` entry: a packet identifier (2 bytes) and a 16-byte digest
 _ENTRY = 18
 #: the source name of a copy of a message that overlapping subscriptions brought
@@ -192,9 +202,10 @@ class Intake:
         )
         #: the newest message number when older entries were last forgotten
         self._inflight_pruned = self._inflight_seq
-        #: the committed entries (packet identifier -> digest), read once a
-        #: transaction meets a redelivery; None until then
-        self._inflight_known: dict[int, bytes] | None = None
+        #: the committed entries (packet identifier -> (message number, digest)),
+        #: read at the first redelivery and kept up to date from then on; None
+        #: until then
+        self._inflight_known: dict[int, tuple[int, bytes]] | None = None
         #: the group's entries (packet identifier -> digest), written at its end
         self._inflight_rows: dict[int, bytes] = {}
         self._retained_policy = {r.source.name: r.source.retained for r in self.sources.routes}
@@ -441,7 +452,7 @@ class Intake:
                 )
             seq = self._inflight_seq
             self.store.on_rollback(lambda: setattr(self, "_inflight_seq", seq))
-            self._inflight_rows, self._inflight_known = {}, None
+            self._inflight_rows = {}
             out = [self._store_arrival(a, future_limit, counts) for a in group]
             if self._inflight_rows:
                 self._inflight_seq += len(self._inflight_rows)
@@ -455,13 +466,17 @@ class Intake:
                 if self._inflight_seq - self._inflight_pruned >= RECEIVE_MAXIMUM // 4:
                     self.store.conn.execute(
                         "DELETE FROM inflight WHERE seq <= ?",
-                        (self._inflight_seq - RECEIVE_MAXIMUM,),
+                        (self._inflight_seq - INFLIGHT_KEEP,),
                     )
                     pruned = self._inflight_pruned
                     self.store.on_rollback(lambda: setattr(self, "_inflight_pruned", pruned))
                     self._inflight_pruned = self._inflight_seq
             for name, n in counts.items():
                 self.store.add_counter(name, n)
+        rows, known = self._inflight_rows, self._inflight_known
+        if rows and known is not None:  # committed: kept up to date once read
+            first = self._inflight_seq - len(rows) + 1
+            known.update((mid, (first + i, d)) for i, (mid, d) in enumerate(rows.items()))
         if any(o.future for o in out):
             self._held_waiting = True
         return out
@@ -526,15 +541,23 @@ class Intake:
         in_group = self._inflight_rows.get(mid)
         if in_group is not None:  # the original is in this very group (a reconnect)
             return in_group == digest
-        if self._inflight_known is None:  # redeliveries come in bursts: read them once
-            self._inflight_known = {}
-            for (entries,) in self.store.conn.execute("SELECT entries FROM inflight ORDER BY seq"):
+        if self._inflight_known is None:  # read once, at the first redelivery
+            known: dict[int, tuple[int, bytes]] = {}
+            for seq, entries in self.store.conn.execute(
+                "SELECT seq, entries FROM inflight ORDER BY seq"
+            ):
                 raw = bytes(entries)
-                for i in range(0, len(raw) - _ENTRY + 1, _ENTRY):
-                    self._inflight_known[int.from_bytes(raw[i : i + 2], "big")] = raw[
-                        i + 2 : i + _ENTRY
-                    ]
-        return self._inflight_known.get(mid) == digest
+                first = seq - len(raw) // _ENTRY + 1
+                for k, i in enumerate(range(0, len(raw) - _ENTRY + 1, _ENTRY)):
+                    mid_i = int.from_bytes(raw[i : i + 2], "big")
+                    known[mid_i] = (first + k, raw[i + 2 : i + _ENTRY])
+            self._inflight_known = known
+        entry = self._inflight_known.get(mid)
+        return (
+            entry is not None
+            and entry[0] > self._inflight_seq - INFLIGHT_KEEP
+            and entry[1] == digest
+        )
 
     def _replayed(self, a: Arrival) -> bool:
         """True if ``a`` (stamped on arrival) is the broker replaying retained state,

@@ -59,3 +59,30 @@ def test_a_range_from_1970_reads_only_the_slices_the_buffer_has(tmp_path: Path) 
         )
     Store(tmp_path / "empty.sqlite").close()
     assert list(iter_rows(tmp_path / "empty.sqlite", "raw", 0, T0, spec=spec, slice_ns=S)) == []
+
+
+def test_parquet_export_starting_in_an_empty_hour(tmp_path: Path) -> None:
+    """The first hour of the range holds no reading: its empty slice used to fix
+    every column's type as null, and the next slice failed ("Table schema does
+    not match")."""
+    import pyarrow.parquet as pq
+
+    from edge_agent.technician.export import export
+
+    path = tmp_path / "b.sqlite"
+    store = Store(path)
+    hour = 3600 * S
+    registry = buffer.SensorRegistry(store)
+    for start in (T0, T0 + 3 * hour):  # two hours apart: the range starts between them
+        ts = start + np.arange(0, 10 * S, S, dtype=np.int64)
+        buffer.store_chunk(store, registry, ReadingChunk("n", "s", "C", ts, np.arange(10.0)))
+    store.close()
+    spec = WindowSpec("tumbling", 5 * S, 5 * S)
+    for kind, rows in (("raw", 10), ("windows", 2)):
+        out = tmp_path / f"{kind}.parquet"
+        since = T0 + hour  # an empty hour first
+        n = export(path, out, kind, since, T0 + 4 * hour, spec=spec, fmt="parquet")  # type: ignore[arg-type]
+        table = pq.read_table(out)
+        assert n == table.num_rows == rows
+        assert str(table.schema.field("node").type) == "string"
+        assert table.column("count" if kind == "windows" else "value").to_pylist()[0] in (5, 0.0)

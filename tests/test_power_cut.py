@@ -143,7 +143,7 @@ def test_device_broker_killed_twice_while_the_agent_runs(
         pipe.start_ingestors()
         agent = pipe.start_agent(flush_on_shutdown=False)
         sim = pipe.start_sim()
-        for at in (150, 300):
+        for at in (200, 400):
             # after more changes than DEVICE_AUTOSAVE_CHANGES since the broker
             # started: its file has the agent's session (a cut before that loses
             # the session; docs/edge-agent.md and bench/session_window.py)

@@ -22,6 +22,8 @@ from edge_agent.technician.status import open_readonly
 from shared.wire import EXTRA_FIELDS, STAT_FIELDS, WindowSpec
 
 Kind = Literal["raw", "windows"]
+TEXT_COLUMNS = frozenset({"node", "sensor", "unit"})
+INT_COLUMNS = frozenset({"ts_ns", "start_ns", "width_ns", "count", "invalid"})
 RAW_COLUMNS = ("node", "sensor", "unit", "ts_ns", "value")
 WINDOW_COLUMNS = (
     "node", "sensor", "unit", "start_ns", "width_ns", "count", "invalid",
@@ -126,6 +128,19 @@ def export(
                 " pyarrow, where it has wheels); export --format csv instead"
             ) from None
         writer = None
+        schema = pa.schema(
+            [
+                (
+                    c,
+                    pa.string()
+                    if c in TEXT_COLUMNS
+                    else pa.int64()
+                    if c in INT_COLUMNS
+                    else pa.float64(),
+                )
+                for c in columns
+            ]
+        )
     try:  # the output's folder, before any work: one clear error
         fh = open(out, "w", newline="", encoding="utf-8")  # noqa: SIM115 (closed below)
     except OSError as exc:
@@ -142,9 +157,11 @@ def export(
             n = len(cols["node"])
             rows += n
             if fmt == "parquet":
-                table = pa.table({c: cols[c] for c in columns})
+                # the schema from the columns' kinds, not from the first slice's
+                # values (an empty first slice would make every column null)
+                table = pa.table({c: cols[c] for c in columns}, schema=schema)
                 if writer is None:
-                    writer = pq.ParquetWriter(str(out), table.schema)
+                    writer = pq.ParquetWriter(str(out), schema)
                 if n:
                     writer.write_table(table)
             else:

@@ -215,7 +215,15 @@ def rollup(
     points = make_point_sink(cfg.influx)
     try:
         for period in periods or ("1h", "1d"):
-            lines = rollup_lines(store, since_ns, until_ns, period, cfg.influx.measurement, device)
+            lines = rollup_lines(
+                store,
+                since_ns,
+                until_ns,
+                period,
+                cfg.influx.measurement,
+                device,
+                cfg.influx.allowed_tags,
+            )
             step = cfg.influx.max_lines_per_write
             for i in range(0, len(lines), step):
                 points.write(lines[i : i + step])

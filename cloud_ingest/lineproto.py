@@ -16,6 +16,7 @@ protocol has no NaN.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 from shared.alerts import Alert
 from shared.health import INT_FIELDS, KNOWN_DROPS, OPTIONAL_FLOAT_FIELDS, HealthReport
@@ -25,15 +26,6 @@ FLOAT_FIELDS = STAT_FIELDS + EXTRA_FIELDS
 
 _TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\\": "\\\\"})
 _MEAS_ESCAPES = str.maketrans({",": r"\,", " ": r"\ ", "\\": "\\\\"})
-
-
-def escape_tag(value: str) -> str:
-    """A tag key or value, escaped for line protocol."""
-    return value.translate(_TAG_ESCAPES)
-
-
-def escape_measurement(value: str) -> str:
-    return value.translate(_MEAS_ESCAPES)
 
 
 def window_label(width_ns: int) -> str:
@@ -99,21 +91,37 @@ def health_to_line(device_id: str, report: HealthReport, measurement: str = "age
     return f"{meas},device_id={device_id.translate(_TAG_ESCAPES)} {','.join(fields)} {report.ts_ns}"
 
 
+def window_series(
+    measurement: str,
+    device_id: str,
+    node: str,
+    sensor: str,
+    unit: str,
+    window: str,
+    tags: Iterable[tuple[str, str]],
+    tag_keys: frozenset[str],
+) -> str:
+    """A window point's measurement and tags: the series key of the windows and
+    of their roll-ups. A sensor's static tags are tags too, those whose keys
+    ``tag_keys`` allows (``[influx] tag_keys``: the cardinality bound)."""
+    return (
+        f"{measurement.translate(_MEAS_ESCAPES)},device_id={device_id.translate(_TAG_ESCAPES)}"
+        f",node={node.translate(_TAG_ESCAPES)},sensor={sensor.translate(_TAG_ESCAPES)}"
+        + (f",unit={unit.translate(_TAG_ESCAPES)}" if unit else "")
+        + f",window={window}"
+        + "".join(f",{k}={v.translate(_TAG_ESCAPES)}" for k, v in tags if k in tag_keys)
+    )
+
+
 def batch_to_lines(
     batch: Batch, measurement: str = "window", tag_keys: frozenset[str] = frozenset()
 ) -> list[str]:
-    """The batch's windows as points; a sensor's static tags are tags too, those
-    whose keys ``tag_keys`` allows (``[influx] tag_keys``: the cardinality bound)."""
-    meas = measurement.translate(_MEAS_ESCAPES)
+    """The batch's windows as points (:func:`window_series` for their tags)."""
     win = window_label(batch.window.width_ns)
     if batch.window.kind == "hopping":
         win += "/" + window_label(batch.window.hop_ns)  # e.g. 60s/10s: a distinct series
     prefixes = [
-        f"{meas},device_id={batch.device_id.translate(_TAG_ESCAPES)}"
-        f",node={s.node.translate(_TAG_ESCAPES)},sensor={s.name.translate(_TAG_ESCAPES)}"
-        + (f",unit={s.unit.translate(_TAG_ESCAPES)}" if s.unit else "")
-        + f",window={win}"
-        + "".join(f",{k}={v.translate(_TAG_ESCAPES)}" for k, v in s.tags if k in tag_keys)
+        window_series(measurement, batch.device_id, s.node, s.name, s.unit, win, s.tags, tag_keys)
         for s in batch.sensors
     ]
     stats = {name: getattr(batch, name).tolist() for name in FLOAT_FIELDS}

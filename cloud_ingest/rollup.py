@@ -3,7 +3,9 @@
 ``cloud-ingest rollup`` reads the windows of a time range from the lake (the
 latest revision of each), merges them per (device, sensor, window width, period)
 and writes one point per group to ``<measurement>_1h`` / ``<measurement>_1d``
-with the same tags as the windows and the period start as its time:
+with the windows' series keys (their tags, the static ones that ``[influx]
+tag_keys`` allows included: :func:`cloud_ingest.lineproto.window_series`) and
+the period start as its time:
 
 * ``count``, ``invalid``, ``sum``, ``windows`` (how many windows were merged): sums;
 * ``min``, ``max``: of the windows' min and max;
@@ -27,20 +29,20 @@ period again overwrites it: run it after late data, or for a range twice.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from cloud_ingest.lake import (
     AGGREGATES,
     DAY_NS,
+    current_rows,
     day,
     list_objects,
     pycolumns,
     read_table,
     reading,
 )
-from cloud_ingest.lineproto import escape_measurement, escape_tag, window_label
+from cloud_ingest.lineproto import window_label, window_series
 from cloud_ingest.sinks.base import ObjectStore
 from shared.errors import WireError
 from shared.sketch import DDSketch
@@ -64,22 +66,24 @@ class _Group:
     sketch_missing: bool = False
     bad_sketches: int = 0  # sketches that could not be decoded or merged (no quantiles)
 
-    def add(self, row: dict[str, Any], start: int) -> None:
-        n = int(row["count"])
+    def add(self, cols: dict[str, list[Any]], i: int) -> None:
+        """Window ``i`` of the lake's columns."""
+        n = int(cols["count"][i])
         self.count += n
-        self.invalid += int(row["invalid"])
+        self.invalid += int(cols["invalid"][i])
         self.windows += 1
         if n == 0:
             return
-        self.total += float(row["sum"])
-        self.vmin = min(self.vmin, float(row["min"]))
-        self.vmax = max(self.vmax, float(row["max"]))
-        self.parts.append((n, float(row["mean"]), float(row["stddev"])))
+        start = int(cols["window_start"][i])
+        self.total += float(cols["sum"][i])
+        self.vmin = min(self.vmin, float(cols["min"][i]))
+        self.vmax = max(self.vmax, float(cols["max"][i]))
+        self.parts.append((n, float(cols["mean"][i]), float(cols["stddev"][i])))
         if start < self.first[0]:
-            self.first = (start, float(row["first"]))
+            self.first = (start, float(cols["first"][i]))
         if start > self.last[0]:
-            self.last = (start, float(row["last"]))
-        blob = row.get("sketch")
+            self.last = (start, float(cols["last"][i]))
+        blob = cols["sketch"][i]
         if blob is None:
             self.sketch_missing = True
         else:
@@ -117,7 +121,8 @@ class _Group:
         return out
 
 
-GroupKey = tuple[str, str, str, str, int, int]  # device, node, sensor, unit, width, period start
+#: device, node, sensor, unit, width, the static tags written as tags, period start
+GroupKey = tuple[str, str, str, str, int, tuple[tuple[str, str], ...], int]
 
 
 def widen(since_ns: int, until_ns: int, period_ns: int) -> tuple[int, int]:
@@ -127,31 +132,30 @@ def widen(since_ns: int, until_ns: int, period_ns: int) -> tuple[int, int]:
 
 def latest_windows(
     store: ObjectStore, since_ns: int, until_ns: int, device: str | None = None
-) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(device_id, row) of every tumbling window starting in [since, until), at its
-    latest revision."""
-    best: dict[tuple[str, str, str, int, int], tuple[tuple[int, int], dict[str, Any]]] = {}
+) -> dict[str, list[Any]]:
+    """The columns of every tumbling window starting in [since, until), at its
+    latest revision (:func:`cloud_ingest.lake.current_rows`, in Arrow), once."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    tables = []
     for _, key in list_objects(
         store, AGGREGATES, since_dt=day(since_ns), until_dt=day(until_ns - 1)
     ):
         data = store.get(key)
         with reading(key):  # a damaged object stops the roll-up: it would be wrong
-            cols = pycolumns(read_table(data))
-            for i, start in enumerate(cols["window_start"]):
-                if not since_ns <= start < until_ns or cols["window_kind"][i] != "tumbling":
-                    continue
-                dev = cols["device_id"][i]
-                if device is not None and dev != device:
-                    continue
-                row = {name: values[i] for name, values in cols.items()}
-                row["start_ns"] = start
-                wkey = (dev, row["node"], row["sensor"], row["window_width_ns"], start)
-                rank = (int(row["revision"]), int(row["seq"]))
-                have = best.get(wkey)
-                if have is None or rank > have[0]:
-                    best[wkey] = (rank, row)
-    for (dev, *_), (_, row) in best.items():
-        yield dev, row
+            table = read_table(data)
+            start = table.column("window_start").cast(pa.int64())
+            keep = pc.and_(
+                pc.and_(pc.greater_equal(start, since_ns), pc.less(start, until_ns)),
+                pc.equal(table.column("window_kind"), "tumbling"),
+            )
+            if device is not None:
+                keep = pc.and_(keep, pc.equal(table.column("device_id"), device))
+            tables.append(table.filter(keep))
+    if not tables:
+        return {}
+    return pycolumns(current_rows(pa.concat_tables(tables, promote_options="default")))
 
 
 def rollup_lines(
@@ -161,27 +165,30 @@ def rollup_lines(
     period: str,
     measurement: str,
     device: str | None = None,
+    tag_keys: frozenset[str] = frozenset(),
 ) -> list[str]:
     """Line protocol for the roll-ups of ``period`` ("1h" or "1d") over the range
-    (widened to whole periods)."""
+    (widened to whole periods), with the windows' series keys
+    (:func:`cloud_ingest.lineproto.window_series`: the static tags that
+    ``tag_keys`` allows included)."""
     pns = PERIODS[period]
     since_ns, until_ns = widen(since_ns, until_ns, pns)
+    cols = latest_windows(store, since_ns, until_ns, device)
     groups: dict[GroupKey, _Group] = {}
-    for dev, row in latest_windows(store, since_ns, until_ns, device):
-        width = int(row["window_width_ns"])
+    for i, start in enumerate(cols.get("window_start", ())):
+        width = int(cols["window_width_ns"][i])
         if pns % width:
             continue
-        start = int(row["start_ns"])
-        key = (dev, row["node"], row["sensor"], row["unit"], width, start - start % pns)
-        groups.setdefault(key, _Group()).add(row, start)
-    meas = escape_measurement(f"{measurement}_{period}")
+        tags = tuple((k, v) for k, v in (cols["tags"][i] or ()) if k in tag_keys)
+        key = (
+            cols["device_id"][i], cols["node"][i], cols["sensor"][i], cols["unit"][i],
+            width, tags, start - start % pns,
+        )  # fmt: skip
+        groups.setdefault(key, _Group()).add(cols, i)
     lines = []
-    for (dev, node, sensor, unit, width, t), g in sorted(groups.items()):
-        tags = (
-            f"{meas},device_id={escape_tag(dev)},node={escape_tag(node)}"
-            f",sensor={escape_tag(sensor)}"
-            + (f",unit={escape_tag(unit)}" if unit else "")
-            + f",window={window_label(width)}"
+    for (dev, node, sensor, unit, width, tags, t), g in sorted(groups.items()):
+        series = window_series(
+            f"{measurement}_{period}", dev, node, sensor, unit, window_label(width), tags, tag_keys
         )
         parts = []
         for name, v in g.fields().items():
@@ -189,5 +196,5 @@ def rollup_lines(
                 parts.append(f"{name}={v}i")
             elif math.isfinite(v):
                 parts.append(f"{name}={v!r}")
-        lines.append(f"{tags} {','.join(parts)} {t}")
+        lines.append(f"{series} {','.join(parts)} {t}")
     return lines

@@ -397,3 +397,34 @@ def test_replay_of_some_devices_takes_their_rows_of_shared_objects(tmp_path: Pat
     res = asyncio.run(replay(from_dict(IngestConfig, {}), arc, points, flt))
     assert (res.objects, res.batches, res.points) == (1, 1, 2)
     assert len(points.lines) == 2 and all("device_id=dev-2," in ln for ln in points.lines)
+
+
+def test_rollups_carry_the_windows_tags_and_take_the_latest_revision(tmp_path: Path) -> None:
+    """A roll-up point is in the windows' series (cloud_ingest.lineproto.window_series):
+    the static tags that tag_keys allows are tags of window_1h too (they were
+    left out); a window's later revision replaces the earlier one in the sums."""
+    from cloud_ingest.lineproto import batch_to_lines
+    from cloud_ingest.rollup import rollup_lines
+
+    tags = (("site", "lab"), ("room", "r1"), ("serial", "x1"))
+    tagged = dataclasses.replace(
+        _batch(1, [MIDNIGHT, MIDNIGHT + W]),
+        sensors=(SensorRef("n1", "temp", "degC", tags), SensorRef("n2", "hum", "", tags)),
+    )
+    revised = dataclasses.replace(
+        _batch(2, [MIDNIGHT], revision=1, mean=1.75), sensors=tagged.sensors
+    )
+    arc = LocalArchive(tmp_path)
+    put(arc, "g1", tagged)
+    put(arc, "g2", revised)
+    keys = frozenset({"site", "room"})
+    lines = rollup_lines(arc, MIDNIGHT, MIDNIGHT + 3600 * 10**9, "1h", "window", None, keys)
+    window_series = {ln.split(" ")[0] for ln in batch_to_lines(tagged, "window", keys)}
+    assert {ln.split(" ")[0].replace("window_1h,", "window,", 1) for ln in lines} == window_series
+    assert all(",site=lab,room=r1" in ln and "serial" not in ln for ln in lines)
+    temp = next(ln for ln in lines if "sensor=temp" in ln)
+    # temp: its window at MIDNIGHT once, at revision 1 (its mean 1.75 shows in the
+    # stddev, which merges the windows' means: 0.5 with revision 0's 1.5)
+    fields = dict(f.split("=") for f in temp.split(" ")[1].split(","))
+    assert fields["count"] == "2i" and fields["windows"] == "1i"
+    assert float(fields["stddev"]) == pytest.approx((0.25 + 0.25**2) ** 0.5)

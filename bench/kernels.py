@@ -7,7 +7,7 @@ machines are shared and noisy.
     .venv/bin/python bench/kernels.py [--readings 10000000] [--window 1000] [--repeat 7]
 
 The baseline computes only count/sum/min/max/sum of squares with five
-``np.*.reduceat`` calls (design.md measured ~230 M readings/s); the kernels
+``np.*.reduceat`` calls (about 230 M readings/s in the team's design notes); the kernels
 compute 12 statistics: they also handle NaN, compute first/last, a two-pass
 stddev and the exact p50/p90/p99 (a bucket selection per window, see
 edge_agent/pipeline/kernels.py). The per-window DDSketch is measured beside the

@@ -307,10 +307,6 @@ def _n(n: int, thing: str) -> str:
     return f"{n} {thing}" + ("" if n == 1 else "s")
 
 
-def _share(value: float | None) -> str:
-    return "" if value is None else f"{value:.1%}"
-
-
 def render_html(rep: Report) -> str:
     silent = set(rep.silent())
     rows = "".join(

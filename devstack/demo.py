@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"""
 Everything is in {work}:
   InfluxDB data   {work / "influxdb"}   (stopped; the demo's server ran on :{influx.port})
-  Parquet lake    {archive / "aggregates"}   (and alerts/; Hive partitions dt=/device_id=)
+  Parquet lake    {archive / "aggregates"}   (and alerts/; partitions dt=, alerts' dt=/device_id=)
   ground truth    {pipe.truth}
   the fleet's CA  {cloud.folder}   (certificates: `cloud-ingest pki`)
   logs            {work / "run"}/*.log

@@ -239,7 +239,7 @@ def mosquitto(
         listener + run_as + "persistence true\n"
         f"persistence_location {workdir}/\n"
         # The default of 1000 queued QoS 1 messages per client silently drops the
-        # rest for a slow or absent subscriber (see design.md); 0 = no limit here,
+        # rest for a slow or absent subscriber (docs/architecture.md); 0 = no limit here,
         # where the agent and the ingestor hold persistent sessions.
         "max_queued_messages 0\n"
         "max_inflight_messages 100\n" + DEVICE_PERSISTENCE + DEVICE_QUEUE_QOS0 +

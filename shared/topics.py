@@ -92,7 +92,3 @@ def device_from_batch_topic(topic: str, prefix: str = DEFAULT_BATCH_PREFIX) -> s
 
 def sensor_topic(node_id: str, sensor: str, prefix: str = DEFAULT_SENSOR_PREFIX) -> str:
     return f"{prefix}/{node_id}/{sensor}"
-
-
-def sensor_filter(prefix: str = DEFAULT_SENSOR_PREFIX) -> str:
-    return f"{prefix}/+/+"

@@ -222,7 +222,7 @@ def test_compact_on_the_wire() -> None:
     """Bytes per window point for a realistic batch (reported in docs/benchmarks.md)."""
     b = sample_batch(rows=300)
     size = len(encode_batch(b))
-    assert size / b.rows < 92  # design.md: 92 bytes per point as line protocol
+    assert size / b.rows < 92  # line protocol took 92 bytes per point for such rows
 
 
 def test_batch_from_an_older_v1_encoder_without_the_added_columns() -> None:

@@ -3,7 +3,8 @@
 A chunk is what one sensor node message carried: a run of readings of one
 sensor. Its timestamps and values are stored as little-endian int64/float64
 BLOBs, so writing and reading back costs one row per chunk, not one per reading
-(see ``docs/architecture.md`` for why, and ``design.md`` for the numbers).
+(see ``docs/architecture.md`` for why, and ``bench/durable_path.py`` for the
+numbers).
 
 Readings older than the ``closed_until`` watermark belong to windows that are
 already closed and sent. They are stored all the same and their windows marked

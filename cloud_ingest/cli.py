@@ -196,10 +196,11 @@ def rollup(
     """Write hourly and daily roll-ups of the lake's windows to InfluxDB.
 
     Points go to <measurement>_1h and <measurement>_1d with the windows' tags.
-    Quantiles come from merging the windows' DDSketches, so an hour's p99 is the
-    p99 of all its readings (within 1 %), not an average of window p99s. Run it
-    from a timer for the last closed hour and day; running a period again
-    overwrites it (after late data, say). Prints one JSON line per period.
+    Quantiles come from merging the windows' DDSketches, so an hour's p99 is
+    within 1 % of the reading at rank floor(0.99·(n-1)) of all its n readings,
+    not an average of window p99s. Run it from a timer for the last closed hour
+    and day; running a period again overwrites it (after late data, say). Prints
+    one JSON line per period.
     """
     import json
 

@@ -14,8 +14,9 @@ the period start as its time:
   is the standard deviation of all the readings, not an average;
 * ``first`` / ``last``: of the earliest / latest window;
 * ``p50``, ``p90``, ``p99``: from the merge of the windows' DDSketches
-  (shared/sketch.py), within 1 % relative of the exact quantile of all readings
-  of the period, clamped to [min, max]. Averaging the windows' p99 instead can be
+  (shared/sketch.py), within 1 % relative of the value at rank ⌊q·(n−1)⌋ of
+  the period's n readings (not the interpolated quantile the windows' own
+  columns hold), clamped to [min, max]. Averaging the windows' p99 instead can be
   far off: a spike in one window is the hour's p99 but moves the average p99 a
   little. Without a
   sketch in every window of a group, the quantile fields are left out.

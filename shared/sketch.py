@@ -5,9 +5,13 @@ days and still answer p50/p99 correctly, which averaging per-window quantiles
 cannot do. Reference: Masson, Rim and Lee, "DDSketch: A Fast and Fully-Mergeable
 Quantile Sketch with Relative-Error Guarantees", VLDB 2019.
 
-Guarantee: for relative accuracy α (here 1 %), every quantile the sketch returns
-is within α · |true value| of the true quantile of the values it was built from
-(or merged from), as long as no bins were collapsed. Values are mapped to bins
+Guarantee: for relative accuracy α (here 1 %), the q-quantile the sketch returns
+is within α · |x| of x, the value at rank ⌊q·(n−1)⌋ of the n values it was built
+from (or merged from) in sorted order, as long as no bins were collapsed. That
+is numpy's ``method="lower"``, not its default: a window's own p50/p90/p99
+interpolate linearly between the two values around rank q·(n−1), and on bimodal
+data (an appliance that is on or off) the two can be far apart, the interpolated
+one between the modes where no reading is (tests/test_sketch.py). Values are mapped to bins
 ``k = ceil(log_γ |x|)`` with ``γ = (1 + α) / (1 − α)``; a bin answers with
 ``2γᵏ / (γ + 1)``. Positive and negative values have separate bins; values with
 ``|x| < MIN_MAGNITUDE`` count as zero. To bound the size, each sign keeps a key

@@ -122,3 +122,23 @@ def test_encode_windows_gives_each_windows_own_bytes(
     ends = np.append(seg[1:], n)
     want = [DDSketch.from_values(v[a:b]).encode() for a, b in zip(seg, ends, strict=True)]
     assert encode_windows(v, seg) == want
+
+
+def test_on_bimodal_data_the_sketch_answers_at_rank_and_the_window_interpolates() -> None:
+    """An appliance's power, off (0 W) for half the window and on (1,000 W) for the
+    other half: the window's p50 column interpolates between the two readings
+    around rank q·(n−1), numpy's default (500 W, a value no reading had); the
+    sketch's p50 is within 1 % of the reading at rank ⌊q·(n−1)⌋ (0 W), numpy's
+    method="lower". docs/wire-format.md §2.4 defines both."""
+    from shared.wire import WindowSpec
+
+    values = np.array([0.0] * 50 + [1000.0] * 50)
+    ts = np.arange(100, dtype=np.int64) * 10**8
+    _, st, _, _ = window.sensor_windows(ts, values, WindowSpec("tumbling", 10**10), 0, 0)
+    cols = st.columns()
+    assert cols["p50"][0] == np.quantile(values, 0.5) == 500.0
+    sk = DDSketch.from_values(values)
+    for q in (0.5, 0.9, 0.99):
+        at_rank = float(np.quantile(values, q, method="lower"))
+        assert abs(sk.quantile(q) - at_rank) <= ALPHA * abs(at_rank)
+    assert sk.quantile(0.5) == 0.0  # 500 W away from the window's p50

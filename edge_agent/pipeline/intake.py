@@ -97,12 +97,12 @@ RECEIVE_MAXIMUM = 1000
 #: state saved to disk often (docs/edge-agent.md, "A power cut on the device")
 #: and a busy disk, it redelivered 600 to 4,700 messages over four SIGKILLs of
 #: the agent in tests/test_redelivery.py, and a keep of 1,000 stored up to 2,265
-#: of them twice. Half the packet
-#: identifier space: a broker that numbers a session's packets in sequence, as
-#: Mosquitto does, uses an identifier again only 65,535 messages later, so no two
-#: kept entries share one (an older message with the same identifier and the
-#: same payload would be taken for a redelivery), and 32,768 is more than a
-#: broker can have in flight with distinct identifiers and room to spare.
+#: of them twice. Half the packet identifier space instead: a broker that
+#: numbers a session's packets in sequence, as Mosquitto does, uses an
+#: identifier again only 65,535 messages later, so no two kept entries share one
+#: (an older message with the same identifier and the same payload would be
+#: taken for a redelivery), and 32,768 is more than a broker can have in flight
+#: with distinct identifiers and room to spare.
 INFLIGHT_KEEP = 32_768
 #: an ``inflight`` entry: a packet identifier (2 bytes) and a 16-byte digest
 _ENTRY = 18

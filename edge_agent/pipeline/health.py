@@ -35,7 +35,8 @@ from importlib import metadata
 
 from edge_agent.clock import Clock
 from edge_agent.config import AgentConfig
-from edge_agent.pipeline import budget, outbox, quarantine
+from edge_agent.pipeline import budget, outbox
+from edge_agent.pipeline.snapshot import buffer_snapshot
 from edge_agent.store import STORE_ERRORS, Store, crc
 from shared.health import PROBLEMS, HealthReport
 
@@ -124,13 +125,8 @@ class Reporter:
     def _report(
         self, reason: str, problems: frozenset[str], intake_up: bool, forward_up: bool
     ) -> HealthReport:
-        c, now_ns = self.store.conn, time.time_ns()
-        counters = self.store.counters()
-        n, readings, size, oldest = c.execute(
-            "SELECT count(*), coalesce(sum(readings), 0), coalesce(sum(length(payload)), 0), "
-            "min(created_ns) FROM outbox"
-        ).fetchone()
-        last_ack = self.store.get_state(outbox.LAST_ACK)
+        now_ns = time.time_ns()
+        snap = buffer_snapshot(self.store)
         clock = self.clock.estimate()
         return HealthReport(
             seq=0,  # given when stored
@@ -141,24 +137,22 @@ class Reporter:
             uptime_s=round(time.monotonic() - self._started, 3),
             intake_up=intake_up,
             forward_up=forward_up,
-            backlog_batches=int(n),
-            backlog_readings=int(readings),
-            backlog_bytes=int(size),
-            quarantined=int(c.execute("SELECT count(*) FROM quarantine").fetchone()[0]),
-            quarantine_bytes=quarantine.total_bytes(self.store),
-            disk_used_bytes=budget.used_bytes(self.store),
+            backlog_batches=snap.backlog_batches,
+            backlog_readings=snap.backlog_readings,
+            backlog_bytes=snap.backlog_bytes,
+            quarantined=snap.quarantined,
+            quarantine_bytes=snap.quarantine_bytes,
+            disk_used_bytes=snap.used_bytes,
             disk_budget_bytes=self.cfg.storage.max_bytes,
-            store_errors=counters.get(STORE_ERRORS, 0),
-            readings_stored=counters.get("readings_stored", 0),
-            alerts_open=int(
-                c.execute("SELECT count(*) FROM alert_state WHERE raised = 1").fetchone()[0]
-            ),
-            alerts_unsent=int(c.execute("SELECT count(*) FROM alerts").fetchone()[0]),
-            oldest_unsent_age_s=(now_ns - int(oldest)) / 1e9 if oldest is not None else None,
-            last_ack_age_s=(now_ns - last_ack) / 1e9 if last_ack else None,
+            store_errors=snap.store_errors,
+            readings_stored=snap.counters.get("readings_stored", 0),
+            alerts_open=snap.alerts_open,
+            alerts_unsent=snap.alerts_unsent,
+            oldest_unsent_age_s=snap.oldest_unsent_age_s(now_ns),
+            last_ack_age_s=snap.last_ack_age_s(now_ns),
             clock_offset_s=clock.offset_s if clock else None,
             clock_rtt_s=clock.rtt_s if clock else None,
-            drops={k: v for k, v in sorted(counters.items()) if k.startswith("dropped_") and v},
+            drops={k: v for k, v in snap.drops.items() if v},
         )
 
     def _store(self, report: HealthReport) -> None:

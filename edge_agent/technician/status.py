@@ -12,7 +12,8 @@ from typing import Any
 
 from edge_agent import control
 from edge_agent.lock import holder_pid, is_locked, lock_path
-from edge_agent.pipeline import budget, buffer, held, outbox, quarantine
+from edge_agent.pipeline import buffer, held, quarantine
+from edge_agent.pipeline.snapshot import buffer_snapshot
 from edge_agent.store import (
     GENERATION,
     INTAKE_SESSION,
@@ -76,19 +77,15 @@ def read_status(path: str | Path, now_ns: int | None = None) -> dict[str, Any]:
             str(s): int(n)
             for s, n in c.execute("SELECT state, count(*) FROM outbox GROUP BY state")
         }
-        backlog = c.execute(
-            "SELECT count(*), coalesce(sum(readings), 0), coalesce(sum(length(payload)), 0), "
-            "min(created_ns) FROM outbox"
-        ).fetchone()
+        snap = buffer_snapshot(store)
         # The lock says whether an agent runs; the heartbeat whether it is healthy
         # (a tick that cannot write the file, on a full disk say, stops beating).
         beating = control.agent_running(store, given_now)
         running = is_locked(path) or beating
         beat_age = control.heartbeat_age_s(store, given_now)
         clock = control.clock_offset(store) if beating else None
-        last_ack = store.get_state(outbox.LAST_ACK)
         last_error = store.get_state(LAST_STORE_ERROR)
-        counters = store.counters()
+        counters = snap.counters
         pid = holder_pid(lock_path(path)) or store.get_state(control.PID)
         return {
             "buffer": str(path),
@@ -107,22 +104,22 @@ def read_status(path: str | Path, now_ns: int | None = None) -> dict[str, Any]:
             "forward_connected": beating and bool(store.get_state(control.FORWARD_UP)),
             "store_errors": counters.get(STORE_ERRORS, 0),
             "last_store_error_ns": last_error or None,
-            "last_ack_ns": last_ack or None,
-            "last_ack_age_s": (now_ns - last_ack) / 1e9 if last_ack else None,
-            "backlog_batches": int(backlog[0]),
-            "backlog_readings": int(backlog[1]),
-            "backlog_bytes": int(backlog[2]),
-            "oldest_unsent_age_s": (now_ns - int(backlog[3])) / 1e9 if backlog[3] else None,
+            "last_ack_ns": snap.last_ack_ns,
+            "last_ack_age_s": snap.last_ack_age_s(now_ns),
+            "backlog_batches": snap.backlog_batches,
+            "backlog_readings": snap.backlog_readings,
+            "backlog_bytes": snap.backlog_bytes,
+            "oldest_unsent_age_s": snap.oldest_unsent_age_s(now_ns),
             "outbox": states,
             "counters": counters,
-            "drops": {k: v for k, v in sorted(counters.items()) if k.startswith("dropped_")},
+            "drops": snap.drops,
             "sources": source_counts(counters),
             "closed_until_ns": store.get_state(buffer.CLOSED_UNTIL),
             "max_event_ns": store.get_state(buffer.MAX_TS),
             "sensors": int(c.execute("SELECT count(*) FROM sensors").fetchone()[0]),
             "raw_chunks": int(c.execute("SELECT count(*) FROM chunks").fetchone()[0]),
-            "quarantined": int(c.execute("SELECT count(*) FROM quarantine").fetchone()[0]),
-            "quarantine_bytes": quarantine.total_bytes(store),
+            "quarantined": snap.quarantined,
+            "quarantine_bytes": snap.quarantine_bytes,
             "quarantine_dropped": counters.get(quarantine.DROPPED, 0),
             "open_alerts": [
                 {"rule": str(r), "since_ns": int(t)}
@@ -130,9 +127,9 @@ def read_status(path: str | Path, now_ns: int | None = None) -> dict[str, Any]:
                     "SELECT rule, since_ns FROM alert_state WHERE raised = 1 ORDER BY rule"
                 )
             ],
-            "unsent_alerts": int(c.execute("SELECT count(*) FROM alerts").fetchone()[0]),
+            "unsent_alerts": snap.alerts_unsent,
             "unsent_health": int(c.execute("SELECT count(*) FROM health").fetchone()[0]),
-            "used_bytes": budget.used_bytes(store),
+            "used_bytes": snap.used_bytes,
             "file_bytes": sum(
                 p.stat().st_size for p in (Path(path), Path(f"{path}-wal")) if p.exists()
             ),

@@ -5,7 +5,8 @@ after each failed attempt, up to ``reconnect_max_s``, each wait with ±20 %
 jitter, so that a fleet that lost its broker at the same moment does not come
 back in lockstep. The cap bounds how long an outage outlasts the broker: with
 the defaults (0.5 s to 5 s) a client is back within about 6 s of the broker's
-return, however long the outage was.
+return, however long the outage was. The agent's link to its device broker caps
+at 1 s (edge_agent.config.IntakeBrokerConfig says why).
 """
 
 from __future__ import annotations

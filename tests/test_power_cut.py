@@ -35,6 +35,8 @@ from devstack.pipeline import (
 from devstack.services import DEVICE_AUTOSAVE_CHANGES, Service, wait_until
 from firmware_sim.truth import read_truth
 from tests.test_e2e import WIDTH, WIDTH_S, expected_windows
+from tests.test_redelivery import pipeline as esphome_pipeline
+from tests.test_redelivery import pub
 
 pytestmark = pytest.mark.integration
 
@@ -204,17 +206,7 @@ def test_a_broker_back_without_the_session_is_subscribed_again_and_counted(
     once, counts it, and `edge-agent status` says so. bench/session_window.py
     measures how long the nodes' messages go nowhere meanwhile."""
     broker = fresh("mosquitto")
-    pipe = Pipeline(
-        PipelineSpec(
-            workdir=tmp_path / "run",
-            local_port=broker.port,
-            cloud_port=broker.port,
-            targets=[],
-            agent_extra='[[intake.sources]]\nname = "esphome"\n'
-            'topic = "esphome/{node}/+/{sensor}/state"\nformat = "value"\n',
-            agent_tables={"health": {"interval_s": 0}},
-        )
-    )
+    pipe = esphome_pipeline(broker, tmp_path)
     topic = "esphome/esp-hall/sensor/temperature/state"
     try:
         agent = pipe.start_agent(flush_on_shutdown=False)
@@ -228,11 +220,7 @@ def test_a_broker_back_without_the_session_is_subscribed_again_and_counted(
                 f"cut {cut} counted",
             )
             # subscribed again: a state published now is stored
-            subprocess.run(
-                ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1",
-                 "-t", topic, "-m", f"{20 + cut}"],
-                check=True, timeout=30,
-            )  # fmt: skip
+            pub(broker, topic, f"{20 + cut}")
             wait_until(lambda n=cut: stored(pipe) == n, 30, f"reading {cut} stored")  # type: ignore[misc]
         shown = subprocess.run(
             [str(BIN / "edge-agent"), "status", "-c", str(pipe.dir / "edge-agent.toml")],

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from cloud_ingest.lake import group_rows, to_parquet
-from cloud_ingest.lineproto import batch_to_lines
+from cloud_ingest.sinks.lineproto import batch_to_lines
 from devstack import influxq, services
 from devstack.pipeline import BIN, toml_dumps
 from firmware_sim.fleet import FleetSpec, build_batches, run_fleet

@@ -1,6 +1,6 @@
 """What one device's flood costs the others: the fleet's ack latency while one
 device floods cloud ingest with bad messages, with the per-device quotas
-(cloud_ingest/quotas.py, the defaults) and without them (every quota out of the
+(cloud_ingest/ingest/quotas.py, the defaults) and without them (every quota out of the
 way: what the ingestor did before issue 20), side by side in one run.
 
 Each round starts its own Mosquitto and InfluxDB 1.x on loopback ports and one

@@ -1,7 +1,7 @@
 """Bytes on the wire per window point: wire format v1 against InfluxDB line protocol.
 
 Builds batches from simulator-like data (the same sensor models), encodes them
-with shared.wire and as line protocol with cloud_ingest.lineproto, and reports
+with shared.wire and as line protocol with cloud_ingest.sinks.lineproto, and reports
 bytes per point for both, for a few batch sizes, with and without sketches.
 
 It also measures candidate encodings for a later wire format (none of them is a
@@ -19,7 +19,7 @@ import dataclasses
 import numpy as np
 import zstandard
 
-from cloud_ingest.lineproto import batch_to_lines
+from cloud_ingest.sinks.lineproto import batch_to_lines
 from edge_agent.pipeline.kernels import segment_windows, window_stats
 from firmware_sim.config import DEFAULT_NODES
 from firmware_sim.sensors import chunk_times, chunk_values

@@ -184,7 +184,7 @@ class AcksConfig:
 
 @dataclass(frozen=True)
 class FleetConfig:
-    """What the ingestor remembers of each device (cloud_ingest/fleet.py)."""
+    """What the ingestor remembers of each device (cloud_ingest/ingest/registry.py)."""
 
     #: devices whose last-heard time and latest health are kept (and exported to
     #: Prometheus); beyond this the one heard from least recently is forgotten
@@ -200,7 +200,7 @@ class FleetConfig:
 
 @dataclass(frozen=True)
 class QuotasConfig:
-    """What one device may cost the fleet (cloud_ingest/quotas.py, and
+    """What one device may cost the fleet (cloud_ingest/ingest/quotas.py, and
     docs/cloud-ingest.md "What one device can cost the fleet")."""
 
     #: a window or alert may start at most this long before the ingestor's clock:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cloud_ingest import pki
+from cloud_ingest.ops import pki
 from devstack import services
 from devstack.services import Service
 from shared.acks import device_key

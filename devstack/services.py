@@ -196,7 +196,7 @@ def mosquitto(
 ) -> Service:
     """``tls``: (CA, server certificate, server key) PEM files for a TLS listener.
     ``passwords``: username → password; then only those users may connect.
-    ``ingestors``: the cloud broker's shipped access rules (cloud_ingest/broker.py),
+    ``ingestors``: the cloud broker's shipped access rules (cloud_ingest/ops/broker.py),
     with these ingestor identities; every other user is a device. ``crl``: with
     ``tls`` and ``ingestors``, clients authenticate by certificate (CN = identity).
     ``max_packet_size``: the largest packet a client may send (0: no limit); by
@@ -217,7 +217,7 @@ def mosquitto(
         anonymous = f"allow_anonymous false\npassword_file {pwfile}\n"
     listener = f"listener {port} {LOOPBACK}\n" + tls_lines + anonymous
     if ingestors is not None:
-        from cloud_ingest.broker import mosquitto_acl, mosquitto_conf
+        from cloud_ingest.ops.broker import mosquitto_acl, mosquitto_conf
 
         acl = workdir / "acl"
         acl.write_text(mosquitto_acl(ingestors))

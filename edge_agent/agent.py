@@ -47,7 +47,7 @@ from shared.cli import write_ready_file
 from shared.errors import StorageError
 from shared.sdnotify import Notifier
 
-log = logging.getLogger("edge_agent.agent")
+log = logging.getLogger(__name__)
 
 PRUNE_EVERY_S = 60.0  # raw chunks and digests are pruned at most this often
 TICK_ERROR_LOG_EVERY_S = 30.0  # a persistent fault is logged once per this, with a count

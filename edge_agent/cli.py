@@ -317,15 +317,15 @@ def status(config_path: str | None, as_json: bool) -> None:
     ]
     table(rows)
     if st["sources"]:
-        from edge_agent.technician.status import SOURCE_COUNTS
+        from edge_agent.counters import SOURCE_KINDS
 
         click.echo("\nintake by source")
         table(
             [
-                (f"  {name}", *(f"{c[k]:,}" for k in SOURCE_COUNTS))
+                (f"  {name}", *(f"{c[k]:,}" for k in SOURCE_KINDS))
                 for name, c in st["sources"].items()
             ],
-            headers=("  source", *SOURCE_COUNTS),
+            headers=("  source", *SOURCE_KINDS),
         )
     drops = st["drops"] or {"(none)": 0}
     click.echo("\ndrops")
@@ -579,6 +579,7 @@ def quarantine_cmd(
     payload for storage.quarantine_max_age_s; older entries are dropped and
     counted. Reads the buffer directly: works with the agent running or not.
     """
+    from edge_agent.counters import QUARANTINE_DROPPED
     from edge_agent.pipeline import quarantine
     from edge_agent.technician.status import open_readonly
 
@@ -596,7 +597,7 @@ def quarantine_cmd(
             return
         items = quarantine.entries(store, limit, reason)
         counts = quarantine.by_reason(store)
-        dropped = store.counters().get(quarantine.DROPPED, 0)
+        dropped = store.counters().get(QUARANTINE_DROPPED, 0)
     finally:
         store.close()
     if as_json:

@@ -37,6 +37,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from edge_agent import counters
 from shared.errors import StorageError
 
 if TYPE_CHECKING:  # imported by _migrate only: a running agent never needs it
@@ -241,7 +242,6 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 ROW_COUNTS = "row_counts"
-STORE_ERRORS = "store_errors"  # counter: transactions that SQLite failed
 LAST_STORE_ERROR = "last_store_error_ns"  # state: when the last one failed
 
 
@@ -372,7 +372,7 @@ class Store:
         self.tx_serial += 1
         try:
             if self.unrecorded_errors:
-                self.add_counter(STORE_ERRORS, self.unrecorded_errors)
+                self.add_counter(counters.STORE_ERRORS, self.unrecorded_errors)
                 self.set_state(LAST_STORE_ERROR, self._last_error_ns)
             yield self.conn
             self._write_deferred()
@@ -449,7 +449,7 @@ class Store:
             (key, value),
         )
 
-    def add_counter(self, name: str, delta: int) -> None:
+    def add_counter(self, name: counters.CounterName, delta: int) -> None:
         if delta and self._undo is not None:  # written just before COMMIT
             self._counts[name] = self._counts.get(name, 0) + delta
         elif delta:

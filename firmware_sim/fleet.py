@@ -47,7 +47,7 @@ from shared.wire import (
     make_batch,
 )
 
-log = logging.getLogger("firmware_sim.fleet")
+log = logging.getLogger(__name__)
 NODE = "n1"  # every simulated device has its sensors on one node
 
 

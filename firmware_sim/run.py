@@ -34,7 +34,7 @@ from shared import backoff
 from shared.auth import apply_paho
 from shared.tls import ssl_context
 
-log = logging.getLogger("firmware_sim")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

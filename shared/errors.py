@@ -81,7 +81,7 @@ CLOUD_QUARANTINE_REASONS = (
     "bad-health",
     "sink-rejected",
     "undecodable",
-    # per-device quotas (cloud_ingest/quotas.py)
+    # per-device quotas (cloud_ingest/ingest/quotas.py)
     "time-too-old",
     "time-too-new",
     "time-span",
@@ -94,7 +94,7 @@ CLOUD_QUARANTINE_REASONS = (
 #: Why cloud-ingest defers a message: acknowledged to the broker, not answered, so
 #: that the device sends it again later. Never the device's loss.
 CLOUD_DEFER_REASONS = (
-    "rate",  # the device's message rate (cloud_ingest/quotas.py)
+    "rate",  # the device's message rate (cloud_ingest/ingest/quotas.py)
     "series-table-full",  # every device's series together: quotas.max_tracked_series
     "sink-limit",  # InfluxDB's state refused it (a series limit, a schema conflict)
     "archive-refused",  # the object store refused the object that holds it

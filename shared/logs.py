@@ -2,7 +2,7 @@
 
 With ``log_format = "json"`` every record is one JSON object on stderr::
 
-    {"ts": "2026-11-26T07:10:03.123Z", "level": "WARNING", "logger": "cloud_ingest.process",
+    {"ts": "2026-11-26T07:10:03.123Z", "level": "WARNING", "logger": "cloud_ingest.ingest.process",
      "msg": "quarantine: too-large on telemetry/v1/d1/batch: ...", "reason": "too-large",
      "topic": "telemetry/v1/d1/batch"}
 

@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 
-log = logging.getLogger("shared.sdnotify")
+log = logging.getLogger(__name__)
 
 
 class Notifier:

@@ -535,7 +535,7 @@ def check_ranges(batch: Batch) -> None:
     the quantiles are finite or NaN (absent), within [min, max] and in order. A
     window without (``count`` = 0) has only NaN. No statistic is infinite. (How far
     from the receiver's clock a window may start is the receiver's policy:
-    cloud_ingest/quotas.py.)
+    cloud_ingest/ingest/quotas.py.)
     """
     if batch.rows == 0:
         return

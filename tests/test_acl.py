@@ -1,4 +1,4 @@
-"""The cloud broker's shipped access rules (cloud_ingest/broker.py) against a real
+"""The cloud broker's shipped access rules (cloud_ingest/ops/broker.py) against a real
 Mosquitto, attack by attack (issue 10): what a hostile device tried against the
 open broker is refused. A negative ("this never arrives") is shown with a
 sentinel: a message sent after the attack that does arrive, on the same

@@ -30,6 +30,7 @@ from devstack.pipeline import (
     truth_window_counts,
 )
 from devstack.services import Service, wait_until
+from edge_agent import counters
 
 pytestmark = pytest.mark.integration
 
@@ -145,6 +146,7 @@ def test_a_clock_an_hour_off_then_stepped_right_loses_and_doubles_nothing(
         st = status(pipe)
         c = st["counters"]
         assert c.get("dropped_future", 0) == 0 and st["held_readings"] == 0
+        assert not [n for n in c if not counters.is_registered(n)], c
         if offset_s < 0:  # stamped an hour ahead of the agent's clock: held, not dropped
             assert c.get("readings_held", 0) >= 1
             assert c["readings_released"] == c["readings_held"]

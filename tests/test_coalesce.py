@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from cloud_ingest.coalesce import Coalescer
+from cloud_ingest.ingest.coalesce import Coalescer
 from shared.errors import PermanentSinkError, RetryableSinkError
 
 

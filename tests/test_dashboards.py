@@ -1,4 +1,4 @@
-"""The Grafana dashboards (cloud_ingest/dashboards.py, shipped in
+"""The Grafana dashboards (cloud_ingest/ops/dashboards.py, shipped in
 ansible/roles/monitoring/files/grafana/dashboards).
 
 Grafana itself is not installed here, so each panel's query is run the way
@@ -21,7 +21,7 @@ import jinja2
 import pytest
 import yaml
 
-from cloud_ingest import dashboards
+from cloud_ingest.ops import dashboards
 from devstack import influxq
 from devstack.services import wait_until
 from tests.conftest import FLEET_RUN_DEVICE, FleetRun

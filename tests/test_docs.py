@@ -65,3 +65,27 @@ def test_each_command_table_lists_the_programs_commands(
     main = importlib.import_module(module).main
     assert isinstance(main, click.Group)
     assert _table_commands(ROOT / page, program) == set(main.commands), page
+
+
+def _table(page: str, heading: str) -> dict[str, str]:
+    """The first table under ``heading`` in docs/``page``: first column (without
+    backquotes) → second."""
+    text = (ROOT / "docs" / page).read_text()
+    section = text[text.index(heading) :]
+    rows = {}
+    for line in section.splitlines()[1:]:
+        if line.startswith("#"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and len(cells) >= 2 and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = cells[1]
+    return rows
+
+
+def test_the_documented_events_and_counters_are_the_registries() -> None:
+    """Every name exported is documented once, and every documented name exists."""
+    from cloud_ingest.ingest import events
+    from edge_agent import counters
+
+    assert _table("cloud-ingest.md", "### Events on /metrics") == dict(events.HELP)
+    assert _table("edge-agent.md", "## Counters") == dict(counters.HELP)

@@ -26,6 +26,7 @@ from cloud_ingest.sinks.base import ObjectStore
 from devstack import influxq
 from devstack.pipeline import BIN, IngestTarget, Pipeline, PipelineSpec, toml_dumps
 from devstack.services import S3_ENV, Service, wait_until
+from edge_agent import counters
 from firmware_sim.truth import truth_by_sensor
 
 pytestmark = pytest.mark.integration
@@ -316,6 +317,8 @@ def test_ingestor_killed_mid_batch_loses_nothing(
         assert agent.terminate(timeout_s=90) == 0  # drains until every batch is acked
         c = pipe.agent_status()["counters"]
         assert c["batches_acked"] == c["batches_created"] and pipe.agent_status()["outbox"] == {}
+        # every counter a running agent kept is a name of its registry
+        assert c and not [n for n in c if not counters.is_registered(n)], c
         windows = influxq.v1_windows(influx.url, "t")
         assert influxq.total_count(windows) == produced
         exp = expected_windows(pipe.truth)

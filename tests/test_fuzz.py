@@ -363,11 +363,11 @@ def test_a_redacted_query_keeps_no_secret(parts: list[tuple[str, str, str]]) -> 
 def test_quotas_take_any_batch_whole_in_part_or_not(
     rows: list[tuple[str, str, int]], limit: int
 ) -> None:
-    """Whatever windows a batch holds, the quotas (cloud_ingest/quotas.py) give back
+    """Whatever windows a batch holds, the quotas (cloud_ingest/ingest/quotas.py) give back
     all of it, a part of it with a reason, or none of it with one; never an error,
     and the part is exactly the windows of the series within the bound."""
     from cloud_ingest.config import QuotasConfig
-    from cloud_ingest.quotas import Quotas
+    from cloud_ingest.ingest.quotas import Quotas
     from shared.wire import STAT_FIELDS, SensorRef, WindowSpec, make_batch
 
     refs = sorted({(s, u) for s, u, _ in rows})

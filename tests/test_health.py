@@ -16,11 +16,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cloud_ingest.config import FleetConfig, IngestConfig
-from cloud_ingest.decode import decode_message, plan_group
-from cloud_ingest.fleet import Fleet
-from cloud_ingest.http import Health, MetricsServer
-from cloud_ingest.lineproto import health_to_line
-from cloud_ingest.writer import Stats
+from cloud_ingest.ingest.decode import decode_message, plan_group
+from cloud_ingest.ingest.metrics import Liveness, MetricsServer
+from cloud_ingest.ingest.registry import DeviceRegistry
+from cloud_ingest.ingest.writer import Stats
+from cloud_ingest.sinks.lineproto import health_to_line
 from devstack import hostile
 from edge_agent.clock import Clock, wall_minus_mono_ns
 from edge_agent.config import AgentConfig, HealthConfig, StorageConfig
@@ -271,7 +271,7 @@ def test_at_most_max_unsent_reports_wait_and_the_rest_are_counted(store: Store) 
 
 
 def test_the_fleet_is_bounded_and_keeps_the_newest_report() -> None:
-    f = Fleet(FleetConfig(max_devices=2).max_devices)
+    f = DeviceRegistry(FleetConfig(max_devices=2).max_devices)
     new = decode_health(hostile.valid_health(seq=9))
     old = decode_health(hostile.valid_health(seq=3))
     f.heard("a", new, now_ns=1)
@@ -284,12 +284,12 @@ def test_the_fleet_is_bounded_and_keeps_the_newest_report() -> None:
 
 
 def test_metrics_show_each_device(tmp_path: Path) -> None:
-    fleet = Fleet(10, health_fresh_s=900)
+    fleet = DeviceRegistry(10, health_fresh_s=900)
     now = time.time_ns()
     fleet.heard("dev-1", decode_health(hostile.valid_health()), now_ns=now)
     fleet.heard("dev-2", now_ns=6 * 10**9)
     fleet.heard("dev-3", decode_health(hostile.valid_health()), now_ns=now - 901 * 10**9)
-    server = MetricsServer("127.0.0.1:0", Stats(), Health(), fleet).start()
+    server = MetricsServer("127.0.0.1:0", Stats(), Liveness(), fleet).start()
     try:
         url = f"http://127.0.0.1:{server.port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as resp:

@@ -46,7 +46,7 @@ def queue_depth(http_port: int) -> float:
     return 0.0
 
 
-#: a device's quotas out of the way (cloud_ingest/quotas.py), for the tests of the
+#: a device's quotas out of the way (cloud_ingest/ingest/quotas.py), for the tests of the
 #: read gate, whose one device floods on purpose and counts every quarantine entry
 NO_QUOTAS = {
     "quotas": {"max_messages_per_s": 1e9, "burst_messages": 10**9, "max_quarantined_per_min": 10**9}

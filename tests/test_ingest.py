@@ -25,9 +25,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_ingest.config import IngestConfig
+from cloud_ingest.ingest.process import Processor
+from cloud_ingest.ingest.service import serve
 from cloud_ingest.lake import archived_seqs
-from cloud_ingest.process import Processor
-from cloud_ingest.service import serve
 from cloud_ingest.sinks.archive import LocalArchive
 from devstack import influxq
 from devstack.pipeline import BIN, toml_dumps
@@ -61,7 +61,7 @@ def batch_bytes(device: str, seq: int, rows: int = 3) -> bytes:
 
 
 class Running:
-    """cloud_ingest.service.serve() in a background thread with its own event loop."""
+    """cloud_ingest.ingest.service.serve() in a background thread with its own event loop."""
 
     def __init__(self, cfg: IngestConfig, ready: Path) -> None:
         self.loop = asyncio.new_event_loop()
@@ -367,11 +367,11 @@ def test_json_logs_are_one_object_per_line_with_fields(
 def test_a_dead_metrics_thread_stops_the_ingestor() -> None:
     """No silent death: the watcher sees the HTTP server's thread end and stops the
     service, which then exits 1 (run_service) for its manager to restart it."""
-    from cloud_ingest.http import Health, MetricsServer
-    from cloud_ingest.service import _watch_threads
-    from cloud_ingest.writer import Stats
+    from cloud_ingest.ingest.metrics import Liveness, MetricsServer
+    from cloud_ingest.ingest.service import _watch_threads
+    from cloud_ingest.ingest.writer import Stats
 
-    metrics = MetricsServer(f"127.0.0.1:{free_port()}", Stats(), Health()).start()
+    metrics = MetricsServer(f"127.0.0.1:{free_port()}", Stats(), Liveness()).start()
     died: list[str] = []
 
     async def main() -> bool:
@@ -394,7 +394,7 @@ def test_device_acks_awaiting_the_brokers_puback_are_bounded(mosquitto: Service)
     at 65,535: under a flood (a fuzz soak) the acks awaiting the broker's PUBACK grew
     until publishing failed. At most MAX_ACKS_PENDING wait; the rest are not sent
     (the device's resend is answered). Here the PUBACKs are left unread."""
-    from cloud_ingest.mqttclient import IngestClient
+    from cloud_ingest.ingest.mqttclient import IngestClient
 
     cfg = from_dict(
         IngestConfig,

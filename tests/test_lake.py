@@ -12,13 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cloud_ingest.compact import compact
+from cloud_ingest.jobs.compact import compact
 from cloud_ingest.lake import (
     DAY_NS,
     LATEST_AGGREGATES_SQL,
     LakeKey,
     alert_object,
-    batch_objects,
     group_rows,
     parse_key,
     part_key,
@@ -34,6 +33,7 @@ from shared.alerts import Alert
 from shared.errors import LakeObjectError
 from shared.sketch import DDSketch
 from shared.wire import COLUMNS, Batch, SensorRef, WindowSpec, make_batch
+from tests.helpers import batch_objects
 
 W = 10 * 10**9
 MIDNIGHT = 20_000 * DAY_NS  # 2024-10-04T00:00Z
@@ -313,8 +313,8 @@ def test_replay_compact_and_rollup_meet_a_damaged_object(tmp_path: Path) -> None
     import asyncio
 
     from cloud_ingest.config import IngestConfig
-    from cloud_ingest.replay import ReplayFilter, replay
-    from cloud_ingest.rollup import rollup_lines
+    from cloud_ingest.jobs.replay import ReplayFilter, replay
+    from cloud_ingest.jobs.rollup import rollup_lines
     from shared.config import from_dict
 
     arc = LocalArchive(tmp_path)
@@ -386,7 +386,7 @@ def test_replay_of_some_devices_takes_their_rows_of_shared_objects(tmp_path: Pat
     import asyncio
 
     from cloud_ingest.config import IngestConfig
-    from cloud_ingest.replay import ReplayFilter, replay
+    from cloud_ingest.jobs.replay import ReplayFilter, replay
     from shared.config import from_dict
 
     arc = LocalArchive(tmp_path)
@@ -400,11 +400,11 @@ def test_replay_of_some_devices_takes_their_rows_of_shared_objects(tmp_path: Pat
 
 
 def test_rollups_carry_the_windows_tags_and_take_the_latest_revision(tmp_path: Path) -> None:
-    """A roll-up point is in the windows' series (cloud_ingest.lineproto.window_series):
+    """A roll-up point is in the windows' series (cloud_ingest.sinks.lineproto.window_series):
     the static tags that tag_keys allows are tags of window_1h too (they were
     left out); a window's later revision replaces the earlier one in the sums."""
-    from cloud_ingest.lineproto import batch_to_lines
-    from cloud_ingest.rollup import rollup_lines
+    from cloud_ingest.jobs.rollup import rollup_lines
+    from cloud_ingest.sinks.lineproto import batch_to_lines
 
     tags = (("site", "lab"), ("room", "r1"), ("serial", "x1"))
     tagged = dataclasses.replace(

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cloud_ingest.lineproto import batch_to_lines, window_label
+from cloud_ingest.sinks.lineproto import batch_to_lines, window_label
 from shared.wire import STAT_FIELDS, SensorRef, WindowSpec, make_batch
 
 

@@ -9,8 +9,8 @@ import threading
 import numpy as np
 
 from cloud_ingest.config import IngestConfig
+from cloud_ingest.ingest.process import Processor
 from cloud_ingest.lake import archived_seqs, parse_key, read_table, table_to_batches
-from cloud_ingest.process import Processor
 from shared.config import from_dict
 from shared.errors import PermanentSinkError, SinkLimitError
 from shared.wire import STAT_FIELDS, SensorRef, WindowSpec, encode_batch, make_batch
@@ -304,7 +304,7 @@ def test_replay_shares_the_write_path_and_leaves_the_lake_alone() -> None:
     """cloud-ingest replay writes through the same Writer: the lake written by a
     Processor goes back to InfluxDB line for line; a batch InfluxDB now refuses is
     counted as rejected, and the replay neither writes nor deletes lake objects."""
-    from cloud_ingest.replay import ReplayFilter, replay
+    from cloud_ingest.jobs.replay import ReplayFilter, replay
 
     points, store = FakePoints(), FakeStore()
     proc = processor(points, store)

@@ -80,20 +80,61 @@ def test_every_quarantine_reason_is_shown_from_zero() -> None:
     )
 
 
-def test_every_event_is_shown_from_zero() -> None:
-    """The events the ingestor counts are in KNOWN_EVENTS (shown from 0), so that the
-    rules' rate() sees their first increase."""
+def test_every_event_is_registered_and_shown_from_zero() -> None:
+    """Every name the ingestor counts comes from its registry (events.py), and
+    /metrics shows every registered name from 0, so that the rules' rate() sees the
+    first increase."""
     import re
 
-    from cloud_ingest.http import KNOWN_EVENTS
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from cloud_ingest.ingest import events
+    from cloud_ingest.ingest.metrics import Liveness, _StatsCollector
+    from cloud_ingest.ingest.writer import Stats
 
     root = Path(__file__).resolve().parent.parent / "cloud_ingest"
-    text = "".join(p.read_text() for p in sorted(root.glob("*.py")))
-    counted = set(re.findall(r'stats\.inc\(\s*"([a-z_]+)"', text))
-    counted |= {f"{s}_retries" for s in ("influx", "archive")}
-    counted |= {f"acks_{s}" for s in ("stored", "rejected")}
-    counted |= {"received", "alerts_received", "health_received", "health_written"}
-    assert counted <= set(KNOWN_EVENTS), counted - set(KNOWN_EVENTS)
+    calls = [
+        (path.name, arg)
+        for path in sorted(root.rglob("*.py"))
+        for arg in re.findall(r"\.inc\(\s*([^,)]+)", path.read_text())
+    ]
+    assert len(calls) >= 15, calls  # the scan sees the calls
+    assert all(arg.startswith("events.") for _, arg in calls), calls
+
+    registry = CollectorRegistry()
+    registry.register(_StatsCollector(Stats(), Liveness()))
+    text = generate_latest(registry).decode()
+    shown = set(re.findall(r'cloud_ingest_events_total\{event="([a-z_]+)"\} 0\.0', text))
+    shown |= {
+        f"{family}_{reason}"
+        for family, reason in re.findall(
+            r'cloud_ingest_(quarantined|deferred)_total\{reason="([a-z-]+)"\} 0\.0', text
+        )
+    }
+    assert shown == set(events.ALL)
+
+
+def test_the_rules_and_dashboards_name_only_registered_events() -> None:
+    """An alert rule or a panel on an event that does not exist never fires or shows
+    nothing: every name they use is in the registry."""
+    import re
+
+    from cloud_ingest.ingest import events
+
+    root = Path(__file__).resolve().parent.parent / "ansible" / "roles" / "monitoring" / "files"
+    used: dict[str, set[str]] = {}
+    for path in sorted([*root.rglob("*.yml"), *root.rglob("*.json")]):
+        text = path.read_text().replace('\\"', '"')
+        for family, expr in re.findall(
+            r'cloud_ingest_(events|quarantined|deferred)_total\{[^}]*?(?:event|reason)=~?"([^"]+)"',
+            text,
+        ):
+            for name in expr.split("|"):
+                key = name if family == "events" else f"{family}_{name}"
+                used.setdefault(key, set()).add(path.name)
+    assert len(used) >= 5, used  # the scan sees the rules
+    unknown = {k: v for k, v in used.items() if k not in events.ALL}
+    assert not unknown, unknown
 
 
 def api(prom: Service, path: str, **params: str) -> Any:

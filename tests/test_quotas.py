@@ -1,4 +1,4 @@
-"""Per-device quotas (cloud_ingest/quotas.py) on their own, with injected clocks;
+"""Per-device quotas (cloud_ingest/ingest/quotas.py) on their own, with injected clocks;
 through a real broker and InfluxDB in tests/test_one_device.py."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from cloud_ingest.config import IngestConfig, QuotasConfig
-from cloud_ingest.process import Processor
-from cloud_ingest.quotas import Quotas
+from cloud_ingest.ingest.process import Processor
+from cloud_ingest.ingest.quotas import Quotas
 from shared.config import from_dict
 from shared.wire import STAT_FIELDS, Batch, SensorRef, WindowSpec, encode_batch, make_batch
 from tests.test_process import FakePoints, FakeStore

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cloud_ingest.report import Report, render_html, window_ns
+from cloud_ingest.jobs.report import Report, render_html, window_ns
 from devstack.pipeline import BIN
 from tests.conftest import FLEET_RUN_DEVICE, FleetRun
 

@@ -14,10 +14,11 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edge_agent.config import AgentConfig
+from edge_agent.counters import STORE_ERRORS
 from edge_agent.pipeline import alerts, buffer
 from edge_agent.pipeline.alerts import AlertEngine, AlertRule
 from edge_agent.pipeline.intake import INFLIGHT_KEEP, RECEIVE_MAXIMUM, Intake
-from edge_agent.store import STORE_ERRORS, Store
+from edge_agent.store import Store
 from shared.config import from_dict
 from shared.readings import ReadingChunk, encode_chunk
 

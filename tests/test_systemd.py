@@ -257,7 +257,7 @@ def test_cloud_ingest_is_ready_when_subscribed_and_feeds_the_watchdog(
 
 
 def test_the_ingestor_starves_the_watchdog_only_when_stuck() -> None:
-    from cloud_ingest.watchdog import blocker
+    from cloud_ingest.ingest.watchdog import blocker
 
     assert blocker(in_hand=0, still_s=999, limit_s=10, died=[]) is None  # idle is fine
     assert blocker(in_hand=5, still_s=3, limit_s=10, died=[]) is None  # working

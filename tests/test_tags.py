@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 
 from cloud_ingest.config import InfluxConfig
-from cloud_ingest.lake import batch_objects, read_table, table_to_batches
-from cloud_ingest.lineproto import batch_to_lines
+from cloud_ingest.lake import read_table, table_to_batches
+from cloud_ingest.sinks.lineproto import batch_to_lines
 from devstack.hostile import split, with_header
 from edge_agent.config import AgentConfig, sensor_tags
 from shared import tags
 from shared.config import Invalid, from_dict
 from shared.errors import ConfigError, WireError
 from shared.wire import SensorRef, WindowSpec, decode_batch, encode_batch, make_batch
+from tests.helpers import batch_objects
 
 T0 = 1_732_600_000 * 10**9
 

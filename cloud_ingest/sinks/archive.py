@@ -1,4 +1,4 @@
-"""The archive: an object store for the data lake (``cloud_ingest/lake.py``) and quarantine.
+"""The archive: an object store for the data lake (``cloud_ingest/lake/``) and quarantine.
 
 Two backends with the same layout:
 

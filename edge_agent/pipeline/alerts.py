@@ -39,6 +39,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
+from edge_agent import counters
 from edge_agent.pipeline import outbox
 from edge_agent.store import Store, crc
 from shared.alerts import is_valid_rule
@@ -289,6 +290,6 @@ def record(store: Store, events: list[AlertEvent]) -> list[int]:
             "since_ns = excluded.since_ns",
             (ev.rule, int(ev.state == "raised"), ev.ts_ns),
         )
-        store.add_counter(f"alerts_{ev.state}", 1)
+        store.add_counter(counters.alerts(ev.state), 1)
         seqs.append(seq)
     return seqs

@@ -30,10 +30,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from edge_agent import counters
 from edge_agent.pipeline import buffer, held, quarantine
 from edge_agent.store import Store
 
-log = logging.getLogger("edge_agent.pipeline.budget")
+log = logging.getLogger(__name__)
 
 STEP_ROWS = 64  # rows deleted per step before the size is checked again
 #: digests always kept, whatever the budget (buffer.KEEP_DIGESTS without pressure)
@@ -81,7 +82,7 @@ def enforce(store: Store, max_bytes: int, *, keep_raw_after_ns: int | None = Non
             if cur.rowcount == 0:
                 break
             reports += cur.rowcount
-        store.add_counter("dropped_health", reports)
+        store.add_counter(counters.DROPPED_HEALTH, reports)
         digests = 0
         while used_bytes(store) > max_bytes:  # then digests beyond the redelivery window
             cur = store.conn.execute(
@@ -92,7 +93,7 @@ def enforce(store: Store, max_bytes: int, *, keep_raw_after_ns: int | None = Non
             if cur.rowcount == 0:
                 break
             digests += cur.rowcount
-        store.add_counter("budget_pruned_digests", digests)
+        store.add_counter(counters.BUDGET_PRUNED_DIGESTS, digests)
         closed = store.get_state(buffer.CLOSED_UNTIL)
         if keep_raw_after_ns is not None:
             closed = min(closed, keep_raw_after_ns)
@@ -117,13 +118,13 @@ def enforce(store: Store, max_bytes: int, *, keep_raw_after_ns: int | None = Non
             batches += len(rows)
             windows += sum(int(r[1]) for r in rows)
             readings += sum(int(r[2]) for r in rows)
-        store.add_counter("budget_pruned_chunks", pruned)
-        store.add_counter("dropped_budget_batches", batches)
-        store.add_counter("dropped_budget_windows", windows)
-        store.add_counter("dropped_budget_readings", readings)
+        store.add_counter(counters.BUDGET_PRUNED_CHUNKS, pruned)
+        store.add_counter(counters.DROPPED_BUDGET_BATCHES, batches)
+        store.add_counter(counters.DROPPED_BUDGET_WINDOWS, windows)
+        store.add_counter(counters.DROPPED_BUDGET_READINGS, readings)
         used = used_bytes(store)
         if used > max_bytes:
-            store.add_counter("budget_overruns", 1)
+            store.add_counter(counters.BUDGET_OVERRUNS, 1)
     if batches:
         log.warning(
             "budget: dropped the %d oldest unsent batches (%d readings) to stay within %d bytes",

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent import counters
 from edge_agent.store import Store, crc
 from shared.readings import ReadingChunk
 from shared.wire import SensorRef
@@ -138,7 +139,7 @@ def store_one(
     acknowledged to the node's broker.
     """
     if digest is not None and seen_before(store, digest):
-        store.add_counter("duplicates_ignored", len(chunk))
+        store.add_counter(counters.DUPLICATES_IGNORED, len(chunk))
         return StoreResult(stored=0, late=0, duplicate=len(chunk))
     if len(chunk) == 1:
         return _store_single(store, registry, chunk, future_limit_ns, late, after_store)
@@ -198,10 +199,10 @@ def _store_single(
                 "INSERT OR IGNORE INTO dirty(sensor_id, start_ns) VALUES (?, ?)",
                 [(sid, int(st)) for st in starts.tolist()],
             )
-    store.add_counter("readings_stored", stored)
-    store.add_counter("readings_late_accepted", accepted_late)
-    store.add_counter("dropped_late", dropped_late)
-    store.add_counter("dropped_too_old", too_old)
+    store.add_counter(counters.READINGS_STORED, stored)
+    store.add_counter(counters.READINGS_LATE_ACCEPTED, accepted_late)
+    store.add_counter(counters.DROPPED_LATE, dropped_late)
+    store.add_counter(counters.DROPPED_TOO_OLD, too_old)
     return StoreResult(
         stored=stored, late=dropped_late + too_old, future=future, revised=accepted_late
     )
@@ -264,10 +265,10 @@ def _store_many(
                 "INSERT OR IGNORE INTO dirty(sensor_id, start_ns) VALUES (?, ?)",
                 [(sid, int(st)) for st in starts.tolist()],
             )
-    store.add_counter("readings_stored", len(ts))
-    store.add_counter("readings_late_accepted", accepted_late)
-    store.add_counter("dropped_late", dropped_late)
-    store.add_counter("dropped_too_old", too_old)
+    store.add_counter(counters.READINGS_STORED, len(ts))
+    store.add_counter(counters.READINGS_LATE_ACCEPTED, accepted_late)
+    store.add_counter(counters.DROPPED_LATE, dropped_late)
+    store.add_counter(counters.DROPPED_TOO_OLD, too_old)
     return StoreResult(
         stored=len(ts), late=dropped_late + too_old, future=future, revised=accepted_late
     )
@@ -306,7 +307,7 @@ def hold(
         ),
     )
     store.set_state(HELD_BYTES, store.get_state(HELD_BYTES) + len(ts_blob) + len(vals_blob))
-    store.add_counter("readings_held", len(ts))
+    store.add_counter(counters.READINGS_HELD, len(ts))
 
 
 def store_chunk(

@@ -25,6 +25,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from edge_agent import counters
 from edge_agent.clock import Clock, mono_ns
 from edge_agent.config import AgentConfig
 from edge_agent.mqtt import connect_async, make_client
@@ -38,7 +39,7 @@ from shared.mqttprops import PACKET_OVERHEAD, publish_properties
 from shared.topics import ack_topic, alert_topic, batch_topic, health_topic
 from shared.wire import CONTENT_TYPE, FORMAT_VERSION
 
-log = logging.getLogger("edge_agent.pipeline.forward")
+log = logging.getLogger(__name__)
 
 #: the largest packet the forwarder takes from the cloud broker: acks (shared/acks.py)
 ACK_MAX_PACKET = MAX_ACK_BYTES + PACKET_OVERHEAD
@@ -212,9 +213,9 @@ class Forwarder:
         if bad_acks or unverified:
             with self.store.tx():
                 if bad_acks:
-                    self.store.add_counter("acks_invalid", bad_acks)
+                    self.store.add_counter(counters.ACKS_INVALID, bad_acks)
                 if unverified:
-                    self.store.add_counter("acks_unverified", unverified)
+                    self.store.add_counter(counters.ACKS_UNVERIFIED, unverified)
         if self.connected.is_set():
             self._publish_due()
         return done

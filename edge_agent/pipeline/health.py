@@ -33,11 +33,12 @@ import dataclasses
 import time
 from importlib import metadata
 
+from edge_agent import counters
 from edge_agent.clock import Clock
 from edge_agent.config import AgentConfig
 from edge_agent.pipeline import budget, outbox
 from edge_agent.pipeline.snapshot import buffer_snapshot
-from edge_agent.store import STORE_ERRORS, Store, crc
+from edge_agent.store import Store, crc
 from shared.health import PROBLEMS, HealthReport
 
 CHECK_EVERY_S = 1.0  # the problems are checked at most this often
@@ -46,7 +47,6 @@ CHECK_EVERY_S = 1.0  # the problems are checked at most this often
 CHANGE_EVERY_S = 10.0
 #: "near-budget" clears only this far below health.near_budget (hysteresis)
 NEAR_BUDGET_CLEAR = 0.05
-DROPPED = "dropped_health"
 
 
 def agent_version() -> str:
@@ -96,9 +96,9 @@ class Reporter:
         return True
 
     def _check(self, now: float, *, intake_up: bool, forward_up: bool) -> frozenset[str]:
-        h, counters = self.cfg.health, self.store.counters()
-        drops = sum(v for k, v in counters.items() if k.startswith("dropped_"))
-        errors = counters.get(STORE_ERRORS, 0)
+        h, counts = self.cfg.health, self.store.counters()
+        drops = sum(v for k, v in counts.items() if k.startswith("dropped_"))
+        errors = counts.get(counters.STORE_ERRORS, 0)
         if self._drops >= 0 and drops > self._drops:
             self._drops_grew = now
         if self._errors >= 0 and errors > self._errors:
@@ -145,7 +145,7 @@ class Reporter:
             disk_used_bytes=snap.used_bytes,
             disk_budget_bytes=self.cfg.storage.max_bytes,
             store_errors=snap.store_errors,
-            readings_stored=snap.counters.get("readings_stored", 0),
+            readings_stored=snap.counters.get(counters.READINGS_STORED, 0),
             alerts_open=snap.alerts_open,
             alerts_unsent=snap.alerts_unsent,
             oldest_unsent_age_s=snap.oldest_unsent_age_s(now_ns),
@@ -166,11 +166,11 @@ class Reporter:
                 "VALUES (?, ?, ?, 'pending', ?, ?)",
                 (seq, report.ts_ns, payload, crc(payload), generation),
             )
-            self.store.add_counter("health_reports", 1)
+            self.store.add_counter(counters.HEALTH_REPORTS, 1)
             over = self.store.conn.execute(
                 "DELETE FROM health WHERE seq IN (SELECT seq FROM health ORDER BY seq DESC "
                 "LIMIT -1 OFFSET ?)",
                 (self.cfg.health.max_unsent,),
             ).rowcount
             if over:
-                self.store.add_counter(DROPPED, over)
+                self.store.add_counter(counters.DROPPED_HEALTH, over)

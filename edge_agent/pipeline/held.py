@@ -26,14 +26,14 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent import counters
 from edge_agent.pipeline import buffer
 from edge_agent.store import Store, crc
 from shared.readings import ReadingChunk
 
-log = logging.getLogger("edge_agent.pipeline.held")
+log = logging.getLogger(__name__)
 
 RELEASE_ROWS = 256  # held chunks moved into the buffer per transaction
-DROPPED = "dropped_future"
 
 AfterStore = Callable[[str, str], Callable[[Any, Any], None] | None]
 
@@ -112,8 +112,8 @@ def release_some(
         moved += int(n)
     store.conn.executemany("DELETE FROM held WHERE id = ?", [(r[0],) for r in rows])
     _less(store, freed)
-    store.add_counter("readings_released", moved)
-    store.add_counter(DROPPED, damaged)
+    store.add_counter(counters.READINGS_RELEASED, moved)
+    store.add_counter(counters.DROPPED_FUTURE, damaged)
     if moved:
         log.info("held: %d readings released into the buffer (the clock allows them now)", moved)
     return moved, len(rows) == RELEASE_ROWS
@@ -137,7 +137,7 @@ def expire(store: Store, *, max_bytes: int, max_age_s: float, now_ns: int | None
                     "DELETE FROM held WHERE received_ns < ?", (now_ns - int(max_age_s * 1e9),)
                 )
                 dropped += int(old[0])
-                store.add_counter(DROPPED, int(old[0]))
+                store.add_counter(counters.DROPPED_FUTURE, int(old[0]))
                 _less(store, int(old[1]))
         while max_bytes and store.get_state(buffer.HELD_BYTES) > max_bytes:
             freed = drop_oldest(store, 1)
@@ -164,7 +164,7 @@ def drop_oldest(store: Store, rows: int) -> int:
     store.conn.executemany("DELETE FROM held WHERE id = ?", [(r[0],) for r in got])
     _less(store, sum(int(r[2]) for r in got))
     n = sum(int(r[1]) for r in got)
-    store.add_counter(DROPPED, n)
+    store.add_counter(counters.DROPPED_FUTURE, n)
     return n
 
 

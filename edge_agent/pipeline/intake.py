@@ -66,6 +66,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from edge_agent import counters
 from edge_agent.config import AgentConfig
 from edge_agent.mqtt import connect_async, make_client
 from edge_agent.pipeline import alerts, buffer, held, quarantine
@@ -78,7 +79,7 @@ from shared.errors import StorageError, WireError
 from shared.mqttprops import PACKET_OVERHEAD, subscribe_properties
 from shared.readings import ReadingChunk
 
-log = logging.getLogger("edge_agent.pipeline.intake")
+log = logging.getLogger(__name__)
 
 #: Messages held while the file cannot take them. QoS 1 messages are bounded by
 #: the broker's in-flight limit for the agent's session (they are not acknowledged);
@@ -110,7 +111,6 @@ _ENTRY = 18
 #: twice: acknowledged, not read (counted as ``intake_overlapping_copies``)
 COPY = "(copy)"
 #: counter: connections on which the broker no longer had the agent's session
-SESSIONS_LOST = "intake_sessions_lost"
 #: state: 1 once the intake has subscribed with this buffer
 SUBSCRIBED = "intake_subscribed"
 
@@ -329,7 +329,7 @@ class Intake:
             if (lost or note) and not self._pending:
                 try:
                     with self.store.tx():
-                        self.store.add_counter(SESSIONS_LOST, lost)
+                        self.store.add_counter(counters.INTAKE_SESSIONS_LOST, lost)
                         if note:
                             self.store.set_state(SUBSCRIBED, 1)
                 except (sqlite3.Error, StorageError):
@@ -436,11 +436,11 @@ class Intake:
         lines, alert events, and the counters of each source. Held readings that the
         clock now allows go first (before newer readings move the watermark)."""
         future_limit = self.future_limit_ns()
-        counts: Counter[str] = Counter()
+        counts: Counter[counters.CounterName] = Counter()
         with self.store.tx():
             dropped, self._dropped_held = self._dropped_held, 0
             if dropped:
-                self.store.add_counter("dropped_store_unavailable", dropped)
+                self.store.add_counter(counters.DROPPED_STORE_UNAVAILABLE, dropped)
                 self.store.on_rollback(lambda: self._add_dropped(dropped))
             if self._held_waiting:
                 held.release_some(
@@ -481,44 +481,46 @@ class Intake:
             self._held_waiting = True
         return out
 
-    def _store_arrival(self, a: Arrival, future_limit: int, counts: Counter[str]) -> Outcome:
+    def _store_arrival(
+        self, a: Arrival, future_limit: int, counts: Counter[counters.CounterName]
+    ) -> Outcome:
         if a.source == COPY:
-            counts["intake_overlapping_copies"] += 1
+            counts[counters.INTAKE_OVERLAPPING_COPIES] += 1
             return Outcome()
-        counts[f"source_{a.source}_messages"] += 1
+        counts[counters.source(a.source, "messages")] += 1
         qmax = self.cfg.storage.quarantine_max_bytes
         item = a.item
         if isinstance(item, WireError):
             quarantine.add(self.store, a.topic, item, a.payload, max_bytes=qmax)
-            counts[f"source_{a.source}_rejected"] += 1
+            counts[counters.source(a.source, "rejected")] += 1
             return Outcome(rejected=1)
         for rej in item.rejects:
             quarantine.add(
                 self.store, a.topic, WireError(rej.reason, rej.message), rej.payload, max_bytes=qmax
             )
         if item.rejects_not_kept:
-            counts["quarantine_not_kept"] += item.rejects_not_kept
-        counts[f"source_{a.source}_rejected"] += item.rejected
+            counts[counters.QUARANTINE_NOT_KEPT] += item.rejects_not_kept
+        counts[counters.source(a.source, "rejected")] += item.rejected
         if item.stamped and a.msg is not None and item.chunks and self._replayed(a):
-            counts[f"source_{a.source}_retained"] += item.readings
+            counts[counters.source(a.source, "retained")] += item.readings
             return Outcome(rejected=item.rejected)
         if item.stamped and a.msg is not None and a.msg.qos > 0 and item.chunks:
             digest = buffer.message_digest(a.topic, a.payload)
             if a.msg.dup and self._stored_before(a.msg.mid, digest):
-                counts[f"source_{a.source}_redelivered"] += item.readings
+                counts[counters.source(a.source, "redelivered")] += item.readings
                 return Outcome(duplicate=item.readings, rejected=item.rejected)
             self._inflight_rows[a.msg.mid] = digest
         if not item.stamped and item.chunks:
             digest = buffer.message_digest(a.topic, a.payload)
             if buffer.seen_before(self.store, digest):
-                counts["duplicates_ignored"] += item.readings
+                counts[counters.DUPLICATES_IGNORED] += item.readings
                 return Outcome(duplicate=item.readings, rejected=item.rejected)
-        counts[f"source_{a.source}_readings"] += item.readings
+        counts[counters.source(a.source, "readings")] += item.readings
         for kind, n in item.counts.items():
-            counts[f"source_{a.source}_{kind}"] += n
+            counts[counters.source(a.source, kind)] += n
         if item.filtered:
-            counts["readings_filtered"] += item.filtered
-            counts[f"source_{a.source}_filtered"] += item.filtered
+            counts[counters.READINGS_FILTERED] += item.filtered
+            counts[counters.source(a.source, "filtered")] += item.filtered
         results = [
             buffer.store_one(
                 self.store,

@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from edge_agent import counters
 from edge_agent.clock import boot_id, mono_ns
 from edge_agent.store import GENERATION, Store, crc
 from shared.wire import Batch, encode_batch
@@ -42,7 +43,7 @@ BOOT_ID = "boot_id"  # state: the boot whose monotonic clock next_try_ns is on
 
 Kind = Literal["batch", "alert", "health"]
 #: The table of each kind, and the word its counters use (``batches_sent``, …).
-TABLES: dict[Kind, tuple[str, str]] = {
+TABLES: dict[Kind, tuple[str, counters.Outgoing]] = {
     "batch": ("outbox", "batches"),
     "alert": ("alerts", "alerts"),
     "health": ("health", "health"),
@@ -109,10 +110,10 @@ def add(store: Store, batch: Batch, payload: bytes | None = None) -> None:
             batch.generation,
         ),
     )
-    store.add_counter("batches_created", 1)
+    store.add_counter(counters.BATCHES_CREATED, 1)
     first = int((batch.revision == 0).sum())
-    store.add_counter("windows_closed", first)
-    store.add_counter("windows_resent_revised", batch.rows - first)
+    store.add_counter(counters.WINDOWS_CLOSED, first)
+    store.add_counter(counters.WINDOWS_RESENT_REVISED, batch.rows - first)
 
 
 def add_wait(store: Store, seq: int, before: int) -> None:
@@ -223,9 +224,9 @@ def mark_sent(
             )
             changed += 1
             what = _WORD[table]
-            store.add_counter(f"{what}_sent", 1)
+            store.add_counter(counters.outgoing(what, "sent"), 1)
             if attempts > 1:
-                store.add_counter(f"{what}_resent", 1)
+                store.add_counter(counters.outgoing(what, "resent"), 1)
     return changed
 
 
@@ -249,16 +250,16 @@ def acknowledge(
         table, row = _find(store, seq, "generation")
         store.set_state(LAST_ACK, now_ns)
         if row is None:
-            store.add_counter("acks_duplicate", 1)
+            store.add_counter(counters.ACKS_DUPLICATE, 1)
             return False
         if generation is not None and row[0] != generation:
-            store.add_counter("acks_other_generation", 1)
+            store.add_counter(counters.ACKS_OTHER_GENERATION, 1)
             return False
         if partly:
-            store.add_counter(f"{_WORD[table]}_stored_partly", 1)
+            store.add_counter(counters.outgoing(_WORD[table], "stored_partly"), 1)
         store.conn.execute(f"DELETE FROM {table} WHERE seq = ?", (seq,))
         what = _WORD[table]
-        store.add_counter(f"{what}_acked" if stored else f"{what}_rejected", 1)
+        store.add_counter(counters.outgoing(what, "acked" if stored else "rejected"), 1)
     return True
 
 
@@ -278,7 +279,7 @@ def drop_damaged(store: Store, item: Outgoing) -> None:
     table, what = TABLES[item.kind]
     with store.tx():
         store.conn.execute(f"DELETE FROM {table} WHERE seq = ?", (item.seq,))
-        store.add_counter(f"dropped_damaged_{what}", 1)
+        store.add_counter(counters.dropped_damaged(what), 1)
 
 
 def count_unacked(store: Store) -> int:

@@ -18,13 +18,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from edge_agent import counters
 from edge_agent.store import Store
 from shared.errors import WireError
 
 KEEP_BYTES = 65536  # of each message's payload
 BYTES = "quarantine_bytes"  # state key: payload bytes in the table
-DROPPED = "quarantine_dropped"
-DROPPED_BYTES = "quarantine_dropped_bytes"
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ def add(store: Store, topic: str, exc: WireError, payload: bytes, *, max_bytes: 
         "VALUES (?, ?, ?, ?, ?)",
         (time.time_ns(), topic[:1024], exc.reason, str(exc)[:1024], kept),
     )
-    store.add_counter(f"quarantined_{exc.reason}", 1)
+    store.add_counter(counters.quarantined(exc.reason), 1)
     total = before + len(kept)
     store.set_state(BYTES, total)
     if max_bytes and total > max_bytes:
@@ -85,8 +84,8 @@ def free(store: Store, need_bytes: int = 0, *, older_than_ns: int | None = None)
         if len(take) < len(rows):
             break
     if dropped:
-        store.add_counter(DROPPED, dropped)
-        store.add_counter(DROPPED_BYTES, freed)
+        store.add_counter(counters.QUARANTINE_DROPPED, dropped)
+        store.add_counter(counters.QUARANTINE_DROPPED_BYTES, freed)
         store.set_state(BYTES, max(0, total - freed))
     return freed
 

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edge_agent import counters
 from edge_agent.pipeline import budget, outbox, quarantine
-from edge_agent.store import STORE_ERRORS, Store
+from edge_agent.store import Store
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class BufferSnapshot:
 
     @property
     def store_errors(self) -> int:
-        return self.counters.get(STORE_ERRORS, 0)
+        return self.counters.get(counters.STORE_ERRORS, 0)
 
     @property
     def drops(self) -> dict[str, int]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_agent import counters
 from edge_agent.config import AgentConfig, sensor_tags
 from edge_agent.pipeline import buffer, outbox
 from edge_agent.pipeline.kernels import WindowStats, hopping_windows, window_stats
@@ -181,7 +182,7 @@ def _emit(
             store.set_state(outbox.NEXT_SEQ, seq)  # not used: seqs stay without gaps
             half = part.start + rows // 2
             todo += [slice(half, part.stop), slice(part.start, half)]
-            store.add_counter("batches_split_for_size", 1)
+            store.add_counter(counters.BATCHES_SPLIT_FOR_SIZE, 1)
             continue
         outbox.add(store, batch, payload)
         store.conn.executemany(
@@ -306,7 +307,7 @@ def revise(
                 np.array(prevs, dtype=np.int64),
                 tags=tags,
             )
-            store.add_counter("windows_revised", sum(1 for r in revs if r > 0))
+            store.add_counter(counters.WINDOWS_REVISED, sum(1 for r in revs if r > 0))
         store.conn.executemany("DELETE FROM dirty WHERE sensor_id = ? AND start_ns = ?", dirty)
     return seqs
 

@@ -62,6 +62,7 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from edge_agent import counters
 from edge_agent.pipeline.intake import Arrival, Intake, Outcome
 from edge_agent.sources import csvrows, influxquery, timestamps
 from edge_agent.sources.config import HttpConfig, SourceConfig
@@ -74,7 +75,7 @@ from edge_agent.sources.transform import Transforms
 from shared.config import Invalid
 from shared.errors import StorageError, TelemetryError, WireError
 
-log = logging.getLogger("edge_agent.http")
+log = logging.getLogger(__name__)
 
 VERSION = "edge-agent"  # X-Influxdb-Version: clients only check that it is there
 MAX_PARAMS = 20  # query parameters of a request; more get 400
@@ -179,7 +180,7 @@ class _Server(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.heads.acquire(blocking=False):
-            self.app.count("http_refused_busy")
+            self.app.count(counters.HTTP_REFUSED_BUSY)
             with contextlib.suppress(OSError):
                 request.sendall(BUSY)
             self.shutdown_request(request)
@@ -250,7 +251,7 @@ class HttpIntake:
         self.server.deadlines.stop()
         self.server.server_close()
 
-    def count(self, name: str) -> None:
+    def count(self, name: counters.CounterName) -> None:
         self.counts.add(name)
 
     def authorized(self, headers: Any, query: dict[str, list[str]]) -> bool:
@@ -421,7 +422,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.server.slots.acquire(blocking=False):
             self._slot = True
             return True
-        self.server.app.count("http_refused_busy")
+        self.server.app.count(counters.HTTP_REFUSED_BUSY)
         self.close_connection = True
         self._error(503, "unavailable", "too many requests at once", Retry_After="1")
         return False
@@ -485,7 +486,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             query = urllib.parse.parse_qs(url.query, max_num_fields=MAX_PARAMS)
         except ValueError:  # more fields than that
-            app.count("http_refused_body")
+            app.count(counters.HTTP_REFUSED_BODY)
             self._discard_body()
             self._error(400, "invalid", f"more than {MAX_PARAMS} query parameters")
             return
@@ -497,7 +498,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "not found", f"no such endpoint: {url.path[:100]}")
             return
         if not app.authorized(self.headers, query):
-            app.count("http_unauthorized")
+            app.count(counters.HTTP_UNAUTHORIZED)
             self._discard_body()
             self._error(401, "unauthorized", "unauthorized access")
             return
@@ -506,14 +507,14 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self._read_body()
         except BodyError as exc:
-            app.count("http_refused_body")
+            app.count(counters.HTTP_REFUSED_BODY)
             self.close_connection = True
             self._error(
                 exc.status, "invalid" if exc.status != 413 else "request too large", str(exc)
             )
             return
         if not body and url.path in WRITE_PATHS:
-            app.count("http_empty_writes")
+            app.count(counters.HTTP_EMPTY_WRITES)
             self._reply(204)  # as InfluxDB 1.x answers an empty write
             return
         try:
@@ -524,7 +525,7 @@ class _Handler(BaseHTTPRequestHandler):
                 arrival = Arrival(where, body, source, item)
                 outcome = app.intake.commit_now(arrival)
         except (sqlite3.Error, StorageError) as exc:
-            app.count("http_store_unavailable")
+            app.count(counters.HTTP_STORE_UNAVAILABLE)
             log.error("http: the buffer cannot take a body now (%s); answered 503", exc)
             self._error(503, "unavailable", "the buffer cannot take writes now", Retry_After="1")
             return
@@ -566,11 +567,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(400, "invalid", str(exc)[:200])
             return
         if not app.authorized(self.headers, params):
-            app.count("http_unauthorized")
+            app.count(counters.HTTP_UNAUTHORIZED)
             self._error(401, "unauthorized", "unauthorized access")
             return
         status, answer = influxquery.answer(params.get("q", [""])[0], app.databases)
-        app.count("http_queries")
+        app.count(counters.HTTP_QUERIES)
         self._reply(status, answer)
 
     def _discard_body(self) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from edge_agent import counters
 from edge_agent.sources.config import ModbusConfig, Register
 from edge_agent.sources.contract import Builder, Decoded
 from edge_agent.sources.counts import PendingCounts
@@ -34,7 +35,7 @@ from shared.errors import StorageError, WireError
 if TYPE_CHECKING:
     from edge_agent.pipeline.intake import Intake
 
-log = logging.getLogger("edge_agent.modbus")
+log = logging.getLogger(__name__)
 
 MAX_READ = 125  # registers per read request (Modbus application protocol, 6.3)
 
@@ -166,7 +167,7 @@ class ModbusPoller:
                 self.poll_once()
             except Exception:
                 log.exception("modbus %s: a poll failed", self.cfg.name)
-                self.counts.add(f"source_{self.cfg.name}_errors")
+                self.counts.add(counters.source(self.cfg.name, "errors"))
 
     def _connect(self) -> Any:
         if self._client is None:
@@ -221,7 +222,7 @@ class ModbusPoller:
         try:
             answers = self.read()
         except ConnectionError as exc:
-            self.counts.add(f"source_{name}_errors")
+            self.counts.add(counters.source(name, "errors"))
             if not self._failing:
                 log.warning("modbus %s: poll failed: %s (counted; retried each poll)", name, exc)
             self._failing = True
@@ -241,5 +242,5 @@ class ModbusPoller:
             self.intake.commit_now(Arrival(f"modbus {name}", payload, name, item))
         except (sqlite3.Error, StorageError) as exc:
             # the poll is lost: the device has no queue to resend from
-            self.counts.add("dropped_store_unavailable", len(self.registers))
+            self.counts.add(counters.DROPPED_STORE_UNAVAILABLE, len(self.registers))
             log.error("modbus %s: the buffer cannot take the poll (%s); counted", name, exc)

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from edge_agent import counters
 from edge_agent.config import AgentConfig, BrokerConfig
 from edge_agent.mqtt import make_client
 from edge_agent.pipeline import budget, buffer
-from edge_agent.store import LAST_STORE_ERROR, STORE_ERRORS
+from edge_agent.store import LAST_STORE_ERROR
 from edge_agent.technician.status import open_readonly, read_status
 from shared.errors import StorageError
 from shared.mqttprops import connect_properties
@@ -227,7 +228,7 @@ def check_disk(cfg: AgentConfig) -> list[Check]:
             store = open_readonly(path)
             used = budget.used_bytes(store)
             quick = store.conn.execute("PRAGMA quick_check").fetchone()[0]
-            errors = store.counters().get(STORE_ERRORS, 0)
+            errors = store.counters().get(counters.STORE_ERRORS, 0)
             last_error_ns = store.get_state(LAST_STORE_ERROR)
             store.close()
             age_s = time.time() - last_error_ns / 1e9

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent import counters
 from edge_agent.lock import BufferLock
 from edge_agent.pipeline import outbox, quarantine
 from edge_agent.store import (
@@ -372,7 +373,7 @@ def repair(path: str | Path, progress: Callable[[int], None] | None = None) -> R
                 # for resends of the damaged one's. Messages kept in the outbox keep
                 # theirs, and are acknowledged under it.
                 dst.set_state(GENERATION, new_generation())
-                dst.add_counter("repair_lost_rows", sum(r.lost for r in tables.values()))
+                dst.add_counter(counters.REPAIR_LOST_ROWS, sum(r.lost for r in tables.values()))
                 dst.set_state(quarantine.BYTES, -1)  # recounted from what was kept
             dst.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             dst.close()

@@ -11,15 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent import control
+from edge_agent import counters as counter_names
 from edge_agent.lock import holder_pid, is_locked, lock_path
-from edge_agent.pipeline import buffer, held, quarantine
+from edge_agent.pipeline import buffer, held
 from edge_agent.pipeline.snapshot import buffer_snapshot
 from edge_agent.store import (
     GENERATION,
     INTAKE_SESSION,
     LAST_STORE_ERROR,
     SCHEMA_VERSION,
-    STORE_ERRORS,
     Store,
 )
 
@@ -37,32 +37,16 @@ def open_readonly(path: str | Path) -> Store:
     return store
 
 
-#: what became of each source's messages and values (edge_agent/pipeline/intake.py,
-#: docs/devices.md "What a value becomes"); errors are failed Modbus polls
-SOURCE_COUNTS = (
-    "messages",
-    "readings",
-    "invalid",
-    "text",
-    "excluded",
-    "filtered",
-    "retained",
-    "redelivered",
-    "rejected",
-    "errors",
-)
-
-
 def source_counts(counters: dict[str, int]) -> dict[str, dict[str, int]]:
     """Intake per source (``source_<name>_<kind>`` counters, kinds as in
-    :data:`SOURCE_COUNTS`), by source name."""
+    :data:`edge_agent.counters.SOURCE_KINDS`), by source name."""
     out: dict[str, dict[str, int]] = {}
     for key, value in counters.items():
         if not key.startswith("source_"):
             continue
         name, _, kind = key[len("source_") :].rpartition("_")
-        if name and kind in SOURCE_COUNTS:
-            out.setdefault(name, dict.fromkeys(SOURCE_COUNTS, 0))[kind] = value
+        if name and kind in counter_names.SOURCE_KINDS:
+            out.setdefault(name, dict.fromkeys(counter_names.SOURCE_KINDS, 0))[kind] = value
     return dict(sorted(out.items()))
 
 
@@ -102,7 +86,7 @@ def read_status(path: str | Path, now_ns: int | None = None) -> dict[str, Any]:
             "generation": store.get_state(GENERATION),
             "intake_connected": beating and bool(store.get_state(control.INTAKE_UP)),
             "forward_connected": beating and bool(store.get_state(control.FORWARD_UP)),
-            "store_errors": counters.get(STORE_ERRORS, 0),
+            "store_errors": counters.get(counter_names.STORE_ERRORS, 0),
             "last_store_error_ns": last_error or None,
             "last_ack_ns": snap.last_ack_ns,
             "last_ack_age_s": snap.last_ack_age_s(now_ns),
@@ -120,7 +104,7 @@ def read_status(path: str | Path, now_ns: int | None = None) -> dict[str, Any]:
             "raw_chunks": int(c.execute("SELECT count(*) FROM chunks").fetchone()[0]),
             "quarantined": snap.quarantined,
             "quarantine_bytes": snap.quarantine_bytes,
-            "quarantine_dropped": counters.get(quarantine.DROPPED, 0),
+            "quarantine_dropped": counters.get(counter_names.QUARANTINE_DROPPED, 0),
             "open_alerts": [
                 {"rule": str(r), "since_ns": int(t)}
                 for r, t in c.execute(

@@ -2,7 +2,7 @@
 
 Reads the ``aggregates`` and ``alerts`` objects of the lake (optionally of some
 devices and a time range), rebuilds each batch from its rows and sends it down
-the ingestor's own write path (:class:`~cloud_ingest.writer.Writer`: the same
+the ingestor's own write path (:class:`~cloud_ingest.ingest.writer.Writer`: the same
 line protocol, coalesced writes, retries, classification of failures), to
 InfluxDB only: the replay reads the lake, it does not write it again. Points are
 keyed by series and window start, so a replay overwrites what is there with the
@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from cloud_ingest.config import IngestConfig
+from cloud_ingest.ingest.writer import Stats, Write, Writer
 from cloud_ingest.lake import (
     AGGREGATES,
     ALERTS,
@@ -40,13 +41,12 @@ from cloud_ingest.lake import (
     table_to_alerts,
     table_to_batches,
 )
-from cloud_ingest.lineproto import alert_to_line, batch_to_lines
 from cloud_ingest.sinks.base import ObjectStore, PointSink
-from cloud_ingest.writer import Stats, Write, Writer
+from cloud_ingest.sinks.lineproto import alert_to_line, batch_to_lines
 from shared.errors import LakeObjectError
 from shared.wire import Batch
 
-log = logging.getLogger("cloud_ingest.replay")
+log = logging.getLogger(__name__)
 
 #: Devices replayed at the same time.
 CONCURRENT_DEVICES = 16
@@ -113,7 +113,7 @@ async def replay(
     progress: Callable[[int], None] = lambda n: None,
     stop: asyncio.Event | None = None,
 ) -> ReplayResult:
-    """Raises :class:`~cloud_ingest.writer.ShuttingDown` if ``stop`` is set while
+    """Raises :class:`~cloud_ingest.ingest.writer.ShuttingDown` if ``stop`` is set while
     InfluxDB keeps failing (after ``retry.shutdown_grace_s``)."""
     writer = Writer(cfg, points, None, Stats(), stop)
     res = ReplayResult()

@@ -17,10 +17,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from cloud_ingest.writer import Stats
+from cloud_ingest.ingest.writer import Stats
 from shared.sdnotify import Notifier
 
-log = logging.getLogger("cloud_ingest.watchdog")
+log = logging.getLogger(__name__)
 
 
 def blocker(*, in_hand: int, still_s: float, limit_s: float, died: list[str]) -> str | None:

@@ -45,12 +45,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from cloud_ingest.coalesce import Coalescer
 from cloud_ingest.config import IngestConfig
+from cloud_ingest.ingest import events
+from cloud_ingest.ingest.coalesce import Coalescer
 from cloud_ingest.sinks.base import ObjectStore, PointSink
 from shared.errors import PermanentSinkError, RetryableSinkError, SinkLimitError, WireError
 
-log = logging.getLogger("cloud_ingest.writer")
+log = logging.getLogger(__name__)
 
 #: of a quarantined payload, the bytes kept (its size and digest are in the .json)
 QUARANTINE_KEEP_BYTES = 65536
@@ -71,9 +72,11 @@ Verdict = WireError | Deferral | None
 
 @dataclass
 class Stats:
-    counters: Counter[str] = field(default_factory=Counter)
+    """The ingestor's event counts; the names are ``events.py``'s."""
 
-    def inc(self, name: str, n: int = 1) -> None:
+    counters: Counter[events.Event] = field(default_factory=Counter)
+
+    def inc(self, name: events.Event, n: int = 1) -> None:
         self.counters[name] += n
 
 
@@ -227,7 +230,7 @@ class Writer:
             except (PermanentSinkError, SinkLimitError) as exc:
                 if len(chunk) == 1:
                     if isinstance(exc, SinkLimitError):
-                        self.stats.inc("influx_limited")
+                        self.stats.inc(events.INFLUX_LIMITED)
                         log.error(
                             "influx: %s; the batch from %s is deferred (its device sends "
                             "it again); raise the server's limit or fix its state",
@@ -276,7 +279,7 @@ class Writer:
                     again.append((members, obj))
                     first = first or res
                 elif isinstance(res, PermanentSinkError | SinkLimitError):
-                    self.stats.inc("archive_rejected")
+                    self.stats.inc(events.ARCHIVE_REJECTED)
                     refused.add(obj[0])
                     log.error(
                         "archive: %s (%d writes deferred; their devices send them again)",
@@ -346,7 +349,7 @@ class Writer:
                     self.on_sink_time(stage, time.monotonic() - started)
                 return
             except RetryableSinkError as exc:
-                self.stats.inc(f"{stage}_retries")
+                self.stats.inc(events.retries(stage))
                 wait = exc.retry_after if exc.retry_after is not None else delay
                 wait = min(wait, self.cfg.retry.max_s) * random.uniform(0.8, 1.2)
                 delay = min(delay * 2, self.cfg.retry.max_s)
@@ -363,5 +366,5 @@ class Writer:
                 await asyncio.sleep(min(wait, left))  # backoff between retries
             except PermanentSinkError:
                 if stage == "influx":
-                    self.stats.inc("influx_rejected")
+                    self.stats.inc(events.INFLUX_REJECTED)
                 raise

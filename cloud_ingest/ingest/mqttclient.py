@@ -48,7 +48,7 @@ from shared.acks import CONTENT_TYPE as ACK_CONTENT_TYPE
 from shared.mqttprops import PACKET_OVERHEAD, connect_properties, publish_properties
 from shared.tls import ssl_context
 
-log = logging.getLogger("cloud_ingest.mqtt")
+log = logging.getLogger(__name__)
 #: Device acks that may await the broker's PUBACK. Far below paho's 65,535 message
 #: ids; about 1 KB each. Under normal load they stay far below (the PUBACKs are read
 #: whenever messages are); 4 x receive_maximum was too few: while reading pauses

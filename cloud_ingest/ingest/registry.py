@@ -5,7 +5,7 @@ resend) marks its device as heard at the ingestor's clock; a health report also
 replaces the device's latest health. At most ``fleet.max_devices`` devices are
 kept: beyond that the one heard from least recently is forgotten and counted
 (``fleet_devices_forgotten``), so a flood of made-up device ids on an open broker
-costs bounded memory. With the broker's ACL (cloud_ingest/broker.py) only real
+costs bounded memory. With the broker's ACL (cloud_ingest/ops/broker.py) only real
 identities can publish at all.
 
 The processor's thread writes; the metrics thread reads a snapshot. Both hold the
@@ -31,7 +31,10 @@ class DeviceSeen:
     health_received_ns: int = 0
 
 
-class Fleet:
+class DeviceRegistry:
+    """The devices this ingestor has heard from and the latest health report of each
+    (at most ``max_devices``, the least recently heard forgotten first)."""
+
     def __init__(self, max_devices: int, health_fresh_s: float = 900.0) -> None:
         self.max_devices = max_devices
         #: a device's health is shown (on /metrics) this long after its report arrived

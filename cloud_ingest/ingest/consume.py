@@ -34,13 +34,14 @@ from typing import Any
 
 import aiomqtt
 
-from cloud_ingest.http import Health
-from cloud_ingest.mqttclient import IngestClient
-from cloud_ingest.process import Outcome, Processor, ShuttingDown
+from cloud_ingest.ingest import events
+from cloud_ingest.ingest.metrics import Liveness
+from cloud_ingest.ingest.mqttclient import IngestClient
+from cloud_ingest.ingest.process import Outcome, Processor, ShuttingDown
 from shared.acks import device_key
 from shared.topics import ack_topic
 
-log = logging.getLogger("cloud_ingest.consume")
+log = logging.getLogger(__name__)
 
 #: Groups in hand: one being written, the next decoded and waiting for it. More
 #: would only make them smaller (each group's writes wait for the one before).
@@ -62,7 +63,7 @@ class GroupConsumer:
         client: IngestClient,
         proc: Processor,
         stop: asyncio.Event,
-        health: Health,
+        health: Liveness,
         on_group: Callable[[float], None] | None = None,
     ) -> None:
         self.client = client
@@ -174,7 +175,7 @@ class GroupConsumer:
         try:
             return await self.proc.handle_group(group, after, decoded)
         except ShuttingDown as exc:
-            self.proc.stats.inc("abandoned_at_shutdown", len(msgs))
+            self.proc.stats.inc(events.ABANDONED_AT_SHUTDOWN, len(msgs))
             log.error("%s (%d messages not written; redelivered later)", exc, len(msgs))
             return None
         finally:
@@ -202,9 +203,9 @@ class GroupConsumer:
                         if self.master_key is not None:
                             ack = ack.signed(o.device, device_key(self.master_key, o.device))
                         if self.client.tell(ack_topic(o.device, self.prefix), ack.encode()):
-                            self.proc.stats.inc(f"acks_{o.ack.status}")
+                            self.proc.stats.inc(events.acks(o.ack.status))
                         else:  # too many await the broker's PUBACK (mqttclient.py)
-                            self.proc.stats.inc("acks_not_sent")
+                            self.proc.stats.inc(events.ACKS_NOT_SENT)
             except aiomqtt.MqttError as exc:
                 self._fail(exc)
 

@@ -43,7 +43,7 @@ from cloud_ingest.lake import (
 from cloud_ingest.sinks.base import ObjectStore
 from shared.errors import LakeObjectError
 
-log = logging.getLogger("cloud_ingest.compact")
+log = logging.getLogger(__name__)
 
 
 @dataclass

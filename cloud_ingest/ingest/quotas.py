@@ -57,7 +57,7 @@ from cloud_ingest.config import QuotasConfig
 from shared.errors import StorageError, WireError
 from shared.wire import Batch, SensorRef, WindowSpec, take_rows
 
-log = logging.getLogger("cloud_ingest.quotas")
+log = logging.getLogger(__name__)
 
 DAY_S = 86_400
 #: quota reasons a message is quarantined for (shared/errors.py lists them all)

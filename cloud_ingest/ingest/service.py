@@ -36,20 +36,21 @@ from concurrent.futures import ThreadPoolExecutor
 import aiomqtt
 
 from cloud_ingest.config import IngestConfig
-from cloud_ingest.consume import GroupConsumer
-from cloud_ingest.http import Health, MetricsServer
-from cloud_ingest.mqttclient import IngestClient
-from cloud_ingest.process import Processor
+from cloud_ingest.ingest import events
+from cloud_ingest.ingest.consume import GroupConsumer
+from cloud_ingest.ingest.metrics import Liveness, MetricsServer
+from cloud_ingest.ingest.mqttclient import IngestClient
+from cloud_ingest.ingest.process import Processor
+from cloud_ingest.ingest.watchdog import feed
 from cloud_ingest.sinks.archive import open_archive
 from cloud_ingest.sinks.influx import make_point_sink
-from cloud_ingest.watchdog import feed
 from shared import backoff
 from shared.cli import write_ready_file
 from shared.errors import StorageError
 from shared.sdnotify import Notifier
 from shared.topics import alert_filter, batch_filter, health_filter
 
-log = logging.getLogger("cloud_ingest.service")
+log = logging.getLogger(__name__)
 
 
 async def serve(
@@ -62,15 +63,15 @@ async def serve(
     archive = open_archive(cfg.archive)
     proc = Processor(cfg, points, archive, stop)
     log.info("decoders and encoders ready in %.2f s", await asyncio.to_thread(proc.warm_up))
-    health = Health()
+    health = Liveness()
     health.in_hand_limit = cfg.mqtt.receive_maximum
     died = died if died is not None else []
-    notifier = Notifier()  # systemd: READY=1 and the watchdog (cloud_ingest/watchdog.py)
+    notifier = Notifier()  # systemd: READY=1 and the watchdog (cloud_ingest/ingest/watchdog.py)
     metrics: MetricsServer | None = None
     on_group: Callable[[float], None] | None = None
     watcher: asyncio.Future[None] | None = None
     if cfg.http.listen:
-        metrics = MetricsServer(cfg.http.listen, proc.stats, health, proc.fleet).start()
+        metrics = MetricsServer(cfg.http.listen, proc.stats, health, proc.devices).start()
         sink_seconds = metrics.sink_seconds
         proc.writer.on_sink_time = lambda sink, secs: sink_seconds.labels(sink).observe(secs)
         on_group = metrics.group_messages.observe
@@ -103,7 +104,7 @@ async def serve(
                 health.subscribed.clear()
                 if stop.is_set():
                     break
-                proc.stats.inc("mqtt_reconnects")
+                proc.stats.inc(events.MQTT_RECONNECTS)
                 wait = backoff.jittered(delay)
                 log.warning("mqtt: %s; reconnecting in %.1f s", exc, wait)
                 try:

@@ -1,4 +1,4 @@
-"""Reading InfluxDB with InfluxQL, for the fleet report (cloud_ingest/report.py).
+"""Reading InfluxDB with InfluxQL, for the fleet report (cloud_ingest/jobs/report.py).
 
 One GET to ``/query``: InfluxDB 1.x, or 2.x/3.x through their v1-compatible
 endpoint (the bucket mapped to a database, DBRP). Credentials as the sinks use

@@ -3,7 +3,7 @@
 Each stage hands the next an immutable value:
 
 - :class:`Decoded`: one message as read from the wire, within its device's quotas
-  (cloud_ingest/quotas.py). Exactly one of ``batch``, ``alert``, ``health``,
+  (cloud_ingest/ingest/quotas.py). Exactly one of ``batch``, ``alert``, ``health``,
   ``error`` and ``defer`` is set; a batch taken in part has ``partial`` too. A
   message that fails to decode still names its device and seq when they can be
   read, so that the device gets a ``rejected`` ack.
@@ -30,9 +30,9 @@ from typing import Literal
 import numpy as np
 
 from cloud_ingest.config import IngestConfig
+from cloud_ingest.ingest.quotas import DEFER_RATE, Quotas
 from cloud_ingest.lake import GroupRows, alert_object, group_rows
-from cloud_ingest.lineproto import alert_to_line, batch_to_lines, health_to_line
-from cloud_ingest.quotas import DEFER_RATE, Quotas
+from cloud_ingest.sinks.lineproto import alert_to_line, batch_to_lines, health_to_line
 from shared import jsonwire
 from shared.alerts import Alert, decode_alert
 from shared.errors import WireError
@@ -44,7 +44,7 @@ from shared.topics import (
 )
 from shared.wire import Batch, check_ranges_many, decode_batch, peek_ids
 
-log = logging.getLogger("cloud_ingest.decode")
+log = logging.getLogger(__name__)
 
 Kind = Literal["batch", "alert", "health"]
 #: A lake object: its key and its Parquet bytes.
@@ -100,7 +100,7 @@ def decode_group(
 ) -> list[Decoded]:
     """Decode each (topic, payload), then check the ranges of every batch at once
     (a group of batches costs about what one did), then each device's quotas
-    (cloud_ingest/quotas.py). A message over its device's rate is deferred before
+    (cloud_ingest/ingest/quotas.py). A message over its device's rate is deferred before
     it is decoded: a flood costs a topic split per message."""
     out: list[Decoded] = []
     for topic, payload in messages:

@@ -15,14 +15,14 @@ reason.
 
 The stages and what they hand on, each immutable:
 
-1. decode (a worker thread): ``(topic, payload)`` → :class:`~cloud_ingest.decode.Decoded`
-2. plan (the same thread): → :class:`~cloud_ingest.decode.GroupPlan` (each message's
+1. decode (a worker thread): ``(topic, payload)`` → :class:`~cloud_ingest.ingest.decode.Decoded`
+2. plan (the same thread): → :class:`~cloud_ingest.ingest.decode.GroupPlan` (each message's
    lines; the Arrow rows of all the group's batches, per day)
 3. encode (an encoder thread): the rows → one Parquet object per day
 4. when the group before has been written: recognise resends, leave out window
-   versions older than ones written, → :class:`~cloud_ingest.writer.Write`,
-   :class:`~cloud_ingest.writer.SharedObject` (the day's rows of the batches
-   written now) and :class:`~cloud_ingest.writer.Quarantine` for :meth:`Writer.write`
+   versions older than ones written, → :class:`~cloud_ingest.ingest.writer.Write`,
+   :class:`~cloud_ingest.ingest.writer.SharedObject` (the day's rows of the batches
+   written now) and :class:`~cloud_ingest.ingest.writer.Quarantine` for :meth:`Writer.write`
 5. the writer's verdicts → one :class:`Outcome` per message, counted in :class:`Stats`
 """
 
@@ -40,13 +40,12 @@ from typing import Literal
 import numpy as np
 
 from cloud_ingest.config import IngestConfig
-from cloud_ingest.decode import GroupPlan, Planned, decode_group, plan_group
-from cloud_ingest.fleet import Fleet
-from cloud_ingest.lake import GroupRows, PartNames, part_key, to_parquet
-from cloud_ingest.quotas import DEFER_RATE, Quotas
-from cloud_ingest.revisions import RevisionMemory, WindowKey
-from cloud_ingest.sinks.base import ObjectStore, PointSink
-from cloud_ingest.writer import (
+from cloud_ingest.ingest import events
+from cloud_ingest.ingest.decode import GroupPlan, Planned, decode_group, plan_group
+from cloud_ingest.ingest.quotas import DEFER_RATE, Quotas
+from cloud_ingest.ingest.registry import DeviceRegistry
+from cloud_ingest.ingest.revisions import RevisionMemory, WindowKey
+from cloud_ingest.ingest.writer import (
     Deferral,
     Quarantine,
     SharedObject,
@@ -56,6 +55,8 @@ from cloud_ingest.writer import (
     Write,
     Writer,
 )
+from cloud_ingest.lake import GroupRows, PartNames, part_key, to_parquet
+from cloud_ingest.sinks.base import ObjectStore, PointSink
 from shared.acks import Ack
 from shared.errors import WireError
 from shared.sketch import DDSketch
@@ -64,7 +65,7 @@ from shared.wire import COLUMNS, SensorRef, WindowSpec, encode_batch, make_batch
 
 __all__ = ["Outcome", "Processor", "ShuttingDown", "Stats"]
 
-log = logging.getLogger("cloud_ingest.process")
+log = logging.getLogger(__name__)
 
 #: (device_id, generation, seq) of the batches and alerts written most recently
 #: (they share the device's seq counter; a re-created buffer has a new generation
@@ -73,7 +74,6 @@ log = logging.getLogger("cloud_ingest.process")
 RECENT_BATCHES = 100_000
 
 
-_RECEIVED = {"batch": "received", "alert": "alerts_received", "health": "health_received"}
 NOT_KEPT_LOG_EVERY_S = 60.0  # quarantine entries not kept: one summary line this often
 
 
@@ -111,13 +111,13 @@ class Processor:
         self.stop = stop or asyncio.Event()
         self.stats = Stats()
         self.writer = Writer(cfg, points, archive, self.stats, self.stop)
-        #: last heard, and latest health, per device (cloud_ingest/fleet.py)
-        self.fleet = Fleet(cfg.fleet.max_devices, cfg.fleet.health_fresh_s)
+        #: last heard, and latest health, per device (cloud_ingest/ingest/registry.py)
+        self.devices = DeviceRegistry(cfg.fleet.max_devices, cfg.fleet.health_fresh_s)
         self._encoders = ThreadPoolExecutor(cfg.worker_threads, thread_name_prefix="encode")
         self._recent: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         self._revisions = RevisionMemory()
         self._names = PartNames()
-        #: what one device may cost the fleet (cloud_ingest/quotas.py)
+        #: what one device may cost the fleet (cloud_ingest/ingest/quotas.py)
         self.quotas = Quotas(cfg.quotas, cfg.influx.allowed_tags)
         self._not_kept = DeviceTally(
             "quarantine: %d entries not kept (over quotas.max_quarantined_per_min), "
@@ -163,7 +163,7 @@ class Processor:
             *(loop.run_in_executor(self._encoders, to_parquet, g.rows) for g in plan.rows)
         )
         for p in plan.planned:
-            self.stats.inc(_RECEIVED[p.msg.kind])
+            self.stats.inc(events.received(p.msg.kind))
         if after is not None:
             await asyncio.wait([asyncio.ensure_future(after)])
         return await self._write(plan, encoded)
@@ -230,7 +230,7 @@ class Processor:
             if self.quotas.keep_quarantined(p.msg.device):
                 out.append(Quarantine(p.msg.topic, p.msg.payload, error))
                 continue
-            self.stats.inc("quarantine_not_kept")
+            self.stats.inc(events.QUARANTINE_NOT_KEPT)
             self._not_kept.add(p.msg.device)
         return out
 
@@ -283,7 +283,7 @@ class Processor:
 
     def _superseded(self, p: Planned, keep: list[bool]) -> list[str]:
         dropped = keep.count(False)
-        self.stats.inc("revisions_superseded", dropped)
+        self.stats.inc(events.REVISIONS_SUPERSEDED, dropped)
         log.warning(
             "%s seq %s: %d window versions older than ones already written are not "
             "written over them",
@@ -305,39 +305,39 @@ class Processor:
         repeat_of = planned[i].repeat_of
         if repeat_of is not None:  # a repeat within the group: the first copy's fate
             error = errors[repeat_of]
-            self.stats.inc("duplicates")
+            self.stats.inc(events.DUPLICATES)
         defer = msg.defer or (error.reason if isinstance(error, Deferral) else None)
         if defer is not None:
-            self.stats.inc(f"deferred_{defer}")
+            self.stats.inc(events.deferred(defer))
             if defer == DEFER_RATE:
                 self._throttled.add(msg.device)
             return Outcome("deferred", msg.device, None)
         if isinstance(error, WireError):
-            self.stats.inc(f"quarantined_{error.reason}")
+            self.stats.inc(events.quarantined(error.reason))
             ack = None
             if msg.device is not None and msg.seq is not None:
                 ack = Ack(msg.seq, "rejected", error.reason, generation=msg.generation)
             return Outcome("quarantined", msg.device, ack)
         assert msg.device is not None and msg.seq is not None and msg.key is not None
         self._remember(msg.key)
-        self.fleet.heard(msg.device, msg.health)
-        # taken in part: stored, and the reason the rest was not (cloud_ingest/quotas.py)
+        self.devices.heard(msg.device, msg.health)
+        # taken in part: stored, and the reason the rest was not (cloud_ingest/ingest/quotas.py)
         partly = msg.partial.reason if msg.partial is not None else ""
         stored = Ack(msg.seq, "stored", partly, generation=msg.generation)
         if msg.partial is not None and repeat_of is None and not step.resent:
-            self.stats.inc(f"quarantined_{msg.partial.reason}")
-            self.stats.inc("quota_windows_refused", msg.refused_rows)
+            self.stats.inc(events.quarantined(msg.partial.reason))
+            self.stats.inc(events.QUOTA_WINDOWS_REFUSED, msg.refused_rows)
         if repeat_of is not None or step.resent:
             if step.resent:
-                self.stats.inc("duplicates")
+                self.stats.inc(events.DUPLICATES)
             return Outcome("duplicate", msg.device, stored)
         assert step.write is not None
         if msg.kind == "batch":
-            self.stats.inc("batches_written")
-            self.stats.inc("points_written", len(step.write.lines))
+            self.stats.inc(events.BATCHES_WRITTEN)
+            self.stats.inc(events.POINTS_WRITTEN, len(step.write.lines))
             self._revisions.remember(step.versions or {})
         else:
-            self.stats.inc("alerts_written" if msg.kind == "alert" else "health_written")
+            self.stats.inc(events.written(msg.kind))
         return Outcome("written", msg.device, stored)
 
     def _remember(self, key: tuple[str, int, int]) -> None:

@@ -11,7 +11,7 @@ One folder holds it::
 
 A device's certificate has CN = its device id: with ``use_identity_as_username``
 the broker takes that as the client's identity, which the ACL's patterns use
-(cloud_ingest/broker.py). An operator with a PKI of their own (step-ca, Vault,
+(cloud_ingest/ops/broker.py). An operator with a PKI of their own (step-ca, Vault,
 AWS IoT) skips this and points ``[forward.broker.tls]`` at their files; the only
 requirement is CN = device id.
 """

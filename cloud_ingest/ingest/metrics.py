@@ -10,7 +10,7 @@ Metrics (all counters end in ``_total``):
   ``alerts_received``, ``alerts_written``, ``acks_stored``, ``acks_rejected``,
   ``influx_retries``, ``archive_retries``, ``mqtt_reconnects``, …
 * ``cloud_ingest_quarantined_total{reason=…}``: rejected input, by reason (the
-  per-device quotas' reasons among them: cloud_ingest/quotas.py)
+  per-device quotas' reasons among them: cloud_ingest/ingest/quotas.py)
 * ``cloud_ingest_deferred_total{reason=…}``: messages acknowledged to the broker
   and not answered, which their devices send again: ``rate`` (a device over its
   message rate), ``series-table-full``, ``sink-limit`` (InfluxDB's state refused
@@ -31,7 +31,7 @@ Metrics (all counters end in ``_total``):
   groups under load share the fixed costs; docs/cloud-ingest.md)
 
 Fleet health, one series per device the ingestor remembers (at most
-``fleet.max_devices``; cloud_ingest/fleet.py), label ``device_id``:
+``fleet.max_devices``; cloud_ingest/ingest/registry.py), label ``device_id``:
 
 * ``cloud_ingest_device_last_heard_timestamp_seconds``: when any message of the
   device last decoded, at the ingestor's clock
@@ -62,38 +62,16 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from cloud_ingest.fleet import Fleet
-from cloud_ingest.writer import Stats
-from shared.errors import CLOUD_DEFER_REASONS, CLOUD_QUARANTINE_REASONS
-
-#: Events shown from 0 before their first increase, like the quarantine reasons: the
-#: alert rules take rate() of them, which cannot see a counter appear at 1.
-KNOWN_EVENTS = (
-    "received",
-    "alerts_received",
-    "health_received",
-    "batches_written",
-    "points_written",
-    "alerts_written",
-    "health_written",
-    "duplicates",
-    "acks_stored",
-    "acks_rejected",
-    "acks_not_sent",
-    "influx_retries",
-    "archive_retries",
-    "influx_rejected",
-    "archive_rejected",
-    "mqtt_reconnects",
-    "revisions_superseded",
-    "abandoned_at_shutdown",
-    "influx_limited",
-    "quarantine_not_kept",
-    "quota_windows_refused",
-)
+from cloud_ingest.ingest import events
+from cloud_ingest.ingest.registry import DeviceRegistry
+from cloud_ingest.ingest.writer import Stats
 
 
-class Health:
+class Liveness:
+    """What /healthz and the gauges read from the running service: subscribed yet,
+    and how much is queued, in hand and waiting for an ack. (Not the devices'
+    health reports: those are shared/health.py.)"""
+
     def __init__(self) -> None:
         self.subscribed = threading.Event()
         self.queue_depth: Callable[[], int] = lambda: 0
@@ -104,12 +82,16 @@ class Health:
 
 
 class _StatsCollector(Collector):
-    def __init__(self, stats: Stats, health: Health) -> None:
+    def __init__(self, stats: Stats, health: Liveness) -> None:
         self.stats = stats
         self.health = health
 
     def collect(self) -> Iterator[Any]:
-        events = CounterMetricFamily("cloud_ingest_events", "Processor events", labels=["event"])
+        counted = CounterMetricFamily(
+            "cloud_ingest_events",
+            "Processor events (cloud_ingest/ingest/events.py)",
+            labels=["event"],
+        )
         quarantined = CounterMetricFamily(
             "cloud_ingest_quarantined", "Input sent to quarantine", labels=["reason"]
         )
@@ -119,22 +101,16 @@ class _StatsCollector(Collector):
             "sends them again (a quota, or a sink's state)",
             labels=["reason"],
         )
-        # every known event and reason from 0, so that the first one is an increase
-        counts = {**dict.fromkeys(KNOWN_EVENTS, 0), **dict(self.stats.counters)}
-        reasons = dict.fromkeys(CLOUD_QUARANTINE_REASONS, 0)
-        defers = dict.fromkeys(CLOUD_DEFER_REASONS, 0)
+        # every registered event from 0, so that the first one is an increase
+        counts = {**dict.fromkeys(events.ALL, 0), **dict(self.stats.counters)}
         for name, value in sorted(counts.items()):
-            if name.startswith("quarantined_"):
-                reasons[name[len("quarantined_") :]] = value
-            elif name.startswith("deferred_"):
-                defers[name[len("deferred_") :]] = value
+            if name.startswith(events.QUARANTINED_PREFIX):
+                quarantined.add_metric([name[len(events.QUARANTINED_PREFIX) :]], value)
+            elif name.startswith(events.DEFERRED_PREFIX):
+                deferred.add_metric([name[len(events.DEFERRED_PREFIX) :]], value)
             else:
-                events.add_metric([name], value)
-        for reason, value in sorted(reasons.items()):
-            quarantined.add_metric([reason], value)
-        for reason, value in sorted(defers.items()):
-            deferred.add_metric([reason], value)
-        yield events
+                counted.add_metric([name], value)
+        yield counted
         yield quarantined
         yield deferred
         up = GaugeMetricFamily("cloud_ingest_up", "1 while subscribed to the broker")
@@ -163,11 +139,11 @@ class _StatsCollector(Collector):
         yield acks
 
 
-class _FleetCollector(Collector):
+class _DevicesCollector(Collector):
     """Per-device series from :class:`Fleet`: a snapshot per scrape."""
 
-    def __init__(self, fleet: Fleet) -> None:
-        self.fleet = fleet
+    def __init__(self, devices: DeviceRegistry) -> None:
+        self.devices = devices
 
     def collect(self) -> Iterator[Any]:
         def gauge(name: str, doc: str) -> GaugeMetricFamily:
@@ -192,8 +168,8 @@ class _FleetCollector(Collector):
         reported = gauge(
             "edge_agent_report_timestamp_seconds", "Device clock of the latest health report"
         )
-        fresh_from = time.time_ns() - int(self.fleet.health_fresh_s * 1e9)
-        for d in self.fleet.snapshot():
+        fresh_from = time.time_ns() - int(self.devices.health_fresh_s * 1e9)
+        for d in self.devices.snapshot():
             label = [d.device]
             heard.add_metric(label, d.last_heard_ns / 1e9)
             h = d.health
@@ -210,25 +186,25 @@ class _FleetCollector(Collector):
             reported.add_metric(label, h.ts_ns / 1e9)
         yield from (heard, ok, backlog, oldest, disk, drops, errors, reported)
         devices = GaugeMetricFamily("cloud_ingest_fleet_devices", "Devices remembered")
-        devices.add_metric([], float(len(self.fleet)))
+        devices.add_metric([], float(len(self.devices)))
         yield devices
         forgotten = CounterMetricFamily(
             "cloud_ingest_fleet_devices_forgotten",
             "Devices forgotten to keep fleet.max_devices",
         )
-        forgotten.add_metric([], float(self.fleet.forgotten))
+        forgotten.add_metric([], float(self.devices.forgotten))
         yield forgotten
 
 
 class MetricsServer:
     def __init__(
-        self, listen: str, stats: Stats, health: Health, fleet: Fleet | None = None
+        self, listen: str, stats: Stats, health: Liveness, devices: DeviceRegistry | None = None
     ) -> None:
         host, _, port = listen.rpartition(":")
         self.registry = CollectorRegistry()
         self.registry.register(_StatsCollector(stats, health))
-        if fleet is not None:
-            self.registry.register(_FleetCollector(fleet))
+        if devices is not None:
+            self.registry.register(_DevicesCollector(devices))
         self.sink_seconds = Histogram(
             "cloud_ingest_sink_seconds",
             "Time of a successful sink write, retries included",

@@ -1,7 +1,7 @@
 """The fleet report: one self-contained HTML file with plots, to read or to mail.
 
 ``cloud-ingest report --since … --until … --out FILE`` reads InfluxDB (InfluxQL,
-cloud_ingest/influxql.py) and writes:
+cloud_ingest/jobs/influxql.py) and writes:
 
 * **data completeness** per device and day: the windows the daily roll-ups
   counted (``<measurement>_1d``, field ``windows``) against the windows a day
@@ -35,7 +35,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from cloud_ingest.influxql import InfluxQLReader
+from cloud_ingest.jobs.influxql import InfluxQLReader
 
 DAY_NS = 86_400 * 10**9
 HOUR_NS = 3_600 * 10**9

@@ -4,7 +4,7 @@
 latest revision of each), merges them per (device, sensor, window width, period)
 and writes one point per group to ``<measurement>_1h`` / ``<measurement>_1d``
 with the windows' series keys (their tags, the static ones that ``[influx]
-tag_keys`` allows included: :func:`cloud_ingest.lineproto.window_series`) and
+tag_keys`` allows included: :func:`cloud_ingest.sinks.lineproto.window_series`) and
 the period start as its time:
 
 * ``count``, ``invalid``, ``sum``, ``windows`` (how many windows were merged): sums;
@@ -43,8 +43,8 @@ from cloud_ingest.lake import (
     read_table,
     reading,
 )
-from cloud_ingest.lineproto import window_label, window_series
 from cloud_ingest.sinks.base import ObjectStore
+from cloud_ingest.sinks.lineproto import window_label, window_series
 from shared.errors import WireError
 from shared.sketch import DDSketch
 
@@ -170,7 +170,7 @@ def rollup_lines(
 ) -> list[str]:
     """Line protocol for the roll-ups of ``period`` ("1h" or "1d") over the range
     (widened to whole periods), with the windows' series keys
-    (:func:`cloud_ingest.lineproto.window_series`: the static tags that
+    (:func:`cloud_ingest.sinks.lineproto.window_series`: the static tags that
     ``tag_keys`` allows included)."""
     pns = PERIODS[period]
     since_ns, until_ns = widen(since_ns, until_ns, pns)

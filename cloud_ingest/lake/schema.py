@@ -1,0 +1,85 @@
+"""The Arrow schemas of the lake's tables (the columns are docs/wire-format.md §3)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Final
+
+from cloud_ingest.lake.layout import LAKE_VERSION
+from shared.errors import PermanentSinkError
+from shared.wire import COLUMNS
+
+
+def arrow() -> Any:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:  # pragma: no cover - a platform without pyarrow wheels
+        raise PermanentSinkError(
+            "the Parquet archive needs pyarrow, which is not installed here"
+        ) from None
+    return pa, pq
+
+
+@functools.cache
+def float_columns() -> list[str]:
+    return [name for name, (dt, _) in COLUMNS.items() if dt == "float64"]
+
+
+@functools.cache
+def aggregates_schema() -> Any:
+    pa, _ = arrow()
+    fields = [
+        ("device_id", pa.string()),
+        ("seq", pa.int64()),
+        ("batch_created_ns", pa.int64()),
+        ("window_kind", pa.string()),
+        ("window_width_ns", pa.int64()),
+        ("window_hop_ns", pa.int64()),
+        ("node", pa.string()),
+        ("sensor", pa.string()),
+        ("unit", pa.string()),
+        ("window_start", pa.timestamp("ns", tz="UTC")),
+        ("count", pa.uint32()),
+        ("invalid", pa.uint32()),
+        *[(name, pa.float64()) for name in float_columns()],
+        ("revision", pa.uint32()),
+        ("sketch", pa.binary()),
+        # the sensor's static tags from the agent's config (added within lake v1:
+        # read_table gives older objects an empty column)
+        ("tags", tags_type()),
+        # the device's buffer generation (docs/wire-format.md §2.3; 0 = none): a batch
+        # is (device_id, generation, seq). Older objects read as 0 (read_table).
+        ("generation", pa.int64()),
+    ]
+    return pa.schema(fields, metadata={"telemetry.lake_version": LAKE_VERSION})
+
+
+def tags_type() -> Any:
+    pa, _ = arrow()
+    return pa.map_(pa.string(), pa.string())
+
+
+@functools.cache
+def alert_schema() -> Any:
+    pa, _ = arrow()
+    return pa.schema(
+        [
+            ("seq", pa.int64()),
+            ("ts", pa.timestamp("ns", tz="UTC")),
+            ("rule", pa.string()),
+            ("kind", pa.string()),
+            ("node", pa.string()),
+            ("sensor", pa.string()),
+            ("state", pa.string()),
+            ("value", pa.float64()),
+            ("message", pa.string()),
+        ],
+        metadata={"telemetry.lake_version": LAKE_VERSION},
+    )
+
+
+DICT_COLUMNS: Final = (
+    "device_id", "window_kind", "node", "sensor", "unit", "rule", "kind", "state"
+)  # fmt: skip
+STATS_COLUMNS: Final = ("device_id", "seq", "window_start", "ts")

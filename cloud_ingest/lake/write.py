@@ -1,0 +1,149 @@
+"""Rows into Parquet objects: a group's rows per day, an alert's object."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from cloud_ingest.lake.layout import ALERTS, DAY_NS, day, object_key
+from cloud_ingest.lake.schema import (
+    DICT_COLUMNS,
+    STATS_COLUMNS,
+    aggregates_schema,
+    alert_schema,
+    arrow,
+    float_columns,
+    tags_type,
+)
+from shared.alerts import Alert
+from shared.wire import Batch
+
+
+def to_parquet(table: Any) -> bytes:
+    """A table (or record batch) as the bytes of a Parquet file."""
+    pa, pq = arrow()
+    if isinstance(table, pa.RecordBatch):
+        table = pa.Table.from_batches([table])
+    # Arrow's own buffer, not io.BytesIO: the C++ writer then never calls back into
+    # Python, so it runs without the GIL (two threads encode at once) and is 20 %
+    # faster alone.
+    sink = pa.BufferOutputStream()
+    # Objects are small (one batch): snappy costs a third of zstd at nearly the same
+    # size (0.49 against 1.47 ms per 10-row object), and every reader has it.
+    # Dictionaries for the repeated strings, statistics for the columns a query
+    # prunes on: both cut the cost further (0.40 ms) and the size by a third.
+    names = set(table.column_names)
+    pq.write_table(
+        table,
+        sink,
+        compression="snappy",
+        use_dictionary=[c for c in DICT_COLUMNS if c in names],
+        write_statistics=[c for c in STATS_COLUMNS if c in names],
+    )
+    data: bytes = sink.getvalue().to_pybytes()
+    return data
+
+
+@dataclass(frozen=True)
+class GroupRows:
+    """A group's rows of one day (an Arrow record batch, to be encoded with
+    :func:`to_parquet`) and, for each row, the index of its batch in the group."""
+
+    dt: str
+    rows: Any
+    which: npt.NDArray[np.int64]
+
+    def without(self, batches: Collection[int]) -> Any | None:
+        """The rows less those of ``batches``; None if no row is left."""
+        pa, _ = arrow()
+        keep = ~np.isin(self.which, np.fromiter(batches, dtype=np.int64))
+        if keep.all():
+            return self.rows
+        return self.rows.filter(pa.array(keep)) if keep.any() else None
+
+
+def group_rows(batches: Sequence[Batch]) -> list[GroupRows]:
+    """The rows of all the batches, one :class:`GroupRows` per UTC day their windows
+    start on, in day order.
+
+    Converted to Arrow at once: per column, one conversion for the group instead
+    of one per batch (which cost more than the Parquet encoding)."""
+    pa, _ = arrow()
+    if not batches:
+        return []
+    rows = np.array([b.rows for b in batches], dtype=np.int64)
+    which = np.repeat(np.arange(len(batches)), rows)  # the batch of each row
+
+    def per_batch(values: list[Any], dtype: Any) -> Any:
+        return pa.array(np.asarray(values, dtype=dtype)[which])
+
+    def cat(name: str) -> Any:
+        return pa.array(np.concatenate([getattr(b, name) for b in batches]))
+
+    devices = sorted({b.device_id for b in batches})
+    refs = [r for b in batches for r in b.sensors]
+    ref_first = np.cumsum([0] + [len(b.sensors) for b in batches[:-1]])
+    ref_idx = pa.array(
+        np.concatenate(
+            [b.sensor.astype(np.int64) + o for b, o in zip(batches, ref_first, strict=True)]
+        )
+    )
+    kinds = sorted({b.window.kind for b in batches})
+    starts = np.concatenate([b.start_ns for b in batches])
+    table = pa.RecordBatch.from_arrays(
+        [
+            pa.array(devices, pa.string()).take(
+                per_batch([devices.index(b.device_id) for b in batches], np.int32)
+            ),
+            per_batch([b.seq for b in batches], np.int64),
+            per_batch([b.created_ns for b in batches], np.int64),
+            pa.array(kinds, pa.string()).take(
+                per_batch([kinds.index(b.window.kind) for b in batches], np.int32)
+            ),
+            per_batch([b.window.width_ns for b in batches], np.int64),
+            per_batch([b.window.hop_ns for b in batches], np.int64),
+            pa.array([r.node for r in refs], pa.string()).take(ref_idx),
+            pa.array([r.name for r in refs], pa.string()).take(ref_idx),
+            pa.array([r.unit for r in refs], pa.string()).take(ref_idx),
+            pa.array(starts).cast(pa.timestamp("ns", tz="UTC")),
+            cat("count"),
+            cat("invalid"),
+            *[cat(name) for name in float_columns()],
+            cat("revision"),
+            pa.array([s for b in batches for s in (b.sketch or (None,) * b.rows)], pa.binary()),
+            pa.array([list(r.tags) if r.tags else None for r in refs], tags_type()).take(ref_idx),
+            per_batch([b.generation for b in batches], np.int64),
+        ],
+        schema=aggregates_schema(),
+    )
+    days = starts // DAY_NS
+    if len(days) and days.min() == days.max():  # one day: the rows as they are
+        return [GroupRows(day(int(days[0]) * DAY_NS), table, which)]
+    out = []
+    for d in np.unique(days).tolist():
+        at = np.flatnonzero(days == d)
+        out.append(GroupRows(day(d * DAY_NS), table.take(pa.array(at)), which[at]))
+    return out
+
+
+def alert_object(device_id: str, alert: Alert) -> tuple[str, bytes]:
+    pa, _ = arrow()
+    table = pa.table(
+        {
+            "seq": [alert.seq],
+            "ts": pa.array([alert.ts_ns], pa.int64()).cast(pa.timestamp("ns", tz="UTC")),
+            "rule": [alert.rule],
+            "kind": [alert.kind],
+            "node": [alert.node],
+            "sensor": [alert.sensor],
+            "state": [alert.state],
+            "value": [alert.value],
+            "message": [alert.message],
+        },
+        schema=alert_schema(),
+    )
+    return object_key(ALERTS, day(alert.ts_ns), device_id, alert.seq), to_parquet(table)

@@ -10,43 +10,34 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Literal
 
-from shared import backoff
-from shared.auth import AuthConfig, check_secret, read_key, read_secret
+from shared.auth import check_secret, read_key, read_secret
 from shared.config import Invalid, port, positive
+from shared.mqttlink import MqttLinkConfig
 from shared.tags import RESERVED, TAG_KEY
-from shared.tls import TlsConfig, is_loopback, require_tls
+from shared.tls import is_loopback, require_tls
 from shared.topics import DEFAULT_BATCH_PREFIX
 from shared.wire import MAX_BODY_BYTES, MAX_PAYLOAD_BYTES
 
 
 @dataclass(frozen=True)
-class MqttConfig:
-    host: str = "127.0.0.1"
-    port: int = 1883
+class MqttConfig(MqttLinkConfig):
+    """The ingestors' broker: the link's keys (shared/mqttlink.py) and what to
+    subscribe to."""
+
     client_id: str = "cloud-ingest-1"
     topic_prefix: str = DEFAULT_BATCH_PREFIX
     subscription: str = ""
     alert_subscription: str = ""
     health_subscription: str = ""
-    keepalive_s: int = 30
-    session_expiry_s: int = 7 * 24 * 3600
     receive_maximum: int = 256
-    reconnect_min_s: float = backoff.DEFAULT_MIN_S
-    reconnect_max_s: float = backoff.DEFAULT_MAX_S
-    tls: TlsConfig = field(default_factory=TlsConfig)
-    auth: AuthConfig = field(default_factory=AuthConfig)
-    #: plain MQTT to another machine only if true (secure by default)
-    insecure: bool = False
 
     def __post_init__(self) -> None:
-        port("port", self.port)
+        super().__post_init__()
         require_tls(self.host, self.tls, self.insecure)
-        backoff.check(self.reconnect_min_s, self.reconnect_max_s)
         if not 1 <= self.receive_maximum <= 65535:
             raise Invalid("receive_maximum", "must be 1-65535")
         if not self.client_id:
             raise Invalid("client_id", "must not be empty (the persistent session is keyed by it)")
-        positive("keepalive_s", self.keepalive_s)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_ingest.lake import LATEST_AGGREGATES_SQL
+from cloud_ingest.sinks.lineproto import FLOAT_FIELDS, absent_bit
 from shared.wire import EXTRA_FIELDS, STAT_FIELDS
 
 WindowKey = tuple[str, str, str, int]  # device_id, node, sensor, start_ns
@@ -53,7 +54,12 @@ def v1_windows(url: str, db: str, measurement: str = "window") -> dict[WindowKey
         for row in series["values"]:
             rec = dict(zip(cols, row, strict=True))
             key = (rec["device_id"], rec["node"], rec["sensor"], int(rec["time"]))
-            out[key] = {f: rec.get(f) for f in FIELDS}
+            # docs/wire-format.md §5: a field the point names in `absent` is not its own
+            absent = int(rec.get("absent") or 0)
+            out[key] = {
+                f: None if f in FLOAT_FIELDS and absent & absent_bit(f) else rec.get(f)
+                for f in FIELDS
+            }
     return out
 
 

@@ -15,36 +15,20 @@ from edge_agent.pipeline.alerts import AlertRule
 from edge_agent.pipeline.kernels import KERNELS
 from edge_agent.sources.config import HttpConfig, ModbusConfig, SourceConfig
 from edge_agent.sources.transform import TransformRule
-from shared import backoff
 from shared import tags as tags_mod
-from shared.auth import AuthConfig, read_key
-from shared.config import Invalid, port, positive
-from shared.tls import TlsConfig, require_tls
+from shared.auth import read_key
+from shared.config import Invalid, positive
+from shared.mqttlink import MqttLinkConfig
+from shared.tls import require_tls
 from shared.topics import DEFAULT_BATCH_PREFIX, DEFAULT_SENSOR_PREFIX, is_valid_id
 from shared.wire import WindowSpec
 
 
 @dataclass(frozen=True)
-class BrokerConfig:
-    host: str = "127.0.0.1"
-    port: int = 1883
-    client_id: str = ""
-    keepalive_s: int = 30
-    session_expiry_s: int = 7 * 24 * 3600
-    reconnect_min_s: float = backoff.DEFAULT_MIN_S
-    reconnect_max_s: float = backoff.DEFAULT_MAX_S
-    tls: TlsConfig = field(default_factory=TlsConfig)
-    auth: AuthConfig = field(default_factory=AuthConfig)
-    #: the cloud link ([forward.broker]) refuses plain MQTT to another machine
-    #: unless this is true; the device broker ([intake.broker]) ignores it
-    insecure: bool = False
-
-    def __post_init__(self) -> None:
-        port("port", self.port)
-        positive("keepalive_s", self.keepalive_s)
-        if self.session_expiry_s < 0:
-            raise Invalid("session_expiry_s", "must be >= 0")
-        backoff.check(self.reconnect_min_s, self.reconnect_max_s)
+class BrokerConfig(MqttLinkConfig):
+    """A broker the agent talks to (shared/mqttlink.py has the keys). The cloud link
+    ([forward.broker]) refuses plain MQTT to another machine unless ``insecure`` is
+    true (``ForwardConfig`` checks it); the device broker ([intake.broker]) ignores it."""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cloud_ingest.sinks.lineproto import batch_to_lines, window_label
+from cloud_ingest.sinks.lineproto import FLOAT_FIELDS, absent_bit, batch_to_lines, window_label
 from shared.wire import STAT_FIELDS, SensorRef, WindowSpec, make_batch
 
 
@@ -31,6 +31,9 @@ def test_lines_escape_tags_and_omit_nan() -> None:
     assert lines[0] == (
         r"win\ dow,device_id=d1,node=n1,sensor=t,unit=deg\ C\,x\=y,window=10s "
         "count=2i,invalid=0i,revision=0i,min=0.1,max=0.1,mean=0.1,stddev=0.1,first=0.1,"
-        "last=0.1,sum=0.2 0"  # sum is count x mean when a batch has no sum column
+        "last=0.1,sum=0.2,absent=896i 0"  # sum: count x mean without a sum column; 896: below
     )
-    assert lines[1].endswith(" count=0i,invalid=3i,revision=0i 10000000000")
+    # the bits of p50, p90, p99 (this batch has no quantile columns: NaN)
+    assert sum(absent_bit(f) for f in ("p50", "p90", "p99")) == 896
+    all_absent = sum(absent_bit(f) for f in FLOAT_FIELDS)
+    assert lines[1].endswith(f" count=0i,invalid=3i,revision=0i,absent={all_absent}i 10000000000")

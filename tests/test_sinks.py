@@ -10,6 +10,7 @@ import pytest
 from cloud_ingest.config import ArchiveConfig, InfluxConfig
 from cloud_ingest.sinks.archive import LocalArchive, S3Archive, open_archive
 from cloud_ingest.sinks.influx import InfluxV1Sink, InfluxV2Sink, classify_status
+from cloud_ingest.sinks.lineproto import absent_bit
 from devstack import influxq
 from devstack.services import Service, free_port, wait_until
 from shared.errors import PermanentSinkError, RetryableSinkError, SinkLimitError
@@ -28,6 +29,52 @@ def test_v1_write_read_back_and_overwrite(influxdb: Service, influx_db: str) -> 
     (point,) = w.values()
     assert point["mean"] == 0.30000000000000004 and point["count"] == 3
     sink.close()
+
+
+def _revisions() -> tuple[list[str], list[str]]:
+    """A window's first revision with every statistic, and a later one whose
+    statistics are NaN but for min and max (what a hostile or broken device can send)."""
+    import numpy as np
+
+    from cloud_ingest.sinks.lineproto import FLOAT_FIELDS, batch_to_lines
+    from shared.wire import SensorRef, WindowSpec, make_batch
+
+    def batch(revision: int, value: float) -> list[str]:
+        stats = {f: [value] for f in FLOAT_FIELDS}
+        stats["min"], stats["max"] = [1.0], [1.0]
+        return batch_to_lines(
+            make_batch(
+                device_id="d1", seq=1 + revision, created_ns=0,
+                window=WindowSpec("tumbling", 10**10), sensors=(SensorRef("n", "s", ""),),
+                columns={"sensor": [0], "start_ns": [10**18], "count": [4], "invalid": [0],
+                         "revision": [revision], **stats},
+            )
+        )  # fmt: skip
+
+    return batch(0, 1.0), batch(1, np.nan)
+
+
+def test_a_later_revision_leaves_no_field_of_an_earlier_one(
+    influxdb: Service, influx_db: str
+) -> None:
+    """InfluxDB keeps a field the later point leaves out; the later point's `absent`
+    names it, and a reader that follows §5 sees exactly the later revision."""
+    first, later = _revisions()
+    assert first[0].endswith(" absent=0i 1000000000000000000".replace(" absent", ",absent"))
+    sink = InfluxV1Sink(InfluxConfig(api="v1", url=influxdb.url, database=influx_db))
+    sink.write(first)
+    sink.write(later)
+    sink.close()
+    raw = influxq.influxql(influxdb.url, 'SELECT p50, absent FROM "window"', influx_db)
+    ((_, p50, absent),) = raw["results"][0]["series"][0]["values"]
+    assert p50 == 1.0  # the first revision's p50 is still there…
+    assert absent & absent_bit("p50")  # …and the latest point says it is not its own
+    # InfluxQL can leave such points out, as docs/wire-format.md §5 shows
+    q = 'SELECT p50 FROM "window" WHERE absent & 128 = 0'
+    assert "series" not in influxq.influxql(influxdb.url, q, influx_db)["results"][0]
+    (point,) = influxq.v1_windows(influxdb.url, influx_db).values()
+    assert point["revision"] == 1 and point["min"] == 1.0
+    assert point["p50"] is None and point["mean"] is None
 
 
 def test_v1_bad_line_protocol_is_permanent(influxdb: Service, influx_db: str) -> None:
@@ -94,7 +141,10 @@ def test_v2_write_through_influxdb_client(victoria: Service, unique: str) -> Non
         InfluxConfig(api="v2", url=victoria.url, bucket="b", org="o", token="t", measurement="w")
     )
     t = 1_790_000_000 * 10**9
-    sink.write([f"w{unique},device_id=d1,node=n,sensor=s,window=10s count=5i,mean=2.5 {t}"])
+    # `absent` (docs/wire-format.md §5) is a number so that VictoriaMetrics keeps it
+    sink.write(
+        [f"w{unique},device_id=d1,node=n,sensor=s,window=10s count=5i,mean=2.5,absent=128i {t}"]
+    )
     sink.close()
 
     def visible() -> bool:
@@ -103,7 +153,7 @@ def test_v2_write_through_influxdb_client(victoria: Service, unique: str) -> Non
 
     wait_until(visible, 30, "VictoriaMetrics to show the point")
     (point,) = influxq.vm_windows(victoria.url, f"w{unique}").values()
-    assert point == {"count": 5, "mean": 2.5}
+    assert point == {"count": 5, "mean": 2.5, "absent": 128}
 
 
 def test_s3_archive_put_get_list_overwrite(s3: Service, bucket: str) -> None:

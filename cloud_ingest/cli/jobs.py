@@ -71,11 +71,12 @@ def replay(
     points = make_point_sink(cfg.influx)
     started = time.monotonic()
     try:
-        total = sum(len(objs) for objs in plan(store, flt).values())
+        work = plan(store, flt)
+        total = work.objects
         with click.progressbar(
             length=total, label="replaying", file=sys.stderr, hidden=quiet
         ) as bar:
-            res = asyncio.run(until_signal(run_replay, cfg, store, points, flt, bar.update))
+            res = asyncio.run(until_signal(run_replay, cfg, store, points, flt, bar.update, work))
     except (SinkError, ShuttingDown) as exc:
         click.echo(f"error: {exc} (a replay can be run again as it is)", err=True)
         sys.exit(EXIT_FAILURE)

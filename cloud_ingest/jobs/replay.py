@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -76,19 +76,40 @@ class ReplayResult:
     damaged: int = 0
 
 
-def plan(source: ObjectStore, flt: ReplayFilter) -> dict[str, list[tuple[LakeKey, str]]]:
-    """What to replay, in order: day → its aggregates objects (key ``aggregates/<day>``),
-    and device → its alert objects."""
+@dataclass(frozen=True)
+class ReplayPlan:
+    """What a replay reads, in the order it writes it."""
+
+    #: day (``YYYY-MM-DD``) → the keys of its aggregates objects
+    days: dict[str, list[str]] = field(default_factory=dict)
+    #: device → the keys of its alert objects, oldest first
+    alerts: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def objects(self) -> int:
+        return sum(map(len, self.days.values())) + sum(map(len, self.alerts.values()))
+
+
+def plan(source: ObjectStore, flt: ReplayFilter) -> ReplayPlan:
+    """The lake's objects that ``flt`` may need (by the days in their keys, and for
+    alerts by device; the aggregates objects hold many devices, whose rows are
+    narrowed when read)."""
     since_dt, until_dt = flt.days()
-    out: dict[str, list[tuple[LakeKey, str]]] = {}
+    days: dict[str, list[tuple[LakeKey, str]]] = {}
+    alerts: dict[str, list[tuple[LakeKey, str]]] = {}
     for k, key in list_objects(source, AGGREGATES, since_dt=since_dt, until_dt=until_dt):
-        out.setdefault(f"{AGGREGATES}/{k.dt}", []).append((k, key))
+        days.setdefault(k.dt, []).append((k, key))
     for k, key in list_objects(source, ALERTS, since_dt=since_dt, until_dt=until_dt):
         if not flt.devices or k.device_id in flt.devices:
-            out.setdefault(f"{ALERTS}/{k.device_id}", []).append((k, key))
-    for objs in out.values():
-        objs.sort(key=lambda o: (o[0].dt, o[0].seq, o[1]))
-    return out
+            alerts.setdefault(k.device_id, []).append((k, key))
+
+    def ordered(objs: list[tuple[LakeKey, str]]) -> list[str]:
+        return [key for _, key in sorted(objs, key=lambda o: (o[0].dt, o[0].seq, o[1]))]
+
+    return ReplayPlan(
+        {d: ordered(o) for d, o in sorted(days.items())},
+        {dev: ordered(o) for dev, o in sorted(alerts.items())},
+    )
 
 
 def _in_range(table: Any, column: str, flt: ReplayFilter) -> Any:
@@ -105,65 +126,56 @@ def _in_range(table: Any, column: str, flt: ReplayFilter) -> Any:
     return table.filter(pa.array(keep))
 
 
-async def replay(
-    cfg: IngestConfig,
-    source: ObjectStore,
-    points: PointSink,
-    flt: ReplayFilter,
-    progress: Callable[[int], None] = lambda n: None,
-    stop: asyncio.Event | None = None,
-) -> ReplayResult:
-    """Raises :class:`~cloud_ingest.ingest.writer.ShuttingDown` if ``stop`` is set while
-    InfluxDB keeps failing (after ``retry.shutdown_grace_s``)."""
-    writer = Writer(cfg, points, None, Stats(), stop)
-    res = ReplayResult()
+class Replay:
+    """One run of ``cloud-ingest replay``: :meth:`run` replays each day of the plan
+    (:meth:`day`: read, narrow, keep the current version of each window, write its
+    batches) and each device's alerts (:meth:`device_alerts`), at the same time, up
+    to :data:`CONCURRENT_DEVICES` writes at once, and counts what it did in
+    :attr:`result`."""
 
-    async def write(what: str, lines: list[str]) -> bool:
-        """True if written; False if InfluxDB refused it for good (logged)."""
-        verdict = (await writer.write([Write(what, b"", lines)]))[0]
-        if verdict is not None:
-            log.warning("replay: %s refused: %s", what, verdict)
-        return verdict is None
+    def __init__(
+        self,
+        cfg: IngestConfig,
+        source: ObjectStore,
+        points: PointSink,
+        flt: ReplayFilter,
+        progress: Callable[[int], None] = lambda n: None,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        self.cfg, self.source, self.flt, self.progress = cfg, source, flt, progress
+        self.writer = Writer(cfg, points, None, Stats(), stop)
+        self.result = ReplayResult()
+        self._slots = asyncio.Semaphore(CONCURRENT_DEVICES)
 
-    work = plan(source, flt)
-    slots = asyncio.Semaphore(CONCURRENT_DEVICES)
-
-    async def read(key: str) -> Any | None:
-        """An object's rows; None (counted, logged) if it cannot be read."""
-        data = await asyncio.to_thread(source.get, key)
+    async def run(self, work: ReplayPlan) -> ReplayResult:
+        """Raises :class:`~cloud_ingest.ingest.writer.ShuttingDown` if ``stop`` is set
+        while InfluxDB keeps failing (after ``retry.shutdown_grace_s``)."""
         try:
-            with reading(key):
-                return read_table(data)
-        except LakeObjectError as exc:
-            log.warning("replay: %s; skipped", exc)
-            res.damaged += 1
-            return None
+            await asyncio.gather(
+                *(self.day(dt, keys) for dt, keys in work.days.items()),
+                *(self.device_alerts(dev, keys) for dev, keys in work.alerts.items()),
+            )
         finally:
-            progress(1)
+            self.writer.close()
+        return self.result
 
-    async def one_batch(batch: Batch, what: str) -> None:
-        async with slots:
-            lines = batch_to_lines(batch, cfg.influx.measurement, cfg.influx.allowed_tags)
-            ok = await write(what, lines)
-        res.batches += 1
-        res.points += batch.rows if ok else 0
-        res.rejected += not ok
-
-    async def one_day(what: str, objs: Iterable[tuple[LakeKey, str]]) -> None:
+    async def day(self, dt: str, keys: Iterable[str]) -> None:
+        """A day's aggregates: the current version of each window, once."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        wanted = pa.array(sorted(flt.devices), pa.string())
+        what = f"{AGGREGATES}/{dt}"
+        wanted = pa.array(sorted(self.flt.devices), pa.string())
         tables = []
-        for _, key in objs:
-            table = await read(key)
+        for key in keys:
+            table = await self._read(key)
             if table is None:
                 continue
-            res.objects += 1
+            self.result.objects += 1
             # narrowed at once: a day of a large fleet is held in memory together
-            if flt.devices:
+            if self.flt.devices:
                 table = table.filter(pc.is_in(table.column("device_id"), value_set=wanted))
-            tables.append(_in_range(table, "window_start", flt))
+            tables.append(_in_range(table, "window_start", self.flt))
         if not tables:
             return
         try:
@@ -171,34 +183,64 @@ async def replay(
                 data = pa.concat_tables(tables, promote_options="default")
         except LakeObjectError as exc:
             log.warning("replay: %s; day skipped", exc)
-            res.damaged += len(tables)
+            self.result.damaged += len(tables)
             return
-        data = current_rows(data)
-        await asyncio.gather(
-            *(one_batch(b, f"replay {what}") for b in table_to_batches(data) if b.rows)
-        )
+        batches = table_to_batches(current_rows(data))
+        await asyncio.gather(*(self._batch(b, f"replay {what}") for b in batches if b.rows))
 
-    async def one_device(device: str, objs: Iterable[tuple[LakeKey, str]]) -> None:
-        async with slots:
-            for _, key in objs:
-                table = await read(key)
+    async def device_alerts(self, device: str, keys: Iterable[str]) -> None:
+        async with self._slots:
+            for key in keys:
+                table = await self._read(key)
                 if table is None:
                     continue
-                for alert in table_to_alerts(_in_range(table, "ts", flt)):
-                    line = alert_to_line(device, alert, cfg.influx.alert_measurement)
-                    ok = await write(f"replay {key}", [line])
-                    res.alerts += ok
-                    res.rejected += not ok
-                res.objects += 1
+                for alert in table_to_alerts(_in_range(table, "ts", self.flt)):
+                    line = alert_to_line(device, alert, self.cfg.influx.alert_measurement)
+                    ok = await self._write(f"replay {key}", [line])
+                    self.result.alerts += ok
+                    self.result.rejected += not ok
+                self.result.objects += 1
 
-    async def one(what: str, objs: list[tuple[LakeKey, str]]) -> None:
-        if what.startswith(f"{AGGREGATES}/"):
-            await one_day(what, objs)
-        else:
-            await one_device(what[len(ALERTS) + 1 :], objs)
+    async def _batch(self, batch: Batch, what: str) -> None:
+        influx = self.cfg.influx
+        async with self._slots:
+            ok = await self._write(
+                what, batch_to_lines(batch, influx.measurement, influx.allowed_tags)
+            )
+        self.result.batches += 1
+        self.result.points += batch.rows if ok else 0
+        self.result.rejected += not ok
 
-    try:
-        await asyncio.gather(*(one(what, objs) for what, objs in sorted(work.items())))
-    finally:
-        writer.close()
-    return res
+    async def _read(self, key: str) -> Any | None:
+        """An object's rows; None (counted, logged) if it cannot be read."""
+        data = await asyncio.to_thread(self.source.get, key)
+        try:
+            with reading(key):
+                return read_table(data)
+        except LakeObjectError as exc:
+            log.warning("replay: %s; skipped", exc)
+            self.result.damaged += 1
+            return None
+        finally:
+            self.progress(1)
+
+    async def _write(self, what: str, lines: list[str]) -> bool:
+        """True if written; False if InfluxDB refused it for good (logged)."""
+        verdict = (await self.writer.write([Write(what, b"", lines)]))[0]
+        if verdict is not None:
+            log.warning("replay: %s refused: %s", what, verdict)
+        return verdict is None
+
+
+async def replay(
+    cfg: IngestConfig,
+    source: ObjectStore,
+    points: PointSink,
+    flt: ReplayFilter,
+    progress: Callable[[int], None] = lambda n: None,
+    work: ReplayPlan | None = None,
+    stop: asyncio.Event | None = None,
+) -> ReplayResult:
+    """Replay ``work`` (by default :func:`plan` of ``flt``): :meth:`Replay.run`."""
+    job = Replay(cfg, source, points, flt, progress, stop)
+    return await job.run(plan(source, flt) if work is None else work)

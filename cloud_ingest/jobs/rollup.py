@@ -44,7 +44,7 @@ from cloud_ingest.lake import (
     reading,
 )
 from cloud_ingest.sinks.base import ObjectStore
-from cloud_ingest.sinks.lineproto import window_label, window_series
+from cloud_ingest.sinks.lineproto import float_fields, window_label, window_series
 from shared.errors import WireError
 from shared.sketch import DDSketch
 
@@ -191,11 +191,9 @@ def rollup_lines(
         series = window_series(
             f"{measurement}_{period}", dev, node, sensor, unit, window_label(width), tags, tag_keys
         )
-        parts = []
-        for name, v in g.fields().items():
-            if isinstance(v, int):
-                parts.append(f"{name}={v}i")
-            elif math.isfinite(v):
-                parts.append(f"{name}={v!r}")
+        values = g.fields()
+        parts = [f"{name}={v}i" for name, v in values.items() if isinstance(v, int)]
+        # a later run may have fewer sketches than an earlier one: `absent` says so
+        parts += float_fields((n, float(v)) for n, v in values.items() if not isinstance(v, int))
         lines.append(f"{series} {','.join(parts)} {t}")
     return lines

@@ -10,13 +10,14 @@ Tags are bounded by the fleet (devices × sensors × window widths); nothing per
 reading is a tag. The timestamp is the window start, so a resent or replayed
 batch writes the same series and time and overwrites itself. Float statistics
 that are not finite (NaN when every reading was invalid) are left out, since line
-protocol has no NaN.
+protocol has no NaN, and marked in the integer field ``absent`` (:func:`float_fields`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Final
 
 from shared.alerts import Alert
 from shared.health import INT_FIELDS, KNOWN_DROPS, OPTIONAL_FLOAT_FIELDS, HealthReport
@@ -113,6 +114,38 @@ def window_series(
     )
 
 
+#: the integer field whose bits name a point's statistics that are not finite:
+#: bit i for FLOAT_FIELDS[i] (docs/wire-format.md §5)
+ABSENT: Final = "absent"
+
+
+def absent_bit(name: str) -> int:
+    """The bit of ``absent`` that says statistic ``name`` is not the point's."""
+    return 1 << FLOAT_FIELDS.index(name)
+
+
+def float_fields(values: Iterable[tuple[str, float]]) -> list[str]:
+    """``name=value`` for each finite value; the others are left out (line protocol
+    has no NaN) and named by their bits in ``absent=<mask>i`` (:func:`absent_bit`).
+
+    A point overwrites only the fields it has, so a later revision of a window that
+    leaves a field out would leave the earlier revision's value beside its own
+    count. Every point therefore writes ``absent``, 0 when nothing is: the latest
+    point's ``absent`` names the fields that are not its own, and InfluxQL can
+    leave them out (``WHERE absent & 128 = 0`` for p50: a condition on a field a
+    point lacks would leave the point out, hence on every point). An integer, not a
+    list of names: VictoriaMetrics keeps only numbers (a string field becomes a
+    series of zeros there). It costs InfluxDB next to nothing (a run of zeros)."""
+    out, absent = [], 0
+    for name, v in values:
+        if math.isfinite(v):
+            out.append(f"{name}={v!r}")
+        else:
+            absent |= absent_bit(name)
+    out.append(f"{ABSENT}={absent}i")
+    return out
+
+
 def batch_to_lines(
     batch: Batch, measurement: str = "window", tag_keys: frozenset[str] = frozenset()
 ) -> list[str]:
@@ -132,9 +165,6 @@ def batch_to_lines(
     lines = []
     for i, sidx in enumerate(batch.sensor.tolist()):
         fields = [f"count={counts[i]}i", f"invalid={invalid[i]}i", f"revision={revs[i]}i"]
-        for name in FLOAT_FIELDS:
-            v = stats[name][i]
-            if math.isfinite(v):
-                fields.append(f"{name}={v!r}")
+        fields += float_fields((n, stats[n][i]) for n in FLOAT_FIELDS)
         lines.append(f"{prefixes[sidx]} {','.join(fields)} {starts[i]}")
     return lines

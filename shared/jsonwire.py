@@ -26,11 +26,21 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
-def loads(payload: bytes, *, reason: str, what: str, max_bytes: int) -> Any:
-    """Parse ``payload`` or raise ``WireError(reason, …)`` naming ``what`` it should be."""
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(
+    payload: bytes | str, *, reason: str, what: str, max_bytes: int, strict: bool = False
+) -> Any:
+    """Parse ``payload`` or raise ``WireError(reason, …)`` naming ``what`` it should be.
+    ``strict``: JSON only, without Python's ``NaN`` and ``Infinity`` (which some
+    devices' libraries write, and the sources accept)."""
     if len(payload) > max_bytes:
         raise WireError("too-large", f"{what} of {len(payload)} bytes, limit {max_bytes}")
     try:
+        if strict:
+            return json.loads(payload, parse_int=_bounded_int, parse_constant=_no_constant)
         return json.loads(payload, parse_int=_bounded_int)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError too
         raise WireError(reason, f"{what} is not valid JSON: {str(exc)[:200]}") from None

@@ -373,8 +373,7 @@ def peek_ids(payload: bytes, *, max_body_bytes: int = MAX_BODY_BYTES) -> tuple[i
         raw = payload[_PREAMBLE.size :]
         body = _inflate(raw, body_len) if codec == CODEC_ZSTD else raw
         (hlen,) = _U32.unpack_from(body)
-        header = body[_U32.size : _U32.size + hlen]
-        obj = jsonwire.loads(header, reason="bad-header", what="header", max_bytes=hlen)
+        obj = _header_json(body[_U32.size : _U32.size + hlen])
         seq, gen = obj["seq"], obj.get("generation", 0)
     except (struct.error, WireError, KeyError, TypeError, AttributeError):
         return None, 0
@@ -400,15 +399,23 @@ def _decode_blobs(chunk: bytes, rows: int) -> tuple[bytes, ...]:
     return tuple(data[offsets[i] : offsets[i + 1]] for i in range(rows))
 
 
+def _header_json(raw: bytes) -> Any:
+    """The header's JSON: UTF-8 only (json.loads would also take UTF-16 and -32, and a
+    byte-order mark) and JSON only (not ``NaN``): docs/wire-format.md §2.5."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WireError("bad-header", f"header is not UTF-8: {exc}"[:200]) from None
+    return jsonwire.loads(text, reason="bad-header", what="header", max_bytes=len(raw), strict=True)
+
+
 def _decode_body(body: bytes) -> Batch:
     if len(body) < _U32.size:
         raise WireError("truncated", "body shorter than its header length field")
     (hlen,) = _U32.unpack_from(body)
     if _U32.size + hlen > len(body):
         raise WireError("truncated", "header runs past the end of the body")
-    header = jsonwire.loads(
-        body[_U32.size : _U32.size + hlen], reason="bad-header", what="header", max_bytes=hlen
-    )
+    header = _header_json(body[_U32.size : _U32.size + hlen])
     if not isinstance(header, dict):
         raise WireError("bad-header", "header is not a JSON object")
     rows = _field(header, "rows", int)
@@ -422,8 +429,8 @@ def _decode_body(body: bytes) -> Batch:
         raise WireError("bad-header", "more than 65536 sensors")
     sensors = tuple(
         _sensor_ref(
-            _field(s, "node", str), _field(s, "name", str), str(s.get("unit", "")),
-            _tags(s.get("tags")),
+            _field(s, "node", str), _field(s, "name", str),
+            _field(s, "unit", str) if "unit" in s else "", _tags(s.get("tags")),
         )
         for s in sensors_raw
     )  # fmt: skip

@@ -59,17 +59,18 @@ def json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(f)
 
 
-def ago(seconds: float | None) -> str:
-    """``42 s ago``, ``5 min ago``, ``3 h ago``, ``2 d ago``; ``-`` for never."""
+def ago(seconds: float | None, *, never: str = "-", digits: int = 0) -> str:
+    """``42 s ago``, ``5 min ago``, ``3 h ago``, ``2 d ago`` (``digits`` after the
+    point); ``never`` for None."""
     if seconds is None:
-        return "-"
+        return never
     if seconds < -1.0:
         return "in the future"  # the device clock is behind the newest reading
     seconds = max(seconds, 0.0)  # a reading stored while this command read the file
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
-            return f"{seconds / size:.0f} {unit} ago"
-    return f"{seconds:.0f} s ago"
+            return f"{seconds / size:.{digits}f} {unit} ago"
+    return f"{seconds:.{digits}f} s ago"
 
 
 def finite_or_null(obj: Any) -> Any:
@@ -134,15 +135,6 @@ def table(rows: Sequence[Sequence[object]], headers: Sequence[str] | None = None
         )
         if headers and n == 0:
             say("  ".join("-" * w for w in widths))
-
-
-def age(seconds: float | None) -> str:
-    if seconds is None:
-        return "never"
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f} {unit} ago"
-    return f"{seconds:.1f} s ago"
 
 
 def when(ns: int | None) -> str:
@@ -267,13 +259,16 @@ def status(config_path: str | None, as_json: bool) -> None:
         ("device broker", link[st["intake_connected"]] if st["running"] else "-"),
         ("cloud broker", link[st["forward_connected"]] if st["running"] else "-"),
         ("clock", clock_line(st, cfg.window.max_future_s)),
-        ("last ack", f"{when(st['last_ack_ns'])} ({age(st['last_ack_age_s'])})"),
+        (
+            "last ack",
+            f"{when(st['last_ack_ns'])} ({ago(st['last_ack_age_s'], never='never', digits=1)})",
+        ),
         (
             "backlog",
             f"{st['backlog_batches']} batches, {st['backlog_readings']:,} readings, "
             f"{st['backlog_bytes']:,} bytes",
         ),
-        ("oldest unsent", "-" if oldest is None else age(oldest).replace(" ago", " old")),
+        ("oldest unsent", "-" if oldest is None else ago(oldest, digits=1).replace(" ago", " old")),
         (
             "disk",
             f"{st['used_bytes']:,} bytes ({naturalsize(st['used_bytes'], binary=True)}) "

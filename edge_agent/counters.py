@@ -7,7 +7,7 @@ counters are exported in three places: ``edge-agent status`` (all of them, and t
 ``source_*`` ones as the per-source table), the health report's ``drops`` (the
 ``dropped_*`` ones, which must be shared/health.py's ``KNOWN_DROPS``: the cloud
 gives each a field of its own) and the per-source counts of ``status``.
-``tests/test_layers.py`` checks that every count goes through here and that the
+``tests/system/test_layers.py`` checks that every count goes through here and that the
 drops agree with ``KNOWN_DROPS``.
 
 Three families have a part that is not fixed here: ``quarantined_<reason>`` (the

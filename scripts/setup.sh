@@ -39,7 +39,7 @@ packages=(mosquitto influxdb victoria-metrics)
 # playbook test installs (so that it finds it installed), the clients that
 # docs/devices.md's recipes use (mosquitto_pub, curl), and socat (a serial line
 # for the Modbus RTU test), and libfaketime (an agent whose clock is wrong,
-# tests/test_clocks.py).
+# tests/edge_agent/test_clocks.py).
 if [ "$EXTRAS" = dev ]; then
   packages+=(prometheus systemd python3-apt python3-venv mosquitto-clients influxdb-client
     curl socat chromium faketime)

@@ -58,7 +58,7 @@ class LakeObjectError(TelemetryError):
 
 #: Every reason cloud-ingest may quarantine a message for (docs/wire-format.md §2.7),
 #: so that each counter can be shown from 0 before its first increase (a counter
-#: that appears at 1 shows no increase to Prometheus). tests/test_prometheus.py
+#: that appears at 1 shows no increase to Prometheus). tests/cloud_ingest/test_prometheus.py
 #: holds the decoders to this list.
 CLOUD_QUARANTINE_REASONS = (
     "bad-topic",

@@ -11,7 +11,7 @@ from (or merged from) in sorted order, as long as no bins were collapsed. That
 is numpy's ``method="lower"``, not its default: a window's own p50/p90/p99
 interpolate linearly between the two values around rank q·(n−1), and on bimodal
 data (an appliance that is on or off) the two can be far apart, the interpolated
-one between the modes where no reading is (tests/test_sketch.py). Values are mapped to bins
+one between the modes where no reading is (tests/shared/test_sketch.py). Values are mapped to bins
 ``k = ceil(log_γ |x|)`` with ``γ = (1 + α) / (1 − α)``; a bin answers with
 ``2γᵏ / (γ + 1)``. Positive and negative values have separate bins; values with
 ``|x| < MIN_MAGNITUDE`` count as zero. To bound the size, each sign keeps a key

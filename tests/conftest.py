@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import boto3
 import pytest
@@ -98,6 +99,26 @@ def fresh(tmp_path: Path) -> Iterator[Callable[[str], Service]]:
     yield make
     for svc in made:
         svc.stop()
+
+
+class SpecFactory(Protocol):
+    def __call__(self, *, broker: Service | None = None, **overrides: Any) -> PipelineSpec: ...
+
+
+@pytest.fixture
+def pipeline_spec(tmp_path: Path) -> SpecFactory:
+    """``pipeline_spec(broker=…, **overrides)``: a :class:`PipelineSpec` with this
+    test's defaults: its work directory ``tmp_path / "run"``, ``broker`` (a
+    Mosquitto) as both the device's and the cloud's broker, no ingestor (nothing
+    acks), and the defaults of PipelineSpec for the rest; any field can be given."""
+
+    def make(*, broker: Service | None = None, **overrides: Any) -> PipelineSpec:
+        base: dict[str, Any] = {"workdir": tmp_path / "run", "targets": []}
+        if broker is not None:
+            base |= {"local_port": broker.port, "cloud_port": broker.port}
+        return PipelineSpec(**(base | overrides))
+
+    return make
 
 
 S = 10**9

@@ -15,7 +15,7 @@ Each stage hands the next an immutable value:
 
 Nothing here raises: a message that a decoder cannot take is quarantined with a
 reason (``undecodable`` if a decoder ever raised something other than WireError;
-tests/test_fuzz.py holds them to that).
+tests/shared/test_fuzz.py holds them to that).
 """
 
 from __future__ import annotations

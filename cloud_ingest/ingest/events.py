@@ -4,7 +4,7 @@ in ``src/internal_events/`` and telegraf in ``selfstat``).
 :meth:`~cloud_ingest.ingest.writer.Stats.inc` takes only an :data:`Event`, which only
 this module makes, so a name cannot be mistyped at the place it is counted; /metrics
 (``metrics.py``) shows every name of :data:`ALL` from 0, so that the alert rules'
-``rate()`` sees the first increase; ``tests/test_prometheus.py`` checks that the
+``rate()`` sees the first increase; ``tests/cloud_ingest/test_prometheus.py`` checks that the
 rules and dashboards name only events that exist here.
 
 On /metrics an event is ``cloud_ingest_events_total{event="<name>"}``, except the two

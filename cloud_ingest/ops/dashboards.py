@@ -14,7 +14,7 @@ Ansible role ``monitoring`` provisions (ansible/roles/monitoring/files/grafana):
 The SDK has builders for Prometheus queries but none for InfluxQL, so
 :class:`InfluxQL` is a small Dataquery of its own, the way the SDK's generated
 query types are made. Every query is registered with what its result must hold
-(:data:`EXPECTED`): tests/test_dashboards.py runs each one against a real InfluxDB
+(:data:`EXPECTED`): tests/cloud_ingest/test_dashboards.py runs each one against a real InfluxDB
 holding a pipeline run's data, or a real Prometheus scraping a real ingestor, and
 checks the series.
 

@@ -160,7 +160,7 @@ def _store_single(
 ) -> StoreResult:
     """:func:`_store_many` for one reading, without numpy: what real devices send
     (ESPHome's one value per message) spent most of its time in numpy's per-call
-    cost. ``tests/test_buffer.py`` holds the two to the same rows and counters."""
+    cost. ``tests/edge_agent/test_buffer.py`` holds the two to the same rows and counters."""
     t = int(chunk.ts[0])
     closed = store.get_state(CLOSED_UNTIL)
     is_late = t < closed

@@ -97,7 +97,7 @@ RECEIVE_MAXIMUM = 1000
 #: "various fixes around inflight quota management" came in 2.0.13): with its
 #: state saved to disk often (docs/edge-agent.md, "A power cut on the device")
 #: and a busy disk, it redelivered 600 to 4,700 messages over four SIGKILLs of
-#: the agent in tests/test_redelivery.py, and a keep of 1,000 stored up to 2,265
+#: the agent in tests/edge_agent/test_redelivery.py, and a keep of 1,000 stored up to 2,265
 #: of them twice. Half the packet identifier space instead: a broker that
 #: numbers a session's packets in sequence, as Mosquitto does, uses an
 #: identifier again only 65,535 messages later, so no two kept entries share one

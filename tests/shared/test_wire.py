@@ -25,6 +25,7 @@ from shared.wire import (
     encode_batch,
     make_batch,
 )
+from tests.shared import wire_spec
 
 W = 10_000_000_000
 
@@ -100,38 +101,16 @@ def test_round_trip_property(rows: int, seq: int, base: int, values: list[float]
         assert getattr(out, name).tobytes() == getattr(b, name).tobytes()
 
 
-def spec_decoder(payload: bytes) -> dict[str, object]:
-    """A decoder written from docs/wire-format.md alone, not from shared/wire.py."""
-    magic, version, codec, body_len = struct.unpack_from("<4sBBI", payload, 0)
-    assert magic == b"TLMB" and version == 1
-    body = payload[10:]
-    if codec == 1:
-        body = zstandard.ZstdDecompressor().decompress(body, max_output_size=body_len)
-    (hlen,) = struct.unpack_from("<I", body, 0)
-    header = json.loads(body[4 : 4 + hlen])
-    off = 4 + hlen
-    cols: dict[str, np.ndarray] = {}
-    for c in header["columns"]:
-        raw = np.frombuffer(
-            body[off : off + c["bytes"]],
-            dtype="<" + {"uint16": "u2", "uint32": "u4", "int64": "i8", "float64": "f8"}[c["type"]],
-        )
-        off += c["bytes"]
-        cols[c["name"]] = np.cumsum(raw) if c["encoding"] == "delta" else raw
-    return {"header": header, "columns": cols}
-
-
 def test_independent_decoder_from_the_spec_agrees() -> None:
+    """tests/shared/wire_spec.py, written from docs/wire-format.md alone, reads the
+    values the encoder wrote (the same decoder checks the reasons: test_wire_spec.py)."""
     b = sample_batch(rows=6)
-    got = spec_decoder(encode_batch(b))
-    header = got["header"]
-    assert isinstance(header, dict)
-    assert header["device_id"] == "dev-1" and header["seq"] == 7
-    assert header["window"] == {"kind": "tumbling", "width_ns": W}
-    cols = got["columns"]
-    assert isinstance(cols, dict)
-    for name in COLUMNS:
-        np.testing.assert_array_equal(cols[name], getattr(b, name))
+    for compress in (True, False):
+        header, cols = wire_spec.decode(encode_batch(b, compress=compress), ranges=False)
+        assert header["device_id"] == "dev-1" and header["seq"] == 7
+        assert header["window"] == {"kind": "tumbling", "width_ns": W}
+        for name in COLUMNS:
+            np.testing.assert_array_equal(np.array(cols[name]), getattr(b, name))
 
 
 def test_unknown_columns_and_header_keys_are_ignored() -> None:

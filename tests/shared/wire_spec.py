@@ -65,8 +65,33 @@ def _big_int(text: str) -> int:
     return int(text)
 
 
+def _inflate(frame: bytes, length: int) -> bytes:
+    """The zstd frame's content, reading at most L + 1 bytes (§2.5, 2.6)."""
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(frame)
+        body = b""
+        while len(body) <= length:
+            chunk = reader.read(length + 1 - len(body))
+            if not chunk:
+                break
+            body += chunk
+    except zstandard.ZstdError:
+        raise Refused("bad-compression") from None
+    if len(body) > length:
+        raise Refused("too-large")
+    return body
+
+
 def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _json(raw: bytes) -> Any:
+    """UTF-8 JSON, integers of at most 20 digits (§2.3, 2.5 step 3)."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_int=_big_int, parse_constant=_not_json)
+    except (ValueError, RecursionError):
+        raise Refused("bad-header") from None
 
 
 def reason(topic: str, payload: bytes, prefix: str = "telemetry/v1") -> str | None:
@@ -91,16 +116,8 @@ def acked_seq(topic: str, payload: bytes, prefix: str = "telemetry/v1") -> int |
     body = payload[10:]
     if payload[5] == 1:
         try:
-            reader = zstandard.ZstdDecompressor().stream_reader(body)
-            body = b""
-            while len(body) <= length:
-                chunk = reader.read(length + 1 - len(body))
-                if not chunk:
-                    break
-                body += chunk
-        except zstandard.ZstdError:
-            return None
-        if len(body) > length:
+            body = _inflate(body, length)
+        except Refused:
             return None
     if len(body) < 4:
         return None
@@ -108,16 +125,25 @@ def acked_seq(topic: str, payload: bytes, prefix: str = "telemetry/v1") -> int |
     if len(body) < 4 + hlen:
         return None
     try:
-        header = json.loads(
-            body[4 : 4 + hlen].decode("utf-8"), parse_int=_big_int, parse_constant=_not_json
-        )
-    except (ValueError, RecursionError):
+        header = _json(body[4 : 4 + hlen])
+    except Refused:
         return None
     seq = header.get("seq") if isinstance(header, dict) else None
     return seq if _is_int(seq) and 0 <= seq < 2**63 else None
 
 
-def _check(topic: str, payload: bytes, prefix: str) -> None:
+def decode(
+    payload: bytes, topic: str = "telemetry/v1/dev-1/batch", *, ranges: bool = True
+) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """A valid batch's header and columns (by name, the values as Python numbers);
+    :class:`Refused` with the reason otherwise. ``ranges=False``: without step 7 (the
+    statistics' NaN/Inf policy is the receiver's check, not the format's)."""
+    return _check(topic, payload, "telemetry/v1", ranges)
+
+
+def _check(
+    topic: str, payload: bytes, prefix: str, ranges: bool = True
+) -> tuple[dict[str, Any], dict[str, list[Any]]]:
     # 1. the topic
     if not topic.startswith(prefix + "/") or not topic.endswith("/batch"):
         raise Refused("bad-topic")
@@ -138,18 +164,7 @@ def _check(topic: str, payload: bytes, prefix: str) -> None:
         raise Refused("too-large")
     rest = payload[10:]
     if payload[5] == 1:
-        try:
-            reader = zstandard.ZstdDecompressor().stream_reader(rest)
-            body = b""
-            while len(body) <= length:
-                chunk = reader.read(length + 1 - len(body))
-                if not chunk:
-                    break
-                body += chunk
-        except zstandard.ZstdError:
-            raise Refused("bad-compression") from None
-        if len(body) > length:
-            raise Refused("too-large")
+        body = _inflate(rest, length)
     elif payload[5] == 0:
         body = rest
     else:
@@ -162,18 +177,15 @@ def _check(topic: str, payload: bytes, prefix: str) -> None:
     (hlen,) = struct.unpack_from("<I", body)
     if hlen > len(body) - 4:
         raise Refused("truncated")
-    try:
-        header = json.loads(
-            body[4 : 4 + hlen].decode("utf-8"), parse_int=_big_int, parse_constant=_not_json
-        )
-    except (ValueError, RecursionError):
-        raise Refused("bad-header") from None
+    header = _json(body[4 : 4 + hlen])
     if not isinstance(header, dict):
         raise Refused("bad-header")
-    _check_header(header, body, 4 + hlen, topic_device)
+    return header, _check_header(header, body, 4 + hlen, topic_device, ranges)
 
 
-def _check_header(h: dict[str, Any], body: bytes, offset: int, topic_device: str) -> None:
+def _check_header(
+    h: dict[str, Any], body: bytes, offset: int, topic_device: str, ranges: bool
+) -> dict[str, list[Any]]:
     # 4.1
     rows, window, sensors = h.get("rows"), h.get("window"), h.get("sensors")
     if not _is_int(rows) or rows < 0:
@@ -283,6 +295,8 @@ def _check_header(h: dict[str, Any], body: bytes, offset: int, topic_device: str
     if device != topic_device:
         raise Refused("device-mismatch")
     # 7. the NaN/Inf policy
+    if not ranges:
+        return found
     stats = ("min", "max", "mean", "stddev", "first", "last", "sum", "p50", "p90", "p99")
     for i in range(rows):
         count = found["count"][i]
@@ -308,3 +322,4 @@ def _check_header(h: dict[str, Any], body: bytes, offset: int, topic_device: str
             raise Refused("bad-range")
         if row["p50"] > row["p90"] + eps or row["p90"] > row["p99"] + eps:
             raise Refused("bad-range")
+    return found

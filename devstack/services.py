@@ -193,6 +193,7 @@ def mosquitto(
     ingestors: list[str] | None = None,
     crl: Path | None = None,
     max_packet_size: int | None = None,
+    operators: list[str] | None = None,
 ) -> Service:
     """``tls``: (CA, server certificate, server key) PEM files for a TLS listener.
     ``passwords``: username → password; then only those users may connect.
@@ -201,7 +202,8 @@ def mosquitto(
     ``tls`` and ``ingestors``, clients authenticate by certificate (CN = identity).
     ``max_packet_size``: the largest packet a client may send (0: no limit); by
     default the shipped cloud broker's with ``ingestors``, else the device broker's
-    (a broker of the tests plays both)."""
+    (a broker of the tests plays both). ``operators``: with ``ingestors``, the
+    identities that may send commands."""
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "mosquitto.conf"
@@ -220,7 +222,7 @@ def mosquitto(
         from cloud_ingest.ops.broker import mosquitto_acl, mosquitto_conf
 
         acl = workdir / "acl"
-        acl.write_text(mosquitto_acl(ingestors))
+        acl.write_text(mosquitto_acl(ingestors, operators=operators or []))
         pw = workdir / "passwords" if passwords is not None else None
         listener = mosquitto_conf(
             f"{port} {LOOPBACK}",

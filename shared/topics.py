@@ -71,6 +71,24 @@ def device_from_health_topic(topic: str, prefix: str = DEFAULT_BATCH_PREFIX) -> 
     return _device_from(topic, prefix, "health")
 
 
+def command_topic(device_id: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str:
+    """Where the operators publish a device's commands (docs/wire-format.md §2.11)."""
+    return f"{prefix}/{device_id}/cmd"
+
+
+def result_topic(device_id: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str:
+    """Where a device publishes its commands' results (§2.12)."""
+    return f"{prefix}/{device_id}/result"
+
+
+def result_filter(prefix: str = DEFAULT_BATCH_PREFIX) -> str:
+    return f"{prefix}/+/result"
+
+
+def device_from_result_topic(topic: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str | None:
+    return _device_from(topic, prefix, "result")
+
+
 def _device_from(topic: str, prefix: str, kind: str) -> str | None:
     """The device id in ``<prefix>/<device_id>/<kind>``, or None if the topic is not one."""
     head, tail = prefix + "/", "/" + kind

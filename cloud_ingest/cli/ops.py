@@ -20,23 +20,33 @@ from shared.cli import EXIT_CONFIG, EXIT_FAILURE, load_or_exit
     required=True,
     help="An ingestor identity (its MQTT username), e.g. ingest-1. Repeatable.",
 )
+@click.option(
+    "--operator",
+    "operators",
+    multiple=True,
+    help="An operator identity, which may send commands (`cloud-ingest command`). Repeatable.",
+)
 @click.option("--prefix", default="telemetry/v1", show_default=True, help="Topic prefix.")
-def broker_acl(ingestors: tuple[str, ...], prefix: str) -> None:
+def broker_acl(ingestors: tuple[str, ...], operators: tuple[str, ...], prefix: str) -> None:
     """Print the cloud broker's ACL file (Mosquitto), for these ingestor identities.
 
     Devices (every other username, which must be its device id) may publish only
-    their own batch, alert and health topics and read only their own ack topic;
-    the ingestors read every batch, alert and health report and publish acks. Use
+    their own batch, alert, health and result topics and read only their own ack
+    and command topics; the ingestors read every batch, alert, health report and
+    result and publish acks; operators publish commands and read results. Use
     it with `cloud-ingest broker-conf` (the listener's settings; docs/cloud-ingest.md,
     "Identities at the broker").
     """
     from cloud_ingest.ops.broker import mosquitto_acl
     from shared.topics import is_valid_id
 
-    for name in ingestors:
-        if not is_valid_id(name):
-            raise click.UsageError(f"--ingestor {name!r} is not a valid identity")
-    click.echo(mosquitto_acl(list(ingestors), prefix), nl=False)
+    for option, names in (("--ingestor", ingestors), ("--operator", operators)):
+        for name in names:
+            if not is_valid_id(name):
+                raise click.UsageError(f"{option} {name!r} is not a valid identity")
+    if set(ingestors) & set(operators):
+        raise click.UsageError("an identity cannot be both an ingestor and an operator")
+    click.echo(mosquitto_acl(list(ingestors), prefix, list(operators)), nl=False)
 
 
 @main.command("broker-conf")

@@ -23,7 +23,9 @@ from devstack.services import Service
 pytestmark = pytest.mark.integration
 
 P = "telemetry/v1"
-PASSWORDS = {"dev-a": "pw-a-81c2", "dev-b": "pw-b-3f9d", "ingest-1": "pw-i-77e0"}
+PASSWORDS = {
+    "dev-a": "pw-a-81c2", "dev-b": "pw-b-3f9d", "ingest-1": "pw-i-77e0", "ops-1": "pw-o-5a1c",
+}  # fmt: skip
 NOT_AUTHORIZED = 0x87
 #: a refused publish: PUBACK "not authorized", or the connection closed by the broker
 REFUSED = (NOT_AUTHORIZED, -1)
@@ -56,6 +58,7 @@ class Peer:
         return not self.connack[0].is_failure
 
     def sub(self, topic: str) -> None:
+        until(self.c.is_connected, "a connection")  # back, after a refused publish
         self.subacked.clear()
         self.c.subscribe(topic, qos=1)
         until(self.subacked.is_set, f"the SUBACK for {topic}")
@@ -93,7 +96,9 @@ def until(cond: Any, what: str, timeout_s: float = 10.0) -> None:
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Service]:
-    svc = services.mosquitto(tmp_path / "mq", passwords=PASSWORDS, ingestors=["ingest-1"])
+    svc = services.mosquitto(
+        tmp_path / "mq", passwords=PASSWORDS, ingestors=["ingest-1"], operators=["ops-1"]
+    )
     svc.start()
     try:
         yield svc
@@ -156,6 +161,32 @@ def test_only_the_ingestor_acks_and_nothing_is_retained(broker: Service) -> None
     finally:
         a.close()
         ingest.close()
+
+
+def test_only_operators_send_commands_and_a_device_reads_only_its_own(broker: Service) -> None:
+    """Commands (docs/wire-format.md §2.11): an operator identity publishes them; a
+    device reads its own, cannot read another's, and cannot send one; an ingestor
+    cannot send one either (a compromised ingestor must not command devices). A
+    device publishes its own results, which the ingestors and operators read."""
+    a, b = Peer(broker.port, "dev-a"), Peer(broker.port, "dev-b")
+    ops, ingest = Peer(broker.port, "ops-1"), Peer(broker.port, "ingest-1")
+    try:
+        a.sub(f"{P}/dev-a/cmd")
+        a.sub(f"{P}/dev-b/cmd")  # another's: the broker delivers nothing of it
+        assert ops.pub(f"{P}/dev-b/cmd", b"for b") == 0
+        assert b.pub(f"{P}/dev-a/cmd", b"from a device") in REFUSED
+        assert ingest.pub(f"{P}/dev-a/cmd", b"from an ingestor") in REFUSED
+        assert ops.pub(f"{P}/dev-a/cmd", b"sentinel") == 0
+        assert a.messages_until(b"sentinel") == []
+        ingest.sub(f"$share/ingest/{P}/+/result")
+        ops.sub(f"{P}/+/result")
+        assert a.pub(f"{P}/dev-b/result", b"forged") in REFUSED
+        assert a.pub(f"{P}/dev-a/result", b"sentinel") == 0
+        assert ingest.messages_until(b"sentinel") == []
+        assert ops.messages_until(b"sentinel") == []
+    finally:
+        for p in (a, b, ops, ingest):
+            p.close()
 
 
 def test_no_session_can_be_taken_over(broker: Service) -> None:

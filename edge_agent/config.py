@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from edge_agent.pipeline.alerts import AlertRule
@@ -277,6 +278,47 @@ class NodeTags:
 
 
 @dataclass(frozen=True)
+class CommandKey:
+    """A key the operators sign commands with (docs/commands.md): ``id`` is the
+    name commands give it, ``file`` its public half (PEM, from `cloud-ingest
+    command keygen`)."""
+
+    id: str
+    file: str
+
+    def __post_init__(self) -> None:
+        if not is_valid_id(self.id):
+            raise Invalid("id", "must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        try:
+            from shared.commands import load_public
+        except ImportError:
+            raise Invalid(
+                "file",
+                "commands need the cryptography package: pip install 'iot-telemetry[commands]'",
+            ) from None
+        try:
+            load_public(Path(self.file))
+        except (OSError, ValueError) as exc:
+            raise Invalid("file", f"not an Ed25519 public key (PEM): {exc}"[:200]) from None
+
+
+@dataclass(frozen=True)
+class CommandsConfig:
+    """Commands from the operators: off unless a key is given."""
+
+    keys: tuple[CommandKey, ...] = ()
+
+    def __post_init__(self) -> None:
+        ids = [k.id for k in self.keys]
+        if len(set(ids)) != len(ids):
+            raise Invalid("keys", "two keys have the same id")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str = "device-1"
     tick_s: float = 0.2
@@ -287,6 +329,7 @@ class AgentConfig:
     intake: IntakeConfig = field(default_factory=IntakeConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    commands: CommandsConfig = field(default_factory=CommandsConfig)
     alerts: tuple[AlertRule, ...] = ()
     #: static tags of every sensor of this device: "key=value" (site, building …)
     tags: tuple[str, ...] = ()

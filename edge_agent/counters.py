@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Final, Literal, NewType
 
+from shared.errors import COMMAND_REFUSALS
+
 CounterName = NewType("CounterName", str)
 
 #: name → what it counts
@@ -97,9 +99,23 @@ HTTP_STORE_UNAVAILABLE: Final = _counter(
     "http_store_unavailable", "writes refused: the buffer could not be written"
 )
 
+# commands from the operators (pipeline/commands.py)
+COMMANDS_DONE: Final = _counter("commands_done", "commands run")
+COMMANDS_FAILED: Final = _counter("commands_failed", "commands that failed while running")
+COMMANDS_DROPPED_BUSY: Final = _counter(
+    "commands_dropped_busy", "command messages dropped: too many waiting (the broker keeps none)"
+)
+COMMAND_REFUSED_PREFIX: Final = "commands_refused_"
+
+
+def command_refused(reason: str) -> CounterName:
+    """A command refused for ``reason`` (shared.errors.COMMAND_REFUSALS)."""
+    return CounterName(COMMAND_REFUSED_PREFIX + reason)
+
+
 #: what goes out to the cloud → its word in the counters' names
-Outgoing = Literal["batches", "alerts", "health"]
-OUTGOING: Final[tuple[Outgoing, ...]] = ("batches", "alerts", "health")
+Outgoing = Literal["batches", "alerts", "health", "results"]
+OUTGOING: Final[tuple[Outgoing, ...]] = ("batches", "alerts", "health", "results")
 _SENT_FATES: Final = ("sent", "resent", "acked", "rejected", "stored_partly")
 
 
@@ -155,6 +171,7 @@ FIXED: Final[frozenset[CounterName]] = frozenset(
         *map(dropped_damaged, OUTGOING),
         alerts("raised"),
         alerts("cleared"),
+        *map(command_refused, COMMAND_REFUSALS),
     ]
 )
 

@@ -229,6 +229,23 @@ def _v8(db: sqlite_utils.Database) -> None:
     db.conn.execute("CREATE TABLE retained (topic TEXT PRIMARY KEY, digest BLOB NOT NULL)")
 
 
+def _v9(db: sqlite_utils.Database) -> None:
+    """Commands (edge_agent/pipeline/commands.py): ``commands`` remembers every
+    command id the agent has answered, until the command expires, so that each runs
+    once across restarts; ``results`` holds the answers until the cloud acks them
+    (the same life, and the same columns, as alerts)."""
+    db.table("results").create(
+        {**_SENT_LIKE_BATCHES, "crc": int, "generation": int},
+        pk="seq",
+        defaults=_SENT_DEFAULTS,
+        not_null={"generation"},
+    )
+    db.conn.execute(
+        "CREATE TABLE commands (id TEXT PRIMARY KEY, kind TEXT NOT NULL, status TEXT NOT NULL,"
+        " received_ns INTEGER NOT NULL, expires_ns INTEGER NOT NULL, result_seq INTEGER)"
+    )
+
+
 #: MIGRATIONS[i] upgrades schema version i to i + 1.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1,
@@ -239,6 +256,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v6,
     _v7,
     _v8,
+    _v9,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 ROW_COUNTS = "row_counts"

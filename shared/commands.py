@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from shared import jsonwire
-from shared.errors import WireError
+from shared.errors import COMMAND_REFUSALS, WireError
 from shared.jsonwire import printable
 from shared.topics import is_valid_id
 
@@ -51,16 +51,7 @@ MAX_LIFETIME_NS: Final = 30 * 86_400 * 10**9
 CONTEXT: Final = b"telemetry command v1\0"
 
 #: why a device refuses a command (counted as ``commands_refused_<reason>``)
-REFUSALS: Final = (
-    "too-large",  # over MAX_COMMAND_BYTES
-    "bad-command",  # not the envelope or body of §2.11
-    "unknown-key",  # signed by a key the device does not hold
-    "bad-signature",  # the signature does not verify
-    "wrong-device",  # meant for another device
-    "expired",  # expires_ns has passed on the device's clock
-    "replayed",  # an id the device has seen (run once, answered once)
-    "unknown-command",  # a kind this agent does not know
-)
+REFUSALS = COMMAND_REFUSALS
 Status = Literal["done", "refused", "failed"]
 
 
@@ -181,6 +172,8 @@ class Result:
     ts_ns: int = 0
     result: Mapping[str, Any] = field(default_factory=dict)
     generation: int = 0
+    #: the command's kind ("" when the command could not be read)
+    kind: str = ""
 
     def encode(self) -> bytes:
         obj: dict[str, Any] = {
@@ -191,6 +184,8 @@ class Result:
             "ts_ns": self.ts_ns,
             "result": dict(self.result),
         }
+        if self.kind:
+            obj["kind"] = self.kind
         if self.generation:
             obj["generation"] = self.generation
         return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
@@ -205,7 +200,9 @@ def decode_result(payload: bytes) -> Result:
         raise WireError("bad-result", "not a JSON object")
     seq, cid, status = obj.get("seq"), obj.get("id"), obj.get("status")
     reason, ts_ns, result = obj.get("reason", ""), obj.get("ts_ns", 0), obj.get("result", {})
-    generation = obj.get("generation", 0)
+    generation, kind = obj.get("generation", 0), obj.get("kind", "")
+    if not isinstance(kind, str) or (kind and not is_valid_id(kind)):
+        raise WireError("bad-result", "kind must be an id")
     for name, value in (("seq", seq), ("ts_ns", ts_ns), ("generation", generation)):
         if type(value) is not int or not 0 <= value < 2**63:
             raise WireError("bad-result", f"{name} must be an integer in [0, 2^63)")
@@ -218,7 +215,7 @@ def decode_result(payload: bytes) -> Result:
     if not isinstance(result, dict):
         raise WireError("bad-result", "result must be an object")
     assert isinstance(seq, int) and isinstance(ts_ns, int) and isinstance(generation, int)
-    return Result(seq, cid, status, reason, ts_ns, result, generation)
+    return Result(seq, cid, status, reason, ts_ns, result, generation, kind)
 
 
 # ---- keys ---------------------------------------------------------------------------

@@ -133,3 +133,17 @@ class SinkLimitError(SinkError):
     """The sink refuses this write because of its own state (a limit reached, a
     schema conflict made by another writer, a store that will not take the object),
     not because of the write: other writes still go through, and this one may later."""
+
+
+#: Why a device refuses a command (docs/wire-format.md §2.11; shared/commands.py),
+#: each counted as ``commands_refused_<reason>``.
+COMMAND_REFUSALS = (
+    "too-large",  # over MAX_COMMAND_BYTES
+    "bad-command",  # not the envelope or body of §2.11
+    "unknown-key",  # signed by a key the device does not hold
+    "bad-signature",  # the signature does not verify
+    "wrong-device",  # meant for another device
+    "expired",  # expires_ns has passed on the device's clock
+    "replayed",  # an id the device has seen (run once, answered once)
+    "unknown-command",  # a kind this agent does not know
+)

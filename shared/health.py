@@ -67,6 +67,7 @@ KNOWN_DROPS = (
     "dropped_damaged_batches",
     "dropped_damaged_alerts",
     "dropped_damaged_health",
+    "dropped_damaged_results",
     "dropped_health",
 )
 

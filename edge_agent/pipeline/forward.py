@@ -36,13 +36,25 @@ from shared.acks import MAX_ACK_BYTES, Ack, decode_ack
 from shared.auth import read_key
 from shared.errors import StorageError, WireError
 from shared.mqttprops import PACKET_OVERHEAD, publish_properties
-from shared.topics import ack_topic, alert_topic, batch_topic, health_topic
+from shared.topics import (
+    ack_topic,
+    alert_topic,
+    batch_topic,
+    command_topic,
+    health_topic,
+    result_topic,
+)
 from shared.wire import CONTENT_TYPE, FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
 #: the largest packet the forwarder takes from the cloud broker: acks (shared/acks.py)
 ACK_MAX_PACKET = MAX_ACK_BYTES + PACKET_OVERHEAD
+#: with commands on: commands too (shared/commands.py MAX_COMMAND_BYTES)
+COMMAND_MAX_PACKET = 16 * 1024 + PACKET_OVERHEAD
+#: command messages waiting for the agent's thread; more are left unacknowledged,
+#: so that the broker delivers them again at the next connection
+COMMANDS_WAITING = 64
 
 
 @dataclass(frozen=True)
@@ -76,7 +88,17 @@ class Forwarder:
             "batch": self.topic,
             "alert": alert_topic(cfg.device_id, prefix),
             "health": health_topic(cfg.device_id, prefix),
+            "result": result_topic(cfg.device_id, prefix),
         }
+        #: commands (docs/commands.md), run by pump(): (mid, qos, payload), PUBACKed
+        #: only once their transaction is committed
+        self.command_topic = command_topic(cfg.device_id, prefix) if cfg.commands.enabled else None
+        self._commands: queue.Queue[tuple[int, int, bytes]] = queue.Queue(COMMANDS_WAITING)
+        self._runner: Any = None
+        if cfg.commands.enabled:
+            from edge_agent.pipeline.commands import CommandRunner
+
+            self._runner = CommandRunner(cfg, store)
         self._in_flight: dict[int, int] = {}  # mid -> seq
         #: the device clock against the cloud's, from the acks (edge_agent/pipeline/health.py)
         self.clock = Clock()
@@ -88,7 +110,7 @@ class Forwarder:
         except (sqlite3.Error, StorageError) as exc:  # a full disk at start: not fatal
             log.error("forward: could not reset the resend times of another boot: %s", exc)
         client_id = cfg.forward.broker.client_id or f"edge-agent-{cfg.device_id}-forward"
-        self.client = client or make_client(cfg.forward.broker, client_id)
+        self.client = client or make_client(cfg.forward.broker, client_id, manual_ack=True)
         self.client.max_inflight_messages_set(cfg.forward.max_in_flight)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -96,8 +118,9 @@ class Forwarder:
         self.client.on_message = self._on_message
 
     def start(self) -> None:
-        # the cloud sends this connection acks only (at most 1 KiB each)
-        connect_async(self.client, self.cfg.forward.broker, ACK_MAX_PACKET)
+        # the cloud sends this connection acks (at most 1 KiB each), and commands if on
+        largest = COMMAND_MAX_PACKET if self.command_topic else ACK_MAX_PACKET
+        connect_async(self.client, self.cfg.forward.broker, largest)
 
     def stop(self) -> None:
         self.client.disconnect()
@@ -108,6 +131,8 @@ class Forwarder:
             log.warning("forward: connect refused: %s", rc)
             return
         self.client.subscribe(self.ack_topic, qos=1)
+        if self.command_topic is not None:
+            self.client.subscribe(self.command_topic, qos=1)
         self._events.put(("connected", 0))  # pump() republishes what is still pending
         self.connected.set()
         log.info(
@@ -128,6 +153,16 @@ class Forwarder:
         self._events.put(("puback", mid))
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self.command_topic:
+            try:  # PUBACKed by pump(), after the command's transaction
+                self._commands.put_nowait((msg.mid, msg.qos, bytes(msg.payload)))
+            except queue.Full:
+                self._events.put(("commands-busy", 0))
+            return
+        self.client.ack(msg.mid, msg.qos)  # an ack is in hand: nothing to lose
+        self._on_ack(msg)
+
+    def _on_ack(self, msg: mqtt.MQTTMessage) -> None:
         try:
             ack = decode_ack(bytes(msg.payload))
         except WireError as exc:
@@ -157,11 +192,29 @@ class Forwarder:
         trusted = key is None or ack.covers_time
         self._acks.put(_Verdict(ack, time.time_ns(), mono_ns(), trusted))
 
+    def run_commands(self) -> None:
+        """Run the commands received (edge_agent/pipeline/commands.py), each PUBACKed
+        after its transaction: a crash before leaves it with the broker."""
+        while True:
+            try:
+                mid, qos, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._runner.handle(payload)
+            except (sqlite3.Error, StorageError) as exc:
+                log.error("commands: not run, the buffer failed (%s); the broker keeps it", exc)
+                continue  # not PUBACKed: delivered again at the next connection
+            self.client.ack(mid, qos)
+
     def pump(self) -> int:
-        """Apply PUBACKs and acks, then publish due batches; returns batches newly acked."""
+        """Apply PUBACKs and acks, run the commands received, then publish due
+        batches; returns batches newly acked."""
+        if self._runner is not None:
+            self.run_commands()
         f = self.cfg.forward
         broker_acked: list[int] = []
-        bad_acks = unverified = 0
+        bad_acks = unverified = busy = 0
         while True:
             try:
                 kind, num = self._events.get_nowait()
@@ -175,6 +228,8 @@ class Forwarder:
                     broker_acked.append(seq)
             elif kind == "unverified":
                 unverified += 1
+            elif kind == "commands-busy":
+                busy += 1
             else:
                 bad_acks += 1
         verdicts: list[_Verdict] = []
@@ -210,12 +265,14 @@ class Forwarder:
                     received_mono_ns=v.mono_ns,
                     trusted=v.trusted,
                 )
-        if bad_acks or unverified:
+        if bad_acks or unverified or busy:
             with self.store.tx():
                 if bad_acks:
                     self.store.add_counter(counters.ACKS_INVALID, bad_acks)
                 if unverified:
                     self.store.add_counter(counters.ACKS_UNVERIFIED, unverified)
+                if busy:
+                    self.store.add_counter(counters.COMMANDS_DROPPED_BUSY, busy)
         if self.connected.is_set():
             self._publish_due()
         return done

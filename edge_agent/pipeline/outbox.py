@@ -10,9 +10,10 @@ A batch's life::
        ▲                                          │   └─cloud ack "rejected"─▶ deleted, counted
        └────────── next_try_ns passes, no ack ────┘
 
-Alerts (:mod:`edge_agent.pipeline.alerts`) and health reports (:mod:`edge_agent.pipeline.health`)
-live the same life in tables of their own, ``alerts`` and ``health``, and share
-the seq counter, so the cloud acknowledges all three the same way.
+Alerts (:mod:`edge_agent.pipeline.alerts`), health reports (:mod:`edge_agent.pipeline.health`)
+and commands' results (:mod:`edge_agent.pipeline.commands`) live the same life in
+tables of their own, ``alerts``, ``health`` and ``results``, and share the seq
+counter, so the cloud acknowledges them all the same way.
 
 ``sent`` only means the broker has the batch; the row stays until the cloud
 ingestor says InfluxDB and the archive hold it (``forward.end_to_end_ack``). A
@@ -41,12 +42,13 @@ NEXT_SEQ = "next_seq"
 LAST_ACK = "last_ack_ns"
 BOOT_ID = "boot_id"  # state: the boot whose monotonic clock next_try_ns is on
 
-Kind = Literal["batch", "alert", "health"]
+Kind = Literal["batch", "alert", "health", "result"]
 #: The table of each kind, and the word its counters use (``batches_sent``, …).
 TABLES: dict[Kind, tuple[str, counters.Outgoing]] = {
     "batch": ("outbox", "batches"),
     "alert": ("alerts", "alerts"),
     "health": ("health", "health"),
+    "result": ("results", "results"),
 }
 
 
@@ -148,9 +150,9 @@ def due(
     now_ns = mono_ns() if now_ns is None else now_ns
     skip = set(exclude)
     out: list[Outgoing] = []
-    # alerts, then health reports, before every batch
+    # alerts, then commands' results, then health reports, before every batch
     kind: Kind
-    for kind in ("alert", "health"):
+    for kind in ("alert", "result", "health"):
         for seq, payload, attempts, check in store.conn.execute(
             f"SELECT seq, payload, attempts, crc FROM {TABLES[kind][0]} "
             "WHERE state = 'pending' OR (state = 'sent' AND next_try_ns <= ?) "

@@ -95,6 +95,7 @@ CRC_OF = {
     "outbox": ("payload",),
     "alerts": ("payload",),
     "health": ("payload",),
+    "results": ("payload",),
     "held": ("ts", "vals"),
 }
 

@@ -18,8 +18,9 @@ from edge_agent.lock import BufferLock
 from edge_agent.pipeline import alerts, buffer, outbox, quarantine, window
 from edge_agent.pipeline.alerts import AlertEngine, AlertRule
 from edge_agent.pipeline.health import Reporter
-from edge_agent.store import Store
+from edge_agent.store import Store, crc
 from edge_agent.technician.repair import schema_tables
+from shared.commands import Result
 from shared.errors import WireError
 from shared.readings import ReadingChunk
 from tests.helpers import agent_cli as cli
@@ -53,6 +54,20 @@ def fill_every_table(db: Path) -> None:
             "INSERT INTO inflight(seq, entries) VALUES (1, ?)", (b"\x00\x07" + b"d" * 16,)
         )
         s.conn.execute("INSERT INTO retained(topic, digest) VALUES ('a/b', ?)", (b"r" * 16,))
+        # a command's id and its result (edge_agent/pipeline/commands.py)
+        seq = outbox.next_seq(s)
+        result = Result(seq, "c-1", "done", "", T0, {"ts_ns": T0}, outbox.generation(s), "ping")
+        data = result.encode()
+        s.conn.execute(
+            "INSERT INTO results(seq, created_ns, payload, state, crc, generation) "
+            "VALUES (?, ?, ?, 'pending', ?, ?)",
+            (seq, T0, data, crc(data), outbox.generation(s)),
+        )
+        s.conn.execute(
+            "INSERT INTO commands(id, kind, status, received_ns, expires_ns, result_seq) "
+            "VALUES ('c-1', 'ping', 'done', ?, ?, ?)",
+            (T0, T0 + 10**12, seq),
+        )
     outbox.mark_sent(s, [1, 2], timeout_s=30, max_backoff_s=60)
     Reporter(AgentConfig(), s, Clock()).tick(intake_up=True, forward_up=False)
     empty = [t for t in schema_tables() if not s.conn.execute(f"SELECT 1 FROM [{t}]").fetchone()]

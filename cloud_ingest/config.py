@@ -29,6 +29,7 @@ class MqttConfig(MqttLinkConfig):
     subscription: str = ""
     alert_subscription: str = ""
     health_subscription: str = ""
+    result_subscription: str = ""
     receive_maximum: int = 256
 
     def __post_init__(self) -> None:
@@ -59,6 +60,7 @@ class InfluxConfig:
     measurement: str = "window"
     alert_measurement: str = "alert"
     health_measurement: str = "agent_health"
+    result_measurement: str = "command_result"
     timeout_s: float = 10.0
     #: Points of concurrently handled batches go out together, up to this many per request.
     max_lines_per_write: int = 5000

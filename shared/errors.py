@@ -79,6 +79,7 @@ CLOUD_QUARANTINE_REASONS = (
     "bad-range",
     "bad-alert",
     "bad-health",
+    "bad-result",  # a command's result (docs/commands.md)
     "sink-rejected",
     "undecodable",
     # per-device quotas (cloud_ingest/ingest/quotas.py)

@@ -32,21 +32,28 @@ import numpy as np
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.ingest.quotas import DEFER_RATE, Quotas
 from cloud_ingest.lake import GroupRows, alert_object, group_rows
-from cloud_ingest.sinks.lineproto import alert_to_line, batch_to_lines, health_to_line
+from cloud_ingest.sinks.lineproto import (
+    alert_to_line,
+    batch_to_lines,
+    health_to_line,
+    result_to_line,
+)
 from shared import jsonwire
 from shared.alerts import Alert, decode_alert
+from shared.commands import Result, decode_result
 from shared.errors import WireError
 from shared.health import HealthReport, decode_health
 from shared.topics import (
     device_from_alert_topic,
     device_from_batch_topic,
     device_from_health_topic,
+    device_from_result_topic,
 )
 from shared.wire import Batch, check_ranges_many, decode_batch, peek_ids
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["batch", "alert", "health"]
+Kind = Literal["batch", "alert", "health", "result"]
 #: A lake object: its key and its Parquet bytes.
 LakeObject = tuple[str, bytes]
 
@@ -61,6 +68,8 @@ class Decoded:
     batch: Batch | None = None
     alert: Alert | None = None
     health: HealthReport | None = None
+    #: the result of a command (docs/commands.md)
+    result: Result | None = None
     #: why it is quarantined
     error: WireError | None = None
     #: the device's buffer generation (docs/wire-format.md §2.3); 0 = none
@@ -145,11 +154,12 @@ def _quotas(d: Decoded, quotas: Quotas, now_ns: int) -> Decoded:
                 d, batch=c.batch, partial=c.error, refused_rows=c.refused_rows
             )
         return d
-    when = d.alert.ts_ns if d.alert else d.health.ts_ns if d.health else None
-    if when is not None:
+    message = d.alert or d.health or d.result
+    if message is not None:
+        when = message.ts_ns
         error = quotas.check_time(when, when, now_ns, f"the {d.kind}")
         if error is not None:
-            return dataclasses.replace(d, alert=None, health=None, error=error)
+            return dataclasses.replace(d, alert=None, health=None, result=None, error=error)
     return d
 
 
@@ -159,6 +169,8 @@ def route(topic: str, prefix: str) -> tuple[Kind, str | None]:
         return "alert", device_from_alert_topic(topic, prefix)
     if topic.endswith("/health"):
         return "health", device_from_health_topic(topic, prefix)
+    if topic.endswith("/result"):
+        return "result", device_from_result_topic(topic, prefix)
     return "batch", device_from_batch_topic(topic, prefix)
 
 
@@ -200,12 +212,17 @@ def _decode_batch(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
 
 
 def _decode_json(topic: str, payload: bytes, kind: Kind, device: str | None) -> Decoded:
-    """An alert or a health report (JSON, shared/alerts.py and shared/health.py)."""
+    """An alert, a health report or a command's result (JSON: shared/alerts.py,
+    shared/health.py, shared/commands.py)."""
     try:
         if device is None:
             raise WireError("bad-topic", f"{topic!r} is not <prefix>/<device_id>/{kind}")
-        value: Alert | HealthReport = (
-            decode_alert(payload) if kind == "alert" else decode_health(payload)
+        value: Alert | HealthReport | Result = (
+            decode_alert(payload)
+            if kind == "alert"
+            else decode_result(payload)
+            if kind == "result"
+            else decode_health(payload)
         )
     except WireError as exc:
         seq, gen = _json_ids(payload)
@@ -213,6 +230,10 @@ def _decode_json(topic: str, payload: bytes, kind: Kind, device: str | None) -> 
     if isinstance(value, Alert):
         return Decoded(
             topic, payload, kind, device, value.seq, alert=value, generation=value.generation
+        )
+    if isinstance(value, Result):
+        return Decoded(
+            topic, payload, kind, device, value.seq, result=value, generation=value.generation
         )
     return Decoded(
         topic, payload, kind, device, value.seq, health=value, generation=value.generation
@@ -260,6 +281,9 @@ def plan_group(decoded: Sequence[Decoded], cfg: IngestConfig) -> GroupPlan:
         elif msg.alert is not None:
             line = alert_to_line(msg.device, msg.alert, cfg.influx.alert_measurement)
             out.append(Planned(msg, (line,), (alert_object(msg.device, msg.alert),)))
+        elif msg.result is not None:  # InfluxDB only: an answer to an operator
+            line = result_to_line(msg.device, msg.result, cfg.influx.result_measurement)
+            out.append(Planned(msg, (line,)))
         else:  # a health report: InfluxDB only (it describes the device, not its data)
             assert msg.health is not None
             line = health_to_line(msg.device, msg.health, cfg.influx.health_measurement)

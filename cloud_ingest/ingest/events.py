@@ -34,10 +34,12 @@ def _event(name: str, what: str) -> Event:
 RECEIVED: Final = _event("received", "batch messages received")
 ALERTS_RECEIVED: Final = _event("alerts_received", "alert messages received")
 HEALTH_RECEIVED: Final = _event("health_received", "health reports received")
+RESULTS_RECEIVED: Final = _event("results_received", "results of commands received")
 BATCHES_WRITTEN: Final = _event("batches_written", "batches written to both sinks")
 POINTS_WRITTEN: Final = _event("points_written", "InfluxDB points of those batches")
 ALERTS_WRITTEN: Final = _event("alerts_written", "alerts written to both sinks")
 HEALTH_WRITTEN: Final = _event("health_written", "health reports written to InfluxDB")
+RESULTS_WRITTEN: Final = _event("results_written", "results of commands written to InfluxDB")
 DUPLICATES: Final = _event("duplicates", "messages recognised as written before")
 ACKS_STORED: Final = _event("acks_stored", "`stored` acks published to devices")
 ACKS_REJECTED: Final = _event("acks_rejected", "`rejected` acks published to devices")
@@ -61,8 +63,11 @@ QUOTA_WINDOWS_REFUSED: Final = _event(
     "quota_windows_refused", "windows of accepted batches refused by a quota"
 )
 
-_RECEIVED: Final = {"batch": RECEIVED, "alert": ALERTS_RECEIVED, "health": HEALTH_RECEIVED}
-_WRITTEN: Final = {"alert": ALERTS_WRITTEN, "health": HEALTH_WRITTEN}
+_RECEIVED: Final = {
+    "batch": RECEIVED, "alert": ALERTS_RECEIVED, "health": HEALTH_RECEIVED,
+    "result": RESULTS_RECEIVED,
+}  # fmt: skip
+_WRITTEN: Final = {"alert": ALERTS_WRITTEN, "health": HEALTH_WRITTEN, "result": RESULTS_WRITTEN}
 _RETRIES: Final = {"influx": INFLUX_RETRIES, "archive": ARCHIVE_RETRIES}
 _ACKS: Final = {"stored": ACKS_STORED, "rejected": ACKS_REJECTED}
 
@@ -70,11 +75,11 @@ QUARANTINED_PREFIX: Final = "quarantined_"
 DEFERRED_PREFIX: Final = "deferred_"
 
 
-def received(kind: Literal["batch", "alert", "health"]) -> Event:
+def received(kind: Literal["batch", "alert", "health", "result"]) -> Event:
     return _RECEIVED[kind]
 
 
-def written(kind: Literal["alert", "health"]) -> Event:
+def written(kind: Literal["alert", "health", "result"]) -> Event:
     return _WRITTEN[kind]
 
 

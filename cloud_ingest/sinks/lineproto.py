@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import Final
 
 from shared.alerts import Alert
+from shared.commands import Result
 from shared.health import INT_FIELDS, KNOWN_DROPS, OPTIONAL_FLOAT_FIELDS, HealthReport
 from shared.wire import EXTRA_FIELDS, STAT_FIELDS, Batch
 
@@ -58,6 +59,26 @@ def alert_to_line(device_id: str, alert: Alert, measurement: str = "alert") -> s
     if alert.value is not None and math.isfinite(alert.value):
         fields.append(f"value={alert.value!r}")
     return f"{tags} {','.join(fields)} {alert.ts_ns}"
+
+
+def result_to_line(device_id: str, result: Result, measurement: str = "command_result") -> str:
+    """One point per result of a command (docs/commands.md), at the device's time of
+    it: tags the device and the command's kind, fields the id, status, reason and
+    what the command returned (as JSON text; a result is small)."""
+    import json
+
+    tags = f"{measurement.translate(_MEAS_ESCAPES)},device_id={device_id.translate(_TAG_ESCAPES)}"
+    if result.kind:
+        tags += f",kind={result.kind}"
+    fields = [
+        f"id={_string_field(result.id)}",
+        f"status={_string_field(result.status)}",
+        f"ok={int(result.status == 'done')}i",
+        f"reason={_string_field(result.reason)}",
+        f"seq={result.seq}i",
+        f"result={_string_field(json.dumps(dict(result.result), separators=(',', ':')))}",
+    ]
+    return f"{tags} {','.join(fields)} {result.ts_ns}"
 
 
 def health_to_line(device_id: str, report: HealthReport, measurement: str = "agent_health") -> str:

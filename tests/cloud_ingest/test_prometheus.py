@@ -76,6 +76,10 @@ def test_every_quarantine_reason_is_shown_from_zero() -> None:
     raised = set()
     for path in sources:
         raised |= set(re.findall(r'WireError\(\s*"([a-z-]+)"', path.read_text()))
+    # a command's result (the rest of shared/commands.py is the device's)
+    commands = (root / "shared" / "commands.py").read_text()
+    raised |= set(re.findall(r'WireError\(\s*"(bad-result)"', commands))
+    assert "bad-result" in raised
     assert raised and raised <= set(CLOUD_QUARANTINE_REASONS), raised - set(
         CLOUD_QUARANTINE_REASONS
     )

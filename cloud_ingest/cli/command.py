@@ -1,0 +1,274 @@
+"""``cloud-ingest command``: the operators' side of commands (docs/commands.md):
+a signing key, sending a signed command to a device, watching the results."""
+
+from __future__ import annotations
+
+import json
+import queue
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cloud_ingest.cli.app import DEFAULT_CONFIG, config_option, main
+from cloud_ingest.config import IngestConfig
+from shared.cli import EXIT_CONFIG, EXIT_FAILURE, load_or_exit
+
+
+@main.group()
+def command() -> None:
+    """Send signed commands to devices and watch their results (docs/commands.md).
+
+    Commands are signed with an Ed25519 key only the operators hold (`keygen`); a
+    device runs a command only if it verifies with one of the public keys in its
+    [commands] keys, once per id, before its expiry. The MQTT identity in
+    [mqtt] must be an operator's (`cloud-ingest broker-acl --operator NAME`)."""
+
+
+@command.command("keygen")
+@click.option("--id", "key_id", required=True, help="The key's id, e.g. ops-2026.")
+@click.option(
+    "--dir", "folder", type=click.Path(file_okay=False), default=".", show_default=True,
+    help="Where to write <id>.key (private, 0600) and <id>.pub (for the devices).",
+)  # fmt: skip
+def keygen(key_id: str, folder: str) -> None:
+    """Make a signing key: <id>.key stays with the operators, <id>.pub goes to every
+    device (the Ansible role's edge_agent_command_keys)."""
+    from shared import commands
+    from shared.topics import is_valid_id
+
+    if not is_valid_id(key_id):
+        raise click.UsageError(f"--id {key_id!r} is not 1-64 characters of A-Z a-z 0-9 _ . -")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    private, public = out / f"{key_id}.key", out / f"{key_id}.pub"
+    for path in (private, public):
+        if path.exists():
+            click.echo(f"error: {path} exists; not overwritten", err=True)
+            sys.exit(EXIT_FAILURE)
+    key = commands.new_private_key()
+    private.touch(mode=0o600)
+    private.write_bytes(commands.private_pem(key))
+    public.write_bytes(commands.public_pem(key.public_key()))
+    click.echo(f"{private}\n{public}")
+
+
+def _client(cfg: IngestConfig) -> Any:
+    """A paho client on [mqtt]'s broker with its TLS and credentials: no session
+    (an operator's command tool keeps nothing at the broker)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from shared.auth import apply_paho
+    from shared.tls import ssl_context
+
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=f"operator-{secrets.token_hex(6)}",
+        protocol=mqtt.MQTTv5,
+    )
+    ctx = ssl_context(cfg.mqtt.tls)
+    if ctx is not None:
+        client.tls_set_context(ctx)
+    apply_paho(client, cfg.mqtt.auth)
+    return client
+
+
+def _connect(client: Any, cfg: IngestConfig, timeout_s: float = 10.0) -> None:
+    connected: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    client.on_connect = lambda _c, _u, _f, rc, _p: connected.put(rc)
+    try:
+        client.connect(cfg.mqtt.host, cfg.mqtt.port, keepalive=cfg.mqtt.keepalive_s)
+    except OSError as exc:
+        click.echo(f"error: the broker at {cfg.mqtt.host}:{cfg.mqtt.port}: {exc}", err=True)
+        sys.exit(EXIT_FAILURE)
+    client.loop_start()
+    try:
+        rc = connected.get(timeout=timeout_s)
+    except queue.Empty:
+        rc = None
+    if rc is None or rc.is_failure:
+        client.loop_stop()
+        click.echo(f"error: the broker refused the connection: {rc}", err=True)
+        sys.exit(EXIT_FAILURE)
+
+
+def _subscribe(client: Any, topic: str) -> queue.SimpleQueue[tuple[str, bytes]]:
+    got: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+    subscribed: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    client.on_message = lambda _c, _u, m: got.put((m.topic, bytes(m.payload)))
+    client.on_subscribe = lambda _c, _u, _m, codes, _p: subscribed.put(codes)
+    client.subscribe(topic, qos=1)
+    codes = subscribed.get(timeout=10)
+    if any(c.is_failure for c in codes):
+        click.echo(f"error: the broker refused the subscription to {topic}: {codes}", err=True)
+        sys.exit(EXIT_FAILURE)
+    return got
+
+
+def _show(device: str, raw: bytes, as_json: bool) -> dict[str, Any] | None:
+    from shared.commands import decode_result
+    from shared.errors import WireError
+
+    try:
+        r = decode_result(raw)
+    except WireError as exc:
+        click.echo(f"{device}: not a result ({exc})", err=True)
+        return None
+    obj = {
+        "device_id": device, "id": r.id, "kind": r.kind, "status": r.status,
+        "reason": r.reason, "ts_ns": r.ts_ns, "result": dict(r.result),
+    }  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(obj, separators=(",", ":")))
+    else:
+        why = f" ({r.reason})" if r.reason else ""
+        click.echo(f"{device} {r.id} {r.kind or '-'}: {r.status}{why} {json.dumps(dict(r.result))}")
+    return obj
+
+
+@command.command("send")
+@config_option("TOML config file: [mqtt] says which broker, as which operator identity.")
+@click.argument("device")
+@click.argument("kind")
+@click.option("--arg", "args", multiple=True, help="An argument, key=value. Repeatable.")
+@click.option("--key-file", type=click.Path(dir_okay=False), required=True,
+              help="The signing key (`keygen`'s <id>.key).")  # fmt: skip
+@click.option("--key-id", help="The key's id, as the devices know it. Default: the file's name.")
+@click.option("--id", "command_id", help="The command's id. Default: a new random one.")
+@click.option(
+    "--expires-in", type=click.FloatRange(min=1), default=3600.0, show_default=True,
+    help="Seconds until the command expires (a device offline longer never runs it).",
+)  # fmt: skip
+@click.option("--wait", type=click.FloatRange(min=0), default=0.0,
+              help="Wait this many seconds for the device's result, and print it.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def send(
+    config_path: str | None,
+    device: str,
+    kind: str,
+    args: tuple[str, ...],
+    key_file: str,
+    key_id: str | None,
+    command_id: str | None,
+    expires_in: float,
+    wait: float,
+    as_json: bool,
+) -> None:
+    """Sign a command and publish it to DEVICE (QoS 1; the broker keeps it for a
+    device that is offline, until it expires). KIND: ping, status.
+
+    Exit codes: 0 sent (and, with --wait, done), 1 refused, failed or no result in
+    time, 2 bad usage or config."""
+    import paho.mqtt.client as mqtt
+
+    from shared import commands
+    from shared.errors import WireError
+    from shared.mqttprops import publish_properties
+    from shared.topics import command_topic, is_valid_id, result_topic
+
+    cfg = load_or_exit(IngestConfig, config_path, DEFAULT_CONFIG)
+    for name, value in (("DEVICE", device), ("KIND", kind)):
+        if not is_valid_id(value):
+            raise click.UsageError(f"{name} {value!r} is not an id")
+    arguments: dict[str, str] = {}
+    for item in args:
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            raise click.UsageError(f"--arg {item!r} is not key=value")
+        arguments[k] = v
+    try:
+        private = commands.load_private(Path(key_file))
+    except (OSError, ValueError) as exc:
+        click.echo(f"error: --key-file: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    key_id = key_id or Path(key_file).stem
+    now = time.time_ns()
+    cmd = commands.Command(
+        id=command_id or f"c-{secrets.token_hex(8)}",
+        device_id=device,
+        kind=kind,
+        issued_ns=now,
+        expires_ns=now + int(expires_in * 1e9),
+        args=arguments,
+    )
+    try:
+        payload = commands.sign(cmd, key_id, private)
+        commands.verify(payload, {key_id: private.public_key()})  # what the device will do
+    except (ValueError, WireError) as exc:
+        raise click.UsageError(f"not a command a device can take: {exc}") from None
+    prefix = cfg.mqtt.topic_prefix
+    client = _client(cfg)
+    _connect(client, cfg)
+    try:
+        results = _subscribe(client, result_topic(device, prefix)) if wait else None
+        props = publish_properties("application/json", [], int(expires_in))
+        info = client.publish(command_topic(device, prefix), payload, qos=1, properties=props)
+        info.wait_for_publish(timeout=10)
+        if not info.is_published() or info.rc != mqtt.MQTT_ERR_SUCCESS:
+            click.echo(f"error: the broker did not take the command ({info.rc})", err=True)
+            sys.exit(EXIT_FAILURE)
+        if not as_json:
+            click.echo(f"sent {cmd.id} ({kind}) to {device}, expires in {expires_in:g} s")
+        if results is None:
+            if as_json:
+                click.echo(json.dumps({"id": cmd.id, "device_id": device, "sent": True}))
+            return
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                _, raw = results.get(timeout=left)
+            except queue.Empty:
+                break
+            obj = _show(device, raw, as_json)
+            if obj is not None and obj["id"] == cmd.id:
+                sys.exit(0 if obj["status"] == "done" else EXIT_FAILURE)
+        click.echo(f"error: no result for {cmd.id} within {wait:g} s", err=True)
+        sys.exit(EXIT_FAILURE)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@command.command("watch")
+@config_option("TOML config file: [mqtt] says which broker, as which operator identity.")
+@click.option("--device", help="Only this device's results.")
+@click.option("--count", type=click.IntRange(min=1), help="Stop after this many results.")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Stop after this many seconds.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def watch(
+    config_path: str | None,
+    device: str | None,
+    count: int | None,
+    timeout: float | None,
+    as_json: bool,
+) -> None:
+    """Print the results of commands as devices send them (and again when a device
+    resends one the cloud has not acknowledged yet)."""
+    from shared.topics import device_from_result_topic, result_filter, result_topic
+
+    cfg = load_or_exit(IngestConfig, config_path, DEFAULT_CONFIG)
+    prefix = cfg.mqtt.topic_prefix
+    client = _client(cfg)
+    _connect(client, cfg)
+    try:
+        got = _subscribe(client, result_topic(device, prefix) if device else result_filter(prefix))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen = 0
+        while count is None or seen < count:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            try:
+                topic, raw = got.get(timeout=left)
+            except queue.Empty:
+                break
+            seen += _show(device_from_result_topic(topic, prefix) or "?", raw, as_json) is not None
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.disconnect()
+        client.loop_stop()

@@ -1,0 +1,125 @@
+"""Commands end to end, with real processes (docs/commands.md): the operator's
+`cloud-ingest command`, Mosquitto, the agent and the ingestor. A command sent while
+the device is offline runs once when it is back, and not again after a SIGKILL; a
+forged, a replayed and an expired one do nothing and are counted; the results
+reach InfluxDB, and leave the device's buffer when the cloud acks them."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devstack import influxq
+from devstack.pipeline import IngestTarget, Pipeline, toml_dumps
+from devstack.publish import publish_all
+from devstack.services import Service, wait_until
+from edge_agent import counters
+from shared import commands
+from shared.commands import Command, sign
+from tests.conftest import SpecFactory
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.integration
+
+DEVICE = "dev-cmd"
+HOUR = 3600 * 10**9
+
+
+def test_a_command_to_an_offline_device_runs_once_and_bad_ones_are_counted(
+    pipeline_spec: SpecFactory,
+    fresh: Any,
+    influxdb: Service,
+    influx_db: str,
+    tmp_path: Path,
+) -> None:
+    broker = fresh("mosquitto")
+    keys = tmp_path / "keys"
+    res = run_cli("cloud-ingest", "command", "keygen", "--id", "ops-1", "--dir", str(keys))
+    assert res.returncode == 0, res.stderr
+    assert (keys / "ops-1.key").stat().st_mode & 0o077 == 0  # the private half: 0600
+    operator = tmp_path / "operator.toml"
+    operator.write_text(toml_dumps({"mqtt": {"port": broker.port}}))
+    spec = pipeline_spec(
+        broker=broker,
+        device_id=DEVICE,
+        targets=[
+            IngestTarget(
+                "i", {"api": "v1", "url": influxdb.url, "database": influx_db},
+                {"url": f"file://{tmp_path / 'lake'}"},
+            )
+        ],
+        agent_extra=f'\n[[commands.keys]]\nid = "ops-1"\nfile = "{keys / "ops-1.pub"}"\n',
+    )  # fmt: skip
+    pipe = Pipeline(spec)
+
+    def send(*args: str) -> dict[str, Any]:
+        out = run_cli(
+            "cloud-ingest", "command", "send", "-c", str(operator), DEVICE, *args,
+            "--key-file", str(keys / "ops-1.key"), "--json",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        return dict(json.loads(out.stdout.splitlines()[-1]))
+
+    def count(name: str) -> int:
+        return int(pipe.agent_status()["counters"].get(name, 0))
+
+    try:
+        pipe.start_ingestors()
+        agent = pipe.start_agent()
+        # online: the result comes back (and the agent's session now holds the subscription)
+        assert send("ping", "--wait", "30")["status"] == "done"
+        assert agent.terminate() == 0
+
+        # offline: a command, a forged one, one already expired, and one twice
+        offline = send("status", "--id", "c-offline")
+        assert offline == {"id": "c-offline", "device_id": DEVICE, "sent": True}
+        now = time.time_ns()
+        forged = sign(
+            Command("c-forged", DEVICE, "ping", now, now + HOUR), "ops-1",
+            commands.new_private_key(),
+        )  # fmt: skip
+        private = commands.load_private(keys / "ops-1.key")
+        expired = sign(
+            Command("c-old", DEVICE, "ping", now - 2 * HOUR, now - HOUR), "ops-1", private
+        )
+        twice = sign(Command("c-twice", DEVICE, "ping", now, now + HOUR), "ops-1", private)
+        topic = f"telemetry/v1/{DEVICE}/cmd"
+        publish_all(
+            broker.port, [(topic, forged), (topic, expired), (topic, twice), (topic, twice)]
+        )
+
+        agent = pipe.start_agent()
+        wait_until(
+            lambda: count(counters.COMMANDS_DONE) == 3  # ping, c-offline, c-twice
+            and count(counters.command_refused("replayed")) == 1
+            and count(counters.command_refused("expired")) == 1
+            and count(counters.command_refused("bad-signature")) == 1,
+            60, "the offline commands to run",
+        )  # fmt: skip
+        # SIGKILLed and back: nothing runs again, even when sent again
+        agent.popen.kill()
+        agent.popen.wait()
+        agent = pipe.start_agent()
+        publish_all(broker.port, [(topic, twice)])
+        wait_until(lambda: count(counters.command_refused("replayed")) == 2, 60, "the replay")
+        assert count(counters.COMMANDS_DONE) == 3
+
+        # every result in InfluxDB once, and acked: none left in the buffer
+        def results() -> dict[str, tuple[str, str]]:
+            q = influxq.influxql(influxdb.url, 'SELECT * FROM "command_result"', influx_db)
+            series = q["results"][0].get("series", [])
+            rows = [dict(zip(s["columns"], v, strict=True)) for s in series for v in s["values"]]
+            return {r["id"]: (r["status"], r["reason"]) for r in rows}
+
+        wait_until(lambda: len(results()) == 4, 60, "the results in InfluxDB")
+        got = results()
+        assert got.pop("c-offline") == ("done", "") and got.pop("c-twice") == ("done", "")
+        assert got.pop("c-old") == ("refused", "expired") and len(got) == 1  # and the ping
+        wait_until(lambda: count(counters.outgoing("results", "acked")) == 4, 60, "the acks")
+        assert agent.terminate() == 0
+    finally:
+        pipe.stop_all()

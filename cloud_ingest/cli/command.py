@@ -56,6 +56,21 @@ def keygen(key_id: str, folder: str) -> None:
     click.echo(f"{private}\n{public}")
 
 
+def _default_journal() -> Path:
+    import os
+
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "cloud-ingest" / "commands.jsonl"
+
+
+journal_option = click.option(
+    "--journal",
+    type=click.Path(dir_okay=False),
+    help="The file of commands sent (JSON lines). Default: "
+    "$XDG_STATE_HOME/cloud-ingest/commands.jsonl (~/.local/state/…).",
+)
+
+
 def _client(cfg: IngestConfig) -> Any:
     """A paho client on [mqtt]'s broker with its TLS and credentials: no session
     (an operator's command tool keeps nothing at the broker)."""
@@ -146,6 +161,7 @@ def _show(device: str, raw: bytes, as_json: bool) -> dict[str, Any] | None:
 @click.option("--wait", type=click.FloatRange(min=0), default=0.0,
               help="Wait this many seconds for the device's result, and print it.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@journal_option
 def send(
     config_path: str | None,
     device: str,
@@ -157,6 +173,7 @@ def send(
     expires_in: float,
     wait: float,
     as_json: bool,
+    journal: str | None,
 ) -> None:
     """Sign a command and publish it to DEVICE (QoS 1; the broker keeps it for a
     device that is offline, until it expires). KIND: ping, status.
@@ -211,6 +228,14 @@ def send(
         if not info.is_published() or info.rc != mqtt.MQTT_ERR_SUCCESS:
             click.echo(f"error: the broker did not take the command ({info.rc})", err=True)
             sys.exit(EXIT_FAILURE)
+        entry = {
+            "id": cmd.id, "device_id": device, "kind": kind,
+            "issued_ns": cmd.issued_ns, "expires_ns": cmd.expires_ns,
+        }  # fmt: skip
+        path = Path(journal) if journal else _default_journal()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as fh:  # for `command pending`
+            fh.write(json.dumps(entry, separators=(",", ":")) + "\n")
         if not as_json:
             click.echo(f"sent {cmd.id} ({kind}) to {device}, expires in {expires_in:g} s")
         if results is None:
@@ -272,3 +297,59 @@ def watch(
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+@command.command("pending")
+@config_option("TOML config file: [influx] says where the results are.")
+@journal_option
+@click.option("--all", "show_all", is_flag=True, help="Every command sent, answered or not.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def pending(config_path: str | None, journal: str | None, show_all: bool, as_json: bool) -> None:
+    """The commands sent from here (`send` keeps them in the journal) that no device
+    has answered yet, with their state: pending (not expired: the device may still be
+    offline), expired (it will never run), or with --all the answered ones too
+    (done, refused, failed), from InfluxDB's command_result."""
+    from cloud_ingest.jobs.influxql import InfluxQLReader
+    from shared.errors import SinkError
+
+    cfg = load_or_exit(IngestConfig, config_path, DEFAULT_CONFIG)
+    path = Path(journal) if journal else _default_journal()
+    sent: list[dict[str, Any]] = []
+    if path.exists():
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            try:
+                entry = json.loads(line)
+                entry["id"], entry["issued_ns"], entry["expires_ns"]
+            except (ValueError, KeyError, TypeError):
+                click.echo(f"{path}:{n}: not a journal line; skipped", err=True)
+                continue
+            sent.append(entry)
+    answered: dict[tuple[str, str], str] = {}
+    if sent:
+        since = min(int(e["issued_ns"]) for e in sent) - 86_400 * 10**9
+        reader = InfluxQLReader(cfg.influx)
+        try:
+            measurement = cfg.influx.result_measurement.replace('"', '\\"')
+            for series in reader.query(
+                f'SELECT "id", "status", "device_id" FROM "{measurement}" WHERE time >= {since}'
+            ):
+                for row in series.rows():
+                    answered[(str(row.get("device_id")), str(row.get("id")))] = str(row["status"])
+        except SinkError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_FAILURE)
+        finally:
+            reader.close()
+    now = time.time_ns()
+    for e in sent:
+        state = answered.get((e["device_id"], e["id"]))
+        if state is None:
+            state = "expired" if e["expires_ns"] <= now else "pending"
+        elif not show_all:
+            continue
+        if as_json:
+            click.echo(json.dumps({**e, "state": state}, separators=(",", ":")))
+        else:
+            left = (e["expires_ns"] - now) / 1e9
+            until = f", expires in {left:.0f} s" if state == "pending" else ""
+            click.echo(f"{e['device_id']} {e['id']} {e['kind']}: {state}{until}")

@@ -42,7 +42,12 @@ def test_a_command_to_an_offline_device_runs_once_and_bad_ones_are_counted(
     assert res.returncode == 0, res.stderr
     assert (keys / "ops-1.key").stat().st_mode & 0o077 == 0  # the private half: 0600
     operator = tmp_path / "operator.toml"
-    operator.write_text(toml_dumps({"mqtt": {"port": broker.port}}))
+    operator.write_text(
+        toml_dumps(
+            {"mqtt": {"port": broker.port}, "influx": {"url": influxdb.url, "database": influx_db}}
+        )
+    )
+    journal = tmp_path / "journal.jsonl"
     spec = pipeline_spec(
         broker=broker,
         device_id=DEVICE,
@@ -59,10 +64,18 @@ def test_a_command_to_an_offline_device_runs_once_and_bad_ones_are_counted(
     def send(*args: str) -> dict[str, Any]:
         out = run_cli(
             "cloud-ingest", "command", "send", "-c", str(operator), DEVICE, *args,
-            "--key-file", str(keys / "ops-1.key"), "--json",
+            "--key-file", str(keys / "ops-1.key"), "--json", "--journal", str(journal),
         )  # fmt: skip
         assert out.returncode == 0, out.stdout + out.stderr
         return dict(json.loads(out.stdout.splitlines()[-1]))
+
+    def pending(*args: str) -> dict[str, str]:
+        out = run_cli(
+            "cloud-ingest", "command", "pending", "-c", str(operator), "--journal", str(journal),
+            "--json", *args,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        return {(o := json.loads(line))["id"]: o["state"] for line in out.stdout.splitlines()}
 
     def count(name: str) -> int:
         return int(pipe.agent_status()["counters"].get(name, 0))
@@ -77,6 +90,7 @@ def test_a_command_to_an_offline_device_runs_once_and_bad_ones_are_counted(
         # offline: a command, a forged one, one already expired, and one twice
         offline = send("status", "--id", "c-offline")
         assert offline == {"id": "c-offline", "device_id": DEVICE, "sent": True}
+        assert pending() == {"c-offline": "pending"}  # the ping was answered
         now = time.time_ns()
         forged = sign(
             Command("c-forged", DEVICE, "ping", now, now + HOUR), "ops-1",
@@ -120,6 +134,14 @@ def test_a_command_to_an_offline_device_runs_once_and_bad_ones_are_counted(
         assert got.pop("c-offline") == ("done", "") and got.pop("c-twice") == ("done", "")
         assert got.pop("c-old") == ("refused", "expired") and len(got) == 1  # and the ping
         wait_until(lambda: count(counters.outgoing("results", "acked")) == 4, 60, "the acks")
+        assert pending() == {}
+        assert set(pending("--all").values()) == {"done"} and len(pending("--all")) == 2
+        # one sent that never came back, and has expired: it never will
+        gone = {"id": "c-gone", "device_id": DEVICE, "kind": "ping"}
+        with journal.open("a") as fh:
+            fh.write(json.dumps(gone | {"issued_ns": now - 2 * HOUR, "expires_ns": now - HOUR}))
+            fh.write("\nnot a journal line\n")
+        assert pending() == {"c-gone": "expired"}
         assert agent.terminate() == 0
     finally:
         pipe.stop_all()

@@ -108,6 +108,12 @@ class Deployment:
             capture_output=True,
         )
         self.master = os.urandom(32)
+        # the operators' command key (docs/commands.md): its public half to the device
+        subprocess.run(
+            [ci, "command", "keygen", "--id", "ops-1", "--dir", str(tmp / "ops")],
+            check=True,
+            capture_output=True,
+        )
         self.inventory = tmp / "inventory.json"
         self.inventory.write_text(json.dumps(self._inventory()))
 
@@ -150,6 +156,9 @@ class Deployment:
             "edge_agent_tls_key_src": str(issued / f"{DEVICE}.key"),
             "edge_agent_ack_key": device_key(self.master, DEVICE).hex(),
             "edge_agent_health_interval_s": 5,
+            "edge_agent_command_keys": [
+                {"id": "ops-1", "src": str(self.tmp / "ops" / "ops-1.pub")}
+            ],
             # docs/devices.md's ESPHome recipe, and a static tag, through the role
             "edge_agent_tags": ["site=lab"],
             "edge_agent_config_extra": (
@@ -295,6 +304,11 @@ def test_the_playbook_deploys_twice_and_what_it_deployed_runs(
     )
     started.append(ingest.start())
     agent_cfg = etc / "edge-agent.toml"
+    # the command key is on the device, and in the config that `config check` passed
+    assert (etc / "commands-ops-1.pub").read_bytes() == (
+        tmp_path / "ops" / "ops-1.pub"
+    ).read_bytes()
+    assert f'{{ id = "ops-1", file = "{etc}/commands-ops-1.pub" }}' in agent_cfg.read_text()
     ready = tmp_path / "agent.ready"  # subscribed to the device broker (systemd: READY=1)
     agent = Service(
         "edge-agent",

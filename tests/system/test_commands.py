@@ -22,6 +22,7 @@ from shared import commands
 from shared.commands import Command, sign
 from tests.conftest import SpecFactory
 from tests.helpers import run_cli
+from tests.system.test_e2e import WIDTH, compare, expected_windows
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +59,9 @@ def test_a_command_to_an_offline_device_runs_once_and_bad_ones_are_counted(
             )
         ],
         agent_extra=f'\n[[commands.keys]]\nid = "ops-1"\nfile = "{keys / "ops-1.pub"}"\n',
+        # readings throughout, across the stop and the SIGKILL (test_e2e.py's ground truth)
+        duration_s=90.0, speed=10.0, seed=5,
+        start_ns=(time.time_ns() // WIDTH - 12) * WIDTH + 5_000_000,
     )  # fmt: skip
     pipe = Pipeline(spec)
 
@@ -82,7 +86,8 @@ def test_a_command_to_an_offline_device_runs_once_and_bad_ones_are_counted(
 
     try:
         pipe.start_ingestors()
-        agent = pipe.start_agent()
+        agent = pipe.start_agent(flush_on_shutdown=False)
+        sim = pipe.start_sim()
         # online: the result comes back (and the agent's session now holds the subscription)
         assert send("ping", "--wait", "30")["status"] == "done"
         assert agent.terminate() == 0
@@ -106,7 +111,7 @@ def test_a_command_to_an_offline_device_runs_once_and_bad_ones_are_counted(
             broker.port, [(topic, forged), (topic, expired), (topic, twice), (topic, twice)]
         )
 
-        agent = pipe.start_agent()
+        agent = pipe.start_agent(flush_on_shutdown=False)
         wait_until(
             lambda: count(counters.COMMANDS_DONE) == 3  # ping, c-offline, c-twice
             and count(counters.command_refused("replayed")) == 1
@@ -117,7 +122,7 @@ def test_a_command_to_an_offline_device_runs_once_and_bad_ones_are_counted(
         # SIGKILLed and back: nothing runs again, even when sent again
         agent.popen.kill()
         agent.popen.wait()
-        agent = pipe.start_agent()
+        agent = pipe.start_agent(flush_on_shutdown=False)
         publish_all(broker.port, [(topic, twice)])
         wait_until(lambda: count(counters.command_refused("replayed")) == 2, 60, "the replay")
         assert count(counters.COMMANDS_DONE) == 3
@@ -142,6 +147,18 @@ def test_a_command_to_an_offline_device_runs_once_and_bad_ones_are_counted(
             fh.write(json.dumps(gone | {"issued_ns": now - 2 * HOUR, "expires_ns": now - HOUR}))
             fh.write("\nnot a journal line\n")
         assert pending() == {"c-gone": "expired"}
+
+        # and every ordinary reading arrived once, in the windows numpy computes
+        produced = int(pipe.finish_sim(sim, timeout_s=120)["produced"])
+        pipe.wait_agent_has(produced, timeout_s=60)
         assert agent.terminate() == 0
+        agent = pipe.start_agent()  # its stop closes and sends every window
+        assert agent.terminate() == 0
+        exp = expected_windows(pipe.truth)
+        wait_until(
+            lambda: influxq.total_count(influxq.v1_windows(influxdb.url, influx_db)) == produced,
+            60, "every reading in InfluxDB",
+        )  # fmt: skip
+        compare("influx", DEVICE, exp, influxq.v1_windows(influxdb.url, influx_db), 1e-9)
     finally:
         pipe.stop_all()

@@ -3,17 +3,18 @@ internal events in ``src/internal_events/`` and telegraf in ``selfstat``).
 
 :meth:`~edge_agent.store.Store.add_counter` takes only a :data:`CounterName`, which
 only this module makes, so a name cannot be mistyped where it is counted. The
-counters are exported in three places: ``edge-agent status`` (all of them, and the
-``source_*`` ones as the per-source table), the health report's ``drops`` (the
+counters are exported in two places: ``edge-agent status`` (all of them, and the
+``source_*`` ones as the per-source table) and the health report's ``drops`` (the
 ``dropped_*`` ones, which must be shared/health.py's ``KNOWN_DROPS``: the cloud
-gives each a field of its own) and the per-source counts of ``status``.
+gives each a field of its own).
 ``tests/system/test_layers.py`` checks that every count goes through here and that the
 drops agree with ``KNOWN_DROPS``.
 
-Three families have a part that is not fixed here: ``quarantined_<reason>`` (the
-reasons are the sources' and the wire decoders' slugs), ``source_<name>_<kind>``
-(the names are the config's sources; the kinds are :data:`SOURCE_KINDS`) and
-``alerts_<state>``.
+Two families have a part that is not fixed here: ``quarantined_<reason>`` (the
+reasons are the sources' and the wire decoders' slugs) and ``source_<name>_<kind>``
+(the names are the config's sources; the kinds are :data:`SOURCE_KINDS`). The
+others (``alerts_<state>``, ``commands_refused_<reason>``, ``<what>_sent`` …) are
+in :data:`FIXED` member by member.
 """
 
 from __future__ import annotations

@@ -117,7 +117,11 @@ def _subscribe(client: Any, topic: str) -> queue.SimpleQueue[tuple[str, bytes]]:
     client.on_message = lambda _c, _u, m: got.put((m.topic, bytes(m.payload)))
     client.on_subscribe = lambda _c, _u, _m, codes, _p: subscribed.put(codes)
     client.subscribe(topic, qos=1)
-    codes = subscribed.get(timeout=10)
+    try:
+        codes = subscribed.get(timeout=10)
+    except queue.Empty:
+        click.echo(f"error: the broker did not answer the subscription to {topic}", err=True)
+        sys.exit(EXIT_FAILURE)
     if any(c.is_failure for c in codes):
         click.echo(f"error: the broker refused the subscription to {topic}: {codes}", err=True)
         sys.exit(EXIT_FAILURE)

@@ -30,6 +30,7 @@ class MqttConfig(MqttLinkConfig):
     alert_subscription: str = ""
     health_subscription: str = ""
     result_subscription: str = ""
+    raw_subscription: str = ""
     receive_maximum: int = 256
 
     def __post_init__(self) -> None:
@@ -61,6 +62,9 @@ class InfluxConfig:
     alert_measurement: str = "alert"
     health_measurement: str = "agent_health"
     result_measurement: str = "command_result"
+    #: raw readings a device sent on request (docs/commands.md) also go to InfluxDB,
+    #: into this measurement; empty = the lake only
+    raw_measurement: str = ""
     timeout_s: float = 10.0
     #: Points of concurrently handled batches go out together, up to this many per request.
     max_lines_per_write: int = 5000

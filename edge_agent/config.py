@@ -307,11 +307,15 @@ class CommandsConfig:
     """Commands from the operators: off unless a key is given."""
 
     keys: tuple[CommandKey, ...] = ()
+    #: a ``raw`` command sends at most this many readings (16 bytes each in the
+    #: buffer until the cloud acks them); beyond, the answer says where to go on from
+    raw_max_readings: int = 1_000_000
 
     def __post_init__(self) -> None:
         ids = [k.id for k in self.keys]
         if len(set(ids)) != len(ids):
             raise Invalid("keys", "two keys have the same id")
+        positive("raw_max_readings", self.raw_max_readings)
 
     @property
     def enabled(self) -> bool:

@@ -82,6 +82,9 @@ DROPPED_BUDGET_WINDOWS: Final = _counter("dropped_budget_windows", "their window
 DROPPED_BUDGET_READINGS: Final = _counter(
     "dropped_budget_readings", "raw readings pruned before their windows closed"
 )
+DROPPED_BUDGET_RAW: Final = _counter(
+    "dropped_budget_raw", "raw-readings messages an operator asked for, pruned unsent"
+)
 BUDGET_PRUNED_DIGESTS: Final = _counter("budget_pruned_digests", "redelivery digests pruned")
 BUDGET_PRUNED_CHUNKS: Final = _counter("budget_pruned_chunks", "raw chunks pruned")
 BUDGET_OVERRUNS: Final = _counter(
@@ -106,6 +109,9 @@ COMMANDS_FAILED: Final = _counter("commands_failed", "commands that failed while
 COMMANDS_DROPPED_BUSY: Final = _counter(
     "commands_dropped_busy", "command messages dropped: too many waiting (the broker keeps none)"
 )
+RAW_READINGS_QUEUED: Final = _counter(
+    "raw_readings_queued", "readings copied for raw commands (pipeline/rawdata.py)"
+)
 COMMAND_REFUSED_PREFIX: Final = "commands_refused_"
 
 
@@ -115,8 +121,8 @@ def command_refused(reason: str) -> CounterName:
 
 
 #: what goes out to the cloud → its word in the counters' names
-Outgoing = Literal["batches", "alerts", "health", "results"]
-OUTGOING: Final[tuple[Outgoing, ...]] = ("batches", "alerts", "health", "results")
+Outgoing = Literal["batches", "alerts", "health", "results", "raw"]
+OUTGOING: Final[tuple[Outgoing, ...]] = ("batches", "alerts", "health", "results", "raw")
 _SENT_FATES: Final = ("sent", "resent", "acked", "rejected", "stored_partly")
 
 

@@ -246,6 +246,18 @@ def _v9(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v10(db: sqlite_utils.Database) -> None:
+    """Raw readings an operator asked for (edge_agent/pipeline/rawdata.py): messages
+    of docs/wire-format.md §2.13 waiting for the cloud's ack, the same life as
+    results; ``readings`` counts what each carries (for the disk budget's count)."""
+    db.table("raw").create(
+        {**_SENT_LIKE_BATCHES, "crc": int, "generation": int, "readings": int},
+        pk="seq",
+        defaults={**_SENT_DEFAULTS, "readings": 0},
+        not_null={"generation"},
+    )
+
+
 #: MIGRATIONS[i] upgrades schema version i to i + 1.
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v1,
@@ -257,6 +269,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _v7,
     _v8,
     _v9,
+    _v10,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 ROW_COUNTS = "row_counts"

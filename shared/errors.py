@@ -80,6 +80,7 @@ CLOUD_QUARANTINE_REASONS = (
     "bad-alert",
     "bad-health",
     "bad-result",  # a command's result (docs/commands.md)
+    "bad-raw",  # raw readings a device sent on request (docs/wire-format.md §2.13)
     "sink-rejected",
     "undecodable",
     # per-device quotas (cloud_ingest/ingest/quotas.py)
@@ -147,4 +148,5 @@ COMMAND_REFUSALS = (
     "expired",  # expires_ns has passed on the device's clock
     "replayed",  # an id the device has seen (run once, answered once)
     "unknown-command",  # a kind this agent does not know
+    "bad-args",  # the kind's arguments are not what it takes
 )

@@ -68,6 +68,8 @@ KNOWN_DROPS = (
     "dropped_damaged_alerts",
     "dropped_damaged_health",
     "dropped_damaged_results",
+    "dropped_damaged_raw",
+    "dropped_budget_raw",
     "dropped_health",
 )
 

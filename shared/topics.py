@@ -6,6 +6,9 @@ Cloud link (device → broker → cloud ingest)::
     telemetry/v1/<device_id>/ack       cloud → device: a batch is stored, or rejected (QoS 1)
     telemetry/v1/<device_id>/alert     device → cloud: an alert raised or cleared (QoS 1)
     telemetry/v1/<device_id>/health    device → cloud: the agent's health report (QoS 1)
+    telemetry/v1/<device_id>/cmd       operator → device: a signed command (QoS 1)
+    telemetry/v1/<device_id>/result    device → cloud: a command's result (QoS 1)
+    telemetry/v1/<device_id>/raw       device → cloud: raw readings a command asked for (QoS 1)
 
 Device-local broker (sensor nodes → edge agent)::
 
@@ -87,6 +90,19 @@ def result_filter(prefix: str = DEFAULT_BATCH_PREFIX) -> str:
 
 def device_from_result_topic(topic: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str | None:
     return _device_from(topic, prefix, "result")
+
+
+def raw_topic(device_id: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str:
+    """Where a device publishes the raw readings an operator asked for (§2.13)."""
+    return f"{prefix}/{device_id}/raw"
+
+
+def raw_filter(prefix: str = DEFAULT_BATCH_PREFIX) -> str:
+    return f"{prefix}/+/raw"
+
+
+def device_from_raw_topic(topic: str, prefix: str = DEFAULT_BATCH_PREFIX) -> str | None:
+    return _device_from(topic, prefix, "raw")
 
 
 def _device_from(topic: str, prefix: str, kind: str) -> str | None:

@@ -282,13 +282,21 @@ def encode_batch(batch: Batch, *, compress: bool = True, level: int = 3) -> byte
         header["generation"] = batch.generation
     hbytes = json.dumps(header, separators=(",", ":")).encode()
     body = _U32.pack(len(hbytes)) + hbytes + b"".join(blobs)
+    return frame(MAGIC, FORMAT_VERSION, body, compress=compress, level=level)
+
+
+def frame(
+    magic: bytes, version: int, body: bytes, *, compress: bool = True, level: int = 3
+) -> bytes:
+    """The preamble (§2.2) and ``body``, zstd-compressed unless ``compress`` is False.
+    Batches use it, and the raw readings of §2.13 with their own magic."""
     if compress:
-        return _PREAMBLE.pack(MAGIC, FORMAT_VERSION, CODEC_ZSTD, len(body)) + (
+        return _PREAMBLE.pack(magic, version, CODEC_ZSTD, len(body)) + (
             # the frame's content checksum (XXH64, 4 bytes): damage on the device's SD
             # card or on the way fails the decode (bad-compression) instead of passing
             zstandard.ZstdCompressor(level=level, write_checksum=True).compress(body)
         )
-    return _PREAMBLE.pack(MAGIC, FORMAT_VERSION, CODEC_NONE, len(body)) + body
+    return _PREAMBLE.pack(magic, version, CODEC_NONE, len(body)) + body
 
 
 def decode_batch(
@@ -298,16 +306,37 @@ def decode_batch(
     max_body_bytes: int = MAX_BODY_BYTES,
 ) -> Batch:
     """Parse and validate untrusted bytes; raise :class:`WireError` with a reason."""
+    body = unframe(
+        payload,
+        MAGIC,
+        FORMAT_VERSION,
+        max_payload_bytes=max_payload_bytes,
+        max_body_bytes=max_body_bytes,
+    )
+    return _decode_body(body)
+
+
+def unframe(
+    payload: bytes,
+    magic_expected: bytes,
+    version_expected: int,
+    *,
+    max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> bytes:
+    """The body of a payload made by :func:`frame`, checked in the order of §2.5 step 2;
+    raises :class:`WireError` with its reason."""
     if len(payload) > max_payload_bytes:
         raise WireError("too-large", f"payload is {len(payload)} bytes, limit {max_payload_bytes}")
     if len(payload) < _PREAMBLE.size:
         raise WireError("truncated", "payload shorter than the 10-byte preamble")
     magic, version, codec, body_len = _PREAMBLE.unpack_from(payload)
-    if magic != MAGIC:
-        raise WireError("bad-magic", f"expected magic {MAGIC!r}, got {magic!r}")
-    if version != FORMAT_VERSION:
+    if magic != magic_expected:
+        raise WireError("bad-magic", f"expected magic {magic_expected!r}, got {magic!r}")
+    if version != version_expected:
         raise WireError(
-            "unsupported-version", f"format version {version}, this decoder reads {FORMAT_VERSION}"
+            "unsupported-version",
+            f"format version {version}, this decoder reads {version_expected}",
         )
     if body_len > max_body_bytes:
         raise WireError("too-large", f"declared body of {body_len} bytes, limit {max_body_bytes}")
@@ -320,7 +349,7 @@ def decode_batch(
         raise WireError("unsupported-codec", f"codec {codec} is not 0 (none) or 1 (zstd)")
     if len(body) != body_len:
         raise WireError("truncated", f"body is {len(body)} bytes, preamble says {body_len}")
-    return _decode_body(body)
+    return body
 
 
 _local = threading.local()
@@ -373,7 +402,7 @@ def peek_ids(payload: bytes, *, max_body_bytes: int = MAX_BODY_BYTES) -> tuple[i
         raw = payload[_PREAMBLE.size :]
         body = _inflate(raw, body_len) if codec == CODEC_ZSTD else raw
         (hlen,) = _U32.unpack_from(body)
-        obj = _header_json(body[_U32.size : _U32.size + hlen])
+        obj = header_json(body[_U32.size : _U32.size + hlen])
         seq, gen = obj["seq"], obj.get("generation", 0)
     except (struct.error, WireError, KeyError, TypeError, AttributeError):
         return None, 0
@@ -399,7 +428,7 @@ def _decode_blobs(chunk: bytes, rows: int) -> tuple[bytes, ...]:
     return tuple(data[offsets[i] : offsets[i + 1]] for i in range(rows))
 
 
-def _header_json(raw: bytes) -> Any:
+def header_json(raw: bytes) -> Any:
     """The header's JSON: UTF-8 only (json.loads would also take UTF-16 and -32, and a
     byte-order mark) and JSON only (not ``NaN``): docs/wire-format.md §2.5."""
     try:
@@ -409,15 +438,22 @@ def _header_json(raw: bytes) -> Any:
     return jsonwire.loads(text, reason="bad-header", what="header", max_bytes=len(raw), strict=True)
 
 
-def _decode_body(body: bytes) -> Batch:
+def body_header(body: bytes) -> tuple[dict[str, Any], int]:
+    """A body's header (§2.5 step 3: its length field, UTF-8 JSON, an object) and the
+    offset of the columns after it."""
     if len(body) < _U32.size:
         raise WireError("truncated", "body shorter than its header length field")
     (hlen,) = _U32.unpack_from(body)
     if _U32.size + hlen > len(body):
         raise WireError("truncated", "header runs past the end of the body")
-    header = _header_json(body[_U32.size : _U32.size + hlen])
+    header = header_json(body[_U32.size : _U32.size + hlen])
     if not isinstance(header, dict):
         raise WireError("bad-header", "header is not a JSON object")
+    return header, _U32.size + hlen
+
+
+def _decode_body(body: bytes) -> Batch:
+    header, offset = body_header(body)
     rows = _field(header, "rows", int)
     if rows < 0:
         raise WireError("bad-header", "rows is negative")
@@ -440,7 +476,6 @@ def _decode_body(body: bytes) -> Batch:
         width_ns=_field(window, "width_ns", int),
         hop_ns=_field(window, "hop_ns", int) if kind == "hopping" else 0,
     )
-    offset = _U32.size + hlen
     found: dict[str, npt.NDArray[Any]] = {}
     sketches: tuple[bytes, ...] = ()
     for meta in _field(header, "columns", list):

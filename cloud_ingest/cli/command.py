@@ -180,7 +180,10 @@ def send(
     journal: str | None,
 ) -> None:
     """Sign a command and publish it to DEVICE (QoS 1; the broker keeps it for a
-    device that is offline, until it expires). KIND: ping, status.
+    device that is offline, until it expires). KIND: ping, status, raw
+    (--arg sensors=GLOB --arg from=TIME --arg to=TIME: the buffer's readings of
+    the sensors whose "<node>/<sensor>" matches, in [from, to); times ISO 8601,
+    integer ns or -1h on the device's clock; they go to the lake's raw table).
 
     Exit codes: 0 sent (and, with --wait, done), 1 refused, failed or no result in
     time, 2 bad usage or config."""

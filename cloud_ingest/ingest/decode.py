@@ -4,7 +4,7 @@ Each stage hands the next an immutable value:
 
 - :class:`Decoded`: one message as read from the wire, within its device's quotas
   (cloud_ingest/ingest/quotas.py). Exactly one of ``batch``, ``alert``, ``health``,
-  ``error`` and ``defer`` is set; a batch taken in part has ``partial`` too. A
+  ``result``, ``raw``, ``error`` and ``defer`` is set; a batch taken in part has ``partial`` too. A
   message that fails to decode still names its device and seq when they can be
   read, so that the device gets a ``rejected`` ack.
 - :class:`Planned`: one message and what it writes: its InfluxDB lines and, for an
@@ -31,11 +31,12 @@ import numpy as np
 
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.ingest.quotas import DEFER_RATE, Quotas
-from cloud_ingest.lake import GroupRows, alert_object, group_rows
+from cloud_ingest.lake import GroupRows, alert_object, group_rows, raw_objects
 from cloud_ingest.sinks.lineproto import (
     alert_to_line,
     batch_to_lines,
     health_to_line,
+    raw_to_lines,
     result_to_line,
 )
 from shared import jsonwire
@@ -43,17 +44,19 @@ from shared.alerts import Alert, decode_alert
 from shared.commands import Result, decode_result
 from shared.errors import WireError
 from shared.health import HealthReport, decode_health
+from shared.rawdata import RawReadings, decode_raw, peek_raw_ids
 from shared.topics import (
     device_from_alert_topic,
     device_from_batch_topic,
     device_from_health_topic,
+    device_from_raw_topic,
     device_from_result_topic,
 )
 from shared.wire import Batch, check_ranges_many, decode_batch, peek_ids
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["batch", "alert", "health", "result"]
+Kind = Literal["batch", "alert", "health", "result", "raw"]
 #: A lake object: its key and its Parquet bytes.
 LakeObject = tuple[str, bytes]
 
@@ -70,6 +73,8 @@ class Decoded:
     health: HealthReport | None = None
     #: the result of a command (docs/commands.md)
     result: Result | None = None
+    #: raw readings a command asked for (docs/wire-format.md §2.13)
+    raw: RawReadings | None = None
     #: why it is quarantined
     error: WireError | None = None
     #: the device's buffer generation (docs/wire-format.md §2.3); 0 = none
@@ -138,7 +143,7 @@ def _within_quotas(d: Decoded, quotas: Quotas, now_ns: int) -> Decoded:
     except Exception as exc:  # a bug must not stop the ingestor (as in decode_message)
         log.exception("quotas: %s on %s", type(exc).__name__, d.topic)
         error = WireError("undecodable", f"{type(exc).__name__}: {exc}"[:500])
-        return dataclasses.replace(d, batch=None, alert=None, health=None, error=error)
+        return dataclasses.replace(d, batch=None, alert=None, health=None, raw=None, error=error)
 
 
 def _quotas(d: Decoded, quotas: Quotas, now_ns: int) -> Decoded:
@@ -153,6 +158,11 @@ def _quotas(d: Decoded, quotas: Quotas, now_ns: int) -> Decoded:
             return dataclasses.replace(
                 d, batch=c.batch, partial=c.error, refused_rows=c.refused_rows
             )
+        return d
+    if d.raw is not None and d.raw.n:
+        error = quotas.check_time(int(d.raw.ts[0]), int(d.raw.ts[-1]), now_ns, "the raw message")
+        if error is not None:
+            return dataclasses.replace(d, raw=None, error=error)
         return d
     message = d.alert or d.health or d.result
     if message is not None:
@@ -171,14 +181,19 @@ def route(topic: str, prefix: str) -> tuple[Kind, str | None]:
         return "health", device_from_health_topic(topic, prefix)
     if topic.endswith("/result"):
         return "result", device_from_result_topic(topic, prefix)
+    if topic.endswith("/raw"):
+        return "raw", device_from_raw_topic(topic, prefix)
     return "batch", device_from_batch_topic(topic, prefix)
 
 
 def decode_message(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
-    """One message, on ``…/<device>/batch``, ``…/<device>/alert`` or ``…/<device>/health``."""
+    """One message, on ``…/<device>/batch``, ``…/alert``, ``…/health``, ``…/result`` or
+    ``…/raw``."""
     kind: Kind = "batch"
     try:
         kind, device = route(topic, cfg.mqtt.topic_prefix)
+        if kind == "raw":
+            return _decode_raw(topic, payload, device, cfg)
         if kind != "batch":
             return _decode_json(topic, payload, kind, device)
         return _decode_batch(topic, payload, cfg)
@@ -209,6 +224,26 @@ def _decode_batch(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
     return Decoded(
         topic, payload, "batch", device, batch.seq, batch=batch, generation=batch.generation
     )
+
+
+def _decode_raw(topic: str, payload: bytes, device: str | None, cfg: IngestConfig) -> Decoded:
+    try:
+        if device is None:
+            raise WireError("bad-topic", f"{topic!r} is not <prefix>/<device_id>/raw")
+        raw = decode_raw(
+            payload,
+            max_payload_bytes=cfg.limits.max_payload_bytes,
+            max_body_bytes=cfg.limits.max_body_bytes,
+        )
+        if raw.device_id != device:
+            raise WireError(
+                "device-mismatch",
+                f"payload device_id {raw.device_id!r} on the topic of {device!r}",
+            )
+    except WireError as exc:
+        seq, gen = peek_raw_ids(payload, max_body_bytes=cfg.limits.max_body_bytes)
+        return Decoded(topic, payload, "raw", device, seq, error=exc, generation=gen)
+    return Decoded(topic, payload, "raw", device, raw.seq, raw=raw, generation=raw.generation)
 
 
 def _decode_json(topic: str, payload: bytes, kind: Kind, device: str | None) -> Decoded:
@@ -281,6 +316,10 @@ def plan_group(decoded: Sequence[Decoded], cfg: IngestConfig) -> GroupPlan:
         elif msg.alert is not None:
             line = alert_to_line(msg.device, msg.alert, cfg.influx.alert_measurement)
             out.append(Planned(msg, (line,), (alert_object(msg.device, msg.alert),)))
+        elif msg.raw is not None:  # the lake, and InfluxDB if [influx] raw_measurement
+            measurement = cfg.influx.raw_measurement
+            lines = raw_to_lines(msg.device, msg.raw, measurement) if measurement else []
+            out.append(Planned(msg, tuple(lines), raw_objects(msg.device, msg.raw)))
         elif msg.result is not None:  # InfluxDB only: an answer to an operator
             line = result_to_line(msg.device, msg.result, cfg.influx.result_measurement)
             out.append(Planned(msg, (line,)))

@@ -35,11 +35,14 @@ RECEIVED: Final = _event("received", "batch messages received")
 ALERTS_RECEIVED: Final = _event("alerts_received", "alert messages received")
 HEALTH_RECEIVED: Final = _event("health_received", "health reports received")
 RESULTS_RECEIVED: Final = _event("results_received", "results of commands received")
+RAW_RECEIVED: Final = _event("raw_received", "raw-readings messages received (on request)")
 BATCHES_WRITTEN: Final = _event("batches_written", "batches written to both sinks")
 POINTS_WRITTEN: Final = _event("points_written", "InfluxDB points of those batches")
 ALERTS_WRITTEN: Final = _event("alerts_written", "alerts written to both sinks")
 HEALTH_WRITTEN: Final = _event("health_written", "health reports written to InfluxDB")
 RESULTS_WRITTEN: Final = _event("results_written", "results of commands written to InfluxDB")
+RAW_WRITTEN: Final = _event("raw_written", "raw-readings messages written to the lake")
+RAW_READINGS_WRITTEN: Final = _event("raw_readings_written", "the readings they held")
 DUPLICATES: Final = _event("duplicates", "messages recognised as written before")
 ACKS_STORED: Final = _event("acks_stored", "`stored` acks published to devices")
 ACKS_REJECTED: Final = _event("acks_rejected", "`rejected` acks published to devices")
@@ -65,9 +68,12 @@ QUOTA_WINDOWS_REFUSED: Final = _event(
 
 _RECEIVED: Final = {
     "batch": RECEIVED, "alert": ALERTS_RECEIVED, "health": HEALTH_RECEIVED,
-    "result": RESULTS_RECEIVED,
+    "result": RESULTS_RECEIVED, "raw": RAW_RECEIVED,
 }  # fmt: skip
-_WRITTEN: Final = {"alert": ALERTS_WRITTEN, "health": HEALTH_WRITTEN, "result": RESULTS_WRITTEN}
+_WRITTEN: Final = {
+    "alert": ALERTS_WRITTEN, "health": HEALTH_WRITTEN, "result": RESULTS_WRITTEN,
+    "raw": RAW_WRITTEN,
+}  # fmt: skip
 _RETRIES: Final = {"influx": INFLUX_RETRIES, "archive": ARCHIVE_RETRIES}
 _ACKS: Final = {"stored": ACKS_STORED, "rejected": ACKS_REJECTED}
 
@@ -75,11 +81,11 @@ QUARANTINED_PREFIX: Final = "quarantined_"
 DEFERRED_PREFIX: Final = "deferred_"
 
 
-def received(kind: Literal["batch", "alert", "health", "result"]) -> Event:
+def received(kind: Literal["batch", "alert", "health", "result", "raw"]) -> Event:
     return _RECEIVED[kind]
 
 
-def written(kind: Literal["alert", "health", "result"]) -> Event:
+def written(kind: Literal["alert", "health", "result", "raw"]) -> Event:
     return _WRITTEN[kind]
 
 

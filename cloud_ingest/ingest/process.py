@@ -338,6 +338,8 @@ class Processor:
             self._revisions.remember(step.versions or {})
         else:
             self.stats.inc(events.written(msg.kind))
+            if msg.raw is not None:
+                self.stats.inc(events.RAW_READINGS_WRITTEN, msg.raw.n)
         return Outcome("written", msg.device, stored)
 
     def _remember(self, key: tuple[str, int, int]) -> None:

@@ -48,7 +48,7 @@ from shared import backoff
 from shared.cli import write_ready_file
 from shared.errors import StorageError
 from shared.sdnotify import Notifier
-from shared.topics import alert_filter, batch_filter, health_filter, result_filter
+from shared.topics import alert_filter, batch_filter, health_filter, raw_filter, result_filter
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ async def serve(
     alerts = cfg.mqtt.alert_subscription or alert_filter(cfg.mqtt.topic_prefix)
     reports = cfg.mqtt.health_subscription or health_filter(cfg.mqtt.topic_prefix)
     results = cfg.mqtt.result_subscription or result_filter(cfg.mqtt.topic_prefix)
+    raw = cfg.mqtt.raw_subscription or raw_filter(cfg.mqtt.topic_prefix)
     delay = cfg.mqtt.reconnect_min_s
     dog = asyncio.ensure_future(feed(notifier, proc.stats, lambda: health.in_hand(), died, stop))
     try:
@@ -99,7 +100,7 @@ async def serve(
                         notifier.ready(f"subscribed to {cfg.mqtt.host}:{cfg.mqtt.port}")
 
                     consumer = GroupConsumer(client, proc, stop, health, on_group)
-                    await consumer.run([topic, alerts, reports, results], subscribed)
+                    await consumer.run([topic, alerts, reports, results, raw], subscribed)
                     health.subscribed.clear()
             except aiomqtt.MqttError as exc:
                 health.subscribed.clear()

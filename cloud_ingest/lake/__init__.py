@@ -8,6 +8,7 @@ Layout under the archive root (``s3://bucket/prefix`` or a directory)::
     aggregates/dt=YYYY-MM-DD/part-<ns, 20 digits>-<writer>-<n>.parquet   one per group and day
     aggregates/dt=YYYY-MM-DD/compacted.parquet                            cloud-ingest compact
     alerts/dt=YYYY-MM-DD/device_id=<id>/seq=<seq, 20 digits>.parquet     one per alert
+    raw/dt=YYYY-MM-DD/device_id=<id>/seq=<seq, 20 digits>.parquet        raw readings on request
 
 ``dt`` is the UTC day of the window start (of the alert's event time), so a group
 whose windows cross midnight becomes two objects. The ingestor writes the rows of
@@ -37,6 +38,7 @@ from cloud_ingest.lake.layout import (
     DAY_NS,
     LAKE_VERSION,
     LATEST_AGGREGATES_SQL,
+    RAW,
     WINDOW_KEY,
     LakeKey,
     PartNames,
@@ -55,11 +57,34 @@ from cloud_ingest.lake.read import (
     table_to_alerts,
     table_to_batches,
 )
-from cloud_ingest.lake.write import GroupRows, alert_object, group_rows, to_parquet
+from cloud_ingest.lake.write import GroupRows, alert_object, group_rows, raw_objects, to_parquet
 
 __all__ = [
-    "AGGREGATES", "ALERTS", "COMPACTED_NAME", "DAY_NS", "LAKE_VERSION", "LATEST_AGGREGATES_SQL",
-    "WINDOW_KEY", "GroupRows", "LakeKey", "PartNames", "alert_object", "archived_seqs",
-    "current_rows", "day", "group_rows", "list_objects", "object_key", "parse_key", "part_key",
-    "pycolumns", "read_table", "reading", "table_to_alerts", "table_to_batches", "to_parquet",
+    "AGGREGATES",
+    "ALERTS",
+    "COMPACTED_NAME",
+    "DAY_NS",
+    "LAKE_VERSION",
+    "LATEST_AGGREGATES_SQL",
+    "RAW",
+    "WINDOW_KEY",
+    "GroupRows",
+    "LakeKey",
+    "PartNames",
+    "alert_object",
+    "archived_seqs",
+    "current_rows",
+    "day",
+    "group_rows",
+    "list_objects",
+    "object_key",
+    "parse_key",
+    "part_key",
+    "pycolumns",
+    "raw_objects",
+    "read_table",
+    "reading",
+    "table_to_alerts",
+    "table_to_batches",
+    "to_parquet",
 ]  # fmt: skip

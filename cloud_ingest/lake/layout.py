@@ -13,6 +13,8 @@ from cloud_ingest.sinks.base import ObjectStore
 LAKE_VERSION: Final = "2"
 AGGREGATES: Final = "aggregates"
 ALERTS: Final = "alerts"
+#: raw readings devices sent on request (docs/commands.md): keyed like alerts
+RAW: Final = "raw"
 DAY_NS: Final = 86_400 * 10**9
 
 #: DuckDB: the aggregates as InfluxDB holds them (latest revision of each window).
@@ -32,7 +34,7 @@ def day(ts_ns: int) -> str:
 
 
 def object_key(table: str, dt: str, device_id: str, seq: int) -> str:
-    """An alert's object."""
+    """An alert's object, or a raw-readings message's."""
     return f"{table}/dt={dt}/device_id={device_id}/seq={seq:020d}.parquet"
 
 
@@ -87,7 +89,8 @@ def _is_compacted(name: str) -> bool:
 def parse_key(key: str) -> LakeKey | None:
     """``aggregates/dt=…/part-<name>.parquet`` (a group's) or ``…/compacted.parquet``,
     and ``alerts/dt=…/device_id=…/seq=<n>.parquet`` (an alert) or ``seq=<a>-<b>.parquet``
-    (compacted, cloud_ingest/jobs/compact.py) → its parts; None for other keys."""
+    (compacted, cloud_ingest/jobs/compact.py), and ``raw/…`` keyed as an alert → its
+    parts; None for other keys."""
     parts = key.split("/")
     if len(parts) < 3 or not parts[1].startswith("dt=") or not parts[-1].endswith(".parquet"):
         return None
@@ -96,7 +99,7 @@ def parse_key(key: str) -> LakeKey | None:
         if _is_compacted(name) or (name.startswith("part-") and len(name) > len("part-")):
             return LakeKey(AGGREGATES, dt, name=name)
         return None
-    if parts[0] != ALERTS or len(parts) != 4 or not parts[2].startswith("device_id="):
+    if parts[0] not in (ALERTS, RAW) or len(parts) != 4 or not parts[2].startswith("device_id="):
         return None
     if not name.startswith("seq="):
         return None
@@ -104,7 +107,7 @@ def parse_key(key: str) -> LakeKey | None:
     if not first.isdigit() or not (last.isdigit() or not last):
         return None
     seq = int(first)
-    return LakeKey(ALERTS, dt, parts[2][len("device_id=") :], seq, int(last) if last else seq)
+    return LakeKey(parts[0], dt, parts[2][len("device_id=") :], seq, int(last) if last else seq)
 
 
 def list_objects(

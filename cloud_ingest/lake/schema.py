@@ -79,6 +79,24 @@ def alert_schema() -> Any:
     )
 
 
+def raw_schema() -> Any:
+    """The ``raw`` table: readings a device sent on request (docs/commands.md)."""
+    pa, _ = arrow()
+    return pa.schema(
+        [
+            ("request", pa.string()),
+            ("part", pa.int64()),
+            ("seq", pa.int64()),
+            ("node", pa.string()),
+            ("sensor", pa.string()),
+            ("unit", pa.string()),
+            ("ts", pa.timestamp("ns", tz="UTC")),
+            ("value", pa.float64()),
+        ],
+        metadata={"telemetry.lake_version": LAKE_VERSION},
+    )
+
+
 DICT_COLUMNS: Final = (
     "device_id", "window_kind", "node", "sensor", "unit", "rule", "kind", "state"
 )  # fmt: skip

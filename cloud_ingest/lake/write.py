@@ -1,4 +1,4 @@
-"""Rows into Parquet objects: a group's rows per day, an alert's object."""
+"""Rows into Parquet objects: a group's rows per day, an alert's object, raw readings'."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cloud_ingest.lake.layout import ALERTS, DAY_NS, day, object_key
+from cloud_ingest.lake.layout import ALERTS, DAY_NS, RAW, day, object_key
 from cloud_ingest.lake.schema import (
     DICT_COLUMNS,
     STATS_COLUMNS,
@@ -17,9 +17,11 @@ from cloud_ingest.lake.schema import (
     alert_schema,
     arrow,
     float_columns,
+    raw_schema,
     tags_type,
 )
 from shared.alerts import Alert
+from shared.rawdata import RawReadings, day_spans
 from shared.wire import Batch
 
 
@@ -147,3 +149,29 @@ def alert_object(device_id: str, alert: Alert) -> tuple[str, bytes]:
         schema=alert_schema(),
     )
     return object_key(ALERTS, day(alert.ts_ns), device_id, alert.seq), to_parquet(table)
+
+
+def raw_objects(device_id: str, raw: RawReadings) -> tuple[tuple[str, bytes], ...]:
+    """A raw-readings message (docs/wire-format.md §2.13) as one object per UTC day of
+    its readings (the agent sends one day per message; another sender may not):
+    ``raw/dt=…/device_id=…/seq=….parquet``, so that a resend overwrites its own."""
+    pa, _ = arrow()
+    out = []
+    for a, b in day_spans(raw.ts):
+        n = b - a
+        table = pa.table(
+            {
+                "request": pa.array([raw.request] * n, pa.string()),
+                "part": pa.array(np.full(n, raw.part, dtype=np.int64)),
+                "seq": pa.array(np.full(n, raw.seq, dtype=np.int64)),
+                "node": pa.array([raw.node] * n, pa.string()),
+                "sensor": pa.array([raw.sensor] * n, pa.string()),
+                "unit": pa.array([raw.unit] * n, pa.string()),
+                "ts": pa.array(raw.ts[a:b]).cast(pa.timestamp("ns", tz="UTC")),
+                "value": pa.array(raw.values[a:b]),
+            },
+            schema=raw_schema(),
+        )
+        key = object_key(RAW, day(int(raw.ts[a])), device_id, raw.seq)
+        out.append((key, to_parquet(table)))
+    return tuple(out)

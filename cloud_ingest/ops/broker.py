@@ -10,7 +10,7 @@ What :func:`mosquitto_acl` and :func:`mosquitto_conf` give a Mosquitto 2.x:
   client id a client sends, its session is its identity's, so nobody can take
   over another's session, the ingestor's included.
 - **Topics.** A device may publish only ``<prefix>/<its id>/batch``,
-  ``…/alert``, ``…/health`` and ``…/result`` and read only ``<prefix>/<its id>/ack``
+  ``…/alert``, ``…/health``, ``…/result`` and ``…/raw`` and read only ``<prefix>/<its id>/ack``
   and ``…/cmd``. Only ingestor identities may read batches, alerts, health reports
   and results (directly or through a ``$share`` group) and publish acks. Only
   operator identities may publish commands, and read results (to watch them). An
@@ -53,6 +53,7 @@ def mosquitto_acl(
         f"pattern write {prefix}/%u/alert",
         f"pattern write {prefix}/%u/health",
         f"pattern write {prefix}/%u/result",
+        f"pattern write {prefix}/%u/raw",
         f"pattern read {prefix}/%u/ack",
         f"pattern read {prefix}/%u/cmd",
         "",
@@ -64,6 +65,7 @@ def mosquitto_acl(
             f"topic read {prefix}/+/alert",
             f"topic read {prefix}/+/health",
             f"topic read {prefix}/+/result",
+            f"topic read {prefix}/+/raw",
             f"topic write {prefix}/+/ack",
             "",
         ]

@@ -19,9 +19,12 @@ import math
 from collections.abc import Iterable
 from typing import Final
 
+import numpy as np
+
 from shared.alerts import Alert
 from shared.commands import Result
 from shared.health import INT_FIELDS, KNOWN_DROPS, OPTIONAL_FLOAT_FIELDS, HealthReport
+from shared.rawdata import RawReadings
 from shared.wire import EXTRA_FIELDS, STAT_FIELDS, Batch
 
 FLOAT_FIELDS = STAT_FIELDS + EXTRA_FIELDS
@@ -79,6 +82,22 @@ def result_to_line(device_id: str, result: Result, measurement: str = "command_r
         f"result={_string_field(json.dumps(dict(result.result), separators=(',', ':')))}",
     ]
     return f"{tags} {','.join(fields)} {result.ts_ns}"
+
+
+def raw_to_lines(device_id: str, raw: RawReadings, measurement: str) -> list[str]:
+    """One point per finite reading a device sent on request (docs/commands.md): the
+    series of its sensor (device, node, sensor, unit), field ``value``. Line protocol
+    has no NaN or infinity: those readings are in the lake only."""
+    series = (
+        f"{measurement.translate(_MEAS_ESCAPES)},device_id={device_id.translate(_TAG_ESCAPES)}"
+        f",node={raw.node.translate(_TAG_ESCAPES)},sensor={raw.sensor.translate(_TAG_ESCAPES)}"
+        + (f",unit={raw.unit.translate(_TAG_ESCAPES)}" if raw.unit else "")
+    )
+    keep = np.isfinite(raw.values)
+    return [
+        f"{series} value={v!r} {t}"
+        for t, v in zip(raw.ts[keep].tolist(), raw.values[keep].tolist(), strict=True)
+    ]
 
 
 def health_to_line(device_id: str, report: HealthReport, measurement: str = "agent_health") -> str:

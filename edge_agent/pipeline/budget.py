@@ -14,9 +14,13 @@ this order, each step only as far as needed:
    outbox) and too old to be revised by late readings, oldest first: counted as
    ``budget_pruned_chunks``; no reading is lost to delivery, only the raw detail
    kept for inspection and export;
-2. readings held for being stamped ahead of the clock (edge_agent/pipeline/held.py),
+2. raw readings an operator asked for (a ``raw`` command, edge_agent/pipeline/rawdata.py)
+   that the cloud has not acked, oldest message first: counted as
+   ``dropped_budget_raw`` (messages); copies, not telemetry, but the answer to the
+   request is then incomplete;
+3. readings held for being stamped ahead of the clock (edge_agent/pipeline/held.py),
    oldest first: counted as ``dropped_future``;
-3. the oldest unacknowledged batches in the outbox: counted as
+4. the oldest unacknowledged batches in the outbox: counted as
    ``dropped_budget_batches``, ``dropped_budget_windows`` and
    ``dropped_budget_readings``: these readings will never reach the cloud.
 
@@ -98,14 +102,25 @@ def enforce(store: Store, max_bytes: int, *, keep_raw_after_ns: int | None = Non
         if keep_raw_after_ns is not None:
             closed = min(closed, keep_raw_after_ns)
         while used_bytes(store) > max_bytes:
-            cur = store.conn.execute(
-                "DELETE FROM chunks WHERE id IN (SELECT id FROM chunks WHERE t_max < ? "
-                "ORDER BY t_max LIMIT ?)",
+            oldest = store.conn.execute(
+                "SELECT id, t_max FROM chunks WHERE t_max < ? ORDER BY t_max LIMIT ?",
                 (closed, STEP_ROWS),
+            ).fetchall()
+            if not oldest:
+                break
+            store.conn.executemany("DELETE FROM chunks WHERE id = ?", [(i,) for i, _ in oldest])
+            pruned += len(oldest)
+            buffer.gone_before(store, int(oldest[-1][1]) + 1)
+        raw_dropped = 0
+        while used_bytes(store) > max_bytes:  # copies an operator asked for
+            cur = store.conn.execute(
+                "DELETE FROM raw WHERE seq IN (SELECT seq FROM raw ORDER BY seq LIMIT ?)",
+                (STEP_ROWS // 8,),
             )
             if cur.rowcount == 0:
                 break
-            pruned += cur.rowcount
+            raw_dropped += cur.rowcount
+        store.add_counter(counters.DROPPED_BUDGET_RAW, raw_dropped)
         while used_bytes(store) > max_bytes and held.drop_oldest(store, STEP_ROWS // 4):
             pass
         while used_bytes(store) > max_bytes:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +33,16 @@ from shared.wire import SensorRef
 
 CLOSED_UNTIL = "closed_until"  # state key: windows ending at or before this are closed
 MAX_TS = "max_ts"  # state key: newest event time stored
+#: state key: readings before this time may have been deleted (retention, the disk
+#: budget); from it on, every stored reading is still there
+GONE_BEFORE = "raw_gone_before_ns"
+
+
+def gone_before(store: Store, deleted_until_ns: int) -> None:
+    """Chunks whose newest reading is before ``deleted_until_ns`` were deleted; call
+    inside their transaction."""
+    if deleted_until_ns > store.get_state(GONE_BEFORE):
+        store.set_state(GONE_BEFORE, deleted_until_ns)
 
 
 @dataclass(frozen=True)
@@ -367,15 +377,18 @@ def store_many(
 
 
 def read_range(
-    store: Store, start_ns: int, end_ns: int
+    store: Store, start_ns: int, end_ns: int, sensor_ids: Collection[int] | None = None
 ) -> dict[int, tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]]:
-    """All stored readings with ``start_ns <= ts < end_ns``, per sensor id, sorted by ts."""
+    """All stored readings with ``start_ns <= ts < end_ns``, per sensor id, sorted by ts
+    (of the sensors ``sensor_ids`` only, if given)."""
     parts: dict[int, tuple[list[npt.NDArray[np.int64]], list[npt.NDArray[np.float64]]]] = {}
     rows = store.conn.execute(
         "SELECT sensor_id, ts, vals FROM chunks WHERE t_max >= ? AND t_min < ?",
         (start_ns, end_ns),
     )
     for sid, tsb, vb in rows:
+        if sensor_ids is not None and sid not in sensor_ids:
+            continue
         ts = np.frombuffer(tsb, dtype="<i8")
         vals = np.frombuffer(vb, dtype="<f8")
         sel = (ts >= start_ns) & (ts < end_ns)
@@ -412,6 +425,8 @@ def prune(store: Store, older_than_ns: int, *, keep_digests: int = KEEP_DIGESTS)
     with store.tx():
         limit = min(older_than_ns, store.get_state(CLOSED_UNTIL))
         cur = store.conn.execute("DELETE FROM chunks WHERE t_max < ?", (limit,))
+        if cur.rowcount:
+            gone_before(store, limit)
         store.conn.execute("DELETE FROM revisions WHERE start_ns < ?", (limit,))
         store.conn.execute(
             "DELETE FROM received WHERE rowid <= (SELECT max(rowid) FROM received) - ?",

@@ -10,15 +10,17 @@ nothing, and the broker delivers it again, or all of it):
   unsigned or forged message is nobody's to answer.
 - it verifies: its id is recorded in ``commands`` until it expires, and a result
   (§2.12) goes into ``results``: ``refused`` with ``wrong-device``, ``expired`` (on
-  the device's clock) or ``unknown-command``, else ``done`` (or ``failed``) with
+  the device's clock), ``unknown-command`` or ``bad-args``, else ``done`` (or ``failed``) with
   what the command returned. Each counted.
 - its id is in ``commands`` already: ``commands_refused_replayed``, and nothing
   else; its result is in ``results`` until the cloud has it. A replay by someone
   who recorded the message, and the broker's redelivery after a crash between the
   commit and its PUBACK, look the same and are treated the same.
 
-The kinds (:data:`KINDS`) take the store and the command and return the result's
-object; they run inside the transaction.
+The kinds (:data:`KINDS`) take the store, the config, the command and the clock's
+time, and return the result's object; they run inside the transaction (a ``raw`` command's
+messages are stored with its result, or neither is). A kind raises
+:class:`~edge_agent.pipeline.rawdata.BadArgs` for arguments it does not take.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 
 from edge_agent import counters
 from edge_agent.config import AgentConfig
-from edge_agent.pipeline import outbox
+from edge_agent.pipeline import outbox, rawdata
 from edge_agent.store import Store, crc
 from shared.commands import Command, Result, Status, load_public, verify
 from shared.errors import WireError
@@ -43,12 +45,18 @@ log = logging.getLogger(__name__)
 FORGET_AFTER_NS = 86_400 * 10**9
 
 
-def _ping(store: Store, cmd: Command) -> dict[str, Any]:
+def _ping(store: Store, cfg: AgentConfig, cmd: Command, now_ns: int) -> dict[str, Any]:
     """The device is there, and its clock."""
-    return {"ts_ns": time.time_ns()}
+    return {"ts_ns": now_ns}
 
 
-def _status(store: Store, cmd: Command) -> dict[str, Any]:
+def _raw(store: Store, cfg: AgentConfig, cmd: Command, now_ns: int) -> dict[str, Any]:
+    """The buffer's readings of some sensors in a time range (edge_agent/pipeline/rawdata.py)."""
+    request = rawdata.RawRequest.from_args(cmd.args, now_ns)
+    return rawdata.queue(store, cfg, cmd.id, request, now_ns)
+
+
+def _status(store: Store, cfg: AgentConfig, cmd: Command, now_ns: int) -> dict[str, Any]:
     """What a technician's ``edge-agent status`` would say first, in brief."""
     from edge_agent.pipeline.snapshot import buffer_snapshot
 
@@ -63,9 +71,10 @@ def _status(store: Store, cmd: Command) -> dict[str, Any]:
 
 
 #: kind → what runs it
-KINDS: Mapping[str, Callable[[Store, Command], dict[str, Any]]] = {
+KINDS: Mapping[str, Callable[[Store, AgentConfig, Command, int], dict[str, Any]]] = {
     "ping": _ping,
     "status": _status,
+    "raw": _raw,
 }
 
 
@@ -75,6 +84,7 @@ class CommandRunner:
     def __init__(
         self, cfg: AgentConfig, store: Store, now: Callable[[], int] = time.time_ns
     ) -> None:
+        self.cfg = cfg
         self.device_id = cfg.device_id
         self.store = store
         self.now = now
@@ -113,7 +123,9 @@ class CommandRunner:
             else:
                 status = "done"
                 try:
-                    out = KINDS[cmd.kind](store, cmd)
+                    out = KINDS[cmd.kind](store, self.cfg, cmd, now)
+                except rawdata.BadArgs as exc:
+                    status, reason, out = "refused", "bad-args", {"message": str(exc)[:500]}
                 except Exception as exc:
                     log.exception("commands: %s (%s) failed", cmd.id, cmd.kind)
                     status, reason, out = "failed", f"{type(exc).__name__}: {exc}"[:200], {}

@@ -36,12 +36,14 @@ from shared.acks import MAX_ACK_BYTES, Ack, decode_ack
 from shared.auth import read_key
 from shared.errors import StorageError, WireError
 from shared.mqttprops import PACKET_OVERHEAD, publish_properties
+from shared.rawdata import CONTENT_TYPE as RAW_CONTENT_TYPE
 from shared.topics import (
     ack_topic,
     alert_topic,
     batch_topic,
     command_topic,
     health_topic,
+    raw_topic,
     result_topic,
 )
 from shared.wire import CONTENT_TYPE, FORMAT_VERSION
@@ -55,6 +57,8 @@ COMMAND_MAX_PACKET = 16 * 1024 + PACKET_OVERHEAD
 #: command messages waiting for the agent's thread; more are left unacknowledged,
 #: so that the broker delivers them again at the next connection
 COMMANDS_WAITING = 64
+#: the binary messages' content types; the others are JSON
+_CONTENT_TYPES = {"batch": CONTENT_TYPE, "raw": RAW_CONTENT_TYPE}
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class Forwarder:
             "alert": alert_topic(cfg.device_id, prefix),
             "health": health_topic(cfg.device_id, prefix),
             "result": result_topic(cfg.device_id, prefix),
+            "raw": raw_topic(cfg.device_id, prefix),
         }
         #: commands (docs/commands.md), run by pump(): (mid, qos, payload), PUBACKed
         #: only once their transaction is committed
@@ -307,7 +312,7 @@ class Forwarder:
                 item.payload,
                 qos=1,
                 properties=publish_properties(
-                    CONTENT_TYPE if item.kind == "batch" else JSON_CONTENT_TYPE,
+                    _CONTENT_TYPES.get(item.kind, JSON_CONTENT_TYPE),
                     [("seq", str(item.seq)), ("schema", str(FORMAT_VERSION))],
                     self.cfg.forward.message_expiry_s,
                 ),

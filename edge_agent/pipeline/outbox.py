@@ -10,10 +10,11 @@ A batch's life::
        ▲                                          │   └─cloud ack "rejected"─▶ deleted, counted
        └────────── next_try_ns passes, no ack ────┘
 
-Alerts (:mod:`edge_agent.pipeline.alerts`), health reports (:mod:`edge_agent.pipeline.health`)
-and commands' results (:mod:`edge_agent.pipeline.commands`) live the same life in
-tables of their own, ``alerts``, ``health`` and ``results``, and share the seq
-counter, so the cloud acknowledges them all the same way.
+Alerts (:mod:`edge_agent.pipeline.alerts`), health reports (:mod:`edge_agent.pipeline.health`),
+commands' results (:mod:`edge_agent.pipeline.commands`) and raw readings on request
+(:mod:`edge_agent.pipeline.rawdata`) live the same life in tables of their own,
+``alerts``, ``health``, ``results`` and ``raw``, and share the seq counter, so the
+cloud acknowledges them all the same way.
 
 ``sent`` only means the broker has the batch; the row stays until the cloud
 ingestor says InfluxDB and the archive hold it (``forward.end_to_end_ack``). A
@@ -42,13 +43,14 @@ NEXT_SEQ = "next_seq"
 LAST_ACK = "last_ack_ns"
 BOOT_ID = "boot_id"  # state: the boot whose monotonic clock next_try_ns is on
 
-Kind = Literal["batch", "alert", "health", "result"]
+Kind = Literal["batch", "alert", "health", "result", "raw"]
 #: The table of each kind, and the word its counters use (``batches_sent``, …).
 TABLES: dict[Kind, tuple[str, counters.Outgoing]] = {
     "batch": ("outbox", "batches"),
     "alert": ("alerts", "alerts"),
     "health": ("health", "health"),
     "result": ("results", "results"),
+    "raw": ("raw", "raw"),
 }
 
 
@@ -143,7 +145,8 @@ def due(
     (created at or after ``live_since_ns``, oldest first), so that dashboards come
     back to life at once after an outage;
     then the *backfill* (older batches, oldest first). Without ``live_since_ns``
-    everything is backfill, oldest first. A batch that waits for another
+    everything is backfill, oldest first. Raw readings an operator asked for
+    (:mod:`edge_agent.pipeline.rawdata`) come after every batch. A batch that waits for another
     (:func:`add_wait`: it holds a later version of one of its windows) is not due
     until that one is acknowledged or dropped, whatever the order above.
     """
@@ -184,6 +187,17 @@ def due(
                 return out
             if seq not in skip:
                 out.append(Outgoing(int(seq), bytes(payload), int(attempts), live, crc=check))
+    # last, raw readings an operator asked for: below every batch, and under the
+    # backfill's byte budget (not live)
+    for seq, payload, attempts, check in store.conn.execute(
+        "SELECT seq, payload, attempts, crc FROM raw "
+        "WHERE state = 'pending' OR (state = 'sent' AND next_try_ns <= ?) ORDER BY seq LIMIT ?",
+        (now_ns, limit + len(skip)),
+    ):
+        if len(out) >= limit:
+            return out
+        if seq not in skip:
+            out.append(Outgoing(int(seq), bytes(payload), int(attempts), False, "raw", check))
     return out
 
 

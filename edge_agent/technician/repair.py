@@ -96,6 +96,7 @@ CRC_OF = {
     "alerts": ("payload",),
     "health": ("payload",),
     "results": ("payload",),
+    "raw": ("payload",),
     "held": ("ts", "vals"),
 }
 

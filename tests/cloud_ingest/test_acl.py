@@ -189,6 +189,20 @@ def test_only_operators_send_commands_and_a_device_reads_only_its_own(broker: Se
             p.close()
 
 
+def test_a_device_sends_raw_readings_on_its_own_topic_only(broker: Service) -> None:
+    """Raw readings on request (docs/wire-format.md §2.13): a device publishes its own,
+    which the ingestors read; not another's."""
+    a, ingest = Peer(broker.port, "dev-a"), Peer(broker.port, "ingest-1")
+    try:
+        ingest.sub(f"$share/ingest/{P}/+/raw")
+        assert a.pub(f"{P}/dev-b/raw", b"forged") in REFUSED
+        assert a.pub(f"{P}/dev-a/raw", b"sentinel") == 0
+        assert ingest.messages_until(b"sentinel") == []
+    finally:
+        a.close()
+        ingest.close()
+
+
 def test_no_session_can_be_taken_over(broker: Service) -> None:
     """Attack 7: connecting with the ingestor's client id took its session (and the
     devices' batches) and disconnected it. Client ids are now the identities."""

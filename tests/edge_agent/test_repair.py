@@ -15,7 +15,7 @@ from edge_agent.cli import main as agent_main
 from edge_agent.clock import Clock
 from edge_agent.config import AgentConfig
 from edge_agent.lock import BufferLock
-from edge_agent.pipeline import alerts, buffer, outbox, quarantine, window
+from edge_agent.pipeline import alerts, buffer, outbox, quarantine, rawdata, window
 from edge_agent.pipeline.alerts import AlertEngine, AlertRule
 from edge_agent.pipeline.health import Reporter
 from edge_agent.store import Store, crc
@@ -68,6 +68,9 @@ def fill_every_table(db: Path) -> None:
             "VALUES ('c-1', 'ping', 'done', ?, ?, ?)",
             (T0, T0 + 10**12, seq),
         )
+        # raw readings a command asked for (edge_agent/pipeline/rawdata.py)
+        request = rawdata.RawRequest("n/s0", T0, T0 + 100 * W)
+        assert rawdata.queue(s, AgentConfig(), "c-2", request, T0)["readings"] > 0
     outbox.mark_sent(s, [1, 2], timeout_s=30, max_backoff_s=60)
     Reporter(AgentConfig(), s, Clock()).tick(intake_up=True, forward_up=False)
     empty = [t for t in schema_tables() if not s.conn.execute(f"SELECT 1 FROM [{t}]").fetchone()]

@@ -2,7 +2,9 @@
 `cloud-ingest command`, Mosquitto, the agent and the ingestor. A command sent while
 the device is offline runs once when it is back, and not again after a SIGKILL; a
 forged, a replayed and an expired one do nothing and are counted; the results
-reach InfluxDB, and leave the device's buffer when the cloud acks them."""
+reach InfluxDB, and leave the device's buffer when the cloud acks them; a ``raw``
+command brings the buffer's readings of a past range to the lake, value for value
+equal to the simulator's truth; and every ordinary reading arrives once."""
 
 from __future__ import annotations
 
@@ -11,13 +13,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from cloud_ingest.lake import read_table
 from devstack import influxq
 from devstack.pipeline import IngestTarget, Pipeline, toml_dumps
 from devstack.publish import publish_all
 from devstack.services import Service, wait_until
 from edge_agent import counters
+from firmware_sim.truth import truth_by_sensor
 from shared import commands
 from shared.commands import Command, sign
 from tests.conftest import SpecFactory
@@ -28,6 +33,27 @@ pytestmark = pytest.mark.integration
 
 DEVICE = "dev-cmd"
 HOUR = 3600 * 10**9
+
+
+def lake_raw(
+    lake: Path, request: str
+) -> tuple[int, dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]]:
+    """The readings of ``request`` in the lake's raw table: (count, per sensor)."""
+    parts: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
+    for path in sorted((lake / "raw").glob("dt=*/device_id=*/*.parquet")):
+        table = read_table(path.read_bytes())
+        t = table.to_pydict()
+        stamps = table.column("ts").cast("int64").to_pylist()  # ns (datetime has µs)
+        for r, node, sensor, ts, v in zip(
+            t["request"], t["node"], t["sensor"], stamps, t["value"], strict=True
+        ):
+            if r == request:
+                parts.setdefault((node, sensor), []).append((ts, v))
+    got = {
+        k: (np.array([a for a, _ in v], dtype=np.int64), np.array([b for _, b in v]))
+        for k, v in parts.items()
+    }
+    return sum(len(a) for a, _ in got.values()), got
 
 
 def test_a_command_to_an_offline_device_runs_once_and_bad_ones_are_counted(
@@ -151,6 +177,32 @@ def test_a_command_to_an_offline_device_runs_once_and_bad_ones_are_counted(
         # and every ordinary reading arrived once, in the windows numpy computes
         produced = int(pipe.finish_sim(sim, timeout_s=120)["produced"])
         pipe.wait_agent_has(produced, timeout_s=60)
+
+        # raw data on demand: the buffer's readings of a past range, value for value
+        truth = truth_by_sensor(pipe.truth)
+        lo = min(int(ts.min()) for ts, _ in truth.values())
+        hi = max(int(ts.max()) for ts, _ in truth.values()) + 1
+        asked = time.monotonic()
+        answer = send(
+            "raw", "--arg", "sensors=*", "--arg", f"from={lo}", "--arg", f"to={hi}",
+            "--wait", "30",
+        )  # fmt: skip
+        assert answer["status"] == "done", answer
+        raw = answer["result"]
+        assert raw["readings"] == produced and "gone_before_ns" not in raw
+        wait_until(lambda: lake_raw(tmp_path / "lake", answer["id"])[0] == produced, 60, "raw")
+        took = time.monotonic() - asked
+        _, got = lake_raw(tmp_path / "lake", answer["id"])
+        assert set(got) == set(truth)
+        for key, (ts, values) in truth.items():
+            order = np.lexsort((values, ts))
+            got_ts, got_values = got[key]
+            again = np.lexsort((got_values, got_ts))
+            assert got_ts[again].tolist() == ts[order].tolist(), key
+            assert got_values[again].tobytes() == values[order].tobytes(), key
+        wait_until(lambda: count(counters.outgoing("raw", "acked")) == raw["messages"], 60, "acks")
+        print(f"raw: {produced} readings, {raw['bytes']} bytes, {raw['messages']} messages, "
+              f"{took:.2f} s from send to the lake")  # fmt: skip
         assert agent.terminate() == 0
         agent = pipe.start_agent()  # its stop closes and sends every window
         assert agent.terminate() == 0

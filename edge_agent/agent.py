@@ -31,6 +31,7 @@ from edge_agent.pipeline import (
     alerts,
     budget,
     buffer,
+    captures,
     held,
     kernels,
     outbox,
@@ -67,6 +68,7 @@ class Agent:
             # readings stamped ahead of a clock known to be behind are not held
             self.intake.offset_ns = self.forwarder.clock.offset_ns
             self.health = Reporter(cfg, self.store, self.forwarder.clock)
+            self.captures = captures.Recorder(cfg, self.store)
         except BaseException:
             self.lock.release()
             raise
@@ -166,6 +168,7 @@ class Agent:
                 alerts.record(self.store, silent)
             for ev in silent:
                 log.warning("alert %s %s: %s", ev.rule, ev.state, ev.message)
+        self.captures.tick()  # the raw readings around alerts (pipeline/captures.py)
         budget.enforce(
             self.store,
             self.cfg.storage.max_bytes,

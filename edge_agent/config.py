@@ -354,6 +354,12 @@ class AgentConfig:
         names = [r.name for r in self.alerts]
         if len(set(names)) != len(names):
             raise Invalid("alerts", "rule names must be unique")
+        for i, r in enumerate(self.alerts):
+            if r.capture is not None and r.capture.before_s > self.storage.raw_retention_s:
+                raise Invalid(
+                    f"alerts[{i}].capture.before_s",
+                    "must be <= storage.raw_retention_s: the buffer keeps raw readings no longer",
+                )
         if self.window.max_age_s > self.storage.raw_retention_s:
             raise Invalid(
                 "window.max_age_s",

@@ -109,6 +109,17 @@ COMMANDS_FAILED: Final = _counter("commands_failed", "commands that failed while
 COMMANDS_DROPPED_BUSY: Final = _counter(
     "commands_dropped_busy", "command messages dropped: too many waiting (the broker keeps none)"
 )
+CAPTURES_STARTED: Final = _counter("captures_started", "captures of raw readings around alerts")
+CAPTURES_EXTENDED: Final = _counter(
+    "captures_extended", "raises that extended their rule's pending capture"
+)
+CAPTURES_SENT: Final = _counter("captures_sent", "captures whose readings were queued to send")
+CAPTURES_PARTIAL: Final = _counter(
+    "captures_partial", "of those, with readings the buffer no longer held"
+)
+DROPPED_BUDGET_CAPTURES: Final = _counter(
+    "dropped_budget_captures", "pending captures dropped for the disk budget"
+)
 RAW_READINGS_QUEUED: Final = _counter(
     "raw_readings_queued", "readings copied for raw commands (pipeline/rawdata.py)"
 )

@@ -249,12 +249,19 @@ def _v9(db: sqlite_utils.Database) -> None:
 def _v10(db: sqlite_utils.Database) -> None:
     """Raw readings an operator asked for (edge_agent/pipeline/rawdata.py): messages
     of docs/wire-format.md §2.13 waiting for the cloud's ack, the same life as
-    results; ``readings`` counts what each carries (for the disk budget's count)."""
+    results; ``readings`` counts what each carries. And ``captures``: the spans of
+    raw readings around alerts waiting to be sent (edge_agent/pipeline/captures.py)."""
     db.table("raw").create(
         {**_SENT_LIKE_BATCHES, "crc": int, "generation": int, "readings": int},
         pk="seq",
         defaults={**_SENT_DEFAULTS, "readings": 0},
         not_null={"generation"},
+    )
+    # captures around alerts (edge_agent/pipeline/captures.py): at most one per rule
+    db.conn.execute(
+        "CREATE TABLE captures (id TEXT PRIMARY KEY, rule TEXT NOT NULL UNIQUE, node TEXT NOT NULL,"
+        " sensor TEXT NOT NULL, start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL,"
+        " after_s REAL NOT NULL, gone_ns INTEGER NOT NULL)"
     )
 
 

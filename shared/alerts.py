@@ -8,7 +8,8 @@ A UTF-8 JSON object::
      "value": 61.2, "message": "value 61.2 above 60"}
 
 ``seq`` shares the device's counter with batches (and ``generation``, optional,
-is the device's buffer generation, docs/wire-format.md §2.3); ``value`` may be null (a
+is the device's buffer generation, docs/wire-format.md §2.3; ``capture``,
+optional, the id of the raw readings captured around a raise); ``value`` may be null (a
 ``silent`` rule has no reading); ``ts_ns`` is the event time of the reading that
 changed the rule's state (the device clock for ``silent``).
 """
@@ -43,6 +44,9 @@ class Alert:
     #: the device's buffer generation (docs/wire-format.md §2.3); 0 = none. Optional
     #: on the wire, so not in :data:`FIELDS`.
     generation: int = 0
+    #: the capture of raw readings around this raise (edge_agent/pipeline/captures.py):
+    #: the ``request`` of its rows in the lake's raw table; "" = none. Optional.
+    capture: str = ""
 
 
 def decode_alert(payload: bytes) -> Alert:
@@ -71,6 +75,9 @@ def decode_alert(payload: bytes) -> Alert:
     generation = obj.get("generation", 0)
     if type(generation) is not int or not 0 <= generation < 2**63:
         raise WireError("bad-alert", "generation must be an integer in [0, 2^63)")
+    capture = obj.get("capture", "")
+    if not isinstance(capture, str) or (capture and not is_valid_id(capture)):
+        raise WireError("bad-alert", "capture must be an id")
     value = obj.get("value")
     if value is not None and (
         isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
@@ -87,6 +94,7 @@ def decode_alert(payload: bytes) -> Alert:
         None if value is None else float(value),
         get("message", str),
         generation,
+        capture,
     )
     if alert.kind not in KINDS:
         raise WireError("bad-alert", f"kind {alert.kind!r} is not one of {KINDS}")

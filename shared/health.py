@@ -70,6 +70,7 @@ KNOWN_DROPS = (
     "dropped_damaged_results",
     "dropped_damaged_raw",
     "dropped_budget_raw",
+    "dropped_budget_captures",
     "dropped_health",
 )
 

@@ -123,8 +123,8 @@ def _compact_alerts(
         blob = store.get(k)
         with reading(k):
             tables.append(read_table(blob))
-    with reading(keys[0]):  # objects with other schemas do not concatenate
-        data = pa.concat_tables(tables)
+    with reading(keys[0]):  # columns added since (capture) are null in older objects
+        data = pa.concat_tables(tables, promote_options="default")
         kept = _current_rows(ALERTS, data)
     seqs = data.column("seq").to_numpy()
     new_key = compacted_key(ALERTS, dt, dev, int(seqs.min()), int(seqs.max()))

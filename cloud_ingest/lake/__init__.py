@@ -34,6 +34,7 @@ key is a function of the alert alone, so that a resend overwrites it.
 from cloud_ingest.lake.layout import (
     AGGREGATES,
     ALERTS,
+    CAPTURED_READINGS_SQL,
     COMPACTED_NAME,
     DAY_NS,
     LAKE_VERSION,
@@ -62,6 +63,7 @@ from cloud_ingest.lake.write import GroupRows, alert_object, group_rows, raw_obj
 __all__ = [
     "AGGREGATES",
     "ALERTS",
+    "CAPTURED_READINGS_SQL",
     "COMPACTED_NAME",
     "DAY_NS",
     "LAKE_VERSION",

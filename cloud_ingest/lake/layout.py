@@ -29,6 +29,18 @@ QUALIFY row_number() OVER (
 """
 
 
+#: DuckDB: the raw readings captured around each raise of an alert (docs/commands.md),
+#: with the alert's rule and time beside them.
+CAPTURED_READINGS_SQL: Final = """
+SELECT a.device_id, a.rule, a.ts AS alert_ts, r.node, r.sensor, r.ts, r.value
+FROM read_parquet('{root}/alerts/*/*/*.parquet', hive_partitioning = true,
+                  union_by_name = true) AS a
+JOIN read_parquet('{root}/raw/*/*/*.parquet', hive_partitioning = true) AS r
+  ON r.request = a.capture AND r.device_id = a.device_id
+ORDER BY a.device_id, a.ts, r.ts
+"""
+
+
 def day(ts_ns: int) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime(ts_ns // 10**9))
 

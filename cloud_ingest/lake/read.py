@@ -127,6 +127,7 @@ def table_to_alerts(table: Any) -> Iterator[Alert]:
             ts[i],
             cols["value"][i],
             cols["message"][i],
+            capture=(cols["capture"][i] or "") if "capture" in cols else "",
         )
 
 

@@ -74,6 +74,7 @@ def alert_schema() -> Any:
             ("state", pa.string()),
             ("value", pa.float64()),
             ("message", pa.string()),
+            ("capture", pa.string()),
         ],
         metadata={"telemetry.lake_version": LAKE_VERSION},
     )

@@ -145,6 +145,7 @@ def alert_object(device_id: str, alert: Alert) -> tuple[str, bytes]:
             "state": [alert.state],
             "value": [alert.value],
             "message": [alert.message],
+            "capture": [alert.capture or None],
         },
         schema=alert_schema(),
     )

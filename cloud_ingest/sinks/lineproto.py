@@ -61,6 +61,8 @@ def alert_to_line(device_id: str, alert: Alert, measurement: str = "alert") -> s
     ]
     if alert.value is not None and math.isfinite(alert.value):
         fields.append(f"value={alert.value!r}")
+    if alert.capture:  # the lake's raw rows with this request (docs/commands.md)
+        fields.append(f"capture={_string_field(alert.capture)}")
     return f"{tags} {','.join(fields)} {alert.ts_ns}"
 
 

@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from edge_agent import counters
-from edge_agent.pipeline import outbox
+from edge_agent.pipeline import captures, outbox
+from edge_agent.pipeline.captures import Capture
 from edge_agent.store import Store, crc
 from shared.alerts import is_valid_rule
 from shared.config import Invalid, positive
@@ -60,6 +61,8 @@ class AlertRule:
     seconds: float | None = None
     window: int = 60
     z: float = 4.0
+    #: the raw readings around each raise, to the lake (a flight recorder)
+    capture: Capture | None = None
 
     def __post_init__(self) -> None:
         if not is_valid_rule(self.name):
@@ -92,11 +95,16 @@ class AlertEvent:
     ts_ns: int
     value: float | None
     message: str
+    #: the rule's capture, for a raise (not on the wire: the capture's id is)
+    capture: Capture | None = None
 
-    def payload(self, seq: int, generation: int = 0) -> bytes:
-        obj = {"seq": seq, **self.__dict__}
+    def payload(self, seq: int, generation: int = 0, capture_id: str = "") -> bytes:
+        obj = {k: v for k, v in self.__dict__.items() if k != "capture"}
+        obj = {"seq": seq, **obj}
         if generation:
             obj["generation"] = generation
+        if capture_id:
+            obj["capture"] = capture_id
         return json.dumps(obj, separators=(",", ":")).encode()
 
 
@@ -269,7 +277,8 @@ class AlertEngine:
             self.raised.add(rule.name)
         else:
             self.raised.discard(rule.name)
-        return AlertEvent(rule.name, rule.kind, node, sensor, state, t, v, message)
+        capture = rule.capture if state == "raised" else None
+        return AlertEvent(rule.name, rule.kind, node, sensor, state, t, v, message, capture)
 
 
 def record(store: Store, events: list[AlertEvent]) -> list[int]:
@@ -278,7 +287,13 @@ def record(store: Store, events: list[AlertEvent]) -> list[int]:
     generation = outbox.generation(store)
     for ev in events:
         seq = outbox.next_seq(store)
-        payload = ev.payload(seq, generation)
+        capture_id = ""
+        if ev.capture is not None:
+            capture_id = captures.start(
+                store, rule=ev.rule, node=ev.node, sensor=ev.sensor, ts_ns=ev.ts_ns,
+                capture=ev.capture, seq=seq,
+            )  # fmt: skip
+        payload = ev.payload(seq, generation, capture_id)
         store.conn.execute(
             "INSERT INTO alerts(seq, created_ns, payload, state, crc, generation) "
             "VALUES (?, ?, ?, 'pending', ?, ?)",

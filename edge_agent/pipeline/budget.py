@@ -11,13 +11,15 @@ this order, each step only as far as needed:
    messages by Mosquitto's default; the rest are kept only for convenience):
    counted as ``budget_pruned_digests``, not a loss;
 1. raw reading chunks whose windows are closed (already summarised and in the
-   outbox) and too old to be revised by late readings, oldest first: counted as
-   ``budget_pruned_chunks``; no reading is lost to delivery, only the raw detail
-   kept for inspection and export;
+   outbox) and too old to be revised by late readings, oldest first, but for
+   those a pending capture around an alert needs (edge_agent/pipeline/captures.py):
+   counted as ``budget_pruned_chunks``; no reading is lost to delivery, only the
+   raw detail kept for inspection and export;
 2. raw readings an operator asked for (a ``raw`` command, edge_agent/pipeline/rawdata.py)
    that the cloud has not acked, oldest message first: counted as
    ``dropped_budget_raw`` (messages); copies, not telemetry, but the answer to the
-   request is then incomplete;
+   request is then incomplete; then the pending captures, oldest first, each
+   counted as ``dropped_budget_captures``, and the chunks they kept (step 1);
 3. readings held for being stamped ahead of the clock (edge_agent/pipeline/held.py),
    oldest first: counted as ``dropped_future``;
 4. the oldest unacknowledged batches in the outbox: counted as
@@ -35,7 +37,7 @@ import logging
 from dataclasses import dataclass
 
 from edge_agent import counters
-from edge_agent.pipeline import buffer, held, quarantine
+from edge_agent.pipeline import buffer, captures, held, quarantine
 from edge_agent.store import Store
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,24 @@ def used_bytes(store: Store) -> int:
     pages = int(c.execute("PRAGMA page_count").fetchone()[0])
     free = int(c.execute("PRAGMA freelist_count").fetchone()[0])
     return (pages - free) * page_size
+
+
+def _prune_chunks(store: Store, max_bytes: int, closed: int) -> int:
+    """Raw chunks of closed windows, oldest first, but for those a pending capture
+    needs, until the data fits; returns how many went."""
+    pruned = 0
+    while used_bytes(store) > max_bytes:
+        oldest = store.conn.execute(
+            f"SELECT id, t_max FROM chunks WHERE t_max < ? AND {buffer.NOT_CAPTURED} "
+            "ORDER BY t_max LIMIT ?",
+            (closed, STEP_ROWS),
+        ).fetchall()
+        if not oldest:
+            break
+        store.conn.executemany("DELETE FROM chunks WHERE id = ?", [(i,) for i, _ in oldest])
+        pruned += len(oldest)
+        buffer.gone_before(store, int(oldest[-1][1]) + 1)
+    return pruned
 
 
 def enforce(store: Store, max_bytes: int, *, keep_raw_after_ns: int | None = None) -> BudgetResult:
@@ -101,16 +121,7 @@ def enforce(store: Store, max_bytes: int, *, keep_raw_after_ns: int | None = Non
         closed = store.get_state(buffer.CLOSED_UNTIL)
         if keep_raw_after_ns is not None:
             closed = min(closed, keep_raw_after_ns)
-        while used_bytes(store) > max_bytes:
-            oldest = store.conn.execute(
-                "SELECT id, t_max FROM chunks WHERE t_max < ? ORDER BY t_max LIMIT ?",
-                (closed, STEP_ROWS),
-            ).fetchall()
-            if not oldest:
-                break
-            store.conn.executemany("DELETE FROM chunks WHERE id = ?", [(i,) for i, _ in oldest])
-            pruned += len(oldest)
-            buffer.gone_before(store, int(oldest[-1][1]) + 1)
+        pruned += _prune_chunks(store, max_bytes, closed)
         raw_dropped = 0
         while used_bytes(store) > max_bytes:  # copies an operator asked for
             cur = store.conn.execute(
@@ -121,6 +132,8 @@ def enforce(store: Store, max_bytes: int, *, keep_raw_after_ns: int | None = Non
                 break
             raw_dropped += cur.rowcount
         store.add_counter(counters.DROPPED_BUDGET_RAW, raw_dropped)
+        while used_bytes(store) > max_bytes and captures.drop_oldest(store):
+            pruned += _prune_chunks(store, max_bytes, closed)
         while used_bytes(store) > max_bytes and held.drop_oldest(store, STEP_ROWS // 4):
             pass
         while used_bytes(store) > max_bytes:

@@ -36,6 +36,12 @@ MAX_TS = "max_ts"  # state key: newest event time stored
 #: state key: readings before this time may have been deleted (retention, the disk
 #: budget); from it on, every stored reading is still there
 GONE_BEFORE = "raw_gone_before_ns"
+#: SQL: a chunk no pending capture needs (edge_agent/pipeline/captures.py)
+NOT_CAPTURED = (
+    "NOT EXISTS (SELECT 1 FROM captures c JOIN sensors s ON s.node = c.node "
+    "AND s.name = c.sensor WHERE s.id = chunks.sensor_id AND chunks.t_max >= c.start_ns "
+    "AND chunks.t_min < c.end_ns)"
+)
 
 
 def gone_before(store: Store, deleted_until_ns: int) -> None:
@@ -420,11 +426,12 @@ KEEP_RETAINED = 100_000
 
 def prune(store: Store, older_than_ns: int, *, keep_digests: int = KEEP_DIGESTS) -> int:
     """Delete chunks whose newest reading is older than ``older_than_ns`` *and* lies
-    in closed windows, and all but the newest ``keep_digests`` message digests.
+    in closed windows, but for those a pending capture needs, and all but the
+    newest ``keep_digests`` message digests.
     Returns the number of chunks deleted."""
     with store.tx():
         limit = min(older_than_ns, store.get_state(CLOSED_UNTIL))
-        cur = store.conn.execute("DELETE FROM chunks WHERE t_max < ?", (limit,))
+        cur = store.conn.execute(f"DELETE FROM chunks WHERE t_max < ? AND {NOT_CAPTURED}", (limit,))
         if cur.rowcount:
             gone_before(store, limit)
         store.conn.execute("DELETE FROM revisions WHERE start_ns < ?", (limit,))

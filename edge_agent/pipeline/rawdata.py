@@ -20,14 +20,16 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_agent import counters
-from edge_agent.config import AgentConfig
 from edge_agent.pipeline import buffer, outbox
 from edge_agent.store import Store, crc
 from shared.rawdata import RawReadings, day_spans, readings_per_message
 from shared.timefmt import parse_time
+
+if TYPE_CHECKING:  # the config holds the alert rules, whose captures use this module
+    from edge_agent.config import AgentConfig
 
 #: the longest glob a request may give
 MAX_GLOB_CHARS = 200

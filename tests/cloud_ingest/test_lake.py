@@ -140,6 +140,23 @@ def test_alert_round_trip() -> None:
     assert list(table_to_alerts(read_table(alert_object("dev-1", silent)[1]))) == [silent]
 
 
+def test_alerts_compact_across_the_capture_column_added_since(tmp_path: Path) -> None:
+    """An alert object written before ``capture`` existed (no column) and one with a
+    capture compact into one object, each alert as it was."""
+    arc = LocalArchive(tmp_path)
+    old = Alert(1, "hot", "threshold", "n1", "temp", "raised", MIDNIGHT, 61.0, "above 60")
+    new = Alert(
+        2, "hot", "threshold", "n1", "temp", "raised", MIDNIGHT + 5, 62.0, "x", 0, "alert-2"
+    )
+    key, data = alert_object("dev-1", old)
+    arc.put(key, to_parquet(read_table(data).drop_columns(["capture"])))
+    arc.put(*alert_object("dev-1", new))
+    res = compact(arc, "2024-10-04", "2024-10-04")
+    assert (res.objects_in, res.rows_out) == (2, 2)
+    (only,) = arc.list("alerts/")
+    assert list(table_to_alerts(read_table(arc.get(only)))) == [old, new]
+
+
 def test_parse_key_ignores_other_objects() -> None:
     assert parse_key("quarantine/reason=x/abc.bin") is None
     assert parse_key("aggregates/dt=2024-01-01/device_id=d/seq=1.parquet") is None  # lake v1

@@ -17,6 +17,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.lock import BufferLock
 from edge_agent.pipeline import alerts, buffer, outbox, quarantine, rawdata, window
 from edge_agent.pipeline.alerts import AlertEngine, AlertRule
+from edge_agent.pipeline.captures import Capture
 from edge_agent.pipeline.health import Reporter
 from edge_agent.store import Store, crc
 from edge_agent.technician.repair import schema_tables
@@ -45,7 +46,8 @@ def fill_every_table(db: Path) -> None:
     buffer.store_chunk(s, reg, late2, b"late-2", late=LATE)  # stays dirty
     ahead = ReadingChunk("n", "s2", "u", np.array([T0 + 10**15]), np.array([9.0]))
     buffer.store_chunk(s, reg, ahead, b"ahead", future_limit_ns=T0 + 2000 * W)  # held
-    rule = AlertRule(name="r", sensor="n/s0", kind="threshold", above=1.0)
+    # a rule that captures the readings around its raise (edge_agent/pipeline/captures.py)
+    rule = AlertRule(name="r", sensor="n/s0", kind="threshold", above=1.0, capture=Capture())
     with s.tx():
         alerts.record(s, AlertEngine((rule,), s).evaluate(s, "n", "s0", [T0], [5.0]))
         quarantine.add(s, "sensors/n/x", WireError("bad-json", "nope"), b"{", max_bytes=0)

@@ -21,6 +21,7 @@ from shared.alerts import decode_alert
 from shared.errors import WireError
 from shared.readings import decode_chunk, encode_chunk
 from shared.sketch import DDSketch
+from shared.topics import is_valid_id
 from shared.wire import (
     STAT_FIELDS,
     SensorRef,
@@ -143,7 +144,7 @@ ALERT = hostile.ALERT
 
 
 @FUZZ
-@given(st.sampled_from([*sorted(ALERT), "generation"]), json_values | st.just(...))
+@given(st.sampled_from([*sorted(ALERT), "generation", "capture"]), json_values | st.just(...))
 def test_alerts_with_any_field_decode_or_fail(key: str, value: Any) -> None:
     obj = dict(ALERT)
     if value is ...:
@@ -154,6 +155,7 @@ def test_alerts_with_any_field_decode_or_fail(key: str, value: Any) -> None:
     if alert is not None:
         assert 0 <= alert.seq < 2**63 and 0 <= alert.ts_ns < 2**63
         assert alert.value is None or math.isfinite(alert.value)
+        assert alert.capture == "" or is_valid_id(alert.capture)
 
 
 @FUZZ

@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 import pytest
 
-from cloud_ingest.lake import read_table
+from cloud_ingest.lake import CAPTURED_READINGS_SQL, read_table
 from devstack import influxq
 from devstack.pipeline import IngestTarget, Pipeline, toml_dumps
 from devstack.publish import publish_all
@@ -25,6 +26,7 @@ from edge_agent import counters
 from firmware_sim.truth import truth_by_sensor
 from shared import commands
 from shared.commands import Command, sign
+from shared.readings import encode_chunk
 from tests.conftest import SpecFactory
 from tests.helpers import run_cli
 from tests.system.test_e2e import WIDTH, compare, expected_windows
@@ -212,5 +214,88 @@ def test_a_command_to_an_offline_device_runs_once_and_bad_ones_are_counted(
             60, "every reading in InfluxDB",
         )  # fmt: skip
         compare("influx", DEVICE, exp, influxq.v1_windows(influxdb.url, influx_db), 1e-9)
+    finally:
+        pipe.stop_all()
+
+
+def test_an_alerts_capture_brings_the_readings_on_both_sides_of_it_to_the_lake(
+    pipeline_spec: SpecFactory,
+    fresh: Any,
+    influxdb: Service,
+    influx_db: str,
+    tmp_path: Path,
+) -> None:
+    """The flight recorder (docs/commands.md, "Captures around alerts"): a raise names
+    its capture in InfluxDB and the lake, and the capture's readings, before and after
+    the alert, arrive in the lake value for value; every reading is in its window once."""
+    broker = fresh("mosquitto")
+    rule = (
+        '\n[[alerts]]\nname = "probe-hot"\nsensor = "probe/temp"\nkind = "threshold"\n'
+        "above = 50.0\ncapture = { before_s = 10, after_s = 5 }\n"
+    )
+    spec = pipeline_spec(
+        broker=broker,
+        device_id="dev-cap",
+        targets=[
+            IngestTarget(
+                "i", {"api": "v1", "url": influxdb.url, "database": influx_db},
+                {"url": f"file://{tmp_path / 'lake'}"},
+            )
+        ],
+        agent_extra=rule,
+    )  # fmt: skip
+    pipe = Pipeline(spec)
+    t0 = (time.time_ns() // WIDTH - 12) * WIDTH
+    ts = [t0 + k * 10**9 for k in range(60)]
+    temps = [20.0 + (k % 7) / 16 for k in range(60)]  # a DS18B20's 1/16 °C steps
+    temps[30] = 80.0  # the raise at t0 + 30 s; cleared at the next reading
+    try:
+        pipe.start_ingestors()
+        agent = pipe.start_agent()
+        # one reading per message, as ESPHome and Tasmota send them
+        publish_all(
+            broker.port,
+            [
+                ("sensors/probe/temp", encode_chunk("C", [t], [v]))
+                for t, v in zip(ts, temps, strict=True)
+            ],
+        )
+        pipe.wait_agent_has(60, timeout_s=60)
+
+        def alerts() -> list[dict[str, Any]]:
+            q = influxq.influxql(influxdb.url, 'SELECT * FROM "alert"', influx_db)
+            series = q["results"][0].get("series", [])
+            return [dict(zip(s["columns"], v, strict=True)) for s in series for v in s["values"]]
+
+        wait_until(lambda: len(alerts()) == 2, 60, "the alerts in InfluxDB")
+        raised = next(a for a in alerts() if a["state"] == "raised")
+        capture = raised["capture"]
+        assert capture.startswith("alert-")
+        lake = tmp_path / "lake"
+        wait_until(lambda: lake_raw(lake, capture)[0] == 15, 60, "the capture in the lake")
+        _, got = lake_raw(lake, capture)
+        want = [
+            (t, v) for t, v in zip(ts, temps, strict=True) if t0 + 20 * 10**9 <= t < t0 + 35 * 10**9
+        ]
+        got_ts, got_values = got[("probe", "temp")]
+        assert list(zip(got_ts.tolist(), got_values.tolist(), strict=True)) == want
+        (alert_obj,) = [
+            read_table(p.read_bytes()).to_pydict()
+            for p in (lake / "alerts").glob("dt=*/device_id=dev-cap/*.parquet")
+            if read_table(p.read_bytes()).to_pydict()["state"] == ["raised"]
+        ]
+        assert alert_obj["capture"] == [capture]
+        # what an analyst runs (docs/commands.md): the capture beside its alert
+        rows = duckdb.sql(CAPTURED_READINGS_SQL.format(root=lake)).fetchall()
+        assert [(r[1], r[3], r[4], r[6]) for r in rows] == [
+            ("probe-hot", "probe", "temp", v) for _, v in want
+        ]
+        assert pipe.agent_status()["counters"][counters.CAPTURES_SENT] == 1
+        # every reading in its window, once
+        assert agent.terminate() == 0  # its stop closes and sends every window
+        wait_until(
+            lambda: influxq.total_count(influxq.v1_windows(influxdb.url, influx_db)) == 60,
+            60, "the windows",
+        )  # fmt: skip
     finally:
         pipe.stop_all()

@@ -25,6 +25,7 @@ from types import FrameType
 
 from edge_agent import control
 from edge_agent.config import AgentConfig
+from edge_agent.desired import Desired
 from edge_agent.lock import BufferLock
 from edge_agent.mqtt import network_thread_alive
 from edge_agent.pipeline import (
@@ -55,8 +56,11 @@ TICK_ERROR_LOG_EVERY_S = 30.0  # a persistent fault is logged once per this, wit
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, desired: Desired | None = None) -> None:
+        """``desired``: the desired config from the operators (edge_agent/desired.py),
+        when the agent runs from a config file."""
         self.cfg = cfg
+        self.desired = desired
         self.lock = BufferLock(cfg.storage.path).acquire()
         try:
             self.store = Store(cfg.storage.path, synchronous=cfg.storage.synchronous)
@@ -64,10 +68,12 @@ class Agent:
             http = cfg.intake.http
             self.http = HttpIntake(http, self.intake) if http.enabled else None
             self.pollers = [ModbusPoller(m, self.intake) for m in cfg.intake.modbus]
-            self.forwarder = Forwarder(cfg, self.store)
+            self.forwarder = Forwarder(cfg, self.store, desired=desired)
             # readings stamped ahead of a clock known to be behind are not held
             self.intake.offset_ns = self.forwarder.clock.offset_ns
-            self.health = Reporter(cfg, self.store, self.forwarder.clock)
+            self.health = Reporter(
+                cfg, self.store, self.forwarder.clock, desired.status if desired else None
+            )
             self.captures = captures.Recorder(cfg, self.store)
         except BaseException:
             self.lock.release()
@@ -169,6 +175,8 @@ class Agent:
             for ev in silent:
                 log.warning("alert %s %s: %s", ev.rule, ev.state, ev.message)
         self.captures.tick()  # the raw readings around alerts (pipeline/captures.py)
+        if self.desired is not None:  # a new config on trial: applied or rolled back
+            self.desired.tick(self.store, self.cfg.commands.config_grace_s)
         budget.enforce(
             self.store,
             self.cfg.storage.max_bytes,
@@ -252,6 +260,9 @@ class Agent:
                 notifier.ready(f"device {self.cfg.device_id}: subscribed to the local broker")
                 ready_pending = False
             self.safe_tick()
+            if self.desired is not None and self.desired.restart:
+                log.warning("agent: restarting on the desired config (docs/commands.md)")
+                break
             if ping_every is not None and time.monotonic() >= next_ping:
                 why = self.stalled(ping_every)
                 if why is None:
@@ -260,7 +271,10 @@ class Agent:
                 elif not starved:
                     log.error("agent: not feeding the watchdog: %s", why)
                     starved = True
-        notifier.stopping()
+        if self.desired is not None and self.desired.restart and not self.stopping.is_set():
+            notifier.reloading()
+        else:
+            notifier.stopping()
         try:
             return self.shutdown() or self.exit_code
         finally:
@@ -284,9 +298,10 @@ class Agent:
         except (sqlite3.Error, StorageError) as exc:
             log.error("agent: could not store the adapters' counters: %s", exc)
         self.intake.stop()
+        restarting = self.desired is not None and self.desired.restart
         try:
-            if self.cfg.window.flush_on_shutdown:
-                self.send_ready(flush=True)
+            if self.cfg.window.flush_on_shutdown and not restarting:
+                self.send_ready(flush=True)  # not for a restart: the windows go on
             # what arrived since the last tick, and the flush's batches: a stopped
             # agent's file is within its budget too
             budget.enforce(
@@ -297,8 +312,8 @@ class Agent:
         # A stop on a full disk (or a failing SD card) is a clean stop too: what could
         # not be written stays where it was (unacknowledged at the device broker, or
         # in the outbox), for the next start.
-        try:
-            drained = self.forwarder.drain(self.cfg.forward.drain_timeout_s)
+        try:  # a restart does not wait for the cloud: the outbox is there after it
+            drained = self.forwarder.drain(0.0 if restarting else self.cfg.forward.drain_timeout_s)
         except (sqlite3.Error, StorageError) as exc:
             log.error("agent: could not drain the outbox (%s); kept for the next start", exc)
             drained = False
@@ -323,8 +338,31 @@ class Agent:
         return 0
 
 
-def run_agent(cfg: AgentConfig, ready_file: str | None = None) -> int:
+def run_agent(
+    cfg: AgentConfig, ready_file: str | None = None, desired: Desired | None = None
+) -> int:
+    """Run until stopped. With ``desired`` (edge_agent/desired.py), ``cfg`` is its
+    :meth:`~edge_agent.desired.Desired.load`, and the agent starts again on the new
+    config each time a desired config is put in force or rolled back."""
     started = time.monotonic()
-    rc = Agent(cfg).run(ready_file)
+    stop = False  # a stop asked for while the agent restarts: flush and stop after it
+    while True:
+        try:
+            agent = Agent(cfg, desired)
+        except Exception as exc:
+            status = desired.status() if desired is not None else None
+            if desired is None or status is None or status.state != "trial":
+                raise
+            desired.roll_back(f"the agent does not start: {type(exc).__name__}: {exc}"[:200])
+            cfg = desired.load()
+            continue
+        if stop:
+            agent.stopping.set()  # its run starts and stops at once: it flushes and drains
+        rc = agent.run(ready_file)
+        if desired is None or not desired.restart:
+            break
+        stop = agent.stopping.is_set()
+        cfg = desired.load()
+        log.info("agent: starting again, desired config version %d", desired.status().version)
     log.info("agent: ran %.1f s", time.monotonic() - started)
     return rc

@@ -30,7 +30,7 @@ from shared.cli import (
     load_or_exit,
     setup_logging,
 )
-from shared.errors import StorageError
+from shared.errors import ConfigError, StorageError
 
 CONFIG_ENV = "EDGE_AGENT_CONFIG"
 DEFAULT_CONFIG = CONFIG_DIR / "edge-agent.toml"
@@ -184,11 +184,20 @@ def run(config_path: str | None, ready_file: str | None) -> None:
     cfg = _load(config_path)
     setup_logging(cfg.log_level, cfg.log_format)
     from edge_agent.agent import run_agent  # imports numba: keep other commands fast
+    from edge_agent.desired import Desired
     from edge_agent.lock import BufferBusy
     from edge_agent.sources.http import ListenError
 
+    path = config_path or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    desired = Desired(path) if cfg.commands.enabled else None
+    if desired is not None:  # the operators' desired config over the file (docs/commands.md)
+        try:
+            cfg = desired.load()
+        except ConfigError as exc:
+            fail(str(exc), EXIT_CONFIG)
+        setup_logging(cfg.log_level, cfg.log_format)
     try:
-        sys.exit(run_agent(cfg, ready_file))
+        sys.exit(run_agent(cfg, ready_file, desired))
     except (BufferBusy, ListenError) as exc:
         fail(str(exc), EXIT_CONFIG)
     except StorageError as exc:

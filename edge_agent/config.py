@@ -310,12 +310,16 @@ class CommandsConfig:
     #: a ``raw`` command sends at most this many readings (16 bytes each in the
     #: buffer until the cloud acks them); beyond, the answer says where to go on from
     raw_max_readings: int = 1_000_000
+    #: a desired config (a `config` command) is on trial this long: rolled back if
+    #: the cloud's acks or the readings stop within it (docs/commands.md)
+    config_grace_s: float = 300.0
 
     def __post_init__(self) -> None:
         ids = [k.id for k in self.keys]
         if len(set(ids)) != len(ids):
             raise Invalid("keys", "two keys have the same id")
         positive("raw_max_readings", self.raw_max_readings)
+        positive("config_grace_s", self.config_grace_s)
 
     @property
     def enabled(self) -> bool:

@@ -120,6 +120,12 @@ CAPTURES_PARTIAL: Final = _counter(
 DROPPED_BUDGET_CAPTURES: Final = _counter(
     "dropped_budget_captures", "pending captures dropped for the disk budget"
 )
+CONFIG_APPLIED: Final = _counter(
+    "config_applied", "desired config versions applied after their trial (desired.py)"
+)
+CONFIG_ROLLED_BACK: Final = _counter(
+    "config_rolled_back", "desired config versions the device rolled back by itself"
+)
 RAW_READINGS_QUEUED: Final = _counter(
     "raw_readings_queued", "readings copied for raw commands (pipeline/rawdata.py)"
 )

@@ -42,17 +42,21 @@ def load_config(cls: type[T], path: str | Path | None) -> T:
     """Read ``path`` (TOML) into ``cls``; ``None`` gives the defaults."""
     if path is None:
         return _build(cls, {}, "<defaults>", "")
+    return _build(cls, read_toml(path), str(path), "")
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A config file's tables, unchecked; ConfigError if it cannot be read as TOML."""
     name = str(path)
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(name, None, "file not found") from None
     except OSError as exc:
         raise ConfigError(name, None, f"cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(name, None, f"invalid TOML: {exc}") from None
-    return _build(cls, data, name, "")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], source: str = "<dict>") -> T:

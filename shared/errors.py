@@ -149,4 +149,5 @@ COMMAND_REFUSALS = (
     "replayed",  # an id the device has seen (run once, answered once)
     "unknown-command",  # a kind this agent does not know
     "bad-args",  # the kind's arguments are not what it takes
+    "stale-config",  # a desired config version not above the device's (docs/commands.md)
 )

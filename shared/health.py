@@ -121,6 +121,12 @@ class HealthReport:
     #: the device's buffer generation (docs/wire-format.md §2.3); 0 = none, and then
     #: not on the wire (optional: not in :data:`FIELDS`)
     generation: int = 0
+    #: the desired config (docs/commands.md): the version in force (0 = the config
+    #: file alone), its state ("trial", "applied", "rolled-back"; "" = none) and the
+    #: version last rolled back (0 = none). Optional, not on the wire when unset.
+    config_version: int = 0
+    config_state: str = ""
+    config_rejected: int = 0
 
     @property
     def state(self) -> str:
@@ -139,12 +145,16 @@ class HealthReport:
         obj = asdict(self)
         obj["problems"] = list(self.problems)
         obj["state"] = self.state
-        if not self.generation:
-            del obj["generation"]
+        for key in OPTIONAL_FIELDS:
+            if not obj[key]:
+                del obj[key]
         return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
 
-FIELDS = (*(f.name for f in fields(HealthReport) if f.name != "generation"), "state")
+#: keys a report may leave out (absent = 0 or "")
+OPTIONAL_FIELDS = ("generation", "config_version", "config_state", "config_rejected")
+CONFIG_STATES = ("", "trial", "applied", "rolled-back")
+FIELDS = (*(f.name for f in fields(HealthReport) if f.name not in OPTIONAL_FIELDS), "state")
 
 
 def state_of(problems: tuple[str, ...] | set[str] | frozenset[str]) -> str:
@@ -214,6 +224,12 @@ def decode_health(payload: bytes) -> HealthReport:
     generation = obj.get("generation", 0)
     if type(generation) is not int or not 0 <= generation < 2**63:
         raise bad("'generation' must be an integer in [0, 2^63)")
+    config = {k: obj.get(k, 0) for k in ("config_version", "config_rejected")}
+    if any(type(v) is not int or not 0 <= v < 2**63 for v in config.values()):
+        raise bad("'config_version' and 'config_rejected' must be integers in [0, 2^63)")
+    config_state = obj.get("config_state", "")
+    if config_state not in CONFIG_STATES:
+        raise bad(f"'config_state' must be one of {CONFIG_STATES[1:]}")
     report = HealthReport(
         seq=integer("seq"),
         ts_ns=integer("ts_ns"),
@@ -225,6 +241,8 @@ def decode_health(payload: bytes) -> HealthReport:
         forward_up=flag("forward_up"),
         drops=dict(drops),
         generation=generation,
+        config_state=config_state,
+        **config,
         **{k: integer(k) for k in INT_FIELDS},
         **{k: number(k, optional=True) for k in OPTIONAL_FLOAT_FIELDS},  # type: ignore[arg-type]
     )

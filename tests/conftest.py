@@ -140,12 +140,18 @@ FLEET_RUN_DEVICE = "dev-dash"
 @pytest.fixture
 def fleet_run(fresh: Callable[[str], Service], tmp_path: Path) -> Iterator[FleetRun]:
     """A pipeline run: an agent with an alert rule, two sensors, a late reading that
-    revises a window, and five simulated devices (firmware-sim fleet, ten sensors
-    each); cloud-ingest with /metrics, scraped by a real Prometheus."""
+    revises a window, a desired config version set by `cloud-ingest command config`,
+    and five simulated devices (firmware-sim fleet, ten sensors each); cloud-ingest
+    with /metrics, scraped by a real Prometheus."""
     broker, influx = fresh("mosquitto"), fresh("influxdb")
     db = "dash"
     influxq.create_database(influx.url, db)
     metrics = free_port()
+    keys = tmp_path / "keys"
+    subprocess.run(
+        [str(BIN / "cloud-ingest"), "command", "keygen", "--id", "ops", "--dir", str(keys)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
     pipe = Pipeline(
         PipelineSpec(
             workdir=tmp_path / "run",
@@ -155,6 +161,8 @@ def fleet_run(fresh: Callable[[str], Service], tmp_path: Path) -> Iterator[Fleet
             agent_extra=(
                 '[[alerts]]\nname = "hot"\nsensor = "env-1/temp"\nkind = "threshold"\n'
                 "above = 30.0\nhysteresis = 1.0\n"
+                "[commands]\nconfig_grace_s = 1\n"
+                f'keys = [{{ id = "ops", file = "{keys}/ops.pub" }}]\n'
             ),
             agent_tables={"health": {"interval_s": 1}},
             targets=[
@@ -212,6 +220,32 @@ def fleet_run(fresh: Callable[[str], Service], tmp_path: Path) -> Iterator[Fleet
             return int(rows[0]["count"]) if rows else 0
 
         wait_until(lambda: reports() >= 4, 60, "health reports a second apart")
+        # a desired config version, as an operator sets it (docs/commands.md)
+        operator = tmp_path / "operator.toml"
+        operator.write_text(
+            toml_dumps(
+                {"mqtt": {"port": broker.port}, "influx": {"url": influx.url, "database": db}}
+            )
+        )
+        fragment = tmp_path / "v1.toml"
+        fragment.write_text("[health]\nbehind_after_s = 900\n")
+        subprocess.run(
+            [str(BIN / "cloud-ingest"), "command", "config", "-c", str(operator),
+             FLEET_RUN_DEVICE, "--file", str(fragment), "--version", "1",
+             "--key-file", str(keys / "ops.key"), "--wait", "30",
+             "--journal", str(tmp_path / "journal.jsonl")],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+
+        def applied() -> bool:
+            q = (
+                'SELECT last("config_state") FROM agent_health '
+                f"WHERE device_id = '{FLEET_RUN_DEVICE}' AND config_version = 1"
+            )
+            rows = influxq.rows(influx.url, q, db)
+            return bool(rows) and rows[0]["last"] == "applied"
+
+        wait_until(applied, 60, "the desired config applied and reported")
         cfg = tmp_path / "read.toml"
         cfg.write_text(
             toml_dumps(

@@ -149,31 +149,151 @@ def _show(device: str, raw: bytes, as_json: bool) -> dict[str, Any] | None:
     return obj
 
 
+def _signer(key_file: str, key_id: str | None) -> tuple[Any, str]:
+    from shared import commands
+
+    try:
+        private = commands.load_private(Path(key_file))
+    except (OSError, ValueError) as exc:
+        click.echo(f"error: --key-file: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    return private, key_id or Path(key_file).stem
+
+
+def _send(
+    cfg: IngestConfig,
+    cmds: list[Any],
+    signer: tuple[Any, str],
+    *,
+    expires_in: float,
+    wait: float,
+    as_json: bool,
+    journal: str | None,
+) -> None:
+    """Sign and publish ``cmds`` (shared.commands.Command), journal them, and with
+    ``wait`` print their results; exits 1 if one is not ``done`` in time."""
+    import paho.mqtt.client as mqtt
+
+    from shared import commands
+    from shared.errors import WireError
+    from shared.mqttprops import publish_properties
+    from shared.topics import command_topic, device_from_result_topic, result_topic
+
+    private, key_id = signer
+    payloads = []
+    for cmd in cmds:
+        try:
+            payload = commands.sign(cmd, key_id, private)
+            commands.verify(payload, {key_id: private.public_key()})  # what the device does
+        except (ValueError, WireError) as exc:
+            raise click.UsageError(f"not a command a device can take: {exc}") from None
+        payloads.append(payload)
+    prefix = cfg.mqtt.topic_prefix
+    client = _client(cfg)
+    _connect(client, cfg)
+    try:
+        results = {}
+        if wait:
+            for device in {c.device_id for c in cmds}:
+                results[device] = _subscribe(client, result_topic(device, prefix))
+        props = publish_properties("application/json", [], int(expires_in))
+        path = Path(journal) if journal else _default_journal()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for cmd, payload in zip(cmds, payloads, strict=True):
+            topic = command_topic(cmd.device_id, prefix)
+            info = client.publish(topic, payload, qos=1, properties=props)
+            info.wait_for_publish(timeout=10)
+            if not info.is_published() or info.rc != mqtt.MQTT_ERR_SUCCESS:
+                click.echo(f"error: the broker did not take the command ({info.rc})", err=True)
+                sys.exit(EXIT_FAILURE)
+            entry = {
+                "id": cmd.id, "device_id": cmd.device_id, "kind": cmd.kind,
+                "issued_ns": cmd.issued_ns, "expires_ns": cmd.expires_ns,
+            }  # fmt: skip
+            with path.open("a") as fh:  # for `command pending`
+                fh.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            if not as_json:
+                click.echo(
+                    f"sent {cmd.id} ({cmd.kind}) to {cmd.device_id}, expires in {expires_in:g} s"
+                )
+            elif not wait:
+                click.echo(json.dumps({"id": cmd.id, "device_id": cmd.device_id, "sent": True}))
+        if not wait:
+            return
+        waiting = {(c.device_id, c.id) for c in cmds}
+        failed = False
+        deadline = time.monotonic() + wait
+        while waiting and (left := deadline - time.monotonic()) > 0:
+            for device, got in results.items():
+                try:
+                    topic, raw = got.get(timeout=min(left, 0.1))
+                except queue.Empty:
+                    continue
+                obj = _show(device_from_result_topic(topic, prefix) or device, raw, as_json)
+                if obj is not None and (obj["device_id"], obj["id"]) in waiting:
+                    waiting.discard((obj["device_id"], obj["id"]))
+                    failed |= obj["status"] != "done"
+        for device, cid in sorted(waiting):
+            click.echo(f"error: no result for {cid} from {device} within {wait:g} s", err=True)
+        if waiting or failed:
+            sys.exit(EXIT_FAILURE)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _command(
+    device: str, kind: str, args: dict[str, Any], cid: str | None, expires_in: float
+) -> Any:
+    from shared.commands import Command
+    from shared.topics import is_valid_id
+
+    for name, value in (("DEVICE", device), ("KIND", kind)):
+        if not is_valid_id(value):
+            raise click.UsageError(f"{name} {value!r} is not an id")
+    now = time.time_ns()
+    return Command(
+        id=cid or f"c-{secrets.token_hex(8)}", device_id=device, kind=kind, issued_ns=now,
+        expires_ns=now + int(expires_in * 1e9), args=args,
+    )  # fmt: skip
+
+
+key_options = [
+    click.option("--key-file", type=click.Path(dir_okay=False), required=True,
+                 help="The signing key (`keygen`'s <id>.key)."),
+    click.option("--key-id", help="The key's id, as the devices know it. Default: file name."),
+    click.option(
+        "--expires-in", type=click.FloatRange(min=1), default=3600.0, show_default=True,
+        help="Seconds until the command expires (a device offline longer never runs it).",
+    ),
+    click.option("--wait", type=click.FloatRange(min=0), default=0.0,
+                 help="Wait this many seconds for the devices' results, and print them."),
+    click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts."),
+]  # fmt: skip
+
+
+def _key_options(f: Any) -> Any:
+    for option in reversed(key_options):
+        f = option(f)
+    return f
+
+
 @command.command("send")
 @config_option("TOML config file: [mqtt] says which broker, as which operator identity.")
 @click.argument("device")
 @click.argument("kind")
 @click.option("--arg", "args", multiple=True, help="An argument, key=value. Repeatable.")
-@click.option("--key-file", type=click.Path(dir_okay=False), required=True,
-              help="The signing key (`keygen`'s <id>.key).")  # fmt: skip
-@click.option("--key-id", help="The key's id, as the devices know it. Default: the file's name.")
 @click.option("--id", "command_id", help="The command's id. Default: a new random one.")
-@click.option(
-    "--expires-in", type=click.FloatRange(min=1), default=3600.0, show_default=True,
-    help="Seconds until the command expires (a device offline longer never runs it).",
-)  # fmt: skip
-@click.option("--wait", type=click.FloatRange(min=0), default=0.0,
-              help="Wait this many seconds for the device's result, and print it.")  # fmt: skip
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@_key_options
 @journal_option
 def send(
     config_path: str | None,
     device: str,
     kind: str,
     args: tuple[str, ...],
+    command_id: str | None,
     key_file: str,
     key_id: str | None,
-    command_id: str | None,
     expires_in: float,
     wait: float,
     as_json: bool,
@@ -184,85 +304,90 @@ def send(
     (--arg sensors=GLOB --arg from=TIME --arg to=TIME: the buffer's readings of
     the sensors whose "<node>/<sensor>" matches, in [from, to); times ISO 8601,
     integer ns or -1h on the device's clock; they go to the lake's raw table).
+    A desired config goes with `command config`.
 
     Exit codes: 0 sent (and, with --wait, done), 1 refused, failed or no result in
     time, 2 bad usage or config."""
-    import paho.mqtt.client as mqtt
-
-    from shared import commands
-    from shared.errors import WireError
-    from shared.mqttprops import publish_properties
-    from shared.topics import command_topic, is_valid_id, result_topic
-
     cfg = load_or_exit(IngestConfig, config_path, DEFAULT_CONFIG)
-    for name, value in (("DEVICE", device), ("KIND", kind)):
-        if not is_valid_id(value):
-            raise click.UsageError(f"{name} {value!r} is not an id")
-    arguments: dict[str, str] = {}
+    arguments: dict[str, Any] = {}
     for item in args:
         k, eq, v = item.partition("=")
         if not eq or not k:
             raise click.UsageError(f"--arg {item!r} is not key=value")
         arguments[k] = v
+    signer = _signer(key_file, key_id)
+    cmd = _command(device, kind, arguments, command_id, expires_in)
+    _send(cfg, [cmd], signer, expires_in=expires_in, wait=wait, as_json=as_json, journal=journal)
+
+
+@command.command("config")
+@config_option(
+    "TOML config file: [mqtt] says which broker, as which operator identity; [influx] "
+    "where the desired versions are recorded."
+)
+@click.argument("devices", nargs=-1, required=True)
+@click.option(
+    "--file", "fragment_file", type=click.Path(dir_okay=False, exists=True), required=True,
+    help="The desired settings: TOML, over each device's config.",
+)  # fmt: skip
+@click.option("--version", "version", type=click.IntRange(min=1), required=True,
+              help="The version: above every version the devices had.")  # fmt: skip
+@_key_options
+@journal_option
+def config_cmd(
+    config_path: str | None,
+    devices: tuple[str, ...],
+    fragment_file: str,
+    version: int,
+    key_file: str,
+    key_id: str | None,
+    expires_in: float,
+    wait: float,
+    as_json: bool,
+    journal: str | None,
+) -> None:
+    """Set the desired config of DEVICES (a group: give them all) to the settings in
+    --file, as version --version (docs/commands.md, "Desired configuration"). Each
+    device checks them as `edge-agent config check` does, applies them without
+    losing a reading, and rolls back by itself if the cloud's acks or its readings
+    stop within [commands] config_grace_s; its health report says which version is
+    in force. The desired version is recorded in InfluxDB (measurement
+    config_desired), where the fleet dashboard shows it beside the reported one.
+
+    Only some settings may be set remotely: alerts, intake.sources, intake.modbus,
+    window.lateness_s and max_age_s, forward limits, health reporting, log_level,
+    commands.raw_max_readings (never a broker, a key, a path or the device id)."""
+    from shared.config import read_toml
+    from shared.errors import ConfigError, SinkError
+
+    cfg = load_or_exit(IngestConfig, config_path, DEFAULT_CONFIG)
     try:
-        private = commands.load_private(Path(key_file))
-    except (OSError, ValueError) as exc:
-        click.echo(f"error: --key-file: {exc}", err=True)
+        fragment = read_toml(fragment_file)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
-    key_id = key_id or Path(key_file).stem
-    now = time.time_ns()
-    cmd = commands.Command(
-        id=command_id or f"c-{secrets.token_hex(8)}",
-        device_id=device,
-        kind=kind,
-        issued_ns=now,
-        expires_ns=now + int(expires_in * 1e9),
-        args=arguments,
-    )
+    signer = _signer(key_file, key_id)
+    args = {"version": version, "config": fragment}
+    cmds = [_command(d, "config", args, None, expires_in) for d in devices]
     try:
-        payload = commands.sign(cmd, key_id, private)
-        commands.verify(payload, {key_id: private.public_key()})  # what the device will do
-    except (ValueError, WireError) as exc:
-        raise click.UsageError(f"not a command a device can take: {exc}") from None
-    prefix = cfg.mqtt.topic_prefix
-    client = _client(cfg)
-    _connect(client, cfg)
+        _record_desired(cfg, cmds, version, fragment)
+    except SinkError as exc:
+        click.echo(f"warning: the desired version is not recorded in InfluxDB: {exc}", err=True)
+    _send(cfg, cmds, signer, expires_in=expires_in, wait=wait, as_json=as_json, journal=journal)
+
+
+def _record_desired(cfg: IngestConfig, cmds: list[Any], version: int, fragment: Any) -> None:
+    """One ``config_desired`` point per device: the version, the command, the settings."""
+    from cloud_ingest.sinks.influx import make_point_sink
+    from cloud_ingest.sinks.lineproto import desired_config_line
+
+    sink = make_point_sink(cfg.influx)
     try:
-        results = _subscribe(client, result_topic(device, prefix)) if wait else None
-        props = publish_properties("application/json", [], int(expires_in))
-        info = client.publish(command_topic(device, prefix), payload, qos=1, properties=props)
-        info.wait_for_publish(timeout=10)
-        if not info.is_published() or info.rc != mqtt.MQTT_ERR_SUCCESS:
-            click.echo(f"error: the broker did not take the command ({info.rc})", err=True)
-            sys.exit(EXIT_FAILURE)
-        entry = {
-            "id": cmd.id, "device_id": device, "kind": kind,
-            "issued_ns": cmd.issued_ns, "expires_ns": cmd.expires_ns,
-        }  # fmt: skip
-        path = Path(journal) if journal else _default_journal()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as fh:  # for `command pending`
-            fh.write(json.dumps(entry, separators=(",", ":")) + "\n")
-        if not as_json:
-            click.echo(f"sent {cmd.id} ({kind}) to {device}, expires in {expires_in:g} s")
-        if results is None:
-            if as_json:
-                click.echo(json.dumps({"id": cmd.id, "device_id": device, "sent": True}))
-            return
-        deadline = time.monotonic() + wait
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                _, raw = results.get(timeout=left)
-            except queue.Empty:
-                break
-            obj = _show(device, raw, as_json)
-            if obj is not None and obj["id"] == cmd.id:
-                sys.exit(0 if obj["status"] == "done" else EXIT_FAILURE)
-        click.echo(f"error: no result for {cmd.id} within {wait:g} s", err=True)
-        sys.exit(EXIT_FAILURE)
+        sink.write(
+            [desired_config_line(c.device_id, version, c.id, fragment, c.issued_ns) for c in cmds]
+        )
     finally:
-        client.disconnect()
-        client.loop_stop()
+        sink.close()
 
 
 @command.command("watch")

@@ -42,8 +42,10 @@ Fleet health, one series per device the ingestor remembers (at most
   ``edge_agent_backlog_batches``, ``edge_agent_oldest_unsent_age_seconds``
   (0 when nothing is unsent), ``edge_agent_disk_used_ratio`` (of its budget; 0
   without one), ``edge_agent_drops_total`` (every ``dropped_*`` counter added up),
-  ``edge_agent_store_errors_total`` and ``edge_agent_report_timestamp_seconds``
-  (the device's clock)
+  ``edge_agent_store_errors_total``, ``edge_agent_report_timestamp_seconds``
+  (the device's clock), ``edge_agent_config_version`` (the desired config version
+  in force, 0 for the config file alone) and ``edge_agent_config_rolled_back``
+  (1 when the device rolled its last version back; docs/commands.md)
 * ``cloud_ingest_fleet_devices``: devices remembered;
   ``cloud_ingest_fleet_devices_forgotten_total``: devices forgotten to keep the bound
 
@@ -168,6 +170,13 @@ class _DevicesCollector(Collector):
         reported = gauge(
             "edge_agent_report_timestamp_seconds", "Device clock of the latest health report"
         )
+        config = gauge(
+            "edge_agent_config_version", "Desired config version in force (0: the file alone)"
+        )
+        rolled_back = gauge(
+            "edge_agent_config_rolled_back",
+            "1 when the device rolled its last desired config version back",
+        )
         fresh_from = time.time_ns() - int(self.devices.health_fresh_s * 1e9)
         for d in self.devices.snapshot():
             label = [d.device]
@@ -184,7 +193,9 @@ class _DevicesCollector(Collector):
             drops.add_metric(label, float(h.dropped_total))
             errors.add_metric(label, float(h.store_errors))
             reported.add_metric(label, h.ts_ns / 1e9)
-        yield from (heard, ok, backlog, oldest, disk, drops, errors, reported)
+            config.add_metric(label, float(h.config_version))
+            rolled_back.add_metric(label, 1.0 if h.config_state == "rolled-back" else 0.0)
+        yield from (heard, ok, backlog, oldest, disk, drops, errors, reported, config, rolled_back)
         devices = GaugeMetricFamily("cloud_ingest_fleet_devices", "Devices remembered")
         devices.add_metric([], float(len(self.devices)))
         yield devices

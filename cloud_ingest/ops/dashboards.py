@@ -190,12 +190,38 @@ def fleet() -> Dashboard:
                     last("oldest_unsent_age_s") AS "oldest unsent (s)",
                     last("disk_used_ratio") AS "disk used", last("drops_total") AS "drops",
                     last("store_errors") AS "store errors",
-                    last("clock_offset_s") AS "clock offset (s)", last("version") AS "version"
+                    last("clock_offset_s") AS "clock offset (s)", last("version") AS "version",
+                    last("config_version") AS "config", last("config_state") AS "config state"
                     FROM "agent_health" WHERE $timeFilter GROUP BY "device_id" """,
                     result_format="table",
                 ),
                 Expect(("device_id",), ("state", "backlog", "disk used", "drops", "version")),
             )
+        ],
+        width=24,
+    )
+    b.panel(
+        table.Panel().with_transformation(dm.DataTransformerConfig(id_val="merge", options={})),
+        "Desired config: desired against reported (docs/commands.md)",
+        [
+            (
+                InfluxQL(
+                    """SELECT last("version") AS "desired" FROM "config_desired"
+                    WHERE $timeFilter GROUP BY "device_id" """,
+                    result_format="table",
+                ),
+                Expect(("device_id",), ("desired",)),
+            ),
+            (
+                InfluxQL(
+                    """SELECT last("config_version") AS "reported",
+                    last("config_state") AS "state", last("config_rejected") AS "rolled back"
+                    FROM "agent_health" WHERE $timeFilter GROUP BY "device_id" """,
+                    "B",
+                    result_format="table",
+                ),
+                Expect(("device_id",), ("reported", "state", "rolled back")),
+            ),
         ],
         width=24,
     )

@@ -102,6 +102,21 @@ def raw_to_lines(device_id: str, raw: RawReadings, measurement: str) -> list[str
     ]
 
 
+def desired_config_line(
+    device_id: str, version: int, command_id: str, fragment: object, ts_ns: int
+) -> str:
+    """The desired config an operator set for a device (docs/commands.md): measurement
+    ``config_desired``, tag the device, fields the version, the command and the
+    settings as JSON text."""
+    import json
+
+    text = json.dumps(fragment, separators=(",", ":"), sort_keys=True)
+    return (
+        f"config_desired,device_id={device_id.translate(_TAG_ESCAPES)} version={version}i,"
+        f"command={_string_field(command_id)},config={_string_field(text)} {ts_ns}"
+    )
+
+
 def health_to_line(device_id: str, report: HealthReport, measurement: str = "agent_health") -> str:
     """One point per report, at the device's time of the report. One series per
     device (the only tag), and a fixed set of fields (shared/health.py)."""
@@ -130,6 +145,12 @@ def health_to_line(device_id: str, report: HealthReport, measurement: str = "age
     other = sum(v for k, v in report.drops.items() if k not in KNOWN_DROPS)
     fields += [f"{k}={report.drops.get(k, 0)}i" for k in KNOWN_DROPS]
     fields.append(f"dropped_other={other}i")
+    # the desired config (docs/commands.md): in force, its state, the last rolled back
+    fields += [
+        f"config_version={report.config_version}i",
+        f"config_state={_string_field(report.config_state)}",
+        f"config_rejected={report.config_rejected}i",
+    ]
     meas = measurement.translate(_MEAS_ESCAPES)
     return f"{meas},device_id={device_id.translate(_TAG_ESCAPES)} {','.join(fields)} {report.ts_ns}"
 

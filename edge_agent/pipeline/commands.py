@@ -33,6 +33,7 @@ from typing import Any
 
 from edge_agent import counters
 from edge_agent.config import AgentConfig
+from edge_agent.desired import BadFragment, Desired, baseline
 from edge_agent.pipeline import outbox, rawdata
 from edge_agent.store import Store, crc
 from shared.commands import Command, Result, Status, load_public, verify
@@ -82,13 +83,31 @@ class CommandRunner:
     """Runs the command messages the forwarder received, on the agent's thread."""
 
     def __init__(
-        self, cfg: AgentConfig, store: Store, now: Callable[[], int] = time.time_ns
+        self,
+        cfg: AgentConfig,
+        store: Store,
+        now: Callable[[], int] = time.time_ns,
+        desired: Desired | None = None,
     ) -> None:
+        """``desired``: the agent's desired config (edge_agent/desired.py); without
+        it, ``config`` commands fail."""
         self.cfg = cfg
         self.device_id = cfg.device_id
         self.store = store
         self.now = now
+        self.desired = desired
         self.keys = {k.id: load_public(Path(k.file)) for k in cfg.commands.keys}
+
+    def _config(self, cmd: Command, now_ns: int) -> dict[str, Any]:
+        """Stage a desired config (edge_agent/desired.py); put in force after the commit."""
+        desired = self.desired
+        if desired is None:
+            raise RuntimeError("this agent was started without a config file to build on")
+        grace = self.cfg.commands.config_grace_s
+        staged = desired.stage(cmd.args, baseline(self.store, grace, now_ns))
+        desired.write_staged(staged, cmd.id)
+        self.store.on_rollback(lambda: desired.next.unlink(missing_ok=True))
+        return {"version": staged["version"], "state": "trial", "grace_s": grace}
 
     def handle(self, payload: bytes) -> str:
         """One command message: what became of it (``done``, ``failed`` or the
@@ -118,14 +137,19 @@ class CommandRunner:
                 status, reason = "refused", "wrong-device"
             elif cmd.expires_ns <= now:
                 status, reason = "refused", "expired"
-            elif cmd.kind not in KINDS:
+            elif cmd.kind not in KINDS and cmd.kind != "config":
                 status, reason = "refused", "unknown-command"
             else:
                 status = "done"
                 try:
-                    out = KINDS[cmd.kind](store, self.cfg, cmd, now)
+                    if cmd.kind == "config":
+                        out = self._config(cmd, now)
+                    else:
+                        out = KINDS[cmd.kind](store, self.cfg, cmd, now)
                 except rawdata.BadArgs as exc:
                     status, reason, out = "refused", "bad-args", {"message": str(exc)[:500]}
+                except BadFragment as exc:
+                    status, reason, out = "refused", exc.reason, {"message": str(exc)[:500]}
                 except Exception as exc:
                     log.exception("commands: %s (%s) failed", cmd.id, cmd.kind)
                     status, reason, out = "failed", f"{type(exc).__name__}: {exc}"[:200], {}
@@ -151,4 +175,6 @@ class CommandRunner:
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (cmd.id, cmd.kind, status, now, cmd.expires_ns, seq),
             )
+        if cmd.kind == "config" and status == "done" and self.desired is not None:
+            self.desired.activate()  # committed: in force at the agent's restart
         return status if status != "refused" else reason

@@ -28,6 +28,7 @@ import paho.mqtt.client as mqtt
 from edge_agent import counters
 from edge_agent.clock import Clock, mono_ns
 from edge_agent.config import AgentConfig
+from edge_agent.desired import Desired
 from edge_agent.mqtt import connect_async, make_client
 from edge_agent.pipeline import outbox
 from edge_agent.store import Store
@@ -73,8 +74,15 @@ class _Verdict:
 
 
 class Forwarder:
-    def __init__(self, cfg: AgentConfig, store: Store, client: mqtt.Client | None = None) -> None:
-        """``client``: a paho client to use instead of a new one (tests inject a fake)."""
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        store: Store,
+        client: mqtt.Client | None = None,
+        desired: Desired | None = None,
+    ) -> None:
+        """``client``: a paho client to use instead of a new one (tests inject a fake);
+        ``desired``: the agent's desired config, for ``config`` commands."""
         self.cfg = cfg
         self.store = store
         self.topic = batch_topic(cfg.device_id, cfg.forward.topic_prefix)
@@ -103,7 +111,7 @@ class Forwarder:
         if cfg.commands.enabled:
             from edge_agent.pipeline.commands import CommandRunner
 
-            self._runner = CommandRunner(cfg, store)
+            self._runner = CommandRunner(cfg, store, desired=desired)
         self._in_flight: dict[int, int] = {}  # mid -> seq
         #: the device clock against the cloud's, from the acks (edge_agent/pipeline/health.py)
         self.clock = Clock()

@@ -31,11 +31,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from importlib import metadata
+from typing import Any
 
 from edge_agent import counters
 from edge_agent.clock import Clock
 from edge_agent.config import AgentConfig
+from edge_agent.desired import Status
 from edge_agent.pipeline import budget, outbox
 from edge_agent.pipeline.snapshot import buffer_snapshot
 from edge_agent.store import Store, crc
@@ -57,10 +60,18 @@ def agent_version() -> str:
 
 
 class Reporter:
-    def __init__(self, cfg: AgentConfig, store: Store, clock: Clock) -> None:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        store: Store,
+        clock: Clock,
+        config_status: Callable[[], Status] | None = None,
+    ) -> None:
+        """``config_status``: the desired config's (edge_agent/desired.py)."""
         self.cfg = cfg
         self.store = store
         self.clock = clock
+        self.config_status = config_status
         self.version = agent_version()
         self._started = time.monotonic()
         self._next_report = 0.0
@@ -153,7 +164,14 @@ class Reporter:
             clock_offset_s=clock.offset_s if clock else None,
             clock_rtt_s=clock.rtt_s if clock else None,
             drops={k: v for k, v in snap.drops.items() if v},
+            **self._config_fields(),
         )
+
+    def _config_fields(self) -> dict[str, Any]:
+        if self.config_status is None:
+            return {}
+        s = self.config_status()
+        return {"config_version": s.version, "config_state": s.state, "config_rejected": s.rejected}
 
     def _store(self, report: HealthReport) -> None:
         """Give the report its seq and keep it; drop the oldest beyond ``max_unsent``."""

@@ -158,6 +158,11 @@ class NotifySocket:
         self.poll()
         return sum(1 for t, m in self.messages if t >= since and field in m.split("\n"))
 
+    def last(self, field: str) -> float:
+        """When ``field`` last came (monotonic), 0.0 if never."""
+        self.poll()
+        return max((t for t, m in self.messages if field in m.split("\n")), default=0.0)
+
     def close(self) -> None:
         self.sock.close()
 
@@ -227,7 +232,13 @@ def test_the_agent_is_ready_when_subscribed_and_starves_the_watchdog_when_stuck(
         holder = sqlite3.connect(buffer, isolation_level=None, timeout=30)
         holder.execute("BEGIN IMMEDIATE")
         try:
-            stuck = time.monotonic() + WATCHDOG_S  # a ping in flight may still land
+            # the loop blocks at its next write (the heartbeat: at most 2 s away, later on
+            # a loaded machine); from then on no ping may come
+            wait_until(
+                lambda: time.monotonic() - notify.last("WATCHDOG=1") > 2 * WATCHDOG_S,
+                20, "the pings to stop",
+            )  # fmt: skip
+            stuck = time.monotonic()
             wait_until(lambda: time.monotonic() > stuck + 3 * WATCHDOG_S, 10, "a stuck spell")
             assert notify.count("WATCHDOG=1", stuck) == 0  # systemd would restart it now
         finally:

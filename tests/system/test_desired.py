@@ -1,0 +1,130 @@
+"""Desired configuration end to end, with real processes (docs/commands.md, "Desired
+configuration"): `cloud-ingest command config` sets a version, the agent applies it
+without losing a reading and reports it; a version after which the cloud's acks
+stop is rolled back by the device itself and reported; the simulator runs
+throughout, and every reading arrives once, window for window."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devstack import influxq
+from devstack.pipeline import IngestTarget, Pipeline, toml_dumps
+from devstack.services import Service, wait_until
+from edge_agent import counters
+from tests.conftest import SpecFactory
+from tests.helpers import run_cli
+from tests.system.test_e2e import WIDTH, compare, expected_windows
+
+pytestmark = pytest.mark.integration
+
+DEVICE = "dev-desired"
+
+
+def test_a_desired_config_is_applied_and_a_bad_one_rolled_back_by_the_device(
+    pipeline_spec: SpecFactory,
+    fresh: Any,
+    influxdb: Service,
+    influx_db: str,
+    tmp_path: Path,
+) -> None:
+    broker = fresh("mosquitto")
+    keys = tmp_path / "keys"
+    assert (
+        run_cli("cloud-ingest", "command", "keygen", "--id", "ops-1", "--dir", str(keys)).returncode
+        == 0
+    )
+    operator = tmp_path / "operator.toml"
+    operator.write_text(
+        toml_dumps(
+            {"mqtt": {"port": broker.port}, "influx": {"url": influxdb.url, "database": influx_db}}
+        )
+    )
+    spec = pipeline_spec(
+        broker=broker,
+        device_id=DEVICE,
+        targets=[IngestTarget("i", {"api": "v1", "url": influxdb.url, "database": influx_db},
+                              {"url": f"file://{tmp_path / 'lake'}"})],
+        agent_extra=(
+            f'\n[commands]\nconfig_grace_s = 3\n'
+            f'keys = [{{ id = "ops-1", file = "{keys / "ops-1.pub"}" }}]\n'
+        ),
+        agent_tables={"health": {"interval_s": 1}},
+        duration_s=60.0, speed=2.0, seed=11,
+        start_ns=(time.time_ns() // WIDTH - 12) * WIDTH + 5_000_000,
+    )  # fmt: skip
+    pipe = Pipeline(spec)
+
+    def config(version: int, settings: str) -> dict[str, Any]:
+        fragment = tmp_path / f"v{version}.toml"
+        fragment.write_text(settings)
+        out = run_cli(
+            "cloud-ingest", "command", "config", "-c", str(operator), DEVICE,
+            "--file", str(fragment), "--version", str(version),
+            "--key-file", str(keys / "ops-1.key"), "--wait", "30", "--json",
+            "--journal", str(tmp_path / "journal.jsonl"),
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        return dict(json.loads(out.stdout.splitlines()[-1]))
+
+    def reported() -> tuple[int, str, int]:
+        q = influxq.influxql(
+            influxdb.url,
+            'SELECT last("config_version"), last("config_state"), last("config_rejected") '
+            'FROM "agent_health"',
+            influx_db,
+        )
+        series = q["results"][0].get("series", [])
+        if not series:
+            return (0, "", 0)
+        _, version, state, rejected = series[0]["values"][0]
+        return (int(version), str(state), int(rejected))
+
+    def count(name: str) -> int:
+        return int(pipe.agent_status()["counters"].get(name, 0))
+
+    try:
+        (ingestor,) = pipe.start_ingestors()
+        agent = pipe.start_agent()
+        sim = pipe.start_sim()
+        wait_until(lambda: count(counters.outgoing("health", "acked")) >= 2, 60, "acks")
+
+        # version 1: applied without losing a reading, and reported
+        answer = config(1, "[health]\ninterval_s = 2\n")
+        assert answer["status"] == "done" and answer["result"]["version"] == 1
+        wait_until(lambda: reported() == (1, "applied", 0), 60, "version 1 reported")
+        assert count(counters.CONFIG_APPLIED) == 1
+
+        # version 2 while the cloud's side is down: no ack within the grace period,
+        # so the device goes back to version 1 by itself
+        assert ingestor.terminate() == 0
+        answer = config(2, "[health]\ninterval_s = 3\n[forward]\nmax_in_flight = 4\n")
+        assert answer["status"] == "done"
+        wait_until(lambda: count(counters.CONFIG_ROLLED_BACK) == 1, 60, "the rollback")
+        (ingestor,) = pipe.start_ingestors()
+        wait_until(lambda: reported() == (1, "rolled-back", 2), 60, "the rollback reported")
+
+        # desired against reported, as the fleet dashboard shows them
+        q = influxq.influxql(
+            influxdb.url, 'SELECT last("version") FROM "config_desired" GROUP BY "device_id"',
+            influx_db,
+        )  # fmt: skip
+        assert q["results"][0]["series"][0]["values"][0][1] == 2
+
+        # and every ordinary reading arrived once, in the windows numpy computes
+        produced = int(pipe.finish_sim(sim, timeout_s=120)["produced"])
+        pipe.wait_agent_has(produced, timeout_s=60)
+        assert agent.terminate() == 0  # its stop closes and sends every window
+        wait_until(
+            lambda: influxq.total_count(influxq.v1_windows(influxdb.url, influx_db)) == produced,
+            60, "every reading in InfluxDB",
+        )  # fmt: skip
+        exp = expected_windows(pipe.truth)
+        compare("influx", DEVICE, exp, influxq.v1_windows(influxdb.url, influx_db), 1e-9)
+    finally:
+        pipe.stop_all()

@@ -160,7 +160,7 @@ def fleet_run(fresh: Callable[[str], Service], tmp_path: Path) -> Iterator[Fleet
             device_id=FLEET_RUN_DEVICE,
             agent_extra=(
                 '[[alerts]]\nname = "hot"\nsensor = "env-1/temp"\nkind = "threshold"\n'
-                "above = 30.0\nhysteresis = 1.0\n"
+                "above = 30.0\nhysteresis = 1.0\ncapture = { before_s = 5, after_s = 5 }\n"
                 "[commands]\nconfig_grace_s = 1\n"
                 f'keys = [{{ id = "ops", file = "{keys}/ops.pub" }}]\n'
             ),
@@ -246,6 +246,14 @@ def fleet_run(fresh: Callable[[str], Service], tmp_path: Path) -> Iterator[Fleet
             return bool(rows) and rows[0]["last"] == "applied"
 
         wait_until(applied, 60, "the desired config applied and reported")
+        # and a command the device refuses (a kind it does not know): answered, exit 1
+        refused = subprocess.run(
+            [str(BIN / "cloud-ingest"), "command", "send", "-c", str(operator),
+             FLEET_RUN_DEVICE, "reboot", "--key-file", str(keys / "ops.key"), "--wait", "30",
+             "--journal", str(tmp_path / "journal.jsonl")],
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert refused.returncode == 1 and b"unknown-command" in refused.stdout, refused
         cfg = tmp_path / "read.toml"
         cfg.write_text(
             toml_dumps(

@@ -174,12 +174,15 @@ def _send(
     ``wait`` print their results; exits 1 if one is not ``done`` in time."""
     import paho.mqtt.client as mqtt
 
+    from cloud_ingest.sinks.lineproto import command_sent_line
     from shared import commands
     from shared.errors import WireError
     from shared.mqttprops import publish_properties
     from shared.topics import command_topic, device_from_result_topic, result_topic
 
     private, key_id = signer
+    _record(cfg, [command_sent_line(c.device_id, c.kind, c.id, c.expires_ns, c.issued_ns)
+                  for c in cmds])  # fmt: skip
     payloads = []
     for cmd in cmds:
         try:
@@ -357,8 +360,9 @@ def config_cmd(
     Only some settings may be set remotely: alerts, intake.sources, intake.modbus,
     window.lateness_s and max_age_s, forward limits, health reporting, log_level,
     commands.raw_max_readings (never a broker, a key, a path or the device id)."""
+    from cloud_ingest.sinks.lineproto import desired_config_line
     from shared.config import read_toml
-    from shared.errors import ConfigError, SinkError
+    from shared.errors import ConfigError
 
     cfg = load_or_exit(IngestConfig, config_path, DEFAULT_CONFIG)
     try:
@@ -369,25 +373,26 @@ def config_cmd(
     signer = _signer(key_file, key_id)
     args = {"version": version, "config": fragment}
     cmds = [_command(d, "config", args, None, expires_in) for d in devices]
-    try:
-        _record_desired(cfg, cmds, version, fragment)
-    except SinkError as exc:
-        click.echo(f"warning: the desired version is not recorded in InfluxDB: {exc}", err=True)
+    _record(
+        cfg, [desired_config_line(c.device_id, version, c.id, fragment, c.issued_ns) for c in cmds]
+    )
     _send(cfg, cmds, signer, expires_in=expires_in, wait=wait, as_json=as_json, journal=journal)
 
 
-def _record_desired(cfg: IngestConfig, cmds: list[Any], version: int, fragment: Any) -> None:
-    """One ``config_desired`` point per device: the version, the command, the settings."""
+def _record(cfg: IngestConfig, lines: list[str]) -> None:
+    """Points about what the operators sent, to InfluxDB ([influx]): a warning if it
+    cannot take them (the command goes all the same; the journal has it)."""
     from cloud_ingest.sinks.influx import make_point_sink
-    from cloud_ingest.sinks.lineproto import desired_config_line
+    from shared.errors import SinkError
 
-    sink = make_point_sink(cfg.influx)
     try:
-        sink.write(
-            [desired_config_line(c.device_id, version, c.id, fragment, c.issued_ns) for c in cmds]
-        )
-    finally:
-        sink.close()
+        sink = make_point_sink(cfg.influx)
+        try:
+            sink.write(lines)
+        finally:
+            sink.close()
+    except SinkError as exc:
+        click.echo(f"warning: not recorded in InfluxDB ({exc}); the journal has it", err=True)
 
 
 @command.command("watch")
@@ -431,16 +436,47 @@ def watch(
         client.loop_stop()
 
 
+def _answered(
+    reader: Any, cfg: IngestConfig, sent: list[dict[str, Any]]
+) -> dict[tuple[str, str], str]:
+    """Add to ``sent`` the commands InfluxDB's command_sent knows of (any operator's,
+    the last 31 days); return (device, id) → status of those answered."""
+    month = time.time_ns() - 31 * 86_400 * 10**9
+    known = {(e["device_id"], e["id"]) for e in sent}
+    for series in reader.query(
+        f'SELECT "id", "expires_ns", "device_id", "kind" FROM "command_sent" WHERE time >= {month}'
+    ):
+        for row in series.rows():
+            key = (str(row.get("device_id")), str(row.get("id")))
+            if key not in known and row.get("expires_ns") is not None:
+                known.add(key)
+                sent.append({
+                    "id": key[1], "device_id": key[0], "kind": str(row.get("kind")),
+                    "issued_ns": int(row["time"]), "expires_ns": int(row["expires_ns"]),
+                })  # fmt: skip
+    answered: dict[tuple[str, str], str] = {}
+    if sent:
+        since = min(int(e["issued_ns"]) for e in sent) - 86_400 * 10**9
+        measurement = cfg.influx.result_measurement.replace('"', '\\"')
+        for series in reader.query(
+            f'SELECT "id", "status", "device_id" FROM "{measurement}" WHERE time >= {since}'
+        ):
+            for row in series.rows():
+                answered[(str(row.get("device_id")), str(row.get("id")))] = str(row["status"])
+    return answered
+
+
 @command.command("pending")
 @config_option("TOML config file: [influx] says where the results are.")
 @journal_option
 @click.option("--all", "show_all", is_flag=True, help="Every command sent, answered or not.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def pending(config_path: str | None, journal: str | None, show_all: bool, as_json: bool) -> None:
-    """The commands sent from here (`send` keeps them in the journal) that no device
-    has answered yet, with their state: pending (not expired: the device may still be
+    """The commands sent (from here: `send` keeps them in the journal; from anywhere:
+    `send` and `config` record them in InfluxDB's command_sent) that no device has
+    answered yet, with their state: pending (not expired: the device may still be
     offline), expired (it will never run), or with --all the answered ones too
-    (done, refused, failed), from InfluxDB's command_result."""
+    (done, refused, failed), from InfluxDB's command_result. The last 31 days."""
     from cloud_ingest.jobs.influxql import InfluxQLReader
     from shared.errors import SinkError
 
@@ -456,22 +492,14 @@ def pending(config_path: str | None, journal: str | None, show_all: bool, as_jso
                 click.echo(f"{path}:{n}: not a journal line; skipped", err=True)
                 continue
             sent.append(entry)
-    answered: dict[tuple[str, str], str] = {}
-    if sent:
-        since = min(int(e["issued_ns"]) for e in sent) - 86_400 * 10**9
-        reader = InfluxQLReader(cfg.influx)
-        try:
-            measurement = cfg.influx.result_measurement.replace('"', '\\"')
-            for series in reader.query(
-                f'SELECT "id", "status", "device_id" FROM "{measurement}" WHERE time >= {since}'
-            ):
-                for row in series.rows():
-                    answered[(str(row.get("device_id")), str(row.get("id")))] = str(row["status"])
-        except SinkError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_FAILURE)
-        finally:
-            reader.close()
+    reader = InfluxQLReader(cfg.influx)
+    try:
+        answered = _answered(reader, cfg, sent)
+    except SinkError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_FAILURE)
+    finally:
+        reader.close()
     now = time.time_ns()
     for e in sent:
         state = answered.get((e["device_id"], e["id"]))

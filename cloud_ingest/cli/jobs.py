@@ -283,6 +283,7 @@ def report_cmd(
             measurement=cfg.influx.measurement,
             health_measurement=cfg.influx.health_measurement,
             alert_measurement=cfg.influx.alert_measurement,
+            result_measurement=cfg.influx.result_measurement,
             silent_after_s=silent_after,
             now_ns=time.time_ns(),
         )
@@ -307,6 +308,9 @@ def report_cmd(
                 "silent": len(rep.silent()),
                 "sensors": len(rep.daily),
                 "alerts": sum(n for pts in rep.alerts.values() for _, n in pts),
+                "commands_unanswered": len(rep.unanswered),
+                "commands_failed": len(rep.failed),
+                "captures": len(rep.captures),
             }
         )
     )

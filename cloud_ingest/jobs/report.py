@@ -13,7 +13,11 @@ cloud_ingest/jobs/influxql.py) and writes:
   health report or window), marked silent when that is more than
   ``--silent-after`` before the end of the range;
 * **ingest lag**: the age of each device's oldest data not yet in the cloud, from
-  its health reports (``oldest_unsent_age_s``).
+  its health reports (``oldest_unsent_age_s``);
+* **commands and captures** (docs/commands.md): the commands sent in the range
+  (``command_sent``, which `cloud-ingest command` records) that no device answered,
+  pending or expired; those refused or failed (``command_result``); and the
+  captures of raw readings around alerts (the alerts' ``capture``).
 
 The roll-ups come from ``cloud-ingest rollup`` (the timer runs it hourly); a range
 without them says so rather than showing a device as empty. Plots are PNG images
@@ -70,6 +74,12 @@ class Report:
     last_heard: dict[str, int] = field(default_factory=dict)
     #: device → [(bucket start, age of its oldest unsent data, s)]
     lag: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    #: commands sent without an answer: (device, id, kind, sent, "pending" or "expired")
+    unanswered: list[tuple[str, str, str, int, str]] = field(default_factory=list)
+    #: commands refused or failed: (device, id, kind, time, status, reason)
+    failed: list[tuple[str, str, str, int, str, str]] = field(default_factory=list)
+    #: captures around alerts: (device, rule, alert time, capture id)
+    captures: list[tuple[str, str, int, str]] = field(default_factory=list)
 
     @property
     def end_ns(self) -> int:
@@ -93,6 +103,7 @@ def gather(
     measurement: str = "window",
     health_measurement: str = "agent_health",
     alert_measurement: str = "alert",
+    result_measurement: str = "command_result",
     silent_after_s: float = 3600.0,
     now_ns: int,
 ) -> Report:
@@ -149,7 +160,46 @@ def gather(
         rep.lag[s.tags.get("device_id", "")] = [
             (int(r[0]), float(r[1])) for r in s.values if r[1] is not None
         ]
+    _commands(reader, rep, rng, alert_measurement, result_measurement)
     return rep
+
+
+def _commands(
+    reader: InfluxQLReader, rep: Report, rng: str, alert_measurement: str, result_measurement: str
+) -> None:
+    """Commands without an answer, refused or failed ones, and captures (docs/commands.md)."""
+    answered: set[tuple[str, str]] = set()
+    # a result comes after its command (up to its expiry): read them up to now
+    for s in reader.query(
+        f'SELECT "id", "status", "reason" FROM {_q(result_measurement)} '
+        f'WHERE time >= {rep.since_ns} GROUP BY "device_id", "kind"'
+    ):
+        device, kind = s.tags.get("device_id", ""), s.tags.get("kind", "")
+        for row in s.rows():
+            answered.add((device, str(row["id"])))
+            if row["status"] != "done" and int(row["time"]) < rep.until_ns:
+                rep.failed.append(
+                    (device, str(row["id"]), kind, int(row["time"]), str(row["status"]),
+                     str(row["reason"] or ""))
+                )  # fmt: skip
+    for s in reader.query(
+        f'SELECT "id", "expires_ns" FROM "command_sent" WHERE {rng} GROUP BY "device_id", "kind"'
+    ):
+        device, kind = s.tags.get("device_id", ""), s.tags.get("kind", "")
+        for row in s.rows():
+            if (device, str(row["id"])) not in answered:
+                expired = int(row["expires_ns"] or 0) <= rep.generated_ns
+                state = "expired" if expired else "pending"
+                rep.unanswered.append((device, str(row["id"]), kind, int(row["time"]), state))
+    for s in reader.query(
+        f'SELECT "rule", "capture" FROM {_q(alert_measurement)} WHERE {rng} '
+        'AND "capture" != \'\' GROUP BY "device_id"'
+    ):
+        for row in s.rows():
+            rep.captures.append(
+                (s.tags.get("device_id", ""), str(row["rule"]), int(row["time"]),
+                 str(row["capture"]))
+            )  # fmt: skip
 
 
 # ---- plots ----
@@ -307,6 +357,41 @@ def _n(n: int, thing: str) -> str:
     return f"{n} {thing}" + ("" if n == 1 else "s")
 
 
+def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>\n" for row in rows
+    )
+    return f"<table><tr>{cells}</tr>\n{body}</table>"
+
+
+#: rows of each commands table at most (the newest first)
+MAX_COMMAND_ROWS = 100
+
+
+def _commands_html(rep: Report) -> str:
+    out = ["<h2>Commands and captures</h2>"]
+    waiting = sorted(rep.unanswered, key=lambda r: -r[3])[:MAX_COMMAND_ROWS]
+    out.append(
+        f"<p>{_n(len(rep.unanswered), 'command')} sent without an answer "
+        f"({sum(r[4] == 'pending' for r in rep.unanswered)} pending, the rest expired), "
+        f"{_n(len(rep.failed), 'command')} refused or failed, "
+        f"{_n(len(rep.captures), 'capture')} around alerts.</p>"
+    )
+    if waiting:
+        out.append(_table(("device", "command", "kind", "sent", "state"),
+                          [(d, c, k, _when(t), s) for d, c, k, t, s in waiting]))  # fmt: skip
+    failed = sorted(rep.failed, key=lambda r: -r[3])[:MAX_COMMAND_ROWS]
+    if failed:
+        out.append(_table(("device", "command", "kind", "answered", "status", "reason"),
+                          [(d, c, k, _when(t), s, r) for d, c, k, t, s, r in failed]))  # fmt: skip
+    caps = sorted(rep.captures, key=lambda r: -r[2])[:MAX_COMMAND_ROWS]
+    if caps:
+        out.append(_table(("device", "rule", "alert", "capture (the lake's raw request)"),
+                          [(d, r, _when(t), c) for d, r, t, c in caps]))  # fmt: skip
+    return "\n".join(out)
+
+
 def render_html(rep: Report) -> str:
     silent = set(rep.silent())
     rows = "".join(
@@ -373,6 +458,7 @@ def render_html(rep: Report) -> str:
             "The age of each device's oldest data not yet acknowledged by the cloud, from "
             "its health reports (at most the worst ten devices).",
         ),
+        _commands_html(rep),
         "</body></html>\n",
     ]
     return "\n".join(parts)

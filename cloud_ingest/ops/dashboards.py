@@ -226,6 +226,58 @@ def fleet() -> Dashboard:
         width=24,
     )
     b.panel(
+        table.Panel().with_transformation(dm.DataTransformerConfig(id_val="merge", options={})),
+        "Commands: sent and answered, per device (the difference waits or expired)",
+        [
+            (
+                InfluxQL(
+                    """SELECT count("id") AS "sent" FROM "command_sent" WHERE $timeFilter
+                    GROUP BY "device_id" """,
+                    result_format="table",
+                ),
+                Expect(("device_id",), ("sent",)),
+            ),
+            (
+                InfluxQL(
+                    """SELECT count("id") AS "answered", sum("ok") AS "done"
+                    FROM "command_result" WHERE $timeFilter GROUP BY "device_id" """,
+                    "B",
+                    result_format="table",
+                ),
+                Expect(("device_id",), ("answered", "done")),
+            ),
+        ],
+    )
+    b.panel(
+        table.Panel(),
+        "Commands refused or failed",
+        [
+            (
+                InfluxQL(
+                    """SELECT "id", "status", "reason" FROM "command_result"
+                    WHERE $timeFilter AND "ok" = 0 GROUP BY "device_id", "kind" """,
+                    result_format="table",
+                ),
+                Expect(("device_id", "kind"), ("id", "status", "reason")),
+            )
+        ],
+    )
+    b.panel(
+        table.Panel(),
+        "Captures of raw readings around alerts (the lake's raw table)",
+        [
+            (
+                InfluxQL(
+                    """SELECT "rule", "capture" FROM "alert" WHERE $timeFilter
+                    AND "capture" != '' GROUP BY "device_id" """,
+                    result_format="table",
+                ),
+                Expect(("device_id",), ("rule", "capture")),
+            )
+        ],
+        width=24,
+    )
+    b.panel(
         bargauge.Panel()
         .unit("s")
         .min(0)

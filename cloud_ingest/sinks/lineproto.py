@@ -102,6 +102,18 @@ def raw_to_lines(device_id: str, raw: RawReadings, measurement: str) -> list[str
     ]
 
 
+def command_sent_line(
+    device_id: str, kind: str, command_id: str, expires_ns: int, ts_ns: int
+) -> str:
+    """A command an operator sent (docs/commands.md), at its issue time: measurement
+    ``command_sent``, tags the device and the kind, fields the id and the expiry; with
+    ``command_result`` it tells which commands wait for an answer."""
+    return (
+        f"command_sent,device_id={device_id.translate(_TAG_ESCAPES)},kind={kind} "
+        f"id={_string_field(command_id)},expires_ns={expires_ns}i {ts_ns}"
+    )
+
+
 def desired_config_line(
     device_id: str, version: int, command_id: str, fragment: object, ts_ns: int
 ) -> str:

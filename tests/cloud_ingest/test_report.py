@@ -61,6 +61,10 @@ def test_the_report_is_one_file_with_plots_that_chromium_renders(
     # the agent's device and the five simulated ones; two sensors and five times ten
     assert summary["devices"] == 6 and summary["silent"] == 0 and summary["alerts"] >= 1
     assert summary["sensors"] == 2 + 5 * 10
+    # the commands the fixture sent: a config (done) and one the device refused; the
+    # captures around the alert rule's raises (docs/commands.md)
+    assert summary["commands_failed"] == 1 and summary["commands_unanswered"] == 0
+    assert summary["captures"] >= 1
 
     page = out.read_text()
     # self-contained: nothing to fetch when it is opened (or mailed)
@@ -72,6 +76,8 @@ def test_the_report_is_one_file_with_plots_that_chromium_renders(
         assert share > 0.01 and colours > 5
     # the completeness table (for a reader with images off): the run's device, a share
     assert re.search(rf"<tr><td>{FLEET_RUN_DEVICE}</td>(<td>[0-9.]+%</td>)+</tr>", page)
+    assert re.search(rf"<td>{FLEET_RUN_DEVICE}</td><td>c-[0-9a-f]+</td><td>reboot</td>", page)
+    assert re.search(rf"<td>{FLEET_RUN_DEVICE}</td><td>hot</td><td>[^<]+</td><td>alert-\d+", page)
 
     chromium = shutil.which("chromium")
     assert chromium, "chromium is not installed (scripts/setup.sh dev installs it)"

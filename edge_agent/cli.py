@@ -204,6 +204,28 @@ def run(config_path: str | None, ready_file: str | None) -> None:
         fail(str(exc))
 
 
+def _desired_status(config_path: str | None, cfg: AgentConfig) -> dict[str, Any] | None:
+    """The operators' desired config in force (docs/commands.md), None without commands."""
+    if not cfg.commands.enabled:
+        return None
+    from edge_agent.desired import Desired
+
+    path = config_path or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    s = Desired(path).status()
+    return {"version": s.version, "state": s.state, "rejected": s.rejected, "reason": s.reason}
+
+
+def _desired_line(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return "- (no [commands] keys)"
+    if not d["version"] and not d["rejected"]:
+        return "none: the config file alone"
+    text = f"version {d['version']}" if d["version"] else "none: the config file alone"
+    if d["state"] == "rolled-back":
+        return paint(f"{text}; version {d['rejected']} rolled back: {d['reason']}", "warn")
+    return f"{text}, {d['state']}"
+
+
 def clock_line(st: dict[str, Any], max_future_s: float) -> str:
     """The device's clock against the cloud's, as the running agent last measured it."""
     offset = st.get("clock_offset_s")
@@ -237,6 +259,7 @@ def status(config_path: str | None, as_json: bool) -> None:
     except BUFFER_ERRORS as exc:
         buffer_failed(exc)
     st["max_bytes"] = cfg.storage.max_bytes
+    st["desired_config"] = _desired_status(config_path, cfg)
     st["intake_client_id"] = cfg.intake.broker.client_id or (
         f"edge-agent-{cfg.device_id}-intake-{st['intake_session']:016x}"
     )
@@ -284,6 +307,7 @@ def status(config_path: str | None, as_json: bool) -> None:
             f"in use{budget}",
         ),
         ("buffer", st["buffer"]),
+        ("desired config", _desired_line(st["desired_config"])),
         ("store errors", errors),
         ("sensors", st["sensors"]),
         (

@@ -46,6 +46,10 @@ Fleet health, one series per device the ingestor remembers (at most
   (the device's clock), ``edge_agent_config_version`` (the desired config version
   in force, 0 for the config file alone) and ``edge_agent_config_rolled_back``
   (1 when the device rolled its last version back; docs/commands.md)
+* ``edge_agent_config_desired_version``: the newest desired config version the
+  device accepted (the result of its ``config`` command), when this ingestor saw
+  one: ``edge_agent_config_desired_version != edge_agent_config_version`` is a
+  device that is not on the version it accepted (on trial, or rolled back)
 * ``cloud_ingest_fleet_devices``: devices remembered;
   ``cloud_ingest_fleet_devices_forgotten_total``: devices forgotten to keep the bound
 
@@ -177,10 +181,16 @@ class _DevicesCollector(Collector):
             "edge_agent_config_rolled_back",
             "1 when the device rolled its last desired config version back",
         )
+        desired = gauge(
+            "edge_agent_config_desired_version",
+            "Newest desired config version the device accepted (its config command's result)",
+        )
         fresh_from = time.time_ns() - int(self.devices.health_fresh_s * 1e9)
         for d in self.devices.snapshot():
             label = [d.device]
             heard.add_metric(label, d.last_heard_ns / 1e9)
+            if d.desired_version:
+                desired.add_metric(label, float(d.desired_version))
             h = d.health
             if h is None or d.health_received_ns < fresh_from:
                 continue
@@ -195,7 +205,8 @@ class _DevicesCollector(Collector):
             reported.add_metric(label, h.ts_ns / 1e9)
             config.add_metric(label, float(h.config_version))
             rolled_back.add_metric(label, 1.0 if h.config_state == "rolled-back" else 0.0)
-        yield from (heard, ok, backlog, oldest, disk, drops, errors, reported, config, rolled_back)
+        yield from (heard, ok, backlog, oldest, disk, drops, errors, reported)
+        yield from (config, rolled_back, desired)
         devices = GaugeMetricFamily("cloud_ingest_fleet_devices", "Devices remembered")
         devices.add_metric([], float(len(self.devices)))
         yield devices

@@ -41,7 +41,7 @@ import numpy as np
 
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.ingest import events
-from cloud_ingest.ingest.decode import GroupPlan, Planned, decode_group, plan_group
+from cloud_ingest.ingest.decode import Decoded, GroupPlan, Planned, decode_group, plan_group
 from cloud_ingest.ingest.quotas import DEFER_RATE, Quotas
 from cloud_ingest.ingest.registry import DeviceRegistry
 from cloud_ingest.ingest.revisions import RevisionMemory, WindowKey
@@ -320,7 +320,7 @@ class Processor:
             return Outcome("quarantined", msg.device, ack)
         assert msg.device is not None and msg.seq is not None and msg.key is not None
         self._remember(msg.key)
-        self.devices.heard(msg.device, msg.health)
+        self.devices.heard(msg.device, msg.health, desired_version=_desired_version(msg))
         # taken in part: stored, and the reason the rest was not (cloud_ingest/ingest/quotas.py)
         partly = msg.partial.reason if msg.partial is not None else ""
         stored = Ack(msg.seq, "stored", partly, generation=msg.generation)
@@ -347,6 +347,16 @@ class Processor:
         self._recent.move_to_end(key)
         if len(self._recent) > RECENT_BATCHES:
             self._recent.popitem(last=False)
+
+
+def _desired_version(msg: Decoded) -> int:
+    """The version of a desired config the device accepted, from its ``config``
+    command's result (docs/commands.md); 0 for any other message."""
+    r = msg.result
+    if r is None or r.kind != "config" or r.status != "done":
+        return 0
+    version = r.result.get("version")
+    return version if type(version) is int and 0 < version < 2**63 else 0
 
 
 class DeviceTally:

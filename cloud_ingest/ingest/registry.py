@@ -29,6 +29,9 @@ class DeviceSeen:
     health: HealthReport | None
     #: the ingestor's clock when ``health`` arrived
     health_received_ns: int = 0
+    #: the newest desired config version the device accepted (a ``config``
+    #: command's result, docs/commands.md); 0 = none seen by this ingestor
+    desired_version: int = 0
 
 
 class DeviceRegistry:
@@ -43,17 +46,25 @@ class DeviceRegistry:
         self._lock = threading.Lock()
         self._devices: OrderedDict[str, DeviceSeen] = OrderedDict()
 
-    def heard(self, device: str, health: HealthReport | None = None, now_ns: int = 0) -> None:
-        """``device`` sent a message that decoded; ``health`` if it was a report.
-        A report older (by seq) than the one kept does not replace it: a resend
-        of an old report after an outage says nothing about now."""
+    def heard(
+        self,
+        device: str,
+        health: HealthReport | None = None,
+        now_ns: int = 0,
+        desired_version: int = 0,
+    ) -> None:
+        """``device`` sent a message that decoded; ``health`` if it was a report,
+        ``desired_version`` if it accepted a desired config. A report older (by seq)
+        than the one kept does not replace it: a resend of an old report after an
+        outage says nothing about now; nor does an older version."""
         now_ns = now_ns or time.time_ns()
         with self._lock:
             seen = self._devices.pop(device, None)
             latest, received = (seen.health, seen.health_received_ns) if seen else (None, 0)
             if health is not None and (latest is None or health.seq > latest.seq):
                 latest, received = health, now_ns
-            self._devices[device] = DeviceSeen(device, now_ns, latest, received)
+            desired = max(desired_version, seen.desired_version if seen else 0)
+            self._devices[device] = DeviceSeen(device, now_ns, latest, received, desired)
             while len(self._devices) > self.max_devices:
                 self._devices.popitem(last=False)
                 self.forgotten += 1

@@ -7,7 +7,9 @@ throughout, and every reading arrives once, window for window."""
 from __future__ import annotations
 
 import json
+import re
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import pytest
 
 from devstack import influxq
 from devstack.pipeline import IngestTarget, Pipeline, toml_dumps
-from devstack.services import Service, wait_until
+from devstack.services import Service, free_port, wait_until
 from edge_agent import counters
 from tests.conftest import SpecFactory
 from tests.helpers import run_cli
@@ -45,11 +47,16 @@ def test_a_desired_config_is_applied_and_a_bad_one_rolled_back_by_the_device(
             {"mqtt": {"port": broker.port}, "influx": {"url": influxdb.url, "database": influx_db}}
         )
     )
+    metrics = free_port()
     spec = pipeline_spec(
         broker=broker,
         device_id=DEVICE,
-        targets=[IngestTarget("i", {"api": "v1", "url": influxdb.url, "database": influx_db},
-                              {"url": f"file://{tmp_path / 'lake'}"})],
+        targets=[
+            IngestTarget(
+                "i", {"api": "v1", "url": influxdb.url, "database": influx_db},
+                {"url": f"file://{tmp_path / 'lake'}"}, http={"listen": f"127.0.0.1:{metrics}"},
+            )
+        ],
         agent_extra=(
             f'\n[commands]\nconfig_grace_s = 3\n'
             f'keys = [{{ id = "ops-1", file = "{keys / "ops-1.pub"}" }}]\n'
@@ -106,6 +113,12 @@ def test_a_desired_config_is_applied_and_a_bad_one_rolled_back_by_the_device(
         answer = config(2, "[health]\ninterval_s = 3\n[forward]\nmax_in_flight = 4\n")
         assert answer["status"] == "done"
         wait_until(lambda: count(counters.CONFIG_ROLLED_BACK) == 1, 60, "the rollback")
+        out = run_cli("edge-agent", "status", "--json", "-c", str(pipe.dir / "edge-agent.toml"))
+        desired = json.loads(out.stdout)["desired_config"]  # what a technician sees
+        line = run_cli("edge-agent", "status", "-c", str(pipe.dir / "edge-agent.toml")).stdout
+        assert "version 1; version 2 rolled back: no ack from the cloud" in line
+        assert (desired["version"], desired["state"], desired["rejected"]) == (1, "rolled-back", 2)
+        assert "no ack from the cloud" in desired["reason"]
         (ingestor,) = pipe.start_ingestors()
         wait_until(lambda: reported() == (1, "rolled-back", 2), 60, "the rollback reported")
 
@@ -115,6 +128,25 @@ def test_a_desired_config_is_applied_and_a_bad_one_rolled_back_by_the_device(
             influx_db,
         )  # fmt: skip
         assert q["results"][0]["series"][0]["values"][0][1] == 2
+
+        # and on the ingestor's /metrics: accepted 2, on 1, rolled back
+        def gauges() -> dict[str, float]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as r:
+                text = r.read().decode()
+            return {
+                name: float(value)
+                for name, value in re.findall(
+                    rf'^(edge_agent_config_\w+){{device_id="{DEVICE}"}} (\S+)$', text, re.M
+                )
+            }
+
+        wait_until(
+            lambda: gauges() == {
+                "edge_agent_config_version": 1.0, "edge_agent_config_rolled_back": 1.0,
+                "edge_agent_config_desired_version": 2.0,
+            },
+            60, "desired against reported on /metrics",
+        )  # fmt: skip
 
         # and every ordinary reading arrived once, in the windows numpy computes
         produced = int(pipe.finish_sim(sim, timeout_s=120)["produced"])

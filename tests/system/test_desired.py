@@ -62,7 +62,7 @@ def test_a_desired_config_is_applied_and_a_bad_one_rolled_back_by_the_device(
             f'keys = [{{ id = "ops-1", file = "{keys / "ops-1.pub"}" }}]\n'
         ),
         agent_tables={"health": {"interval_s": 1}},
-        duration_s=60.0, speed=2.0, seed=11,
+        duration_s=60.0, speed=3.0, seed=11,
         start_ns=(time.time_ns() // WIDTH - 12) * WIDTH + 5_000_000,
     )  # fmt: skip
     pipe = Pipeline(spec)

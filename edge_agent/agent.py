@@ -345,7 +345,7 @@ def run_agent(
     :meth:`~edge_agent.desired.Desired.load`, and the agent starts again on the new
     config each time a desired config is put in force or rolled back."""
     started = time.monotonic()
-    stop = False  # a stop asked for while the agent restarts: flush and stop after it
+    previous: Agent | None = None
     while True:
         try:
             agent = Agent(cfg, desired)
@@ -356,12 +356,15 @@ def run_agent(
             desired.roll_back(f"the agent does not start: {type(exc).__name__}: {exc}"[:200])
             cfg = desired.load()
             continue
-        if stop:
-            agent.stopping.set()  # its run starts and stops at once: it flushes and drains
+        # a stop asked for while the agent restarted (the signal went to the agent
+        # before, whose handler was installed): this one starts and stops at once,
+        # closing and sending every window
+        if previous is not None and previous.stopping.is_set():
+            agent.stopping.set()
         rc = agent.run(ready_file)
+        previous = agent
         if desired is None or not desired.restart:
             break
-        stop = agent.stopping.is_set()
         cfg = desired.load()
         log.info("agent: starting again, desired config version %d", desired.status().version)
     log.info("agent: ran %.1f s", time.monotonic() - started)

@@ -74,6 +74,12 @@ ALLOWED: frozenset[str] = frozenset(
         "commands.raw_max_readings",
     }
 )
+#: settings an operator may expect to set, and why they are not remote settings
+NOT_REMOTE: dict[str, str] = {
+    key: "a width that changes under a running buffer would leave readings in no window "
+    "or in two (docs/commands.md, 'Desired configuration'); change it with the config file"
+    for key in ("window.width_s", "window.hop_s")
+}
 #: a version still on trial after this many starts is rolled back (a crash loop)
 MAX_TRIAL_STARTS = 3
 #: the largest fragment, as JSON
@@ -99,6 +105,8 @@ def check_keys(fragment: Mapping[str, Any], prefix: str = "") -> None:
         if any(a.startswith(path + ".") for a in ALLOWED) and isinstance(value, Mapping):
             check_keys(value, path + ".")
             continue
+        if path in NOT_REMOTE:
+            raise BadFragment(f"{path} may not be set remotely: {NOT_REMOTE[path]}")
         raise BadFragment(
             f"{path} may not be set remotely; allowed: {', '.join(sorted(ALLOWED))}"[:400]
         )

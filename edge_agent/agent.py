@@ -64,6 +64,9 @@ class Agent:
         self.lock = BufferLock(cfg.storage.path).acquire()
         try:
             self.store = Store(cfg.storage.path, synchronous=cfg.storage.synchronous)
+            # a changed width takes effect at a boundary of both (before the intake
+            # marks late readings' windows with it)
+            window.adopt_width(self.store, cfg)
             self.intake = Intake(cfg)
             http = cfg.intake.http
             self.http = HttpIntake(http, self.intake) if http.enabled else None
@@ -92,9 +95,11 @@ class Agent:
         revises may start up to a window width before it."""
         w = self.cfg.window
         closed = self.store.get_state(buffer.CLOSED_UNTIL)
+        # the widest window, also of a width the buffer had before (window.adopt_width)
+        width = max([w.width_ns, *(wd for _, wd in self.intake.late_policy.widths)])
         return min(
-            self.store.get_state(buffer.MAX_TS) - w.max_age_ns - w.width_ns,
-            closed - w.width_ns + w.hop_ns,
+            self.store.get_state(buffer.MAX_TS) - w.max_age_ns - width,
+            closed - width + w.hop_ns,
         )
 
     def safe_tick(self) -> None:

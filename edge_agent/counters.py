@@ -126,6 +126,9 @@ CONFIG_APPLIED: Final = _counter(
 CONFIG_ROLLED_BACK: Final = _counter(
     "config_rolled_back", "desired config versions the device rolled back by itself"
 )
+WINDOW_WIDTH_CHANGES: Final = _counter(
+    "window_width_changes", "changes of the window width the buffer took on (window.py)"
+)
 RAW_READINGS_QUEUED: Final = _counter(
     "raw_readings_queued", "readings copied for raw commands (pipeline/rawdata.py)"
 )

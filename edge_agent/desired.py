@@ -59,6 +59,7 @@ ALLOWED: frozenset[str] = frozenset(
         "alerts",
         "intake.sources",
         "intake.modbus",
+        "window.width_s",
         "window.lateness_s",
         "window.max_age_s",
         "forward.backfill_bytes_per_s",
@@ -76,9 +77,8 @@ ALLOWED: frozenset[str] = frozenset(
 )
 #: settings an operator may expect to set, and why they are not remote settings
 NOT_REMOTE: dict[str, str] = {
-    key: "a width that changes under a running buffer would leave readings in no window "
-    "or in two (docs/commands.md, 'Desired configuration'); change it with the config file"
-    for key in ("window.width_s", "window.hop_s")
+    "window.hop_s": "hopping windows cross any switch time, so the agent cannot change them "
+    "under a running buffer (docs/commands.md, 'Desired configuration')"
 }
 #: a version still on trial after this many starts is rolled back (a crash loop)
 MAX_TRIAL_STARTS = 3
@@ -262,9 +262,13 @@ class Desired:
             raise BadFragment(f"version {version} is not above {newest}", "stale-config")
         check_keys(fragment)
         try:
-            from_dict(AgentConfig, merge(self.base, fragment), f"config version {version}")
+            cfg = from_dict(AgentConfig, merge(self.base, fragment), f"config version {version}")
         except ConfigError as exc:
             raise BadFragment(str(exc)[:400]) from None
+        if "width_s" in fragment.get("window", {}) and cfg.window.hop_ns != cfg.window.width_ns:
+            raise BadFragment(
+                f"window.width_s may not be set remotely: {NOT_REMOTE['window.hop_s']}"
+            )
         return {"version": version, "config": dict(fragment), "before": dict(before)}
 
     def write_staged(self, staged: Mapping[str, Any], command_id: str) -> None:

@@ -257,6 +257,11 @@ def _v10(db: sqlite_utils.Database) -> None:
         defaults={**_SENT_DEFAULTS, "readings": 0},
         not_null={"generation"},
     )
+    # the tumbling windows' width from each time on (edge_agent/pipeline/window.py
+    # adopt_width): a width changed in the config takes effect at a boundary of both
+    db.conn.execute(
+        "CREATE TABLE window_widths (from_ns INTEGER PRIMARY KEY, width_ns INTEGER NOT NULL)"
+    )
     # captures around alerts (edge_agent/pipeline/captures.py): at most one per rule
     db.conn.execute(
         "CREATE TABLE captures (id TEXT PRIMARY KEY, rule TEXT NOT NULL UNIQUE, node TEXT NOT NULL,"

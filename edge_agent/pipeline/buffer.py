@@ -121,14 +121,36 @@ class LatePolicy:
     width_ns: int
     max_age_ns: int = 0
     hop_ns: int = 0  # hopping windows; 0 = tumbling
+    #: tumbling windows whose width changed: (from_ns, width_ns) in time order, the
+    #: width of the windows from each time on (:func:`window_widths`)
+    widths: tuple[tuple[int, int], ...] = ()
 
     def closed_windows_of(self, ts: npt.NDArray[np.int64], closed: int) -> npt.NDArray[np.int64]:
         """Starts of the already closed windows (ending at or before ``closed``) that
         contain any of the readings at ``ts``."""
+        if len(self.widths) > 1:
+            width = widths_at(self.widths, ts)
+            starts = (ts // width) * width
+            return np.unique(starts[starts + width <= closed])
         hop = self.hop_ns or self.width_ns
         base = (ts // hop) * hop
         starts = np.concatenate([base - j * hop for j in range(self.width_ns // hop)])
         return np.unique(starts[starts + self.width_ns <= closed])
+
+
+def window_widths(store: Store) -> tuple[tuple[int, int], ...]:
+    """The tumbling windows' widths over time: (from_ns, width_ns), in time order."""
+    rows = store.conn.execute("SELECT from_ns, width_ns FROM window_widths ORDER BY from_ns")
+    return tuple((int(a), int(b)) for a, b in rows)
+
+
+def widths_at(
+    widths: tuple[tuple[int, int], ...], ts: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64]:
+    """The width of the window holding each time in ``ts``."""
+    froms = np.array([f for f, _ in widths], dtype=np.int64)
+    width = np.array([w for _, w in widths], dtype=np.int64)
+    return width[np.maximum(np.searchsorted(froms, ts, side="right") - 1, 0)]
 
 
 def store_one(

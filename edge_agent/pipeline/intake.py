@@ -168,7 +168,10 @@ class Intake:
         self.connected = threading.Event()
         self.subscribed = threading.Event()
         self.late_policy = buffer.LatePolicy(
-            cfg.window.width_ns, cfg.window.max_age_ns, cfg.window.hop_ns
+            cfg.window.width_ns,
+            cfg.window.max_age_ns,
+            cfg.window.hop_ns,
+            buffer.window_widths(self.store) if cfg.window.hop_ns == cfg.window.width_ns else (),
         )
         self.alerts = AlertEngine(cfg.alerts, self.store)
         self.transforms = Transforms(cfg.intake.transforms)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +30,8 @@ from edge_agent.store import Store
 from shared.sketch import encode_windows
 from shared.tags import Tags
 from shared.wire import SensorRef, WindowSpec, encode_batch, make_batch
+
+log = logging.getLogger(__name__)
 
 
 def close_boundary(max_ts: int, lateness_ns: int, step_ns: int) -> int:
@@ -246,9 +250,12 @@ def revise(
     sketches: bool = True,
     hop_ns: int | None = None,
     tags: Callable[[str], Tags] | None = None,
+    widths: tuple[tuple[int, int], ...] = (),
 ) -> list[int]:
     """Send a new version of every closed window that late readings changed and that
     ends at or before ``ready_until_ns`` (the watermark, or a flush's boundary).
+    ``widths``: tumbling windows whose width changed (:func:`adopt_width`): each
+    window is revised at the width it was closed with.
 
     The new version is computed from all raw readings of the window (the earlier
     version's and the late ones) and goes out under a new seq. Its ``revision`` is
@@ -260,30 +267,42 @@ def revise(
     while it fills. Returns the new batch seqs.
     """
     seqs: list[int] = []
-    spec = spec_of(width_ns, hop_ns)
     limits = max_rows if isinstance(max_rows, Limits) else Limits(max_rows)
     with store.tx():
-        dirty = store.conn.execute(
-            "SELECT sensor_id, start_ns FROM dirty WHERE start_ns + ? <= ? "
-            "ORDER BY start_ns LIMIT ?",
-            (width_ns, ready_until_ns, limit),
-        ).fetchall()
+        if len(widths) > 1:  # the widest window may end last: filter below
+            narrowest = min(w for _, w in widths)
+            dirty = store.conn.execute(
+                "SELECT sensor_id, start_ns FROM dirty WHERE start_ns + ? <= ? "
+                "ORDER BY start_ns LIMIT ?",
+                (narrowest, ready_until_ns, limit),
+            ).fetchall()
+            width_of = dict(zip((int(s) for _, s in dirty), buffer.widths_at(
+                widths, np.array([int(s) for _, s in dirty], dtype=np.int64)).tolist(),
+                strict=True))  # fmt: skip
+            dirty = [(sid, s) for sid, s in dirty if s + width_of[int(s)] <= ready_until_ns]
+        else:
+            dirty = store.conn.execute(
+                "SELECT sensor_id, start_ns FROM dirty WHERE start_ns + ? <= ? "
+                "ORDER BY start_ns LIMIT ?",
+                (width_ns, ready_until_ns, limit),
+            ).fetchall()
+            width_of = {int(s): width_ns for _, s in dirty}
         if not dirty:
             return seqs
         by_start: dict[int, set[int]] = {}
         for sid, start in dirty:
             by_start.setdefault(int(start), set()).add(int(sid))
-        parts: list[Rows] = []
+        by_width: dict[int, list[Rows]] = {}
         for start, sids in sorted(by_start.items()):
+            width = width_of[start]
             data = {
-                k: v
-                for k, v in buffer.read_range(store, start, start + width_ns).items()
-                if k in sids
+                k: v for k, v in buffer.read_range(store, start, start + width).items() if k in sids
             }
-            rows = _summarise(data, spec, start, start, sketches)
+            rows = _summarise(data, spec_of(width, hop_ns), start, start, sketches)
             if rows is not None:
-                parts.append(rows)
-        if parts:
+                by_width.setdefault(width, []).append(rows)
+        for width, parts in sorted(by_width.items()):
+            spec = spec_of(width, hop_ns)
             sid_all = np.concatenate([p[0] for p in parts])
             merged = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
             sketch_rows = [sk for p in parts for sk in p[2]]
@@ -296,7 +315,7 @@ def revise(
                 revs.append(int(row[0]) + 1 if row else 0)
                 prevs.append(int(row[1]) if row else 0)
             merged["revision"] = np.array(revs, dtype=np.int64)
-            seqs = _emit(
+            seqs += _emit(
                 store,
                 device_id,
                 spec,
@@ -319,20 +338,23 @@ def send_ready(
     window), then revise the closed windows that late readings changed and that end
     by the same boundary. Returns the seqs of the new batches: (closed, revised).
     The agent's tick and ``edge-agent flush`` with the agent stopped both do this."""
+    widths = adopt_width(store, cfg)
     max_ts = store.get_state(buffer.MAX_TS)
     if max_ts == 0:
         return [], []
     w = cfg.window
     tags = sensor_tags(cfg) if cfg.tags or cfg.node_tags else None
-    if flush:
-        upto = flush_boundary(max_ts, w.width_ns, w.hop_ns)
-    else:
-        upto = close_boundary(max_ts, w.lateness_ns, w.hop_ns)
     limits = Limits(
         cfg.forward.max_windows_per_batch,
         cfg.forward.max_sensors_per_batch,
         cfg.forward.max_batch_bytes,
     )
+    if len(widths) > 1:
+        return _send_ready_widths(store, cfg, widths, max_ts, flush, limits, tags)
+    if flush:
+        upto = flush_boundary(max_ts, w.width_ns, w.hop_ns)
+    else:
+        upto = close_boundary(max_ts, w.lateness_ns, w.hop_ns)
     closed = close_until(
         store,
         device_id=cfg.device_id,
@@ -354,3 +376,87 @@ def send_ready(
         tags=tags,
     )
     return closed, revised
+
+
+def adopt_width(store: Store, cfg: AgentConfig) -> tuple[tuple[int, int], ...]:
+    """The tumbling windows' widths over time, with the config's width in them.
+
+    A width that differs from the last one the buffer closed with takes effect at
+    B, the first multiple of both widths at or after the end of the last closed
+    window: windows before B keep the old width (closed, and revised by late
+    readings, at it), windows from B have the new one. So every reading is in one
+    window of one width, whatever the restart between them (docs/commands.md,
+    "Desired configuration"). Hopping windows keep no such record: their width or
+    hop is not changed under a running buffer (config.py says so)."""
+    w = cfg.window
+    if w.hop_ns and w.hop_ns != w.width_ns:
+        return ()
+    with store.tx():
+        widths = buffer.window_widths(store)
+        if widths and widths[-1][1] == w.width_ns:
+            return widths
+        if not widths:
+            store.conn.execute(
+                "INSERT INTO window_widths(from_ns, width_ns) VALUES (0, ?)", (w.width_ns,)
+            )
+            return ((0, w.width_ns),)
+        last_from, last_width = widths[-1]
+        step = math.lcm(last_width, w.width_ns)
+        start = max(store.get_state(buffer.CLOSED_UNTIL), last_from)
+        switch = -(-start // step) * step
+        if switch == last_from and len(widths) > 1:
+            # the last change has not begun (no window of it closed): it is undone,
+            # and this width takes effect where it would have
+            store.conn.execute("DELETE FROM window_widths WHERE from_ns = ?", (last_from,))
+            if widths[-2][1] == w.width_ns:
+                return widths[:-1]
+        store.conn.execute(
+            "INSERT OR REPLACE INTO window_widths(from_ns, width_ns) VALUES (?, ?)",
+            (switch, w.width_ns),
+        )
+        store.add_counter(counters.WINDOW_WIDTH_CHANGES, 1)
+    log.warning(
+        "window: width %g s from %d on (before it, %g s)",
+        w.width_ns / 1e9,
+        switch,
+        last_width / 1e9,
+    )
+    return buffer.window_widths(store)
+
+
+def _send_ready_widths(
+    store: Store,
+    cfg: AgentConfig,
+    widths: tuple[tuple[int, int], ...],
+    max_ts: int,
+    flush: bool,
+    limits: Limits,
+    tags: Callable[[str], Tags] | None,
+) -> tuple[list[int], list[int]]:
+    """:func:`send_ready` across a change of width: each span closed at its width, up
+    to its end, before the next is."""
+    closed_seqs: list[int] = []
+    ends = [f for f, _ in widths[1:]] + [None]
+    for (_, width), end in zip(widths, ends, strict=True):
+        closed = store.get_state(buffer.CLOSED_UNTIL)
+        if end is not None and closed >= end:
+            continue
+        if flush:
+            upto = flush_boundary(max_ts, width)
+        else:
+            upto = close_boundary(max_ts, cfg.window.lateness_ns, width)
+        if end is not None:
+            upto = min(upto, end)
+        if upto > closed:
+            closed_seqs += close_until(
+                store, device_id=cfg.device_id, width_ns=width, upto_ns=upto, max_rows=limits,
+                sketches=cfg.window.sketches, tags=tags,
+            )  # fmt: skip
+        if end is None or upto < end:
+            break
+    revised = revise(
+        store, device_id=cfg.device_id, width_ns=cfg.window.width_ns, max_rows=limits,
+        ready_until_ns=store.get_state(buffer.CLOSED_UNTIL), sketches=cfg.window.sketches,
+        tags=tags, widths=widths,
+    )  # fmt: skip
+    return closed_seqs, revised

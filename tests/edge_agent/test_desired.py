@@ -68,8 +68,9 @@ def test_only_the_allowed_settings_may_be_set() -> None:
     ):
         with pytest.raises(BadFragment):
             check_keys(bad)
-    with pytest.raises(BadFragment, match="in no window or in two"):
-        check_keys({"window": {"width_s": 60}})
+    check_keys({"window": {"width_s": 60}})  # tumbling: from a boundary of both on
+    with pytest.raises(BadFragment, match="hopping windows cross any switch time"):
+        check_keys({"window": {"hop_s": 10}})
 
 
 def test_a_version_is_staged_tried_and_applied(config_file: Path) -> None:

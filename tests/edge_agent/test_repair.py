@@ -33,6 +33,7 @@ LATE = buffer.LatePolicy(width_ns=W, max_age_ns=10_000 * W)
 
 def fill_every_table(db: Path) -> None:
     s = Store(db)
+    window.adopt_width(s, AgentConfig())  # the windows' width over time
     reg = buffer.SensorRegistry(s)
     for k in range(300):  # raw chunks with BLOBs over several pages each
         ts = np.arange(k * 1000, (k + 1) * 1000, dtype=np.int64) * 10**7 + T0

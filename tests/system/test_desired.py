@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import time
 import urllib.request
 from pathlib import Path
@@ -102,7 +103,8 @@ def test_a_desired_config_is_applied_and_a_bad_one_rolled_back_by_the_device(
         wait_until(lambda: count(counters.outgoing("health", "acked")) >= 2, 60, "acks")
 
         # version 1: applied without losing a reading, and reported
-        answer = config(1, "[health]\ninterval_s = 2\n")
+        # (and windows of 20 s from a boundary of both widths on: window.adopt_width)
+        answer = config(1, "[health]\ninterval_s = 2\n[window]\nwidth_s = 20\n")
         assert answer["status"] == "done" and answer["result"]["version"] == 1
         wait_until(lambda: reported() == (1, "applied", 0), 60, "version 1 reported")
         assert count(counters.CONFIG_APPLIED) == 1
@@ -156,7 +158,18 @@ def test_a_desired_config_is_applied_and_a_bad_one_rolled_back_by_the_device(
             lambda: influxq.total_count(influxq.v1_windows(influxdb.url, influx_db)) == produced,
             60, "every reading in InfluxDB",
         )  # fmt: skip
-        exp = expected_windows(pipe.truth)
+        # windows of each width from the time the buffer took it on (window.adopt_width)
+        with sqlite3.connect(pipe.agent_db) as db:
+            widths = db.execute(
+                "SELECT from_ns, width_ns FROM window_widths ORDER BY from_ns"
+            ).fetchall()
+        assert {w for _, w in widths} == {WIDTH, 2 * WIDTH}, widths
+        ends = [f for f, _ in widths[1:]] + [2**63]
+        exp = {}
+        for (start, width), end in zip(widths, ends, strict=True):
+            exp |= expected_windows(pipe.truth, width, width, starts=(start, end))
+        wide = min(f for f, w in widths if w == 2 * WIDTH)  # readings on both sides of it
+        assert any(k[2] < wide for k in exp) and any(k[2] >= wide for k in exp)
         compare("influx", DEVICE, exp, influxq.v1_windows(influxdb.url, influx_db), 1e-9)
     finally:
         pipe.stop_all()

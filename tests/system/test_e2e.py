@@ -36,14 +36,22 @@ WIDTH_S = 10.0
 WIDTH = int(WIDTH_S * 1e9)
 
 
-def expected_windows(truth: Path, hop: int = WIDTH) -> dict[tuple[str, str, int], dict[str, float]]:
+def expected_windows(
+    truth: Path,
+    hop: int = WIDTH,
+    width: int = WIDTH,
+    starts: tuple[int, int] = (0, 2**63),
+) -> dict[tuple[str, str, int], dict[str, float]]:
     """Per-window statistics computed straight from the truth file with numpy, for
-    windows [s, s + WIDTH) starting at every multiple of ``hop``."""
+    windows [s, s + width) starting at every multiple of ``hop`` in ``starts``
+    ([from, to): a span of a width, when the width changed)."""
     out = {}
     for (node, sensor), (ts, vals) in truth_by_sensor(truth).items():
-        first = (ts.min() // hop) * hop - WIDTH + hop
+        first = (ts.min() // hop) * hop - width + hop
         for st in range(int(first), int(ts.max()) + 1, hop):
-            v = vals[(ts >= st) & (ts < st + WIDTH)]
+            if not starts[0] <= st < starts[1]:
+                continue
+            v = vals[(ts >= st) & (ts < st + width)]
             if len(v) == 0:
                 continue
             q50, q90, q99 = np.quantile(v, [0.5, 0.9, 0.99])

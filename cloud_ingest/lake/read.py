@@ -12,7 +12,13 @@ from typing import Any
 import numpy as np
 
 from cloud_ingest.lake.layout import AGGREGATES, WINDOW_KEY, list_objects
-from cloud_ingest.lake.schema import arrow, float_columns, tags_type
+from cloud_ingest.lake.schema import (
+    arrow,
+    float_columns,
+    sketch_bins_array,
+    sketch_bins_type,
+    tags_type,
+)
 from cloud_ingest.sinks.base import ObjectStore
 from shared.alerts import Alert
 from shared.errors import LakeObjectError
@@ -64,6 +70,9 @@ def read_table(data: bytes) -> Any:
         table = table.append_column(
             pa.field("generation", pa.int64()), pa.array(np.zeros(table.num_rows, np.int64))
         )
+    if "window_start" in names and "sketch_bins" not in names:  # from the sketches' bytes
+        column = sketch_bins_array(table.column("sketch").to_pylist())
+        table = table.append_column(pa.field("sketch_bins", sketch_bins_type()), column)
     return table
 
 

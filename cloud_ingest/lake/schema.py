@@ -6,7 +6,8 @@ import functools
 from typing import Any, Final
 
 from cloud_ingest.lake.layout import LAKE_VERSION
-from shared.errors import PermanentSinkError
+from shared.errors import PermanentSinkError, WireError
+from shared.sketch import ALPHA, bins_of
 from shared.wire import COLUMNS
 
 
@@ -51,8 +52,54 @@ def aggregates_schema() -> Any:
         # the device's buffer generation (docs/wire-format.md §2.3; 0 = none): a batch
         # is (device_id, generation, seq). Older objects read as 0 (read_table).
         ("generation", pa.int64()),
+        # the sketch's bins as SQL can merge them (docs/lake-sql.md; added within lake
+        # v2: read_table computes them from ``sketch`` for older objects)
+        ("sketch_bins", sketch_bins_type()),
     ]
-    return pa.schema(fields, metadata={"telemetry.lake_version": LAKE_VERSION})
+    return pa.schema(
+        fields,
+        metadata={"telemetry.lake_version": LAKE_VERSION, "telemetry.sketch_alpha": str(ALPHA)},
+    )
+
+
+def sketch_bins_type() -> Any:
+    """A window's sketch bins: ``s`` the sign (-1, 0, 1), ``k`` the key, ``n`` the count."""
+    pa, _ = arrow()
+    return pa.list_(pa.struct([("s", pa.int8()), ("k", pa.int32()), ("n", pa.int64())]))
+
+
+def sketch_bins_array(sketches: list[bytes | None]) -> Any:
+    """The ``sketch_bins`` column of encoded sketches: null where there is none, and
+    where the bytes are not a sketch (the ingestor does not check a batch's sketches;
+    their bytes are kept as they came, and a device's bad ones must cost no one
+    else's row)."""
+    pa, _ = arrow()
+    signs: list[int] = []
+    keys: list[int] = []
+    counts: list[int] = []
+    offsets, valid = [0], []
+    for data in sketches:
+        try:
+            if data is None:
+                raise WireError("bad-sketch", "none")
+            s, k, n = bins_of(data)
+        except WireError:
+            offsets.append(offsets[-1])
+            valid.append(False)
+            continue
+        signs += s
+        keys += k
+        counts += n
+        offsets.append(len(signs))
+        valid.append(True)
+    values = pa.StructArray.from_arrays(
+        [pa.array(signs, pa.int8()), pa.array(keys, pa.int32()), pa.array(counts, pa.int64())],
+        names=["s", "k", "n"],
+    )
+    mask = pa.array([not v for v in valid])
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, mask=mask).cast(
+        sketch_bins_type()
+    )
 
 
 def tags_type() -> Any:

@@ -18,6 +18,7 @@ from cloud_ingest.lake.schema import (
     arrow,
     float_columns,
     raw_schema,
+    sketch_bins_array,
     tags_type,
 )
 from shared.alerts import Alert
@@ -95,6 +96,7 @@ def group_rows(batches: Sequence[Batch]) -> list[GroupRows]:
         )
     )
     kinds = sorted({b.window.kind for b in batches})
+    sketches = [s for b in batches for s in (b.sketch or (None,) * b.rows)]
     starts = np.concatenate([b.start_ns for b in batches])
     table = pa.RecordBatch.from_arrays(
         [
@@ -116,9 +118,10 @@ def group_rows(batches: Sequence[Batch]) -> list[GroupRows]:
             cat("invalid"),
             *[cat(name) for name in float_columns()],
             cat("revision"),
-            pa.array([s for b in batches for s in (b.sketch or (None,) * b.rows)], pa.binary()),
+            pa.array(sketches, pa.binary()),
             pa.array([list(r.tags) if r.tags else None for r in refs], tags_type()).take(ref_idx),
             per_batch([b.generation for b in batches], np.int64),
+            sketch_bins_array(sketches),
         ],
         schema=aggregates_schema(),
     )

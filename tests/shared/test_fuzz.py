@@ -20,7 +20,7 @@ from shared.acks import decode_ack
 from shared.alerts import decode_alert
 from shared.errors import WireError
 from shared.readings import decode_chunk, encode_chunk
-from shared.sketch import DDSketch
+from shared.sketch import DDSketch, bins_of
 from shared.topics import is_valid_id
 from shared.wire import (
     STAT_FIELDS,
@@ -202,6 +202,22 @@ def test_decoded_sketches_answer_quantiles(tail: bytes, lo: int) -> None:
     if sk is not None:
         for q in (0.0, 0.5, 0.99, 1.0):
             assert not math.isnan(sk.quantile(q))
+
+
+@FUZZ
+@given(st.binary(max_size=64), st.integers(-(2**31), 2**31 - 1), st.integers(0, 300))
+def test_sketch_bins_are_the_decoded_sketch_or_a_reason(tail: bytes, lo: int, n: int) -> None:
+    """The lake's sketch_bins (bins_of) and DDSketch.decode agree on any bytes."""
+    data = struct.pack("<BdQ", 1, 0.01, 3) + struct.pack("<iH", lo, n) + tail
+    for payload in (data, tail):
+        bins = total(bins_of, payload)
+        sk = total(DDSketch.decode, payload)
+        assert (bins is None) == (sk is None)
+        if bins is None or sk is None:
+            continue
+        signs, keys, counts = bins
+        assert sum(counts) == sk.count
+        assert {k: c for s, k, c in zip(signs, keys, counts, strict=True) if s > 0} == sk.pos
 
 
 # ---- the crashers found so far (issue 9), one test each --------------------------------

@@ -63,8 +63,9 @@ def test_a_desired_config_is_applied_and_a_bad_one_rolled_back_by_the_device(
             f'keys = [{{ id = "ops-1", file = "{keys / "ops-1.pub"}" }}]\n'
         ),
         agent_tables={"health": {"interval_s": 1}},
-        duration_s=60.0, speed=3.0, seed=11,
-        start_ns=(time.time_ns() // WIDTH - 12) * WIDTH + 5_000_000,
+        # live readings for 50 s: before and after the change of width
+        duration_s=50.0, speed=1.0, seed=11,
+        start_ns=(time.time_ns() // WIDTH) * WIDTH + 5_000_000,
     )  # fmt: skip
     pipe = Pipeline(spec)
 
@@ -101,6 +102,8 @@ def test_a_desired_config_is_applied_and_a_bad_one_rolled_back_by_the_device(
         agent = pipe.start_agent()
         sim = pipe.start_sim()
         wait_until(lambda: count(counters.outgoing("health", "acked")) >= 2, 60, "acks")
+        # windows of 10 s closed (of the three sensors) before the change of width
+        wait_until(lambda: count(counters.WINDOWS_CLOSED) >= 3, 60, "the first windows")
 
         # version 1: applied without losing a reading, and reported
         # (and windows of 20 s from a boundary of both widths on: window.adopt_width)
@@ -112,7 +115,10 @@ def test_a_desired_config_is_applied_and_a_bad_one_rolled_back_by_the_device(
         # version 2 while the cloud's side is down: no ack within the grace period,
         # so the device goes back to version 1 by itself
         assert ingestor.terminate() == 0
-        answer = config(2, "[health]\ninterval_s = 3\n[forward]\nmax_in_flight = 4\n")
+        # (a version is the whole fragment: it keeps the 20 s windows)
+        answer = config(
+            2, "[health]\ninterval_s = 3\n[forward]\nmax_in_flight = 4\n[window]\nwidth_s = 20\n"
+        )
         assert answer["status"] == "done"
         wait_until(lambda: count(counters.CONFIG_ROLLED_BACK) == 1, 60, "the rollback")
         out = run_cli("edge-agent", "status", "--json", "-c", str(pipe.dir / "edge-agent.toml"))
@@ -168,8 +174,9 @@ def test_a_desired_config_is_applied_and_a_bad_one_rolled_back_by_the_device(
         exp = {}
         for (start, width), end in zip(widths, ends, strict=True):
             exp |= expected_windows(pipe.truth, width, width, starts=(start, end))
-        wide = min(f for f, w in widths if w == 2 * WIDTH)  # readings on both sides of it
-        assert any(k[2] < wide for k in exp) and any(k[2] >= wide for k in exp)
+        # readings on both sides of the switch
+        wide = min(f for f, w in widths if w == 2 * WIDTH)
+        assert any(k[2] < wide for k in exp) and any(k[2] >= wide for k in exp), widths
         compare("influx", DEVICE, exp, influxq.v1_windows(influxdb.url, influx_db), 1e-9)
     finally:
         pipe.stop_all()

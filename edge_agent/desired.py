@@ -174,6 +174,7 @@ class Desired:
         self.buffer = buffer
         #: set when the agent should stop and start again on its config
         self.restart = False
+        self._on_trial = False  # a version on trial in this process (set by load)
         self._trial_from: float | None = None  # monotonic, this process's trial start
 
     def _source(self) -> str:
@@ -193,6 +194,7 @@ class Desired:
                 self.roll_back(f"restarted {MAX_TRIAL_STARTS} times during its trial")
         self.restart = False  # what a rollback above asked for happens now
         self._trial_from = None
+        self._on_trial = (_read(self.status_file) or {}).get("state") == "trial"
         fragment = (_read(self.current) or {}).get("config") or {}
         try:
             return from_dict(AgentConfig, merge(self.base, fragment), self._source())
@@ -304,8 +306,11 @@ class Desired:
     def tick(self, store: Store, grace_s: float, now_mono: float | None = None) -> None:
         """During a trial: after ``grace_s`` (this process's monotonic clock), apply or
         roll back. ``store``: the agent's buffer (edge_agent/store.py)."""
+        if not self._on_trial or self.restart:
+            return  # every tick: no file read unless a version is on trial
         s = _read(self.status_file)
-        if s is None or s.get("state") != "trial" or self.restart:
+        if s is None or s.get("state") != "trial":
+            self._on_trial = False
             return
         now = time.monotonic() if now_mono is None else now_mono
         if self._trial_from is None:
@@ -326,6 +331,7 @@ class Desired:
             return
         s["state"] = "applied"
         _write(self.status_file, s)
+        self._on_trial = False
         with store.tx():
             store.add_counter(counters.CONFIG_APPLIED, 1)
         log.info("desired config: version %s applied", s.get("version"))

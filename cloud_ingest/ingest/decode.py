@@ -204,46 +204,45 @@ def decode_message(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
 
 
 def _decode_batch(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
-    device = device_from_batch_topic(topic, cfg.mqtt.topic_prefix)
-    try:
-        if device is None:
-            raise WireError("bad-topic", f"{topic!r} is not <prefix>/<device_id>/batch")
-        batch = decode_batch(
-            payload,
-            max_payload_bytes=cfg.limits.max_payload_bytes,
-            max_body_bytes=cfg.limits.max_body_bytes,
-        )
-        if batch.device_id != device:
-            raise WireError(
-                "device-mismatch",
-                f"payload device_id {batch.device_id!r} on the topic of {device!r}",
-            )
-    except WireError as exc:
-        seq, gen = peek_ids(payload, max_body_bytes=cfg.limits.max_body_bytes)
-        return Decoded(topic, payload, "batch", device, seq, error=exc, generation=gen)
-    return Decoded(
-        topic, payload, "batch", device, batch.seq, batch=batch, generation=batch.generation
+    return _decode_binary(
+        topic, payload, "batch", device_from_batch_topic(topic, cfg.mqtt.topic_prefix), cfg
     )
 
 
 def _decode_raw(topic: str, payload: bytes, device: str | None, cfg: IngestConfig) -> Decoded:
+    return _decode_binary(topic, payload, "raw", device, cfg)
+
+
+def _decode_binary(
+    topic: str, payload: bytes, kind: Literal["batch", "raw"], device: str | None,
+    cfg: IngestConfig,
+) -> Decoded:  # fmt: skip
+    """A batch (shared/wire.py) or raw readings (shared/rawdata.py): the same framing,
+    limits and checks of the topic's device; a refused one still names its seq."""
+    limits = {
+        "max_payload_bytes": cfg.limits.max_payload_bytes,
+        "max_body_bytes": cfg.limits.max_body_bytes,
+    }
     try:
         if device is None:
-            raise WireError("bad-topic", f"{topic!r} is not <prefix>/<device_id>/raw")
-        raw = decode_raw(
-            payload,
-            max_payload_bytes=cfg.limits.max_payload_bytes,
-            max_body_bytes=cfg.limits.max_body_bytes,
+            raise WireError("bad-topic", f"{topic!r} is not <prefix>/<device_id>/{kind}")
+        value: Batch | RawReadings = (
+            decode_batch(payload, **limits) if kind == "batch" else decode_raw(payload, **limits)
         )
-        if raw.device_id != device:
+        if value.device_id != device:
             raise WireError(
                 "device-mismatch",
-                f"payload device_id {raw.device_id!r} on the topic of {device!r}",
+                f"payload device_id {value.device_id!r} on the topic of {device!r}",
             )
     except WireError as exc:
-        seq, gen = peek_raw_ids(payload, max_body_bytes=cfg.limits.max_body_bytes)
-        return Decoded(topic, payload, "raw", device, seq, error=exc, generation=gen)
-    return Decoded(topic, payload, "raw", device, raw.seq, raw=raw, generation=raw.generation)
+        peek = peek_ids if kind == "batch" else peek_raw_ids
+        seq, gen = peek(payload, max_body_bytes=cfg.limits.max_body_bytes)
+        return Decoded(topic, payload, kind, device, seq, error=exc, generation=gen)
+    if isinstance(value, Batch):
+        return Decoded(
+            topic, payload, kind, device, value.seq, batch=value, generation=value.generation
+        )
+    return Decoded(topic, payload, kind, device, value.seq, raw=value, generation=value.generation)
 
 
 def _decode_json(topic: str, payload: bytes, kind: Kind, device: str | None) -> Decoded:

@@ -391,6 +391,9 @@ def adopt_width(store: Store, cfg: AgentConfig) -> tuple[tuple[int, int], ...]:
     w = cfg.window
     if w.hop_ns and w.hop_ns != w.width_ns:
         return ()
+    widths = buffer.window_widths(store)
+    if widths and widths[-1][1] == w.width_ns:
+        return widths  # every tick: a read, no write transaction
     with store.tx():
         widths = buffer.window_widths(store)
         if widths and widths[-1][1] == w.width_ns:

@@ -400,9 +400,7 @@ class _Handler(BaseHTTPRequestHandler):
             super().handle_one_request()
         finally:
             self._head_done()
-            if self._slot:
-                self._slot = False
-                server.slots.release()
+            self._slot_done()
 
     def finish(self) -> None:
         try:
@@ -416,6 +414,14 @@ class _Handler(BaseHTTPRequestHandler):
         if self._head_slot:
             self._head_slot = False
             self.server.heads.release()
+
+    def _slot_done(self) -> None:
+        """The request's work is done: its slot goes back before the reply is
+        written, so that a client that sends its next request as soon as it has
+        read this reply never finds the slot still held."""
+        if self._slot:
+            self._slot = False
+            self.server.slots.release()
 
     def _take_slot(self) -> bool:
         """A request slot for a request whose head is in and authenticated."""
@@ -436,6 +442,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _reply(self, status: int, body: dict[str, Any] | None = None, **headers: str) -> None:
         data = json.dumps(body).encode() if body is not None else b""
+        self._slot_done()
         self.send_response(status)
         self.send_header("X-Influxdb-Version", VERSION)
         self.send_header("X-Influxdb-Build", "OSS")

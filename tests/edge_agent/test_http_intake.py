@@ -358,6 +358,34 @@ def test_a_network_listener_without_a_token_is_a_config_error(tmp_path: Path) ->
     assert b"intake.http.token_file" in res.stderr and str(cfg).encode() in res.stderr
 
 
+def test_a_client_that_waits_for_each_reply_is_never_told_busy(agent: Agent) -> None:
+    """Two slow uploads hold two of the three request slots; a client that sends
+    its next write as soon as it has read a reply must always find the third free
+    (the slot went back before the reply was written: a CI run once saw a 503
+    here, the slot still held by the thread that had just answered)."""
+    head = b"POST /api/v2/write HTTP/1.1\r\nHost: x\r\nAuthorization: Token %s\r\n" % TOKEN.encode()
+    slow = [socket.create_connection(("127.0.0.1", agent.port), timeout=10) for _ in range(2)]
+    try:
+        for s in slow:
+            s.sendall(head + b"Content-Length: 100\r\n\r\nm f=1")
+        t0 = time.time_ns() // 10**9 * 10**9
+        statuses = []
+        for k in range(200):
+            conn = http.client.HTTPConnection("127.0.0.1", agent.port, timeout=10)
+            try:
+                conn.request("POST", "/api/v2/write", body=f"q,host=n1 f={k} {t0 + k}".encode(),
+                             headers={"Authorization": f"Token {TOKEN}"})  # fmt: skip
+                resp = conn.getresponse()
+                resp.read()
+                statuses.append(resp.status)
+            finally:
+                conn.close()
+        assert statuses == [204] * 200
+    finally:
+        for s in slow:
+            s.close()
+
+
 def busy_answer(port: int) -> int:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:

@@ -38,11 +38,12 @@ packages=(mosquitto influxdb victoria-metrics)
 # Ansible's apt module (python3-apt, for the system's Python), what the
 # playbook test installs (so that it finds it installed), the clients that
 # docs/devices.md's recipes use (mosquitto_pub, curl), and socat (a serial line
-# for the Modbus RTU test), and libfaketime (an agent whose clock is wrong,
-# tests/edge_agent/test_clocks.py).
+# for the Modbus RTU test), libfaketime (an agent whose clock is wrong,
+# tests/edge_agent/test_clocks.py) and Java 17 (Spark, for the lake jobs' tests on
+# --engine spark).
 if [ "$EXTRAS" = dev ]; then
   packages+=(prometheus systemd python3-apt python3-venv mosquitto-clients influxdb-client
-    curl socat chromium faketime)
+    curl socat chromium faketime openjdk-17-jre-headless)
 fi
 # Debian's python3 needs python3-venv for `python3 -m venv` (ensurepip).
 "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)

@@ -14,7 +14,8 @@ echo "== mypy"
 "$BIN/mypy"
 echo "== pytest"
 status=0
-"$BIN/python" -m pytest -n "${PYTEST_WORKERS:-4}" "$@" || status=$?
+# loadgroup: the tests marked xdist_group("spark") share one worker, so one JVM
+"$BIN/python" -m pytest -n "${PYTEST_WORKERS:-4}" --dist loadgroup "$@" || status=$?
 if [ "$status" -eq 5 ]; then
   echo "pytest collected no tests: that is a failure, not a pass" >&2
   exit 1

@@ -54,6 +54,18 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     yield from _started(services.moto_s3(tmp_path_factory.mktemp("moto")))
 
 
+@pytest.fixture(scope="session")
+def spark_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One Spark (``local[2]``, a JVM of its own) for every test of a worker that
+    asks for it: its start takes about 6 s. Tests that use it are marked
+    ``xdist_group("spark")`` so that one worker runs them all."""
+    from cloud_ingest.jobs.engines import SparkEngine
+
+    eng = SparkEngine(tmp_path_factory.mktemp("spark"), "local[2]")
+    yield eng
+    eng.close()
+
+
 @pytest.fixture
 def s3_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     for k, v in S3_ENV.items():

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -17,6 +22,65 @@ from cloud_ingest.cli.app import (
 )
 from cloud_ingest.config import IngestConfig
 from shared.cli import EXIT_FAILURE, load_or_exit, setup_logging
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def engine_options(f: F) -> F:
+    """--engine, --memory-limit, --spark-master, --workdir: where a job's SQL runs."""
+    for option in reversed(
+        [
+            click.option(
+                "--engine",
+                type=click.Choice(["duckdb", "spark"]),
+                default="duckdb",
+                show_default=True,
+                help="DuckDB in this process, or Spark (pyspark) for lakes beyond one machine.",
+            ),
+            click.option(
+                "--memory-limit",
+                help="DuckDB's memory limit (e.g. 2GB; default 80% of RAM): it spills "
+                "to --workdir past it.",
+            ),
+            click.option(
+                "--spark-master",
+                default="local[*]",
+                show_default=True,
+                help="Spark's master URL (yarn, spark://host:7077, local[2]).",
+            ),
+            click.option(
+                "--workdir",
+                type=click.Path(file_okay=False),
+                help="Folder for the engine's spill files and staged objects (default: "
+                "a temporary folder in $TMPDIR).",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+@contextlib.contextmanager
+def job_engine(
+    engine: str, memory_limit: str | None, spark_master: str, workdir: str | None
+) -> Iterator[tuple[Any, Path]]:
+    """The engine a job runs on, and its work folder (removed afterwards)."""
+    from cloud_ingest.jobs.engines import EngineUnavailable, open_engine
+
+    parent = None if workdir is None else Path(workdir)
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"cloud-ingest-{engine}-", dir=parent) as tmp:
+        try:
+            eng = open_engine(engine, Path(tmp), memory_limit=memory_limit, master=spark_master)
+        except EngineUnavailable as exc:
+            raise click.UsageError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - e.g. DuckDB refusing --memory-limit
+            raise click.UsageError(f"--engine {engine}: {exc}") from None
+        try:
+            yield eng, Path(tmp)
+        finally:
+            eng.close()
 
 
 @main.command()
@@ -105,6 +169,7 @@ def replay(
     help="Roll-up period (repeatable; default both).",
 )
 @click.option("--device", help="Only this device.")
+@engine_options
 def rollup(
     config_path: str | None,
     source: str | None,
@@ -113,6 +178,10 @@ def rollup(
     periods: tuple[str, ...],
     device: str | None,
     s3_endpoint_url: str | None,
+    engine: str,
+    memory_limit: str | None,
+    spark_master: str,
+    workdir: str | None,
 ) -> None:
     """Write hourly and daily roll-ups of the lake's windows to InfluxDB.
 
@@ -121,7 +190,8 @@ def rollup(
     within 1 % of the reading at rank floor(0.99·(n-1)) of all its n readings,
     not an average of window p99s. Run it from a timer for the last closed hour
     and day; running a period again overwrites it (after late data, say). Prints
-    one JSON line per period.
+    one JSON line per period. The roll-up is SQL on DuckDB in this process
+    (--engine duckdb, bounded by --memory-limit) or on Spark (--engine spark).
     """
     import json
 
@@ -129,27 +199,38 @@ def rollup(
     from cloud_ingest.sinks.archive import open_archive
     from cloud_ingest.sinks.influx import make_point_sink
     from shared.errors import LakeObjectError, RetryableSinkError, SinkError
+    from shared.topics import ID_PATTERN
 
     cfg = load_or_exit(IngestConfig, config_path, DEFAULT_CONFIG)
     setup_logging("WARNING" if cfg.log_level == "INFO" else cfg.log_level, cfg.log_format)
     since_ns, until_ns = time_range(since, until)
+    if device is not None and not ID_PATTERN.match(device):
+        raise click.UsageError(f"--device: {device!r} is not a device id")
     store = open_archive(lake_config(cfg, source, s3_endpoint_url))
     points = make_point_sink(cfg.influx)
     try:
-        for period in periods or ("1h", "1d"):
-            lines = rollup_lines(
-                store,
-                since_ns,
-                until_ns,
-                period,
-                cfg.influx.measurement,
-                device,
-                cfg.influx.allowed_tags,
-            )
-            step = cfg.influx.max_lines_per_write
-            for i in range(0, len(lines), step):
-                points.write(lines[i : i + step])
-            click.echo(json.dumps({"period": period, "points": len(lines)}))
+        with job_engine(engine, memory_limit, spark_master, workdir) as (eng, _):
+            for period in periods or ("1h", "1d"):
+                lines = rollup_lines(
+                    store,
+                    since_ns,
+                    until_ns,
+                    period,
+                    cfg.influx.measurement,
+                    device,
+                    cfg.influx.allowed_tags,
+                    eng,
+                )
+                step, chunk, written = cfg.influx.max_lines_per_write, [], 0
+                for line in lines:
+                    chunk.append(line)
+                    if len(chunk) == step:
+                        points.write(chunk)
+                        written, chunk = written + len(chunk), []
+                if chunk:
+                    points.write(chunk)
+                    written += len(chunk)
+                click.echo(json.dumps({"period": period, "points": written}))
     except SinkError as exc:
         kind = "retryable" if isinstance(exc, RetryableSinkError) else "permanent"
         click.echo(f"error: {exc} ({kind}; the roll-up can be run again as it is)", err=True)
@@ -172,12 +253,17 @@ def rollup(
     "--since-day", required=True, help="First day (YYYY-MM-DD, UTC, or -2d: two days ago)."
 )
 @click.option("--until-day", help="Last day (inclusive); default yesterday (UTC).")
+@engine_options
 def compact(
     config_path: str | None,
     source: str | None,
     since_day: str,
     until_day: str | None,
     s3_endpoint_url: str | None,
+    engine: str,
+    memory_limit: str | None,
+    spark_master: str,
+    workdir: str | None,
 ) -> None:
     """Compact the lake: one aggregates object per day, current versions only.
 
@@ -214,7 +300,8 @@ def compact(
         raise click.UsageError(f"--until-day: {exc}") from None
     store = open_archive(lake_config(cfg, source, s3_endpoint_url))
     try:
-        res = run_compact(store, since_day, until_day)
+        with job_engine(engine, memory_limit, spark_master, workdir) as (eng, folder):
+            res = run_compact(store, since_day, until_day, engine=eng, workdir=folder)
     except SinkError as exc:
         click.echo(f"error: {exc} (run it again: compaction resumes)", err=True)
         sys.exit(EXIT_FAILURE)

@@ -13,8 +13,16 @@ it read. It writes before it deletes, so a reader sees the rows at least once at
 every moment, and a compaction that dies halfway is finished by the next run.
 Objects that arrive meanwhile (a late resend) are not touched, and fold into the
 next compaction. Run it for closed days. A day or partition with an object that
-cannot be read is left as it is and named in ``damaged``. A day's objects are
-read into memory together: about 200 bytes per window (docs/cloud-ingest.md).
+cannot be read is left as it is and named in ``damaged``.
+
+A day is SQL on an engine (:mod:`cloud_ingest.jobs.engines`, DuckDB by default,
+Spark with ``--engine spark``): the latest revision of each window is kept in the
+engine (DuckDB: a table in its on-disk database, spilled past its memory limit;
+Spark: a checkpoint), then written bucket by bucket, each bucket's rows in window
+order. A day larger than :data:`BUCKET_BYTES` of objects is split into buckets by
+a hash of the device (crc32, so that a device's windows stay in one object and a
+run again finds the same keys). Alerts (one small object per alert) are
+compacted here in Arrow, a device and day at a time.
 """
 
 from __future__ import annotations
@@ -28,18 +36,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
+from cloud_ingest.jobs.engines import Engine, open_engine, stage
 from cloud_ingest.lake import (
     AGGREGATES,
     ALERTS,
     COMPACTED_NAME,
-    current_rows,
+    WINDOW_KEY,
     list_objects,
     read_table,
     reading,
     to_parquet,
 )
+from cloud_ingest.lake.schema import aggregates_schema, arrow
 from cloud_ingest.sinks.base import ObjectStore
 from shared.errors import LakeObjectError
 
@@ -56,9 +65,8 @@ class CompactResult:
     damaged: list[str] = field(default_factory=list)
 
 
-#: Parquet bytes of one bucket of a compacted day: about 500,000 windows. Compacting
-#: a bucket takes about 8 times its Parquet size in memory (measured: 200 MB for
-#: 25 MB), so about 0.5 GB.
+#: Parquet bytes of the objects of one bucket of a compacted day: about 500,000
+#: windows. It bounds the size of a compacted object, not the memory (the engine's).
 BUCKET_BYTES = 64 * 2**20
 
 
@@ -71,12 +79,10 @@ def compacted_day_key(dt: str, bucket: int, buckets: int) -> str:
     return f"{AGGREGATES}/dt={dt}/{name}.parquet"
 
 
-def _current_rows(table: str, data: Any) -> Any:
-    """The rows to keep: per window its highest (revision, seq); per alert seq one."""
+def _first_of_each_seq(data: Any) -> Any:
+    """An alert partition's rows, each alert seq once (a resend is the same alert)."""
     import pyarrow as pa
 
-    if table == AGGREGATES:
-        return current_rows(data)
     order = data.sort_by([("seq", "ascending")])
     seqs = order.column("seq").to_numpy()
     first = np.ones(len(seqs), dtype=bool)
@@ -98,18 +104,32 @@ def partitions(
 
 
 def compact(
-    store: ObjectStore, since_dt: str, until_dt: str, bucket_bytes: int = BUCKET_BYTES
+    store: ObjectStore,
+    since_dt: str,
+    until_dt: str,
+    bucket_bytes: int = BUCKET_BYTES,
+    engine: Engine | None = None,
+    workdir: Path | None = None,
 ) -> CompactResult:
+    """Compact the days [since_dt, until_dt] on ``engine`` (DuckDB in a temporary
+    folder without one), its staged objects and outputs in ``workdir``."""
     res = CompactResult()
-    for table, dt, dev, keys in partitions(store, since_dt, until_dt):
+    with tempfile.TemporaryDirectory(prefix="cloud-ingest-compact-", dir=workdir) as tmp:
+        folder = Path(tmp)
+        eng = engine if engine is not None else open_engine("duckdb", folder)
         try:
-            if table == AGGREGATES:
-                _compact_day(store, dt, keys, res, bucket_bytes)
-            else:
-                _compact_alerts(store, dt, dev, keys, res)
-        except LakeObjectError as exc:
-            log.warning("compact: %s; partition %s %s left as it is", exc, dt, dev)
-            res.damaged.append(exc.key)
+            for table, dt, dev, keys in partitions(store, since_dt, until_dt):
+                try:
+                    if table == AGGREGATES:
+                        _compact_day(store, eng, folder / f"day-{dt}", dt, keys, res, bucket_bytes)
+                    else:
+                        _compact_alerts(store, dt, dev, keys, res)
+                except LakeObjectError as exc:
+                    log.warning("compact: %s; partition %s %s left as it is", exc, dt, dev)
+                    res.damaged.append(exc.key)
+        finally:
+            if engine is None:
+                eng.close()
     return res
 
 
@@ -125,7 +145,7 @@ def _compact_alerts(
             tables.append(read_table(blob))
     with reading(keys[0]):  # columns added since (capture) are null in older objects
         data = pa.concat_tables(tables, promote_options="default")
-        kept = _current_rows(ALERTS, data)
+        kept = _first_of_each_seq(data)
     seqs = data.column("seq").to_numpy()
     new_key = compacted_key(ALERTS, dt, dev, int(seqs.min()), int(seqs.max()))
     res.partitions += 1
@@ -141,76 +161,50 @@ def _compact_alerts(
 
 
 def _compact_day(
-    store: ObjectStore, dt: str, keys: list[str], res: CompactResult, bucket_bytes: int
+    store: ObjectStore,
+    eng: Engine,
+    folder: Path,
+    dt: str,
+    keys: list[str],
+    res: CompactResult,
+    bucket_bytes: int,
 ) -> None:
-    """One day of aggregates: copy its objects to local disk, split them into buckets
-    by device, compact each bucket; only then put the new objects and delete the old."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    with tempfile.TemporaryDirectory(prefix="cloud-ingest-compact-") as tmp:
-        folder = Path(tmp)
-        local: list[tuple[str, Path]] = []
-        total = 0
-        for i, k in enumerate(keys):
-            blob = store.get(k)
-            total += len(blob)
-            path = folder / f"in-{i}.parquet"
-            path.write_bytes(blob)
-            local.append((k, path))
-            del blob
-        buckets = 1 + total // bucket_bytes
-        new_keys = [compacted_day_key(dt, b, buckets) for b in range(buckets)]
-        if keys == new_keys and buckets == 1:
-            res.partitions += 1
-            res.objects_in += 1
-            n = pq.ParquetFile(local[0][1]).metadata.num_rows
-            res.rows_in += n
-            res.rows_out += n
-            return  # already compacted
-        schema = None
-        rows_in = 0
-        writers: dict[int, Any] = {}
-        try:
-            for k, path in local:
-                with reading(k):
-                    table = read_table(path.read_bytes())
-                    if schema is None:
-                        schema = table.schema
-                    table = table.select(schema.names).cast(schema)
-                rows_in += table.num_rows
-                which = _buckets_of(table, buckets)
-                for b in np.unique(which).tolist():
-                    if b not in writers:
-                        writers[b] = pq.ParquetWriter(folder / f"bucket-{b}.parquet", schema)
-                    writers[b].write_table(table.filter(pa.array(which == b)))
-        finally:
-            for w in writers.values():
-                w.close()
-        assert schema is not None
-        # every object read: now write, then delete (a reader never misses a row)
-        for b in sorted(writers):
-            kept = current_rows(pq.read_table(folder / f"bucket-{b}.parquet"))
-            res.rows_out += kept.num_rows
-            store.put(new_keys[b], to_parquet(kept.replace_schema_metadata(schema.metadata)))
-        res.partitions += 1
-        res.objects_in += len(keys)
-        res.rows_in += rows_in
-        written = {new_keys[b] for b in writers}
-        for k in keys:
-            if k not in written:
-                store.delete(k)
-
-
-def _buckets_of(table: Any, buckets: int) -> npt.NDArray[np.int64]:
-    """The bucket of each row: a stable hash of its device (the same in every run)."""
-    import pyarrow.compute as pc
-
-    if buckets == 1:
-        return np.zeros(table.num_rows, dtype=np.int64)
-    enc = pc.dictionary_encode(table.column("device_id")).combine_chunks()
-    per_device = np.array(
-        [zlib.crc32(d.encode()) % buckets for d in enc.dictionary.to_pylist()], dtype=np.int64
+    """One day of aggregates: the engine keeps the latest revision of each window and
+    writes it bucket by bucket; only then are the new objects put and the old deleted."""
+    _, pq = arrow()
+    (folder / "in").mkdir(parents=True)
+    staged = stage(store, keys, folder / "in")
+    buckets = 1 + sum(s.size for s in staged) // bucket_bytes
+    new_keys = [compacted_day_key(dt, b, buckets) for b in range(buckets)]
+    res.partitions += 1
+    res.objects_in += len(keys)
+    if keys == new_keys and buckets == 1:  # already compacted
+        n = pq.ParquetFile(staged[0].path).metadata.num_rows
+        res.rows_in += n
+        res.rows_out += n
+        return
+    eng.view([s.path for s in staged])
+    rows_in = int(eng.scalar("SELECT count(*) FROM aggregates"))
+    devices = [r["device_id"] for r in eng.rows("SELECT DISTINCT device_id FROM aggregates")]
+    which = {d: zlib.crc32(d.encode()) % buckets for d in devices}
+    eng.register("device_buckets", {"device_id": list(which), "bucket": list(which.values())})
+    key = ", ".join(f"a.{k}" for k in WINDOW_KEY)
+    eng.table(
+        "kept",
+        "SELECT a.*, b.bucket FROM aggregates a JOIN device_buckets b ON a.device_id = b.device_id"
+        f" QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY a.revision DESC, a.seq DESC) = 1",
     )
-    out: npt.NDArray[np.int64] = per_device[enc.indices.to_numpy()]
-    return out
+    columns = ", ".join(f'"{name}"' for name in aggregates_schema().names)
+    written = []
+    for b in sorted(set(which.values())):
+        out = folder / f"bucket-{b}.parquet"
+        eng.write(f"SELECT {columns} FROM kept WHERE bucket = {b}", WINDOW_KEY, out)
+        res.rows_out += pq.ParquetFile(out).metadata.num_rows
+        written.append((new_keys[b], out))
+    res.rows_in += rows_in
+    # every object read: now write, then delete (a reader never misses a row)
+    for new_key, out in written:
+        store.put(new_key, out.read_bytes())
+    for k in keys:
+        if k not in {n for n, _ in written}:
+            store.delete(k)

@@ -54,6 +54,10 @@ class LocalArchive:
             raise PermanentSinkError(f"archive key {key!r} escapes the archive root")
         return self.root.joinpath(*parts)
 
+    def local_path(self, key: str) -> Path:
+        """Where object ``key`` is on this machine's disk (the jobs' engines read it there)."""
+        return self._path(key)
+
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         try:

@@ -219,6 +219,7 @@ class SparkEngine:
             SparkSession.builder.master(master)
             .appName("cloud-ingest")
             .config("spark.ui.enabled", "false")
+            .config("spark.ui.showConsoleProgress", "false")
             .config("spark.sql.session.timeZone", "UTC")
             # the lake's window starts are nanosecond timestamps: Spark has none
             .config("spark.sql.legacy.parquet.nanosAsLong", "true")
@@ -229,8 +230,12 @@ class SparkEngine:
             .config("spark.local.dir", str(workdir / "spark"))
         )
         if master.startswith("local"):
-            builder = builder.config("spark.driver.bindAddress", "127.0.0.1").config(
-                "spark.sql.shuffle.partitions", str(2 * (os.cpu_count() or 1))
+            # on this machine only: bound to and reached at loopback (a large result
+            # comes back through the block manager, at the host Spark advertises)
+            builder = (
+                builder.config("spark.driver.bindAddress", "127.0.0.1")
+                .config("spark.driver.host", "127.0.0.1")
+                .config("spark.sql.shuffle.partitions", str(2 * (os.cpu_count() or 1)))
             )
         self.spark = builder.getOrCreate()
         self.spark.sparkContext.setLogLevel("ERROR")

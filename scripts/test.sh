@@ -14,8 +14,7 @@ echo "== mypy"
 "$BIN/mypy"
 echo "== pytest"
 status=0
-# loadgroup: the tests marked xdist_group("spark") share one worker, so one JVM
-"$BIN/python" -m pytest -n "${PYTEST_WORKERS:-4}" --dist loadgroup "$@" || status=$?
+"$BIN/python" -m pytest -n "${PYTEST_WORKERS:-4}" "$@" || status=$?
 if [ "$status" -eq 5 ]; then
   echo "pytest collected no tests: that is a failure, not a pass" >&2
   exit 1

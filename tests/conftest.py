@@ -56,9 +56,8 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
 
 @pytest.fixture(scope="session")
 def spark_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """One Spark (``local[2]``, a JVM of its own) for every test of a worker that
-    asks for it: its start takes about 6 s. Tests that use it are marked
-    ``xdist_group("spark")`` so that one worker runs them all."""
+    """A Spark (``local[2]``, a JVM of its own: its start takes about 6 s) for the
+    worker's tests that ask for it (tests/cloud_ingest/test_spark.py)."""
     from cloud_ingest.jobs.engines import SparkEngine
 
     eng = SparkEngine(tmp_path_factory.mktemp("spark"), "local[2]")

@@ -169,10 +169,14 @@ class DuckDBEngine:
         )
 
     def rows(self, sql: str) -> Iterator[dict[str, Any]]:
+        for batch in self.batches(sql, 10_000):
+            yield from batch.to_pylist()
+
+    def batches(self, sql: str, rows: int) -> Iterator[Any]:
+        """The result as Arrow record batches of up to ``rows`` rows, as DuckDB
+        produces them."""
         with _translated(self.name):
-            reader = self.con.sql(sql).to_arrow_reader(10_000)
-            for batch in reader:
-                yield from batch.to_pylist()
+            yield from self.con.sql(sql).to_arrow_reader(rows)
 
     def scalar(self, sql: str) -> Any:
         with _translated(self.name):

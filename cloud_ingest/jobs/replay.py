@@ -9,31 +9,37 @@ keyed by series and window start, so a replay overwrites what is there with the
 same values: running it twice, or over a database that already has the data,
 changes nothing.
 
-The aggregates are replayed a day at a time: the day's objects are read
-together and only the current version of each window (its highest revision,
-once, as in :func:`~cloud_ingest.lake.current_rows`) is written, so a revised
-window never overwrites its later version, and a batch that is in the lake twice
-is written once. A day's batches, and the devices' alerts, are written
-concurrently, and their points share InfluxDB requests.
+The aggregates are replayed a day at a time: DuckDB (:mod:`cloud_ingest.jobs.engines`)
+reads the day's objects and returns only the current version of each window
+(its highest revision, once, as :func:`~cloud_ingest.lake.current_rows` keeps),
+so a revised window never overwrites its later version, and a batch that is in
+the lake twice is written once. The rows stream out of DuckDB a record batch at
+a time, in batch order, and are written as they come: the replay holds a record
+batch and the writes in flight, not the day (DuckDB spills past its memory
+limit). A day's batches, and the devices' alerts, are written concurrently, and
+their points share InfluxDB requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.ingest.writer import Stats, Write, Writer
+from cloud_ingest.jobs.engines import DuckDBEngine, Staged, stage
 from cloud_ingest.lake import (
     AGGREGATES,
     ALERTS,
+    WINDOW_KEY,
     LakeKey,
-    current_rows,
     day,
     list_objects,
     read_table,
@@ -41,6 +47,7 @@ from cloud_ingest.lake import (
     table_to_alerts,
     table_to_batches,
 )
+from cloud_ingest.lake.schema import aggregates_schema
 from cloud_ingest.sinks.base import ObjectStore, PointSink
 from cloud_ingest.sinks.lineproto import alert_to_line, batch_to_lines
 from shared.errors import LakeObjectError
@@ -50,6 +57,8 @@ log = logging.getLogger(__name__)
 
 #: Devices replayed at the same time.
 CONCURRENT_DEVICES = 16
+#: Rows DuckDB hands over at a time.
+CHUNK_ROWS = 65_536
 
 
 @dataclass(frozen=True)
@@ -150,43 +159,59 @@ class Replay:
     async def run(self, work: ReplayPlan) -> ReplayResult:
         """Raises :class:`~cloud_ingest.ingest.writer.ShuttingDown` if ``stop`` is set
         while InfluxDB keeps failing (after ``retry.shutdown_grace_s``)."""
-        try:
-            await asyncio.gather(
-                *(self.day(dt, keys) for dt, keys in work.days.items()),
-                *(self.device_alerts(dev, keys) for dev, keys in work.alerts.items()),
-            )
-        finally:
-            self.writer.close()
+        with tempfile.TemporaryDirectory(prefix="cloud-ingest-replay-") as tmp:
+            engine = DuckDBEngine(Path(tmp))
+            try:
+
+                async def days() -> None:  # one after the other: one day in DuckDB
+                    for dt, keys in work.days.items():
+                        await self.day(engine, Path(tmp) / dt, dt, keys)
+
+                await asyncio.gather(
+                    days(), *(self.device_alerts(dev, keys) for dev, keys in work.alerts.items())
+                )
+            finally:
+                self.writer.close()
+                engine.close()
         return self.result
 
-    async def day(self, dt: str, keys: Iterable[str]) -> None:
-        """A day's aggregates: the current version of each window, once."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        what = f"{AGGREGATES}/{dt}"
-        wanted = pa.array(sorted(self.flt.devices), pa.string())
-        tables = []
+    async def day(self, engine: DuckDBEngine, folder: Path, dt: str, keys: Iterable[str]) -> None:
+        """A day's aggregates: the current version of each window, once, streamed."""
+        folder.mkdir()
+        staged: list[Staged] = []
         for key in keys:
-            table = await self._read(key)
-            if table is None:
-                continue
-            self.result.objects += 1
-            # narrowed at once: a day of a large fleet is held in memory together
-            if self.flt.devices:
-                table = table.filter(pc.is_in(table.column("device_id"), value_set=wanted))
-            tables.append(_in_range(table, "window_start", self.flt))
-        if not tables:
+            got = await self._stage(key, folder)
+            if got is not None:
+                staged.append(got)
+        if not staged:
             return
+        self.result.objects += len(staged)
+        engine.view([s.path for s in staged])
+        where = ["TRUE"]
+        if self.flt.devices:
+            devices = sorted(self.flt.devices)
+            engine.register("replay_devices", {"device_id": devices})
+            where.append("device_id IN (SELECT device_id FROM replay_devices)")
+        if self.flt.since_ns is not None:
+            where.append(f"start_ns >= {int(self.flt.since_ns)}")
+        if self.flt.until_ns is not None:
+            where.append(f"start_ns < {int(self.flt.until_ns)}")
+        columns = ", ".join(f'"{c}"' for c in aggregates_schema().names)
+        sql = (
+            f"SELECT {columns} FROM aggregates WHERE {' AND '.join(where)} "
+            f"QUALIFY row_number() OVER (PARTITION BY {', '.join(WINDOW_KEY)} "
+            "ORDER BY revision DESC, seq DESC) = 1 "
+            f"ORDER BY device_id, generation, seq, {', '.join(WINDOW_KEY[1:])}"
+        )
+        what = f"replay {AGGREGATES}/{dt}"
+        whole = _whole_batches(engine.batches(sql, CHUNK_ROWS))
         try:
-            with reading(what):  # objects with other schemas do not concatenate
-                data = pa.concat_tables(tables, promote_options="default")
-        except LakeObjectError as exc:
-            log.warning("replay: %s; day skipped", exc)
-            self.result.damaged += len(tables)
-            return
-        batches = table_to_batches(current_rows(data))
-        await asyncio.gather(*(self._batch(b, f"replay {what}") for b in batches if b.rows))
+            while (chunk := await asyncio.to_thread(next, whole, None)) is not None:
+                batches = table_to_batches(chunk)
+                await asyncio.gather(*(self._batch(b, what) for b in batches if b.rows))
+        except LakeObjectError as exc:  # an object DuckDB could not read past its footer
+            log.warning("replay: %s; the rest of day %s skipped", exc, dt)
+            self.result.damaged += 1
 
     async def device_alerts(self, device: str, keys: Iterable[str]) -> None:
         async with self._slots:
@@ -211,6 +236,19 @@ class Replay:
         self.result.points += batch.rows if ok else 0
         self.result.rejected += not ok
 
+    async def _stage(self, key: str, folder: Path) -> Staged | None:
+        """An aggregates object as a local file DuckDB reads; None (counted, logged)
+        if it cannot be read."""
+        try:
+            (got,) = await asyncio.to_thread(stage, self.source, [key], folder)
+            return got
+        except LakeObjectError as exc:
+            log.warning("replay: %s; skipped", exc)
+            self.result.damaged += 1
+            return None
+        finally:
+            self.progress(1)
+
     async def _read(self, key: str) -> Any | None:
         """An object's rows; None (counted, logged) if it cannot be read."""
         data = await asyncio.to_thread(self.source.get, key)
@@ -230,6 +268,31 @@ class Replay:
         if verdict is not None:
             log.warning("replay: %s refused: %s", what, verdict)
         return verdict is None
+
+
+def _whole_batches(chunks: Iterator[Any]) -> Iterator[Any]:
+    """Tables of whole batches out of record batches ordered by (device_id,
+    generation, seq): a batch cut by a chunk's end waits for the next chunk."""
+    import pyarrow as pa
+
+    carry = None
+    for chunk in chunks:
+        table = pa.Table.from_batches([chunk])
+        if carry is not None:
+            table = pa.concat_tables([carry, table])
+        n = table.num_rows
+        if n == 0:
+            continue
+        key = [table.column(c)[n - 1].as_py() for c in ("device_id", "generation", "seq")]
+        last = n - 1
+        while last > 0 and [table.column(c)[last - 1].as_py() for c in
+                            ("device_id", "generation", "seq")] == key:  # fmt: skip
+            last -= 1
+        if last:
+            yield table.slice(0, last)
+        carry = table.slice(last)
+    if carry is not None and carry.num_rows:
+        yield carry
 
 
 async def replay(

@@ -1,4 +1,5 @@
-"""``cloud-ingest rollup`` and ``compact`` on DuckDB and on Spark (``local[2]``), on a
+"""``cloud-ingest rollup`` and ``compact`` on DuckDB (and on Spark, ``local[2]``:
+tests/cloud_ingest/test_spark.py runs the checks here), on a
 lake of the simulator's readings that holds what real lakes hold: revisions, a
 batch delivered twice, static tags, a window without readings, a window whose
 sketch bytes are not a sketch, hopping windows and a width that does not divide
@@ -110,20 +111,9 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> LocalArchive:
     return build_lake(tmp_path_factory.mktemp("lake"))
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        "duckdb",
-        pytest.param("spark", marks=[pytest.mark.xdist_group("spark"), pytest.mark.integration]),
-    ],
-)
-def engine(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Engine]:
-    if request.param == "spark":
-        yield request.getfixturevalue("spark_engine")
-        return
-    eng = open_engine(request.param, tmp_path_factory.mktemp(request.param))
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    eng = open_engine("duckdb", tmp_path_factory.mktemp("duckdb"))
     yield eng
     eng.close()
 
@@ -147,6 +137,10 @@ def parsed(lines: list[str]) -> dict[str, dict[str, float]]:
 
 @pytest.mark.parametrize("period", ["1h", "1d"])
 def test_rollups_equal_the_python_oracle(lake: LocalArchive, engine: Engine, period: str) -> None:
+    check_rollups(lake, engine, period)
+
+
+def check_rollups(lake: LocalArchive, engine: Engine, period: str) -> None:
     keys = frozenset({"site", "room"})
     since, until = T0, T0 + SECONDS * 10**9
     want = parsed(oracle_lines(lake, since, until, period, "window", None, keys))
@@ -200,6 +194,10 @@ def same_rows(a: Any, b: Any) -> bool:
 def test_compaction_keeps_what_current_rows_keeps(
     tmp_path: Path, engine: Engine, bucket_bytes: int
 ) -> None:
+    check_compaction(tmp_path, engine, bucket_bytes)
+
+
+def check_compaction(tmp_path: Path, engine: Engine, bucket_bytes: int) -> None:
     arc = build_lake(tmp_path / "lake")
     want = current_rows(lake_rows(tmp_path / "lake"))
     days = {k.split("/")[1] for k in arc.list("aggregates/")}

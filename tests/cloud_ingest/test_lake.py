@@ -448,3 +448,38 @@ def test_rollups_carry_the_windows_tags_and_take_the_latest_revision(tmp_path: P
     fields = dict(f.split("=") for f in temp.split(" ")[1].split(","))
     assert fields["count"] == "2i" and fields["windows"] == "1i"
     assert float(fields["stddev"]) == pytest.approx((0.25 + 0.25**2) ** 0.5)
+
+
+def test_replay_streams_a_day_in_chunks_and_writes_each_batch_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DuckDB hands the day over in record batches; a lake batch cut by a chunk's
+    end is written whole with the next chunk: the same lines as in one chunk."""
+    import asyncio
+
+    from cloud_ingest.config import IngestConfig
+    from cloud_ingest.jobs import replay as replay_module
+    from cloud_ingest.jobs.replay import ReplayFilter, replay
+    from shared.config import from_dict
+
+    arc = LocalArchive(tmp_path)
+    devices = [
+        dataclasses.replace(_batch(s, [MIDNIGHT, MIDNIGHT, MIDNIGHT + W]), device_id=f"dev-{d}")
+        for d in range(3)
+        for s in (1, 2)
+    ]
+    for s, b in enumerate(devices):
+        b = dataclasses.replace(b, start_ns=b.start_ns + (s % 2) * 2 * W)
+        put(arc, f"g{s}", b)
+    cfg = from_dict(IngestConfig, {})
+
+    def lines(chunk_rows: int) -> tuple[list[str], int]:
+        monkeypatch.setattr(replay_module, "CHUNK_ROWS", chunk_rows)
+        points = _Points()
+        res = asyncio.run(replay(cfg, arc, points, ReplayFilter()))
+        return sorted(points.lines), res.batches
+
+    whole, batches = lines(65_536)
+    assert len(whole) == 6 * 3 and batches == 6
+    for n in (1, 2, 4):
+        assert lines(n) == (whole, 6), n

@@ -1,7 +1,8 @@
-"""The SQL of docs/lake-sql.md, as written there, in DuckDB and in Spark SQL on a
-lake of the simulator's data: the same windows, counts, means and merged
-quantiles as the project's Python (lake.current_rows, DDSketch.merge), and the
-quantiles within the sketch's 1 % of the readings' own value at rank."""
+"""The SQL of docs/lake-sql.md, as written there, in DuckDB (and in Spark SQL:
+tests/cloud_ingest/test_spark.py runs the checks here) on a lake of the
+simulator's data: the same windows, counts, means and merged quantiles as the
+project's Python (lake.current_rows, DDSketch.merge), and the quantiles within
+the sketch's 1 % of the readings' own value at rank."""
 
 from __future__ import annotations
 
@@ -73,7 +74,10 @@ def batch(seq: int, data: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]) 
 
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    root = tmp_path_factory.mktemp("lake")
+    return build_lake(tmp_path_factory.mktemp("lake"))
+
+
+def build_lake(root: Path) -> tuple[Path, dict]:
     data = readings()
     first = batch(1, data)
     # the same windows again as revision 1 (a resend of a revised window changes
@@ -111,27 +115,17 @@ def python_view(root: Path, since: int, until: int) -> dict[tuple[str, str], dic
     return out
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        "duckdb",
-        pytest.param("spark", marks=[pytest.mark.xdist_group("spark"), pytest.mark.integration]),
-    ],
-)
-def engine(
-    request: pytest.FixtureRequest,
-    tmp_path_factory: pytest.TempPathFactory,
-    lake: tuple[Path, dict],
-) -> Iterator[Engine]:
-    """An engine with the page's view of the lake, made by the page's own SQL."""
-    if request.param == "spark":
-        eng: Engine = request.getfixturevalue("spark_engine")
-    else:
-        eng = DuckDBEngine(tmp_path_factory.mktemp("duckdb"))
-    eng.run(queries()[f"view {request.param}"].format(root=lake[0]))
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory, lake: tuple[Path, dict]) -> Iterator[Engine]:
+    eng = DuckDBEngine(tmp_path_factory.mktemp("duckdb"))
+    with_view(eng, lake[0])
     yield eng
-    if request.param == "duckdb":
-        eng.close()
+    eng.close()
+
+
+def with_view(engine: Engine, root: Path) -> None:
+    """The page's view of the lake, made by the page's own SQL for the engine."""
+    engine.run(queries()[f"view {engine.name}"].format(root=root))
 
 
 def text(engine: Engine, name: str, **values: object) -> str:
@@ -145,6 +139,12 @@ def sql(engine: Engine, name: str, since: int, until: int) -> list[dict]:
 
 @pytest.mark.parametrize("span", [(0, SECONDS), (60, 190)])
 def test_counts_means_and_quantiles_equal_the_python_merge(
+    lake: tuple[Path, dict], engine: Engine, span: tuple[int, int]
+) -> None:
+    check_counts_means_and_quantiles(lake, engine, span)
+
+
+def check_counts_means_and_quantiles(
     lake: tuple[Path, dict], engine: Engine, span: tuple[int, int]
 ) -> None:
     root, data = lake
@@ -170,6 +170,10 @@ def test_counts_means_and_quantiles_equal_the_python_merge(
 
 
 def test_the_latest_query_shows_each_window_once(engine: Engine) -> None:
+    check_latest(engine)
+
+
+def check_latest(engine: Engine) -> None:
     rows = list(engine.rows(text(engine, "latest")))
     assert len(rows) == len({(r["node"], r["sensor"], r["start_ns"]) for r in rows}) > 0
     assert {r["revision"] for r in rows} == {1}

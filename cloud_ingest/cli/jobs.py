@@ -114,6 +114,7 @@ def replay(
     import time
 
     from cloud_ingest.ingest.writer import ShuttingDown
+    from cloud_ingest.jobs.engines import EngineMemoryError
     from cloud_ingest.jobs.replay import ReplayFilter, plan
     from cloud_ingest.jobs.replay import replay as run_replay
     from cloud_ingest.sinks.archive import open_archive
@@ -143,6 +144,9 @@ def replay(
             res = asyncio.run(until_signal(run_replay, cfg, store, points, flt, bar.update, work))
     except (SinkError, ShuttingDown) as exc:
         click.echo(f"error: {exc} (a replay can be run again as it is)", err=True)
+        sys.exit(EXIT_FAILURE)
+    except EngineMemoryError as exc:
+        click.echo(f"error: {exc} (replay fewer devices or hours at a time)", err=True)
         sys.exit(EXIT_FAILURE)
     finally:
         points.close()
@@ -195,6 +199,7 @@ def rollup(
     """
     import json
 
+    from cloud_ingest.jobs.engines import EngineMemoryError
     from cloud_ingest.jobs.rollup import rollup_lines
     from cloud_ingest.sinks.archive import open_archive
     from cloud_ingest.sinks.influx import make_point_sink
@@ -242,6 +247,9 @@ def rollup(
             err=True,
         )
         sys.exit(EXIT_FAILURE)
+    except EngineMemoryError as exc:
+        click.echo(f"error: {exc} (raise --memory-limit, and run it again)", err=True)
+        sys.exit(EXIT_FAILURE)
     finally:
         points.close()
         store.close()
@@ -282,6 +290,7 @@ def compact(
     import json
 
     from cloud_ingest.jobs.compact import compact as run_compact
+    from cloud_ingest.jobs.engines import EngineMemoryError
     from cloud_ingest.sinks.archive import open_archive
     from shared.errors import SinkError
     from shared.timefmt import parse_day
@@ -304,6 +313,9 @@ def compact(
             res = run_compact(store, since_day, until_day, engine=eng, workdir=folder)
     except SinkError as exc:
         click.echo(f"error: {exc} (run it again: compaction resumes)", err=True)
+        sys.exit(EXIT_FAILURE)
+    except EngineMemoryError as exc:
+        click.echo(f"error: {exc} (raise --memory-limit; compaction resumes)", err=True)
         sys.exit(EXIT_FAILURE)
     finally:
         store.close()

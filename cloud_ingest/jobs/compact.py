@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from cloud_ingest.jobs.engines import Engine, open_engine, stage
+from cloud_ingest.jobs.engines import Engine, device_slices, open_engine, stage
 from cloud_ingest.lake import (
     AGGREGATES,
     ALERTS,
@@ -189,11 +189,14 @@ def _compact_day(
     which = {d: zlib.crc32(d.encode()) % buckets for d in devices}
     eng.register("device_buckets", {"device_id": list(which), "bucket": list(which.values())})
     key = ", ".join(f"a.{k}" for k in WINDOW_KEY)
-    eng.table(
-        "kept",
-        "SELECT a.*, b.bucket FROM aggregates a JOIN device_buckets b ON a.device_id = b.device_id"
-        f" QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY a.revision DESC, a.seq DESC) = 1",
-    )
+    for i, where in enumerate(device_slices(eng, staged, "a.device_id")):
+        eng.table(
+            "kept",
+            "SELECT a.*, b.bucket FROM aggregates a JOIN device_buckets b"
+            f" ON a.device_id = b.device_id WHERE {where} QUALIFY row_number() OVER ("
+            f"PARTITION BY {key} ORDER BY a.revision DESC, a.seq DESC) = 1",
+            append=i > 0,
+        )
     columns = ", ".join(f'"{name}"' for name in aggregates_schema().names)
     written = []
     for b in sorted(set(which.values())):

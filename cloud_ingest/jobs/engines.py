@@ -15,9 +15,16 @@ first. Objects from before a column existed are rewritten there with it
 
 Memory: DuckDB works in an on-disk database in the work folder and spills its
 sorts and hash tables there past ``memory_limit`` (its default: 80 % of RAM).
-Spark's limits are its own (``spark.driver.memory``, ``spark.executor.memory``).
+A query with several blocking operators (the roll-up has six) still runs out of
+it on a large day (seen: 100 million windows in 1 GB), so the jobs cut a day
+into slices of devices of about :data:`SLICE_ROWS` rows for DuckDB
+(:func:`device_slices`): a device's windows are all in one slice, so every
+result is exact. Spark's limits are its own (``spark.driver.memory``,
+``spark.executor.memory``) and it is given the day whole.
+
 Errors: whatever an engine raises while reading the objects becomes
-:class:`shared.errors.LakeObjectError` here.
+:class:`shared.errors.LakeObjectError` here; running out of memory becomes
+:class:`EngineMemoryError`, which names the limit.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import contextlib
 import io
 import logging
 import os
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +48,12 @@ from shared.errors import LakeObjectError
 log = logging.getLogger(__name__)
 
 ENGINES: Final = ("duckdb", "spark")
+#: Rows of a day DuckDB takes in one query: a 10-million-row day ran within 1 GB.
+SLICE_ROWS: Final = 4_000_000
+
+
+class EngineMemoryError(Exception):
+    """The engine ran out of the memory it was given."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,8 @@ class Engine(Protocol):
     name: str
     #: the word for a list's elements as rows: ``UNNEST(list) AS x`` / ``explode``
     unnest: str
+    #: rows of a day per query (:func:`device_slices`); None: the day whole
+    slice_rows: int | None
 
     def view(self, files: Sequence[Path]) -> None:
         """Make ``aggregates`` the rows of these files, with ``start_ns``."""
@@ -106,8 +122,9 @@ class Engine(Protocol):
         """A statement without a result (``CREATE VIEW …``)."""
         ...
 
-    def table(self, name: str, sql: str) -> None:
-        """Keep a query's result as table ``name`` (spilled to disk where it must)."""
+    def table(self, name: str, sql: str, append: bool = False) -> None:
+        """Keep a query's result as table ``name`` (spilled to disk where it must),
+        or add it to the rows the table has."""
         ...
 
     def register(self, name: str, columns: dict[str, list[Any]]) -> None:
@@ -144,6 +161,8 @@ def _translated(engine: str) -> Iterator[None]:
         yield
     except _engine_errors(engine) as exc:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "OutOfMemory" in type(exc).__name__ or "Out of Memory" in text:
+            raise EngineMemoryError(f"{engine} ran out of memory: {text}"[:300]) from None
         raise LakeObjectError(
             f"the lake (via {engine})", f"{type(exc).__name__}: {text}"[:300]
         ) from None
@@ -152,12 +171,15 @@ def _translated(engine: str) -> Iterator[None]:
 class DuckDBEngine:
     name = "duckdb"
     unnest = "UNNEST"
+    slice_rows: int | None = SLICE_ROWS
 
     def __init__(self, workdir: Path, memory_limit: str | None = None) -> None:
         import duckdb
 
         self.con = duckdb.connect(str(workdir / "jobs.duckdb"))
         self.con.execute(f"SET temp_directory = {_quote(str(workdir / 'spill'))}")
+        # results without an ORDER BY need not keep the files' order: less memory
+        self.con.execute("SET preserve_insertion_order = false")
         if memory_limit:
             self.con.execute(f"SET memory_limit = {_quote(memory_limit)}")
 
@@ -187,8 +209,10 @@ class DuckDBEngine:
         with _translated(self.name):
             self.con.execute(sql)
 
-    def table(self, name: str, sql: str) -> None:
-        self.run(f"CREATE OR REPLACE TABLE {name} AS {sql}")
+    def table(self, name: str, sql: str, append: bool = False) -> None:
+        self.run(
+            f"INSERT INTO {name} {sql}" if append else f"CREATE OR REPLACE TABLE {name} AS {sql}"
+        )
 
     def register(self, name: str, columns: dict[str, list[Any]]) -> None:
         pa, _ = arrow()
@@ -214,6 +238,7 @@ class SparkEngine:
 
     name = "spark"
     unnest = "explode"
+    slice_rows: int | None = None
 
     def __init__(self, workdir: Path, master: str = "local[*]") -> None:
         from pyspark.sql import SparkSession
@@ -267,9 +292,11 @@ class SparkEngine:
         with _translated(self.name):
             self.spark.sql(sql)
 
-    def table(self, name: str, sql: str) -> None:
+    def table(self, name: str, sql: str, append: bool = False) -> None:
         with _translated(self.name):
             frame = self.spark.sql(sql)
+            if append:
+                frame = self.spark.table(name).unionByName(frame)
             # checkpointed to the work folder: later queries do not compute it again
             self.spark.sparkContext.setCheckpointDir(str(self.workdir / "checkpoints"))
             frame.checkpoint().createOrReplaceTempView(name)
@@ -305,6 +332,25 @@ def _lake_types(batch: Any, schema: Any) -> Any:
     pa, _ = arrow()
     cols = [batch.column(field.name).cast(field.type) for field in schema]
     return pa.RecordBatch.from_arrays(cols, schema=schema)
+
+
+def device_slices(engine: Engine, staged: Sequence[Staged], column: str = "device_id") -> list[str]:
+    """Conditions (SQL, on ``device_id``) that cut the day in ``aggregates`` into
+    slices the engine takes in one query each: ``["TRUE"]`` for a day in one. A
+    device is in one slice (crc32 of its id), so per-device results are exact."""
+    _, pq = arrow()
+    if engine.slice_rows is None:
+        return ["TRUE"]
+    rows = sum(pq.read_metadata(s.path).num_rows for s in staged)
+    n = max(1, -(-rows // engine.slice_rows))
+    if n == 1:
+        return ["TRUE"]
+    devices = [r["device_id"] for r in engine.rows("SELECT DISTINCT device_id FROM aggregates")]
+    which = [zlib.crc32(d.encode()) % n for d in devices]
+    engine.register("device_slices", {"device_id": devices, "slice": which})
+    return [
+        f"{column} IN (SELECT device_id FROM device_slices WHERE slice = {i})" for i in range(n)
+    ]
 
 
 class EngineUnavailable(Exception):

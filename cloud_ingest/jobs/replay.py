@@ -34,7 +34,7 @@ import numpy as np
 
 from cloud_ingest.config import IngestConfig
 from cloud_ingest.ingest.writer import Stats, Write, Writer
-from cloud_ingest.jobs.engines import DuckDBEngine, Staged, stage
+from cloud_ingest.jobs.engines import DuckDBEngine, Staged, device_slices, stage
 from cloud_ingest.lake import (
     AGGREGATES,
     ALERTS,
@@ -197,18 +197,19 @@ class Replay:
         if self.flt.until_ns is not None:
             where.append(f"start_ns < {int(self.flt.until_ns)}")
         columns = ", ".join(f'"{c}"' for c in aggregates_schema().names)
-        sql = (
-            f"SELECT {columns} FROM aggregates WHERE {' AND '.join(where)} "
-            f"QUALIFY row_number() OVER (PARTITION BY {', '.join(WINDOW_KEY)} "
-            "ORDER BY revision DESC, seq DESC) = 1 "
-            f"ORDER BY device_id, generation, seq, {', '.join(WINDOW_KEY[1:])}"
-        )
         what = f"replay {AGGREGATES}/{dt}"
-        whole = _whole_batches(engine.batches(sql, CHUNK_ROWS))
         try:
-            while (chunk := await asyncio.to_thread(next, whole, None)) is not None:
-                batches = table_to_batches(chunk)
-                await asyncio.gather(*(self._batch(b, what) for b in batches if b.rows))
+            for part in device_slices(engine, staged):
+                sql = (
+                    f"SELECT {columns} FROM aggregates WHERE {' AND '.join([*where, part])} "
+                    f"QUALIFY row_number() OVER (PARTITION BY {', '.join(WINDOW_KEY)} "
+                    "ORDER BY revision DESC, seq DESC) = 1 "
+                    f"ORDER BY device_id, generation, seq, {', '.join(WINDOW_KEY[1:])}"
+                )
+                whole = _whole_batches(engine.batches(sql, CHUNK_ROWS))
+                while (chunk := await asyncio.to_thread(next, whole, None)) is not None:
+                    batches = table_to_batches(chunk)
+                    await asyncio.gather(*(self._batch(b, what) for b in batches if b.rows))
         except LakeObjectError as exc:  # an object DuckDB could not read past its footer
             log.warning("replay: %s; the rest of day %s skipped", exc, dt)
             self.result.damaged += 1

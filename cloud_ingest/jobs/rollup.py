@@ -42,7 +42,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
-from cloud_ingest.jobs.engines import Engine, open_engine, stage
+from cloud_ingest.jobs.engines import Engine, device_slices, open_engine, stage
 from cloud_ingest.lake import AGGREGATES, DAY_NS, day, list_objects
 from cloud_ingest.sinks.base import ObjectStore
 from cloud_ingest.sinks.lineproto import float_fields, window_label, window_series
@@ -70,8 +70,10 @@ def rollup_sql(
     unnest: str,
     device: str | None = None,
     tag_keys: tuple[str, ...] = (),
+    where: str = "TRUE",
 ) -> str:
     """The roll-up of the windows starting in [since, until) over ``aggregates``
+    (those of the devices ``where`` takes: :func:`~cloud_ingest.jobs.engines.device_slices`)
     (:mod:`cloud_ingest.jobs.engines`), one row per group: DuckDB and Spark SQL
     alike, ``unnest`` being the one word they differ in. Device ids and tag keys
     are checked against their patterns before they go into the text."""
@@ -100,7 +102,7 @@ WITH latest AS (
     SELECT * FROM aggregates
     WHERE window_kind = 'tumbling' AND start_ns >= {int(since_ns)} AND start_ns < {int(until_ns)}
       AND CASE WHEN window_width_ns > 0 THEN {p} % window_width_ns ELSE 1 END = 0
-      {only_device}
+      {only_device} AND ({where})
     QUALIFY row_number() OVER (
         PARTITION BY device_id, node, sensor, window_kind, window_width_ns, window_hop_ns,
                      window_start
@@ -222,10 +224,12 @@ def rollup_lines(
                     continue
                 folder = Path(tmp) / f"stage-{dt}"
                 folder.mkdir()
-                eng.view([s.path for s in stage(store, objects, folder)])
-                sql = rollup_sql(pns, a, b, eng.unnest, device, keys)
-                for row in eng.rows(sql):
-                    yield _line(row, measurement, period, keys, tag_keys)
+                staged = stage(store, objects, folder)
+                eng.view([s.path for s in staged])
+                for where in device_slices(eng, staged):
+                    sql = rollup_sql(pns, a, b, eng.unnest, device, keys, where)
+                    for row in eng.rows(sql):
+                        yield _line(row, measurement, period, keys, tag_keys)
         finally:
             if own:
                 eng.close()

@@ -459,6 +459,7 @@ def test_replay_streams_a_day_in_chunks_and_writes_each_batch_whole(
 
     from cloud_ingest.config import IngestConfig
     from cloud_ingest.jobs import replay as replay_module
+    from cloud_ingest.jobs.engines import DuckDBEngine
     from cloud_ingest.jobs.replay import ReplayFilter, replay
     from shared.config import from_dict
 
@@ -473,8 +474,9 @@ def test_replay_streams_a_day_in_chunks_and_writes_each_batch_whole(
         put(arc, f"g{s}", b)
     cfg = from_dict(IngestConfig, {})
 
-    def lines(chunk_rows: int) -> tuple[list[str], int]:
+    def lines(chunk_rows: int, slice_rows: int = 4_000_000) -> tuple[list[str], int]:
         monkeypatch.setattr(replay_module, "CHUNK_ROWS", chunk_rows)
+        monkeypatch.setattr(DuckDBEngine, "slice_rows", slice_rows)
         points = _Points()
         res = asyncio.run(replay(cfg, arc, points, ReplayFilter()))
         return sorted(points.lines), res.batches
@@ -483,3 +485,5 @@ def test_replay_streams_a_day_in_chunks_and_writes_each_batch_whole(
     assert len(whole) == 6 * 3 and batches == 6
     for n in (1, 2, 4):
         assert lines(n) == (whole, 6), n
+    # and a day in slices of devices (as DuckDB takes a large one)
+    assert lines(2, slice_rows=5) == (whole, 6)

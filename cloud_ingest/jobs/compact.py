@@ -28,6 +28,7 @@ compacted here in Arrow, a device and day at a time.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -119,14 +120,17 @@ def compact(
         eng = engine if engine is not None else open_engine("duckdb", folder)
         try:
             for table, dt, dev, keys in partitions(store, since_dt, until_dt):
+                day_folder = folder / f"day-{dt}"
                 try:
                     if table == AGGREGATES:
-                        _compact_day(store, eng, folder / f"day-{dt}", dt, keys, res, bucket_bytes)
+                        _compact_day(store, eng, day_folder, dt, keys, res, bucket_bytes)
                     else:
                         _compact_alerts(store, dt, dev, keys, res)
                 except LakeObjectError as exc:
                     log.warning("compact: %s; partition %s %s left as it is", exc, dt, dev)
                     res.damaged.append(exc.key)
+                finally:  # the day's staged copies and outputs: disk for one day at a time
+                    shutil.rmtree(day_folder, ignore_errors=True)
         finally:
             if engine is None:
                 eng.close()

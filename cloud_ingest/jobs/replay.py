@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -165,7 +166,10 @@ class Replay:
 
                 async def days() -> None:  # one after the other: one day in DuckDB
                     for dt, keys in work.days.items():
-                        await self.day(engine, Path(tmp) / dt, dt, keys)
+                        try:
+                            await self.day(engine, Path(tmp) / dt, dt, keys)
+                        finally:  # an S3 lake's copies: disk for one day at a time
+                            shutil.rmtree(Path(tmp) / dt, ignore_errors=True)
 
                 await asyncio.gather(
                     days(), *(self.device_alerts(dev, keys) for dev, keys in work.alerts.items())

@@ -37,6 +37,7 @@ rounding.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -224,12 +225,15 @@ def rollup_lines(
                     continue
                 folder = Path(tmp) / f"stage-{dt}"
                 folder.mkdir()
-                staged = stage(store, objects, folder)
-                eng.view([s.path for s in staged])
-                for where in device_slices(eng, staged):
-                    sql = rollup_sql(pns, a, b, eng.unnest, device, keys, where)
-                    for row in eng.rows(sql):
-                        yield _line(row, measurement, period, keys, tag_keys)
+                try:
+                    staged = stage(store, objects, folder)
+                    eng.view([s.path for s in staged])
+                    for where in device_slices(eng, staged):
+                        sql = rollup_sql(pns, a, b, eng.unnest, device, keys, where)
+                        for row in eng.rows(sql):
+                            yield _line(row, measurement, period, keys, tag_keys)
+                finally:  # an S3 lake's copies: disk for one day at a time
+                    shutil.rmtree(folder, ignore_errors=True)
         finally:
             if own:
                 eng.close()

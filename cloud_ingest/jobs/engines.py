@@ -334,15 +334,20 @@ def _lake_types(batch: Any, schema: Any) -> Any:
     return pa.RecordBatch.from_arrays(cols, schema=schema)
 
 
+def slice_count(engine: Engine, staged: Sequence[Staged]) -> int:
+    """How many slices the engine takes the day in (from the objects' row counts)."""
+    _, pq = arrow()
+    if engine.slice_rows is None:
+        return 1
+    rows = sum(int(pq.read_metadata(s.path).num_rows) for s in staged)
+    return max(1, -(-rows // engine.slice_rows))
+
+
 def device_slices(engine: Engine, staged: Sequence[Staged], column: str = "device_id") -> list[str]:
     """Conditions (SQL, on ``device_id``) that cut the day in ``aggregates`` into
     slices the engine takes in one query each: ``["TRUE"]`` for a day in one. A
     device is in one slice (crc32 of its id), so per-device results are exact."""
-    _, pq = arrow()
-    if engine.slice_rows is None:
-        return ["TRUE"]
-    rows = sum(pq.read_metadata(s.path).num_rows for s in staged)
-    n = max(1, -(-rows // engine.slice_rows))
+    n = slice_count(engine, staged)
     if n == 1:
         return ["TRUE"]
     devices = [r["device_id"] for r in engine.rows("SELECT DISTINCT device_id FROM aggregates")]

@@ -73,7 +73,7 @@ def stage(store: ObjectStore, keys: Sequence[str], folder: Path) -> list[Staged]
     _, pq = arrow()
     want = aggregates_schema()
     out = []
-    for i, key in enumerate(keys):
+    for key in keys:
         local = store.local_path(key) if isinstance(store, LocalArchive) else None
         with reading(key):
             if local is not None:
@@ -87,7 +87,9 @@ def stage(store: ObjectStore, keys: Sequence[str], folder: Path) -> list[Staged]
             current = all(
                 f.name in schema.names and schema.field(f.name).type == f.type for f in want
             )
-            path = folder / f"{i:08d}.parquet"
+            # named after the key: one folder takes a day's objects, staged one by
+            # one or together (replay stages them one at a time)
+            path = folder / key.replace("/", "__")
             if current and local is not None:
                 path = local
             elif current:

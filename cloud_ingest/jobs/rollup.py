@@ -219,8 +219,13 @@ def rollup_lines(
         own = engine is None
         eng = engine if engine is not None else open_engine("duckdb", Path(tmp))
         try:
+            by_day: dict[str, list[str]] = {}  # the lake listed once for the range
+            for k, key in list_objects(
+                store, AGGREGATES, since_dt=day(since_ns), until_dt=day(until_ns - 1)
+            ):
+                by_day.setdefault(k.dt, []).append(key)
             for dt, a, b in _days(since_ns, until_ns):
-                objects = [k for _, k in list_objects(store, AGGREGATES, since_dt=dt, until_dt=dt)]
+                objects = by_day.get(dt)
                 if not objects:
                     continue
                 folder = Path(tmp) / f"stage-{dt}"

@@ -284,3 +284,25 @@ def test_a_day_in_slices_of_devices_gives_the_same_results(
         check_compaction(tmp_path / "one", eng, BUCKET_BYTES)
     finally:
         eng.close()
+
+
+@pytest.mark.integration
+def test_objects_staged_one_at_a_time_keep_their_own_files(
+    tmp_path: Path, s3: Any, bucket: str
+) -> None:
+    """Replay stages a day's objects one by one into one folder: each is its own
+    file there (a CI run replayed one object of an S3 day twice and the other
+    not at all, when the staged files were named by their place in the call)."""
+    from cloud_ingest.jobs.engines import stage
+    from cloud_ingest.sinks.archive import S3Archive
+
+    local = build_lake(tmp_path / "local")
+    arc = S3Archive(bucket, "lake", endpoint_url=s3.url, region="us-east-1")
+    keys = local.list("aggregates/")
+    for key in keys:
+        arc.put(key, local.get(key))
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    staged = [s for key in keys for s in stage(arc, [key], folder)]
+    assert len({s.path for s in staged}) == len(keys)
+    assert [s.path.read_bytes() for s in staged] == [local.get(k) for k in keys]

@@ -75,13 +75,14 @@ def stage(store: ObjectStore, keys: Sequence[str], folder: Path) -> list[Staged]
     out = []
     for key in keys:
         local = store.local_path(key) if isinstance(store, LocalArchive) else None
+        # outside `reading`: the store's own errors (S3 down) are not a damaged object
+        data = None if local is not None else store.get(key)
         with reading(key):
-            if local is not None:
+            if data is None:
+                assert local is not None
                 schema = pq.read_schema(local)
                 size = local.stat().st_size
-                data = None
             else:
-                data = store.get(key)
                 schema = pq.read_schema(io.BytesIO(data))
                 size = len(data)
             current = all(
@@ -96,7 +97,10 @@ def stage(store: ObjectStore, keys: Sequence[str], folder: Path) -> list[Staged]
                 assert data is not None
                 path.write_bytes(data)
             else:  # an older object: with the columns added since, in their types
-                table = read_table(data if data is not None else local.read_bytes())  # type: ignore[union-attr]
+                if data is None:
+                    assert local is not None
+                    data = local.read_bytes()
+                table = read_table(data)
                 table = table.select(want.names).cast(want)
                 pq.write_table(table, path)
         out.append(Staged(key, path, size))

@@ -306,3 +306,30 @@ def test_objects_staged_one_at_a_time_keep_their_own_files(
     staged = [s for key in keys for s in stage(arc, [key], folder)]
     assert len({s.path for s in staged}) == len(keys)
     assert [s.path.read_bytes() for s in staged] == [local.get(k) for k in keys]
+
+
+def test_a_store_that_fails_is_not_a_damaged_object(tmp_path: Path, lake: LocalArchive) -> None:
+    """The store's own error (S3 down) stops the job as the store's error, to be run
+    again; it does not mark the day's objects damaged."""
+    from shared.errors import RetryableSinkError
+
+    class Down:
+        def list(self, prefix: str) -> list[str]:
+            return lake.list(prefix)
+
+        def get(self, key: str) -> bytes:
+            raise RetryableSinkError("the endpoint is down")
+
+        def put(self, key: str, data: bytes) -> None:
+            raise AssertionError("nothing to put")
+
+        def delete(self, key: str) -> None:
+            raise AssertionError("nothing to delete")
+
+        def close(self) -> None:
+            pass
+
+    with pytest.raises(RetryableSinkError):
+        compact(Down(), "2026-09-01", "2026-09-30", BUCKET_BYTES, None, tmp_path)
+    with pytest.raises(RetryableSinkError):
+        list(rollup_lines(Down(), T0, T0 + SECONDS * 10**9, "1h", "window"))

@@ -29,7 +29,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -55,6 +55,8 @@ from shared.errors import LakeObjectError
 from shared.wire import Batch
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Devices replayed at the same time.
 CONCURRENT_DEVICES = 16
@@ -244,22 +246,24 @@ class Replay:
     async def _stage(self, key: str, folder: Path) -> Staged | None:
         """An aggregates object as a local file DuckDB reads; None (counted, logged)
         if it cannot be read."""
-        try:
-            (got,) = await asyncio.to_thread(stage, self.source, [key], folder)
-            return got
-        except LakeObjectError as exc:
-            log.warning("replay: %s; skipped", exc)
-            self.result.damaged += 1
-            return None
-        finally:
-            self.progress(1)
+        staged = await self._unless_damaged(lambda: stage(self.source, [key], folder))
+        return None if staged is None else staged[0]
 
     async def _read(self, key: str) -> Any | None:
         """An object's rows; None (counted, logged) if it cannot be read."""
-        data = await asyncio.to_thread(self.source.get, key)
-        try:
+
+        def read() -> Any:
+            data = self.source.get(key)  # the store's errors are not the object's
             with reading(key):
                 return read_table(data)
+
+        return await self._unless_damaged(read)
+
+    async def _unless_damaged(self, work: Callable[[], T]) -> T | None:
+        """``work`` (reading one object) in a thread; None, logged and counted as
+        damaged, if the object cannot be read."""
+        try:
+            return await asyncio.to_thread(work)
         except LakeObjectError as exc:
             log.warning("replay: %s; skipped", exc)
             self.result.damaged += 1

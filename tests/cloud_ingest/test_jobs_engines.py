@@ -23,11 +23,8 @@ from cloud_ingest.jobs.rollup import rollup_lines
 from cloud_ingest.lake import WINDOW_KEY, current_rows, group_rows, part_key, read_table, to_parquet
 from cloud_ingest.lake.schema import aggregates_schema
 from cloud_ingest.sinks.archive import LocalArchive
-from edge_agent.pipeline.kernels import segment_windows, window_stats
-from firmware_sim.config import DEFAULT_NODES
-from firmware_sim.sensors import chunk_times, chunk_values
-from shared.sketch import DDSketch
-from shared.wire import Batch, SensorRef, WindowSpec, make_batch
+from shared.wire import Batch, WindowSpec
+from tests.cloud_ingest import test_lake_sql as page
 from tests.cloud_ingest.rollup_oracle import oracle_lines
 
 DAY = 86_400 * 10**9
@@ -37,37 +34,11 @@ SECONDS = 480
 TAGS = (("site", "lab"), ("room", "r1"), ("serial", "x1"))
 
 
-def readings(seed: int) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
-    out = {}
-    for ni, node in enumerate(DEFAULT_NODES):
-        for si, spec in enumerate(node.sensors):
-            n = int(SECONDS * spec.rate_hz) // spec.chunk
-            ts = np.concatenate([chunk_times(spec, T0, k) for k in range(n)])
-            vals = np.concatenate(
-                [chunk_values(spec, chunk_times(spec, T0, k), seed, ni, si, k) for k in range(n)]
-            )
-            out[(node.id, spec.name)] = (ts, vals)
-    return out
-
-
 def windows(device: str, seq: int, width_s: int, seed: int, tags: tuple = ()) -> Batch:
-    width = width_s * 10**9
-    sensors, sketches, cols = [], [], {}  # type: ignore[var-annotated]
-    for (node, name), (ts, vals) in readings(seed).items():
-        starts, segs = segment_windows(ts, width)
-        ends = np.append(segs[1:], len(vals))
-        sketches += [
-            DDSketch.from_values(vals[a:b]).encode() for a, b in zip(segs, ends, strict=True)
-        ]
-        cols.setdefault("sensor", []).append(np.full(len(starts), len(sensors)))
-        cols.setdefault("start_ns", []).append(starts)
-        for k, v in window_stats(vals, segs).columns().items():
-            cols.setdefault(k, []).append(v)
-        sensors.append(SensorRef(node, name, "g" if name == "vibration" else "", tags))
-    return make_batch(
-        device_id=device, seq=seq, created_ns=T0, window=WindowSpec("tumbling", width),
-        sensors=tuple(sensors), columns={k: np.concatenate(v) for k, v in cols.items()},
-        sketch=tuple(sketches),
+    """A device's tumbling windows of the simulator's readings around midnight."""
+    return page.batch(
+        seq, page.readings(seed, T0, SECONDS), device=device, width=width_s * 10**9, t0=T0,
+        tags=tags, units={"vibration": "g"},
     )  # fmt: skip
 
 

@@ -39,23 +39,36 @@ def queries() -> dict[str, str]:
     return out
 
 
-def readings() -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+def readings(
+    seed: int = 7, t0: int = T0, seconds: int = SECONDS
+) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+    """The simulator's readings of its default nodes, ``seconds`` from ``t0``."""
     out = {}
     for ni, node in enumerate(DEFAULT_NODES):
         for si, spec in enumerate(node.sensors):
-            n = int(SECONDS * spec.rate_hz) // spec.chunk
-            ts = np.concatenate([chunk_times(spec, T0, k) for k in range(n)])
+            n = int(seconds * spec.rate_hz) // spec.chunk
+            ts = np.concatenate([chunk_times(spec, t0, k) for k in range(n)])
             vals = np.concatenate(
-                [chunk_values(spec, chunk_times(spec, T0, k), 7, ni, si, k) for k in range(n)]
+                [chunk_values(spec, chunk_times(spec, t0, k), seed, ni, si, k) for k in range(n)]
             )
             out[(node.id, spec.name)] = (ts, vals)
     return out
 
 
-def batch(seq: int, data: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]) -> Batch:
+def batch(
+    seq: int,
+    data: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]],
+    *,
+    device: str = "pi-0042",
+    width: int = WIDTH,
+    t0: int = T0,
+    tags: tuple[tuple[str, str], ...] = (),
+    units: dict[str, str] | None = None,
+) -> Batch:
+    """The readings' tumbling windows as the agent sends them, sketches included."""
     sensors, sketches, cols = [], [], {}  # type: ignore[var-annotated]
     for (node, name), (ts, vals) in data.items():
-        starts, segs = segment_windows(ts, WIDTH)
+        starts, segs = segment_windows(ts, width)
         ends = np.append(segs[1:], len(vals))
         sketches += [
             DDSketch.from_values(vals[a:b]).encode() for a, b in zip(segs, ends, strict=True)
@@ -64,9 +77,9 @@ def batch(seq: int, data: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]) 
         cols.setdefault("start_ns", []).append(starts)
         for k, v in window_stats(vals, segs).columns().items():
             cols.setdefault(k, []).append(v)
-        sensors.append(SensorRef(node, name, ""))
+        sensors.append(SensorRef(node, name, (units or {}).get(name, ""), tags))
     return make_batch(
-        device_id="pi-0042", seq=seq, created_ns=T0, window=WindowSpec("tumbling", WIDTH),
+        device_id=device, seq=seq, created_ns=t0, window=WindowSpec("tumbling", width),
         sensors=tuple(sensors), columns={k: np.concatenate(v) for k, v in cols.items()},
         sketch=tuple(sketches),
     )  # fmt: skip

@@ -46,33 +46,48 @@ def main() -> None:
     rng = np.random.default_rng(1)
     values = rng.normal(20.0, 1.0, args.readings)
     seg = np.arange(0, args.readings, args.window, dtype=np.int64)
-    cases: dict[str, Callable[[np.ndarray, np.ndarray], object]] = {
-        "numpy reduceat baseline (5 stats)": baseline,
-        "numpy fallback kernel (12 stats)": kernels.window_stats_numpy,
-    }
-    if kernels.numba_available():
-        cases["numba kernel (12 stats)"] = kernels.window_stats_numba
-        kernels.window_stats_numba(values[:10], seg[:1])  # compile / load from cache
-    best = dict.fromkeys(cases, float("inf"))
-    for _ in range(args.repeat):
-        for name, fn in cases.items():
-            t = time.perf_counter()
-            fn(values, seg)
-            best[name] = min(best[name], time.perf_counter() - t)
     print(
         f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
         f"python {platform.python_version()}, numpy {np.__version__}, "
         f"kernel backend {kernels.backend()}"
     )
-    print(f"{args.readings:,} readings, windows of {args.window}, best of {args.repeat}")
+    if kernels.numba_available():
+        kernels.window_stats_numba(values[:10], seg[:1])  # compile / load from cache
+    # the shapes a window close meets: a steady sensor's equal windows (the given
+    # width, and 10 readings: 1 Hz in 10 s windows), and windows of every length
+    ragged = np.unique(np.concatenate([[0], rng.integers(1, args.readings, args.readings // 300)]))
+    shapes = {
+        f"windows of {args.window}": seg,
+        "windows of 10": np.arange(0, args.readings, 10, dtype=np.int64),
+        f"{len(ragged):,} windows of 1 to {int(np.diff(ragged).max()):,}": ragged.astype(np.int64),
+    }
+    for label, segs in shapes.items():
+        compare(values, segs, label, args.repeat)
+    sketch_report(values, seg, args.repeat)
+    quantile_report(values, seg, args.repeat)
+
+
+def compare(values: np.ndarray, seg: np.ndarray, label: str, repeat: int) -> None:
+    """The kernels beside the reduceat baseline, interleaved, best of ``repeat``."""
+    cases: dict[str, Callable[[np.ndarray, np.ndarray], object]] = {
+        "numpy reduceat baseline (5 stats)": baseline,
+        "numpy kernel (12 stats)": kernels.window_stats_numpy,
+    }
+    if kernels.numba_available():
+        cases["numba kernel (12 stats)"] = kernels.window_stats_numba
+    best = dict.fromkeys(cases, float("inf"))
+    for _ in range(repeat):
+        for name, fn in cases.items():
+            t = time.perf_counter()
+            fn(values, seg)
+            best[name] = min(best[name], time.perf_counter() - t)
+    print(f"{len(values):,} readings, {label}, best of {repeat}")
     base = best["numpy reduceat baseline (5 stats)"]
     for name, secs in best.items():
         print(
-            f"  {name:<36} {args.readings / secs / 1e6:8.1f} M readings/s"
+            f"  {name:<36} {len(values) / secs / 1e6:8.1f} M readings/s"
             f"   x{base / secs:5.2f} vs baseline"
         )
-    sketch_report(values, seg, args.repeat)
-    quantile_report(values, seg, args.repeat)
 
 
 def sketch_report(values: np.ndarray, seg: np.ndarray, repeat: int) -> None:

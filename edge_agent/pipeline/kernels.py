@@ -16,7 +16,8 @@ Statistics per segment, over *finite* values only:
 * ``sum``
 * ``p50``, ``p90``, ``p99``  exact quantiles of the finite values, by linear
   interpolation between closest ranks (numpy's default ``method="linear"``); the
-  numba kernel finds the ranks by bucket selection, not a sort (``_stats_loop``)
+  numba kernel finds the ranks by bucket selection, not a sort (``_stats_loop``),
+  the numpy one by one row sort per window length (``_order_statistics``)
 
 A segment with no finite value has count 0 and NaN for every float statistic.
 
@@ -25,10 +26,11 @@ the agent's default): a call with fewer than :data:`NUMBA_MIN_READINGS` readings
 runs the numpy implementation, and the first larger one imports numba and loads
 the compiled kernel (``cache=True``: from ``__pycache__`` after the first start,
 about 0.1 s; compiling it takes seconds). numba and LLVM cost about 110 MB of
-RSS once loaded (docs/benchmarks.md, "Agent memory"), while a steady stream of
-readings closes windows of a few thousand readings each, which numpy handles at
-millions of readings per second; the large calls are a backlog after a restart
-and ``edge-agent export``. ``configure("numba")`` loads it at once,
+RSS once loaded (docs/benchmarks.md, "Agent memory"), while the numpy
+implementation runs at about half numba's speed on windows of a thousand
+readings and faster than numba on windows of ten (docs/benchmarks.md, "Window
+kernels"), so "auto" loads numba only for a call where that difference outweighs
+loading it: a backlog of days, or ``edge-agent export`` of a large buffer. ``configure("numba")`` loads it at once,
 ``configure("numpy")`` never. Where numba has no wheel (32-bit ARM) or
 ``TELEMETRY_NO_NUMBA=1`` is set, the numpy implementation always runs. Both give
 the same results up to floating-point rounding (relative differences of the
@@ -75,11 +77,93 @@ QUANTILES = (0.5, 0.9, 0.99)
 
 def _lerp(a: Any, b: Any, t: Any) -> Any:
     """numpy's own interpolation formula for quantiles (stable at both ends)."""
+    if isinstance(t, float):
+        return a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t)
     return np.where(t < 0.5, a + (b - a) * t, b - (b - a) * (1 - t))
 
 
+def _order_statistics(key: F64, seg_starts: I64, lengths: I64, count: I64) -> F64:
+    """min, p50, p90, p99 and max (rows) of each segment's finite values (columns),
+    exact; NaN for a segment without one.
+
+    ``key`` holds the values with +inf for the invalid ones, so that a segment's
+    finite values sort first. One sort for all windows of a length: the segments
+    are laid out as the rows of a 2-D array and numpy sorts the rows (its
+    vectorised sort; a ``lexsort`` by window and value, which this replaced, ran at
+    ~4 M readings/s). Windows of equal length (a steady sensor) are one block;
+    otherwise up to eight distinct lengths get a block each, and more are grouped
+    by powers of two, the shorter rows padded with +inf, so a block wastes at most
+    half its cells. A block whose windows have the same count reads the same ranks
+    from every row: columns, not a gather."""
+    nseg = len(seg_starts)
+    n = len(key)
+    out = np.empty((len(QUANTILES) + 2, nseg))
+    groups: list[tuple[I64 | None, int]]
+    if lengths.min() == lengths.max():
+        groups = [(None, int(lengths[0]))]
+    else:
+        distinct = np.unique(lengths)
+        if len(distinct) <= 8:
+            groups = [(np.flatnonzero(lengths == w), int(w)) for w in distinct]
+        else:
+            octave = np.frexp(lengths.astype(np.float64) - 0.5)[1]  # ceil(log2(length))
+            groups = []
+            for c in np.unique(octave):
+                alike = np.flatnonzero(octave == c)
+                groups.append((alike, int(lengths[alike].max())))
+    for members, width in groups:
+        cols = np.arange(width)
+        if members is None:  # all windows the same length, back to back
+            block = key.reshape(nseg, width).copy()
+            counts = count
+        else:
+            starts, lens = seg_starts[members], lengths[members]
+            if (lens == width).all():
+                block = key[starts[:, None] + cols]
+            else:
+                block = key[np.minimum(starts[:, None] + cols, n - 1)]
+                block[cols >= lens[:, None]] = np.inf
+            counts = count[members]
+        block.sort(axis=1)
+        got = _ranks_of_sorted(block, counts)
+        if members is None:
+            out[:] = got
+        else:
+            out[:, members] = got
+    return out
+
+
+def _ranks_of_sorted(block: F64, counts: I64) -> F64:
+    """min, quantiles and max of each sorted row's first ``counts`` values, numpy's
+    linear interpolation between the closest ranks; NaN for a row with no finite value."""
+    if counts.min() == counts.max():  # the usual case: the same ranks in every row
+        c = int(counts[0])
+        if c == 0:
+            return np.full((len(QUANTILES) + 2, block.shape[0]), np.nan)
+        rows = [block[:, 0]]
+        for q in QUANTILES:
+            at = q * (c - 1)
+            below = int(np.floor(at))
+            rows.append(_lerp(block[:, below], block[:, min(below + 1, c - 1)], at - below))
+        rows.append(block[:, c - 1])
+        return np.array(rows)
+    idx = np.array(QUANTILES)[:, None] * (counts - 1)
+    lo = np.floor(idx).astype(np.int64)
+    hi = np.minimum(lo + 1, counts - 1)
+    rows_at = np.arange(block.shape[0])
+    last = np.maximum(counts - 1, 0)
+    with np.errstate(invalid="ignore"):
+        qv = _lerp(block[rows_at, np.maximum(lo, 0)], block[rows_at, np.maximum(hi, 0)], idx - lo)
+    out = np.concatenate([block[None, :, 0], qv, block[None, rows_at, last]])
+    out[:, counts == 0] = np.nan
+    return out
+
+
 def window_stats_numpy(values: F64, seg_starts: I64) -> WindowStats:
-    """Reference/fallback implementation with numpy reductions."""
+    """The numpy implementation: whole-array reductions (``reduceat``) for the sums
+    and extremes, and one row sort per window length for the quantiles
+    (:func:`_order_statistics`). When every reading is finite (the usual case) it
+    skips the masking. It allocates a few arrays the size of ``values``."""
     values = np.asarray(values, dtype=np.float64)
     seg_starts = np.asarray(seg_starts, dtype=np.int64)
     nseg = len(seg_starts)
@@ -87,52 +171,47 @@ def window_stats_numpy(values: F64, seg_starts: I64) -> WindowStats:
         e = np.empty(0)
         z = np.empty(0, dtype=np.int64)
         return WindowStats(z, z.copy(), *(e.copy() for _ in range(10)))
-    lengths = np.diff(np.append(seg_starts, len(values)))
+    n = len(values)
+    lengths = np.diff(seg_starts, append=n)
+    seg_ends = seg_starts + lengths
     finite = np.isfinite(values)
-    count = np.add.reduceat(finite.astype(np.int64), seg_starts)
+    all_finite = bool(finite.all())
+    if all_finite:
+        count = lengths.copy()
+        safe = low = values
+    else:
+        count = np.add.reduceat(finite.astype(np.int64), seg_starts)
+        safe = np.where(finite, values, 0.0)
+        low = np.where(finite, values, np.inf)  # the sort key: invalid ones sort last
     invalid = lengths - count
-    safe = np.where(finite, values, 0.0)
     total = np.add.reduceat(safe, seg_starts)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = total / count
-        vmin = np.minimum.reduceat(np.where(finite, values, np.inf), seg_starts)
-        vmax = np.maximum.reduceat(np.where(finite, values, -np.inf), seg_starts)
-        dev = np.where(finite, values - np.repeat(mean, lengths), 0.0)
-        var = np.add.reduceat(dev * dev, seg_starts) / count
+        dev = np.repeat(mean, lengths)  # in place from here: one array, not three
+        np.subtract(safe, dev, out=dev)
+        if not all_finite:
+            dev[~finite] = 0.0
+        np.multiply(dev, dev, out=dev)
+        std = np.sqrt(np.add.reduceat(dev, seg_starts) / count)
+    del dev
     empty = count == 0
-    vmin[empty] = np.nan
-    vmax[empty] = np.nan
-    mean[empty] = np.nan
-    total = total.astype(np.float64)
-    total[empty] = np.nan
-    std = np.sqrt(var)
-    std[empty] = np.nan
-    pos = np.flatnonzero(finite)
-    seg_ends = seg_starts + lengths
-    first = np.full(nseg, np.nan)
-    last = np.full(nseg, np.nan)
-    if len(pos):
-        fi = np.searchsorted(pos, seg_starts, side="left")
-        li = np.searchsorted(pos, seg_ends, side="left") - 1
-        ok = ~empty
-        first[ok] = values[pos[fi[ok]]]
-        last[ok] = values[pos[li[ok]]]
-    # exact quantiles: sort each segment's finite values (invalid ones sort last)
-    seg_id = np.repeat(np.arange(nseg), lengths)
-    key = np.where(finite, values, np.inf)
-    ordered = key[np.lexsort((key, seg_id))]
-    quantiles = []
-    for q in QUANTILES:
-        idx = q * (count - 1)
-        lo = np.floor(idx).astype(np.int64)
-        hi = np.minimum(lo + 1, count - 1)
-        at_lo = ordered[np.clip(seg_starts + lo, 0, len(values) - 1)]
-        at_hi = ordered[np.clip(seg_starts + hi, 0, len(values) - 1)]
-        with np.errstate(invalid="ignore"):
-            qv = _lerp(at_lo, at_hi, idx - lo)
-        qv[empty] = np.nan
-        quantiles.append(qv)
-    return WindowStats(count, invalid, vmin, vmax, mean, std, first, last, total, *quantiles)
+    if all_finite:
+        first = values[seg_starts]
+        last = values[seg_ends - 1]
+    else:
+        for column in (mean, total, std):
+            column[empty] = np.nan
+        first = np.full(nseg, np.nan)
+        last = np.full(nseg, np.nan)
+        pos = np.flatnonzero(finite)
+        if len(pos):
+            fi = np.searchsorted(pos, seg_starts, side="left")
+            li = np.searchsorted(pos, seg_ends, side="left") - 1
+            ok = ~empty
+            first[ok] = values[pos[fi[ok]]]
+            last[ok] = values[pos[li[ok]]]
+    vmin, *qv, vmax = _order_statistics(low, seg_starts, lengths, count)
+    return WindowStats(count, invalid, vmin, vmax, mean, std, first, last, total, *qv)
 
 
 #: Windows with at most this many finite readings sort them for the quantiles; larger
@@ -287,9 +366,10 @@ def _stats_loop(values: Any, seg_starts: Any) -> Any:
 #: How the agent picks an implementation: "auto" (numpy below NUMBA_MIN_READINGS,
 #: numba from the first larger call on), "numba" (at once) or "numpy" (always).
 KERNELS = ("auto", "numba", "numpy")
-#: "auto": the smallest call that loads numba. numpy's kernel takes ~0.2 s for
-#: this many readings here, about what loading numba from its cache costs once.
-NUMBA_MIN_READINGS = 500_000
+#: "auto": the smallest call that loads numba. numpy's kernel takes ~0.1 s for
+#: this many readings here, numba about half that, and loading numba from its
+#: cache ~0.1 s and 110 MB of RSS for the rest of the agent's life.
+NUMBA_MIN_READINGS = 10_000_000
 
 _lock = threading.Lock()
 _mode = "auto"

@@ -173,20 +173,20 @@ for mode in sys.argv[1:]:
         (
             ["-", "auto"],
             False,
-            "numpy (numba on demand) False 10 / numba True 500000 / "
-            "numba True 10 / numba True 500000 /",
+            "numpy (numba on demand) False 10 / numba True 10000000 / "
+            "numba True 10 / numba True 10000000 /",
         ),
         # numpy: never loaded; numba: loaded at once (warm_up)
         (
             ["numpy", "numba"],
             False,
-            "numpy False 10 / numpy False 500000 / numba True 10 / numba True 500000 /",
+            "numpy False 10 / numpy False 10000000 / numba True 10 / numba True 10000000 /",
         ),
         # without numba (TELEMETRY_NO_NUMBA, or no wheel), every mode runs numpy
         (
             ["-", "numba"],
             True,
-            "numpy False 10 / numpy False 500000 / numpy False 10 / numpy False 500000 /",
+            "numpy False 10 / numpy False 10000000 / numpy False 10 / numpy False 10000000 /",
         ),
     ],
 )
@@ -315,3 +315,33 @@ def test_numba_is_ready_for_read_only_input_once_loaded() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["2", "2"]
+
+
+@pytest.mark.skipif(not kernels.numba_available(), reason="numba is not installed")
+@settings(max_examples=150, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    sizes=st.lists(st.integers(1, 300), min_size=1, max_size=40),
+    equal=st.booleans(),
+    bad_share=st.sampled_from([0.0, 0.0, 0.05, 0.5, 1.0]),
+)
+def test_property_numpy_kernel_equals_numba_kernel(
+    seed: int, sizes: list[int], equal: bool, bad_share: float
+) -> None:
+    """The default kernel ("auto" runs numpy's) against numba's on the window shapes
+    its sort takes apart: windows of one length (one block, one set of ranks),
+    up to eight lengths (a block each), more (padded blocks by powers of two),
+    with NaN and infinities among the readings or filling whole windows."""
+    rng = np.random.default_rng(seed)
+    if equal:
+        sizes = [sizes[0]] * len(sizes)
+    n = sum(sizes)
+    v = np.round(rng.normal(20.0, 3.0, n), int(rng.integers(0, 4)))  # ties, as real sensors give
+    bad = rng.random(n) < bad_share
+    v[bad] = rng.choice([np.nan, np.inf, -np.inf], int(bad.sum()))
+    seg_starts = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
+    a, b = window_stats_numpy(v, seg_starts), window_stats_numba(v, seg_starts)
+    for name in ("count", "invalid", "min", "max", "first", "last", "p50", "p90", "p99"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    for name in ("mean", "stddev", "sum"):
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name), rtol=1e-12, atol=1e-12)

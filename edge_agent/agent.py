@@ -84,6 +84,7 @@ class Agent:
         self.stopping = threading.Event()
         self._next_prune = 0.0
         self._next_beat = 0.0
+        self._next_close = 0.0  # forward.batch_every_s, on the monotonic clock
         self._tick_errors = 0
         self._next_error_log = 0.0
         self.exit_code = 0
@@ -169,7 +170,9 @@ class Agent:
         self.intake.release_held()  # what the clock allows now (edge_agent/pipeline/held.py)
         self.store_adapter_counts()
         req = control.pending_flush(self.store)
-        self.send_ready(flush=req is not None)
+        if req is not None or time.monotonic() >= self._next_close:
+            self._next_close = time.monotonic() + self.cfg.forward.batch_every_s
+            self.send_ready(flush=req is not None)
         if req is not None:
             log.info("agent: flush requested: closed every open window")
             control.flush_done(self.store, req)

@@ -202,6 +202,9 @@ class ForwardConfig:
     end_to_end_ack: bool = True
     live_window_s: float = 60.0
     backfill_bytes_per_s: int = 0
+    #: close windows into batches at most this often (monotonic seconds): one batch
+    #: then holds every window that closed meanwhile; 0 = at every tick
+    batch_every_s: float = 0.0
     ack_timeout_s: float = 30.0
     max_backoff_s: float = 600.0
     #: this device's ack key (hex; `cloud-ingest device-key`): then only acks that
@@ -217,6 +220,8 @@ class ForwardConfig:
         except Invalid as exc:
             raise Invalid(f"broker.{exc.key}", exc.message) from None
         positive("max_windows_per_batch", self.max_windows_per_batch)
+        if not 0 <= self.batch_every_s <= 86400:
+            raise Invalid("batch_every_s", "must be 0-86400 seconds (0 = at every window close)")
         if self.max_windows_per_batch > 65535:
             raise Invalid("max_windows_per_batch", "must be <= 65535")
         if not 1 <= self.max_sensors_per_batch <= 65535:

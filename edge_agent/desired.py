@@ -63,6 +63,7 @@ ALLOWED: frozenset[str] = frozenset(
         "window.lateness_s",
         "window.max_age_s",
         "forward.backfill_bytes_per_s",
+        "forward.batch_every_s",
         "forward.max_in_flight",
         "forward.max_windows_per_batch",
         "forward.max_sensors_per_batch",

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from firmware_sim.config import SimConfig
+from firmware_sim.config import NodeSpec, SimConfig
 from shared.auth import AuthConfig
 from shared.cli import EXIT_FAILURE, config_group, load_or_exit, setup_logging
 from shared.config import Invalid
@@ -49,6 +49,11 @@ def main() -> None:
 )
 @click.option("--host", help="Broker host.")
 @click.option("--port", type=int, help="Broker port.")
+@click.option(
+    "--full-precision",
+    is_flag=True,
+    help="Unrounded noise instead of each part's resolution (resolution = 0 on every sensor).",
+)
 def run(
     config_path: str | None,
     duration: float | None,
@@ -58,12 +63,15 @@ def run(
     truth_path: str | None,
     host: str | None,
     port: int | None,
+    full_precision: bool,
 ) -> None:
     """Publish readings for --duration seconds of event time, then exit.
 
     Prints one JSON line with the number of readings and messages produced.
     """
     cfg = load_or_exit(SimConfig, config_path)
+    if full_precision:
+        cfg = dataclasses.replace(cfg, nodes=unrounded(cfg.nodes))
     try:  # the options go through the config's own checks
         cfg = dataclasses.replace(
             cfg,
@@ -102,6 +110,16 @@ def run(
 
 
 main.add_command(config_group(SimConfig, "firmware_sim"))
+
+
+def unrounded(nodes: tuple[NodeSpec, ...]) -> tuple[NodeSpec, ...]:
+    """``nodes`` with every sensor's readings at full precision."""
+    return tuple(
+        dataclasses.replace(
+            n, sensors=tuple(dataclasses.replace(s, resolution=0.0) for s in n.sensors)
+        )
+        for n in nodes
+    )
 
 
 @main.command()
@@ -156,11 +174,18 @@ main.add_command(config_group(SimConfig, "firmware_sim"))
 @click.option("--ca-file", default="", help="CA (PEM) of the broker's TLS certificate: TLS on.")
 @click.option("--cert-file", default="", help="Client certificate (PEM), with --key-file.")
 @click.option("--key-file", default="", help="Client certificate's key (PEM).")
+@click.option(
+    "--full-precision",
+    is_flag=True,
+    help="Unrounded Gaussian readings instead of each sensor's part resolution.",
+)
 def fleet(**kw: Any) -> None:
     """Simulate a fleet of devices at the wire level, for load tests of cloud ingest.
 
     Builds every device's batches up front (one window per sensor per batch, with
-    the statistics and quantile sketch an agent sends), publishes them on
+    the statistics and quantile sketch an agent sends; the sensors take turns
+    being a temperature, humidity, pressure, ADC and vibration sensor, each
+    rounded to its part's resolution), publishes them on
     <prefix>/<device>/batch, consumes the acks, resends what is not acked in
     time, and prints one JSON line: batches, points, acked, rejected, unacked,
     points_per_s and the publish-to-ack latency at p50 and p99. Exit 1 unless
@@ -177,6 +202,7 @@ def fleet(**kw: Any) -> None:
             interval_s=kw["interval_s"],
             speed=kw["speed"],
             readings_per_window=kw["readings"],
+            full_precision=kw["full_precision"],
             host=kw["host"],
             port=kw["port"],
             prefix=kw["prefix"],

@@ -12,7 +12,9 @@ from shared.config import Invalid, port, positive
 from shared.tls import TlsConfig
 from shared.topics import DEFAULT_SENSOR_PREFIX, is_valid_id
 
-SensorKind = Literal["temperature", "humidity", "vibration"]
+#: What a sensor measures; firmware_sim/parts.py names the part behind each kind
+#: and the resolution it reports at.
+SensorKind = Literal["temperature", "humidity", "pressure", "adc", "vibration"]
 #: How a node publishes (firmware_sim/families.py; docs/devices.md has the agent's
 #: side of each): the agent's own chunks, or as a real device family does.
 Family = Literal["native", "esphome", "tasmota", "zigbee2mqtt", "telegraf", "influx-http"]
@@ -26,11 +28,16 @@ class SensorSpec:
     chunk: int = 1
     unit: str = ""
     delay_s: float = 0.0
+    #: the step readings are rounded to, in the sensor's unit; None = the part's
+    #: (firmware_sim/parts.py), 0 = full-precision noise
+    resolution: float | None = None
 
     def __post_init__(self) -> None:
         if not is_valid_id(self.name):
             raise Invalid("name", "must be 1-64 characters of A-Z a-z 0-9 _ . -")
         positive("rate_hz", self.rate_hz)
+        if self.resolution is not None and not self.resolution >= 0:
+            raise Invalid("resolution", "must be >= 0 (0 = full precision)")
         positive("chunk", self.chunk)
         if self.delay_s < 0:
             raise Invalid("delay_s", "must be >= 0")

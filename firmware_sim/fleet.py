@@ -4,7 +4,8 @@ sequences, published to the cloud broker, with the cloud's acks consumed.
 This is the load generator for cloud ingest. It does not run N edge agents: it
 builds each device's batches the way an agent would (one tumbling window per
 sensor per batch, with count, sum, min, max, mean, stddev, first, last, exact
-p50/p90/p99 and a DDSketch), all before the clock starts, then publishes them on
+p50/p90/p99 and a DDSketch; readings at the resolution of the part each sensor
+stands for, firmware_sim/parts.py), all before the clock starts, then publishes them on
 a schedule over one MQTT v5 connection. Like an agent, it resends a batch that
 has no ack after ``ack_timeout_s``, and it keeps at most ``max_in_flight``
 batches unacknowledged.
@@ -30,6 +31,8 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from firmware_sim.parts import PARTS, quantize
+from firmware_sim.sensors import signal
 from shared import backoff
 from shared.acks import decode_ack
 from shared.auth import AuthConfig, apply_paho
@@ -49,6 +52,8 @@ from shared.wire import (
 
 log = logging.getLogger(__name__)
 NODE = "n1"  # every simulated device has its sensors on one node
+#: the fleet's sensors take these kinds in turn (firmware_sim/parts.py)
+FLEET_KINDS = ("temperature", "humidity", "pressure", "adc", "vibration")
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,8 @@ class FleetSpec:
     interval_s: float = 10.0  # event time between one device's batches = window width
     speed: float = 1.0  # event seconds per wall-clock second; 0 = as fast as acks allow
     readings_per_window: int = 10
+    #: unrounded Gaussian readings instead of each sensor's part resolution
+    full_precision: bool = False
     host: str = "127.0.0.1"
     port: int = 1883
     prefix: str = DEFAULT_BATCH_PREFIX
@@ -152,9 +159,14 @@ def build_batches(spec: FleetSpec) -> tuple[list[tuple[float, _Pending]], list[d
     width = int(spec.interval_s * 1e9)
     start = spec.start_ns or ((time.time_ns() // width) - spec.batches) * width
     start -= start % width
-    sensors = tuple(SensorRef(NODE, f"s{j:02d}", "") for j in range(spec.sensors))
+    kinds = [FLEET_KINDS[j % len(FLEET_KINDS)] for j in range(spec.sensors)]
+    sensors = tuple(
+        SensorRef(NODE, f"s{j:02d}", "" if spec.full_precision else PARTS[kinds[j]].unit)
+        for j in range(spec.sensors)
+    )
     names = [s.name for s in sensors]
     levels = rng.uniform(-20, 80, spec.sensors)
+    offsets = rng.normal(0.0, 1.0, spec.sensors)  # sensors of a kind read a little apart
     work: list[tuple[float, _Pending]] = []
     truth: list[dict[str, Any]] = []
     for k in range(spec.batches):
@@ -169,7 +181,12 @@ def build_batches(spec: FleetSpec) -> tuple[list[tuple[float, _Pending]], list[d
             rows: dict[str, list[float]] = {}
             sketches = []
             for j in range(spec.sensors):
-                v = rng.normal(levels[j], 1.0 + j, int(counts[j]))
+                n = int(counts[j])
+                if spec.full_precision:
+                    v = rng.normal(levels[j], 1.0 + j, n)
+                else:
+                    at = w_start + (np.arange(n, dtype=np.int64) * width) // n
+                    v = quantize(signal(kinds[j], at, rng) + offsets[j], kinds[j])
                 for name, val in _window_stats(v).items():
                     rows.setdefault(name, []).append(val)
                 sketches.append(DDSketch.from_values(v).encode())

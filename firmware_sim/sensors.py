@@ -2,7 +2,9 @@
 
 The readings of chunk ``k`` of a sensor depend only on (seed, node index, sensor
 index, k) and the chunk's timestamps, never on wall-clock timing, so the same
-seed and start time always give the same readings.
+seed and start time always give the same readings. Each kind is a daily cycle
+(or a vibration) with noise, reported at its part's resolution
+(firmware_sim/parts.py).
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ import numpy as np
 import numpy.typing as npt
 
 from firmware_sim.config import SensorSpec
+from firmware_sim.parts import PARTS, quantize
 
 DAY_S = 86400.0
+
+F64 = npt.NDArray[np.float64]
 
 
 def period_ns(spec: SensorSpec) -> int:
@@ -24,19 +29,28 @@ def chunk_times(spec: SensorSpec, start_ns: int, k: int) -> npt.NDArray[np.int64
     return start_ns + i * period_ns(spec)
 
 
-def chunk_values(
-    spec: SensorSpec, ts: npt.NDArray[np.int64], seed: int, node_ix: int, sensor_ix: int, k: int
-) -> npt.NDArray[np.float64]:
-    rng = np.random.default_rng([seed, node_ix, sensor_ix, k])
+def signal(kind: str, ts: npt.NDArray[np.int64], rng: np.random.Generator) -> F64:
+    """The physical quantity at times ``ts`` (ns), with the part's noise, unrounded."""
     t = (ts % int(DAY_S * 1e9)).astype(np.float64) / 1e9  # seconds into the UTC day
-    if spec.kind == "temperature":
-        base = 21.0 + 3.0 * np.sin(2 * np.pi * (t / DAY_S - 0.25))
-        return base + rng.normal(0.0, 0.05, len(ts))
-    if spec.kind == "humidity":
-        base = 45.0 - 10.0 * np.sin(2 * np.pi * (t / DAY_S - 0.25))
-        return np.clip(base + rng.normal(0.0, 0.3, len(ts)), 0.0, 100.0)
-    if spec.kind == "vibration":
+    day = np.sin(2 * np.pi * (t / DAY_S - 0.25))
+    n = len(ts)
+    if kind == "temperature":
+        return 21.0 + 3.0 * day + rng.normal(0.0, 0.05, n)
+    if kind == "humidity":
+        return 45.0 - 10.0 * day + rng.normal(0.0, 0.3, n)
+    if kind == "pressure":
+        return 1013.25 + 4.0 * day + rng.normal(0.0, 0.02, n)
+    if kind == "adc":
+        return 2048.0 + 600.0 * day + rng.normal(0.0, 2.0, n)
+    if kind == "vibration":
         tt = (ts % 1_000_000_000).astype(np.float64) / 1e9
         base = 0.5 * np.sin(2 * np.pi * 50.0 * tt) + 0.1 * np.sin(2 * np.pi * 120.0 * tt)
-        return base + rng.normal(0.0, 0.05, len(ts))
-    raise ValueError(f"unknown sensor kind {spec.kind!r}")
+        return base + rng.normal(0.0, 0.05, n)
+    raise ValueError(f"unknown sensor kind {kind!r}; known: {', '.join(PARTS)}")
+
+
+def chunk_values(
+    spec: SensorSpec, ts: npt.NDArray[np.int64], seed: int, node_ix: int, sensor_ix: int, k: int
+) -> F64:
+    rng = np.random.default_rng([seed, node_ix, sensor_ix, k])
+    return quantize(signal(spec.kind, ts, rng), spec.kind, spec.resolution)

@@ -48,3 +48,8 @@ def publish_properties(
         props.MessageExpiryInterval = expiry_s
     props.UserProperty = user
     return props
+
+
+def packed_len(props: Properties) -> int:
+    """The bytes ``props`` take in a packet, their length prefix included."""
+    return len(props.pack())

@@ -30,10 +30,11 @@ RSS once loaded (docs/benchmarks.md, "Agent memory"), while the numpy
 implementation runs at about half numba's speed on windows of a thousand
 readings and faster than numba on windows of ten (docs/benchmarks.md, "Window
 kernels"), so "auto" loads numba only for a call where that difference outweighs
-loading it: a backlog of days, or ``edge-agent export`` of a large buffer. ``configure("numba")`` loads it at once,
-``configure("numpy")`` never. Where numba has no wheel (32-bit ARM) or
-``TELEMETRY_NO_NUMBA=1`` is set, the numpy implementation always runs. Both give
-the same results up to floating-point rounding (relative differences of the
+loading it: a backlog of days, or ``edge-agent export`` of a large buffer.
+``configure("numba")`` loads it at once, ``configure("numpy")`` never. Where
+numba has no wheel (32-bit ARM) or ``TELEMETRY_NO_NUMBA=1`` is set, the numpy
+implementation always runs. Both give the same results up to floating-point
+rounding (relative differences of the
 order of 1e-15; the tests hold them to 1e-9 of the window's scale).
 """
 

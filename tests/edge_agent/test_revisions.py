@@ -3,9 +3,11 @@ a flush: on a real SQLite file, with the agent's own tick where it matters."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from edge_agent import control
 from edge_agent.agent import Agent
@@ -13,6 +15,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.pipeline import buffer, outbox, window
 from edge_agent.store import Store
 from shared.config import from_dict
+from shared.errors import ConfigError
 from shared.readings import ReadingChunk
 from shared.wire import decode_batch
 
@@ -123,3 +126,53 @@ def test_a_flush_on_a_live_agent_sends_one_revision_not_one_per_tick(tmp_path: P
         agent.intake.store.close()
         agent.store.close()
         agent.lock.release()
+
+
+def test_batch_every_s_sends_the_windows_closed_meanwhile_in_one_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """forward.batch_every_s: a batch a minute holds the minute's six window closes
+    (docs/benchmarks.md: half the uplink bytes); a flush does not wait for it."""
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    cfg = from_dict(
+        AgentConfig,
+        {
+            "storage": {"path": str(tmp_path / "a.sqlite")},
+            "window": {"width_s": 10.0, "lateness_s": 0.0},
+            "forward": {"batch_every_s": 60.0},
+        },
+    )
+    agent = Agent(cfg)  # not started: no broker, ticks driven here
+    s, reg = agent.intake.store, agent.intake.registry
+    try:
+        for sensor in ("a", "b"):
+            put(s, reg, sensor, [T0 + S, T0 + W + S])
+        agent.tick()  # the first tick closes at once
+        assert batches(s) == [[("a", T0, 1, 0), ("b", T0, 1, 0)]]
+        for k in range(2, 7):  # five more windows close while the minute runs
+            clock[0] += 10.0
+            for sensor in ("a", "b"):
+                put(s, reg, sensor, [T0 + k * W + S])
+            agent.tick()
+            assert len(batches(s)) == 1
+        clock[0] += 10.0
+        agent.tick()
+        second = batches(s)[1]
+        assert sorted(second) == [
+            (sensor, T0 + k * W, 1, 0) for sensor in ("a", "b") for k in range(1, 6)
+        ]
+        assert len(batches(s)) == 2
+        put(s, reg, "a", [T0 + 7 * W + S])
+        control.request_flush(agent.store)  # a technician's flush does not wait
+        agent.tick()
+        assert len(batches(s)) == 3
+    finally:
+        agent.intake.store.close()
+        agent.store.close()
+        agent.lock.release()
+
+
+def test_a_bad_batch_every_s_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"forward\.batch_every_s: must be 0-86400"):
+        from_dict(AgentConfig, {"forward": {"batch_every_s": -1}})

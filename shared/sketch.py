@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -152,10 +154,27 @@ class DDSketch:
             raise WireError("bad-sketch", f"truncated sketch: {exc}") from None
         if off != len(data):
             raise WireError("bad-sketch", "bytes after the sketch")
-        limit = _MAX_LOG_VALUE / math.log((1 + alpha) / (1 - alpha))
+        limit = _key_limit(alpha, int(zero))
         if any(abs(k) > limit for store in stores if store for k in (min(store), max(store))):
             raise WireError("bad-sketch", "a bin beyond the range of a float64")
         return cls(alpha, int(zero), stores[0], stores[1])
+
+
+#: the largest |key| of a bin: an i32 (the lake's keys are int32)
+_MAX_KEY = 2**31 - 1
+
+
+def _key_limit(alpha: float, zero: int) -> float:
+    """The largest |key| a decoded sketch's bins may have: γᵏ a finite float64, and
+    k an i32. Raises WireError where γ rounds to 1 (an α below ~1e-16 has no bins:
+    every key would be infinite) or where the zero count is beyond the lake's int64
+    counts."""
+    log_gamma = math.log((1 + alpha) / (1 - alpha))
+    if log_gamma <= 0:
+        raise WireError("bad-sketch", f"alpha {alpha} is too small to make bins")
+    if zero >= 2**63:
+        raise WireError("bad-sketch", "a zero count beyond 2^63 - 1")
+    return min(_MAX_LOG_VALUE / log_gamma, _MAX_KEY)
 
 
 def bins_of(data: bytes) -> tuple[list[int], list[int], list[int]]:
@@ -187,7 +206,7 @@ def bins_of(data: bytes) -> tuple[list[int], list[int], list[int]]:
         raise WireError("bad-sketch", f"truncated sketch: {exc}") from None
     if off != len(data):
         raise WireError("bad-sketch", "bytes after the sketch")
-    limit = _MAX_LOG_VALUE / math.log((1 + alpha) / (1 - alpha))
+    limit = _key_limit(alpha, zero)
     if any(abs(k) > limit for run in runs if run for k in (run[0][0], run[-1][0])):
         raise WireError("bad-sketch", "a bin beyond the range of a float64")
     pos, neg = runs
@@ -196,6 +215,108 @@ def bins_of(data: bytes) -> tuple[list[int], list[int], list[int]]:
         bins.append((0, 0, int(zero)))
     bins += [(1, k, c) for k, c in pos]
     return [b[0] for b in bins], [b[1] for b in bins], [b[2] for b in bins]
+
+
+@dataclass(frozen=True)
+class BinsColumn:
+    """The bins of many encoded sketches (:func:`bins_many`): sketch ``i``'s bins are
+    ``sign[offsets[i]:offsets[i+1]]`` (and ``key``, ``count``), as :func:`bins_of`
+    gives them; ``valid[i]`` is False where the bytes are not a sketch (or None)."""
+
+    offsets: npt.NDArray[np.int64]
+    valid: npt.NDArray[np.bool_]
+    sign: npt.NDArray[np.int8]
+    key: npt.NDArray[np.int64]
+    count: npt.NDArray[np.int64]
+
+
+def _read(u8: npt.NDArray[np.uint8], at: npt.NDArray[np.int64], dtype: str) -> npt.NDArray[Any]:
+    """The ``dtype`` value at each byte offset ``at`` of ``u8`` (unaligned)."""
+    width = np.dtype(dtype).itemsize
+    out: npt.NDArray[Any] = u8[at[:, None] + np.arange(width)].copy().view(dtype).ravel()
+    return out
+
+
+def bins_many(sketches: Sequence[bytes | None]) -> BinsColumn:
+    """:func:`bins_of` for every sketch at once, in a few passes of numpy instead of a
+    loop in Python per sketch (the ingestor's lake rows: it was 7 % of its CPU per
+    batch). A sketch is valid where :func:`bins_of` returns its bins, and also needs
+    its zero count below 2^63 (the lake's counts are int64). The same checks, the
+    same bins (tests/shared/test_fuzz.py holds the two to each other)."""
+    m = len(sketches)
+    lengths = np.array([-1 if b is None else len(b) for b in sketches], dtype=np.int64)
+    buf = b"".join(b for b in sketches if b is not None)
+    u8 = np.frombuffer(buf, dtype=np.uint8)
+    start = np.zeros(m, dtype=np.int64)
+    start[1:] = np.cumsum(np.maximum(lengths, 0))[:-1]
+    first = _HEAD.size + _RUN.size
+    ok = lengths >= first + _RUN.size  # the header and both runs' headers fit
+    idx = np.flatnonzero(ok)
+    at = start[idx]
+    version = u8[at]
+    alpha = _read(u8, at + 1, "<f8")
+    zero = _read(u8, at + 9, "<u8")
+    lo1 = _read(u8, at + _HEAD.size, "<i4").astype(np.int64)
+    n1 = _read(u8, at + _HEAD.size + 4, "<u2").astype(np.int64)
+    with np.errstate(invalid="ignore"):
+        good = (version == 1) & (alpha > 0) & (alpha < 1) & (zero < 2**63)
+    good &= first + 4 * n1 + _RUN.size <= lengths[idx]
+    idx, at, alpha, zero, lo1, n1 = (x[good] for x in (idx, at, alpha, zero, lo1, n1))
+    second = at + first + 4 * n1
+    lo2 = _read(u8, second, "<i4").astype(np.int64)
+    n2 = _read(u8, second + 4, "<u2").astype(np.int64)
+    good = first + 4 * n1 + _RUN.size + 4 * n2 == lengths[idx]  # nothing after the sketch
+    idx, at, alpha, zero, lo1, n1, lo2, n2, second = (
+        x[good] for x in (idx, at, alpha, zero, lo1, n1, lo2, n2, second)
+    )
+    # every count of every run: (which sketch, sign, key, count)
+    parts = []
+    for sgn, lo, n, counts_at in ((1, lo1, n1, at + first), (-1, lo2, n2, second + _RUN.size)):
+        total = int(n.sum())
+        owner = np.repeat(np.arange(len(idx)), n)
+        within = np.arange(total) - np.repeat(np.cumsum(n) - n, n)
+        count = _read(u8, np.repeat(counts_at, n) + 4 * within, "<u4").astype(np.int64)
+        keep = count > 0
+        parts.append(
+            (
+                owner[keep],
+                np.full(int(keep.sum()), sgn),
+                (np.repeat(lo, n) + within)[keep],
+                count[keep],
+            )
+        )
+    has_zero = np.flatnonzero(zero > 0)
+    parts.append(
+        (
+            has_zero,
+            np.zeros(len(has_zero), dtype=np.int64),
+            np.zeros(len(has_zero), dtype=np.int64),
+            zero[has_zero].astype(np.int64),
+        )
+    )
+    owner = np.concatenate([p[0] for p in parts])
+    sign = np.concatenate([p[1] for p in parts])
+    key = np.concatenate([p[2] for p in parts])
+    count = np.concatenate([p[3] for p in parts])
+    # a bin's value must be a finite float64 and its key an i32 (_key_limit)
+    log_gamma = np.log((1 + alpha) / (1 - alpha))
+    with np.errstate(divide="ignore"):
+        limit = np.minimum(_MAX_LOG_VALUE / log_gamma, _MAX_KEY)
+    beyond = (sign != 0) & (np.abs(key) > limit[owner])
+    bad = log_gamma <= 0
+    bad[owner[beyond]] = True
+    keep = ~bad[owner]
+    owner, sign, key, count = owner[keep], sign[keep], key[keep], count[keep]
+    # value order: negative bins from the most negative (highest key), zero, positive
+    order = np.lexsort((np.where(sign < 0, -key, key), sign, owner))
+    owner, sign, key, count = owner[order], sign[order], key[order], count[order]
+    valid = np.zeros(m, dtype=bool)
+    valid[idx[~bad]] = True
+    per = np.zeros(m, dtype=np.int64)
+    per[idx] = np.bincount(owner, minlength=len(idx))
+    offsets = np.zeros(m + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(per)
+    return BinsColumn(offsets, valid, sign.astype(np.int8), key, count)
 
 
 def encode_windows(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 from typing import Any, Final
 
+import numpy as np
+
 from cloud_ingest.lake.layout import LAKE_VERSION
-from shared.errors import PermanentSinkError, WireError
-from shared.sketch import ALPHA, bins_of
+from shared.errors import PermanentSinkError
+from shared.sketch import ALPHA, bins_many
 from shared.wire import COLUMNS
 
 
@@ -74,30 +76,13 @@ def sketch_bins_array(sketches: list[bytes | None]) -> Any:
     their bytes are kept as they came, and a device's bad ones must cost no one
     else's row)."""
     pa, _ = arrow()
-    signs: list[int] = []
-    keys: list[int] = []
-    counts: list[int] = []
-    offsets, valid = [0], []
-    for data in sketches:
-        try:
-            if data is None:
-                raise WireError("bad-sketch", "none")
-            s, k, n = bins_of(data)
-        except WireError:
-            offsets.append(offsets[-1])
-            valid.append(False)
-            continue
-        signs += s
-        keys += k
-        counts += n
-        offsets.append(len(signs))
-        valid.append(True)
+    bins = bins_many(sketches)
     values = pa.StructArray.from_arrays(
-        [pa.array(signs, pa.int8()), pa.array(keys, pa.int32()), pa.array(counts, pa.int64())],
+        [pa.array(bins.sign), pa.array(bins.key.astype(np.int32)), pa.array(bins.count)],
         names=["s", "k", "n"],
     )
-    mask = pa.array([not v for v in valid])
-    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, mask=mask).cast(
+    offsets = pa.array(bins.offsets.astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, values, mask=pa.array(~bins.valid)).cast(
         sketch_bins_type()
     )
 

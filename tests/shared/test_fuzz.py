@@ -20,7 +20,7 @@ from shared.acks import decode_ack
 from shared.alerts import decode_alert
 from shared.errors import WireError
 from shared.readings import decode_chunk, encode_chunk
-from shared.sketch import DDSketch, bins_of
+from shared.sketch import DDSketch, bins_many, bins_of
 from shared.topics import is_valid_id
 from shared.wire import (
     STAT_FIELDS,
@@ -218,6 +218,61 @@ def test_sketch_bins_are_the_decoded_sketch_or_a_reason(tail: bytes, lo: int, n:
         signs, keys, counts = bins
         assert sum(counts) == sk.count
         assert {k: c for s, k, c in zip(signs, keys, counts, strict=True) if s > 0} == sk.pos
+
+
+@FUZZ
+@given(
+    st.lists(
+        st.one_of(
+            st.none(),
+            st.binary(max_size=80),
+            st.builds(
+                lambda alpha, zero, lo, n, tail: (
+                    struct.pack("<BdQ", 1, alpha, zero) + struct.pack("<iH", lo, n) + tail
+                ),
+                st.sampled_from([0.01, 0.5, 1e-15, 5e-324, 1.0, -0.01]),
+                st.sampled_from([0, 3, 2**63 - 1, 2**63, 2**64 - 1]),
+                st.integers(-(2**31), 2**31 - 1),
+                st.integers(0, 20),
+                st.binary(max_size=90),
+            ),
+        ),
+        max_size=12,
+    )
+)
+def test_bins_of_many_sketches_at_once_are_each_ones_bins(sketches: list[bytes | None]) -> None:
+    """The ingestor's lake rows take every sketch's bins at once (bins_many): the
+    same bins as bins_of one by one, and null where bins_of finds a reason."""
+    many = bins_many(sketches)
+    for i, data in enumerate(sketches):
+        one = None if data is None else total(bins_of, data)
+        assert bool(many.valid[i]) == (one is not None), data
+        a, b = int(many.offsets[i]), int(many.offsets[i + 1])
+        got = (many.sign[a:b].tolist(), many.key[a:b].tolist(), many.count[a:b].tolist())
+        assert got == (one if one is not None else ([], [], []))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        # alpha so small that gamma rounds to 1: ZeroDivisionError escaped bins_of and
+        # decode (and with it the ingestor's lake rows: a poison batch)
+        struct.pack("<BdQ", 1, 5e-324, 0) + struct.pack("<iHI", 3, 1, 3) + struct.pack("<iH", 0, 0),
+        # a zero count beyond int64: OverflowError out of the lake's sketch_bins
+        struct.pack("<BdQ", 1, 0.01, 2**63) + struct.pack("<iH", 0, 0) * 2,
+        # keys beyond int32 (lo + n): OverflowError out of the lake's sketch_bins
+        struct.pack("<BdQ", 1, 1e-15, 0) + struct.pack("<iHII", 2**31 - 1, 2, 3, 4)
+        + struct.pack("<iH", 0, 0),
+    ],
+)  # fmt: skip
+def test_sketches_the_lake_cannot_hold_are_not_sketches(data: bytes) -> None:
+    from cloud_ingest.lake.schema import sketch_bins_array
+
+    for decode in (bins_of, DDSketch.decode):
+        with pytest.raises(WireError) as err:
+            decode(data)
+        assert err.value.reason == "bad-sketch"
+    assert sketch_bins_array([data, None]).to_pylist() == [None, None]
 
 
 # ---- the crashers found so far (issue 9), one test each --------------------------------

@@ -3,12 +3,19 @@
 :class:`GroupConsumer` takes the messages of one connection in groups. A group is
 every message waiting, up to half of ``mqtt.receive_maximum``, once the previous
 group has been decoded, at most one other group is unfinished, and at most half
-of ``receive_maximum`` is in hand. While one group is being written, the next
-one is decoded; writes run one group after the other, so a device's batches are
-written in order. (A group that took all of ``receive_maximum`` left nothing for
-the next one until it was written: under load the stages ran one after the
-other, decode, write, PUBACK, receive, 14,300 points/s in bench/ingest.py against
-15,400 with half-size groups that overlap; CPU per batch the same.)
+of ``receive_maximum`` is in hand. (A group that took all of ``receive_maximum``
+left nothing for the next one until it was written: under load the stages ran
+one after the other, decode, write, PUBACK, receive, 14,300 points/s in
+bench/ingest.py against 15,400 with half-size groups that overlap; CPU per batch
+the same.)
+
+While one group is being written, the next one is decoded. Its writes wait only
+for the earlier unfinished groups that hold messages of any of its devices
+(:func:`~cloud_ingest.ingest.decode.route`), so that a device's messages are
+written in arrival order while the groups of other devices are written side by
+side: InfluxDB works on two requests at once. (Written strictly one group after
+the other, the ingestor, InfluxDB and the broker left a part of the two cores
+idle under full load: docs/benchmarks.md, "Cloud ingest".)
 
 PUBACKs go out in arrival order, as MQTT requires: a group's messages are
 acknowledged once it and every group before it are done. Then its devices are
@@ -35,6 +42,7 @@ from typing import Any
 import aiomqtt
 
 from cloud_ingest.ingest import events
+from cloud_ingest.ingest.decode import route
 from cloud_ingest.ingest.metrics import Liveness
 from cloud_ingest.ingest.mqttclient import IngestClient
 from cloud_ingest.ingest.process import Outcome, Processor, ShuttingDown
@@ -80,6 +88,8 @@ class GroupConsumer:
         self.failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         #: unfinished groups and their sizes; ``room`` is set while a new one may form
         self.unfinished: dict[GroupTask, int] = {}
+        #: the devices of each unfinished group (route(): None for a topic without one)
+        self.devices: dict[GroupTask, frozenset[str | None]] = {}
         self.room = asyncio.Event()
         self.room.set()
         # Read by the HTTP server's thread: integers that the event loop updates, never
@@ -105,7 +115,6 @@ class GroupConsumer:
         subscribing.add_done_callback(self._subscribed)
         messages = aiter(self.client.messages)
         stop_wait = asyncio.ensure_future(self.stop.wait())
-        last: GroupTask | None = None
         decoded = asyncio.Event()
         decoded.set()
         try:
@@ -120,8 +129,11 @@ class GroupConsumer:
                     break
                 msgs = self._form_group(first.result())
                 decoded = asyncio.Event()
-                last = asyncio.create_task(self._handle(msgs, last, decoded))
+                devices = frozenset(route(str(m.topic), self.prefix)[1] for m in msgs)
+                after = [t for t, theirs in self.devices.items() if theirs & devices]
+                last = asyncio.create_task(self._handle(msgs, after, decoded))
                 self.unfinished[last] = len(msgs)
+                self.devices[last] = devices
                 self._update_room()
                 last.add_done_callback(self._finished)
                 last.add_done_callback(self._puback_ready)
@@ -167,7 +179,7 @@ class GroupConsumer:
         return msgs
 
     async def _handle(
-        self, msgs: list[aiomqtt.Message], after: GroupTask | None, decoded: asyncio.Event
+        self, msgs: list[aiomqtt.Message], after: list[GroupTask], decoded: asyncio.Event
     ) -> list[Outcome] | None:
         """The outcomes once written, recognised or quarantined; None if abandoned at
         shutdown (then nothing is acknowledged). Acks go out in :meth:`_puback_ready`."""
@@ -226,6 +238,7 @@ class GroupConsumer:
 
     def _finished(self, task: GroupTask) -> None:
         self.unfinished.pop(task, None)
+        self.devices.pop(task, None)
         self._update_room()
 
     async def _until(self, gate: asyncio.Event, stop_wait: asyncio.Future[Any]) -> bool:

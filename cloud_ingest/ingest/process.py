@@ -29,6 +29,7 @@ The stages and what they hand on, each immutable:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections import OrderedDict
@@ -136,7 +137,7 @@ class Processor:
     async def handle_group(
         self,
         messages: Sequence[tuple[str, bytes]],
-        after: Awaitable[object] | None = None,
+        after: Awaitable[object] | Sequence[Awaitable[object]] = (),
         decoded: asyncio.Event | None = None,
     ) -> list[Outcome]:
         """Process messages: write each, recognise it as a duplicate, or quarantine it.
@@ -147,8 +148,8 @@ class Processor:
         sinks hold the message, ``rejected`` when it is quarantined and its seq can be
         read, nothing when not even that is possible. The messages are decoded at
         once (then ``decoded`` is set); their writes start only when ``after`` (the
-        previous group) is done, so that one device's batches reach InfluxDB in
-        arrival order.
+        earlier groups that hold messages of the same devices) is done, so that one
+        device's batches reach InfluxDB in arrival order.
 
         Raises :class:`ShuttingDown` if the service stops while a sink is still
         failing: then no message of the group counts as handled.
@@ -164,8 +165,9 @@ class Processor:
         )
         for p in plan.planned:
             self.stats.inc(events.received(p.msg.kind))
-        if after is not None:
-            await asyncio.wait([asyncio.ensure_future(after)])
+        earlier = [after] if inspect.isawaitable(after) else list(after)
+        if earlier:
+            await asyncio.wait([asyncio.ensure_future(a) for a in earlier])
         return await self._write(plan, encoded)
 
     def warm_up(self) -> float:

@@ -42,6 +42,7 @@ at most that many times the bounds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import sqlite3
@@ -118,6 +119,7 @@ class _Device:
                 del c[value]
 
 
+@functools.lru_cache(maxsize=65536)  # a device's sensors come in every batch
 def series_key(ref: SensorRef, window: WindowSpec, tag_keys: frozenset[str]) -> int:
     """A stable 63-bit number for the InfluxDB series of ``ref``'s windows (the same
     in every process: it is stored in ``state_file``)."""

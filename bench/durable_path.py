@@ -27,6 +27,7 @@ import numpy as np
 
 from edge_agent.pipeline import buffer, kernels, window
 from edge_agent.store import Store
+from firmware_sim.sensors import readings as part_readings
 from shared.readings import ReadingChunk, decode_chunk, encode_chunk
 
 W = 10_000_000_000
@@ -41,7 +42,8 @@ def make_chunks(readings: int, chunk: int, sensors: int) -> list[ReadingChunk]:
     for start in range(0, per_sensor, chunk):
         for s in range(sensors):
             ts = T0 + (start + np.arange(chunk, dtype=np.int64)) * period
-            out.append(ReadingChunk("node", f"s{s}", "u", ts, rng.normal(size=chunk)))
+            # a 1 kHz sensor: an accelerometer, in its part's 1/256 g steps
+            out.append(ReadingChunk("node", f"s{s}", "g", ts, part_readings("vibration", ts, rng)))
     return out
 
 

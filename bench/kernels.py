@@ -24,6 +24,7 @@ from collections.abc import Callable
 import numpy as np
 
 from edge_agent.pipeline import kernels
+from firmware_sim.parts import quantize
 
 
 def baseline(values: np.ndarray, seg: np.ndarray) -> None:
@@ -44,7 +45,8 @@ def main() -> None:
     args = ap.parse_args()
 
     rng = np.random.default_rng(1)
-    values = rng.normal(20.0, 1.0, args.readings)
+    # a DS18B20's readings: its 1/16 degC steps (firmware_sim/parts.py)
+    values = quantize(rng.normal(20.0, 1.0, args.readings), "temperature")
     seg = np.arange(0, args.readings, args.window, dtype=np.int64)
     print(
         f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, "

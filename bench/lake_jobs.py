@@ -43,10 +43,14 @@ def generate(root: Path, rows: int, object_rows: int, seed: int = 1) -> int:
 
     from cloud_ingest.lake import part_key, to_parquet
     from cloud_ingest.lake.schema import aggregates_schema, sketch_bins_array, tags_type
+    from firmware_sim.parts import quantize
     from shared.sketch import DDSketch
 
     rng = np.random.default_rng(seed)
-    pool = [DDSketch.from_values(rng.normal(20, 2, 10)).encode() for _ in range(256)]
+    pool = [  # windows of 10 readings of DS18B20s, in their 1/16 degC steps
+        DDSketch.from_values(quantize(rng.normal(20, 2, 10), "temperature")).encode()
+        for _ in range(256)
+    ]
     pool_bins = sketch_bins_array(pool)
     schema = aggregates_schema()
     windows_per_day = 86_400 * 10**9 // WIDTH

@@ -38,6 +38,7 @@ from edge_agent.pipeline import kernels, window
 from edge_agent.pipeline.intake import Intake
 from edge_agent.sources.config import HttpConfig
 from edge_agent.sources.http import HttpIntake
+from firmware_sim.sensors import readings as part_readings
 from shared.config import from_dict
 from shared.readings import encode_chunk
 
@@ -67,6 +68,10 @@ class Msg:
     retain: bool = False
     dup: bool = False
     properties: object = None
+
+
+#: the simulated readings' time of day (their values follow a daily cycle)
+T_SIM = 1_790_000_000 * 10**9
 
 
 def agent_config(folder: Path, group: int) -> AgentConfig:
@@ -111,10 +116,10 @@ def cleanup(cfg: AgentConfig) -> None:
 
 
 def value_messages(n: int, sensors: int) -> list[Msg]:
-    rng = np.random.default_rng(1)
-    vals = rng.normal(20, 2, n)
+    rng = np.random.default_rng(1)  # DS18B20s, in their 1/16 degC steps
+    vals = part_readings("temperature", T_SIM + np.arange(n, dtype=np.int64) * 10**9, rng).tolist()
     return [
-        Msg(f"esphome/node{i % 10}/sensor/s{i % sensors}/state", f"{vals[i]:.3f}".encode(), i)
+        Msg(f"esphome/node{i % 10}/sensor/s{i % sensors}/state", repr(vals[i]).encode(), i)
         for i in range(n)
     ]
 
@@ -125,7 +130,8 @@ def chunk_messages(readings: int, chunk: int, sensors: int) -> list[Msg]:
     out = []
     for k in range(readings // chunk):
         ts = t0 + ((k // sensors) * chunk + np.arange(chunk)) * 1_000_000
-        payload = encode_chunk("u", ts.tolist(), rng.normal(size=chunk).tolist())
+        vals = part_readings("vibration", ts, rng)  # 1 kHz: an accelerometer's 1/256 g steps
+        payload = encode_chunk("g", ts.tolist(), vals.tolist())
         out.append(Msg(f"sensors/node/s{k % sensors}", payload, k))
     return out
 
@@ -134,11 +140,12 @@ def bodies(n_bodies: int, lines: int) -> bytes:
     rng = np.random.default_rng(3)
     t0 = time.time_ns()
     out = []
-    for b in range(n_bodies):
-        vals = rng.normal(20, 2, lines)
+    for b in range(n_bodies):  # BME280 humidity, in its 1/1024 %RH steps
+        at = T_SIM + (b * lines + np.arange(lines, dtype=np.int64)) * 10**9
+        vals = part_readings("humidity", at, rng).tolist()
         out.append(
             "\n".join(
-                f"climate,host=node{i % 10} f{i % 10}={vals[i]:.3f} {t0 + (b * lines + i) * 1000}"
+                f"climate,host=node{i % 10} f{i % 10}={vals[i]!r} {t0 + (b * lines + i) * 1000}"
                 for i in range(lines)
             ).encode()
         )

@@ -49,6 +49,11 @@ def signal(kind: str, ts: npt.NDArray[np.int64], rng: np.random.Generator) -> F6
     raise ValueError(f"unknown sensor kind {kind!r}; known: {', '.join(PARTS)}")
 
 
+def readings(kind: str, ts: npt.NDArray[np.int64], rng: np.random.Generator) -> F64:
+    """A sensor of ``kind`` at times ``ts``, as its part reports it (the benchmarks')."""
+    return quantize(signal(kind, ts, rng), kind)
+
+
 def chunk_values(
     spec: SensorSpec, ts: npt.NDArray[np.int64], seed: int, node_ix: int, sensor_ix: int, k: int
 ) -> F64:

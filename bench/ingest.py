@@ -165,6 +165,7 @@ def main() -> None:
         default=10_000.0,
         help="the paced run's load (default: half of the 20,000 points/s goal)",
     )
+    ap.add_argument("--wire-version", type=int, choices=(1, 2), default=1)
     ap.add_argument(
         "--processes",
         type=int,
@@ -200,6 +201,7 @@ def main() -> None:
                 port=broker.port,
                 seed=r + 1,
                 max_in_flight=args.max_in_flight,
+                wire_version=args.wire_version,
                 device_prefix=f"r{r}",
                 client_id=f"bench-fleet-{r}",
             )

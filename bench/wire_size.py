@@ -158,6 +158,7 @@ class Lever:
     binary_header: bool = False  # candidate
     compact_sketches: bool = False  # candidate: varints, one alpha per batch
     by_sensor: bool = False  # rows ordered by sensor, then time (v1 allows it)
+    v2: bool = False  # wire format v2 as built (shared/wire.py, docs/wire-format.md §2.14)
 
 
 def batches(h: Closes, lever: Lever) -> list[tuple[Batch, list[bytes]]]:
@@ -294,6 +295,10 @@ def payload(b: Batch, sketches: list[bytes], lever: Lever) -> bytes:
     if lever.drop_mean:
         names.remove("mean")
     candidate = lever.drop_mean or lever.scaled or lever.binary_header or lever.compact_sketches
+    if lever.v2:
+        payload = encode_batch(dataclasses.replace(b, sketch=tuple(sketches)), version=2)
+        assert payload[4] == 2, "v2 fell back to v1"
+        return payload  # without quantiles: without sketches (v2 has the p-columns)
     if not candidate:
         cut = dataclasses.replace(b, sketch=tuple(sketches))
         if not lever.quantiles:  # v1 cannot leave its columns out: cut them from the bytes
@@ -401,7 +406,7 @@ PUBACK_BYTES = len(bytes([PacketTypes.PUBACK << 4, 2, 0, 1]))
 
 def month(h: Closes, lever: Lever) -> tuple[float, float, int]:
     """MB per month on MQTT, bytes per window point of payload, batches per hour."""
-    topic = batch_topic("pi-0042")
+    topic = batch_topic("pi-0042", "telemetry/v2" if lever.v2 else "telemetry/v1")
     total = payload_total = 0
     made = batches(h, lever)
     for b, sketches in made:
@@ -422,6 +427,10 @@ LEVERS: list[tuple[str, Lever]] = [
     ("  the same, rows by sensor, then time", Lever(closes_per_batch=30, by_sensor=True)),
     ("sketches at 2 % accuracy", Lever(alpha=0.02)),
     ("sketches at 5 % accuracy", Lever(alpha=0.05)),
+    ("wire format v2 (built: no mean, varint sketches)", Lever(v2=True)),
+    ("  v2, batch_every_s = 60", Lever(closes_per_batch=6, v2=True)),
+    ("  v2, batch_every_s = 300", Lever(closes_per_batch=30, v2=True)),
+    ("  v2, batch_every_s = 300, by sensor", Lever(closes_per_batch=30, by_sensor=True, v2=True)),
     ("candidate: one sketch per sensor a minute", Lever(sketch_windows=6)),
     ("candidate: no mean (it is sum / count)", Lever(drop_mean=True)),
     ("candidate: floats as whole steps of the sensor", Lever(scaled=True)),

@@ -15,7 +15,7 @@ from shared.config import Invalid, port, positive
 from shared.mqttlink import MqttLinkConfig
 from shared.tags import RESERVED, TAG_KEY
 from shared.tls import is_loopback, require_tls
-from shared.topics import DEFAULT_BATCH_PREFIX
+from shared.topics import DEFAULT_BATCH_PREFIX, DEFAULT_BATCH_PREFIX_V2
 from shared.wire import MAX_BODY_BYTES, MAX_PAYLOAD_BYTES
 
 
@@ -26,7 +26,13 @@ class MqttConfig(MqttLinkConfig):
 
     client_id: str = "cloud-ingest-1"
     topic_prefix: str = DEFAULT_BATCH_PREFIX
+    #: batches of wire format v2 (docs/wire-format.md §2.14) are read here too;
+    #: "" = v1 only
+    topic_prefix_v2: str = DEFAULT_BATCH_PREFIX_V2
     subscription: str = ""
+    #: the v2 batches' subscription instead of <topic_prefix_v2>/+/batch (a
+    #: shared group: $share/<group>/telemetry/v2/+/batch)
+    subscription_v2: str = ""
     alert_subscription: str = ""
     health_subscription: str = ""
     result_subscription: str = ""
@@ -38,6 +44,8 @@ class MqttConfig(MqttLinkConfig):
         require_tls(self.host, self.tls, self.insecure)
         if not 1 <= self.receive_maximum <= 65535:
             raise Invalid("receive_maximum", "must be 1-65535")
+        if self.topic_prefix_v2 == self.topic_prefix:
+            raise Invalid("topic_prefix_v2", "must differ from topic_prefix (or be empty)")
         if not self.client_id:
             raise Invalid("client_id", "must not be empty (the persistent session is keyed by it)")
 

@@ -21,7 +21,12 @@ from shared.auth import read_key
 from shared.config import Invalid, positive
 from shared.mqttlink import MqttLinkConfig
 from shared.tls import require_tls
-from shared.topics import DEFAULT_BATCH_PREFIX, DEFAULT_SENSOR_PREFIX, is_valid_id
+from shared.topics import (
+    DEFAULT_BATCH_PREFIX,
+    DEFAULT_BATCH_PREFIX_V2,
+    DEFAULT_SENSOR_PREFIX,
+    is_valid_id,
+)
 from shared.wire import WindowSpec
 
 
@@ -205,6 +210,10 @@ class ForwardConfig:
     #: close windows into batches at most this often (monotonic seconds): one batch
     #: then holds every window that closed meanwhile; 0 = at every tick
     batch_every_s: float = 0.0
+    #: the batches' wire format: 1, or 2 (fewer bytes; on topic_prefix_v2, which
+    #: the cloud must read first: docs/wire-format.md §2.14)
+    wire_version: int = 1
+    topic_prefix_v2: str = DEFAULT_BATCH_PREFIX_V2
     ack_timeout_s: float = 30.0
     max_backoff_s: float = 600.0
     #: this device's ack key (hex; `cloud-ingest device-key`): then only acks that
@@ -220,6 +229,10 @@ class ForwardConfig:
         except Invalid as exc:
             raise Invalid(f"broker.{exc.key}", exc.message) from None
         positive("max_windows_per_batch", self.max_windows_per_batch)
+        if self.wire_version not in (1, 2):
+            raise Invalid("wire_version", "must be 1 or 2")
+        if not self.topic_prefix_v2 or self.topic_prefix_v2 == self.topic_prefix:
+            raise Invalid("topic_prefix_v2", "must be set, and differ from topic_prefix")
         if not 0 <= self.batch_every_s <= 86400:
             raise Invalid("batch_every_s", "must be 0-86400 seconds (0 = at every window close)")
         if self.max_windows_per_batch > 65535:

@@ -179,6 +179,13 @@ def unrounded(nodes: tuple[NodeSpec, ...]) -> tuple[NodeSpec, ...]:
     is_flag=True,
     help="Unrounded Gaussian readings instead of each sensor's part resolution.",
 )
+@click.option(
+    "--wire-version",
+    type=click.Choice(["1", "2"]),
+    default="1",
+    show_default=True,
+    help="Wire format of the batches; 2 goes to telemetry/v2/<device>/batch.",
+)
 def fleet(**kw: Any) -> None:
     """Simulate a fleet of devices at the wire level, for load tests of cloud ingest.
 
@@ -203,6 +210,7 @@ def fleet(**kw: Any) -> None:
             speed=kw["speed"],
             readings_per_window=kw["readings"],
             full_precision=kw["full_precision"],
+            wire_version=int(kw["wire_version"]),
             host=kw["host"],
             port=kw["port"],
             prefix=kw["prefix"],

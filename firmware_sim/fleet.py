@@ -40,9 +40,10 @@ from shared.errors import WireError
 from shared.mqttprops import publish_properties
 from shared.sketch import DDSketch
 from shared.tls import TlsConfig, ssl_context
-from shared.topics import DEFAULT_BATCH_PREFIX, ack_topic, batch_topic
+from shared.topics import DEFAULT_BATCH_PREFIX, DEFAULT_BATCH_PREFIX_V2, ack_topic, batch_topic
 from shared.wire import (
     CONTENT_TYPE,
+    CONTENT_TYPE_V2,
     FORMAT_VERSION,
     SensorRef,
     WindowSpec,
@@ -66,6 +67,9 @@ class FleetSpec:
     readings_per_window: int = 10
     #: unrounded Gaussian readings instead of each sensor's part resolution
     full_precision: bool = False
+    #: the batches' wire format; 2 goes to prefix_v2 (docs/wire-format.md §2.14)
+    wire_version: int = 1
+    prefix_v2: str = DEFAULT_BATCH_PREFIX_V2
     host: str = "127.0.0.1"
     port: int = 1883
     prefix: str = DEFAULT_BATCH_PREFIX
@@ -86,6 +90,8 @@ class FleetSpec:
         for name in ("devices", "batches", "sensors", "readings_per_window", "max_in_flight"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.wire_version not in (1, 2):
+            raise ValueError("wire_version must be 1 or 2")
         if self.interval_s <= 0 or self.speed < 0 or self.ack_timeout_s <= 0:
             raise ValueError("interval_s and ack_timeout_s must be > 0, speed >= 0")
         backoff.check(self.reconnect_min_s, self.reconnect_max_s)
@@ -207,7 +213,8 @@ def build_batches(spec: FleetSpec) -> tuple[list[tuple[float, _Pending]], list[d
             )
             # a device's batch goes out when its window closes; devices are spread
             due = (k + 1 + d / spec.devices) * spec.interval_s
-            work.append((due, _Pending(device, k + 1, encode_batch(batch))))
+            payload = encode_batch(batch, version=spec.wire_version)
+            work.append((due, _Pending(device, k + 1, payload)))
             truth.append(
                 {
                     "device_id": device,
@@ -280,12 +287,14 @@ class Fleet:
             self._cv.notify_all()
 
     def _publish(self, p: _Pending, now: float) -> None:
+        v2 = p.payload[4:5] == b"\x02"
         self._client.publish(
-            batch_topic(p.device, self.spec.prefix),
+            batch_topic(p.device, self.spec.prefix_v2 if v2 else self.spec.prefix),
             p.payload,
             qos=1,
             properties=publish_properties(
-                CONTENT_TYPE, [("seq", str(p.seq)), ("schema", str(FORMAT_VERSION))]
+                CONTENT_TYPE_V2 if v2 else CONTENT_TYPE,
+                [("seq", str(p.seq)), ("schema", "2" if v2 else str(FORMAT_VERSION))],
             ),
         )
         if p.first_sent == 0.0:

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from shared import varint
 from shared.errors import WireError
 
 ALPHA = 0.01
@@ -374,3 +375,86 @@ def encode_windows(
         else:
             result.append(_HEAD.pack(1, ALPHA, zeros[i]) + pos + neg)
     return result
+
+
+# ---- wire format v2's sketch column (docs/wire-format.md §2.14) ---------------------
+
+
+def _unzigzag(z: int) -> int:
+    return (z >> 1) ^ -(z & 1)
+
+
+def sketches_to_varints(sketches: Sequence[bytes]) -> tuple[float, bytes] | None:
+    """The sketches of a batch as v2's ``varint`` column: per sketch the zero count,
+    then for the positive and the negative bins n and, if n > 0, the zigzag lowest
+    key and the n counts, all as varints. Returns (α, bytes), or None where the
+    sketches do not share one α or one is not a sketch (the batch then goes as v1)."""
+    ints: list[npt.NDArray[np.uint64]] = []
+    alpha = None
+    try:
+        for data in sketches:
+            version, a, zero = _HEAD.unpack_from(data)
+            if version != 1 or (alpha is not None and a != alpha):
+                return None
+            alpha = a
+            off = _HEAD.size
+            row = [zero]
+            for _ in range(2):
+                lo, n = _RUN.unpack_from(data, off)
+                off += _RUN.size
+                row.append(n)
+                if n:
+                    row.append((lo << 1) ^ (lo >> 31))
+                ints.append(np.array(row, dtype=np.uint64))
+                ints.append(np.frombuffer(data, dtype="<u4", count=n, offset=off).astype(np.uint64))
+                off += 4 * n
+                row = []
+            if off != len(data):
+                return None
+    except (struct.error, ValueError):
+        return None
+    if alpha is None:
+        return None
+    return alpha, varint.encode(np.concatenate(ints) if ints else np.zeros(0, np.uint64))
+
+
+def varints_to_sketches(data: bytes, rows: int, alpha: float) -> tuple[bytes, ...]:
+    """v2's ``varint`` sketch column back to one v1 sketch per row (the bytes
+    :meth:`DDSketch.encode` makes); raises WireError ``bad-column`` for a column
+    that is not ``rows`` sketches within v1's bounds."""
+    if not 0 < alpha < 1:
+        raise WireError("bad-header", "sketch_alpha must be a number in (0, 1)")
+    ints = varint.decode(data)
+    values = ints.tolist()
+    out = []
+    i = 0
+    try:
+        for _ in range(rows):
+            zero = values[i]
+            i += 1
+            if zero >= 2**63:
+                raise WireError("bad-column", "a sketch's zero count beyond 2^63 - 1")
+            runs = []
+            for _sign in range(2):
+                n = values[i]
+                i += 1
+                if n == 0:
+                    runs.append(_RUN.pack(0, 0))
+                    continue
+                lo = _unzigzag(values[i])
+                i += 1
+                counts = ints[i : i + n]
+                i += n
+                if n > 65535 or len(counts) != n:
+                    raise WireError("bad-column", "a sketch's run is longer than the column")
+                if not (lo >= -(2**31) and lo + n - 1 <= _MAX_KEY):
+                    raise WireError("bad-column", "a sketch's keys beyond an i32")
+                if int(counts.max()) >= 2**32:
+                    raise WireError("bad-column", "a sketch's count beyond a u32")
+                runs.append(_RUN.pack(lo, n) + counts.astype("<u4").tobytes())
+            out.append(_HEAD.pack(1, alpha, zero) + runs[0] + runs[1])
+    except IndexError:
+        raise WireError("bad-column", "the sketch column ends before its last row") from None
+    if i != len(values):
+        raise WireError("bad-column", "values after the last row's sketch")
+    return tuple(out)

@@ -9,6 +9,7 @@ Cloud link (device → broker → cloud ingest)::
     telemetry/v1/<device_id>/cmd       operator → device: a signed command (QoS 1)
     telemetry/v1/<device_id>/result    device → cloud: a command's result (QoS 1)
     telemetry/v1/<device_id>/raw       device → cloud: raw readings a command asked for (QoS 1)
+    telemetry/v2/<device_id>/batch     a batch of wire format v2 (forward.wire_version = 2)
 
 Device-local broker (sensor nodes → edge agent)::
 
@@ -24,6 +25,9 @@ import re
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 DEFAULT_BATCH_PREFIX = "telemetry/v1"
+#: where batches of wire format v2 go (docs/wire-format.md §2.6, §2.14): only the
+#: batches; acks, alerts, health, commands and raw readings stay under v1's prefix
+DEFAULT_BATCH_PREFIX_V2 = "telemetry/v2"
 DEFAULT_SENSOR_PREFIX = "sensors"
 
 

@@ -1,4 +1,4 @@
-"""Wire format v1: one batch of closed windows per MQTT message.
+"""Wire formats v1 and v2: one batch of closed windows per MQTT message.
 
 The normative description is ``docs/wire-format.md``; this module is the
 reference encoder and decoder. A :class:`Batch` is checked when it is built, so
@@ -10,6 +10,12 @@ Layout::
                         u32 LE length of the uncompressed body
     body      (compressed with the codec)
               u32 LE header length, header (UTF-8 JSON), column bytes in header order
+
+Version 2 (docs/wire-format.md §2.14) is v1 without the ``mean`` column (it is
+``sum / count``) and with the sketches as varints under one α: about a third
+fewer bytes a month for a device that sends a batch per window close. It
+travels on its own topic prefix (§2.6); :func:`encode_batch` makes it on request
+and falls back to v1 for a batch v2 cannot carry exactly.
 """
 
 from __future__ import annotations
@@ -30,13 +36,17 @@ import zstandard
 from shared import jsonwire
 from shared import tags as tags_mod
 from shared.errors import WireError
+from shared.sketch import sketches_to_varints, varints_to_sketches
 from shared.topics import is_valid_id, is_valid_unit
 
 MAGIC: Final = b"TLMB"
 FORMAT_VERSION: Final = 1
+#: the versions this module encodes and decodes
+VERSIONS: Final = (1, 2)
 CODEC_NONE: Final = 0
 CODEC_ZSTD: Final = 1
 CONTENT_TYPE: Final = "application/vnd.telemetry.batch.v1"
+CONTENT_TYPE_V2: Final = "application/vnd.telemetry.batch.v2"
 _PREAMBLE = struct.Struct("<4sBBI")
 _U32 = struct.Struct("<I")
 
@@ -251,18 +261,45 @@ def take_rows(batch: Batch, rows: npt.NDArray[np.bool_]) -> Batch:
     )
 
 
-def encode_batch(batch: Batch, *, compress: bool = True, level: int = 3) -> bytes:
-    """Serialise ``batch`` to wire format v1."""
+def encode_batch(
+    batch: Batch, *, compress: bool = True, level: int = 3, version: int = FORMAT_VERSION
+) -> bytes:
+    """Serialise ``batch`` to wire format v1, or v2 (``version=2``) where it carries
+    the batch exactly: every ``mean`` is ``sum / count`` (as the agent's kernels
+    compute it) and the sketches share one α. Otherwise v1: a payload's version
+    byte says which it is (the agent picks the topic by it)."""
+    extra: dict[str, Any] = {}
+    sketch_column: tuple[str, bytes] | None = None
+    if version == 2:
+        v2 = _v2_parts(batch)
+        if v2 is None:
+            version = 1
+        else:
+            extra, sketch_column = v2
+    elif version != 1:
+        raise ValueError(f"wire format version {version}: this encoder writes {VERSIONS}")
     blobs: list[bytes] = []
     col_meta: list[dict[str, Any]] = []
     for name, (dtype, encoding) in COLUMNS.items():
+        if version == 2 and name == "mean":
+            continue
         col = getattr(batch, name)
         if encoding == "delta":
             col = np.diff(col, prepend=np.int64(0)) if len(col) else col
         data = np.ascontiguousarray(col, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
         blobs.append(data)
         col_meta.append({"name": name, "type": dtype, "encoding": encoding, "bytes": len(data)})
-    if batch.sketch:
+    if sketch_column is not None:
+        blobs.append(sketch_column[1])
+        col_meta.append(
+            {
+                "name": "sketch",
+                "type": "bytes",
+                "encoding": "varint",
+                "bytes": len(sketch_column[1]),
+            }
+        )
+    elif batch.sketch:
         data = _encode_blobs(batch.sketch)
         blobs.append(data)
         col_meta.append(
@@ -280,9 +317,32 @@ def encode_batch(batch: Batch, *, compress: bool = True, level: int = 3) -> byte
     }
     if batch.generation:
         header["generation"] = batch.generation
+    header |= extra
     hbytes = json.dumps(header, separators=(",", ":")).encode()
     body = _U32.pack(len(hbytes)) + hbytes + b"".join(blobs)
-    return frame(MAGIC, FORMAT_VERSION, body, compress=compress, level=level)
+    return frame(MAGIC, version, body, compress=compress, level=level)
+
+
+def _mean_of(sum_: npt.NDArray[np.float64], count: npt.NDArray[np.uint32]) -> Any:
+    """``sum / count`` as the kernels compute a window's mean (NaN without readings)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sum_ / count
+
+
+def _v2_parts(batch: Batch) -> tuple[dict[str, Any], tuple[str, bytes] | None] | None:
+    """v2's header keys and sketch column for ``batch``, or None if v2 cannot carry
+    it exactly (a mean that is not sum / count, sketches of different α)."""
+    derived = _mean_of(batch.sum, batch.count)
+    same = (derived == batch.mean) | (np.isnan(derived) & np.isnan(batch.mean))
+    if not same.all():
+        return None
+    if not batch.sketch:
+        return {}, None
+    packed = sketches_to_varints(batch.sketch)
+    if packed is None:
+        return None
+    alpha, data = packed
+    return {"sketch_alpha": alpha}, ("sketch", data)
 
 
 def frame(
@@ -304,22 +364,25 @@ def decode_batch(
     *,
     max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     max_body_bytes: int = MAX_BODY_BYTES,
+    versions: Sequence[int] = (FORMAT_VERSION,),
 ) -> Batch:
-    """Parse and validate untrusted bytes; raise :class:`WireError` with a reason."""
+    """Parse and validate untrusted bytes of one of ``versions``; raise
+    :class:`WireError` with a reason. v1 only unless asked: a receiver takes v2 on
+    v2's topic (docs/wire-format.md §2.6)."""
     body = unframe(
         payload,
         MAGIC,
-        FORMAT_VERSION,
+        versions,
         max_payload_bytes=max_payload_bytes,
         max_body_bytes=max_body_bytes,
     )
-    return _decode_body(body)
+    return _decode_body(body, payload[4])
 
 
 def unframe(
     payload: bytes,
     magic_expected: bytes,
-    version_expected: int,
+    version_expected: int | Sequence[int],
     *,
     max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     max_body_bytes: int = MAX_BODY_BYTES,
@@ -333,10 +396,11 @@ def unframe(
     magic, version, codec, body_len = _PREAMBLE.unpack_from(payload)
     if magic != magic_expected:
         raise WireError("bad-magic", f"expected magic {magic_expected!r}, got {magic!r}")
-    if version != version_expected:
+    known = (version_expected,) if isinstance(version_expected, int) else version_expected
+    if version not in known:
         raise WireError(
             "unsupported-version",
-            f"format version {version}, this decoder reads {version_expected}",
+            f"format version {version}, this decoder reads " + " and ".join(str(v) for v in known),
         )
     if body_len > max_body_bytes:
         raise WireError("too-large", f"declared body of {body_len} bytes, limit {max_body_bytes}")
@@ -397,7 +461,7 @@ def peek_ids(payload: bytes, *, max_body_bytes: int = MAX_BODY_BYTES) -> tuple[i
     to decode; seq None if it cannot be read, generation 0 if absent or unreadable."""
     try:
         magic, version, codec, body_len = _PREAMBLE.unpack_from(payload)
-        if magic != MAGIC or version != FORMAT_VERSION or body_len > max_body_bytes:
+        if magic != MAGIC or version not in VERSIONS or body_len > max_body_bytes:
             return None, 0
         raw = payload[_PREAMBLE.size :]
         body = _inflate(raw, body_len) if codec == CODEC_ZSTD else raw
@@ -452,7 +516,7 @@ def body_header(body: bytes) -> tuple[dict[str, Any], int]:
     return header, _U32.size + hlen
 
 
-def _decode_body(body: bytes) -> Batch:
+def _decode_body(body: bytes, version: int = FORMAT_VERSION) -> Batch:
     header, offset = body_header(body)
     rows = _field(header, "rows", int)
     if rows < 0:
@@ -488,10 +552,20 @@ def _decode_body(body: bytes) -> Batch:
         chunk = body[offset : offset + nbytes]
         offset += nbytes
         if name == "sketch":
+            if version == 2:
+                if meta.get("type") != "bytes" or meta.get("encoding") != "varint":
+                    raise WireError("bad-column", "column sketch must be bytes/varint in v2")
+                alpha = header.get("sketch_alpha")
+                if type(alpha) is not float:
+                    raise WireError("bad-header", "a v2 sketch column needs sketch_alpha")
+                sketches = varints_to_sketches(chunk, rows, alpha)
+                continue
             if meta.get("type") != "bytes" or meta.get("encoding") != "offsets":
                 raise WireError("bad-column", "column sketch must be bytes/offsets")
             sketches = _decode_blobs(chunk, rows)
             continue
+        if version == 2 and name == "mean":
+            raise WireError("bad-column", "v2 has no mean column (it is sum / count)")
         if name not in COLUMNS:
             continue  # unknown columns are skipped: minor additions stay compatible
         dtype, encoding = COLUMNS[name]
@@ -505,6 +579,10 @@ def _decode_body(body: bytes) -> Batch:
         found[name] = col
     if offset != len(body):
         raise WireError("bad-header", f"{len(body) - offset} bytes after the last column")
+    if version == 2:  # the mean is derived; the sum is required
+        if "sum" not in found:
+            raise WireError("bad-column", "missing required column sum")
+        found["mean"] = _mean_of(found["sum"], found["count"]).astype(np.float64)
     missing = [name for name in COLUMNS if name not in found and name not in OPTIONAL_COLUMNS]
     if missing:
         raise WireError("bad-column", f"missing required columns {missing}")

@@ -27,11 +27,19 @@ from shared.cli import EXIT_CONFIG, EXIT_FAILURE, load_or_exit
     help="An operator identity, which may send commands (`cloud-ingest command`). Repeatable.",
 )
 @click.option("--prefix", default="telemetry/v1", show_default=True, help="Topic prefix.")
-def broker_acl(ingestors: tuple[str, ...], operators: tuple[str, ...], prefix: str) -> None:
+@click.option(
+    "--prefix-v2",
+    default="telemetry/v2",
+    show_default=True,
+    help='Topic prefix of the batches of wire format v2 ("" = none).',
+)
+def broker_acl(
+    ingestors: tuple[str, ...], operators: tuple[str, ...], prefix: str, prefix_v2: str
+) -> None:
     """Print the cloud broker's ACL file (Mosquitto), for these ingestor identities.
 
     Devices (every other username, which must be its device id) may publish only
-    their own batch, alert, health and result topics and read only their own ack
+    their own batch (v1 and v2), alert, health, result and raw topics and read only their own ack
     and command topics; the ingestors read every batch, alert, health report and
     result and publish acks; operators publish commands and read results. Use
     it with `cloud-ingest broker-conf` (the listener's settings; docs/cloud-ingest.md,
@@ -46,7 +54,7 @@ def broker_acl(ingestors: tuple[str, ...], operators: tuple[str, ...], prefix: s
                 raise click.UsageError(f"{option} {name!r} is not a valid identity")
     if set(ingestors) & set(operators):
         raise click.UsageError("an identity cannot be both an ingestor and an operator")
-    click.echo(mosquitto_acl(list(ingestors), prefix, list(operators)), nl=False)
+    click.echo(mosquitto_acl(list(ingestors), prefix, list(operators), prefix_v2), nl=False)
 
 
 @main.command("broker-conf")

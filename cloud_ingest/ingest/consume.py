@@ -79,6 +79,7 @@ class GroupConsumer:
         self.stop = stop
         self.on_group = on_group
         self.prefix = proc.cfg.mqtt.topic_prefix
+        self.prefix_v2 = proc.cfg.mqtt.topic_prefix_v2
         self.master_key = proc.cfg.acks.master_key()  # signs acks, if set (shared/acks.py)
         self.receive_maximum = proc.cfg.mqtt.receive_maximum
         #: groups not yet acknowledged, in arrival order
@@ -129,7 +130,9 @@ class GroupConsumer:
                     break
                 msgs = self._form_group(first.result())
                 decoded = asyncio.Event()
-                devices = frozenset(route(str(m.topic), self.prefix)[1] for m in msgs)
+                devices = frozenset(
+                    route(str(m.topic), self.prefix, self.prefix_v2)[1] for m in msgs
+                )
                 after = [t for t, theirs in self.devices.items() if theirs & devices]
                 last = asyncio.create_task(self._handle(msgs, after, decoded))
                 self.unfinished[last] = len(msgs)

@@ -119,7 +119,7 @@ def decode_group(
     out: list[Decoded] = []
     for topic, payload in messages:
         try:
-            kind, device = route(topic, cfg.mqtt.topic_prefix)
+            kind, device = route(topic, cfg.mqtt.topic_prefix, cfg.mqtt.topic_prefix_v2)
         except Exception:  # noqa: BLE001 (decode_message says why, with the traceback)
             kind, device = "batch", None
         if quotas is not None and device is not None and not quotas.admit(device):
@@ -173,8 +173,9 @@ def _quotas(d: Decoded, quotas: Quotas, now_ns: int) -> Decoded:
     return d
 
 
-def route(topic: str, prefix: str) -> tuple[Kind, str | None]:
-    """A message's kind and device, from its topic alone (None: not a valid one)."""
+def route(topic: str, prefix: str, prefix_v2: str = "") -> tuple[Kind, str | None]:
+    """A message's kind and device, from its topic alone (None: not a valid one).
+    Batches come under ``prefix``, or in wire format v2 under ``prefix_v2``."""
     if topic.endswith("/alert"):
         return "alert", device_from_alert_topic(topic, prefix)
     if topic.endswith("/health"):
@@ -183,7 +184,10 @@ def route(topic: str, prefix: str) -> tuple[Kind, str | None]:
         return "result", device_from_result_topic(topic, prefix)
     if topic.endswith("/raw"):
         return "raw", device_from_raw_topic(topic, prefix)
-    return "batch", device_from_batch_topic(topic, prefix)
+    device = device_from_batch_topic(topic, prefix)
+    if device is None and prefix_v2:
+        device = device_from_batch_topic(topic, prefix_v2)
+    return "batch", device
 
 
 def decode_message(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
@@ -191,7 +195,7 @@ def decode_message(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
     ``…/raw``."""
     kind: Kind = "batch"
     try:
-        kind, device = route(topic, cfg.mqtt.topic_prefix)
+        kind, device = route(topic, cfg.mqtt.topic_prefix, cfg.mqtt.topic_prefix_v2)
         if kind == "raw":
             return _decode_raw(topic, payload, device, cfg)
         if kind != "batch":
@@ -204,9 +208,14 @@ def decode_message(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
 
 
 def _decode_batch(topic: str, payload: bytes, cfg: IngestConfig) -> Decoded:
-    return _decode_binary(
-        topic, payload, "batch", device_from_batch_topic(topic, cfg.mqtt.topic_prefix), cfg
-    )
+    """A batch: of wire format v1 on v1's topics, of v2 on v2's (§2.6: a payload of
+    the other version there is ``unsupported-version``)."""
+    device = device_from_batch_topic(topic, cfg.mqtt.topic_prefix)
+    if device is None and cfg.mqtt.topic_prefix_v2:
+        device = device_from_batch_topic(topic, cfg.mqtt.topic_prefix_v2)
+        if device is not None:
+            return _decode_binary(topic, payload, "batch", device, cfg, version=2)
+    return _decode_binary(topic, payload, "batch", device, cfg)
 
 
 def _decode_raw(topic: str, payload: bytes, device: str | None, cfg: IngestConfig) -> Decoded:
@@ -215,7 +224,7 @@ def _decode_raw(topic: str, payload: bytes, device: str | None, cfg: IngestConfi
 
 def _decode_binary(
     topic: str, payload: bytes, kind: Literal["batch", "raw"], device: str | None,
-    cfg: IngestConfig,
+    cfg: IngestConfig, version: int = 1,
 ) -> Decoded:  # fmt: skip
     """A batch (shared/wire.py) or raw readings (shared/rawdata.py): the same framing,
     limits and checks of the topic's device; a refused one still names its seq."""
@@ -227,7 +236,9 @@ def _decode_binary(
         if device is None:
             raise WireError("bad-topic", f"{topic!r} is not <prefix>/<device_id>/{kind}")
         value: Batch | RawReadings = (
-            decode_batch(payload, **limits) if kind == "batch" else decode_raw(payload, **limits)
+            decode_batch(payload, **limits, versions=(version,))
+            if kind == "batch"
+            else decode_raw(payload, **limits)
         )
         if value.device_id != device:
             raise WireError(

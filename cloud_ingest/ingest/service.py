@@ -82,6 +82,9 @@ async def serve(
     reports = cfg.mqtt.health_subscription or health_filter(cfg.mqtt.topic_prefix)
     results = cfg.mqtt.result_subscription or result_filter(cfg.mqtt.topic_prefix)
     raw = cfg.mqtt.raw_subscription or raw_filter(cfg.mqtt.topic_prefix)
+    topics = [topic, alerts, reports, results, raw]
+    if cfg.mqtt.topic_prefix_v2:  # batches of wire format v2 (docs/wire-format.md §2.14)
+        topics.append(cfg.mqtt.subscription_v2 or batch_filter(cfg.mqtt.topic_prefix_v2))
     delay = cfg.mqtt.reconnect_min_s
     dog = asyncio.ensure_future(feed(notifier, proc.stats, lambda: health.in_hand(), died, stop))
     try:
@@ -100,7 +103,7 @@ async def serve(
                         notifier.ready(f"subscribed to {cfg.mqtt.host}:{cfg.mqtt.port}")
 
                     consumer = GroupConsumer(client, proc, stop, health, on_group)
-                    await consumer.run([topic, alerts, reports, results, raw], subscribed)
+                    await consumer.run(topics, subscribed)
                     health.subscribed.clear()
             except aiomqtt.MqttError as exc:
                 health.subscribed.clear()

@@ -47,7 +47,7 @@ from shared.topics import (
     raw_topic,
     result_topic,
 )
-from shared.wire import CONTENT_TYPE, FORMAT_VERSION
+from shared.wire import CONTENT_TYPE, CONTENT_TYPE_V2, FORMAT_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,10 @@ class Forwarder:
         self.cfg = cfg
         self.store = store
         self.topic = batch_topic(cfg.device_id, cfg.forward.topic_prefix)
+        #: batches of wire format v2 go to their own prefix (docs/wire-format.md §2.6);
+        #: each payload's version byte says which, so a change of forward.wire_version
+        #: sends the outbox's older batches where they belong
+        self.topic_v2 = batch_topic(cfg.device_id, cfg.forward.topic_prefix_v2)
         self.connected = threading.Event()
         # paho's network thread only puts events here; all bookkeeping happens in
         # pump() on the agent's thread, so no lock is shared with paho's callbacks.
@@ -315,13 +319,18 @@ class Forwarder:
                 if self._tokens < min(len(item.payload), f.backfill_bytes_per_s):
                     return  # the backfill waits for its byte budget; live batches went first
                 self._tokens -= len(item.payload)  # may go negative: paid back over time
+            topic, schema = self.topics[item.kind], FORMAT_VERSION
+            if item.kind == "batch" and item.payload[4:5] == b"\x02":
+                topic, schema = self.topic_v2, 2
             info = self.client.publish(
-                self.topics[item.kind],
+                topic,
                 item.payload,
                 qos=1,
                 properties=publish_properties(
-                    _CONTENT_TYPES.get(item.kind, JSON_CONTENT_TYPE),
-                    [("seq", str(item.seq)), ("schema", str(FORMAT_VERSION))],
+                    _CONTENT_TYPES.get(item.kind, JSON_CONTENT_TYPE)
+                    if schema == FORMAT_VERSION
+                    else CONTENT_TYPE_V2,
+                    [("seq", str(item.seq)), ("schema", str(schema))],
                     self.cfg.forward.message_expiry_s,
                 ),
             )

@@ -115,6 +115,8 @@ class Limits:
     max_rows: int
     max_sensors: int = 1000
     max_bytes: int = 1_000_000
+    #: the wire format the batches are encoded in (forward.wire_version)
+    wire_version: int = 1
 
 
 def _parts(sid_all: np.ndarray, starts: np.ndarray, limits: Limits) -> list[slice]:
@@ -180,7 +182,7 @@ def _emit(
             sketch=tuple(sketches[part]) if sketches else (),
             generation=generation,
         )
-        payload = encode_batch(batch)
+        payload = encode_batch(batch, version=limits.wire_version)
         rows = part.stop - part.start
         if len(payload) > limits.max_bytes and rows > 1:
             store.set_state(outbox.NEXT_SEQ, seq)  # not used: seqs stay without gaps
@@ -348,6 +350,7 @@ def send_ready(
         cfg.forward.max_windows_per_batch,
         cfg.forward.max_sensors_per_batch,
         cfg.forward.max_batch_bytes,
+        cfg.forward.wire_version,
     )
     if len(widths) > 1:
         return _send_ready_widths(store, cfg, widths, max_ts, flush, limits, tags)

@@ -55,7 +55,7 @@ from edge_agent.store import (
 )
 from edge_agent.technician.status import open_readonly
 from shared.errors import StorageError, WireError
-from shared.wire import decode_batch
+from shared.wire import VERSIONS, decode_batch
 
 
 def schema_tables() -> list[str]:
@@ -121,7 +121,7 @@ def _row_problem(table: str, row: dict[str, Any]) -> str | None:
             return f"{what} {row['id']}: t_min/t_max do not match its timestamps"
     if table == "outbox":
         try:
-            b = decode_batch(bytes(row["payload"]))
+            b = decode_batch(bytes(row["payload"]), versions=VERSIONS)
         except (WireError, TypeError) as exc:
             return f"outbox seq {row['seq']}: payload does not decode: {exc}"
         if b.seq != row["seq"]:

@@ -333,3 +333,31 @@ def test_warm_up_runs_the_decode_and_encode_path_and_writes_nothing() -> None:
         assert proc.stats.counters == {}
     finally:
         proc.close()
+
+
+def test_v2_batches_on_v2_topics_are_written_as_v1_ones_are() -> None:
+    """Wire format v2 (docs/wire-format.md §2.14) on telemetry/v2: the same lines and
+    lake rows as the batch in v1; a payload of the other version on a topic is
+    refused as unsupported-version, and its device told (its seq can be read)."""
+    from shared.wire import decode_batch
+
+    def of(device: str, version: int) -> bytes:
+        payload = encode_batch(decode_batch(message(device, 1)[1]), version=version)
+        assert payload[4] == version
+        return payload
+
+    written = {}
+    for version in (1, 2):
+        points, store = FakePoints(), FakeStore()
+        proc = processor(points, store)
+        group = [(f"telemetry/v{version}/a/batch", of("a", version))]
+        if version == 2:
+            group += [("telemetry/v1/c/batch", of("c", 2)), ("telemetry/v2/d/batch", of("d", 1))]
+        out = asyncio.run(proc.handle_group(group))
+        proc.close()
+        assert out[0].result == "written"
+        for o in out[1:]:
+            assert o.result == "quarantined" and o.ack is not None
+            assert (o.ack.status, o.ack.reason, o.ack.seq) == ("rejected", "unsupported-version", 1)
+        written[version] = ([ln for r in points.requests for ln in r], lake_rows(store))
+    assert written[1] == written[2] and written[1][1] == {("a", 1): 2}

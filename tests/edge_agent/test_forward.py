@@ -96,3 +96,36 @@ def test_a_batch_damaged_on_disk_is_dropped_and_counted_not_sent(tmp_path: Path)
     assert all(p != bytes(damaged) for _, p in fake.published)
     assert s.conn.execute("SELECT count(*) FROM outbox WHERE seq = 2").fetchone()[0] == 0
     assert s.counters()["dropped_damaged_batches"] == 1
+
+
+def test_each_batch_goes_to_the_topic_of_its_wire_version(tmp_path: Path) -> None:
+    """forward.wire_version = 2: batches of v2 on telemetry/v2 (docs/wire-format.md
+    §2.6, §2.14). The version is each payload's: batches closed before a change of
+    the setting still go to v1's topic."""
+    from shared.wire import decode_batch
+
+    cfg = from_dict(
+        AgentConfig,
+        {"device_id": "pi-1", "storage": {"path": str(tmp_path / "a.sqlite")},
+         "forward": {"wire_version": 2}},
+    )  # fmt: skip
+    s = Store(cfg.storage.path)
+    reg = buffer.SensorRegistry(s)
+    for k in range(4):
+        values = np.round(np.random.default_rng(k).normal(20, 1, 5) * 16) / 16
+        ts = T0 + k * W + np.arange(5, dtype=np.int64) * 10**9
+        buffer.store_chunk(s, reg, ReadingChunk("n", "s", "u", ts, values))
+    for k, version in ((1, 1), (2, 1), (3, 2), (4, 2)):  # the setting changes after two
+        limits = window.Limits(100, wire_version=version)
+        window.close_until(s, device_id="pi-1", width_ns=W, upto_ns=T0 + k * W, max_rows=limits)
+    fake = FakeClient()
+    fwd = Forwarder(cfg, s, client=fake)  # type: ignore[arg-type]
+    fwd.connected.set()
+    fwd.pump()
+    topics = [t for t, _ in fake.published]
+    assert topics == ["telemetry/v1/pi-1/batch"] * 2 + ["telemetry/v2/pi-1/batch"] * 2
+    for topic, payload in fake.published:
+        version = 2 if "/v2/" in topic else 1
+        assert payload[4] == version
+        b = decode_batch(payload, versions=(version,))
+        assert b.count.tolist() == [5] and b.mean[0] == b.sum[0] / 5

@@ -18,7 +18,9 @@ from typing import Any
 import boto3
 import duckdb
 import numpy as np
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_ingest.lake import archived_seqs
 from cloud_ingest.sinks.archive import LocalArchive, S3Archive
@@ -131,6 +133,9 @@ def test_end_to_end_exact_accounting(
         # event time runs 15x faster than the clock: start in the past so that no
         # reading is in the future (VictoriaMetrics hides future samples)
         start_ns=(time.time_ns() // WIDTH - 8) * WIDTH + 123_456_789,
+        # wire format v2 (docs/wire-format.md §2.14), on its own topic: every other
+        # pipeline test sends v1
+        agent_tables={"forward": {"wire_version": 2}},
         targets=[
             IngestTarget(
                 "v1-s3",
@@ -170,6 +175,12 @@ def test_end_to_end_exact_accounting(
 
     s3_lake = S3Archive(bucket, "lake", endpoint_url=s3.url, region="us-east-1")
     s3_lake.client = s3c  # with the test's credentials
+    topics: list[str] = []  # what the agent publishes its batches on
+    watcher = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    watcher.on_message = lambda _c, _u, msg: topics.append(msg.topic)
+    watcher.connect("127.0.0.1", cloud.port)
+    watcher.subscribe("telemetry/+/+/batch")
+    watcher.loop_start()
 
     def archived(store: ObjectStore) -> int:
         return sum(len(seqs) for seqs in archived_seqs(store).values())
@@ -188,7 +199,10 @@ def test_end_to_end_exact_accounting(
         res = pipe.run(arrived, deliver_timeout_s=90)
     finally:
         pipe.stop_all()
+        watcher.loop_stop()
+        watcher.disconnect()
     assert res.arrived, "the sinks never held every reading"
+    assert topics and set(topics) == {f"telemetry/v2/{device}/batch"}
 
     # the agent took every reading, dropped none, and the broker acknowledged every batch
     c = res.counters

@@ -1,4 +1,4 @@
-"""A batch decoder written from docs/wire-format.md §1 and §2 alone, to hold the
+"""A batch decoder written from docs/wire-format.md §1 and §2 (§2.14: version 2) alone, to hold the
 page to the code: it imports nothing of the project. It answers only the question
 the page's §2.5 answers — which reason, if any, a payload on a topic is refused
 for — and builds no batch.
@@ -47,6 +47,8 @@ SIZE = {"uint16": 2, "uint32": 4, "int64": 8, "float64": 8}
 FORMAT = {"uint16": "<H", "uint32": "<I", "int64": "<q", "float64": "<d"}
 MAX_PAYLOAD = 1 << 20
 MAX_BODY = 16 << 20
+#: §1, §2.14: the prefix of each version's batches
+PREFIXES = {"telemetry/v1": 1, "telemetry/v2": 2}
 
 
 class Refused(Exception):
@@ -94,21 +96,30 @@ def _json(raw: bytes) -> Any:
         raise Refused("bad-header") from None
 
 
-def reason(topic: str, payload: bytes, prefix: str = "telemetry/v1") -> str | None:
+def _prefix_of(topic: str) -> str:
+    """The batch prefix ``topic`` is under (§1), or v1's if none."""
+    for prefix in PREFIXES:
+        if topic.startswith(prefix + "/"):
+            return prefix
+    return "telemetry/v1"
+
+
+def reason(topic: str, payload: bytes) -> str | None:
     """The reason §2.5 gives for refusing ``payload`` on ``topic``; None if valid."""
     try:
-        _check(topic, payload, prefix)
+        _check(topic, payload, _prefix_of(topic))
     except Refused as exc:
         return exc.reason
     return None
 
 
-def acked_seq(topic: str, payload: bytes, prefix: str = "telemetry/v1") -> int | None:
+def acked_seq(topic: str, payload: bytes) -> int | None:
     """The seq a refused batch's `rejected` ack carries (§2.7), None for no ack."""
+    prefix = _prefix_of(topic)
     device = topic[len(prefix) + 1 : -len("/batch")]
     if not topic.startswith(prefix + "/") or not topic.endswith("/batch") or not ID.match(device):
         return None
-    if len(payload) < 10 or payload[:4] != b"TLMB" or payload[4] != 1:
+    if len(payload) < 10 or payload[:4] != b"TLMB" or payload[4] not in PREFIXES.values():
         return None
     (length,) = struct.unpack_from("<I", payload, 6)
     if length > MAX_BODY:
@@ -157,7 +168,8 @@ def _check(
         raise Refused("truncated")
     if payload[:4] != b"TLMB":
         raise Refused("bad-magic")
-    if payload[4] != 1:
+    version = PREFIXES[prefix]  # §2.14: each version on its own prefix only
+    if payload[4] != version:
         raise Refused("unsupported-version")
     (length,) = struct.unpack_from("<I", payload, 6)
     if length > MAX_BODY:
@@ -180,11 +192,53 @@ def _check(
     header = _json(body[4 : 4 + hlen])
     if not isinstance(header, dict):
         raise Refused("bad-header")
-    return header, _check_header(header, body, 4 + hlen, topic_device, ranges)
+    return header, _check_header(header, body, 4 + hlen, topic_device, ranges, version)
+
+
+def _varints(data: bytes) -> list[int]:
+    """§2.14: LEB128, at most 10 bytes a value, below 2^64; the data ends on a value."""
+    out, value, shift, n = [], 0, 0, 0
+    for byte in data:
+        value |= (byte & 0x7F) << shift
+        shift, n = shift + 7, n + 1
+        if n > 10:
+            raise Refused("bad-column")
+        if not byte & 0x80:
+            if value >= 2**64:
+                raise Refused("bad-column")
+            out.append(value)
+            value, shift, n = 0, 0, 0
+    if n:
+        raise Refused("bad-column")
+    return out
+
+
+def _v2_sketches(data: bytes, rows: int) -> None:
+    """§2.14: ``rows`` sketches, each a zero count and two runs, nothing after."""
+    values = iter(_varints(data))
+    try:
+        for _ in range(rows):
+            if next(values) >= 2**63:
+                raise Refused("bad-column")
+            for _sign in range(2):
+                n = next(values)
+                if n == 0:
+                    continue
+                z = next(values)
+                low = (z >> 1) ^ -(z & 1)
+                counts = [next(values) for _ in range(min(n, 65536))]
+                if n > 65535 or not -(2**31) <= low <= low + n - 1 <= 2**31 - 1:
+                    raise Refused("bad-column")
+                if max(counts) >= 2**32:
+                    raise Refused("bad-column")
+    except StopIteration:
+        raise Refused("bad-column") from None
+    if next(values, None) is not None:
+        raise Refused("bad-column")
 
 
 def _check_header(
-    h: dict[str, Any], body: bytes, offset: int, topic_device: str, ranges: bool
+    h: dict[str, Any], body: bytes, offset: int, topic_device: str, ranges: bool, version: int = 1
 ) -> dict[str, list[Any]]:
     # 4.1
     rows, window, sensors = h.get("rows"), h.get("window"), h.get("sensors")
@@ -242,6 +296,16 @@ def _check_header(
             raise Refused("truncated")
         data = body[offset : offset + size]
         offset += size
+        if name == "sketch" and version == 2:
+            if c.get("type") != "bytes" or c.get("encoding") != "varint":
+                raise Refused("bad-column")
+            alpha = h.get("sketch_alpha")
+            if not isinstance(alpha, float) or not 0 < alpha < 1:
+                raise Refused("bad-header")
+            _v2_sketches(data, rows)
+            continue
+        if name == "mean" and version == 2:
+            raise Refused("bad-column")  # v2 has none (§2.14)
         if name == "sketch":
             if c.get("type") != "bytes" or c.get("encoding") != "offsets":
                 raise Refused("bad-column")
@@ -270,6 +334,12 @@ def _check_header(
     # 4.5 - 4.7
     if offset != len(body):
         raise Refused("bad-header")
+    if version == 2:  # §2.14: sum required, mean is sum / count
+        if "sum" not in found:
+            raise Refused("bad-column")
+        found["mean"] = [
+            s / c if c else math.nan for s, c in zip(found["sum"], found["count"], strict=True)
+        ]
     if any(name not in found for name in REQUIRED):
         raise Refused("bad-column")
     generation = h.get("generation", 0)

@@ -579,13 +579,18 @@ def _decode_body(body: bytes, version: int = FORMAT_VERSION) -> Batch:
         found[name] = col
     if offset != len(body):
         raise WireError("bad-header", f"{len(body) - offset} bytes after the last column")
-    if version == 2:  # the mean is derived; the sum is required
-        if "sum" not in found:
-            raise WireError("bad-column", "missing required column sum")
-        found["mean"] = _mean_of(found["sum"], found["count"]).astype(np.float64)
-    missing = [name for name in COLUMNS if name not in found and name not in OPTIONAL_COLUMNS]
+    if version == 2 and "sum" not in found:  # the sum is required, the mean derived
+        raise WireError("bad-column", "missing required column sum")
+    derived = ("mean",) if version == 2 else ()
+    missing = [
+        name
+        for name in COLUMNS
+        if name not in found and name not in OPTIONAL_COLUMNS and name not in derived
+    ]
     if missing:
         raise WireError("bad-column", f"missing required columns {missing}")
+    if version == 2:
+        found["mean"] = _mean_of(found["sum"], found["count"]).astype(np.float64)
     for name, default in OPTIONAL_COLUMNS.items():
         if name not in found:
             found[name] = np.full(rows, default).astype(COLUMNS[name][0])

@@ -190,3 +190,12 @@ def test_any_damage_to_v2_decodes_or_fails_with_a_reason(data: st.DataObject) ->
 @given(st.lists(st.integers(0, 2**64 - 1), max_size=40))
 def test_varints_round_trip(values: list[int]) -> None:
     assert varint.decode(varint.encode(values)).tolist() == values
+
+
+def test_a_v2_batch_without_its_count_column_is_refused_not_a_crash() -> None:
+    """Found by the spec decoder's agreement test (seed 3584): the mean was derived
+    before the required columns were checked, and a KeyError left the decoder."""
+    b = agent_batch(6, 2)
+    with pytest.raises(WireError) as err:
+        decode_batch(v2_with(b, count=None), versions=(2,))
+    assert err.value.reason == "bad-column"

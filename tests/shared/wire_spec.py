@@ -334,14 +334,14 @@ def _check_header(
     # 4.5 - 4.7
     if offset != len(body):
         raise Refused("bad-header")
-    if version == 2:  # §2.14: sum required, mean is sum / count
-        if "sum" not in found:
-            raise Refused("bad-column")
+    if version == 2 and "sum" not in found:  # §2.14: sum required, mean is sum / count
+        raise Refused("bad-column")
+    if any(name not in found for name in REQUIRED if not (version == 2 and name == "mean")):
+        raise Refused("bad-column")
+    if version == 2:
         found["mean"] = [
             s / c if c else math.nan for s, c in zip(found["sum"], found["count"], strict=True)
         ]
-    if any(name not in found for name in REQUIRED):
-        raise Refused("bad-column")
     generation = h.get("generation", 0)
     device, seq, created = h.get("device_id"), h.get("seq"), h.get("created_ns")
     if not _is_int(generation) or not isinstance(device, str):

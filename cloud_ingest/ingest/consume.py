@@ -130,9 +130,7 @@ class GroupConsumer:
                     break
                 msgs = self._form_group(first.result())
                 decoded = asyncio.Event()
-                devices = frozenset(
-                    route(str(m.topic), self.prefix, self.prefix_v2)[1] for m in msgs
-                )
+                devices = frozenset(self._device_of(m) for m in msgs)
                 after = [t for t, theirs in self.devices.items() if theirs & devices]
                 last = asyncio.create_task(self._handle(msgs, after, decoded))
                 self.unfinished[last] = len(msgs)
@@ -238,6 +236,14 @@ class GroupConsumer:
             self.room.set()
         else:
             self.room.clear()
+
+    def _device_of(self, msg: aiomqtt.Message) -> str | None:
+        """The device a message is of (None for a topic without one, which the
+        decoder quarantines; None is shared with every such message)."""
+        try:
+            return route(str(msg.topic), self.prefix, self.prefix_v2)[1]
+        except Exception:  # noqa: BLE001 (route is string slicing; a bug must not end the loop)
+            return None
 
     def _finished(self, task: GroupTask) -> None:
         self.unfinished.pop(task, None)

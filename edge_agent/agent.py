@@ -42,6 +42,7 @@ from edge_agent.pipeline import (
 from edge_agent.pipeline.forward import Forwarder
 from edge_agent.pipeline.health import Reporter
 from edge_agent.pipeline.intake import Intake
+from edge_agent.sources.host import HostSampler
 from edge_agent.sources.http import HttpIntake
 from edge_agent.sources.modbus import ModbusPoller
 from edge_agent.store import Store
@@ -70,7 +71,11 @@ class Agent:
             self.intake = Intake(cfg)
             http = cfg.intake.http
             self.http = HttpIntake(http, self.intake) if http.enabled else None
-            self.pollers = [ModbusPoller(m, self.intake) for m in cfg.intake.modbus]
+            self.pollers: list[ModbusPoller | HostSampler] = [
+                ModbusPoller(m, self.intake) for m in cfg.intake.modbus
+            ]
+            if cfg.intake.host.enabled:
+                self.pollers.append(HostSampler(cfg.intake.host, cfg.storage.path, self.intake))
             self.forwarder = Forwarder(cfg, self.store, desired=desired)
             # readings stamped ahead of a clock known to be behind are not held
             self.intake.offset_ns = self.forwarder.clock.offset_ns
@@ -131,7 +136,7 @@ class Agent:
         ]
         if self.http is not None and not self.http.alive():
             dead.append("HTTP intake")
-        dead += [f"Modbus {p.cfg.name}" for p in self.pollers if not p.thread.is_alive()]
+        dead += [f"{p.label} {p.cfg.name}" for p in self.pollers if not p.thread.is_alive()]
         return dead
 
     def stalled(self, limit_s: float) -> str | None:
@@ -146,7 +151,8 @@ class Agent:
         return f"the {' and '.join(dead)} thread died" if dead else None
 
     def store_adapter_counts(self) -> None:
-        """The counters the HTTP intake and the Modbus pollers gathered since the last tick."""
+        """The counters the HTTP intake, the Modbus pollers and the host sampler
+        gathered since the last tick."""
         counts = [p.counts for p in self.pollers]
         if self.http is not None:
             counts.append(self.http.counts)

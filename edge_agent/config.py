@@ -14,7 +14,7 @@ from typing import Literal
 
 from edge_agent.pipeline.alerts import AlertRule
 from edge_agent.pipeline.kernels import KERNELS
-from edge_agent.sources.config import HttpConfig, ModbusConfig, SourceConfig
+from edge_agent.sources.config import HostConfig, HttpConfig, ModbusConfig, SourceConfig
 from edge_agent.sources.transform import TransformRule
 from shared import tags as tags_mod
 from shared.auth import read_key
@@ -158,26 +158,31 @@ class IntakeConfig:
     sources: tuple[SourceConfig, ...] = ()
     http: HttpConfig = field(default_factory=HttpConfig)
     modbus: tuple[ModbusConfig, ...] = ()
+    #: the gateway's own health (edge_agent/sources/host.py); off by default
+    host: HostConfig = field(default_factory=HostConfig)
     transforms: tuple[TransformRule, ...] = ()
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.sources] + [m.name for m in self.modbus]
+        if self.host.enabled:
+            names.append(self.host.name)
         if self.topic_prefix:
             names.append(NATIVE_SOURCE)
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup is not None:
             raise Invalid(
                 "sources",
-                f"two sources (or Modbus devices) are named {dup!r}: names are unique"
+                f"two sources (Modbus devices, [intake.host]) are named {dup!r}: names are unique"
                 + (" (sensors is the agent's own chunk source)" if dup == NATIVE_SOURCE else ""),
             )
         if "http" in names or any(n.startswith("http-") for n in names):
             raise Invalid("sources", "the names http and http-* are the HTTP intake's")
-        if not (self.topic_prefix or self.sources or self.http.enabled or self.modbus):
+        inputs = (self.topic_prefix, self.sources, self.http.enabled, self.modbus)
+        if not any(inputs) and not self.host.enabled:
             raise Invalid(
                 "topic_prefix",
                 "the agent has no input: set topic_prefix, [[intake.sources]], "
-                "[intake.http] enabled or [[intake.modbus]]",
+                "[intake.http] enabled, [[intake.modbus]] or [intake.host] enabled",
             )
 
     @property

@@ -324,3 +324,30 @@ class ModbusConfig:
         except ConfigError as exc:
             raise Invalid("register_map", str(exc)) from None
         return self.registers + loaded.registers
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """The gateway's own health as readings (edge_agent/sources/host.py)."""
+
+    #: off by default: each device's metrics are about 20 more series in the cloud
+    #: (its quotas, InfluxDB's cardinality) and bytes on the uplink; an operator's choice
+    enabled: bool = False
+    #: the source's name in counters and `edge-agent status`
+    name: str = "host"
+    #: the node its readings belong to
+    node: str = "host"
+    #: seconds between samples
+    interval_s: float = 10.0
+    #: the Raspberry Pi firmware's throttling word in sysfs; "" = not read
+    throttled_path: str = "/sys/devices/platform/soc/soc:firmware/get_throttled"
+    #: else this program's ``get_throttled``, if it is on PATH; "" = not run
+    vcgencmd: str = "vcgencmd"
+
+    def __post_init__(self) -> None:
+        if not is_valid_id(self.name) or self.name.startswith("http"):
+            raise Invalid("name", "must be 1-64 characters of A-Z a-z 0-9 _ . -, not http*")
+        if not is_valid_id(self.node):
+            raise Invalid("node", "must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        if not math.isfinite(self.interval_s) or self.interval_s < 0.1:
+            raise Invalid("interval_s", "must be at least 0.1")

@@ -127,6 +127,8 @@ def decode_poll(
 
 
 class ModbusPoller:
+    label = "Modbus"
+
     def __init__(self, cfg: ModbusConfig, intake: Intake) -> None:
         self.cfg = cfg
         self.intake = intake

@@ -46,6 +46,9 @@ class Recipe:
     expect: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
     modbus: dict[str, float] = field(default_factory=dict)
     modbus_node: str = ""
+    #: [intake.host]: its node and the sensors every machine has
+    host_node: str = ""
+    host_sensors: tuple[str, ...] = ()
 
 
 def recipes() -> list[Recipe]:
@@ -62,6 +65,8 @@ def recipes() -> list[Recipe]:
                 node, sensor = name.split("/", 1)
                 valid, _, invalid = count.partition("/")
                 r.expect[(node, sensor)] = (int(valid), int(invalid or 0))
+        for m in re.finditer(r"<!-- expect-host: (\S+) (.*?) -->", section):
+            r.host_node, r.host_sensors = m.group(1), tuple(m.group(2).split())
         for m in re.finditer(r"<!-- expect-modbus: (\S+) (.*?) -->", section):
             r.modbus_node = m.group(1)
             r.modbus = {k: float(v) for k, v in (i.split("=") for i in m.group(2).split())}
@@ -119,6 +124,7 @@ def test_the_page_has_a_recipe_for_every_family_and_every_source_type() -> None:
     for fmt in ("value", "json", "influx", "csv"):
         assert f'format = "{fmt}"' in config
     assert "[intake.http]" in config and "[[intake.modbus]]" in config
+    assert "[intake.host]" in config
     assert sum(len(r.expect) for r in rs) >= 80
 
 
@@ -200,6 +206,7 @@ def test_every_recipe_reaches_influxdb_exactly(
                 expected[key] = (old[0] + valid, old[1] + invalid)
         total = sum(v + i for v, i in expected.values())
         modbus = next(r for r in rs if r.modbus)
+        host = next(r for r in rs if r.host_node)
 
         def counters() -> dict[str, int]:
             return {k: int(v) for k, v in pipe.agent_status()["counters"].items()}
@@ -242,9 +249,11 @@ def test_every_recipe_reaches_influxdb_exactly(
         c = counters()
         polls = c["source_meter_messages"]
         assert c["source_meter_readings"] == polls * 10
+        samples, sampled = c["source_host_messages"], c["source_host_readings"]
+        assert samples >= 2 and c.get("source_host_errors", 0) == 0
         for name in (k[len("source_") : -len("_rejected")] for k in c if k.endswith("_rejected")):
             assert c[f"source_{name}_rejected"] == 0, name
-        assert c["readings_stored"] == total + polls * 10
+        assert c["readings_stored"] == total + polls * 10 + sampled
         assert not {k: v for k, v in c.items() if k.startswith("dropped_") and v}
         assert c["readings_filtered"] == 1  # Home Assistant's "unavailable", ignored
         for sensor in modbus.modbus:
@@ -261,9 +270,14 @@ def test_every_recipe_reaches_influxdb_exactly(
         want = {
             k: v for k, v in expected.items() if k[0] != modbus.modbus_node or k[1] in modbus.modbus
         }
+
+        def all_in(got: dict[tuple[str, str], tuple[int, int]]) -> bool:
+            host_sum = sum(v for (n, _), (v, _) in got.items() if n == host.host_node)
+            return {k: v for k, v in got.items() if k in want} == want and host_sum == sampled
+
         try:
             wait_until(
-                lambda: {k: v for k, v in in_influx().items() if k in want} == want,
+                lambda: all_in(in_influx()),
                 60,
                 "InfluxDB to hold every recipe's readings",
                 interval_s=0.3,
@@ -287,7 +301,13 @@ def test_every_recipe_reaches_influxdb_exactly(
         assert {k: v for k, v in got.items() if k in want} == want
         meter_sensors = {k for k in got if k[0] == modbus.modbus_node}
         assert all(got[k] == (polls, 0) for k in meter_sensors) and len(meter_sensors) == 10
-        assert set(got) - set(want) == meter_sensors - set(want)
+        # the gateway's own metrics: each sensor the page names, every reading the agent
+        # stored of them once, none invalid
+        host_sensors = {k for k in got if k[0] == host.host_node}
+        assert {(host.host_node, s) for s in host.host_sensors} <= host_sensors
+        assert sum(got[k][0] for k in host_sensors) == sampled
+        assert all(got[k][1] == 0 and got[k][0] >= samples - 1 for k in host_sensors)
+        assert set(got) - set(want) == (meter_sensors | host_sensors) - set(want)
     finally:
         if meter.poll() is None:
             meter.kill()

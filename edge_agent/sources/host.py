@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from edge_agent import counters
 from edge_agent.sources.config import HostConfig
 from edge_agent.sources.contract import Builder, Decoded
-from edge_agent.sources.counts import PendingCounts
+from edge_agent.sources.counts import PendingCounts, run_every
 from shared.errors import StorageError, WireError
 
 if TYPE_CHECKING:
@@ -213,16 +213,11 @@ class HostSampler:
             self.thread.join(10)
 
     def _run(self) -> None:
-        next_at = time.monotonic()
-        while not self.stopping.wait(max(0.0, next_at - time.monotonic())):
-            next_at += self.cfg.interval_s
-            if next_at < time.monotonic():  # a sample overran: skip, do not burst
-                next_at = time.monotonic() + self.cfg.interval_s
-            try:
-                self.sample_once()
-            except Exception:
-                log.exception("host %s: a sample failed", self.cfg.name)
-                self.counts.add(counters.source(self.cfg.name, "errors"))
+        run_every(self.cfg.interval_s, self.stopping, self.sample_once, self._failed)
+
+    def _failed(self) -> None:
+        log.exception("host %s: a sample failed", self.cfg.name)
+        self.counts.add(counters.source(self.cfg.name, "errors"))
 
     def sample_once(self) -> Decoded | WireError:
         """Read the metrics and commit them as one message; returns what was committed."""

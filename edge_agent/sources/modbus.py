@@ -21,7 +21,6 @@ import math
 import sqlite3
 import struct
 import threading
-import time
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from edge_agent import counters
 from edge_agent.sources.config import ModbusConfig, Register
 from edge_agent.sources.contract import Builder, Decoded
-from edge_agent.sources.counts import PendingCounts
+from edge_agent.sources.counts import PendingCounts, run_every
 from shared.errors import StorageError, WireError
 
 if TYPE_CHECKING:
@@ -160,16 +159,11 @@ class ModbusPoller:
         self._close()
 
     def _run(self) -> None:
-        next_at = time.monotonic()
-        while not self.stopping.wait(max(0.0, next_at - time.monotonic())):
-            next_at += self.cfg.interval_s
-            if next_at < time.monotonic():  # a poll overran: skip, do not burst
-                next_at = time.monotonic() + self.cfg.interval_s
-            try:
-                self.poll_once()
-            except Exception:
-                log.exception("modbus %s: a poll failed", self.cfg.name)
-                self.counts.add(counters.source(self.cfg.name, "errors"))
+        run_every(self.cfg.interval_s, self.stopping, self.poll_once, self._failed)
+
+    def _failed(self) -> None:
+        log.exception("modbus %s: a poll failed", self.cfg.name)
+        self.counts.add(counters.source(self.cfg.name, "errors"))
 
     def _connect(self) -> Any:
         if self._client is None:

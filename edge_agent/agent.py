@@ -42,6 +42,7 @@ from edge_agent.pipeline import (
 from edge_agent.pipeline.forward import Forwarder
 from edge_agent.pipeline.health import Reporter
 from edge_agent.pipeline.intake import Intake
+from edge_agent.sources.can import CanReader
 from edge_agent.sources.host import HostSampler
 from edge_agent.sources.http import HttpIntake
 from edge_agent.sources.modbus import ModbusPoller
@@ -71,9 +72,10 @@ class Agent:
             self.intake = Intake(cfg)
             http = cfg.intake.http
             self.http = HttpIntake(http, self.intake) if http.enabled else None
-            self.pollers: list[ModbusPoller | HostSampler] = [
+            self.pollers: list[ModbusPoller | HostSampler | CanReader] = [
                 ModbusPoller(m, self.intake) for m in cfg.intake.modbus
             ]
+            self.pollers += [CanReader(c, self.intake) for c in cfg.intake.can]
             if cfg.intake.host.enabled:
                 self.pollers.append(HostSampler(cfg.intake.host, cfg.storage.path, self.intake))
             self.forwarder = Forwarder(cfg, self.store, desired=desired)

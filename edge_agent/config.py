@@ -14,7 +14,13 @@ from typing import Literal
 
 from edge_agent.pipeline.alerts import AlertRule
 from edge_agent.pipeline.kernels import KERNELS
-from edge_agent.sources.config import HostConfig, HttpConfig, ModbusConfig, SourceConfig
+from edge_agent.sources.config import (
+    CanConfig,
+    HostConfig,
+    HttpConfig,
+    ModbusConfig,
+    SourceConfig,
+)
 from edge_agent.sources.transform import TransformRule
 from shared import tags as tags_mod
 from shared.auth import read_key
@@ -160,10 +166,13 @@ class IntakeConfig:
     modbus: tuple[ModbusConfig, ...] = ()
     #: the gateway's own health (edge_agent/sources/host.py); off by default
     host: HostConfig = field(default_factory=HostConfig)
+    #: CAN buses decoded with a DBC file (edge_agent/sources/can.py)
+    can: tuple[CanConfig, ...] = ()
     transforms: tuple[TransformRule, ...] = ()
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.sources] + [m.name for m in self.modbus]
+        names += [c.name for c in self.can]
         if self.host.enabled:
             names.append(self.host.name)
         if self.topic_prefix:
@@ -177,12 +186,12 @@ class IntakeConfig:
             )
         if "http" in names or any(n.startswith("http-") for n in names):
             raise Invalid("sources", "the names http and http-* are the HTTP intake's")
-        inputs = (self.topic_prefix, self.sources, self.http.enabled, self.modbus)
+        inputs = (self.topic_prefix, self.sources, self.http.enabled, self.modbus, self.can)
         if not any(inputs) and not self.host.enabled:
             raise Invalid(
                 "topic_prefix",
                 "the agent has no input: set topic_prefix, [[intake.sources]], "
-                "[intake.http] enabled, [[intake.modbus]] or [intake.host] enabled",
+                "[intake.http] enabled, [[intake.modbus]], [[intake.can]] or [intake.host] enabled",
             )
 
     @property

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from edge_agent.sources.template import TopicTemplate
 from edge_agent.sources.timestamps import TimeFormat, TimeUnit, zone
@@ -351,3 +351,57 @@ class HostConfig:
             raise Invalid("node", "must be 1-64 characters of A-Z a-z 0-9 _ . -")
         if not math.isfinite(self.interval_s) or self.interval_s < 0.1:
             raise Invalid("interval_s", "must be at least 0.1")
+
+
+@dataclass(frozen=True)
+class CanConfig:
+    """A CAN bus read by the agent and decoded with a DBC file (edge_agent/sources/can.py)."""
+
+    #: the source's name in counters and `edge-agent status`
+    name: str
+    #: the node its readings belong to
+    node: str
+    #: the DBC file that names the frames and their signals
+    dbc: str
+    #: python-can's interface and channel: "socketcan" and "can0" on a Pi's CAN HAT
+    interface: str = "socketcan"
+    channel: str = "can0"
+    #: bits per second, for interfaces that set it (SocketCAN takes the OS's: `ip link`)
+    bitrate: int = 0
+    #: frames are committed together at most this often (seconds)
+    commit_every_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not is_valid_id(self.name) or self.name.startswith("http"):
+            raise Invalid("name", "must be 1-64 characters of A-Z a-z 0-9 _ . -, not http*")
+        if not is_valid_id(self.node):
+            raise Invalid("node", "must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        if not self.dbc:
+            raise Invalid("dbc", "a CAN source needs its DBC file")
+        if not self.interface or not self.channel:
+            raise Invalid("interface", "give python-can's interface and channel")
+        if self.bitrate < 0:
+            raise Invalid("bitrate", "must be >= 0 (0 = the interface's own)")
+        if not math.isfinite(self.commit_every_s) or not 0.05 <= self.commit_every_s <= 60:
+            raise Invalid("commit_every_s", "must be 0.05-60 seconds")
+        db = load_dbc(self.dbc)
+        for message in db.messages:
+            for sig in message.signals:
+                if not is_valid_id(f"{message.name}.{sig.name}"):
+                    raise Invalid("dbc", f"{message.name}.{sig.name} is not a valid sensor id")
+
+
+def load_dbc(path: str) -> Any:
+    """The CAN database in a DBC file (cantools); Invalid("dbc") with why if it is not one."""
+    try:
+        import cantools
+    except ImportError:
+        raise Invalid("dbc", "install the can extra (python-can, cantools)") from None
+
+    try:
+        db = cantools.database.load_file(path, database_format="dbc", strict=True)
+    except Exception as exc:  # noqa: BLE001 (file, parse and format errors of several kinds)
+        raise Invalid("dbc", f"{path}: {exc}"[:300]) from None
+    if not isinstance(db, cantools.database.can.Database):
+        raise Invalid("dbc", f"{path} is not a CAN database")
+    return db

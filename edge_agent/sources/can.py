@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from edge_agent import counters
 from edge_agent.sources.config import CanConfig, load_dbc
-from edge_agent.sources.contract import Builder, Decoded
+from edge_agent.sources.contract import MAX_SENSORS_PER_MESSAGE, Builder, Decoded
 from edge_agent.sources.counts import PendingCounts
 from shared.errors import StorageError, WireError
 
@@ -118,8 +118,16 @@ class CanReader:
             finally:
                 self._bus = None
 
+    def _signals(self, frame_id: int) -> int:
+        try:
+            return len(self.db.get_message_by_frame_id(frame_id).signals)
+        except KeyError:
+            return 0
+
     def _run(self) -> None:
         frames: list[tuple[int, bytes, int]] = []
+        ids: set[int] = set()  # of the frames in hand, and their signals: a message holds
+        signals = 0  # at most MAX_SENSORS_PER_MESSAGE sensors (a large DBC's bus)
         due = time.monotonic() + self.cfg.commit_every_s
         try:
             while not self.stopping.is_set():
@@ -134,11 +142,19 @@ class CanReader:
                     self.stopping.wait(REOPEN_S)
                     continue
                 if msg is not None and not msg.is_error_frame and not msg.is_remote_frame:
+                    frame_id = msg.arbitration_id
+                    if frame_id not in ids:
+                        more = self._signals(frame_id)
+                        if frames and signals + more > MAX_SENSORS_PER_MESSAGE:
+                            self.commit(frames)
+                            frames, ids, signals = [], set(), 0
+                        ids.add(frame_id)
+                        signals += more
                     ts = int(msg.timestamp * 1e9) if msg.timestamp else self.intake.stamp_ns()
-                    frames.append((msg.arbitration_id, bytes(msg.data), ts))
+                    frames.append((frame_id, bytes(msg.data), ts))
                 if frames and (time.monotonic() >= due or len(frames) >= MAX_FRAMES_PER_COMMIT):
                     self.commit(frames)
-                    frames = []
+                    frames, ids, signals = [], set(), 0
                 if time.monotonic() >= due:
                     due = time.monotonic() + self.cfg.commit_every_s
         finally:

@@ -128,3 +128,40 @@ def test_a_bad_dbc_names_the_key(tmp_path: Path) -> None:
                 AgentConfig,
                 {"intake": {"can": [{"name": "car", "node": "ecu", "dbc": dbc}]}},
             )
+
+
+def test_a_bus_of_more_signals_than_a_message_holds_loses_none(tmp_path: Path) -> None:
+    """A message holds at most 1,000 sensors (MAX_SENSORS_PER_MESSAGE): frames whose
+    signals would pass it within one commit go in the next one, not to quarantine."""
+    lines = ['VERSION ""', "", "NS_ :", "", "BS_:", "", "BU_: ECU", ""]
+    for m in range(150):  # 150 messages of 8 signals: 1,200 sensors
+        lines.append(f"BO_ {256 + m} M{m}: 8 ECU")
+        lines += [f' SG_ s{j} : {8 * j}|8@1+ (1,0) [0|255] "" Vector__XXX' for j in range(8)]
+        lines.append("")
+    dbc = tmp_path / "big.dbc"
+    dbc.write_text("\n".join(lines))
+    channel = f"test-{next(CHANNELS)}-{tmp_path.name}"
+    cfg = from_dict(AgentConfig, {"storage": {"path": str(tmp_path / "b.sqlite")}})
+    intake = Intake(cfg, client=StubPahoClient())  # type: ignore[arg-type]
+    reader = CanReader(
+        CanConfig(name="big", node="ecu", dbc=str(dbc), interface="virtual", channel=channel,
+                  commit_every_s=5.0),
+        intake,
+    )  # fmt: skip
+    sender = can.Bus(interface="virtual", channel=channel)
+    reader.start()
+    try:
+        for m in range(150):
+            sender.send(
+                can.Message(arbitration_id=256 + m, data=bytes(range(8)), is_extended_id=False)
+            )
+        wait_until(
+            lambda: intake.store.counters().get("readings_stored", 0) >= 1000, 20, "a commit"
+        )
+    finally:
+        reader.stop()  # stores the frames still in hand
+        sender.shutdown()
+    c = intake.store.counters()
+    assert c["readings_stored"] == 1200 and c.get("source_big_rejected", 0) == 0
+    assert c["source_big_messages"] == 2
+    intake.store.close()

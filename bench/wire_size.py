@@ -347,16 +347,21 @@ def _json_header(b: Batch, listed: list[str], blobs: list[bytes]) -> dict[str, o
         {"name": n, "type": COLUMNS.get(n, ("bytes", ""))[0], "encoding": "plain", "bytes": len(x)}
         for n, x in zip(listed, blobs, strict=True)
     ]
+    return _header(b, cols)
+
+
+def _header(b: Batch, columns: list[dict[str, object]]) -> dict[str, object]:
+    """The JSON header v1 writes for ``b`` with this column directory."""
     return {
         "device_id": b.device_id,
         "seq": b.seq,
         "created_ns": b.created_ns,
-        "generation": b.generation,
         "window": {"kind": b.window.kind, "width_ns": b.window.width_ns},
         "sensors": [{"node": s.node, "name": s.name, "unit": s.unit} for s in b.sensors],
         "rows": b.rows,
-        "columns": cols,
-    }  # v1's key order
+        "columns": columns,
+        "generation": b.generation,
+    }
 
 
 def _v1_without(b: Batch, names: list[str]) -> bytes:
@@ -372,17 +377,7 @@ def _v1_without(b: Batch, names: list[str]) -> bytes:
         data = np.ascontiguousarray(col, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
         blobs.append(data)
         meta.append({"name": name, "type": dtype, "encoding": encoding, "bytes": len(data)})
-    header = {
-        "device_id": b.device_id,
-        "seq": b.seq,
-        "created_ns": b.created_ns,
-        "window": {"kind": b.window.kind, "width_ns": b.window.width_ns},
-        "sensors": [{"node": s.node, "name": s.name, "unit": s.unit} for s in b.sensors],
-        "rows": b.rows,
-        "columns": meta,
-        "generation": b.generation,
-    }
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = json.dumps(_header(b, meta), separators=(",", ":")).encode()
     body = struct.pack("<I", len(head)) + head + b"".join(blobs)
     return struct.pack("<4sBBI", b"TLMB", FORMAT_VERSION, 1, len(body)) + _Z.compress(body)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,13 +21,13 @@ cantools = pytest.importorskip("cantools")
 from devstack.services import wait_until  # noqa: E402
 from devstack.stubs import StubPahoClient  # noqa: E402
 from edge_agent.config import AgentConfig  # noqa: E402
-from edge_agent.pipeline import buffer, window  # noqa: E402
+from edge_agent.pipeline import buffer  # noqa: E402
 from edge_agent.pipeline.intake import Intake  # noqa: E402
 from edge_agent.sources.can import CanReader  # noqa: E402
 from edge_agent.sources.config import CanConfig  # noqa: E402
 from shared.config import from_dict  # noqa: E402
 from shared.errors import ConfigError  # noqa: E402
-from shared.wire import decode_batch  # noqa: E402
+from tests.helpers import windows_hold_their_readings  # noqa: E402
 
 DBC = """VERSION ""
 
@@ -48,20 +49,25 @@ W = 10_000_000_000
 CHANNELS = itertools.count()
 
 
+def on_a_virtual_bus(
+    tmp_path: Path, name: str, dbc: Path, commit_every_s: float
+) -> tuple[Intake, CanReader, Any]:
+    """An Intake on a buffer of its own, a reader of a new virtual bus, and a sender
+    on that bus (the reader is not started)."""
+    channel = f"test-{next(CHANNELS)}-{tmp_path.name}"
+    cfg = from_dict(AgentConfig, {"storage": {"path": str(tmp_path / f"{name}.sqlite")}})
+    intake = Intake(cfg, client=StubPahoClient())  # type: ignore[arg-type]
+    source = CanConfig(name=name, node="ecu", dbc=str(dbc), interface="virtual",
+                       channel=channel, commit_every_s=commit_every_s)  # fmt: skip
+    return intake, CanReader(source, intake), can.Bus(interface="virtual", channel=channel)
+
+
 def test_frames_become_readings_exactly(tmp_path: Path) -> None:
     dbc = tmp_path / "car.dbc"
     dbc.write_text(DBC)
     db = cantools.database.load_file(str(dbc))
     engine, battery = db.get_message_by_name("EngineData"), db.get_message_by_name("Battery")
-    channel = f"test-{next(CHANNELS)}-{tmp_path.name}"
-    cfg = from_dict(AgentConfig, {"storage": {"path": str(tmp_path / "b.sqlite")}})
-    intake = Intake(cfg, client=StubPahoClient())  # type: ignore[arg-type]
-    reader = CanReader(
-        CanConfig(name="car", node="ecu", dbc=str(dbc), interface="virtual", channel=channel,
-                  commit_every_s=0.1),
-        intake,
-    )  # fmt: skip
-    sender = can.Bus(interface="virtual", channel=channel)
+    intake, reader, sender = on_a_virtual_bus(tmp_path, "car", dbc, 0.1)
     sent: dict[str, list[float]] = {}
     rng = np.random.default_rng(5)
     reader.start()
@@ -99,23 +105,9 @@ def test_frames_become_readings_exactly(tmp_path: Path) -> None:
     assert sensors["Battery.voltage"][1] == "V" and sensors["EngineData.rpm"][1] == "rpm"
     data = buffer.read_range(intake.store, 0, 2**62)
     for name, values in sent.items():
-        ts, got = data[sensors[name][0]]
+        _ts, got = data[sensors[name][0]]
         assert got.tolist() == values, name  # in order, the DBC's values bit for bit
-    seqs = window.close_until(
-        intake.store, device_id="d", width_ns=W, upto_ns=2**62, max_rows=10_000
-    )
-    rows = 0
-    for seq in seqs:
-        (payload,) = intake.store.conn.execute(
-            "SELECT payload FROM outbox WHERE seq = ?", (seq,)
-        ).fetchone()
-        b = decode_batch(bytes(payload))
-        for i in range(b.rows):
-            ts, got = data[sensors[b.sensors[b.sensor[i]].name][0]]
-            inside = got[(ts >= b.start_ns[i]) & (ts < b.start_ns[i] + W)]
-            assert (b.count[i], b.min[i], b.max[i]) == (len(inside), inside.min(), inside.max())
-            rows += int(b.count[i])
-    assert rows == total
+    assert windows_hold_their_readings(intake.store, W) == total
     intake.store.close()
 
 
@@ -140,15 +132,7 @@ def test_a_bus_of_more_signals_than_a_message_holds_loses_none(tmp_path: Path) -
         lines.append("")
     dbc = tmp_path / "big.dbc"
     dbc.write_text("\n".join(lines))
-    channel = f"test-{next(CHANNELS)}-{tmp_path.name}"
-    cfg = from_dict(AgentConfig, {"storage": {"path": str(tmp_path / "b.sqlite")}})
-    intake = Intake(cfg, client=StubPahoClient())  # type: ignore[arg-type]
-    reader = CanReader(
-        CanConfig(name="big", node="ecu", dbc=str(dbc), interface="virtual", channel=channel,
-                  commit_every_s=5.0),
-        intake,
-    )  # fmt: skip
-    sender = can.Bus(interface="virtual", channel=channel)
+    intake, reader, sender = on_a_virtual_bus(tmp_path, "big", dbc, 5.0)
     reader.start()
     try:
         for m in range(150):
